@@ -1,0 +1,1 @@
+"""onnxfold's command line (installed as onnxfold.cli)."""

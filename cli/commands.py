@@ -1,0 +1,126 @@
+"""The two commands: fold (the main job) and inspect."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import onnx
+
+from onnxfold import validate
+from onnxfold.errors import UserError
+from onnxfold.fold import FoldOptions, FoldResult, fold_graph
+from onnxfold.groups import discover
+from onnxfold.load import load_model
+from onnxfold.save import to_proto, write_atomic
+
+from . import report
+from .progress import Progress, Step
+
+
+def default_output(path: str) -> str:
+    base = path[:-5] if path.lower().endswith(".onnx") else path
+    return base + ".folded.onnx"
+
+
+def fold(args: argparse.Namespace) -> int:
+    """Load, fold, validate with onnxruntime, write atomically, and report."""
+    options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed)
+    options.check()
+    output = args.output or default_output(args.input)
+    _check_paths(args.input, output, args.data)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a))
+    with Step("loading", not args.quiet):
+        loaded = load_model(args.input)
+        dense_proto = onnx.load(args.input)
+    with Step("folding", not args.quiet):
+        progress = Progress("clustering group", not args.quiet)
+        result = fold_graph(loaded.graph, loaded.opset, options, progress)
+        progress.done()
+    validation: dict = {}
+    with Step("validating and writing", not args.quiet):
+        proto = to_proto(loaded.graph, loaded.opset)
+        checker = None if args.no_validate else (lambda tmp: validation.update(
+            _validate(args.input, tmp, args.data, args.seed, dense_proto)))
+        size = write_atomic(proto, output, loaded.external_data, checker)
+    dense = _metrics(dense_proto, loaded.file_bytes, validation.get("feeds"), validation.get("latency", [None])[0])
+    folded = _metrics(proto, size, validation.get("feeds"), validation.get("latency", [None, None])[1])
+    _print_report(say, args, output, result, dense, folded, validation.get("comparison"))
+    if args.report:
+        report.write_json(args.report, _payload(args, output, options, result, dense, folded, validation))
+    return 0
+
+
+def _check_paths(src: str, out: str, data: str | None) -> None:
+    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
+        raise UserError(f"output {out} is the input file; onnxfold never overwrites its input (use -o)")
+    if data is not None and not os.path.isfile(data):
+        raise UserError(f"{data}: no such data file")
+
+
+def _validate(dense_path: str, folded_path: str, data: str | None, seed: int, dense_proto) -> dict:
+    dense, folded = validate.session(dense_path), validate.session(folded_path)
+    if data:
+        feeds, labels = validate.load_data(data, dense)
+        source = data
+    else:
+        feeds, labels = validate.random_feeds(dense, seed=seed), None
+        source = f"8 random samples (seed {seed})"
+    comparison = validate.compare(dense, folded, feeds, labels, source)
+    return {"comparison": comparison, "latency": validate.latency_ms([dense, folded], feeds), "feeds": feeds}
+
+
+def _metrics(proto, file_bytes: int, feeds, latency) -> dict:
+    macs = validate.count_macs(proto, feeds) if feeds is not None else None
+    return {"params": validate.count_params(proto), "macs": macs, "file_bytes": file_bytes, "latency_ms": latency}
+
+
+def _print_report(say, args, output: str, result: FoldResult, dense: dict, folded: dict, comparison) -> None:
+    folded_groups = len(result.plans)
+    frozen = sum(1 for g in result.groups if g.frozen)
+    say(f"onnxfold: {args.input} -> {output}")
+    say(f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
+        f"| ratio {args.ratio} | k-means on {result.backend} | fold time {result.seconds:.2f} s")
+    say(f"repair: {result.repair} ({result.repair_why})")
+    if not args.quiet:
+        say(report.format_groups(report.group_rows(result)))
+    if not folded_groups:
+        say("nothing could be folded: every group is frozen or too small (see the reasons above); "
+            "the output is an unchanged copy")
+    if comparison is not None:
+        say(f"validation on {comparison.source}:")
+    say(report.format_table(dense, folded, comparison))
+    print(f"wrote {output}" + ("" if comparison is not None else " (not validated with onnxruntime)"), file=sys.stderr)
+
+
+def _payload(args, output, options, result: FoldResult, dense, folded, validation) -> dict:
+    return {"input": args.input, "output": output, "options": options, "backend": result.backend,
+            "repair": {"method": result.repair, "why": result.repair_why}, "fold_seconds": result.seconds,
+            "groups": report.group_rows(result), "dense": dense, "folded": folded,
+            "comparison": validation.get("comparison")}
+
+
+def inspect(args: argparse.Namespace) -> int:
+    """Print every group (channels, members) and every frozen group's tensors with the reason."""
+    loaded = load_model(args.input)
+    groups = discover(loaded.graph, loaded.opset)
+    foldable = [g for g in groups if g.foldable]
+    print(f"{args.input}: {len(groups)} channel groups, {len(foldable)} foldable, opset {loaded.opset}")
+    for i, g in enumerate(groups):
+        state = "foldable" if g.foldable else ("frozen" if g.frozen else "not foldable (single channel)")
+        print(f"\ngroup {i}: {g.size} channels, {state}")
+        for reason in g.frozen:
+            print(f"  reason: {reason}")
+        print(f"  tensors: {', '.join(g.tensors[:8])}" + (f" (+{len(g.tensors) - 8})" if len(g.tensors) > 8 else ""))
+        for m in g.members:
+            extra = f" offset {m.offset}" * bool(m.offset) + f" x{m.repeat}" * (m.repeat > 1)
+            print(f"  member: {m.tensor.name}[axis {m.axis}] {m.role}{' ' + m.tag if m.tag else ''}{extra}")
+    if args.json:
+        report.write_json(args.json, {"input": args.input, "groups": [_group_json(g) for g in groups]})
+    return 0
+
+
+def _group_json(g) -> dict:
+    return {"channels": g.size, "foldable": g.foldable, "frozen_reasons": g.frozen, "tensors": g.tensors,
+            "members": [{"tensor": m.tensor.name, "axis": m.axis, "role": m.role, "offset": m.offset,
+                         "repeat": m.repeat, "tag": m.tag} for m in g.members]}

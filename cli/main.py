@@ -1,0 +1,85 @@
+"""`onnxfold INPUT.onnx [-o OUTPUT.onnx] [options]` folds a model; `onnxfold inspect INPUT.onnx` lists groups.
+
+Exit codes: 0 success (also when nothing could be folded), 2 bad input or usage (one line, no traceback),
+1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from onnxfold.errors import UserError
+
+from . import commands
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def fold_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxfold", description="Fold an ONNX model: cluster similar channels and merge them, "
+                "data-free. Writes INPUT.folded.onnx and prints a before/after report. "
+                "Also: `onnxfold inspect INPUT.onnx` lists the channel groups found.")
+    p.add_argument("input", help="the .onnx model to fold (never modified)")
+    p.add_argument("-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per group, in [0, 1) (default 0.5)")
+    p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="protect groups touching tensors/nodes whose name matches PATTERN (glob or substring); repeatable")
+    p.add_argument("--repair", choices=("auto", "ar", "none"), default="auto",
+                   help="variance repair after merging: ar (Fold-AR, needs BatchNorm statistics), none; auto picks ar when BN statistics exist")
+    p.add_argument("--backend", choices=("auto", "numpy", "torch", "cupy"), default="auto",
+                   help="k-means backend; auto uses a GPU only when one really works")
+    p.add_argument("--seed", type=int, default=0, help="seed for k-means and random validation inputs")
+    p.add_argument("--data", metavar="FILE.npz", help="validation inputs (keys = input names) and optional 'labels'")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison and timing")
+    p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
+def inspect_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxfold inspect", description="List every channel group of a model: members, channel "
+                "count, and for frozen groups the reason they cannot be folded.")
+    p.add_argument("input", help="the .onnx model to inspect")
+    p.add_argument("--json", metavar="OUT.json", help="also write the groups as JSON")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        if argv and argv[0] == "inspect":
+            return commands.inspect(inspect_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "fold" and not os.path.exists("fold"):
+            argv = argv[1:]
+        return commands.fold(fold_parser().parse_args(argv))
+    except UserError as e:
+        print(f"onnxfold: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxfold: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
+        if debug:
+            raise
+        print(f"onnxfold: internal error: {type(e).__name__}: {e} (rerun with --debug for details; "
+              f"please report it)", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,95 @@
+"""The before/after table printed on the terminal and the JSON report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from onnxfold.fold import FoldResult
+from onnxfold.groups import Group
+
+MAX_GROUP_LINES = 24
+
+
+def human(n: float | None, unit: str = "") -> str:
+    if n is None:
+        return "n/a"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def group_rows(result: FoldResult) -> list[dict]:
+    """One dict per group: name, channels, kept, status (folded / unchanged / frozen: reason)."""
+    return [_group_row(g, result) for g in result.groups]
+
+
+def _group_row(g: Group, result: FoldResult) -> dict:
+    kept = result.kept(g)
+    if g.frozen:
+        status = "frozen: " + "; ".join(g.frozen[:2]) + (f" (+{len(g.frozen) - 2} more)" if len(g.frozen) > 2 else "")
+    elif g.size <= 1:
+        status = "single channel"
+    else:
+        status = "folded" if kept < g.size else "unchanged"
+    return {"name": g.describe(), "channels": g.size, "kept": kept, "members": len(g.members),
+            "status": status, "frozen_reasons": list(g.frozen)}
+
+
+def format_groups(rows: list[dict], limit: int = MAX_GROUP_LINES) -> str:
+    lines = [f"  {'channels':>8} {'kept':>6}  {'members':>7}  group / status"]
+    for r in rows[:limit]:
+        lines.append(f"  {r['channels']:>8} {r['kept']:>6}  {r['members']:>7}  {r['name'][:56]}  [{r['status'][:90]}]")
+    if len(rows) > limit:
+        lines.append(f"  ... {len(rows) - limit} more groups (see --report)")
+    return "\n".join(lines)
+
+
+def format_table(dense: dict, folded: dict, comparison) -> str:
+    """Before/after table of size, compute, latency, and quality figures."""
+    rows = [("parameters", human(dense["params"]), human(folded["params"]), _change(dense["params"], folded["params"])),
+            ("MACs / sample", human(dense["macs"]), human(folded["macs"]), _change(dense["macs"], folded["macs"])),
+            ("file size", human(dense["file_bytes"], "B"), human(folded["file_bytes"], "B"),
+             _change(dense["file_bytes"], folded["file_bytes"]))]
+    if dense.get("latency_ms") is not None:
+        speed = dense["latency_ms"] / folded["latency_ms"] if folded["latency_ms"] else None
+        rows.append(("latency (median, batch 1)", f"{dense['latency_ms']:.3f} ms", f"{folded['latency_ms']:.3f} ms",
+                     f"{speed:.2f}x faster" if speed else ""))
+    if comparison is not None:
+        rows += _quality_rows(comparison)
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {'':<{width}}  {'dense':>12}  {'folded':>12}  change", ]
+    lines += [f"  {a:<{width}}  {b:>12}  {c:>12}  {d}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def _quality_rows(cmp) -> list[tuple[str, str, str, str]]:
+    rows = []
+    if cmp.accuracy_dense is not None:
+        rows.append(("accuracy", f"{100 * cmp.accuracy_dense:.2f}%", f"{100 * cmp.accuracy_folded:.2f}%",
+                     f"{100 * (cmp.accuracy_folded - cmp.accuracy_dense):+.2f} pts"))
+    for out in cmp.outputs:
+        rows.append((f"'{out.name}' error max/mean", "", f"{out.max_rel:.3g}/{out.mean_rel:.3g}", "relative"))
+        if out.top1_agreement is not None:
+            rows.append((f"'{out.name}' top-1 agreement", "", f"{100 * out.top1_agreement:.1f}%", ""))
+    return rows
+
+
+def _change(a, b) -> str:
+    if not a or b is None:
+        return ""
+    return f"{100 * (b - a) / a:+.1f}%"
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=_jsonable)
+        f.write("\n")
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)

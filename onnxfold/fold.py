@@ -1,0 +1,110 @@
+"""The folding pipeline on a loaded graph: repair choice -> groups -> features -> k-means -> merge.
+
+Input: a gs.Graph and FoldOptions. Output: a FoldResult describing every group, what was folded and how;
+the graph is modified in place (the caller keeps the input file untouched and saves elsewhere).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .backends import resolve_backend
+from .cluster import kmeans
+from .errors import UserError
+from .groups import Group, apply_excludes, discover
+from .merge import FoldPlan, apply_plans, canonical_labels, group_features
+from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
+
+
+@dataclass
+class FoldOptions:
+    """What the user asked for. ratio: fraction of channels removed per group, in [0, 1)."""
+
+    ratio: float = 0.5
+    multiple_of: int = 1
+    exclude: tuple[str, ...] = ()
+    repair: str = "auto"
+    backend: str = "auto"
+    seed: int = 0
+    n_init: int = 3
+
+    def check(self) -> None:
+        """Raise UserError for values outside their range."""
+        if not 0.0 <= self.ratio < 1.0:
+            raise UserError(f"--ratio {self.ratio} is outside [0, 1): it is the fraction of channels removed")
+        if self.multiple_of < 1:
+            raise UserError(f"--multiple-of {self.multiple_of} must be a positive integer")
+        if self.repair not in ("auto", "ar", "none"):
+            raise UserError(f"--repair {self.repair} is not one of auto, ar, none")
+
+
+@dataclass
+class FoldResult:
+    """Every group found, the plans applied, the repair used and why, the backend and the time taken."""
+
+    groups: list[Group]
+    plans: list[FoldPlan]
+    repair: str
+    repair_why: str
+    backend: str
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def kept(self, group: Group) -> int:
+        plan = next((p for p in self.plans if p.group is group), None)
+        return group.size if plan is None else plan.k
+
+
+def clusters_for(n: int, ratio: float, multiple_of: int = 1) -> int:
+    """Number of clusters kept for n channels: max(1, round(n (1 - ratio))), rounded up to a multiple."""
+    k = max(1, int(math.floor(n * (1.0 - ratio) + 0.5)))
+    if multiple_of > 1:
+        k = int(math.ceil(k / multiple_of) * multiple_of)
+    return min(n, k)
+
+
+def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None) -> FoldResult:
+    """Fold `graph` in place according to `options`; returns what was done."""
+    options.check()
+    start = time.perf_counter()
+    backend = resolve_backend(options.backend)
+    repair, why = choose_repair(options.repair, graph)
+    if repair == "ar" and options.ratio > 0:
+        standardize_bn_producers(graph)
+    groups = discover(graph, opset)
+    apply_excludes(groups, list(options.exclude))
+    todo = [g for g in groups if g.foldable]
+    plans = []
+    for i, group in enumerate(todo):
+        if progress:
+            progress(i, len(todo), group.describe())
+        plan = plan_group(group, options, repair, backend)
+        if plan is not None:
+            plans.append(plan)
+    apply_plans(plans)
+    forget_shapes(graph)
+    return FoldResult(groups, plans, repair, why, backend, time.perf_counter() - start)
+
+
+def plan_group(group: Group, options: FoldOptions, repair: str, backend: str) -> FoldPlan | None:
+    """Cluster one group's channels; None when nothing would be removed."""
+    k = clusters_for(group.size, options.ratio, options.multiple_of)
+    if k >= group.size:
+        return None
+    features = group_features(group)
+    result = kmeans(features, k, seed=options.seed, n_init=options.n_init, backend=backend)
+    labels, k = canonical_labels(np.asarray(result.labels))
+    scale = ar_gamma_scale(features, labels, k) if repair == "ar" and group.has_bn() else None
+    return FoldPlan(group, labels, k, scale)
+
+
+def forget_shapes(graph: gs.Graph) -> None:
+    """Drop inferred shapes of intermediate tensors (they may be stale); save re-infers them."""
+    keep = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Variable) and tensor.name not in keep:
+            tensor.shape = None

@@ -1,0 +1,246 @@
+"""Derive channel-coupled groups from the graph: a union-find over channel axes with one rule per op type.
+
+Input: a gs.Graph (shapes inferred where possible). Output: a list of Group objects, each with its channel
+count, its members (constant slices to merge) and, when it cannot be folded, the reasons it is frozen.
+The per-op rules live in onnxfold.patterns; this module holds the bookkeeping they act on.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .layout import EXTENT, Layout, Member, Part
+
+# Ops whose outputs carry no channel data (metadata about a tensor, not its values).
+METADATA_OPS = {"Shape", "Size"}
+
+
+@dataclass
+class Group:
+    """One set of coupled channels: `size` channels, the slices that follow them, and why it is frozen."""
+
+    gid: int
+    size: int
+    members: list[Member] = field(default_factory=list)
+    tensors: list[str] = field(default_factory=list)  # activation tensors carrying these channels
+    frozen: list[str] = field(default_factory=list)   # reasons; empty means foldable
+
+    @property
+    def foldable(self) -> bool:
+        return not self.frozen and self.size > 1 and any(m.role != EXTENT for m in self.members)
+
+    def has_bn(self) -> bool:
+        return any(m.tag == "bn_scale" for m in self.members)
+
+    def describe(self) -> str:
+        """A name for the report: the first producer tensor or activation name."""
+        return self.tensors[0] if self.tensors else f"group{self.gid}"
+
+
+class Discovery:
+    """State the pattern rules act on: layouts of activation tensors, union-find of groups, members, freezes."""
+
+    def __init__(self, graph: gs.Graph, opset: int):
+        self.graph = graph
+        self.opset = opset
+        self.layouts: dict[str, Layout] = {}
+        self.parent: list[int] = []
+        self.sizes: list[int] = []
+        self.members: list[Member] = []
+        self.reasons: dict[int, list[str]] = {}
+        self.tensor_names: dict[int, list[str]] = {}
+
+    # ---- union-find -------------------------------------------------------------------------------
+    def new_group(self, size: int, tensor: gs.Tensor | None = None) -> int:
+        """Create a group of `size` channels; returns its id."""
+        gid = len(self.parent)
+        self.parent.append(gid)
+        self.sizes.append(size)
+        if tensor is not None:
+            self.tensor_names.setdefault(gid, []).append(tensor.name)
+        return gid
+
+    def find(self, gid: int) -> int:
+        while self.parent[gid] != gid:
+            self.parent[gid] = self.parent[self.parent[gid]]
+            gid = self.parent[gid]
+        return gid
+
+    def union(self, a: int, b: int, why: str) -> None:
+        """Couple groups a and b (same channel count required, else both are frozen with `why`)."""
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.sizes[ra] != self.sizes[rb]:
+            self.freeze_gid(ra, f"{why}: coupled to a group of {self.sizes[rb]} channels, has {self.sizes[ra]}")
+            self.freeze_gid(rb, f"{why}: coupled to a group of {self.sizes[ra]} channels, has {self.sizes[rb]}")
+        self.parent[rb] = ra
+
+    def freeze_gid(self, gid: int, reason: str) -> None:
+        self.reasons.setdefault(gid, []).append(reason)
+
+    # ---- operations the rules use -------------------------------------------------------------------
+    def layout(self, tensor: gs.Tensor) -> Layout | None:
+        """Layout of an activation tensor, or None for constants and untracked tensors."""
+        return None if isinstance(tensor, gs.Constant) else self.layouts.get(tensor.name)
+
+    def set_layout(self, tensor: gs.Tensor, layout: Layout | None) -> None:
+        if layout is not None:
+            self.layouts[tensor.name] = layout
+            for p in layout.parts:
+                self.tensor_names.setdefault(p.gid, []).append(tensor.name)
+
+    def produce(self, tensor: gs.Tensor, size: int, axis: int, rank: int) -> Layout:
+        """Give `tensor` a fresh group of `size` channels at `axis`; returns its layout."""
+        layout = Layout(axis, rank, (Part(self.new_group(size, tensor), size),))
+        self.layouts[tensor.name] = layout
+        return layout
+
+    def freeze(self, layout: Layout | None, reason: str) -> None:
+        """Mark every group in `layout` as not foldable, with a reason for the report."""
+        if layout is not None:
+            for p in layout.parts:
+                self.freeze_gid(p.gid, reason)
+
+    def unify(self, a: Layout, b: Layout, why: str) -> bool:
+        """Couple two layouts channel by channel; freezes both (returns False) if their structure differs."""
+        if a.repeat != b.repeat or [p.size for p in a.parts] != [p.size for p in b.parts]:
+            reason = f"{why}: tensors concatenate different channel groups"
+            self.freeze(a, reason)
+            self.freeze(b, reason)
+            return False
+        for pa, pb in zip(a.parts, b.parts):
+            self.union(pa.gid, pb.gid, why)
+        return True
+
+    def add_members(self, layout: Layout | None, tensor: gs.Tensor, axis: int, role: str, tag: str = "",
+                    repeat: int = 1) -> None:
+        """`tensor` follows `layout`'s channels along `axis` (each channel `repeat` x layout.repeat entries)."""
+        if layout is None or not isinstance(tensor, gs.Constant):
+            return
+        rep = layout.repeat * repeat
+        for start, p in zip(layout.starts(), layout.parts):
+            self.members.append(Member(tensor, axis, role, p.gid, start * rep, rep, tag))
+
+    def opaque(self, tensor: gs.Tensor, reason: str) -> None:
+        """Give an output we do not understand a frozen layout (if its rank is known) so users downstream freeze."""
+        rank = rank_of(tensor)
+        size = dim_of(tensor, 1 if rank and rank >= 3 else -1) if rank else None
+        if rank and isinstance(size, int) and size > 0:
+            layout = self.produce(tensor, size, 1 if rank >= 3 else rank - 1, rank)
+            self.freeze(layout, reason)
+
+    # ---- results ------------------------------------------------------------------------------------
+    def groups(self) -> list[Group]:
+        """Resolve the union-find into Group objects (after all rules ran)."""
+        self._couple_shared_members()
+        self._freeze_overlapping_members()
+        out: dict[int, Group] = {}
+        for gid in range(len(self.parent)):
+            root = self.find(gid)
+            grp = out.setdefault(root, Group(root, self.sizes[root]))
+            grp.frozen.extend(r for r in self.reasons.get(gid, []) if r not in grp.frozen)
+            grp.tensors.extend(t for t in self.tensor_names.get(gid, []) if t not in grp.tensors)
+        seen = set()
+        for m in self.members:
+            root = self.find(m.gid)
+            key = m.key() + (root,)
+            if key not in seen:
+                seen.add(key)
+                out[root].members.append(_with_gid(m, root))
+        return list(out.values())
+
+    def _couple_shared_members(self) -> None:
+        """A constant slice used by two groups (shared initializer) couples them."""
+        first: dict[tuple, Member] = {}
+        for m in (m for m in self.members if m.role != EXTENT):
+            other = first.setdefault(m.key(), m)
+            if other is not m:
+                self.union(other.gid, m.gid, f"shared initializer '{m.tensor.name}'")
+
+    def _freeze_overlapping_members(self) -> None:
+        """Two different slice patterns over the same indices of one tensor cannot both be honoured."""
+        by_axis: dict[tuple, list[Member]] = {}
+        for m in self.members:
+            by_axis.setdefault((id(m.tensor), m.axis, m.role == EXTENT), []).append(m)
+        for ms in by_axis.values():
+            spans = sorted({(m.offset, m.offset + self.sizes[self.find(m.gid)] * m.repeat, m.repeat, self.find(m.gid))
+                            for m in ms if m.role != EXTENT})
+            for (s0, e0, r0, g0), (s1, e1, r1, g1) in zip(spans, spans[1:]):
+                if s1 < e0 and (s0, e0, r0, g0) != (s1, e1, r1, g1):
+                    reason = f"initializer '{ms[0].tensor.name}' is sliced in conflicting ways"
+                    self.freeze_gid(g0, reason)
+                    self.freeze_gid(g1, reason)
+
+
+def _with_gid(m: Member, gid: int) -> Member:
+    return Member(m.tensor, m.axis, m.role, gid, m.offset, m.repeat, m.tag)
+
+
+def rank_of(tensor: gs.Tensor) -> int | None:
+    """Rank of a tensor from its (inferred) shape, or None when unknown."""
+    shape = tensor.shape
+    return None if shape is None else len(shape)
+
+
+def dim_of(tensor: gs.Tensor, axis: int):
+    """Static extent of `axis` (int), a symbolic name (str), or None when unknown."""
+    shape = tensor.shape
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    d = shape[axis]
+    return int(d) if isinstance(d, (int, np.integer)) and d >= 0 else d
+
+
+def apply_excludes(groups: list[Group], patterns: list[str]) -> None:
+    """Freeze groups whose tensors or members match any --exclude pattern (glob or substring)."""
+    for grp in groups:
+        names = grp.tensors + [m.tensor.name for m in grp.members]
+        for pat in patterns:
+            hit = next((n for n in names if fnmatch.fnmatch(n, pat) or pat in n), None)
+            if hit is not None:
+                grp.frozen.append(f"excluded by --exclude '{pat}' (matches '{hit}')")
+                break
+
+
+def discover(graph: gs.Graph, opset: int) -> list[Group]:
+    """Walk `graph` in topological order applying each op's rule; returns every group (foldable or frozen)."""
+    from onnxfold.patterns import RULES  # patterns build on this module's Discovery
+
+    d = Discovery(graph, opset)
+    dynamic = _dynamic_tensors(graph)
+    for tensor in graph.inputs:
+        d.opaque(tensor, f"graph input '{tensor.name}'")
+    for node in graph.nodes:
+        if not any(t.name in dynamic for t in node.inputs if t is not None):
+            continue
+        rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
+        if rule is None:
+            _unknown(node, d)
+        else:
+            rule(node, d)
+    for tensor in graph.outputs:
+        d.freeze(d.layout(tensor), f"graph output '{tensor.name}'")
+    return d.groups()
+
+
+def _unknown(node: gs.Node, d: Discovery) -> None:
+    reason = f"{node.op} '{node.name}' is not understood"
+    for t in node.inputs:
+        d.freeze(d.layout(t), reason)
+    for t in node.outputs:
+        d.opaque(t, reason)
+
+
+def _dynamic_tensors(graph: gs.Graph) -> set[str]:
+    """Names of tensors whose values depend on graph inputs (metadata from Shape/Size excluded)."""
+    dynamic = {t.name for t in graph.inputs}
+    for node in graph.nodes:
+        if node.op in METADATA_OPS:
+            continue
+        if any(t.name in dynamic for t in node.inputs if t is not None):
+            dynamic.update(t.name for t in node.outputs)
+    return dynamic

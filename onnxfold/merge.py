@@ -1,0 +1,104 @@
+"""Merge clustered channels: rewrite every member slice of every folded group in place.
+
+Input: FoldPlans (a group, its cluster labels (n,), the number of clusters k, optional per-cluster BN-scale
+repair factors (k,)). Producer-side slices become the cluster mean, consumer-side slices the cluster sum,
+shape constants lose (n - k) * repeat entries. Also builds the per-channel feature rows used for clustering.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .groups import Group
+from .layout import EXTENT, MEAN, Member
+
+FEATURE_TAGS_SKIPPED = ("bn_mean", "bn_var")
+
+
+@dataclass
+class FoldPlan:
+    """How one group folds: labels (n,) in [0, k) with every cluster used; gamma_scale (k,) or None."""
+
+    group: Group
+    labels: np.ndarray
+    k: int
+    gamma_scale: np.ndarray | None = None
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.bincount(self.labels, minlength=self.k)
+
+
+def canonical_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Renumber clusters by their first channel, so cluster j is new channel j; returns (labels (n,), k)."""
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))
+    return order[inverse].astype(np.int64), len(first)
+
+
+def channel_block(values: np.ndarray, m: Member, n: int) -> np.ndarray:
+    """The member's slice as one row per channel: (n, repeat * prod(other dims)), float32."""
+    moved = np.moveaxis(values, m.axis, 0)[m.offset:m.offset + n * m.repeat]
+    return moved.reshape(n, -1).astype(np.float32, copy=False)
+
+
+def group_features(group: Group) -> np.ndarray:
+    """Feature rows (n, d) for clustering: every weight member's channel slice, each scaled to unit RMS."""
+    blocks = []
+    for m in group.members:
+        if m.role == EXTENT or m.tag in FEATURE_TAGS_SKIPPED:
+            continue
+        block = channel_block(np.asarray(m.tensor.values), m, group.size)
+        rms = float(np.sqrt(np.mean(np.square(block, dtype=np.float64))))
+        blocks.append(block / rms if rms > 0 else block)
+    return np.concatenate(blocks, axis=1) if blocks else np.zeros((group.size, 0), np.float32)
+
+
+def apply_plans(plans: list[FoldPlan]) -> None:
+    """Rewrite all member tensors of all plans (tensors shared by several groups are handled together)."""
+    by_tensor: dict[int, list[tuple[Member, FoldPlan]]] = defaultdict(list)
+    tensors = {}
+    for plan in plans:
+        for m in plan.group.members:
+            by_tensor[id(m.tensor)].append((m, plan))
+            tensors[id(m.tensor)] = m.tensor
+    for key, items in by_tensor.items():
+        tensor = tensors[key]
+        tensor.values = _rewrite(np.asarray(tensor.values), items)
+
+
+def _rewrite(values: np.ndarray, items: list[tuple[Member, FoldPlan]]) -> np.ndarray:
+    """Apply every slice of one tensor; slices on one axis go from the highest offset down, so offsets hold."""
+    dtype = values.dtype
+    out = values.copy() if values.dtype.kind in "iu" else values.astype(np.float32)
+    for m, plan in sorted(items, key=lambda it: (it[0].axis, -it[0].offset)):
+        if m.role == EXTENT:
+            out[m.axis] -= (plan.group.size - plan.k) * m.repeat
+        else:
+            out = _merge_slice(out, m, plan)
+    return out.astype(dtype, copy=False)
+
+
+def _merge_slice(values: np.ndarray, m: Member, plan: FoldPlan) -> np.ndarray:
+    n = plan.group.size
+    moved = np.moveaxis(values, m.axis, 0)
+    block = moved[m.offset:m.offset + n * m.repeat]
+    merged = cluster_reduce(block.reshape(n, -1), plan.labels, plan.k, mean=m.role == MEAN)
+    if m.tag == "bn_scale" and plan.gamma_scale is not None:
+        merged *= plan.gamma_scale[:, None].astype(merged.dtype)
+    merged = merged.reshape((plan.k * m.repeat,) + block.shape[1:])
+    joined = np.concatenate([moved[:m.offset], merged, moved[m.offset + n * m.repeat:]], axis=0)
+    return np.moveaxis(joined, 0, m.axis)
+
+
+def cluster_reduce(rows: np.ndarray, labels: np.ndarray, k: int, mean: bool) -> np.ndarray:
+    """Sum (or mean) of rows (n, d) per cluster -> (k, d), in O(n d)."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=k)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    summed = np.add.reduceat(rows[order].astype(np.float64), starts, axis=0)
+    if mean:
+        summed /= counts[:, None]
+    return summed.astype(np.float32)

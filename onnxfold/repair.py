@@ -1,0 +1,102 @@
+"""Repair the variance collapse that merging causes (DESIGN §1.4), data-free.
+
+Fold-AR: before clustering, fold each BatchNorm's normalisation into the producer feeding it
+(W <- W / sqrt(var + eps), b <- (b - mean) / sqrt(var + eps); BN mean := 0, var := 1 - eps), so every channel
+is a standardised pre-activation; after merging by the mean, multiply each merged BN scale by
+s_c = sqrt(n_c / (1 + (n_c - 1) rho_c)), rho_c the mean pairwise cosine similarity of the cluster's features.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .groups import Group
+from .merge import cluster_reduce
+
+PRODUCERS = {"Conv": 0, "ConvTranspose": 1}
+
+
+def has_bn_statistics(graph: gs.Graph) -> bool:
+    """True when the graph keeps BatchNormalization nodes with constant running statistics."""
+    return any(n.op == "BatchNormalization" and _bn_constants(n) is not None for n in graph.nodes)
+
+
+def choose_repair(requested: str, graph: gs.Graph) -> tuple[str, str]:
+    """Resolve --repair auto|ar|none to (method, why) for the report."""
+    has_bn = has_bn_statistics(graph)
+    if requested == "none":
+        return "none", "requested with --repair none"
+    if requested == "ar" and not has_bn:
+        return "none", "--repair ar asked, but the graph has no BatchNormalization statistics (BN fused by the exporter?)"
+    if requested == "ar":
+        return "ar", "requested with --repair ar"
+    if has_bn:
+        return "ar", "the graph keeps BatchNormalization statistics, so Fold-AR can rescale merged channels"
+    return "none", "no BatchNormalization statistics in the graph (BN fused by the exporter?): no data-free repair applies"
+
+
+def standardize_bn_producers(graph: gs.Graph) -> int:
+    """Fold each BN's normalisation into its sole producer (Conv/ConvTranspose, group 1). Returns the count."""
+    done = 0
+    for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
+        producer = _sole_producer(bn)
+        if producer is not None and _bn_constants(bn) is not None:
+            _standardize(graph, producer, bn)
+            done += 1
+    return done
+
+
+def _bn_constants(bn: gs.Node):
+    params = bn.inputs[1:5]
+    if len(params) == 4 and all(isinstance(t, gs.Constant) for t in params):
+        return [np.asarray(t.values, dtype=np.float64) for t in params]
+    return None
+
+
+def _sole_producer(bn: gs.Node) -> gs.Node | None:
+    x = bn.inputs[0]
+    if not x.inputs or len(x.outputs) != 1:
+        return None
+    node = x.inputs[0]
+    if node.op not in PRODUCERS or int(node.attrs.get("group", 1)) != 1:
+        return None
+    weights = node.inputs[1:]
+    if not all(isinstance(t, gs.Constant) and len(t.outputs) == 1 for t in weights):
+        return None
+    return node
+
+
+def _standardize(graph: gs.Graph, producer: gs.Node, bn: gs.Node) -> None:
+    _, _, mean, var = _bn_constants(bn)
+    eps = float(bn.attrs.get("epsilon", 1e-5))
+    inv_std = 1.0 / np.sqrt(var + eps)
+    w = producer.inputs[1]
+    axis = PRODUCERS[producer.op]
+    shape = [1] * np.asarray(w.values).ndim
+    shape[axis] = -1
+    dtype = np.asarray(w.values).dtype
+    w.values = (np.asarray(w.values, np.float64) * inv_std.reshape(shape)).astype(dtype)
+    bias = np.asarray(producer.inputs[2].values, np.float64) if len(producer.inputs) > 2 else np.zeros_like(mean)
+    new_bias = gs.Constant(f"{w.name}_standardized_bias", ((bias - mean) * inv_std).astype(dtype))
+    if len(producer.inputs) > 2:
+        producer.inputs[2] = new_bias
+    else:
+        producer.inputs.append(new_bias)
+    bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_standardized", np.zeros_like(mean, dtype=dtype))
+    bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_standardized", np.full_like(var, 1.0 - eps, dtype=dtype))
+
+
+def ar_gamma_scale(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-cluster BN-scale factors (k,) from features (n, d): sqrt(n_c / (1 + (n_c - 1) * rho_c))."""
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = np.divide(features, norms, out=np.zeros_like(features, dtype=np.float64), where=norms > 0)
+    counts = np.bincount(labels, minlength=k).astype(np.float64)
+    sums = cluster_reduce(unit, labels, k, mean=False).astype(np.float64)
+    pair_sum = np.square(sums).sum(axis=1) - counts
+    pairs = counts * (counts - 1)
+    rho = np.clip(np.divide(pair_sum, pairs, out=np.ones(k), where=pairs > 0), 0.0, 1.0)
+    return np.sqrt(counts / (1.0 + (counts - 1.0) * rho))
+
+
+def group_repairable(group: Group) -> bool:
+    return group.has_bn()

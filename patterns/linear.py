@@ -1,0 +1,102 @@
+"""Producers and consumers of channels: Conv, ConvTranspose, Gemm, MatMul with constant weights.
+
+A producer creates a new group from its weight's output axis (and bias); the same weight's input axis is a
+consumer member of the input's group (summed when channels merge). Depthwise Conv is a pass-through whose
+weight rows follow the channels; other grouped convolutions are declined.
+"""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from onnxfold.layout import MEAN, SUM
+
+from .common import Discovery, const_value, freeze_all, out_rank, pass_through, where
+
+
+def conv(node: gs.Node, d: Discovery) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    lx, wv = d.layout(x), const_value(w)
+    if wv is None or wv.ndim < 3:
+        return freeze_all(node, d, f"{where(node)} has a non-constant weight")
+    if lx is not None and (lx.axis != 1 or lx.repeat != 1):
+        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    group = int(node.attrs.get("group", 1))
+    if group == 1:
+        return _dense_producer(node, d, lx, w, bias, in_axis=1, out_axis=0)
+    if wv.shape[1] == 1 and wv.shape[0] == group and (lx is None or lx.extent == group):
+        return _depthwise(node, d, lx, w, bias)
+    freeze_all(node, d, f"{where(node)} is a grouped convolution (group={group}), not folded")
+
+
+def conv_transpose(node: gs.Node, d: Discovery) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    lx, wv = d.layout(x), const_value(w)
+    if wv is None or int(node.attrs.get("group", 1)) != 1:
+        return freeze_all(node, d, f"{where(node)} has a non-constant weight or groups")
+    if lx is not None and (lx.axis != 1 or lx.repeat != 1):
+        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    _dense_producer(node, d, lx, w, bias, in_axis=0, out_axis=1)
+
+
+def _dense_producer(node, d: Discovery, lx, w: gs.Constant, bias, in_axis: int, out_axis: int) -> None:
+    wv = const_value(w)
+    d.add_members(lx, w, in_axis, SUM)
+    rank = out_rank(node, lx.rank if lx else wv.ndim)
+    out = d.produce(node.outputs[0], wv.shape[out_axis], 1, rank)
+    d.add_members(out, w, out_axis, MEAN)
+    d.add_members(out, bias, 0, MEAN)
+
+
+def _depthwise(node, d: Discovery, lx, w, bias) -> None:
+    if lx is None:
+        wv = const_value(w)
+        lx = d.produce(node.outputs[0], wv.shape[0], 1, out_rank(node, wv.ndim))
+    else:
+        pass_through(node, d, lx)
+    d.add_members(lx, w, 0, MEAN)
+    d.add_members(lx, bias, 0, MEAN)
+
+
+def gemm(node: gs.Node, d: Discovery) -> None:
+    a, b = node.inputs[0], node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    la, bv = d.layout(a), const_value(b)
+    if bv is None or int(node.attrs.get("transA", 0)) or bv.ndim != 2:
+        return freeze_all(node, d, f"{where(node)} has a non-constant or transposed operand")
+    if la is not None and la.axis != 1:
+        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    trans_b = int(node.attrs.get("transB", 0))
+    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    d.add_members(la, b, in_axis, SUM)
+    out = d.produce(node.outputs[0], bv.shape[out_axis], 1, 2)
+    _bias_members(node, d, out, bias)
+
+
+def _bias_members(node, d: Discovery, out, bias) -> None:
+    cv = const_value(bias)
+    if cv is None or cv.size == 1:
+        if bias is not None and cv is None:
+            d.freeze(out, f"{where(node)} has a non-constant bias")
+        return
+    if cv.shape[-1] == out.extent and cv.size == out.extent:
+        d.add_members(out, bias, cv.ndim - 1, MEAN)
+    else:
+        d.freeze(out, f"{where(node)} bias of shape {list(cv.shape)} does not follow the output channels")
+
+
+def matmul(node: gs.Node, d: Discovery) -> None:
+    a, b = node.inputs[0], node.inputs[1]
+    la, bv = d.layout(a), const_value(b)
+    if bv is None or bv.ndim != 2:
+        return freeze_all(node, d, f"{where(node)} multiplies two activations or a non-2-D weight")
+    if la is not None and la.axis != la.rank - 1:
+        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    d.add_members(la, b, 0, SUM)
+    rank = out_rank(node, la.rank if la else 2)
+    out = d.produce(node.outputs[0], bv.shape[1], rank - 1, rank)
+    d.add_members(out, b, 1, MEAN)
+
+
+RULES = {"Conv": conv, "ConvTranspose": conv_transpose, "Gemm": gemm, "MatMul": matmul}
