@@ -45,20 +45,20 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """torchvision-compatible ResNet18 layout (same module names and parameter count)."""
 
-    def __init__(self, classes: int = 1000):
+    def __init__(self, classes: int = 1000, width: int = 64):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        widths, cin, layers = (64, 128, 256, 512), 64, []
+        widths, cin, layers = (width, 2 * width, 4 * width, 8 * width), width, []
         for i, w in enumerate(widths):
             stride = 1 if i == 0 else 2
             layers.append(nn.Sequential(BasicBlock(cin, w, stride), BasicBlock(w, w)))
             cin = w
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, classes)
+        self.fc = nn.Linear(8 * width, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -78,11 +78,11 @@ def randomize_bn(model: nn.Module, generator: torch.Generator) -> None:
                 m.bias.copy_(torch.randn(n, generator=generator) * 0.1)
 
 
-def build_resnet18(seed: int = 0) -> ResNet18:
-    """Seeded ResNet18 in eval mode with randomised BN statistics."""
+def build_resnet18(seed: int = 0, width: int = 64, classes: int = 1000) -> ResNet18:
+    """Seeded ResNet18 in eval mode with randomised BN statistics (width 64 = ImageNet ResNet18)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ResNet18()
+        model = ResNet18(classes, width)
     randomize_bn(model, torch.Generator().manual_seed(seed + 1))
     return model.eval()
 
@@ -92,14 +92,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def export_resnet18(path: str, bn: bool = True, seed: int = 0) -> str:
+def export_resnet18(path: str, bn: bool = True, seed: int = 0, width: int = 64, size: int = 224,
+                    classes: int = 1000) -> str:
     """Export ResNet18 (legacy exporter, opset 17, input "input" 1x3x224x224, dynamic batch).
 
     bn=True keeps BatchNormalization nodes (do_constant_folding=False); bn=False lets
     constant folding fuse them into the convolutions. Returns ``path``.
     """
-    model = build_resnet18(seed)
-    example = torch.randn(*INPUT_SHAPE, generator=torch.Generator().manual_seed(seed + 2))
+    model = build_resnet18(seed, width, classes)
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed + 2))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(io.StringIO()):

@@ -16,7 +16,7 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover
-from .merge import FoldPlan, apply_plans, canonical_labels, group_features
+from .merge import FoldPlan, apply_plans, canonical_labels, group_features, sync_depthwise_groups
 from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
 
 
@@ -86,6 +86,7 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None)
         if plan is not None:
             plans.append(plan)
     apply_plans(plans)
+    sync_depthwise_groups(graph)
     forget_shapes(graph)
     return FoldResult(groups, plans, repair, why, backend, time.perf_counter() - start)
 

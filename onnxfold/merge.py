@@ -102,3 +102,12 @@ def cluster_reduce(rows: np.ndarray, labels: np.ndarray, k: int, mean: bool) -> 
     if mean:
         summed /= counts[:, None]
     return summed.astype(np.float32)
+
+
+def sync_depthwise_groups(graph) -> None:
+    """A depthwise Conv (weight (C, 1, kh, kw)) keeps group == C after its channels changed."""
+    for node in graph.nodes:
+        if node.op == "Conv" and int(node.attrs.get("group", 1)) > 1 and hasattr(node.inputs[1], "values"):
+            shape = np.asarray(node.inputs[1].values).shape
+            if shape[1] == 1:
+                node.attrs["group"] = int(shape[0])

@@ -1,8 +1,8 @@
 """Repair the variance collapse that merging causes (DESIGN §1.4), data-free.
 
-Fold-AR: before clustering, fold each BatchNorm's normalisation into the producer feeding it
-(W <- W / sqrt(var + eps), b <- (b - mean) / sqrt(var + eps); BN mean := 0, var := 1 - eps), so every channel
-is a standardised pre-activation; after merging by the mean, multiply each merged BN scale by
+Fold-AR: before clustering, fold each BatchNorm's scale into the producer feeding it
+(W <- W / sqrt(var + eps), BN mean <- mean / sqrt(var + eps), var := 1 - eps), so every channel is a
+standardised pre-activation; after merging by the mean, multiply each merged BN scale by
 s_c = sqrt(n_c / (1 + (n_c - 1) rho_c)), rho_c the mean pairwise cosine similarity of the cluster's features.
 """
 from __future__ import annotations
@@ -67,23 +67,25 @@ def _sole_producer(bn: gs.Node) -> gs.Node | None:
 
 
 def _standardize(graph: gs.Graph, producer: gs.Node, bn: gs.Node) -> None:
+    """W <- W / sigma, b <- b / sigma, BN mean <- mean / sigma, BN var <- 1 - eps: the same function, no new
+    parameters, and each channel of the producer is now a standardised pre-activation."""
     _, _, mean, var = _bn_constants(bn)
     eps = float(bn.attrs.get("epsilon", 1e-5))
     inv_std = 1.0 / np.sqrt(var + eps)
     w = producer.inputs[1]
-    axis = PRODUCERS[producer.op]
     shape = [1] * np.asarray(w.values).ndim
-    shape[axis] = -1
-    dtype = np.asarray(w.values).dtype
-    w.values = (np.asarray(w.values, np.float64) * inv_std.reshape(shape)).astype(dtype)
-    bias = np.asarray(producer.inputs[2].values, np.float64) if len(producer.inputs) > 2 else np.zeros_like(mean)
-    new_bias = gs.Constant(f"{w.name}_standardized_bias", ((bias - mean) * inv_std).astype(dtype))
+    shape[PRODUCERS[producer.op]] = -1
+    _scale(w, inv_std.reshape(shape))
     if len(producer.inputs) > 2:
-        producer.inputs[2] = new_bias
-    else:
-        producer.inputs.append(new_bias)
-    bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_standardized", np.zeros_like(mean, dtype=dtype))
+        _scale(producer.inputs[2], inv_std)
+    dtype = np.asarray(bn.inputs[3].values).dtype
+    bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_standardized", (mean * inv_std).astype(dtype))
     bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_standardized", np.full_like(var, 1.0 - eps, dtype=dtype))
+
+
+def _scale(tensor: gs.Constant, factor: np.ndarray) -> None:
+    values = np.asarray(tensor.values)
+    tensor.values = (values.astype(np.float64) * factor).astype(values.dtype)
 
 
 def ar_gamma_scale(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

@@ -71,6 +71,7 @@ def gemm(node: gs.Node, d: Discovery) -> None:
     in_axis, out_axis = (1, 0) if trans_b else (0, 1)
     d.add_members(la, b, in_axis, SUM)
     out = d.produce(node.outputs[0], bv.shape[out_axis], 1, 2)
+    d.add_members(out, b, out_axis, MEAN)
     _bias_members(node, d, out, bias)
 
 

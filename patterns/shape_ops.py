@@ -101,21 +101,53 @@ def flatten(node: gs.Node, d: Discovery) -> None:
 
 
 def reshape(node: gs.Node, d: Discovery) -> None:
-    """Keep the channel axis (trailing axes may change) or merge it with all trailing axes (flatten)."""
-    x, out = node.inputs[0], node.outputs[0]
+    """Find the output axis holding the channels: same inner size (pass-through) or merged with trailing
+    axes (flatten: each channel becomes `post_in / post_out` consecutive entries). Symbolic leading dims
+    (batch) need not match by name: equal static suffixes imply equal prefixes."""
+    x = node.inputs[0]
     lx = d.layout(x)
     if lx is None:
         return
-    in_shape, out_shape = x.shape, out.shape
-    if in_shape is None or out_shape is None:
-        return freeze_all(node, d, f"{where(node)} has unknown shapes")
-    c = lx.axis
-    if list(out_shape[:c + 1]) == list(in_shape[:c + 1]) and _is_known(in_shape[c]):
-        return _reshape_result(node, d, lx.moved(c, len(out_shape)), c, lx.repeat)
-    inner = _static_product(x, c + 1, len(in_shape))
-    if len(out_shape) == c + 1 and list(out_shape[:c]) == list(in_shape[:c]) and inner is not None:
-        return _reshape_result(node, d, lx.moved(c, c + 1, lx.repeat * inner), c, lx.repeat * inner)
-    freeze_all(node, d, f"{where(node)} reshapes the channel axis {list(in_shape)} -> {list(out_shape)}")
+    target = _reshape_dims(node)
+    post_in = _static_product(x, lx.axis + 1, lx.rank)
+    extent = dim_of(x, lx.axis)
+    found = None if target is None or post_in is None or not _is_known(extent) else \
+        _channel_axis_after_reshape(target, extent, post_in)
+    if found is None:
+        shape_in = list(x.shape) if x.shape is not None else "?"
+        return freeze_all(node, d, f"{where(node)} reshapes the channel axis {shape_in} -> {target}")
+    axis, spread = found
+    _reshape_result(node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread)
+
+
+def _reshape_dims(node: gs.Node) -> list | None:
+    """Output dims: inferred static values where known, else positive entries of a constant target."""
+    inferred = node.outputs[0].shape
+    const = const_value(node.inputs[1])
+    rank = len(inferred) if inferred is not None else (const.size if const is not None else None)
+    if rank is None:
+        return None
+    dims = []
+    for i in range(rank):
+        val = inferred[i] if inferred is not None else None
+        if not _is_known(val) and const is not None and const[i] > 0:
+            val = int(const[i])
+        dims.append(val)
+    return dims
+
+
+def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[int, int] | None:
+    """(axis, entries per input channel entry) such that dims[axis] * prod(dims[axis+1:]) == extent * post_in."""
+    post_out = 1
+    for axis in range(len(dims) - 1, -1, -1):
+        if not _is_known(dims[axis]):
+            return None
+        if dims[axis] * post_out == extent * post_in and post_in % post_out == 0:
+            return axis, post_in // post_out
+        post_out *= dims[axis]
+        if post_out > post_in:
+            return None
+    return None
 
 
 def _reshape_result(node, d: Discovery, layout: Layout, index: int, repeat: int) -> None:

@@ -16,12 +16,6 @@ from zoo import ARCHS, MODES, UNFUSABLE_BN, build, exported, has_batchnorm
 BN_ARCHS = [a for a in ARCHS if has_batchnorm(ARCHS[a]()[0])]
 
 
-@pytest.fixture(scope="session")
-def zoo_dir(tmp_path_factory):
-    """One directory per test session holding the cached exports."""
-    return tmp_path_factory.mktemp("zoo")
-
-
 def load(arch: str, mode: str, zoo_dir) -> onnx.ModelProto:
     """The cached export of ``arch`` in ``mode``, loaded."""
     return onnx.load(exported(arch, mode, zoo_dir))

@@ -1,0 +1,75 @@
+"""Helpers for tests: fold a file, run models in onnxruntime, and widen a model by duplicating channels."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxfold.fold import FoldOptions, fold_graph
+from onnxfold.groups import discover
+from onnxfold.layout import EXTENT, MEAN
+from onnxfold.load import load_model
+from onnxfold.merge import sync_depthwise_groups
+from onnxfold.save import to_proto
+
+
+def fold_file(src: str, dst: str, **options):
+    """Fold `src` into `dst` with FoldOptions(**options); returns (FoldResult, folded ModelProto)."""
+    loaded = load_model(src)
+    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(**options))
+    proto = to_proto(loaded.graph, loaded.opset)
+    onnx.save(proto, dst)
+    return result, proto
+
+
+def run(path: str, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def feeds_for(path: str, batch: int = 3, seed: int = 1) -> dict:
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    return {i.name: rng.standard_normal([batch if not isinstance(d, int) else d for d in i.shape]).astype(np.float32)
+            for i in sess.get_inputs()}
+
+
+def param_count(path: str) -> int:
+    from onnxfold.validate import count_params
+    return count_params(onnx.load(path))
+
+
+def widen_file(src: str, dst: str) -> int:
+    """Duplicate every channel of every foldable group (producer slices copied, consumer slices halved).
+
+    The widened model computes the same function only if the discovered groups are right. Returns the number
+    of groups widened.
+    """
+    loaded = load_model(src)
+    groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    by_tensor: dict[int, list] = {}
+    for g in groups:
+        for m in g.members:
+            by_tensor.setdefault(id(m.tensor), []).append((m, g.size))
+    for items in by_tensor.values():
+        tensor = items[0][0].tensor
+        tensor.values = _widen_tensor(np.asarray(tensor.values), items)
+    sync_depthwise_groups(loaded.graph)
+    for t in loaded.graph.tensors().values():
+        if t not in loaded.graph.inputs and t not in loaded.graph.outputs and hasattr(t, "shape") and not hasattr(t, "values"):
+            t.shape = None
+    onnx.save(to_proto(loaded.graph, loaded.opset), dst)
+    return len(groups)
+
+
+def _widen_tensor(values: np.ndarray, items) -> np.ndarray:
+    out = values.copy()
+    for m, n in sorted(items, key=lambda it: (it[0].axis, -it[0].offset)):
+        if m.role == EXTENT:
+            out[m.axis] += n * m.repeat
+            continue
+        moved = np.moveaxis(out, m.axis, 0)
+        block = moved[m.offset:m.offset + n * m.repeat]
+        block = block if m.role == MEAN else block / 2
+        joined = np.concatenate([moved[:m.offset], block, block, moved[m.offset + n * m.repeat:]], axis=0)
+        out = np.moveaxis(joined, 0, m.axis).astype(values.dtype)
+    return out
