@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import onnx
 
@@ -29,7 +28,8 @@ def fold(args: argparse.Namespace) -> int:
     options.check()
     output = args.output or default_output(args.input)
     _check_paths(args.input, output, args.data)
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a))
+    data = validate.read_npz(args.data) if args.data else None
+    say = print
     with Step("loading", not args.quiet):
         loaded = load_model(args.input)
         dense_proto = onnx.load(args.input)
@@ -41,11 +41,11 @@ def fold(args: argparse.Namespace) -> int:
     with Step("validating and writing", not args.quiet):
         proto = to_proto(loaded.graph, loaded.opset)
         checker = None if args.no_validate else (lambda tmp: validation.update(
-            _validate(args.input, tmp, args.data, args.seed, dense_proto)))
+            _validate(args.input, tmp, args.data, data, args.seed)))
         size = write_atomic(proto, output, loaded.external_data, checker)
     dense = _metrics(dense_proto, loaded.file_bytes, validation.get("feeds"), validation.get("latency", [None])[0])
     folded = _metrics(proto, size, validation.get("feeds"), validation.get("latency", [None, None])[1])
-    _print_report(say, args, output, result, dense, folded, validation.get("comparison"))
+    _print_report(args, output, result, dense, folded, validation.get("comparison"))
     if args.report:
         report.write_json(args.report, _payload(args, output, options, result, dense, folded, validation))
     return 0
@@ -54,15 +54,20 @@ def fold(args: argparse.Namespace) -> int:
 def _check_paths(src: str, out: str, data: str | None) -> None:
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise UserError(f"output {out} is the input file; onnxfold never overwrites its input (use -o)")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"{out}: output directory '{out_dir}' does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"{out}: cannot write into '{out_dir}'")
     if data is not None and not os.path.isfile(data):
         raise UserError(f"{data}: no such data file")
 
 
-def _validate(dense_path: str, folded_path: str, data: str | None, seed: int, dense_proto) -> dict:
+def _validate(dense_path: str, folded_path: str, data_path: str | None, data, seed: int) -> dict:
     dense, folded = validate.session(dense_path), validate.session(folded_path)
-    if data:
-        feeds, labels = validate.load_data(data, dense)
-        source = data
+    if data is not None:
+        feeds, labels = validate.match_inputs(data[0], dense, data_path), data[1]
+        source = f"{data_path} ({len(next(iter(feeds.values())))} samples)"
     else:
         feeds, labels = validate.random_feeds(dense, seed=seed), None
         source = f"8 random samples (seed {seed})"
@@ -75,7 +80,8 @@ def _metrics(proto, file_bytes: int, feeds, latency) -> dict:
     return {"params": validate.count_params(proto), "macs": macs, "file_bytes": file_bytes, "latency_ms": latency}
 
 
-def _print_report(say, args, output: str, result: FoldResult, dense: dict, folded: dict, comparison) -> None:
+def _print_report(args, output: str, result: FoldResult, dense: dict, folded: dict, comparison) -> None:
+    say = (lambda *a: None) if args.quiet else print
     folded_groups = len(result.plans)
     frozen = sum(1 for g in result.groups if g.frozen)
     say(f"onnxfold: {args.input} -> {output}")
@@ -90,7 +96,7 @@ def _print_report(say, args, output: str, result: FoldResult, dense: dict, folde
     if comparison is not None:
         say(f"validation on {comparison.source}:")
     say(report.format_table(dense, folded, comparison))
-    print(f"wrote {output}" + ("" if comparison is not None else " (not validated with onnxruntime)"), file=sys.stderr)
+    print(report.summary_line(output, dense, folded, comparison))
 
 
 def _payload(args, output, options, result: FoldResult, dense, folded, validation) -> dict:

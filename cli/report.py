@@ -63,6 +63,18 @@ def format_table(dense: dict, folded: dict, comparison) -> str:
     return "\n".join(lines)
 
 
+def summary_line(output: str, dense: dict, folded: dict, comparison) -> str:
+    """One line: where the model went, parameters before -> after, and the headline quality figure."""
+    line = f"wrote {output}: parameters {human(dense['params'])} -> {human(folded['params'])} " \
+           f"({_change(dense['params'], folded['params'])})"
+    if comparison is None:
+        return line + ", not validated (--no-validate)"
+    if comparison.accuracy_dense is not None:
+        return line + f", accuracy {100 * comparison.accuracy_dense:.2f}% -> {100 * comparison.accuracy_folded:.2f}%"
+    worst = max(o.max_rel for o in comparison.outputs) if comparison.outputs else 0.0
+    return line + f", max relative output error {worst:.3g}"
+
+
 def _quality_rows(cmp) -> list[tuple[str, str, str, str]]:
     rows = []
     if cmp.accuracy_dense is not None:

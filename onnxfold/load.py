@@ -64,7 +64,19 @@ def _read_proto(path: str) -> onnx.ModelProto:
         raise UserError(f"{path}: not a valid ONNX file (protobuf could not be parsed; truncated or wrong format?)") from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise UserError(f"{path}: not an ONNX model (no graph found; truncated or wrong format?)")
+    _check_structure(path, proto)
     return proto
+
+
+def _check_structure(path: str, proto: onnx.ModelProto) -> None:
+    """onnx.checker without tensor data: catches truncated files that still parse as protobuf."""
+    if proto.ByteSize() >= 2**31 - 2**20:
+        return
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, Exception) as e:  # noqa: BLE001 - any checker failure is bad input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a valid ONNX model ({first[:200]})") from None
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:

@@ -64,13 +64,22 @@ def random_feeds(sess: ort.InferenceSession, samples: int = 8, seed: int = 0) ->
     return feeds
 
 
-def load_data(path: str, sess: ort.InferenceSession) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Read an .npz of inputs (keys = input names, or one array for a one-input model) and optional labels."""
+def read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Read an .npz of input arrays and optional labels (key labels/label/y/targets) -> (arrays, labels)."""
     try:
-        data = dict(np.load(path, allow_pickle=False))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read as .npz ({e})") from None
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as e:
+        first = str(e).split(".")[0]
+        raise UserError(f"{path}: not a readable .npz file of arrays ({first})") from None
     labels = next((data.pop(k) for k in LABEL_KEYS if k in data), None)
+    if not data:
+        raise UserError(f"{path}: holds no input arrays (keys should be the model's input names)")
+    return data, labels
+
+
+def match_inputs(data: dict[str, np.ndarray], sess: ort.InferenceSession, path: str) -> dict[str, np.ndarray]:
+    """Map .npz arrays to the model's inputs (by name, or the single array of a one-input model), cast."""
     names = [i.name for i in sess.get_inputs()]
     if len(names) == 1 and names[0] not in data and len(data) == 1:
         data = {names[0]: next(iter(data.values()))}
@@ -78,7 +87,7 @@ def load_data(path: str, sess: ort.InferenceSession) -> tuple[dict[str, np.ndarr
     if missing:
         raise UserError(f"{path}: no array for model input(s) {missing}; found keys {sorted(data)}")
     types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}
-    return {n: data[n].astype(types[n], copy=False) for n in names}, labels
+    return {n: data[n].astype(types[n], copy=False) for n in names}
 
 
 def run_batched(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:

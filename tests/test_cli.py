@@ -1,0 +1,118 @@
+"""The command line: bad input gets one line and exit 2 with the input untouched; good input folds."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from onnxfold.cli.main import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
+MNIST_TEST = os.path.join(ROOT, "models", "mnist_test.npz")
+
+
+def digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "m.onnx"
+    shutil.copy(MNIST, path)
+    return str(path)
+
+
+def bad_inputs(tmp_path):
+    """(name, argv, file that must stay untouched) for every kind of bad input."""
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model\n" * 20)
+    data = open(MNIST, "rb").read()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    ext = tmp_path / "ext" / "model.onnx"
+    ext.parent.mkdir()
+    onnx.save(onnx.load(MNIST), str(ext), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    os.remove(str(ext) + ".data")
+    good = tmp_path / "good.onnx"
+    shutil.copy(MNIST, good)
+    return [
+        ("text file", [str(text)], str(text)),
+        ("truncated protobuf", [str(truncated)], str(truncated)),
+        ("empty file", [str(empty)], str(empty)),
+        ("missing external data", [str(ext)], str(ext)),
+        ("missing file", [str(tmp_path / "nope.onnx")], None),
+        ("directory", [str(tmp_path)], None),
+        ("ratio 1", [str(good), "--ratio", "1"], str(good)),
+        ("ratio negative", [str(good), "--ratio", "-0.1"], str(good)),
+        ("ratio not a number", [str(good), "--ratio", "half"], str(good)),
+        ("unknown option", [str(good), "--frobnicate"], str(good)),
+        ("output is input", [str(good), "-o", str(good)], str(good)),
+        ("missing data file", [str(good), "--data", str(tmp_path / "nope.npz")], str(good)),
+        ("bad data file", [str(good), "--data", str(text)], str(good)),
+        ("unwritable output dir", [str(good), "-o", "/proc/nope/out.onnx"], str(good)),
+        ("inspect missing file", ["inspect", str(tmp_path / "nope.onnx")], None),
+    ]
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    for name, argv, keep in bad_inputs(tmp_path):
+        before = digest(keep) if keep else None
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+        assert len(err.splitlines()) == 1 and err.startswith("onnxfold: error:"), f"{name}: {err!r}"
+        assert "Traceback" not in err
+        if keep:
+            assert digest(keep) == before, f"{name}: input modified"
+
+
+def test_fold_writes_validated_model_and_report(model, tmp_path, capsys):
+    before = digest(model)
+    report = tmp_path / "r.json"
+    assert main([model, "--ratio", "0.25", "--data", MNIST_TEST, "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    folded = model[:-5] + ".folded.onnx"
+    assert digest(model) == before
+    onnx.checker.check_model(folded, full_check=True)
+    assert "accuracy" in out and "parameters" in out and "repair: ar" in out
+    payload = json.loads(report.read_text())
+    assert payload["folded"]["params"] < payload["dense"]["params"]
+    assert payload["folded"]["macs"] < payload["dense"]["macs"]
+    assert 0.0 <= payload["comparison"]["accuracy_folded"] <= 1.0
+    assert payload["repair"]["method"] == "ar"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".onnxfold-")], "temporary files left behind"
+
+
+def test_nothing_foldable_exits_0_and_says_so(model, tmp_path, capsys):
+    out_path = str(tmp_path / "o.onnx")
+    assert main([model, "-o", out_path, "--exclude", "*", "--no-validate"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing could be folded" in out
+    assert os.path.exists(out_path)
+
+
+def test_inspect_lists_groups_and_reasons(model, capsys):
+    assert main(["inspect", model]) == 0
+    out = capsys.readouterr().out
+    assert "foldable" in out and "reason: graph input 'input'" in out and "member:" in out
+
+
+def test_python_dash_m_runs(model, tmp_path):
+    out_path = str(tmp_path / "o.onnx")
+    proc = subprocess.run([sys.executable, "-m", "onnxfold", model, "-o", out_path, "--no-validate", "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and os.path.exists(out_path)
+    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(tmp_path / "missing.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
