@@ -41,7 +41,11 @@ class Group:
 
 
 class Discovery:
-    """State the pattern rules act on: layouts of activation tensors, union-find of groups, members, freezes."""
+    """State the pattern rules act on: layouts of activation tensors, union-find of groups, members, freezes.
+
+    Tensors whose channels cannot be followed (graph inputs, outputs of unknown ops) have no layout; a rule
+    that would couple tracked channels to such a tensor freezes the tracked ones.
+    """
 
     def __init__(self, graph: gs.Graph, opset: int):
         self.graph = graph
@@ -125,14 +129,6 @@ class Discovery:
         for start, p in zip(layout.starts(), layout.parts):
             self.members.append(Member(tensor, axis, role, p.gid, start * rep, rep, tag))
 
-    def opaque(self, tensor: gs.Tensor, reason: str) -> None:
-        """Give an output we do not understand a frozen layout (if its rank is known) so users downstream freeze."""
-        rank = rank_of(tensor)
-        size = dim_of(tensor, 1 if rank and rank >= 3 else -1) if rank else None
-        if rank and isinstance(size, int) and size > 0:
-            layout = self.produce(tensor, size, 1 if rank >= 3 else rank - 1, rank)
-            self.freeze(layout, reason)
-
     # ---- results ------------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         """Resolve the union-find into Group objects (after all rules ran)."""
@@ -212,8 +208,6 @@ def discover(graph: gs.Graph, opset: int) -> list[Group]:
 
     d = Discovery(graph, opset)
     dynamic = _dynamic_tensors(graph)
-    for tensor in graph.inputs:
-        d.opaque(tensor, f"graph input '{tensor.name}'")
     for node in graph.nodes:
         if not any(t.name in dynamic for t in node.inputs if t is not None):
             continue
@@ -231,8 +225,6 @@ def _unknown(node: gs.Node, d: Discovery) -> None:
     reason = f"{node.op} '{node.name}' is not understood"
     for t in node.inputs:
         d.freeze(d.layout(t), reason)
-    for t in node.outputs:
-        d.opaque(t, reason)
 
 
 def _dynamic_tensors(graph: gs.Graph) -> set[str]:

@@ -38,6 +38,7 @@ def load_model(path: str) -> LoadedModel:
     external = _uses_external_data(proto)
     if external:
         _load_external(proto, path)
+    _check_structure(path, proto)
     opset = _default_opset(proto)
     if opset < MIN_OPSET:
         raise UserError(f"{path}: opset {opset} is older than {MIN_OPSET}; upgrade it with onnx.version_converter")
@@ -64,7 +65,6 @@ def _read_proto(path: str) -> onnx.ModelProto:
         raise UserError(f"{path}: not a valid ONNX file (protobuf could not be parsed; truncated or wrong format?)") from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise UserError(f"{path}: not an ONNX model (no graph found; truncated or wrong format?)")
-    _check_structure(path, proto)
     return proto
 
 

@@ -49,8 +49,6 @@ def pass_through(node: gs.Node, d: Discovery, layout: Layout | None) -> None:
 
 
 def freeze_all(node: gs.Node, d: Discovery, reason: str) -> None:
-    """Freeze every tracked input and give every output a frozen layout: the op is a boundary."""
+    """Freeze every tracked input; outputs stay untracked: the op is a boundary."""
     for t in node.inputs:
         d.freeze(d.layout(t), reason)
-    for t in node.outputs:
-        d.opaque(t, reason)

@@ -19,8 +19,7 @@ def conv(node: gs.Node, d: Discovery) -> None:
     lx, wv = d.layout(x), const_value(w)
     if wv is None or wv.ndim < 3:
         return freeze_all(node, d, f"{where(node)} has a non-constant weight")
-    if lx is not None and (lx.axis != 1 or lx.repeat != 1):
-        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    lx = _expect_axis(node, d, lx, 1, repeat_ok=False)
     group = int(node.attrs.get("group", 1))
     if group == 1:
         return _dense_producer(node, d, lx, w, bias, in_axis=1, out_axis=0)
@@ -35,9 +34,19 @@ def conv_transpose(node: gs.Node, d: Discovery) -> None:
     lx, wv = d.layout(x), const_value(w)
     if wv is None or int(node.attrs.get("group", 1)) != 1:
         return freeze_all(node, d, f"{where(node)} has a non-constant weight or groups")
-    if lx is not None and (lx.axis != 1 or lx.repeat != 1):
-        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    lx = _expect_axis(node, d, lx, 1, repeat_ok=False)
     _dense_producer(node, d, lx, w, bias, in_axis=0, out_axis=1)
+
+
+def _expect_axis(node, d: Discovery, layout, axis: int | None, repeat_ok: bool = True):
+    """The input layout if its channels lie on `axis` (None: the last axis); else freeze it and return None."""
+    if layout is None:
+        return None
+    want = layout.rank - 1 if axis is None else axis
+    if layout.axis == want and (repeat_ok or layout.repeat == 1):
+        return layout
+    d.freeze(layout, f"{where(node)} reads its input along an axis other than the channel axis")
+    return None
 
 
 def _dense_producer(node, d: Discovery, lx, w: gs.Constant, bias, in_axis: int, out_axis: int) -> None:
@@ -65,8 +74,7 @@ def gemm(node: gs.Node, d: Discovery) -> None:
     la, bv = d.layout(a), const_value(b)
     if bv is None or int(node.attrs.get("transA", 0)) or bv.ndim != 2:
         return freeze_all(node, d, f"{where(node)} has a non-constant or transposed operand")
-    if la is not None and la.axis != 1:
-        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    la = _expect_axis(node, d, la, 1)
     trans_b = int(node.attrs.get("transB", 0))
     in_axis, out_axis = (1, 0) if trans_b else (0, 1)
     d.add_members(la, b, in_axis, SUM)
@@ -92,8 +100,7 @@ def matmul(node: gs.Node, d: Discovery) -> None:
     la, bv = d.layout(a), const_value(b)
     if bv is None or bv.ndim != 2:
         return freeze_all(node, d, f"{where(node)} multiplies two activations or a non-2-D weight")
-    if la is not None and la.axis != la.rank - 1:
-        return freeze_all(node, d, f"{where(node)} reads channels from an unexpected axis")
+    la = _expect_axis(node, d, la, None)
     d.add_members(la, b, 0, SUM)
     rank = out_rank(node, la.rank if la else 2)
     out = d.produce(node.outputs[0], bv.shape[1], rank - 1, rank)

@@ -104,7 +104,7 @@ def test_nothing_foldable_exits_0_and_says_so(model, tmp_path, capsys):
 def test_inspect_lists_groups_and_reasons(model, capsys):
     assert main(["inspect", model]) == 0
     out = capsys.readouterr().out
-    assert "foldable" in out and "reason: graph input 'input'" in out and "member:" in out
+    assert "foldable" in out and "reason: graph output 'logits'" in out and "member:" in out
 
 
 def test_python_dash_m_runs(model, tmp_path):

@@ -1,0 +1,189 @@
+"""One tiny hand-built graph per pattern: the groups found, and (where foldable) that widening by duplicated
+channels keeps the function and folding brings it back exactly, checked with onnxruntime."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from foldtest import feeds_for, fold_file, param_count, run, widen_file
+from onnxfold.groups import discover
+from onnxfold.load import load_model
+
+RNG = np.random.default_rng(0)
+
+
+def w(*shape):
+    return RNG.standard_normal(shape).astype(np.float32) * 0.5
+
+
+def build(nodes, inits, in_shape, out_shape, opset=17, name="input", consts=None):
+    inits = [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, in_shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset <= 17 else 10
+    return model
+
+
+def save(model, tmp_path, name="m.onnx"):
+    path = str(tmp_path / name)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return path
+
+
+def groups_of(path):
+    loaded = load_model(path)
+    return discover(loaded.graph, loaded.opset)
+
+
+def assert_widen_and_fold_back(path, tmp_path):
+    wide, back = str(tmp_path / "wide.onnx"), str(tmp_path / "back.onnx")
+    assert widen_file(path, wide) > 0
+    feeds = feeds_for(path)
+    dense = run(path, feeds)
+    for d, x in zip(dense, run(wide, feeds)):
+        np.testing.assert_allclose(x, d, atol=1e-4 * max(1, np.abs(d).max()))
+    fold_file(wide, back, ratio=0.5)
+    assert param_count(back) == param_count(path)
+    for d, x in zip(dense, run(back, feeds)):
+        np.testing.assert_allclose(x, d, atol=1e-4 * max(1, np.abs(d).max()))
+
+
+def conv(name, x, cin, cout, inits, k=3, group=1, bias=True):
+    inits[f"{name}.w"] = w(cout, cin // group, k, k)
+    inputs = [x, f"{name}.w"]
+    if bias:
+        inits[f"{name}.b"] = w(cout)
+        inputs.append(f"{name}.b")
+    return helper.make_node("Conv", inputs, [name], name=name, pads=[k // 2] * 4, group=group)
+
+
+def test_concat_keeps_inputs_apart_and_offsets_consumers(tmp_path):
+    inits = {}
+    nodes = [conv("a", "input", 3, 4, inits), conv("b", "input", 3, 6, inits),
+             helper.make_node("Relu", ["a"], ["ra"]), helper.make_node("Relu", ["b"], ["rb"]),
+             helper.make_node("Concat", ["ra", "rb"], ["cat"], axis=1), conv("output", "cat", 10, 2, inits)]
+    path = save(build(nodes, inits, [1, 3, 8, 8], [1, 2, 8, 8]), tmp_path)
+    foldable = sorted((g for g in groups_of(path) if g.foldable), key=lambda g: g.size)
+    assert [g.size for g in foldable] == [4, 6]
+    offsets = {g.size: [m.offset for m in g.members if m.tensor.name == "output.w"] for g in foldable}
+    assert offsets == {4: [0], 6: [4]}
+    assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_flatten_into_gemm_spans_hw_columns_and_reshape_constant_is_rewritten(tmp_path):
+    inits = {"fc.w": w(5, 4 * 3 * 3), "shape": np.array([1, 36], np.int64), "fc2.w": w(2, 5)}
+    nodes = [conv("c", "input", 2, 4, inits), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc.w"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["hr"]),
+             helper.make_node("Gemm", ["hr", "fc2.w"], ["output"], transB=1)]
+    path = save(build(nodes, inits, [1, 2, 3, 3], [1, 2]), tmp_path)
+    conv_group = next(g for g in groups_of(path) if g.size == 4)
+    fc = next(m for m in conv_group.members if m.tensor.name == "fc.w")
+    assert (fc.axis, fc.repeat) == (1, 9)
+    assert any(m.role == "extent" for m in conv_group.members)
+    assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_weights_in_constant_nodes_opset11(tmp_path):
+    """paddle2onnx style: weights are Constant nodes, not initializers."""
+    inits = {}
+    c1, c2 = conv("c1", "input", 3, 6, inits), conv("output", "r", 6, 2, inits)
+    consts = [helper.make_node("Constant", [], [k], value=numpy_helper.from_array(v, k)) for k, v in inits.items()]
+    nodes = consts + [c1, helper.make_node("Relu", ["c1"], ["r"]), c2]
+    path = save(build(nodes, {}, [1, 3, 8, 8], [1, 2, 8, 8], opset=11), tmp_path)
+    assert [g.size for g in groups_of(path) if g.foldable] == [6]
+    assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_transformer_style_matmul_mlp_with_bias_add_and_gelu(tmp_path):
+    inits = {"w1": w(8, 16), "b1": w(16), "w2": w(16, 8), "b2": w(8)}
+    nodes = [helper.make_node("MatMul", ["input", "w1"], ["h"]), helper.make_node("Add", ["h", "b1"], ["hb"]),
+             helper.make_node("Gelu", ["hb"], ["g"], domain=""),
+             helper.make_node("MatMul", ["g", "w2"], ["o"]), helper.make_node("Add", ["o", "b2"], ["output"])]
+    path = save(build(nodes, inits, [2, 5, 8], [2, 5, 8], opset=20), tmp_path)
+    assert [g.size for g in groups_of(path) if g.foldable] == [16]
+    assert_widen_and_fold_back(path, tmp_path)
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("grouped", "grouped convolution"),
+    ("softmax", "normalises across channels"),
+    ("unknown", "is not understood"),
+])
+def test_boundaries_freeze_with_a_reason_and_fold_stays_valid(case, reason, tmp_path):
+    inits = {}
+    first = conv("c1", "input", 4, 8, inits)
+    if case == "grouped":
+        mid = [conv("c2", "c1", 8, 8, inits, group=2)]
+    elif case == "softmax":
+        mid = [helper.make_node("Softmax", ["c1"], ["c2"], axis=1)]
+    else:
+        mid = [helper.make_node("LpNormalization", ["c1"], ["c2"], axis=1)]
+        reason = "normalises across channels"
+    nodes = [first] + mid + [helper.make_node("Relu", ["c2"], ["r"]), conv("output", "r", 8, 2, inits)]
+    path = save(build(nodes, inits, [1, 4, 6, 6], [1, 2, 6, 6]), tmp_path)
+    frozen = [g for g in groups_of(path) if g.size == 8]
+    assert frozen and all(not g.foldable for g in frozen)
+    assert any(reason in r for g in frozen for r in g.frozen)
+    result, _ = fold_file(path, str(tmp_path / "f.onnx"), ratio=0.5)
+    assert result.plans == []
+    np.testing.assert_allclose(run(str(tmp_path / "f.onnx"), feeds_for(path))[0], run(path, feeds_for(path))[0],
+                               atol=1e-5)
+
+
+def test_unknown_custom_op_freezes_its_groups(tmp_path):
+    inits = {}
+    nodes = [conv("c1", "input", 3, 6, inits), helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("MyOp", ["r"], ["m"], domain="com.example"), conv("output", "m", 6, 2, inits)]
+    model = build(nodes, inits, [1, 3, 6, 6], [1, 2, 6, 6])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    six = [g for g in groups_of(path) if g.size == 6]
+    assert six and not any(g.foldable for g in six)
+    assert any("MyOp" in r and "not understood" in r for g in six for r in g.frozen)
+
+
+def test_shared_initializer_couples_groups(tmp_path):
+    inits = {"shared.w": w(6, 3, 3, 3)}
+    nodes = [helper.make_node("Conv", ["input", "shared.w"], ["a"], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ra"]),
+             helper.make_node("Conv", ["input", "shared.w"], ["b"], pads=[1] * 4),
+             helper.make_node("Sigmoid", ["b"], ["sb"]),
+             helper.make_node("Concat", ["ra", "sb"], ["cat"], axis=1), conv("output", "cat", 12, 2, inits)]
+    path = save(build(nodes, inits, [1, 3, 6, 6], [1, 2, 6, 6]), tmp_path)
+    foldable = [g for g in groups_of(path) if g.foldable]
+    assert len(foldable) == 1 and foldable[0].size == 6
+    result, _ = fold_file(path, str(tmp_path / "f.onnx"), ratio=0.5)
+    assert len(result.plans) == 1
+    onnx.checker.check_model(str(tmp_path / "f.onnx"), full_check=True)
+    assert run(str(tmp_path / "f.onnx"), feeds_for(path))[0].shape == (1, 2, 6, 6)
+
+
+def test_resize_with_sizes_constant_is_rewritten(tmp_path):
+    inits = {"roi": np.zeros(0, np.float32), "scales": np.zeros(0, np.float32),
+             "sizes": np.array([1, 6, 8, 8], np.int64)}
+    nodes = [conv("c1", "input", 3, 6, inits), helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("Resize", ["r", "roi", "scales", "sizes"], ["up"], mode="nearest"),
+             conv("output", "up", 6, 2, inits)]
+    path = save(build(nodes, inits, [1, 3, 4, 4], [1, 2, 8, 8]), tmp_path)
+    assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_external_data_model_folds_to_external_data(tmp_path):
+    inits = {}
+    nodes = [conv("c1", "input", 3, 64, inits), helper.make_node("Relu", ["c1"], ["r"]),
+             conv("output", "r", 64, 16, inits)]
+    path = str(tmp_path / "ext.onnx")
+    onnx.save(build(nodes, inits, [1, 3, 6, 6], [1, 16, 6, 6]), path, save_as_external_data=True,
+              location="ext.onnx.data", size_threshold=0)
+    from onnxfold.cli.main import main
+    out = str(tmp_path / "out.onnx")
+    assert main([path, "-o", out, "-q"]) == 0
+    assert (tmp_path / "out.onnx.data").exists()
+    assert any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
+    assert run(out, feeds_for(path))[0].shape == (1, 16, 6, 6)
