@@ -24,18 +24,21 @@ def default_output(path: str) -> str:
 
 def fold(args: argparse.Namespace) -> int:
     """Load, fold, validate with onnxruntime, write atomically, and report."""
-    options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed)
+    options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed,
+                          method=args.method, prune_norm=args.prune_norm)
     options.check()
     output = args.output or default_output(args.input)
-    _check_paths(args.input, output, args.data)
+    _check_paths(args.input, output, args.data, args.calib)
     data = validate.read_npz(args.data) if args.data else None
+    calib_data = _read_calib(args)
     say = print
     with Step("loading", not args.quiet):
         loaded = load_model(args.input)
         dense_proto = onnx.load(args.input)
     with Step("folding", not args.quiet):
+        calib = _calibration_inputs(args, calib_data)
         progress = Progress("clustering group", not args.quiet)
-        result = fold_graph(loaded.graph, loaded.opset, options, progress)
+        result = fold_graph(loaded.graph, loaded.opset, options, progress, calib, args.input)
         progress.done()
     validation: dict = {}
     with Step("validating and writing", not args.quiet):
@@ -51,7 +54,27 @@ def fold(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_paths(src: str, out: str, data: str | None) -> None:
+def _read_calib(args):
+    if args.repair == "data" and not args.calib:
+        raise UserError("--repair data needs --calib FILE.npz (a few dozen representative inputs)")
+    return validate.read_npz(args.calib) if args.calib else None
+
+
+def _calibration_inputs(args, calib_data):
+    """Feeds for --repair data (from --calib) or dir (synthesised from the dense model's BN statistics)."""
+    if args.repair == "data":
+        return validate.match_inputs(calib_data[0], validate.session(args.input), args.calib)
+    if args.repair == "dir":
+        from onnxfold.dir import synthesize_inputs
+        size = (args.dir_size, args.dir_size) if args.dir_size else None
+        with Step("synthesising calibration inputs (Fold-DIR)", not args.quiet):
+            synth = synthesize_inputs(args.input, batch=args.dir_batch, iters=args.dir_iters, size=size,
+                                      seed=args.seed, progress=Progress("deep inversion step", not args.quiet))
+        return {validate.session(args.input).get_inputs()[0].name: synth.inputs}
+    return None
+
+
+def _check_paths(src: str, out: str, data: str | None, calib: str | None = None) -> None:
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise UserError(f"output {out} is the input file; onnxfold never overwrites its input (use -o)")
     out_dir = os.path.dirname(os.path.abspath(out))
@@ -59,8 +82,9 @@ def _check_paths(src: str, out: str, data: str | None) -> None:
         raise UserError(f"{out}: output directory '{out_dir}' does not exist")
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"{out}: cannot write into '{out_dir}'")
-    if data is not None and not os.path.isfile(data):
-        raise UserError(f"{data}: no such data file")
+    for path in (data, calib):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{path}: no such data file")
 
 
 def _validate(dense_path: str, folded_path: str, data_path: str | None, data, seed: int) -> dict:
@@ -87,7 +111,9 @@ def _print_report(args, output: str, result: FoldResult, dense: dict, folded: di
     say(f"onnxfold: {args.input} -> {output}")
     say(f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
         f"| ratio {args.ratio} | k-means on {result.backend} | fold time {result.seconds:.2f} s")
-    say(f"repair: {result.repair} ({result.repair_why})")
+    say(f"method: {args.method} | repair: {result.repair} ({result.repair_why})")
+    for note in result.notes:
+        say(f"  {note}")
     if not args.quiet:
         say(report.format_groups(report.group_rows(result)))
     if not folded_groups:

@@ -31,8 +31,18 @@ def fold_parser() -> argparse.ArgumentParser:
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching tensors/nodes whose name matches PATTERN (glob or substring); repeatable")
-    p.add_argument("--repair", choices=("auto", "ar", "none"), default="auto",
-                   help="variance repair after merging: ar (Fold-AR, needs BatchNorm statistics), none; auto picks ar when BN statistics exist")
+    p.add_argument("--method", choices=("fold", "prune"), default="fold",
+                   help="fold: cluster and merge channels (default); prune: keep the largest-norm channels (baseline)")
+    p.add_argument("--prune-norm", choices=("l1", "l2"), default="l2", help="channel score for --method prune")
+    p.add_argument("--repair", choices=("auto", "ar", "none", "data", "dir"), default="auto",
+                   help="repair after merging: ar (Fold-AR, data-free, needs BatchNorm statistics); data (REPAIR: "
+                        "reset statistics on --calib inputs); dir (data-free: inputs synthesised from BN statistics, "
+                        "then REPAIR; needs torch); none. auto picks ar when BN statistics exist")
+    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for --repair data (a few dozen samples)")
+    p.add_argument("--dir-batch", type=int, default=32, metavar="N", help="synthetic samples for --repair dir")
+    p.add_argument("--dir-iters", type=int, default=200, metavar="N", help="optimisation steps for --repair dir")
+    p.add_argument("--dir-size", type=int, default=None, metavar="PIXELS",
+                   help="input height/width for --repair dir when the model's are symbolic")
     p.add_argument("--backend", choices=("auto", "numpy", "torch", "cupy"), default="auto",
                    help="k-means backend; auto uses a GPU only when one really works")
     p.add_argument("--seed", type=int, default=0, help="seed for k-means and random validation inputs")

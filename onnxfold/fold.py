@@ -16,8 +16,13 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover
-from .merge import FoldPlan, apply_plans, canonical_labels, group_features, sync_depthwise_groups
+from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
+                    sync_depthwise_groups)
 from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
+from .repair_data import repair_with_data
+
+
+REPAIRS = ("auto", "ar", "none", "data", "dir")
 
 
 @dataclass
@@ -31,6 +36,8 @@ class FoldOptions:
     backend: str = "auto"
     seed: int = 0
     n_init: int = 3
+    method: str = "fold"      # fold (k-means + merge) or prune (keep the largest-norm channels)
+    prune_norm: str = "l2"
 
     def check(self) -> None:
         """Raise UserError for values outside their range."""
@@ -38,8 +45,12 @@ class FoldOptions:
             raise UserError(f"--ratio {self.ratio} is outside [0, 1): it is the fraction of channels removed")
         if self.multiple_of < 1:
             raise UserError(f"--multiple-of {self.multiple_of} must be a positive integer")
-        if self.repair not in ("auto", "ar", "none"):
-            raise UserError(f"--repair {self.repair} is not one of auto, ar, none")
+        if self.repair not in REPAIRS:
+            raise UserError(f"--repair {self.repair} is not one of {', '.join(REPAIRS)}")
+        if self.method not in ("fold", "prune"):
+            raise UserError(f"--method {self.method} is not one of fold, prune")
+        if self.prune_norm not in ("l1", "l2"):
+            raise UserError(f"--prune-norm {self.prune_norm} is not one of l1, l2")
 
 
 @dataclass
@@ -67,12 +78,17 @@ def clusters_for(n: int, ratio: float, multiple_of: int = 1) -> int:
     return min(n, k)
 
 
-def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None) -> FoldResult:
-    """Fold `graph` in place according to `options`; returns what was done."""
+def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
+               calib: dict[str, np.ndarray] | None = None, dense_path: str | None = None) -> FoldResult:
+    """Fold `graph` in place according to `options`; returns what was done.
+
+    `calib` (input name -> (N, ...) arrays) and `dense_path` (the unfolded model) are needed for
+    --repair data and dir (dir passes inputs synthesised from the dense model).
+    """
     options.check()
     start = time.perf_counter()
     backend = resolve_backend(options.backend)
-    repair, why = choose_repair(options.repair, graph)
+    repair, why = choose_repair(options.repair, graph, options.method)
     if repair == "ar" and options.ratio > 0:
         standardize_bn_producers(graph)
     groups = discover(graph, opset)
@@ -88,7 +104,13 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None)
     apply_plans(plans)
     sync_depthwise_groups(graph)
     forget_shapes(graph)
-    return FoldResult(groups, plans, repair, why, backend, time.perf_counter() - start)
+    result = FoldResult(groups, plans, repair, why, backend)
+    if repair in ("data", "dir") and plans:
+        if calib is None or dense_path is None:
+            raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")
+        result.notes.append(repair_with_data(graph, plans, calib, dense_path))
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def plan_group(group: Group, options: FoldOptions, repair: str, backend: str) -> FoldPlan | None:
@@ -97,6 +119,8 @@ def plan_group(group: Group, options: FoldOptions, repair: str, backend: str) ->
     if k >= group.size:
         return None
     features = group_features(group)
+    if options.method == "prune":
+        return FoldPlan(group, prune_labels(features, k, options.prune_norm), k)
     result = kmeans(features, k, seed=options.seed, n_init=options.n_init, backend=backend)
     labels, k = canonical_labels(np.asarray(result.labels))
     scale = ar_gamma_scale(features, labels, k) if repair == "ar" and group.has_bn() else None

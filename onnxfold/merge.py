@@ -19,7 +19,8 @@ FEATURE_TAGS_SKIPPED = ("bn_mean", "bn_var")
 
 @dataclass
 class FoldPlan:
-    """How one group folds: labels (n,) in [0, k) with every cluster used; gamma_scale (k,) or None."""
+    """How one group folds: labels (n,) in [0, k) with every cluster used, or -1 for a channel dropped
+    (pruning); gamma_scale (k,) or None."""
 
     group: Group
     labels: np.ndarray
@@ -28,7 +29,7 @@ class FoldPlan:
 
     @property
     def counts(self) -> np.ndarray:
-        return np.bincount(self.labels, minlength=self.k)
+        return np.bincount(self.labels[self.labels >= 0], minlength=self.k)
 
 
 def canonical_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
@@ -36,6 +37,17 @@ def canonical_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first))
     return order[inverse].astype(np.int64), len(first)
+
+
+def prune_labels(features: np.ndarray, k: int, norm: str = "l2") -> np.ndarray:
+    """Magnitude pruning as a plan: keep the k channels whose feature rows (n, d) have the largest L1/L2
+    norm (labels 0..k-1 in channel order), drop the rest (label -1)."""
+    order = 1 if norm == "l1" else 2
+    scores = np.linalg.norm(features.astype(np.float64), ord=order, axis=1)
+    keep = np.sort(np.argsort(-scores, kind="stable")[:k])
+    labels = np.full(len(features), -1, np.int64)
+    labels[keep] = np.arange(k)
+    return labels
 
 
 def channel_block(values: np.ndarray, m: Member, n: int) -> np.ndarray:
@@ -94,14 +106,20 @@ def _merge_slice(values: np.ndarray, m: Member, plan: FoldPlan) -> np.ndarray:
 
 
 def cluster_reduce(rows: np.ndarray, labels: np.ndarray, k: int, mean: bool) -> np.ndarray:
-    """Sum (or mean) of rows (n, d) per cluster -> (k, d), in O(n d)."""
-    order = np.argsort(labels, kind="stable")
+    """Sum (or mean) of rows (n, d) per cluster -> (k, d), in O(n d); rows labelled -1 are dropped."""
+    if np.any(labels < 0):
+        rows, labels = rows[labels >= 0], labels[labels >= 0]
     counts = np.bincount(labels, minlength=k)
+    if np.all(counts == 1):
+        out = np.empty((k, rows.shape[1]), np.float32)
+        out[labels] = rows
+        return out
+    order = np.argsort(labels, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    summed = np.add.reduceat(rows[order].astype(np.float64), starts, axis=0)
+    summed = np.add.reduceat(np.asarray(rows, np.float32)[order], starts, axis=0)
     if mean:
-        summed /= counts[:, None]
-    return summed.astype(np.float32)
+        summed /= counts[:, None].astype(np.float32)
+    return summed
 
 
 def sync_depthwise_groups(graph) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .errors import UserError
 from .groups import Group
 from .merge import cluster_reduce
 
@@ -21,11 +22,15 @@ def has_bn_statistics(graph: gs.Graph) -> bool:
     return any(n.op == "BatchNormalization" and _bn_constants(n) is not None for n in graph.nodes)
 
 
-def choose_repair(requested: str, graph: gs.Graph) -> tuple[str, str]:
-    """Resolve --repair auto|ar|none to (method, why) for the report."""
+def choose_repair(requested: str, graph: gs.Graph, method: str = "fold") -> tuple[str, str]:
+    """Resolve --repair auto|ar|none|data|dir to (method, why) for the report."""
     has_bn = has_bn_statistics(graph)
-    if requested == "none":
-        return "none", "requested with --repair none"
+    if requested in ("none", "data", "dir"):
+        return requested, f"requested with --repair {requested}"
+    if method == "prune":
+        if requested == "ar":
+            raise UserError("--repair ar applies to folding (merged channels); pruning keeps channels as they are")
+        return "none", "pruning keeps the surviving channels unchanged: no data-free repair applies"
     if requested == "ar" and not has_bn:
         return "none", "--repair ar asked, but the graph has no BatchNormalization statistics (BN fused by the exporter?)"
     if requested == "ar":
@@ -90,8 +95,9 @@ def _scale(tensor: gs.Constant, factor: np.ndarray) -> None:
 
 def ar_gamma_scale(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Per-cluster BN-scale factors (k,) from features (n, d): sqrt(n_c / (1 + (n_c - 1) * rho_c))."""
+    features = np.asarray(features, np.float32)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
-    unit = np.divide(features, norms, out=np.zeros_like(features, dtype=np.float64), where=norms > 0)
+    unit = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     sums = cluster_reduce(unit, labels, k, mean=False).astype(np.float64)
     pair_sum = np.square(sums).sum(axis=1) - counts
