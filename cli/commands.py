@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import onnx
 
@@ -156,3 +157,68 @@ def _group_json(g) -> dict:
     return {"channels": g.size, "foldable": g.foldable, "frozen_reasons": g.frozen, "tensors": g.tensors,
             "members": [{"tensor": m.tensor.name, "axis": m.axis, "role": m.role, "offset": m.offset,
                          "repeat": m.repeat, "tag": m.tag} for m in g.members]}
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Run every method at every ratio; print the table; write CSV, JSON and the PNG figure."""
+    from onnxfold import sweep as sw
+
+    ratios = _ratio_list(args.ratios)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in sw.METHODS]
+    if unknown:
+        raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(sw.METHODS)}")
+    _check_paths(args.input, args.input + ".sweep-check", args.data, args.calib)
+    load_model(args.input)
+    dense = validate.session(args.input)
+    feeds_data, labels = validate.read_npz(args.data)
+    feeds = validate.match_inputs(feeds_data, dense, args.data)
+    calib = validate.match_inputs(validate.read_npz(args.calib)[0], dense, args.calib) if args.calib else None
+    if calib is None:
+        methods = [m for m in methods if m != "fold+data"] if "fold+data" in methods and _say_skip("fold+data", "no --calib") else methods
+    synth = _synthetic(args, dense) if "fold+dir" in methods else None
+    if "fold+dir" in methods and synth is None:
+        methods.remove("fold+dir")
+    progress = Progress("sweep run", True, delay=0.0)
+    rows = sw.run_sweep(args.input, feeds, labels, ratios, methods, calib, synth, progress, seed=args.seed)
+    progress.done()
+    print(sw.format_rows(rows))
+    prefix = args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"
+    sw.write_csv(prefix + ".csv", rows)
+    sw.write_json(prefix + ".json", rows)
+    written = [prefix + ".csv", prefix + ".json"]
+    if not args.no_plot:
+        sw.plot(prefix + ".png", rows, os.path.basename(args.input))
+        written.append(prefix + ".png")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
+def _ratio_list(text: str) -> list[float]:
+    try:
+        ratios = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise UserError(f"--ratios {text!r} is not a comma-separated list of numbers") from None
+    bad = [r for r in ratios if not 0.0 <= r < 1.0]
+    if not ratios or bad:
+        raise UserError(f"--ratios {text!r}: every ratio must be in [0, 1)")
+    return ratios
+
+
+def _say_skip(method: str, why: str) -> bool:
+    print(f"skipping {method}: {why}", file=sys.stderr)
+    return True
+
+
+def _synthetic(args, dense):
+    """Fold-DIR inputs synthesised once from the dense model (None, with a note, when DIR cannot run)."""
+    try:
+        from onnxfold.dir import synthesize_inputs
+        size = (args.dir_size, args.dir_size) if args.dir_size else None
+        with Step("synthesising calibration inputs (Fold-DIR)"):
+            synth = synthesize_inputs(args.input, batch=args.dir_batch, iters=args.dir_iters, size=size,
+                                      seed=args.seed)
+    except UserError as e:
+        _say_skip("fold+dir", str(e))
+        return None
+    return {dense.get_inputs()[0].name: synth.inputs}

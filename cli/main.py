@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 def fold_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxfold", description="Fold an ONNX model: cluster similar channels and merge them, "
                 "data-free. Writes INPUT.folded.onnx and prints a before/after report. "
-                "Also: `onnxfold inspect INPUT.onnx` lists the channel groups found.")
+                "Also: `onnxfold inspect INPUT.onnx` lists the channel groups found; `onnxfold sweep INPUT.onnx --data "
+                "test.npz` compares methods across ratios.")
     p.add_argument("input", help="the .onnx model to fold (never modified)")
     p.add_argument("-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per group, in [0, 1) (default 0.5)")
@@ -63,6 +64,26 @@ def inspect_parser() -> argparse.ArgumentParser:
     return p
 
 
+def sweep_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxfold sweep", description="Accuracy against parameter sparsity for every method "
+                "(fold+none, fold+ar, fold+dir, fold+data, prune) at every ratio; writes CSV, JSON and a PNG.")
+    p.add_argument("input", help="the .onnx model")
+    p.add_argument("--data", required=True, metavar="FILE.npz", help="evaluation inputs and optional 'labels'")
+    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for fold+data (skipped without)")
+    p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated channel ratios")
+    p.add_argument("--methods", default="fold+none,fold+ar,fold+dir,fold+data,prune",
+                   help="comma-separated subset of fold+none, fold+ar, fold+dir, fold+data, prune")
+    p.add_argument("-o", "--output", metavar="PREFIX", help="writes PREFIX.csv, PREFIX.json, PREFIX.png "
+                   "(default: INPUT.sweep)")
+    p.add_argument("--dir-batch", type=int, default=32, metavar="N", help="synthetic samples for fold+dir")
+    p.add_argument("--dir-iters", type=int, default=200, metavar="N", help="optimisation steps for fold+dir")
+    p.add_argument("--dir-size", type=int, default=None, metavar="PIXELS", help="input size for fold+dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "inspect":
             return commands.inspect(inspect_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "sweep":
+            return commands.sweep(sweep_parser().parse_args(argv[1:]))
         if argv and argv[0] == "fold" and not os.path.exists("fold"):
             argv = argv[1:]
         return commands.fold(fold_parser().parse_args(argv))

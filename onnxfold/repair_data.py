@@ -33,7 +33,8 @@ class Producer:
 
 def repair_with_data(graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np.ndarray], dense_path: str) -> str:
     """Repair the folded `graph` on calibration `feeds`; returns a one-line note for the report."""
-    bns = [n for n in graph.nodes if n.op == "BatchNormalization" and _bn_constant(n)]
+    changed = _downstream_of_folds(graph, plans)
+    bns = [n for n in graph.nodes if n.op == "BatchNormalization" and _bn_constant(n) and id(n) in changed]
     if bns:
         waves = reset_bn_statistics(graph, bns, feeds)
         return f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over {_count(feeds)} samples"
@@ -41,6 +42,18 @@ def repair_with_data(graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np
     waves = match_producer_statistics(graph, producers, feeds, dense_path)
     return f"rescaled {len(producers)} merged producers to the dense statistics in {waves} passes " \
            f"over {_count(feeds)} samples"
+
+
+def _downstream_of_folds(graph: gs.Graph, plans: list[FoldPlan]) -> set[int]:
+    """ids of nodes that read a rewritten tensor or anything computed from one (their inputs changed)."""
+    rewritten = {id(m.tensor) for plan in plans for m in plan.group.members}
+    dirty: set[str] = set()
+    changed: set[int] = set()
+    for node in graph.nodes:
+        if any(id(t) in rewritten or t.name in dirty for t in node.inputs):
+            changed.add(id(node))
+            dirty.update(t.name for t in node.outputs)
+    return changed
 
 
 def _count(feeds) -> int:
