@@ -1,0 +1,460 @@
+"""k-means for channel folding: greedy k-means++ seeds, Lloyd passes, then batch Hartigan moves.
+
+One code path for every array backend (backends.array_module). Distances live only in blocks of
+clusters x points of p_ji = |c_j|^2 - 2 <c_j, x_i> (squared distance minus |x_i|^2), from one of:
+* _GramEngine, on G = x x^T (n, n) only: <c_j, x_i> = sum_{l in C_j} G_il / |C_j| and
+  |c_j|^2 = sum_{l,m in C_j} G_lm / |C_j|^2. A sweep costs O(n^2 + nk) whatever d: the exact
+  dimensionality reduction for d > n, and the cheaper engine for n > d too when k is a fair part of n.
+* _PointEngine, explicit centres and chunked float32 GEMMs against x (n, d): small k or huge n.
+Per point, _State caches the own, nearest and best-Hartigan-target distances; after a few moves only
+the changed clusters and the points whose cached choice they touch are recomputed. Random choices
+come from one numpy Generator on the host, so every backend picks the same seeds.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import array_module, resolve_backend
+
+_BLOCK_FLOATS = 1 << 22  # elements of one distance block (16 MiB of float32)
+_GRAM_MAX_BYTES = 1 << 30  # n x n float32 Gram matrix allowed up to n = 16384
+_GREEDY_MAX_K = 256  # point engine: greedy k-means++ up to this k, batched k-means++ above
+_BATCHED_ROUNDS = 32  # batched k-means++: one GEMM pass per round
+_ITERS_GUESS = 20  # sweeps per restart assumed by the engine cost model
+_MOVE_EPS = 1e-6  # a point moves only when that saves more than this x (|x_i|^2 + mean |x|^2)
+_FULL_SWEEP = 0.3  # recompute everything when more than this fraction of the clusters changed
+_HARTIGAN_BATCHES = 10  # at most this x max_iter Hartigan batches per restart
+_SUM_CACHE_MIN = 8  # member sums of clusters this big are cached and updated by the moves...
+_SUM_CACHE_AGE = 32  # ...and recomputed from scratch after this many updates
+
+
+@dataclass(frozen=True)
+class KMeansResult:
+    """labels (n,) int64 in [0, k), every cluster non-empty; centers (k, d) float32 numpy cluster
+    means; inertia: sum of squared distances of the points to their centers (float64 sum)."""
+
+    labels: np.ndarray
+    centers: np.ndarray
+    inertia: float
+
+
+def kmeans(x: np.ndarray, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 100,
+           tol: float = 1e-4, backend: str = "numpy") -> KMeansResult:
+    """Cluster the rows of x (n, d) into k groups; the best of n_init restarts.
+
+    Each restart: greedy k-means++ seeds, at most max_iter Lloyd passes (until no point moves or the
+    inertia drops by at most tol x the mean per-feature variance, sklearn's scale), then batch
+    Hartigan moves (single points moved when that lowers the inertia). Raises ValueError on bad input.
+    """
+    return _kmeans(x, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, backend=backend)
+
+
+def _kmeans(x, k, *, seed=0, n_init=3, max_iter=100, tol=1e-4, backend="numpy", engine="auto", refine=True):
+    """kmeans() with the internal knobs: engine ('auto', 'gram', 'points'), refine (Hartigan moves)."""
+    x = _validate(x, k, seed, n_init, max_iter, tol)
+    n = x.shape[0]
+    if k == n:
+        return KMeansResult(np.arange(n, dtype=np.int64), x.copy(), 0.0)
+    ops = array_module(resolve_backend(backend))
+    eng = (_GramEngine if engine == "gram" or engine == "auto" and _gram_pays(*x.shape, k) else _PointEngine)(ops, x)
+    if k == 1:
+        return _finish(eng, np.zeros(n, dtype=np.int64), 1)
+    rng = np.random.default_rng(seed)
+    results = [_finish(eng, _fit_once(eng, k, rng, max_iter, tol, refine), k) for _ in range(n_init)]
+    return min(results, key=lambda r: r.inertia)
+
+
+def _validate(x, k, seed, n_init, max_iter, tol) -> np.ndarray:
+    """The public edge: sklearn-style ValueErrors quoting the values; returns x as float32 (n, d)."""
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"x must be a real numeric array, got dtype {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"Expected 2D array, got {x.ndim}D array instead (shape={x.shape})")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"Found array with shape={x.shape}; at least 1 sample and 1 feature are required")
+    _check_int("n_clusters", k, 1)
+    if x.shape[0] < k:
+        raise ValueError(f"n_samples={x.shape[0]} should be >= n_clusters={k}.")
+    for name, value, low in (("n_init", n_init, 1), ("max_iter", max_iter, 1), ("seed", seed, 0)):
+        _check_int(name, value, low)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
+        raise ValueError(f"tol={tol!r} should be a finite number >= 0")
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x32).all():
+        raise ValueError("Input x contains NaN or infinity (or values too large for float32)")
+    return x32
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name}={value} should be >= {low}")
+
+
+def _gram_pays(n: int, d: int, k: int) -> bool:
+    """True when the n x n Gram fits and a rough flop count of the Gram engine is lower."""
+    trials = 2 + int(math.log(k))
+    gram = n * n * d / 2 + _ITERS_GUESS * (n * n + 4 * n * k) + 4 * k * trials * n
+    seeding = k * trials * n * d if k <= _GREEDY_MAX_K else n * k * d
+    return 4 * n * n <= _GRAM_MAX_BYTES and gram <= _ITERS_GUESS * n * k * d + seeding
+
+
+class _Grouping:
+    """A partition as point indices sorted by cluster (points labelled -1 left out): order, counts (k,)."""
+
+    def __init__(self, labels: np.ndarray, k: int):
+        self.order = np.argsort(labels, kind="stable")[np.count_nonzero(labels < 0) :]
+        self.counts = np.bincount(labels[labels >= 0], minlength=k)
+        self.offsets = np.concatenate(([0], np.cumsum(self.counts)))
+
+    def members(self, js: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Members of clusters js (m,) and the position in js of each member's cluster (m,)."""
+        lens = self.counts[js]
+        local = np.repeat(np.arange(len(js)), lens)
+        first = np.repeat(self.offsets[js] - np.concatenate(([0], np.cumsum(lens)[:-1])), lens)
+        return self.order[first + np.arange(len(local))], local
+
+
+class _Engine:
+    """Centred float32 data on the device and squared norms sq (n,), host copy sq_host (float64)."""
+
+    def __init__(self, ops, x: np.ndarray):
+        self.ops, (self.n, self.d) = ops, x.shape
+        self.mean = x.mean(axis=0, dtype=np.float64)
+        self.x = ops.asarray(x - self.mean.astype(np.float32))
+
+    def _set_norms(self, sq) -> None:
+        self.sq, self.sq_host = sq, np.maximum(_host64(self.ops, sq), 0.0)
+
+    def point_dists(self, idx: np.ndarray):
+        """Squared distances (m, n) from points idx (m,) to all points; exactly 0 at the points themselves."""
+        ops = self.ops
+        dots = self._dots(idx)
+        dots *= -2.0
+        dots += self.sq[None, :]
+        dots += self.sq[ops.index(idx)][:, None]
+        ops.clip_min(dots, 0.0)
+        dots[ops.index(np.arange(len(idx))), ops.index(idx)] = 0.0
+        return dots
+
+    def grouped_sum(self, rows_of, pts: np.ndarray, groups: np.ndarray, m: int, width: int):
+        """(m, width): row g sums rows_of(device index of pts[r]) over r with groups[r] == g (sorted)."""
+        acc = self.ops.zeros((m, width))
+        step = max(1, _BLOCK_FLOATS // width)
+        for a in range(0, len(pts), step):
+            self.ops.add_rows(acc, rows_of(self.ops.index(pts[a : a + step])), groups[a : a + step])
+        return acc
+
+    def member_sums(self, grp: _Grouping, js: np.ndarray, cache: dict):
+        """(len(js), width) sums of self.src rows (G or x) over the members of clusters js. Sums of big
+        clusters stay in cache['sums'], updated from the moves in cache['moved'] while those are known."""
+        sums, moved = cache["sums"], cache["moved"]
+        hit = np.array([moved is not None and sums.get(j, (0, _SUM_CACHE_AGE))[1] < _SUM_CACHE_AGE for j in js.tolist()], dtype=bool)
+        out, miss = self.ops.zeros((len(js), self.src.shape[1])), np.flatnonzero(~hit)
+        pts, local = grp.members(js[miss])
+        out[self.ops.index(miss)] = self.grouped_sum(lambda i: self.src[i], pts, local, len(miss), out.shape[1])
+        for t in np.flatnonzero(hit):
+            out[t] = sums[js[t]][0] + self._moved_sum(moved, js[t])
+        for t, j in enumerate(js.tolist()):
+            if grp.counts[j] >= _SUM_CACHE_MIN:
+                sums[j] = (self.ops.copy(out[t]), sums[j][1] + 1 if hit[t] else 0)
+            else:
+                sums.pop(j, None)
+        return out
+
+    def _moved_sum(self, moved: tuple, j: int):
+        """Sum of src rows of the points that moved into cluster j minus those of the points that left it."""
+        pts, old, new = moved
+        return self.src[self.ops.index(pts[new == j])].sum(0) - self.src[self.ops.index(pts[old == j])].sum(0)
+
+    def _scale(self, st, cnt: np.ndarray, cc: np.ndarray):
+        """st = sum of <x_l, x_i> over members -> p = |c|^2 - 2 <c, x_i>, in place."""
+        st *= self.ops.asarray(-2.0 / cnt)[:, None]
+        st += self.ops.asarray(cc)[:, None]
+        return st
+
+
+def _host64(ops, a) -> np.ndarray:
+    return ops.to_numpy(a).astype(np.float64)
+
+
+class _GramEngine(_Engine):
+    """Blocks from the Gram matrix G (n, n) of the centred data."""
+
+    def __init__(self, ops, x: np.ndarray):
+        super().__init__(ops, x)
+        self.g = self.src = self.x @ self.x.T
+        self._set_norms(ops.diagonal(self.g))
+
+    def _dots(self, idx):
+        return self.g[self.ops.index(idx)]
+
+    def refresh(self, grp: _Grouping, js: np.ndarray, cache: dict):
+        """p block (len(js), n) of clusters js against all points; updates cache['cc'][js]."""
+        pts, local = grp.members(js)
+        st = self.member_sums(grp, js, cache)
+        own = _host64(self.ops, st[self.ops.index(local), self.ops.index(pts)])
+        cnt = grp.counts[js].astype(np.float64)
+        cache["cc"][js] = np.bincount(local, weights=own, minlength=len(js)) / cnt**2
+        return self._scale(st, cnt, cache["cc"][js])
+
+    def against(self, grp: _Grouping, pts: np.ndarray, cache: dict):
+        """p block (k, len(pts)) of all clusters against points pts (cached |c|^2)."""
+        cols = self.ops.transposed(self.g[self.ops.index(pts)])  # G symmetric: rows are faster to gather
+        k = len(grp.counts)
+        st = self.grouped_sum(lambda i: cols[i], grp.order, np.repeat(np.arange(k), grp.counts), k, len(pts))
+        return self._scale(st, grp.counts.astype(np.float64), cache["cc"])
+
+
+class _PointEngine(_Engine):
+    """Blocks from explicit centres (cached, k x d) and chunked GEMMs against x (n, d)."""
+
+    def __init__(self, ops, x: np.ndarray):
+        super().__init__(ops, x)
+        self.src = self.x
+        self._set_norms(ops.row_sqnorms(self.x))
+
+    def _dots(self, idx):
+        return self.x[self.ops.index(idx)] @ self.x.T
+
+    def refresh(self, grp: _Grouping, js: np.ndarray, cache: dict):
+        """p block (len(js), n) of clusters js against all points; updates the cached centres js."""
+        ops = self.ops
+        c = self.member_sums(grp, js, cache)
+        c /= ops.asarray(grp.counts[js])[:, None]
+        if "c" not in cache:
+            cache["c"] = ops.zeros((len(grp.counts), self.d))
+        cache["c"][ops.index(js)] = c
+        cache["cc"][js] = _host64(ops, ops.row_sqnorms(c))
+        return self._scale(c @ self.x.T, np.full(len(js), 1.0), cache["cc"][js])
+
+    def against(self, grp: _Grouping, pts: np.ndarray, cache: dict):
+        """p block (k, len(pts)) of all clusters against points pts (cached centres)."""
+        return self._scale(cache["c"] @ self.x[self.ops.index(pts)].T, np.full(len(grp.counts), 1.0), cache["cc"])
+
+
+def _seed(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k distinct seed point indices (k,): greedy k-means++, batched for large k on the point engine."""
+    return _seed_batched(eng, k, rng) if isinstance(eng, _PointEngine) and k > _GREEDY_MAX_K else _seed_greedy(eng, k, rng)
+
+
+def _seed_greedy(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
+    """sklearn's greedy k-means++: 2 + ln k candidates drawn by D^2, keep the one lowering the potential most."""
+    ops, trials = eng.ops, 2 + int(math.log(k))
+    seeds, taken = np.empty(k, dtype=np.int64), np.zeros(eng.n, dtype=bool)
+    seeds[0] = rng.integers(eng.n)
+    taken[seeds[0]] = True
+    closest = eng.point_dists(seeds[:1])[0]
+    for c in range(1, k):
+        cand = _draw(rng, _host64(ops, closest), taken, trials)
+        mins = ops.minimum(eng.point_dists(cand), closest[None, :])
+        best = int(np.argmin(ops.to_numpy(ops.row_sums(mins))))
+        seeds[c], closest = cand[best], mins[best]
+        taken[seeds[c]] = True
+    return seeds
+
+
+def _draw(rng: np.random.Generator, weights: np.ndarray, taken: np.ndarray, m: int) -> np.ndarray:
+    """m indices drawn with probability proportional to weights (n,), or one untaken index if all are 0."""
+    cum = np.cumsum(weights)
+    if not cum[-1] > 0:
+        return np.array([rng.choice(np.flatnonzero(~taken))])
+    return np.minimum(np.searchsorted(cum, rng.random(m) * cum[-1], side="right"), len(weights) - 1)
+
+
+def _seed_batched(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ in _BATCHED_ROUNDS rounds: each draws ~k/rounds distinct points by D^2, one GEMM each."""
+    ops, per_round = eng.ops, -(-k // _BATCHED_ROUNDS)
+    seeds, taken = [np.array([rng.integers(eng.n)])], np.zeros(eng.n, dtype=bool)
+    taken[seeds[0]] = True
+    closest = eng.point_dists(seeds[0])[0]
+    for have in range(1, k, per_round):
+        new = _draw_distinct(rng, _host64(ops, closest), taken, min(per_round, k - have))
+        taken[new] = True
+        seeds.append(new)
+        closest = ops.minimum(closest, ops.argmin0(eng.point_dists(new))[0])
+    return np.concatenate(seeds)
+
+
+def _draw_distinct(rng: np.random.Generator, weights: np.ndarray, taken: np.ndarray, m: int) -> np.ndarray:
+    """m distinct untaken indices, by weights (n,) while positive weights last, then uniformly."""
+    pos = np.flatnonzero((weights > 0) & ~taken)
+    if len(pos) >= m:
+        return rng.choice(pos, size=m, replace=False, p=weights[pos] / weights[pos].sum())
+    rest = np.flatnonzero((weights <= 0) & ~taken)
+    return np.concatenate((pos, rng.choice(rest, size=m - len(pos), replace=False)))
+
+
+class _Best:
+    """Per point (n,): the cheapest candidate's cost v and cluster j, and a lower bound lb on the cost
+    of every other cluster; v <= lb means j is certainly the best."""
+
+    def __init__(self, n: int):
+        self.v, self.lb, self.j = np.full(n, np.inf), np.full(n, np.inf), np.zeros(n, dtype=np.int64)
+
+    def forget(self, pts) -> None:
+        self.v[pts], self.lb[pts] = np.inf, np.inf
+
+    def merge(self, pts: np.ndarray, m1: np.ndarray, j1: np.ndarray, m2: np.ndarray) -> None:
+        """Fold in a block's column minimum m1 (at cluster j1) and second minimum m2 (ties keep the old)."""
+        v, take = self.v[pts], m1 < self.v[pts]
+        self.lb[pts] = np.minimum(np.minimum(self.lb[pts], m2), np.where(take, v, m1))
+        self.v[pts], self.j[pts] = np.where(take, m1, v), np.where(take, j1, self.j[pts])
+
+
+class _State:
+    """A partition (labels (n,), -1 = unassigned) with per-point caches: own_d (n,), the distance to
+    the own centre; near, the nearest centre (Lloyd); hart, the cheapest Hartigan target j != own,
+    costing |C_j| / (|C_j| + 1) d(x_i, c_j)."""
+
+    def __init__(self, eng: _Engine, labels: np.ndarray, k: int):
+        self.eng, self.k, self.cache = eng, k, {"cc": np.zeros(k), "sums": {}, "moved": None}
+        self.lloyd = True  # keep `near` up to date (only Lloyd passes need it)
+        self._set_labels(labels)
+        self._sweep()
+
+    def _set_labels(self, labels: np.ndarray) -> None:
+        self.labels, self.grp = labels, _Grouping(labels, self.k)
+        self.counts = self.grp.counts
+
+    def _sweep(self) -> None:
+        """Recompute everything, block by block of clusters."""
+        self.cache["sums"], self.cache["moved"] = {}, None
+        self.own_d, self.near, self.hart = np.full(self.eng.n, np.inf), _Best(self.eng.n), _Best(self.eng.n)
+        self._refresh(np.arange(self.k))
+
+    def _refresh(self, js: np.ndarray) -> None:
+        step = max(1, _BLOCK_FLOATS // self.eng.n)
+        for a in range(0, len(js), step):
+            self._merge(self.eng.refresh(self.grp, js[a : a + step], self.cache), js[a : a + step], np.arange(self.eng.n))
+
+    def apply(self, labels: np.ndarray) -> None:
+        """Move to new labels. With few changed clusters, recompute their rows for all points, then all
+        clusters only for the points that moved or whose best choice is no longer certain."""
+        moved, old = labels != self.labels, self.labels
+        touched = np.concatenate((old[moved], labels[moved]))
+        changed = np.zeros(self.k, dtype=bool)
+        changed[touched[touched >= 0]] = True
+        self._set_labels(labels)
+        if changed.sum() > _FULL_SWEEP * self.k:
+            return self._sweep()
+        for best in (self.near, self.hart):
+            best.v[changed[best.j]] = np.inf
+        self.cache["moved"] = (np.flatnonzero(moved), old[moved], labels[moved])
+        self._refresh(np.flatnonzero(changed))
+        pts = np.flatnonzero(moved | (self.near.v > self.near.lb) & self.lloyd | (self.hart.v > self.hart.lb))
+        self.near.forget(pts)
+        self.hart.forget(pts)
+        for a in range(0, len(pts), max(1, _BLOCK_FLOATS // self.k)):
+            part = pts[a : a + max(1, _BLOCK_FLOATS // self.k)]
+            self._merge(self.eng.against(self.grp, part, self.cache), np.arange(self.k), part)
+
+    def _merge(self, p, js: np.ndarray, pts: np.ndarray) -> None:
+        """Fold block p (len(js), len(pts)) into the caches of points pts."""
+        ops, sq = self.eng.ops, self.eng.sq_host[pts]
+        pos = np.full(self.k, -1)
+        pos[js] = np.arange(len(js))
+        rows = pos[np.maximum(self.labels[pts], 0)]
+        own = np.flatnonzero((rows >= 0) & (self.labels[pts] >= 0))
+        r, c = ops.index(rows[own]), ops.index(own)
+        self.own_d[pts[own]] = np.maximum(_host64(ops, p[r, c]) + sq[own], 0.0)
+        if self.lloyd:
+            self.near.merge(pts, *_column_stats(ops, p, js, sq))
+        p += self.eng.sq[ops.index(pts)][None, :]
+        ops.clip_min(p, 0.0)
+        p *= ops.asarray(self.counts[js] / (self.counts[js] + 1.0))[:, None]
+        p[r, c] = np.inf
+        self.hart.merge(pts, *_column_stats(ops, p, js, 0.0))
+
+
+def _column_stats(ops, p, js: np.ndarray, add):
+    """Per column of p (m, c), on the host: minimum + add, its cluster js[row], second minimum + add."""
+    m1, r1 = ops.argmin0(p)
+    cols = ops.index(np.arange(p.shape[1]))
+    p[r1, cols] = np.inf
+    m2 = ops.min0(p)
+    p[r1, cols] = m1
+    return _host64(ops, m1) + add, js[ops.to_numpy(r1)], _host64(ops, m2) + add
+
+
+def _fit_once(eng: _Engine, k: int, rng: np.random.Generator, max_iter: int, tol: float, refine: bool):
+    """Labels (n,) of one restart: seeds, Lloyd passes, then Hartigan batches when refine."""
+    seeds = _seed(eng, k, rng)
+    labels = np.full(eng.n, -1, dtype=np.int64)
+    labels[seeds] = np.arange(k)
+    st = _State(eng, labels, k)
+    eps = _MOVE_EPS * (eng.sq_host + eng.sq_host.mean())
+    tol_abs = tol * eng.sq_host.sum() / (eng.n * eng.d)  # tol x mean per-feature variance
+    st.apply(_lloyd_step(st, eps))  # first pass: every point to its nearest seed
+    prev = np.inf
+    for _ in range(max_iter - 1):
+        sse, new = st.own_d.sum(), _lloyd_step(st, eps)
+        if np.array_equal(new, st.labels):
+            break
+        st.apply(new)
+        if prev - sse <= tol_abs:
+            break
+        prev = sse
+    st.lloyd = False
+    for _ in range(_HARTIGAN_BATCHES * max_iter if refine else 0):
+        new = _hartigan_step(st, eps)
+        if np.array_equal(new, st.labels):
+            break
+        st.apply(new)
+    return st.labels
+
+
+def _lloyd_step(st: _State, eps: np.ndarray) -> np.ndarray:
+    """Labels after moving every point to its nearest centre (when clearly closer), no cluster empty."""
+    moved = st.near.v < st.own_d - eps
+    labels = np.where(moved, st.near.j, st.labels)
+    return _fill_empty(labels, st.k, np.where(moved, st.near.v, st.own_d))
+
+
+def _fill_empty(labels: np.ndarray, k: int, dist: np.ndarray) -> np.ndarray:
+    """Give each empty cluster the point farthest from its centre among clusters with >= 2 points."""
+    counts = np.bincount(labels, minlength=k)
+    empty = list(np.flatnonzero(counts == 0))
+    for i in np.argsort(-dist, kind="stable") if empty else ():
+        if counts[labels[i]] > 1:
+            counts[labels[i]] -= 1
+            labels[i] = empty.pop()
+            if not empty:
+                break
+    return labels
+
+
+def _hartigan_step(st: _State, eps: np.ndarray) -> np.ndarray:
+    """Labels after the single-point moves that lower the inertia, best gain first, each cluster once.
+
+    Moving x_i from a to b changes the inertia by |b|/(|b|+1) d(x_i, c_b) - |a|/(|a|-1) d(x_i, c_a);
+    moves touching disjoint clusters add up exactly, so the batch lowers the inertia by their gains.
+    """
+    size = st.counts[st.labels]
+    gain = np.where(size > 1, size / np.maximum(size - 1.0, 1.0) * st.own_d - st.hart.v, -np.inf)
+    cand = np.flatnonzero(gain > eps)
+    touched, labels = np.zeros(st.k, dtype=bool), st.labels.copy()
+    for i in cand[np.argsort(-gain[cand], kind="stable")]:
+        a, b = labels[i], st.hart.j[i]
+        if not (touched[a] or touched[b]):
+            touched[a] = touched[b] = True
+            labels[i] = b
+    return labels
+
+
+def _finish(eng: _Engine, labels: np.ndarray, k: int) -> KMeansResult:
+    """Centres as cluster means of x and the inertia in the original space (float64 sum)."""
+    ops, grp = eng.ops, _Grouping(labels, k)
+    centers = eng.grouped_sum(lambda i: eng.x[i], grp.order, np.repeat(np.arange(k), grp.counts), k, eng.d)
+    centers /= ops.asarray(grp.counts)[:, None]
+    inertia, step = 0.0, max(1, _BLOCK_FLOATS // eng.d)
+    for a in range(0, eng.n, step):
+        inertia += ops.total(ops.row_sqnorms(eng.x[a : a + step] - centers[ops.index(labels[a : a + step])]))
+    out = (_host64(ops, centers) + eng.mean).astype(np.float32)
+    return KMeansResult(labels.astype(np.int64), out, float(inertia))
