@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from onnxfold.errors import UserError
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    """Console-script entry: exits with main()'s code; a closed pipe (`| head`) ends quietly."""
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
 
 

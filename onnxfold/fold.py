@@ -89,8 +89,7 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     start = time.perf_counter()
     backend = resolve_backend(options.backend)
     repair, why = choose_repair(options.repair, graph, options.method)
-    if repair == "ar" and options.ratio > 0:
-        standardize_bn_producers(graph)
+    standardized = standardize_bn_producers(graph) if repair == "ar" and options.ratio > 0 else set()
     groups = discover(graph, opset)
     apply_excludes(groups, list(options.exclude))
     todo = [g for g in groups if g.foldable]
@@ -98,7 +97,7 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     for i, group in enumerate(todo):
         if progress:
             progress(i, len(todo), group.describe())
-        plan = plan_group(group, options, repair, backend)
+        plan = plan_group(group, options, repair, backend, standardized)
         if plan is not None:
             plans.append(plan)
     apply_plans(plans)
@@ -113,8 +112,10 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     return result
 
 
-def plan_group(group: Group, options: FoldOptions, repair: str, backend: str) -> FoldPlan | None:
-    """Cluster one group's channels; None when nothing would be removed."""
+def plan_group(group: Group, options: FoldOptions, repair: str, backend: str,
+               standardized: set[int] = frozenset()) -> FoldPlan | None:
+    """Cluster one group's channels; None when nothing would be removed. `standardized`: ids of BN scale
+    tensors whose producer Fold-AR standardised (they get the AR factor)."""
     k = clusters_for(group.size, options.ratio, options.multiple_of)
     if k >= group.size:
         return None
@@ -123,8 +124,9 @@ def plan_group(group: Group, options: FoldOptions, repair: str, backend: str) ->
         return FoldPlan(group, prune_labels(features, k, options.prune_norm), k)
     result = kmeans(features, k, seed=options.seed, n_init=options.n_init, backend=backend)
     labels, k = canonical_labels(np.asarray(result.labels))
-    scale = ar_gamma_scale(features, labels, k) if repair == "ar" and group.has_bn() else None
-    return FoldPlan(group, labels, k, scale)
+    gammas = frozenset(id(m.tensor) for m in group.members if m.tag == "bn_scale" and id(m.tensor) in standardized)
+    scale = ar_gamma_scale(features, labels, k) if repair == "ar" and gammas else None
+    return FoldPlan(group, labels, k, scale, gammas)
 
 
 def forget_shapes(graph: gs.Graph) -> None:

@@ -16,6 +16,8 @@ from .layout import EXTENT, Layout, Member, Part
 
 # Ops whose outputs carry no channel data (metadata about a tensor, not its values).
 METADATA_OPS = {"Shape", "Size"}
+# Ops whose value depends only on some inputs (CastLike's second input gives just the element type).
+DATA_INPUTS = {"CastLike": 1}
 
 
 @dataclass
@@ -233,6 +235,7 @@ def _dynamic_tensors(graph: gs.Graph) -> set[str]:
     for node in graph.nodes:
         if node.op in METADATA_OPS:
             continue
-        if any(t.name in dynamic for t in node.inputs if t is not None):
+        inputs = node.inputs[:DATA_INPUTS.get(node.op, len(node.inputs))]
+        if any(t.name in dynamic for t in inputs if t is not None):
             dynamic.update(t.name for t in node.outputs)
     return dynamic

@@ -44,6 +44,7 @@ def load_model(path: str) -> LoadedModel:
         raise UserError(f"{path}: opset {opset} is older than {MIN_OPSET}; upgrade it with onnx.version_converter")
     graph = gs.import_onnx(_with_inferred_shapes(proto))
     constants_from_nodes(graph)
+    fold_constant_subgraphs(graph)
     unshare_small_constants(graph)
     graph.toposort()
     return LoadedModel(graph, path, _size_with_data(path, proto), external, opset)
@@ -172,6 +173,20 @@ def _with_inferred_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception:  # noqa: BLE001 - a model onnx cannot infer is still foldable where shapes are known
         return proto
+
+
+def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
+    """Evaluate small subgraphs that depend on constants only (e.g. Pad widths computed by legacy exports).
+
+    Shape ops are left alone (fold_shapes=False): a shape computed at run time follows folded channels.
+    """
+    if not any(n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs) for n in graph.nodes):
+        return
+    try:
+        graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=max_bytes).cleanup(
+            remove_unused_graph_inputs=False)
+    except Exception:  # noqa: BLE001 - folding is an optimisation; the graph stays as it was
+        return
 
 
 def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:

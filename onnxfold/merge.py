@@ -26,6 +26,7 @@ class FoldPlan:
     labels: np.ndarray
     k: int
     gamma_scale: np.ndarray | None = None
+    gamma_ids: frozenset = frozenset()  # ids of the BN scale tensors gamma_scale applies to
 
     @property
     def counts(self) -> np.ndarray:
@@ -98,7 +99,7 @@ def _merge_slice(values: np.ndarray, m: Member, plan: FoldPlan) -> np.ndarray:
     moved = np.moveaxis(values, m.axis, 0)
     block = moved[m.offset:m.offset + n * m.repeat]
     merged = cluster_reduce(block.reshape(n, -1), plan.labels, plan.k, mean=m.role == MEAN)
-    if m.tag == "bn_scale" and plan.gamma_scale is not None:
+    if plan.gamma_scale is not None and id(m.tensor) in plan.gamma_ids:
         merged *= plan.gamma_scale[:, None].astype(merged.dtype)
     merged = merged.reshape((plan.k * m.repeat,) + block.shape[1:])
     joined = np.concatenate([moved[:m.offset], merged, moved[m.offset + n * m.repeat:]], axis=0)

@@ -40,14 +40,18 @@ def choose_repair(requested: str, graph: gs.Graph, method: str = "fold") -> tupl
     return "none", "no BatchNormalization statistics in the graph (BN fused by the exporter?): no data-free repair applies"
 
 
-def standardize_bn_producers(graph: gs.Graph) -> int:
-    """Fold each BN's normalisation into its sole producer (Conv/ConvTranspose, group 1). Returns the count."""
-    done = 0
+def standardize_bn_producers(graph: gs.Graph) -> set[int]:
+    """Fold each BN's normalisation into its sole producer (Conv/ConvTranspose, group 1).
+
+    Returns the ids of those BNs' scale tensors: only they get the Fold-AR factor (a BN after a depthwise
+    conv of already repaired channels must not be scaled twice).
+    """
+    done = set()
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         producer = _sole_producer(bn)
         if producer is not None and _bn_constants(bn) is not None:
             _standardize(graph, producer, bn)
-            done += 1
+            done.add(id(bn.inputs[1]))
     return done
 
 

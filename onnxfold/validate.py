@@ -47,6 +47,8 @@ def session(path: str) -> ort.InferenceSession:
     """An onnxruntime CPU session with default (full) graph optimisations; same options for every model."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # No busy-waiting thread pools: two interleaved sessions would otherwise steal each other's cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 

@@ -21,13 +21,26 @@ BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "PRelu
 def unary(node: gs.Node, d: Discovery) -> None:
     """Channels pass through; extra inputs (Clip bounds, Dropout ratio) must be scalars."""
     for extra in node.inputs[1:]:
-        val = const_value(extra)
-        if extra is not None and extra.name and (val is None or val.size != 1):
-            return freeze_all(node, d, f"{where(node)} has a non-scalar parameter")
+        if extra is not None and extra.name and not _scalar_constant(extra):
+            return freeze_all(node, d, f"{where(node)} has a parameter that is not a constant scalar")
     for extra_out in node.outputs[1:]:
         if extra_out.outputs:
             return freeze_all(node, d, f"{where(node)} uses its secondary output")
     pass_through(node, d, d.layout(node.inputs[0]))
+
+
+def cast_like(node: gs.Node, d: Discovery) -> None:
+    """CastLike(x, like): x's channels pass through; `like` only gives the element type."""
+    pass_through(node, d, d.layout(node.inputs[0]))
+
+
+def _scalar_constant(t: gs.Tensor) -> bool:
+    """A constant scalar, possibly cast (CastLike(c, x) / Cast(c), as dynamo exports write Clip bounds)."""
+    val = const_value(t)
+    if val is not None:
+        return val.size == 1
+    producer = t.inputs[0] if t.inputs else None
+    return producer is not None and producer.op in ("Cast", "CastLike") and _scalar_constant(producer.inputs[0])
 
 
 def binary(node: gs.Node, d: Discovery) -> None:
@@ -83,4 +96,4 @@ def _constant_follows(node, d: Discovery, t: gs.Tensor, out: Layout) -> bool:
     return False
 
 
-RULES = {**{op: unary for op in UNARY}, **{op: binary for op in BINARY}}
+RULES = {**{op: unary for op in UNARY}, **{op: binary for op in BINARY}, "CastLike": cast_like}

@@ -59,9 +59,10 @@ def _dense_producer(node, d: Discovery, lx, w: gs.Constant, bias, in_axis: int, 
 
 
 def _depthwise(node, d: Discovery, lx, w, bias) -> None:
-    if lx is None:
+    if lx is None:  # the input's channels cannot be followed, so neither can this per-channel filter's
         wv = const_value(w)
         lx = d.produce(node.outputs[0], wv.shape[0], 1, out_rank(node, wv.ndim))
+        d.freeze(lx, f"{where(node)} is depthwise over channels that cannot be followed (graph input or boundary)")
     else:
         pass_through(node, d, lx)
     d.add_members(lx, w, 0, MEAN)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import onnx_graphsurgeon as gs
 
 from onnxfold.layout import EXTENT, Layout
@@ -133,7 +135,64 @@ def _reshape_dims(node: gs.Node) -> list | None:
         if not _is_known(val) and const is not None and const[i] > 0:
             val = int(const[i])
         dims.append(val)
+    if not all(_is_known(v) for v in dims):
+        dims = _resolve_runtime_target(node, dims)
     return dims
+
+
+def _resolve_runtime_target(node: gs.Node, dims: list) -> list:
+    """Fill unknown dims of a target computed at run time as Concat(Gather(Shape(x), i)..., constants),
+    as torch writes x.view(x.size(0), -1): leading copies of the input's dims, then static sizes and one -1."""
+    entries = _target_entries(node)
+    x = node.inputs[0]
+    if entries is None or len(entries) != len(dims) or x.shape is None:
+        return dims
+    copies = 0
+    while copies < len(entries) and entries[copies] == ("copy", copies):
+        copies += 1
+    rest = entries[copies:]
+    tail = _static_product(x, copies, len(x.shape))
+    if tail is None or not all(isinstance(e, int) for e in rest) or sum(e == -1 for e in rest) > 1:
+        return dims
+    known = 1
+    for e in rest:
+        known *= e if e != -1 else 1
+    if known <= 0 or tail % known:
+        return dims
+    resolved = [tail // known if e == -1 else e for e in rest]
+    return list(dims[:copies]) + resolved
+
+
+def _target_entries(node: gs.Node) -> list | None:
+    """Entries of a Concat-built shape: ints for constants, ("copy", i) for the data input's dim i."""
+    target = node.inputs[1]
+    cat = target.inputs[0] if target.inputs else None
+    if cat is None or cat.op != "Concat":
+        return None
+    entries: list = []
+    for piece in cat.inputs:
+        val = const_value(piece)
+        if val is not None:
+            entries += [int(v) for v in np.atleast_1d(val)]
+        else:
+            entries.append(_copied_dim(piece, node.inputs[0], len(entries)))
+    return entries
+
+
+def _copied_dim(piece: gs.Tensor, x: gs.Tensor, position: int):
+    """("copy", position) if piece is Unsqueeze(Gather(Shape(t), position)) with t's dim equal to x's."""
+    node = piece.inputs[0] if piece.inputs else None
+    while node is not None and node.op in ("Unsqueeze", "Reshape", "Cast"):
+        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if node is None or node.op != "Gather" or not node.inputs[0].inputs:
+        return None
+    shape_node, idx = node.inputs[0].inputs[0], const_value(node.inputs[1])
+    if shape_node.op != "Shape" or idx is None or idx.size != 1 or int(idx) != position:
+        return None
+    src = shape_node.inputs[0]
+    same = src is x or (src.shape is not None and x.shape is not None and len(src.shape) > position
+                        and len(x.shape) > position and src.shape[position] == x.shape[position])
+    return ("copy", position) if same else None
 
 
 def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[int, int] | None:

@@ -187,3 +187,56 @@ def test_external_data_model_folds_to_external_data(tmp_path):
     assert (tmp_path / "out.onnx.data").exists()
     assert any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
     assert run(out, feeds_for(path))[0].shape == (1, 16, 6, 6)
+
+
+def _conv1x1(name, x, out, cin, cout, inits):
+    inits[name] = w(cout, cin, 1, 1)
+    return helper.make_node("Conv", [x, name], [out], name=name)
+
+
+def test_depthwise_on_graph_input_is_frozen_not_folded(tmp_path):
+    """Regression: a depthwise conv's channels are its input's; over a graph input they cannot fold."""
+    inits = {"dw": w(8, 1, 3, 3)}
+    nodes = [helper.make_node("Conv", ["input", "dw"], ["d"], group=8, pads=[1] * 4),
+             _conv1x1("pw", "d", "output", 8, 4, inits)]
+    path = save(build(nodes, inits, ["N", 8, 6, 6], ["N", 4, 6, 6]), tmp_path)
+    eight = [g for g in groups_of(path) if g.size == 8]
+    assert eight and not any(g.foldable for g in eight)
+    assert any("depthwise" in r for g in eight for r in g.frozen)
+
+
+def test_pad_widths_computed_from_constants_are_folded_at_load(tmp_path):
+    inits = {"lo": np.array([0, 0, 1, 1], np.int64), "hi": np.array([0, 0, 1, 1], np.int64), "dw": w(8, 1, 3, 3)}
+    nodes = [_conv1x1("pre", "input", "c", 8, 8, inits), helper.make_node("Concat", ["lo", "hi"], ["pads"], axis=0),
+             helper.make_node("Pad", ["c", "pads"], ["p"]),
+             helper.make_node("Conv", ["p", "dw"], ["d"], group=8), _conv1x1("pw", "d", "output", 8, 4, inits)]
+    path = save(build(nodes, inits, ["N", 8, 6, 6], ["N", 4, 6, 6]), tmp_path)
+    assert [g.size for g in groups_of(path) if g.foldable] == [8]
+    assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_view_flatten_with_runtime_shape_feeds_gemm(tmp_path):
+    """torch's x.view(x.size(0), -1): Reshape target = Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])."""
+    inits = {"zero": np.array(0, np.int64), "ax0": np.array([0], np.int64), "m1": np.array([-1], np.int64),
+             "fc": w(4, 8)}
+    nodes = [_conv1x1("pre", "input", "c", 8, 8, inits), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("GlobalAveragePool", ["r"], ["gap"]), helper.make_node("Shape", ["input"], ["s"]),
+             helper.make_node("Gather", ["s", "zero"], ["b"], axis=0),
+             helper.make_node("Unsqueeze", ["b", "ax0"], ["bu"]),
+             helper.make_node("Concat", ["bu", "m1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["gap", "target"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["output"], transB=1)]
+    path = save(build(nodes, inits, ["N", 8, 5, 5], ["N", 4]), tmp_path)
+    assert [g.size for g in groups_of(path) if g.foldable] == [8]
+    assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_clip_bounds_given_by_castlike_pass_channels(tmp_path):
+    """dynamo with optimize=False writes ReLU6 as Clip(x, CastLike(0, x), CastLike(6, x))."""
+    inits = {"lo": np.array(0.0, np.float64), "hi": np.array(6.0, np.float64)}
+    nodes = [_conv1x1("pre", "input", "c", 8, 8, inits), helper.make_node("CastLike", ["lo", "c"], ["lo_c"]),
+             helper.make_node("CastLike", ["hi", "c"], ["hi_c"]),
+             helper.make_node("Clip", ["c", "lo_c", "hi_c"], ["r"]), _conv1x1("pw", "r", "output", 8, 4, inits)]
+    path = save(build(nodes, inits, ["N", 8, 5, 5], ["N", 4, 5, 5]), tmp_path)
+    assert [g.size for g in groups_of(path) if g.foldable] == [8]
+    assert_widen_and_fold_back(path, tmp_path)
