@@ -190,9 +190,18 @@ def _copied_dim(piece: gs.Tensor, x: gs.Tensor, position: int):
     if shape_node.op != "Shape" or idx is None or idx.size != 1 or int(idx) != position:
         return None
     src = shape_node.inputs[0]
-    same = src is x or (src.shape is not None and x.shape is not None and len(src.shape) > position
-                        and len(x.shape) > position and src.shape[position] == x.shape[position])
-    return ("copy", position) if same else None
+    return ("copy", position) if src is x or _same_dim(src, x, position) else None
+
+
+def _same_dim(a: gs.Tensor, b: gs.Tensor, i: int) -> bool:
+    """Dim i of a and b is the same: equal entries, or both the symbolic batch dim (i == 0) with `a` a graph
+    input (torch's x.view(inputs.size(0), -1); shape inference often renames the batch symbol downstream)."""
+    if a.shape is None or b.shape is None or len(a.shape) <= i or len(b.shape) <= i:
+        return False
+    if a.shape[i] == b.shape[i]:
+        return True
+    symbolic = not isinstance(a.shape[i], int) and not isinstance(b.shape[i], int)
+    return i == 0 and symbolic and not a.inputs
 
 
 def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[int, int] | None:
