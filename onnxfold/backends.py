@@ -16,6 +16,7 @@ from .errors import UserError
 
 VALID_BACKENDS = ("auto", "numpy", "torch", "cupy")
 _RAGGED_MAX = 32  # numpy grouped row sums: groups larger than this are summed one by one
+_BLOCK_FLOATS = 1 << 22  # grouped sums gather at most this many elements at once
 
 
 class BackendUnavailable(UserError):
@@ -97,7 +98,8 @@ def _gpu_probe(lib: str) -> tuple[bool, str]:
     if not _installed(lib):
         return False, f"{lib} is not installed"
     try:
-        return (_probe_cupy() if lib == "cupy" else _probe_torch()), "no CUDA device"
+        ok = _probe_cupy() if lib == "cupy" else _probe_torch()
+        return ok, "" if ok else "no CUDA device"
     except Exception as e:  # driver / runtime errors come in many types
         return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
@@ -120,7 +122,32 @@ def _probe_torch() -> bool:
     return float((a @ a).item()) == 14.0
 
 
-class NumpyOps:
+class _Ops:
+    """Composite operations shared by every adapter, written with the adapter's own primitives."""
+
+    def host64(self, a) -> np.ndarray:
+        """Backend array -> float64 numpy copy."""
+        return self.to_numpy(a).astype(np.float64)
+
+    def two_smallest0(self, a):
+        """(m, n) -> host (smallest (n,) float64, its first row (n,), second smallest (n,) float64)."""
+        m1, r1 = self.argmin0(a)
+        cols = self.index(np.arange(a.shape[1]))
+        a[r1, cols] = np.inf
+        m2 = self.min0(a)
+        a[r1, cols] = m1
+        return self.host64(m1), self.to_numpy(r1), self.host64(m2)
+
+    def grouped_sum(self, src, pts: np.ndarray, groups: np.ndarray, m: int):
+        """(m, width): row g sums the rows pts (host) of src (., width) with groups == g (sorted)."""
+        acc = self.zeros((m, src.shape[1]))
+        step = max(1, _BLOCK_FLOATS // src.shape[1])
+        for a in range(0, len(pts), step):
+            self.add_rows(acc, self.rows(src, self.index(pts[a : a + step])), groups[a : a + step])
+        return acc
+
+
+class NumpyOps(_Ops):
     """Array operations on numpy arrays (the reference backend); CupyOps reuses them on CuPy."""
 
     name = "numpy"
@@ -144,6 +171,10 @@ class NumpyOps:
 
     def copy(self, a):
         return a.copy()
+
+    def rows(self, a, idx):
+        """a[idx] for a device index array idx (m,) -> (m, ...)."""
+        return a[idx]
 
     def row_sqnorms(self, a):
         """(m, d) -> (m,) squared row norms."""
@@ -206,7 +237,7 @@ class CupyOps(NumpyOps):
         cupyx.scatter_add(acc, self.index(groups), rows)
 
 
-class TorchOps:
+class TorchOps(_Ops):
     """The same array operations on torch tensors, on 'cuda' or 'cpu'."""
 
     name = "torch"
@@ -229,6 +260,9 @@ class TorchOps:
 
     def copy(self, a):
         return a.clone()
+
+    def rows(self, a, idx):
+        return a.index_select(0, idx)
 
     def row_sqnorms(self, a):
         return (a * a).sum(dim=1)

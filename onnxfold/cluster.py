@@ -1,14 +1,11 @@
 """k-means for channel folding: greedy k-means++ seeds, Lloyd passes, then batch Hartigan moves.
 
-One code path for every array backend (backends.array_module). Distances live only in blocks of
-clusters x points of p_ji = |c_j|^2 - 2 <c_j, x_i> (squared distance minus |x_i|^2), from one of:
-* _GramEngine, on G = x x^T (n, n) only: <c_j, x_i> = sum_{l in C_j} G_il / |C_j| and
-  |c_j|^2 = sum_{l,m in C_j} G_lm / |C_j|^2. A sweep costs O(n^2 + nk) whatever d: the exact
-  dimensionality reduction for d > n, and the cheaper engine for n > d too when k is a fair part of n.
-* _PointEngine, explicit centres and chunked float32 GEMMs against x (n, d): small k or huge n.
-Per point, _State caches the own, nearest and best-Hartigan-target distances; after a few moves only
-the changed clusters and the points whose cached choice they touch are recomputed. Random choices
-come from one numpy Generator on the host, so every backend picks the same seeds.
+Same code for every array backend. Distances live only in (clusters x points) blocks of
+p_ji = |c_j|^2 - 2 <c_j, x_i>, from _GramEngine (G = x x^T only: <c_j, x_i> = sum_{l in C_j} G_il / |C_j|,
+|c_j|^2 = sum_{l,m in C_j} G_lm / |C_j|^2; O(n^2 + nk) a sweep whatever d, the exact reduction for d > n)
+or _PointEngine (explicit centres, chunked GEMMs against x; small k or huge n). _State caches per point
+the own, nearest and best Hartigan target; after a few moves only the changed clusters and the points
+whose choice they touch are recomputed. Random choices come from one host numpy Generator.
 """
 from __future__ import annotations
 
@@ -46,9 +43,9 @@ def kmeans(x: np.ndarray, k: int, *, seed: int = 0, n_init: int = 3, max_iter: i
            tol: float = 1e-4, backend: str = "numpy") -> KMeansResult:
     """Cluster the rows of x (n, d) into k groups; the best of n_init restarts.
 
-    Each restart: greedy k-means++ seeds, at most max_iter Lloyd passes (until no point moves or the
-    inertia drops by at most tol x the mean per-feature variance, sklearn's scale), then batch
-    Hartigan moves (single points moved when that lowers the inertia). Raises ValueError on bad input.
+    Each restart: greedy k-means++ seeds, <= max_iter Lloyd passes (until no point moves or the inertia
+    drops by <= tol x mean per-feature variance), then batches of Hartigan single-point moves until none
+    lowers the inertia. ValueError on bad input; BackendUnavailable for a backend that cannot run here.
     """
     return _kmeans(x, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, backend=backend)
 
@@ -60,7 +57,8 @@ def _kmeans(x, k, *, seed=0, n_init=3, max_iter=100, tol=1e-4, backend="numpy", 
     if k == n:
         return KMeansResult(np.arange(n, dtype=np.int64), x.copy(), 0.0)
     ops = array_module(resolve_backend(backend))
-    eng = (_GramEngine if engine == "gram" or engine == "auto" and _gram_pays(*x.shape, k) else _PointEngine)(ops, x)
+    gram = engine == "gram" or engine == "auto" and _gram_pays(*x.shape, k)
+    eng = _GramEngine(ops, x) if gram else _PointEngine(ops, x)
     if k == 1:
         return _finish(eng, np.zeros(n, dtype=np.int64), 1)
     rng = np.random.default_rng(seed)
@@ -77,24 +75,19 @@ def _validate(x, k, seed, n_init, max_iter, tol) -> np.ndarray:
         raise ValueError(f"Expected 2D array, got {x.ndim}D array instead (shape={x.shape})")
     if x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"Found array with shape={x.shape}; at least 1 sample and 1 feature are required")
-    _check_int("n_clusters", k, 1)
+    for name, value, low in (("n_clusters", k, 1), ("n_init", n_init, 1), ("max_iter", max_iter, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+        if value < low:
+            raise ValueError(f"{name}={value} should be >= {low}")
     if x.shape[0] < k:
         raise ValueError(f"n_samples={x.shape[0]} should be >= n_clusters={k}.")
-    for name, value, low in (("n_init", n_init, 1), ("max_iter", max_iter, 1), ("seed", seed, 0)):
-        _check_int(name, value, low)
     if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < math.inf:
         raise ValueError(f"tol={tol!r} should be a finite number >= 0")
     x32 = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x32).all():
         raise ValueError("Input x contains NaN or infinity (or values too large for float32)")
     return x32
-
-
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}={value} should be >= {low}")
 
 
 def _gram_pays(n: int, d: int, k: int) -> bool:
@@ -122,45 +115,38 @@ class _Grouping:
 
 
 class _Engine:
-    """Centred float32 data on the device and squared norms sq (n,), host copy sq_host (float64)."""
+    """Centred float32 x (n, d) on the device, src (G or x) summed over members, sq (n,) = |x_i|^2."""
+
+    gram = False
 
     def __init__(self, ops, x: np.ndarray):
-        self.ops, (self.n, self.d) = ops, x.shape
+        self.ops, (self.n, self.d), gram = ops, x.shape, self.gram
         self.mean = x.mean(axis=0, dtype=np.float64)
         self.x = ops.asarray(x - self.mean.astype(np.float32))
-
-    def _set_norms(self, sq) -> None:
-        self.sq, self.sq_host = sq, np.maximum(_host64(self.ops, sq), 0.0)
+        self.src = self.x @ self.x.T if gram else self.x
+        self.sq = ops.diagonal(self.src) if gram else ops.row_sqnorms(self.x)
+        self.sq_host = np.maximum(ops.host64(self.sq), 0.0)
 
     def point_dists(self, idx: np.ndarray):
         """Squared distances (m, n) from points idx (m,) to all points; exactly 0 at the points themselves."""
-        ops = self.ops
-        dots = self._dots(idx)
+        ops, rows = self.ops, self.ops.index(idx)
+        dots = self._dots(rows)
         dots *= -2.0
         dots += self.sq[None, :]
-        dots += self.sq[ops.index(idx)][:, None]
+        dots += self.sq[rows][:, None]
         ops.clip_min(dots, 0.0)
-        dots[ops.index(np.arange(len(idx))), ops.index(idx)] = 0.0
+        dots[ops.index(np.arange(len(idx))), rows] = 0.0
         return dots
 
-    def grouped_sum(self, rows_of, pts: np.ndarray, groups: np.ndarray, m: int, width: int):
-        """(m, width): row g sums rows_of(device index of pts[r]) over r with groups[r] == g (sorted)."""
-        acc = self.ops.zeros((m, width))
-        step = max(1, _BLOCK_FLOATS // width)
-        for a in range(0, len(pts), step):
-            self.ops.add_rows(acc, rows_of(self.ops.index(pts[a : a + step])), groups[a : a + step])
-        return acc
-
     def member_sums(self, grp: _Grouping, js: np.ndarray, cache: dict):
-        """(len(js), width) sums of self.src rows (G or x) over the members of clusters js. Sums of big
-        clusters stay in cache['sums'], updated from the moves in cache['moved'] while those are known."""
+        """(len(js), width) src row sums over the members of clusters js (big ones cached, updated by moves)."""
         sums, moved = cache["sums"], cache["moved"]
-        hit = np.array([moved is not None and sums.get(j, (0, _SUM_CACHE_AGE))[1] < _SUM_CACHE_AGE for j in js.tolist()], dtype=bool)
+        hit = np.array([moved is not None and sums.get(j, (0, _SUM_CACHE_AGE))[1] < _SUM_CACHE_AGE
+                        for j in js.tolist()], dtype=bool)
         out, miss = self.ops.zeros((len(js), self.src.shape[1])), np.flatnonzero(~hit)
-        pts, local = grp.members(js[miss])
-        out[self.ops.index(miss)] = self.grouped_sum(lambda i: self.src[i], pts, local, len(miss), out.shape[1])
-        for t in np.flatnonzero(hit):
-            out[t] = sums[js[t]][0] + self._moved_sum(moved, js[t])
+        out[self.ops.index(miss)] = self.ops.grouped_sum(self.src, *grp.members(js[miss]), len(miss))
+        for t in np.flatnonzero(hit):  # moved = (points, old labels, new labels)
+            out[t] = sums[js[t]][0] + self._sum(moved[0][moved[2] == js[t]]) - self._sum(moved[0][moved[1] == js[t]])
         for t, j in enumerate(js.tolist()):
             if grp.counts[j] >= _SUM_CACHE_MIN:
                 sums[j] = (self.ops.copy(out[t]), sums[j][1] + 1 if hit[t] else 0)
@@ -168,96 +154,85 @@ class _Engine:
                 sums.pop(j, None)
         return out
 
-    def _moved_sum(self, moved: tuple, j: int):
-        """Sum of src rows of the points that moved into cluster j minus those of the points that left it."""
-        pts, old, new = moved
-        return self.src[self.ops.index(pts[new == j])].sum(0) - self.src[self.ops.index(pts[old == j])].sum(0)
+    def _sum(self, pts: np.ndarray):
+        return self.ops.rows(self.src, self.ops.index(pts)).sum(0)
 
     def _scale(self, st, cnt: np.ndarray, cc: np.ndarray):
-        """st = sum of <x_l, x_i> over members -> p = |c|^2 - 2 <c, x_i>, in place."""
+        """Member sums of <x_l, x_i> (m, c) -> p = |c|^2 - 2 <c, x_i>, in place."""
         st *= self.ops.asarray(-2.0 / cnt)[:, None]
         st += self.ops.asarray(cc)[:, None]
         return st
 
 
-def _host64(ops, a) -> np.ndarray:
-    return ops.to_numpy(a).astype(np.float64)
-
-
 class _GramEngine(_Engine):
-    """Blocks from the Gram matrix G (n, n) of the centred data."""
+    """Blocks from the Gram matrix G = src (n, n) of the centred data."""
 
-    def __init__(self, ops, x: np.ndarray):
-        super().__init__(ops, x)
-        self.g = self.src = self.x @ self.x.T
-        self._set_norms(ops.diagonal(self.g))
+    gram = True
 
-    def _dots(self, idx):
-        return self.g[self.ops.index(idx)]
+    def _dots(self, rows):
+        return self.ops.rows(self.src, rows)
 
     def refresh(self, grp: _Grouping, js: np.ndarray, cache: dict):
-        """p block (len(js), n) of clusters js against all points; updates cache['cc'][js]."""
+        """p block (len(js), n) of clusters js against all points; updates cache['cc'][js] = |c_j|^2."""
         pts, local = grp.members(js)
         st = self.member_sums(grp, js, cache)
-        own = _host64(self.ops, st[self.ops.index(local), self.ops.index(pts)])
+        own = self.ops.host64(st[self.ops.index(local), self.ops.index(pts)])
         cnt = grp.counts[js].astype(np.float64)
         cache["cc"][js] = np.bincount(local, weights=own, minlength=len(js)) / cnt**2
         return self._scale(st, cnt, cache["cc"][js])
 
     def against(self, grp: _Grouping, pts: np.ndarray, cache: dict):
         """p block (k, len(pts)) of all clusters against points pts (cached |c|^2)."""
-        cols = self.ops.transposed(self.g[self.ops.index(pts)])  # G symmetric: rows are faster to gather
+        cols = self.ops.transposed(self.ops.rows(self.src, self.ops.index(pts)))  # G is symmetric
         k = len(grp.counts)
-        st = self.grouped_sum(lambda i: cols[i], grp.order, np.repeat(np.arange(k), grp.counts), k, len(pts))
+        st = self.ops.grouped_sum(cols, grp.order, np.repeat(np.arange(k), grp.counts), k)
         return self._scale(st, grp.counts.astype(np.float64), cache["cc"])
 
 
 class _PointEngine(_Engine):
-    """Blocks from explicit centres (cached, k x d) and chunked GEMMs against x (n, d)."""
+    """Blocks from explicit centres (cache['c'], k x d) and GEMMs against x (n, d)."""
 
-    def __init__(self, ops, x: np.ndarray):
-        super().__init__(ops, x)
-        self.src = self.x
-        self._set_norms(ops.row_sqnorms(self.x))
-
-    def _dots(self, idx):
-        return self.x[self.ops.index(idx)] @ self.x.T
+    def _dots(self, rows):
+        return self.ops.rows(self.x, rows) @ self.x.T
 
     def refresh(self, grp: _Grouping, js: np.ndarray, cache: dict):
-        """p block (len(js), n) of clusters js against all points; updates the cached centres js."""
+        """p block (len(js), n) of clusters js against all points; updates their cached centres."""
         ops = self.ops
         c = self.member_sums(grp, js, cache)
         c /= ops.asarray(grp.counts[js])[:, None]
         if "c" not in cache:
             cache["c"] = ops.zeros((len(grp.counts), self.d))
         cache["c"][ops.index(js)] = c
-        cache["cc"][js] = _host64(ops, ops.row_sqnorms(c))
-        return self._scale(c @ self.x.T, np.full(len(js), 1.0), cache["cc"][js])
+        cache["cc"][js] = ops.host64(ops.row_sqnorms(c))
+        return self._scale(c @ self.x.T, np.ones(len(js)), cache["cc"][js])
 
     def against(self, grp: _Grouping, pts: np.ndarray, cache: dict):
         """p block (k, len(pts)) of all clusters against points pts (cached centres)."""
-        return self._scale(cache["c"] @ self.x[self.ops.index(pts)].T, np.full(len(grp.counts), 1.0), cache["cc"])
+        dots = cache["c"] @ self.ops.rows(self.x, self.ops.index(pts)).T
+        return self._scale(dots, np.ones(len(grp.counts)), cache["cc"])
 
 
 def _seed(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct seed point indices (k,): greedy k-means++, batched for large k on the point engine."""
-    return _seed_batched(eng, k, rng) if isinstance(eng, _PointEngine) and k > _GREEDY_MAX_K else _seed_greedy(eng, k, rng)
-
-
-def _seed_greedy(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
-    """sklearn's greedy k-means++: 2 + ln k candidates drawn by D^2, keep the one lowering the potential most."""
-    ops, trials = eng.ops, 2 + int(math.log(k))
-    seeds, taken = np.empty(k, dtype=np.int64), np.zeros(eng.n, dtype=bool)
-    seeds[0] = rng.integers(eng.n)
+    """k distinct seeds (k,): greedy k-means++ (2 + ln k candidates by D^2, keep the best), or for large k
+    on the point engine batches of k / _BATCHED_ROUNDS points drawn by D^2, added together."""
+    ops, batched = eng.ops, isinstance(eng, _PointEngine) and k > _GREEDY_MAX_K
+    batch = max(1, min(-(-k // _BATCHED_ROUNDS), _BLOCK_FLOATS // eng.n))  # a (batch, n) block at most
+    seeds, taken = [int(rng.integers(eng.n))], np.zeros(eng.n, dtype=bool)
     taken[seeds[0]] = True
-    closest = eng.point_dists(seeds[:1])[0]
-    for c in range(1, k):
-        cand = _draw(rng, _host64(ops, closest), taken, trials)
-        mins = ops.minimum(eng.point_dists(cand), closest[None, :])
-        best = int(np.argmin(ops.to_numpy(ops.row_sums(mins))))
-        seeds[c], closest = cand[best], mins[best]
-        taken[seeds[c]] = True
-    return seeds
+    closest = eng.point_dists(np.array(seeds))[0]
+    while len(seeds) < k:
+        if batched:
+            cand = _draw(rng, ops.host64(closest), taken, min(batch, k - len(seeds)))
+            cand = np.unique(cand[~taken[cand]])
+            closest = ops.minimum(closest, ops.min0(eng.point_dists(cand)))
+        else:
+            cand = _draw(rng, ops.host64(closest), taken, 2 + int(math.log(k)))
+            mins = ops.minimum(eng.point_dists(cand), closest[None, :])
+            best = int(np.argmin(ops.to_numpy(ops.row_sums(mins))))
+            cand, closest = cand[best : best + 1], mins[best]
+        seeds.extend(cand.tolist())
+        taken[cand] = True
+    return np.array(seeds, dtype=np.int64)
 
 
 def _draw(rng: np.random.Generator, weights: np.ndarray, taken: np.ndarray, m: int) -> np.ndarray:
@@ -268,32 +243,8 @@ def _draw(rng: np.random.Generator, weights: np.ndarray, taken: np.ndarray, m: i
     return np.minimum(np.searchsorted(cum, rng.random(m) * cum[-1], side="right"), len(weights) - 1)
 
 
-def _seed_batched(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ in _BATCHED_ROUNDS rounds: each draws ~k/rounds distinct points by D^2, one GEMM each."""
-    ops, per_round = eng.ops, -(-k // _BATCHED_ROUNDS)
-    seeds, taken = [np.array([rng.integers(eng.n)])], np.zeros(eng.n, dtype=bool)
-    taken[seeds[0]] = True
-    closest = eng.point_dists(seeds[0])[0]
-    for have in range(1, k, per_round):
-        new = _draw_distinct(rng, _host64(ops, closest), taken, min(per_round, k - have))
-        taken[new] = True
-        seeds.append(new)
-        closest = ops.minimum(closest, ops.argmin0(eng.point_dists(new))[0])
-    return np.concatenate(seeds)
-
-
-def _draw_distinct(rng: np.random.Generator, weights: np.ndarray, taken: np.ndarray, m: int) -> np.ndarray:
-    """m distinct untaken indices, by weights (n,) while positive weights last, then uniformly."""
-    pos = np.flatnonzero((weights > 0) & ~taken)
-    if len(pos) >= m:
-        return rng.choice(pos, size=m, replace=False, p=weights[pos] / weights[pos].sum())
-    rest = np.flatnonzero((weights <= 0) & ~taken)
-    return np.concatenate((pos, rng.choice(rest, size=m - len(pos), replace=False)))
-
-
 class _Best:
-    """Per point (n,): the cheapest candidate's cost v and cluster j, and a lower bound lb on the cost
-    of every other cluster; v <= lb means j is certainly the best."""
+    """Per point (n,): best cost v at cluster j, lower bound lb on every other (v <= lb: j surely best)."""
 
     def __init__(self, n: int):
         self.v, self.lb, self.j = np.full(n, np.inf), np.full(n, np.inf), np.zeros(n, dtype=np.int64)
@@ -309,13 +260,12 @@ class _Best:
 
 
 class _State:
-    """A partition (labels (n,), -1 = unassigned) with per-point caches: own_d (n,), the distance to
-    the own centre; near, the nearest centre (Lloyd); hart, the cheapest Hartigan target j != own,
-    costing |C_j| / (|C_j| + 1) d(x_i, c_j)."""
+    """labels (n,) (-1 unassigned) and per point: own_d, distance to the own centre; near, the nearest
+    centre (kept while `lloyd`); hart, the best Hartigan target j != own, cost |C_j|/(|C_j|+1) d(x_i, c_j)."""
 
     def __init__(self, eng: _Engine, labels: np.ndarray, k: int):
-        self.eng, self.k, self.cache = eng, k, {"cc": np.zeros(k), "sums": {}, "moved": None}
-        self.lloyd = True  # keep `near` up to date (only Lloyd passes need it)
+        self.eng, self.k, self.lloyd = eng, k, True
+        self.cache = {"cc": np.zeros(k), "sums": {}, "moved": None}
         self._set_labels(labels)
         self._sweep()
 
@@ -330,13 +280,12 @@ class _State:
         self._refresh(np.arange(self.k))
 
     def _refresh(self, js: np.ndarray) -> None:
-        step = max(1, _BLOCK_FLOATS // self.eng.n)
+        step, every = max(1, _BLOCK_FLOATS // self.eng.n), np.arange(self.eng.n)
         for a in range(0, len(js), step):
-            self._merge(self.eng.refresh(self.grp, js[a : a + step], self.cache), js[a : a + step], np.arange(self.eng.n))
+            self._merge(self.eng.refresh(self.grp, js[a : a + step], self.cache), js[a : a + step], every)
 
     def apply(self, labels: np.ndarray) -> None:
-        """Move to new labels. With few changed clusters, recompute their rows for all points, then all
-        clusters only for the points that moved or whose best choice is no longer certain."""
+        """Move to labels: recompute changed clusters for all points, all clusters for uncertain points."""
         moved, old = labels != self.labels, self.labels
         touched = np.concatenate((old[moved], labels[moved]))
         changed = np.zeros(self.k, dtype=bool)
@@ -351,8 +300,8 @@ class _State:
         pts = np.flatnonzero(moved | (self.near.v > self.near.lb) & self.lloyd | (self.hart.v > self.hart.lb))
         self.near.forget(pts)
         self.hart.forget(pts)
-        for a in range(0, len(pts), max(1, _BLOCK_FLOATS // self.k)):
-            part = pts[a : a + max(1, _BLOCK_FLOATS // self.k)]
+        step = max(1, _BLOCK_FLOATS // self.k)
+        for part in (pts[a : a + step] for a in range(0, len(pts), step)):
             self._merge(self.eng.against(self.grp, part, self.cache), np.arange(self.k), part)
 
     def _merge(self, p, js: np.ndarray, pts: np.ndarray) -> None:
@@ -360,34 +309,25 @@ class _State:
         ops, sq = self.eng.ops, self.eng.sq_host[pts]
         pos = np.full(self.k, -1)
         pos[js] = np.arange(len(js))
-        rows = pos[np.maximum(self.labels[pts], 0)]
-        own = np.flatnonzero((rows >= 0) & (self.labels[pts] >= 0))
+        rows = np.where(self.labels[pts] >= 0, pos[self.labels[pts]], -1)
+        own = np.flatnonzero(rows >= 0)
         r, c = ops.index(rows[own]), ops.index(own)
-        self.own_d[pts[own]] = np.maximum(_host64(ops, p[r, c]) + sq[own], 0.0)
+        self.own_d[pts[own]] = np.maximum(ops.host64(p[r, c]) + sq[own], 0.0)
         if self.lloyd:
-            self.near.merge(pts, *_column_stats(ops, p, js, sq))
+            m1, r1, m2 = ops.two_smallest0(p)
+            self.near.merge(pts, m1 + sq, js[r1], m2 + sq)
         p += self.eng.sq[ops.index(pts)][None, :]
         ops.clip_min(p, 0.0)
         p *= ops.asarray(self.counts[js] / (self.counts[js] + 1.0))[:, None]
         p[r, c] = np.inf
-        self.hart.merge(pts, *_column_stats(ops, p, js, 0.0))
-
-
-def _column_stats(ops, p, js: np.ndarray, add):
-    """Per column of p (m, c), on the host: minimum + add, its cluster js[row], second minimum + add."""
-    m1, r1 = ops.argmin0(p)
-    cols = ops.index(np.arange(p.shape[1]))
-    p[r1, cols] = np.inf
-    m2 = ops.min0(p)
-    p[r1, cols] = m1
-    return _host64(ops, m1) + add, js[ops.to_numpy(r1)], _host64(ops, m2) + add
+        m1, r1, m2 = ops.two_smallest0(p)
+        self.hart.merge(pts, m1, js[r1], m2)
 
 
 def _fit_once(eng: _Engine, k: int, rng: np.random.Generator, max_iter: int, tol: float, refine: bool):
     """Labels (n,) of one restart: seeds, Lloyd passes, then Hartigan batches when refine."""
-    seeds = _seed(eng, k, rng)
     labels = np.full(eng.n, -1, dtype=np.int64)
-    labels[seeds] = np.arange(k)
+    labels[_seed(eng, k, rng)] = np.arange(k)
     st = _State(eng, labels, k)
     eps = _MOVE_EPS * (eng.sq_host + eng.sq_host.mean())
     tol_abs = tol * eng.sq_host.sum() / (eng.n * eng.d)  # tol x mean per-feature variance
@@ -431,11 +371,8 @@ def _fill_empty(labels: np.ndarray, k: int, dist: np.ndarray) -> np.ndarray:
 
 
 def _hartigan_step(st: _State, eps: np.ndarray) -> np.ndarray:
-    """Labels after the single-point moves that lower the inertia, best gain first, each cluster once.
-
-    Moving x_i from a to b changes the inertia by |b|/(|b|+1) d(x_i, c_b) - |a|/(|a|-1) d(x_i, c_a);
-    moves touching disjoint clusters add up exactly, so the batch lowers the inertia by their gains.
-    """
+    """Labels after single-point moves a -> b that lower the inertia by |a|/(|a|-1) d(x_i, c_a) -
+    |b|/(|b|+1) d(x_i, c_b), best first, each cluster touched once (so the gains add up exactly)."""
     size = st.counts[st.labels]
     gain = np.where(size > 1, size / np.maximum(size - 1.0, 1.0) * st.own_d - st.hart.v, -np.inf)
     cand = np.flatnonzero(gain > eps)
@@ -451,10 +388,11 @@ def _hartigan_step(st: _State, eps: np.ndarray) -> np.ndarray:
 def _finish(eng: _Engine, labels: np.ndarray, k: int) -> KMeansResult:
     """Centres as cluster means of x and the inertia in the original space (float64 sum)."""
     ops, grp = eng.ops, _Grouping(labels, k)
-    centers = eng.grouped_sum(lambda i: eng.x[i], grp.order, np.repeat(np.arange(k), grp.counts), k, eng.d)
+    centers = ops.grouped_sum(eng.x, grp.order, np.repeat(np.arange(k), grp.counts), k)
     centers /= ops.asarray(grp.counts)[:, None]
     inertia, step = 0.0, max(1, _BLOCK_FLOATS // eng.d)
     for a in range(0, eng.n, step):
-        inertia += ops.total(ops.row_sqnorms(eng.x[a : a + step] - centers[ops.index(labels[a : a + step])]))
-    out = (_host64(ops, centers) + eng.mean).astype(np.float32)
+        diff = eng.x[a : a + step] - ops.rows(centers, ops.index(labels[a : a + step]))
+        inertia += ops.total(ops.row_sqnorms(diff))
+    out = (ops.host64(centers) + eng.mean).astype(np.float32)
     return KMeansResult(labels.astype(np.int64), out, float(inertia))

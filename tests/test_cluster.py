@@ -55,7 +55,8 @@ def test_inertia_matches_sklearn(n, d, rank, k, dup):
     ref = sklearn_cluster.KMeans(n_clusters=k, n_init=3, random_state=0).fit(x)
     res = kmeans(x, k, n_init=3)
     check_result(res, n, k, d)
-    assert res.inertia <= 1.01 * ref.inertia_, (res.inertia, ref.inertia_)
+    assert res.inertia == pytest.approx(brute_inertia(x, res.labels, k)[0], rel=1e-4)  # a real partition's
+    assert res.inertia <= 1.01 * ref.inertia_, (res.inertia, ref.inertia_)  # never worse by more than 1%
 
 
 @pytest.mark.parametrize("engine", ["gram", "points"])
@@ -165,6 +166,28 @@ def test_lloyd_pass_that_empties_a_cluster_refills_it():
         assert st.own_d.sum() == pytest.approx(brute_inertia(x, new, 4)[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("engine", ["gram", "points"])
+def test_incremental_updates_match_a_full_recompute(engine, monkeypatch):
+    """After every move batch, the cached distances equal those of a state built from scratch."""
+    checked, apply = [], cluster._State.apply
+
+    def checked_apply(self, labels):
+        apply(self, labels)
+        ref = cluster._State(self.eng, labels.copy(), self.k)
+        scale = 1e-4 * self.eng.sq_host.mean()
+        np.testing.assert_allclose(self.own_d, ref.own_d, atol=scale)
+        np.testing.assert_allclose(self.hart.v, ref.hart.v, atol=scale)
+        if self.lloyd:
+            np.testing.assert_allclose(self.near.v, ref.near.v, atol=scale)
+        checked.append(len(labels))
+
+    monkeypatch.setattr(cluster._State, "apply", checked_apply)
+    x = weights(240, 30, 5, dup=20, seed=8)
+    res = cluster._kmeans(x, 110, engine=engine, n_init=1)
+    check_result(res, 240, 110, 30)
+    assert len(checked) > 5
+
+
 def test_all_points_identical():
     res = kmeans(np.full((7, 3), 2.5, dtype=np.float32), 4, seed=1)
     check_result(res, 7, 4, 3)
@@ -174,7 +197,7 @@ def test_all_points_identical():
 
 def test_batched_seeding_for_large_k_on_point_engine():
     x = weights(700, 6, 3, seed=6)
-    seeds = cluster._seed_batched(cluster._PointEngine(array_module("numpy"), x), 400, np.random.default_rng(0))
+    seeds = cluster._seed(cluster._PointEngine(array_module("numpy"), x), 400, np.random.default_rng(0))
     assert len(seeds) == 400 and len(set(seeds.tolist())) == 400
 
 
