@@ -83,7 +83,11 @@ def _check_paths(src: str, out: str, data: str | None, calib: str | None = None)
         raise UserError(f"{out}: output directory '{out_dir}' does not exist")
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"{out}: cannot write into '{out_dir}'")
-    for path in (data, calib):
+    _check_data_files(data, calib)
+
+
+def _check_data_files(*paths: str | None) -> None:
+    for path in paths:
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{path}: no such data file")
 
@@ -168,14 +172,15 @@ def sweep(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in sw.METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(sw.METHODS)}")
-    _check_paths(args.input, args.input + ".sweep-check", args.data, args.calib)
+    _check_data_files(args.data, args.calib)
     load_model(args.input)
     dense = validate.session(args.input)
     feeds_data, labels = validate.read_npz(args.data)
     feeds = validate.match_inputs(feeds_data, dense, args.data)
     calib = validate.match_inputs(validate.read_npz(args.calib)[0], dense, args.calib) if args.calib else None
-    if calib is None:
-        methods = [m for m in methods if m != "fold+data"] if "fold+data" in methods and _say_skip("fold+data", "no --calib") else methods
+    if calib is None and "fold+data" in methods:
+        _say_skip("fold+data", "no --calib given")
+        methods.remove("fold+data")
     synth = _synthetic(args, dense) if "fold+dir" in methods else None
     if "fold+dir" in methods and synth is None:
         methods.remove("fold+dir")
@@ -205,9 +210,8 @@ def _ratio_list(text: str) -> list[float]:
     return ratios
 
 
-def _say_skip(method: str, why: str) -> bool:
+def _say_skip(method: str, why: str) -> None:
     print(f"skipping {method}: {why}", file=sys.stderr)
-    return True
 
 
 def _synthetic(args, dense):
