@@ -215,16 +215,20 @@ def discover(graph: gs.Graph, opset: int) -> list[Group]:
             continue
         rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
         if rule is None:
-            _unknown(node, d)
-        else:
+            _unknown(node, d, "is not understood")
+            continue
+        try:
             rule(node, d)
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+            # A graph shape no rule anticipated: decline this node (its groups stay intact), never crash.
+            _unknown(node, d, f"could not be analysed ({type(e).__name__}: {e})")
     for tensor in graph.outputs:
         d.freeze(d.layout(tensor), f"graph output '{tensor.name}'")
     return d.groups()
 
 
-def _unknown(node: gs.Node, d: Discovery) -> None:
-    reason = f"{node.op} '{node.name}' is not understood"
+def _unknown(node: gs.Node, d: Discovery, why: str) -> None:
+    reason = f"{node.op} '{node.name}' {why}"
     for t in node.inputs:
         d.freeze(d.layout(t), reason)
 

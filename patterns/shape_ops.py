@@ -238,6 +238,8 @@ def _static_product(tensor: gs.Tensor, start: int, stop: int) -> int | None:
 def concat(node: gs.Node, d: Discovery) -> None:
     layouts = [d.layout(t) for t in node.inputs]
     known = [lay for lay in layouts if lay is not None]
+    if not known:
+        return None
     rank = known[0].rank
     axis = norm_axis(int(node.attrs["axis"]), rank)
     if any(lay is None for lay in layouts):

@@ -240,3 +240,11 @@ def test_clip_bounds_given_by_castlike_pass_channels(tmp_path):
     path = save(build(nodes, inits, ["N", 8, 5, 5], ["N", 4, 5, 5]), tmp_path)
     assert [g.size for g in groups_of(path) if g.foldable] == [8]
     assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_concat_of_untracked_tensors_does_not_crash(tmp_path):
+    """Regression (a LLaMA export): Concat whose dynamic inputs are all untracked."""
+    inits = {}
+    nodes = [helper.make_node("Concat", ["input", "input"], ["cat"], axis=1), conv("output", "cat", 6, 2, inits)]
+    path = save(build(nodes, inits, ["N", 3, 5, 5], ["N", 2, 5, 5]), tmp_path)
+    assert [g for g in groups_of(path) if g.foldable] == []

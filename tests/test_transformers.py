@@ -1,0 +1,66 @@
+"""Transformer decoders: a tiny random LLaMA (GQA, SwiGLU) exported by torch.onnx's legacy exporter. Its
+SwiGLU MLP channels (gate/up rows coupled by the product, down columns summed) fold, and folding a model whose
+MLP channels were duplicated brings it back exactly. Attention heads and the residual stream stay frozen,
+each with a reason."""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+from foldtest import fold_file, param_count, run, widen_file
+from onnxfold.groups import discover
+from onnxfold.load import load_model
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    path = str(tmp_path_factory.mktemp("llama") / "llama.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(model), (torch.randint(0, 128, (1, 8)),), path, dynamo=False, opset_version=18,
+                          input_names=["input_ids"], output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}})
+    return path
+
+
+def feeds():
+    return {"input_ids": np.random.default_rng(0).integers(0, 128, (2, 7)).astype(np.int64)}
+
+
+def test_swiglu_mlp_groups_found_and_rest_frozen_with_reasons(llama):
+    loaded = load_model(llama)
+    groups = discover(loaded.graph, loaded.opset)
+    assert sorted(g.size for g in groups if g.foldable) == [96, 96]
+    frozen = [g for g in groups if not g.foldable]
+    assert frozen and all(g.frozen for g in frozen)
+
+
+def test_llama_mlp_folds_and_duplicates_fold_back_exactly(llama, tmp_path):
+    dense = run(llama, feeds())[0]
+    result, _ = fold_file(llama, str(tmp_path / "f.onnx"), ratio=0.5)
+    assert len(result.plans) == 2 and param_count(str(tmp_path / "f.onnx")) < param_count(llama)
+    assert run(str(tmp_path / "f.onnx"), feeds())[0].shape == dense.shape
+    widen_file(llama, str(tmp_path / "w.onnx"))
+    fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds())[0], dense, atol=1e-4 * np.abs(dense).max())
