@@ -80,10 +80,20 @@ def _couple(node, d: Discovery, layouts: list[Layout]) -> Layout | None:
     return base
 
 
+def _broadcast_over_channels(t: gs.Tensor, out: Layout) -> bool:
+    """True when `t`'s shape is known and has extent 1 (or no axis) where the channels lie."""
+    if t.shape is None:
+        return False
+    axis = out.axis - (out.rank - len(t.shape))
+    return axis < 0 or t.shape[axis] == 1
+
+
 def _constant_follows(node, d: Discovery, t: gs.Tensor, out: Layout) -> bool:
     """A constant or untracked operand: broadcast (fine), per-channel (member), or not understood (freeze)."""
     val = const_value(t)
     if val is None:
+        if _broadcast_over_channels(t, out):
+            return True  # the same value for every channel (a mask, a spatial map): channels stay separate
         freeze_all(node, d, f"{where(node)} mixes channels with an untracked tensor '{t.name}'")
         return False
     axis = out.axis - (out.rank - val.ndim)

@@ -248,3 +248,15 @@ def test_concat_of_untracked_tensors_does_not_crash(tmp_path):
     nodes = [helper.make_node("Concat", ["input", "input"], ["cat"], axis=1), conv("output", "cat", 6, 2, inits)]
     path = save(build(nodes, inits, ["N", 3, 5, 5], ["N", 2, 5, 5]), tmp_path)
     assert [g for g in groups_of(path) if g.foldable] == []
+
+
+def test_untracked_operand_broadcast_over_channels_keeps_group(tmp_path):
+    """A spatial map with one channel, computed from the input, multiplies every channel alike."""
+    inits = {}
+    nodes = [conv("c1", "input", 3, 6, inits), helper.make_node("Relu", ["c1"], ["r"]),
+             helper.make_node("ReduceMean", ["input"], ["m"], axes=[1], keepdims=1),
+             helper.make_node("Sigmoid", ["m"], ["gate"]), helper.make_node("Mul", ["r", "gate"], ["g"]),
+             conv("output", "g", 6, 2, inits)]
+    path = save(build(nodes, inits, ["N", 3, 5, 5], ["N", 2, 5, 5], opset=17), tmp_path)
+    assert [g.size for g in groups_of(path) if g.foldable] == [6]
+    assert_widen_and_fold_back(path, tmp_path)
