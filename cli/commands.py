@@ -32,7 +32,6 @@ def fold(args: argparse.Namespace) -> int:
     _check_paths(args.input, output, args.data, args.calib)
     data = validate.read_npz(args.data) if args.data else None
     calib_data = _read_calib(args)
-    say = print
     with Step("loading", not args.quiet):
         loaded = load_model(args.input)
         dense_proto = onnx.load(args.input)

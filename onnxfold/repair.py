@@ -11,7 +11,6 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import UserError
-from .groups import Group
 from .merge import cluster_reduce
 
 PRODUCERS = {"Conv": 0, "ConvTranspose": 1}
@@ -109,6 +108,3 @@ def ar_gamma_scale(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarr
     rho = np.clip(np.divide(pair_sum, pairs, out=np.ones(k), where=pairs > 0), 0.0, 1.0)
     return np.sqrt(counts / (1.0 + (counts - 1.0) * rho))
 
-
-def group_repairable(group: Group) -> bool:
-    return group.has_bn()
