@@ -55,6 +55,8 @@ class Discovery:
         self.layouts: dict[str, Layout] = {}
         self.parent: list[int] = []
         self.sizes: list[int] = []
+        self.scale: list[int] = []          # channels of each group merged into one unit by coarsen()
+        self.member_scale: list[int] = []   # scale of the member's group when the member was recorded
         self.members: list[Member] = []
         self.reasons: dict[int, list[str]] = {}
         self.tensor_names: dict[int, list[str]] = {}
@@ -65,6 +67,7 @@ class Discovery:
         gid = len(self.parent)
         self.parent.append(gid)
         self.sizes.append(size)
+        self.scale.append(1)
         if tensor is not None:
             self.tensor_names.setdefault(gid, []).append(tensor.name)
         return gid
@@ -91,7 +94,34 @@ class Discovery:
     # ---- operations the rules use -------------------------------------------------------------------
     def layout(self, tensor: gs.Tensor) -> Layout | None:
         """Layout of an activation tensor, or None for constants and untracked tensors."""
-        return None if isinstance(tensor, gs.Constant) else self.layouts.get(tensor.name)
+        layout = None if isinstance(tensor, gs.Constant) else self.layouts.get(tensor.name)
+        return None if layout is None else self.refresh(layout)
+
+    def refresh(self, layout: Layout) -> Layout:
+        """The layout with its groups' current channel units (after coarsen())."""
+        if all(p.size == self.sizes[p.gid] for p in layout.parts):
+            return layout
+        (part,) = layout.parts  # coarsen() only proceeds when every layout of the group has one part
+        factor = part.size // self.sizes[part.gid]
+        return Layout(layout.axis, layout.rank, (Part(part.gid, self.sizes[part.gid]),), layout.repeat * factor)
+
+    def coarsen(self, layout: Layout, factor: int, why: str) -> Layout | None:
+        """Make `factor` consecutive channels of the layout's group one unit (attention: a head of head_dim
+        channels, a KV group of n_rep heads). Returns the refreshed layout, or None (group frozen)."""
+        layout = self.refresh(layout)
+        if factor == 1:
+            return layout
+        root = self.find(layout.parts[0].gid) if len(layout.parts) == 1 else None
+        gids = [g for g in range(len(self.parent)) if root is not None and self.find(g) == root]
+        ok = root is not None and all(self.sizes[g] % factor == 0 for g in gids) and all(
+            len(lay.parts) == 1 for lay in self.layouts.values() if any(self.find(p.gid) == root for p in lay.parts))
+        if not ok:
+            self.freeze(layout, f"{why}: channels cannot be grouped in blocks of {factor}")
+            return None
+        for g in gids:
+            self.sizes[g] //= factor
+            self.scale[g] *= factor
+        return self.refresh(layout)
 
     def set_layout(self, tensor: gs.Tensor, layout: Layout | None) -> None:
         if layout is not None:
@@ -112,7 +142,17 @@ class Discovery:
                 self.freeze_gid(p.gid, reason)
 
     def unify(self, a: Layout, b: Layout, why: str) -> bool:
-        """Couple two layouts channel by channel; freezes both (returns False) if their structure differs."""
+        """Couple two layouts channel by channel; freezes both (returns False) if their structure differs.
+
+        Single-group layouts of equal extent but different units (query heads vs KV groups) are first
+        coarsened to the larger unit."""
+        a, b = self.refresh(a), self.refresh(b)
+        if a.repeat != b.repeat and a.extent == b.extent and len(a.parts) == len(b.parts) == 1:
+            fine, coarse = (a, b) if a.repeat < b.repeat else (b, a)
+            if coarse.repeat % fine.repeat == 0:
+                fine = self.coarsen(fine, coarse.repeat // fine.repeat, why)
+                if fine is not None:
+                    a, b = fine, coarse
         if a.repeat != b.repeat or [p.size for p in a.parts] != [p.size for p in b.parts]:
             reason = f"{why}: tensors concatenate different channel groups"
             self.freeze(a, reason)
@@ -127,13 +167,17 @@ class Discovery:
         """`tensor` follows `layout`'s channels along `axis` (each channel `repeat` x layout.repeat entries)."""
         if layout is None or not isinstance(tensor, gs.Constant):
             return
+        layout = self.refresh(layout)
         rep = layout.repeat * repeat
         for start, p in zip(layout.starts(), layout.parts):
             self.members.append(Member(tensor, axis, role, p.gid, start * rep, rep, tag))
+            self.member_scale.append(self.scale[p.gid])
 
     # ---- results ------------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         """Resolve the union-find into Group objects (after all rules ran)."""
+        self.members = [_rescaled(m, self.scale[m.gid] // s) for m, s in zip(self.members, self.member_scale)]
+        self.member_scale = [self.scale[m.gid] for m in self.members]
         self._couple_shared_members()
         self._freeze_overlapping_members()
         out: dict[int, Group] = {}
@@ -172,6 +216,11 @@ class Discovery:
                     reason = f"initializer '{ms[0].tensor.name}' is sliced in conflicting ways"
                     self.freeze_gid(g0, reason)
                     self.freeze_gid(g1, reason)
+
+
+def _rescaled(m: Member, factor: int) -> Member:
+    """A member recorded before its group was coarsened: each unit spans `factor` times more entries."""
+    return m if factor == 1 else Member(m.tensor, m.axis, m.role, m.gid, m.offset, m.repeat * factor, m.tag)
 
 
 def _with_gid(m: Member, gid: int) -> Member:

@@ -42,7 +42,7 @@ def load_model(path: str) -> LoadedModel:
     opset = _default_opset(proto)
     if opset < MIN_OPSET:
         raise UserError(f"{path}: opset {opset} is older than {MIN_OPSET}; upgrade it with onnx.version_converter")
-    graph = gs.import_onnx(_with_inferred_shapes(proto))
+    graph = gs.import_onnx(observed_shapes(_with_inferred_shapes(proto)))
     constants_from_nodes(graph)
     fold_constant_subgraphs(graph)
     unshare_small_constants(graph)
@@ -187,6 +187,83 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
             remove_unused_graph_inputs=False)
     except Exception:  # noqa: BLE001 - folding is an optimisation; the graph stays as it was
         return
+
+
+SHAPE_OPS = ("Reshape", "Expand")
+SYMBOLIC_SIZES = (2, 5)  # batch, then every other symbolic dim, when shapes are observed by running the model
+
+
+def observed_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """When static inference leaves Reshape/Expand outputs with unknown dims (head counts computed at run
+    time from Shape ops), run the model once on small seeded inputs and record every intermediate shape.
+
+    Graph inputs and outputs keep their declared (symbolic) shapes. Returns `proto` unchanged when nothing
+    is unknown, the model is over 2 GB, or onnxruntime cannot run it.
+    """
+    if proto.ByteSize() >= 2**31 - 2**20 or not _has_unknown_reshape(proto):
+        return proto
+    try:
+        shapes = _run_for_shapes(proto)
+    except Exception:  # noqa: BLE001 - observation is a best effort; static shapes remain
+        return proto
+    io_names = {v.name for v in list(proto.graph.input) + list(proto.graph.output)}
+    del proto.graph.value_info[:]
+    for name, (elem, shape) in shapes.items():
+        if name not in io_names:
+            proto.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem, shape))
+    return proto
+
+
+def _has_unknown_reshape(proto: onnx.ModelProto) -> bool:
+    infos = {v.name: v for v in proto.graph.value_info}
+    for node in proto.graph.node:
+        if node.op_type in SHAPE_OPS and node.output[0] in infos:
+            dims = infos[node.output[0]].type.tensor_type.shape.dim
+            if any(not d.HasField("dim_value") and (not d.dim_param or d.dim_param.startswith("unk__")) for d in dims):
+                return True
+        elif node.op_type in SHAPE_OPS:
+            return True
+    return False
+
+
+def _run_for_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """name -> (element type, concrete shape) of every node output, from one onnxruntime run."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    known = {o.name for o in probe.graph.output}
+    names = [o for n in probe.graph.node for o in n.output if o and o not in known]
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outs = sess.run(None, _probe_feeds(sess))
+    types = {o.name: o.type for o in sess.get_outputs()}
+    return {o.name: (_ELEM[types[o.name]], v.shape) for o, v in zip(sess.get_outputs(), outs)
+            if types.get(o.name) in _ELEM and hasattr(v, "shape")}
+
+
+_ELEM = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,
+         "tensor(double)": onnx.TensorProto.DOUBLE, "tensor(int64)": onnx.TensorProto.INT64,
+         "tensor(int32)": onnx.TensorProto.INT32, "tensor(bool)": onnx.TensorProto.BOOL,
+         "tensor(bfloat16)": onnx.TensorProto.BFLOAT16}
+
+
+def _probe_feeds(sess) -> dict[str, np.ndarray]:
+    """Seeded small inputs: symbolic dims become 2 (first) or 5; integer inputs are zeros (valid ids)."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in sess.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else SYMBOLIC_SIZES[min(i, 1)] for i, d in enumerate(inp.shape)]
+        if "float" in inp.type:
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float16 if "16" in inp.type else np.float32)
+        elif "bool" in inp.type:
+            feeds[inp.name] = np.ones(shape, bool)
+        else:
+            feeds[inp.name] = np.zeros(shape, np.int64 if "int64" in inp.type else np.int32)
+    return feeds
 
 
 def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:

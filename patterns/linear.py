@@ -99,13 +99,30 @@ def _bias_members(node, d: Discovery, out, bias) -> None:
 def matmul(node: gs.Node, d: Discovery) -> None:
     a, b = node.inputs[0], node.inputs[1]
     la, bv = d.layout(a), const_value(b)
+    if bv is None and const_value(a) is None:
+        return batched_matmul(node, d)
     if bv is None or bv.ndim != 2:
-        return freeze_all(node, d, f"{where(node)} multiplies two activations or a non-2-D weight")
+        return freeze_all(node, d, f"{where(node)} multiplies by a constant that is not a 2-D weight")
     la = _expect_axis(node, d, la, None)
     d.add_members(la, b, 0, SUM)
     rank = out_rank(node, la.rank if la else 2)
     out = d.produce(node.outputs[0], bv.shape[1], rank - 1, rank)
     d.add_members(out, b, 1, MEAN)
+
+
+def batched_matmul(node: gs.Node, d: Discovery) -> None:
+    """Activation x activation (attention: Q Kᵀ, P V): channels on a batch axis (heads) pair up between the
+    operands and pass to the output; channels on a contracted or row/column axis are frozen."""
+    layouts = [d.layout(t) for t in node.inputs[:2]]
+    ranks = [lay.rank if lay is not None else len(t.shape or []) for lay, t in zip(layouts, node.inputs)]
+    rank = out_rank(node, max(ranks))
+    aligned = [None if lay is None else lay.moved(lay.axis + rank - lay.rank, rank) for lay in layouts]
+    if any(lay is not None and lay.axis >= rank - 2 for lay in aligned) or None in aligned:
+        return freeze_all(node, d, f"{where(node)} multiplies activations along their channel axis")
+    a, b = aligned
+    if a.axis != b.axis or not d.unify(a, b, where(node)):
+        return freeze_all(node, d, f"{where(node)} pairs different channel axes")
+    d.set_layout(node.outputs[0], d.refresh(a))
 
 
 RULES = {"Conv": conv, "ConvTranspose": conv_transpose, "Gemm": gemm, "MatMul": matmul}

@@ -118,8 +118,24 @@ def reshape(node: gs.Node, d: Discovery) -> None:
     if found is None:
         shape_in = list(x.shape) if x.shape is not None else "?"
         return freeze_all(node, d, f"{where(node)} reshapes the channel axis {shape_in} -> {target}")
-    axis, spread = found
-    _reshape_result(node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread)
+    axis, post_out = found
+    if post_in % post_out == 0:  # channels kept or merged with trailing axes
+        spread = post_in // post_out
+        return _reshape_result(node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread)
+    _split_channels(node, d, lx, axis, len(target), post_out // post_in)
+
+
+def _split_channels(node, d: Discovery, lx: Layout, axis: int, rank: int, cover: int) -> None:
+    """The channel axis splits into (units, inner), e.g. hidden -> (heads, head_dim): each index of the new
+    axis covers `cover` entries of the old one, so `cover / repeat` channels become one unit (a head)."""
+    if cover % lx.repeat == 0:
+        unit = d.coarsen(lx, cover // lx.repeat, where(node))
+        if unit is not None:
+            _reshape_result(node, d, unit.moved(axis, rank, 1), axis, 1)
+    elif lx.repeat % cover == 0:
+        _reshape_result(node, d, lx.moved(axis, rank, lx.repeat // cover), axis, lx.repeat // cover)
+    else:
+        freeze_all(node, d, f"{where(node)} splits channels unevenly")
 
 
 def _reshape_dims(node: gs.Node) -> list | None:
@@ -205,15 +221,16 @@ def _same_dim(a: gs.Tensor, b: gs.Tensor, i: int) -> bool:
 
 
 def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[int, int] | None:
-    """(axis, entries per input channel entry) such that dims[axis] * prod(dims[axis+1:]) == extent * post_in."""
+    """(axis, post_out = prod(dims[axis+1:])) with dims[axis] * post_out == extent * post_in, where one of
+    post_in, post_out divides the other (channels merged with, or split into, trailing axes)."""
     post_out = 1
     for axis in range(len(dims) - 1, -1, -1):
         if not _is_known(dims[axis]):
             return None
-        if dims[axis] * post_out == extent * post_in and post_in % post_out == 0:
-            return axis, post_in // post_out
+        if dims[axis] * post_out == extent * post_in and (post_in % post_out == 0 or post_out % post_in == 0):
+            return axis, post_out
         post_out *= dims[axis]
-        if post_out > post_in:
+        if post_out > extent * post_in:
             return None
     return None
 
@@ -316,6 +333,17 @@ def gather(node: gs.Node, d: Discovery) -> None:
     d.set_layout(node.outputs[0], lx.moved(new_axis, lx.rank + shift))
 
 
+def expand(node: gs.Node, d: Discovery) -> None:
+    """Expand broadcasts axes of extent 1 only, so a channel axis (extent > 1) keeps its channels."""
+    lx = d.layout(node.inputs[0])
+    if lx is None:
+        return
+    rank = out_rank(node, lx.rank)
+    if lx.extent == 1:
+        return freeze_all(node, d, f"{where(node)} may broadcast a single channel")
+    d.set_layout(node.outputs[0], lx.moved(lx.axis + rank - lx.rank, rank))
+
+
 def metadata(node: gs.Node, d: Discovery) -> None:
     """Shape/Size read only the extent, which follows the folded tensor at run time."""
 
@@ -325,5 +353,5 @@ RULES = {
     **{op: reduce for op in REDUCES},
     "Transpose": transpose, "Unsqueeze": unsqueeze, "Squeeze": squeeze, "Flatten": flatten,
     "Reshape": reshape, "Concat": concat, "Split": slice_or_split, "Slice": slice_or_split, "Pad": pad,
-    "Resize": resize, "Upsample": resize, "Gather": gather, "Shape": metadata, "Size": metadata,
+    "Resize": resize, "Upsample": resize, "Gather": gather, "Expand": expand, "Shape": metadata, "Size": metadata,
 }

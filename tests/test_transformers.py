@@ -1,7 +1,8 @@
-"""Transformer decoders: a tiny random LLaMA (GQA, SwiGLU) exported by torch.onnx's legacy exporter. Its
-SwiGLU MLP channels (gate/up rows coupled by the product, down columns summed) fold, and folding a model whose
-MLP channels were duplicated brings it back exactly. Attention heads and the residual stream stay frozen,
-each with a reason."""
+"""Transformer decoders: a tiny random LLaMA (GQA: 4 query heads, 2 KV heads; SwiGLU) exported by torch.onnx's
+legacy exporter. The SwiGLU MLP channels (gate/up rows coupled by the product, down columns summed) and the
+attention KV groups (a KV head with the query heads sharing it: q/k/v rows, o_proj columns) fold; folding a
+model whose channels and KV groups were duplicated brings it back exactly. The residual stream (RMSNorm)
+stays frozen with a reason."""
 from __future__ import annotations
 
 import contextlib
@@ -48,19 +49,25 @@ def feeds():
     return {"input_ids": np.random.default_rng(0).integers(0, 128, (2, 7)).astype(np.int64)}
 
 
-def test_swiglu_mlp_groups_found_and_rest_frozen_with_reasons(llama):
+def test_mlp_and_kv_groups_found_and_stream_frozen_with_reasons(llama):
     loaded = load_model(llama)
     groups = discover(loaded.graph, loaded.opset)
-    assert sorted(g.size for g in groups if g.foldable) == [96, 96]
+    assert sorted(g.size for g in groups if g.foldable) == [2, 2, 96, 96]
+    heads = [g for g in groups if g.foldable and g.size == 2]
+    for g in heads:  # q rows: 2 query heads x 16 per KV group; k, v rows: 16; o columns: 32
+        assert sorted((m.role, m.repeat) for m in g.members) == [("mean", 16), ("mean", 16), ("mean", 32),
+                                                                  ("sum", 32)]
     frozen = [g for g in groups if not g.foldable]
     assert frozen and all(g.frozen for g in frozen)
 
 
-def test_llama_mlp_folds_and_duplicates_fold_back_exactly(llama, tmp_path):
+def test_llama_mlp_and_heads_fold_and_duplicates_fold_back_exactly(llama, tmp_path):
     dense = run(llama, feeds())[0]
     result, _ = fold_file(llama, str(tmp_path / "f.onnx"), ratio=0.5)
-    assert len(result.plans) == 2 and param_count(str(tmp_path / "f.onnx")) < param_count(llama)
+    assert len(result.plans) == 4 and param_count(str(tmp_path / "f.onnx")) < param_count(llama)
     assert run(str(tmp_path / "f.onnx"), feeds())[0].shape == dense.shape
+    longer = {"input_ids": np.zeros((3, 11), np.int64)}
+    assert run(str(tmp_path / "f.onnx"), longer)[0].shape == (3, 11, 128)
     widen_file(llama, str(tmp_path / "w.onnx"))
     fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds())[0], dense, atol=1e-4 * np.abs(dense).max())
