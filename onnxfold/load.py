@@ -45,6 +45,7 @@ def load_model(path: str) -> LoadedModel:
     graph = gs.import_onnx(observed_shapes(_with_inferred_shapes(proto)))
     constants_from_nodes(graph)
     fold_constant_subgraphs(graph)
+    unshare_shape_concats(graph)
     unshare_small_constants(graph)
     graph.toposort()
     return LoadedModel(graph, path, _size_with_data(path, proto), external, opset)
@@ -266,9 +267,32 @@ def _probe_feeds(sess) -> dict[str, np.ndarray]:
     return feeds
 
 
+SHAPE_CONSUMERS = ("Reshape", "Expand", "Resize")
+
+
+def unshare_shape_concats(graph: gs.Graph) -> None:
+    """A shape vector built by Concat and read by several Reshape/Expand nodes gets one Concat per reader,
+    so a channel count baked into one of its pieces can be rewritten for that reader alone."""
+    names = set(graph.tensors())
+    for node in list(graph.nodes):
+        if node.op not in SHAPE_CONSUMERS or len(node.inputs) < 2 or not node.inputs[-1].inputs:
+            continue
+        index = 1 if node.op != "Resize" else len(node.inputs) - 1
+        shape = node.inputs[index]
+        cat = shape.inputs[0] if shape.inputs else None
+        if cat is None or cat.op != "Concat" or len(shape.outputs) < 2 or shape.outputs[0] is node:
+            continue
+        copy = gs.Variable(_fresh_name(f"{shape.name}_copy", names), dtype=shape.dtype, shape=shape.shape)
+        graph.nodes.append(gs.Node("Concat", _fresh_name(f"{cat.name}_copy", names), dict(cat.attrs),
+                                   list(cat.inputs), [copy]))
+        node.inputs[index] = copy
+    graph.toposort()
+
+
 def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:
     """Give every node its own copy of small integer constants (shape vectors), so rewriting one is local."""
     seen: set[int] = set()
+    names = set(graph.tensors())
     for node in graph.nodes:
         for i, t in enumerate(node.inputs):
             if not isinstance(t, gs.Constant) or np.asarray(t.values).dtype.kind not in "iu":
@@ -276,5 +300,14 @@ def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:
             if np.asarray(t.values).size > max_size:
                 continue
             if id(t) in seen:
-                node.inputs[i] = gs.Constant(f"{t.name}_{node.name or i}", np.array(t.values))
+                node.inputs[i] = gs.Constant(_fresh_name(f"{t.name}_copy", names), np.array(t.values))
             seen.add(id(t))
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}{n}"
+    taken.add(name)
+    return name

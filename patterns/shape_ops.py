@@ -111,10 +111,11 @@ def reshape(node: gs.Node, d: Discovery) -> None:
     if lx is None:
         return
     target = _reshape_dims(node)
-    post_in = _static_product(x, lx.axis + 1, lx.rank)
+    keep = _common_suffix(x.shape, target, lx.axis)  # e.g. (seq, head_dim) on both sides: not involved
+    post_in = _static_product(x, lx.axis + 1, lx.rank - keep)
     extent = dim_of(x, lx.axis)
     found = None if target is None or post_in is None or not _is_known(extent) else \
-        _channel_axis_after_reshape(target, extent, post_in)
+        _channel_axis_after_reshape(target[:len(target) - keep], extent, post_in)
     if found is None:
         shape_in = list(x.shape) if x.shape is not None else "?"
         return freeze_all(node, d, f"{where(node)} reshapes the channel axis {shape_in} -> {target}")
@@ -123,6 +124,17 @@ def reshape(node: gs.Node, d: Discovery) -> None:
         spread = post_in // post_out
         return _reshape_result(node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread)
     _split_channels(node, d, lx, axis, len(target), post_out // post_in)
+
+
+def _common_suffix(shape_in, shape_out, axis: int) -> int:
+    """Number of trailing dims equal (same size or same symbol) in input and output, after the channel axis."""
+    if shape_in is None or shape_out is None:
+        return 0
+    n = 0
+    while (n < len(shape_out) and len(shape_in) - 1 - n > axis and shape_in[-1 - n] == shape_out[-1 - n]
+           and shape_in[-1 - n] is not None):
+        n += 1
+    return n
 
 
 def _split_channels(node, d: Discovery, lx: Layout, axis: int, rank: int, cover: int) -> None:
@@ -237,10 +249,48 @@ def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[
 
 def _reshape_result(node, d: Discovery, layout: Layout, index: int, repeat: int) -> None:
     """Record the shape constant's entry holding the channel extent (unless it is -1 or 0) as a member."""
-    shape = const_value(node.inputs[1])  # None: computed at run time from Shape ops, follows by itself
-    if shape is not None and shape[index] > 0:
-        d.add_members(layout.moved(layout.axis, layout.rank, 1), node.inputs[1], index, EXTENT, repeat=repeat)
+    _extent_member(d, layout, node.inputs[1], index, repeat)
     d.set_layout(node.outputs[0], layout)
+
+
+def _extent_member(d: Discovery, layout: Layout, shape: gs.Tensor, index: int, repeat: int) -> None:
+    """If entry `index` of a shape vector is a baked channel count (a constant, or a constant piece of a
+    Concat), record it so merging rewrites it; entries computed from Shape ops follow by themselves."""
+    const, local = _shape_entry(shape, index)
+    if const is not None and const_value(const)[local] > 1:
+        d.add_members(layout.moved(layout.axis, layout.rank, 1), const, local, EXTENT, repeat=repeat)
+
+
+def _vector_length(t: gs.Tensor) -> int | None:
+    """Length of a 1-D integer vector: from its value, its inferred shape, or the Shape op making it."""
+    if const_value(t) is not None:
+        return const_value(t).size
+    if t.shape and len(t.shape) == 1 and isinstance(t.shape[0], int):
+        return t.shape[0]
+    node = t.inputs[0] if t.inputs else None
+    if node is not None and node.op == "Shape" and node.inputs[0].shape is not None:
+        rank = len(node.inputs[0].shape)
+        start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+        return len(range(rank)[slice(start, end)])
+    return None
+
+
+def _shape_entry(shape: gs.Tensor, index: int) -> tuple[gs.Constant | None, int]:
+    """(constant tensor, position in it) holding entry `index` of a shape vector, or (None, -1)."""
+    if const_value(shape) is not None:
+        return (shape, index) if const_value(shape).ndim == 1 else (None, -1)
+    cat = shape.inputs[0] if shape.inputs else None
+    if cat is None or cat.op != "Concat":
+        return None, -1
+    pos = 0
+    for piece in cat.inputs:
+        size = _vector_length(piece)
+        if size is None:
+            return None, -1
+        if pos <= index < pos + size:
+            return (piece, index - pos) if const_value(piece) is not None else (None, -1)
+        pos += size
+    return None, -1
 
 
 def _is_known(dim) -> bool:
@@ -341,7 +391,9 @@ def expand(node: gs.Node, d: Discovery) -> None:
     rank = out_rank(node, lx.rank)
     if lx.extent == 1:
         return freeze_all(node, d, f"{where(node)} may broadcast a single channel")
-    d.set_layout(node.outputs[0], lx.moved(lx.axis + rank - lx.rank, rank))
+    out = lx.moved(lx.axis + rank - lx.rank, rank)
+    _extent_member(d, out, node.inputs[1], out.axis, out.repeat)
+    d.set_layout(node.outputs[0], out)
 
 
 def metadata(node: gs.Node, d: Discovery) -> None:
