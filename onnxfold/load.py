@@ -290,18 +290,33 @@ def unshare_shape_concats(graph: gs.Graph) -> None:
 
 
 def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:
-    """Give every node its own copy of small integer constants (shape vectors), so rewriting one is local."""
+    """Give every node its own copy of small shared constants (see _unshareable), so rewriting one is local
+    and layers that merely share equal values are not coupled."""
     seen: set[int] = set()
     names = set(graph.tensors())
     for node in graph.nodes:
         for i, t in enumerate(node.inputs):
-            if not isinstance(t, gs.Constant) or np.asarray(t.values).dtype.kind not in "iu":
-                continue
-            if np.asarray(t.values).size > max_size:
+            if not _unshareable(node, t, max_size):
                 continue
             if id(t) in seen:
                 node.inputs[i] = gs.Constant(_fresh_name(f"{t.name}_copy", names), np.array(t.values))
             seen.add(id(t))
+
+
+MAX_SHARED_VECTOR = 1 << 16
+
+
+def _unshareable(node: gs.Node, t: gs.Tensor, max_size: int) -> bool:
+    """Small integer constants (shape vectors), and float vectors (biases, BN statistics, per-channel
+    scales: at most one dim > 1) that an exporter deduplicated because their values happened to be equal,
+    e.g. zero biases or unit BN scales of untrained layers. Shared weight matrices (tied embeddings) stay
+    shared and couple their groups."""
+    if not isinstance(t, gs.Constant):
+        return False
+    values = np.asarray(t.values)
+    if values.dtype.kind in "iu":
+        return values.size <= max_size
+    return 1 < values.size <= MAX_SHARED_VECTOR and sum(d > 1 for d in values.shape) <= 1
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:

@@ -78,3 +78,49 @@ def test_llama_mlp_and_heads_fold_and_duplicates_fold_back_exactly(llama, tmp_pa
     widen_file(llama, str(tmp_path / "w.onnx"))
     fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds())[0], dense, atol=1e-4 * np.abs(dense).max())
+
+
+def _export(module, path, vocab=100):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.randint(0, vocab, (1, 8)),), path, dynamo=False, opset_version=18,
+                          input_names=["input_ids"], output_names=["out"],
+                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "out": {0: "b", 1: "s"}})
+    return path
+
+
+class _Hidden(torch.nn.Module):
+    def __init__(self, m, logits: bool):
+        super().__init__()
+        self.m, self.logits = m, logits
+
+    def forward(self, ids):
+        out = self.m(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return out.logits if self.logits else out.last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_bert_and_gpt2(arch, tmp_path):
+    """BERT: heads and GELU MLPs fold (LayerNorm keeps the stream). GPT-2: the GELU MLP folds; the fused QKV
+    projection split by Split is declined with its reason."""
+    torch.manual_seed(0)
+    if arch == "bert":
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=128, attn_implementation="eager")
+        model, expected = _Hidden(transformers.BertModel(cfg).eval(), False), [4, 4, 128, 128]
+    else:
+        cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                                      eos_token_id=0, attn_implementation="eager")
+        model, expected = _Hidden(transformers.GPT2LMHeadModel(cfg).eval(), True), [256, 256]
+    path = _export(model, str(tmp_path / f"{arch}.onnx"))
+    loaded = load_model(path)
+    groups = discover(loaded.graph, loaded.opset)
+    assert sorted(g.size for g in groups if g.foldable) == expected
+    if arch == "gpt2":
+        assert any("Split" in r for g in groups for r in g.frozen)
+    x = {"input_ids": np.random.default_rng(0).integers(0, 100, (2, 7)).astype(np.int64)}
+    dense = run(path, x)[0]
+    widen_file(path, str(tmp_path / "w.onnx"))
+    fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), x)[0], dense, atol=1e-4 * np.abs(dense).max())
