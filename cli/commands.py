@@ -26,7 +26,8 @@ def default_output(path: str) -> str:
 def fold(args: argparse.Namespace) -> int:
     """Load, fold, validate with onnxruntime, write atomically, and report."""
     options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed,
-                          method=args.method, prune_norm=args.prune_norm)
+                          method=args.method, prune_norm=args.prune_norm, head_ratio=args.head_ratio,
+                          mlp_ratio=args.mlp_ratio, layers=args.layers)
     options.check()
     output = args.output or default_output(args.input)
     _check_paths(args.input, output, args.data, args.calib)

@@ -30,6 +30,12 @@ def fold_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="the .onnx model to fold (never modified)")
     p.add_argument("-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per group, in [0, 1) (default 0.5)")
+    p.add_argument("--head-ratio", type=float, metavar="R", help="ratio for attention-head groups (whole KV groups "
+                   "with GQA); default: --ratio")
+    p.add_argument("--mlp-ratio", type=float, metavar="R", help="ratio for all other groups (MLP, conv channels); "
+                   "default: --ratio")
+    p.add_argument("--layers", metavar="SPEC", help="fold only these layers, e.g. 5-27 or 0,3,7: the i-th foldable "
+                   "group of each kind (heads, channels) in graph order")
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching tensors/nodes whose name matches PATTERN (glob or substring); repeatable")

@@ -38,6 +38,9 @@ class FoldOptions:
     n_init: int = 3
     method: str = "fold"      # fold (k-means + merge) or prune (keep the largest-norm channels)
     prune_norm: str = "l2"
+    head_ratio: float | None = None   # overrides ratio for attention-head groups
+    mlp_ratio: float | None = None    # overrides ratio for the other groups (MLP / conv channels)
+    layers: str | None = None         # "5-27" or "0,3,7": fold only the i-th group of each kind
 
     def check(self) -> None:
         """Raise UserError for values outside their range."""
@@ -49,6 +52,11 @@ class FoldOptions:
             raise UserError(f"--repair {self.repair} is not one of {', '.join(REPAIRS)}")
         if self.method not in ("fold", "prune"):
             raise UserError(f"--method {self.method} is not one of fold, prune")
+        for name, value in (("--head-ratio", self.head_ratio), ("--mlp-ratio", self.mlp_ratio)):
+            if value is not None and not 0.0 <= value < 1.0:
+                raise UserError(f"{name} {value} is outside [0, 1)")
+        if self.layers is not None:
+            parse_layers(self.layers)
         if self.prune_norm not in ("l1", "l2"):
             raise UserError(f"--prune-norm {self.prune_norm} is not one of l1, l2")
 
@@ -68,6 +76,34 @@ class FoldResult:
     def kept(self, group: Group) -> int:
         plan = next((p for p in self.plans if p.group is group), None)
         return group.size if plan is None else plan.k
+
+
+def parse_layers(text: str) -> set[int]:
+    """'5-27' or '0,3,7' or '0-3,9' -> set of indices; UserError when malformed."""
+    chosen: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            chosen.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise UserError(f"--layers {text!r}: expected indices like 5-27 or 0,3,7") from None
+    return chosen
+
+
+def group_ratios(groups: list[Group], options: FoldOptions) -> dict[int, float]:
+    """gid -> ratio for every foldable group: --head-ratio / --mlp-ratio by kind, 0 outside --layers.
+
+    A group's layer index is its position among foldable groups of its kind, in graph order."""
+    chosen = parse_layers(options.layers) if options.layers else None
+    seen = {"heads": 0, "channels": 0}
+    ratios = {}
+    for g in (g for g in groups if g.foldable):
+        index = seen[g.kind]
+        seen[g.kind] += 1
+        kind_ratio = options.head_ratio if g.kind == "heads" else options.mlp_ratio
+        ratio = options.ratio if kind_ratio is None else kind_ratio
+        ratios[g.gid] = ratio if chosen is None or index in chosen else 0.0
+    return ratios
 
 
 def clusters_for(n: int, ratio: float, multiple_of: int = 1) -> int:
@@ -92,12 +128,13 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     standardized = standardize_bn_producers(graph) if repair == "ar" and options.ratio > 0 else set()
     groups = discover(graph, opset)
     apply_excludes(groups, list(options.exclude))
+    ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
     plans = []
     for i, group in enumerate(todo):
         if progress:
             progress(i, len(todo), group.describe())
-        plan = plan_group(group, options, repair, backend, standardized)
+        plan = plan_group(group, options, repair, backend, standardized, ratios[group.gid])
         if plan is not None:
             plans.append(plan)
     apply_plans(plans)
@@ -113,10 +150,12 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
 
 
 def plan_group(group: Group, options: FoldOptions, repair: str, backend: str,
-               standardized: set[int] = frozenset()) -> FoldPlan | None:
+               standardized: set[int] = frozenset(), ratio: float | None = None) -> FoldPlan | None:
     """Cluster one group's channels; None when nothing would be removed. `standardized`: ids of BN scale
-    tensors whose producer Fold-AR standardised (they get the AR factor)."""
-    k = clusters_for(group.size, options.ratio, options.multiple_of)
+    tensors whose producer Fold-AR standardised (they get the AR factor); `ratio` defaults to options.ratio.
+    --multiple-of rounds channel counts, so it does not apply to head groups (units of many channels)."""
+    ratio = options.ratio if ratio is None else ratio
+    k = clusters_for(group.size, ratio, options.multiple_of if group.kind == "channels" else 1)
     if k >= group.size:
         return None
     features = group_features(group)

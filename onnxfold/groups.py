@@ -29,10 +29,16 @@ class Group:
     members: list[Member] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)  # activation tensors carrying these channels
     frozen: list[str] = field(default_factory=list)   # reasons; empty means foldable
+    unit: int = 1  # original channels per unit: head_dim (x query heads per KV group) for attention heads
 
     @property
     def foldable(self) -> bool:
         return not self.frozen and self.size > 1 and any(m.role != EXTENT for m in self.members)
+
+    @property
+    def kind(self) -> str:
+        """'heads' for attention heads / KV groups (coarsened units), else 'channels' (conv, MLP)."""
+        return "heads" if self.unit > 1 else "channels"
 
     def has_bn(self) -> bool:
         return any(m.tag == "bn_scale" for m in self.members)
@@ -183,7 +189,7 @@ class Discovery:
         out: dict[int, Group] = {}
         for gid in range(len(self.parent)):
             root = self.find(gid)
-            grp = out.setdefault(root, Group(root, self.sizes[root]))
+            grp = out.setdefault(root, Group(root, self.sizes[root], unit=self.scale[root]))
             grp.frozen.extend(r for r in self.reasons.get(gid, []) if r not in grp.frozen)
             grp.tensors.extend(t for t in self.tensor_names.get(gid, []) if t not in grp.tensors)
         seen = set()

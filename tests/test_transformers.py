@@ -124,3 +124,10 @@ def test_bert_and_gpt2(arch, tmp_path):
     widen_file(path, str(tmp_path / "w.onnx"))
     fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), x)[0], dense, atol=1e-4 * np.abs(dense).max())
+
+
+def test_head_and_mlp_ratios_and_layer_selection(llama, tmp_path):
+    result, _ = fold_file(llama, str(tmp_path / "f.onnx"), ratio=0.0, head_ratio=0.5, mlp_ratio=0.25, layers="1")
+    kept = sorted((p.group.kind, p.group.size, p.k) for p in result.plans)
+    assert kept == [("channels", 96, 72), ("heads", 2, 1)]
+    assert run(str(tmp_path / "f.onnx"), feeds())[0].shape == (2, 7, 128)
