@@ -226,3 +226,20 @@ def _synthetic(args, dense):
         _say_skip("fold+dir", str(e))
         return None
     return {dense.get_inputs()[0].name: synth.inputs}
+
+
+def export(args: argparse.Namespace) -> int:
+    """Export a Hugging Face folder to ONNX, then list what onnxfold can fold in it."""
+    from onnxfold.export import export_hf
+
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"{args.output}: output directory '{out_dir}' does not exist")
+    with Step("exporting"):
+        output_name = export_hf(args.model_dir, args.output, args.opset)
+    loaded = load_model(args.output)
+    groups = discover(loaded.graph, loaded.opset)
+    kinds = [g.kind for g in groups if g.foldable]
+    print(f"wrote {args.output} (output '{output_name}'): {kinds.count('heads')} attention-head groups and "
+          f"{kinds.count('channels')} other foldable groups; next: onnxfold {args.output}")
+    return 0

@@ -91,6 +91,18 @@ def sweep_parser() -> argparse.ArgumentParser:
     return p
 
 
+def export_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnxfold export", description="Export a model to ONNX for folding. `onnxfold export hf "
+                "MODEL_DIR -o model.onnx`: a local Hugging Face folder (causal LMs and encoders), torch.onnx "
+                "legacy exporter, opset 18, no KV cache. Needs torch and transformers.")
+    p.add_argument("source", choices=("hf",), help="hf: a Hugging Face model folder")
+    p.add_argument("model_dir", help="folder with config.json and the weights")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -98,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "inspect":
             return commands.inspect(inspect_parser().parse_args(argv[1:]))
+        if argv and argv[0] == "export":
+            return commands.export(export_parser().parse_args(argv[1:]))
         if argv and argv[0] == "sweep":
             return commands.sweep(sweep_parser().parse_args(argv[1:]))
         if argv and argv[0] == "fold" and not os.path.exists("fold"):

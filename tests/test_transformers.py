@@ -131,3 +131,18 @@ def test_head_and_mlp_ratios_and_layer_selection(llama, tmp_path):
     kept = sorted((p.group.kind, p.group.size, p.k) for p in result.plans)
     assert kept == [("channels", 96, 72), ("heads", 2, 1)]
     assert run(str(tmp_path / "f.onnx"), feeds())[0].shape == (2, 7, 128)
+
+
+def test_export_hf_folder_then_fold(tmp_path, capsys):
+    from onnxfold.cli.main import main
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   architectures=["LlamaForCausalLM"])
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "hf"))
+    out = str(tmp_path / "m.onnx")
+    assert main(["export", "hf", str(tmp_path / "hf"), "-o", out]) == 0
+    assert "1 attention-head groups and 1 other foldable groups" in capsys.readouterr().out
+    assert main([out, "-o", str(tmp_path / "f.onnx"), "-q"]) == 0
+    assert main(["export", "hf", str(tmp_path / "missing"), "-o", out]) == 2

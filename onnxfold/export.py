@@ -1,0 +1,84 @@
+"""Export a Hugging Face model folder to ONNX for folding (needs torch and transformers).
+
+`export_hf(model_dir, output)`: causal LMs give `logits` (batch, seq, vocab), other models
+`last_hidden_state`; torch.onnx's legacy exporter, opset 18, no KV cache, eager attention, dynamic batch and
+sequence axes. Loads from the folder only (no hub access).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+
+from .errors import UserError
+
+OPSET = 18
+
+
+def export_hf(model_dir: str, output: str, opset: int = OPSET) -> str:
+    """Export the model in `model_dir` to `output` (written atomically); returns the output's output name."""
+    torch, transformers = _imports()
+    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    model, causal = _load(transformers, model_dir)
+    wrapper = _Wrapper(model, causal)
+    vocab = int(getattr(model.config, "vocab_size", 100) or 100)
+    example = torch.randint(0, min(vocab, 100), (1, 8))
+    out_name = "logits" if causal else "last_hidden_state"
+    target_dir = os.path.dirname(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
+        tmp_path = os.path.join(tmp, os.path.basename(output))
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, (example,), tmp_path, dynamo=False, opset_version=opset,
+                              input_names=["input_ids"], output_names=[out_name],
+                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                            out_name: {0: "batch", 1: "sequence"}})
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
+    return out_name
+
+
+def _imports():
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        raise UserError("onnxfold export hf needs torch and transformers: pip install torch transformers") from None
+    return torch, transformers
+
+
+def _load(transformers, model_dir: str):
+    """(model in eval mode, is_causal_lm) from a local folder, float32, eager attention."""
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in (config.architectures or []))
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    try:
+        model = auto.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_dir}: cannot load the model ({str(e).splitlines()[0][:200]})") from None
+    return model.float().eval(), causal
+
+
+def _wrapper_class():
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        """input_ids -> logits (causal LM) or last_hidden_state, attention mask of ones, no KV cache."""
+
+        def __init__(self, model, causal: bool):
+            super().__init__()
+            self.model, self.causal = model, causal
+
+        def forward(self, input_ids):
+            kwargs = {"use_cache": False} if self.causal else {}
+            out = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+            return out.logits if self.causal else out.last_hidden_state
+
+    return Wrapper
+
+
+def _Wrapper(model, causal: bool):  # noqa: N802 - builds the torch module lazily (torch is optional)
+    return _wrapper_class()(model, causal)
