@@ -1,6 +1,8 @@
 """Small helpers shared by the pattern rules."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -8,7 +10,7 @@ from onnxfold.groups import Discovery, dim_of, rank_of
 from onnxfold.layout import Layout
 
 __all__ = ["Discovery", "Layout", "const_value", "int_list", "norm_axis", "out_rank", "pass_through",
-           "freeze_all", "dim_of", "rank_of", "where"]
+           "freeze_all", "dim_of", "rank_of", "where", "is_known", "static_product"]
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -52,3 +54,14 @@ def freeze_all(node: gs.Node, d: Discovery, reason: str) -> None:
     """Freeze every tracked input; outputs stay untracked: the op is a boundary."""
     for t in node.inputs:
         d.freeze(d.layout(t), reason)
+
+
+def is_known(dim) -> bool:
+    """A static, positive extent."""
+    return isinstance(dim, int) and dim > 0
+
+
+def static_product(tensor: gs.Tensor, start: int, stop: int) -> int | None:
+    """Product of dims start..stop-1 when all are static, else None."""
+    dims = [dim_of(tensor, i) for i in range(start, stop)]
+    return math.prod(dims) if all(is_known(x) for x in dims) else None
