@@ -80,6 +80,8 @@ def main() -> None:
     p.add_argument("--ratios", default="0.1,0.2,0.3")
     p.add_argument("--layers", default=None, help="passed to onnxfold --layers (e.g. 1-28)")
     p.add_argument("--methods", default="fold,prune")
+    p.add_argument("--head-ratio", type=float, default=None, help="passed to onnxfold --head-ratio (0: keep heads)")
+    p.add_argument("--out", default="smollm2.md", help="result file name under benchmarks/results/")
     args = p.parse_args()
     sys.path.insert(0, HERE)
     from common import fold_to, param_count
@@ -96,17 +98,18 @@ def main() -> None:
     lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32), onnxruntime CPU. Perplexity on "
              f"{args.windows} x {WINDOW} = {args.windows * WINDOW} tokens of the gensim Wikipedia text. "
              f"Dense: {base:.2f} ({params / 1e6:.1f} M params; {time.perf_counter() - t0:.0f} s). "
-             f"Groups folded: MLP channels and KV groups{' in layers ' + args.layers if args.layers else ''}.",
+             f"Groups folded: MLP channels{'' if args.head_ratio == 0 else ' and KV groups'}"
+             f"{' in layers ' + args.layers if args.layers else ' in all layers'}.",
              "", "| method | channel ratio | params removed | perplexity | x dense |", "|---|---|---|---|---|"]
     print(lines[0], flush=True)
     for method in args.methods.split(","):
         for ratio in [float(r) for r in args.ratios.split(",")]:
             out = os.path.join(CACHE, "smollm2_folded.onnx")
-            fold_to(dense, out, ratio=ratio, method=method, layers=args.layers)
+            fold_to(dense, out, ratio=ratio, method=method, layers=args.layers, head_ratio=args.head_ratio)
             ppl, kept = perplexity(out, ids), param_count(out)
             lines.append(f"| {method} | {ratio} | {100 * (1 - kept / params):.1f}% | {ppl:.1f} | {ppl / base:.1f} |")
             print(lines[-1], flush=True)
-    with open(os.path.join(HERE, "results", "smollm2.md"), "w") as f:
+    with open(os.path.join(HERE, "results", args.out), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
