@@ -17,6 +17,7 @@ import onnxruntime as ort
 from .errors import UserError
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
+OTHER_DIM = 64  # random inputs: symbolic dims after the first (image sides, sequence length)
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
@@ -57,7 +58,7 @@ def random_feeds(sess: ort.InferenceSession, samples: int = 8, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else (samples if i == 0 else 16) for i, d in enumerate(inp.shape)]
+        shape = [d if isinstance(d, int) and d > 0 else (samples if i == 0 else OTHER_DIM) for i, d in enumerate(inp.shape)]
         dtype = ORT_TYPES.get(inp.type, np.float32)
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
@@ -105,7 +106,13 @@ def run_batched(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch:
 def compare(dense: ort.InferenceSession, folded: ort.InferenceSession, feeds: dict[str, np.ndarray],
             labels: np.ndarray | None, source: str) -> Comparison:
     """Output errors, top-1 agreement and (with labels) accuracy of both models on the same feeds."""
-    d_out, f_out = run_batched(dense, feeds), run_batched(folded, feeds)
+    try:
+        d_out = run_batched(dense, feeds)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"onnxruntime cannot run the input model on {source} ({first}); pass --data with "
+                        f"real inputs, or --no-validate") from None
+    f_out = run_batched(folded, feeds)
     cmp = Comparison(len(d_out[0]) if d_out and d_out[0].ndim else 1, source)
     for meta, d, f in zip(dense.get_outputs(), d_out, f_out):
         cmp.outputs.append(_output_error(meta.name, d, f))
@@ -200,7 +207,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None
         return 0
     out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
     x = shapes.get(node.input[0])
-    if out is None or w is None or x is None:
+    if not out or not w or not x or len(x) < 2 or len(w) < 2:
         return None
     if node.op_type == "Conv":
         return int(np.prod(out)) * int(np.prod(w[1:]))
