@@ -38,7 +38,7 @@ def fold_parser() -> argparse.ArgumentParser:
                    "group of each kind (heads, channels) in graph order")
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="protect groups touching tensors/nodes whose name matches PATTERN (glob or substring); repeatable")
+                   help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")
     p.add_argument("--method", choices=("fold", "prune"), default="fold",
                    help="fold: cluster and merge channels (default); prune: keep the largest-norm channels (baseline)")
     p.add_argument("--prune-norm", choices=("l1", "l2"), default="l2", help="channel score for --method prune")
