@@ -5,7 +5,6 @@ import os
 import statistics
 import time
 
-import onnx
 
 from onnxfold.fold import FoldOptions, fold_graph
 from onnxfold.load import load_model
@@ -40,5 +39,5 @@ def save_table(name: str, lines: list[str]) -> str:
 
 
 def param_count(path: str) -> int:
-    from onnxfold.validate import count_params
-    return count_params(onnx.load(path))
+    from onnxfold.validate import count_params_file
+    return count_params_file(path)

@@ -240,7 +240,10 @@ def _run_for_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, .
     opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    outs = sess.run(None, _probe_feeds(sess))
+    from .validate import random_feeds
+
+    small, other = SYMBOLIC_SIZES
+    outs = sess.run(None, random_feeds(sess, samples=small, other_dim=other, int_high=1))
     types = {o.name: o.type for o in sess.get_outputs()}
     return {o.name: (_ELEM[types[o.name]], v.shape) for o, v in zip(sess.get_outputs(), outs)
             if types.get(o.name) in _ELEM and hasattr(v, "shape")}
@@ -250,21 +253,6 @@ _ELEM = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.Tensor
          "tensor(double)": onnx.TensorProto.DOUBLE, "tensor(int64)": onnx.TensorProto.INT64,
          "tensor(int32)": onnx.TensorProto.INT32, "tensor(bool)": onnx.TensorProto.BOOL,
          "tensor(bfloat16)": onnx.TensorProto.BFLOAT16}
-
-
-def _probe_feeds(sess) -> dict[str, np.ndarray]:
-    """Seeded small inputs: symbolic dims become 2 (first) or 5; integer inputs are zeros (valid ids)."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else SYMBOLIC_SIZES[min(i, 1)] for i, d in enumerate(inp.shape)]
-        if "float" in inp.type:
-            feeds[inp.name] = rng.standard_normal(shape).astype(np.float16 if "16" in inp.type else np.float32)
-        elif "bool" in inp.type:
-            feeds[inp.name] = np.ones(shape, bool)
-        else:
-            feeds[inp.name] = np.zeros(shape, np.int64 if "int64" in inp.type else np.int32)
-    return feeds
 
 
 SHAPE_CONSUMERS = ("Reshape", "Expand", "Resize")

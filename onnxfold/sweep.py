@@ -12,7 +12,6 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from . import validate
@@ -55,7 +54,7 @@ def run_sweep(model_path: str, feeds, labels, ratios: list[float], methods: list
     """Fold/prune `model_path` with each method at each ratio and evaluate; returns rows (dense first)."""
     dense = validate.session(model_path)
     dense_out = validate.run_batched(dense, feeds)
-    dense_params = validate.count_params(onnx.load(model_path))
+    dense_params = validate.count_params_file(model_path)
     value, name = evaluate(dense, dense_out, feeds, labels)
     rows = [SweepRow("dense", 0.0, 0.0, value, name, 0.0)]
     jobs = [(m, r) for m in methods for r in ratios]

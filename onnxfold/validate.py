@@ -53,17 +53,19 @@ def session(path: str) -> ort.InferenceSession:
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def random_feeds(sess: ort.InferenceSession, samples: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random inputs following the graph's input specs; a symbolic first dim becomes `samples`."""
+def random_feeds(sess: ort.InferenceSession, samples: int = 8, seed: int = 0, other_dim: int = OTHER_DIM,
+                 int_high: int = 100) -> dict[str, np.ndarray]:
+    """Seeded random inputs following the graph's input specs: a symbolic first dim becomes `samples`, other
+    symbolic dims `other_dim`; integer inputs are drawn from [0, int_high) (1: all zeros, valid ids)."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in sess.get_inputs():
-        shape = [d if isinstance(d, int) and d > 0 else (samples if i == 0 else OTHER_DIM) for i, d in enumerate(inp.shape)]
+        shape = [d if isinstance(d, int) and d > 0 else (samples if i == 0 else other_dim) for i, d in enumerate(inp.shape)]
         dtype = ORT_TYPES.get(inp.type, np.float32)
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[inp.name] = rng.integers(0, 2 if dtype == np.bool_ else 100, shape).astype(dtype)
+            feeds[inp.name] = rng.integers(0, 2 if dtype == np.bool_ else int_high, shape).astype(dtype)
     return feeds
 
 
@@ -162,6 +164,11 @@ def count_params(model: onnx.ModelProto) -> int:
     tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
                                                if a.type == onnx.AttributeProto.TENSOR]
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in float_types)
+
+
+def count_params_file(path: str) -> int:
+    """count_params of the model stored at `path` (external data included)."""
+    return count_params(onnx.load(path))
 
 
 def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | None:

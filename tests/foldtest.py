@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxfold.fold import FoldOptions, fold_graph
+from onnxfold.fold import FoldOptions, fold_graph, forget_shapes
 from onnxfold.groups import discover
 from onnxfold.layout import EXTENT, MEAN
 from onnxfold.load import load_model
@@ -34,8 +34,8 @@ def feeds_for(path: str, batch: int = 3, seed: int = 1) -> dict:
 
 
 def param_count(path: str) -> int:
-    from onnxfold.validate import count_params
-    return count_params(onnx.load(path))
+    from onnxfold.validate import count_params_file
+    return count_params_file(path)
 
 
 def widen_file(src: str, dst: str) -> int:
@@ -54,9 +54,7 @@ def widen_file(src: str, dst: str) -> int:
         tensor = items[0][0].tensor
         tensor.values = _widen_tensor(np.asarray(tensor.values), items)
     sync_depthwise_groups(loaded.graph)
-    for t in loaded.graph.tensors().values():
-        if t not in loaded.graph.inputs and t not in loaded.graph.outputs and hasattr(t, "shape") and not hasattr(t, "values"):
-            t.shape = None
+    forget_shapes(loaded.graph)
     onnx.save(to_proto(loaded.graph, loaded.opset), dst)
     return len(groups)
 
