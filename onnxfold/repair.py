@@ -12,8 +12,9 @@ import onnx_graphsurgeon as gs
 
 from .errors import UserError
 from .merge import cluster_reduce
+from .repair_data import PRODUCER_AXES
 
-PRODUCERS = {"Conv": 0, "ConvTranspose": 1}
+CONV_PRODUCERS = ("Conv", "ConvTranspose")  # whose output a BatchNorm may follow
 
 
 def has_bn_statistics(graph: gs.Graph) -> bool:
@@ -66,7 +67,7 @@ def _sole_producer(bn: gs.Node) -> gs.Node | None:
     if not x.inputs or len(x.outputs) != 1:
         return None
     node = x.inputs[0]
-    if node.op not in PRODUCERS or int(node.attrs.get("group", 1)) != 1:
+    if node.op not in CONV_PRODUCERS or int(node.attrs.get("group", 1)) != 1:
         return None
     weights = node.inputs[1:]
     if not all(isinstance(t, gs.Constant) and len(t.outputs) == 1 for t in weights):
@@ -82,7 +83,7 @@ def _standardize(graph: gs.Graph, producer: gs.Node, bn: gs.Node) -> None:
     inv_std = 1.0 / np.sqrt(var + eps)
     w = producer.inputs[1]
     shape = [1] * np.asarray(w.values).ndim
-    shape[PRODUCERS[producer.op]] = -1
+    shape[PRODUCER_AXES[producer.op]] = -1
     _scale(w, inv_std.reshape(shape))
     if len(producer.inputs) > 2:
         _scale(producer.inputs[2], inv_std)
