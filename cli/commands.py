@@ -27,7 +27,8 @@ def fold(args: argparse.Namespace) -> int:
     """Load, fold, validate with onnxruntime, write atomically, and report."""
     options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed,
                           method=args.method, prune_norm=args.prune_norm, head_ratio=args.head_ratio,
-                          mlp_ratio=args.mlp_ratio, layers=args.layers)
+                          mlp_ratio=args.mlp_ratio, layers=args.layers,
+                          allocate=args.allocate)
     options.check()
     output = args.output or default_output(args.input)
     _check_paths(args.input, output, args.data, args.calib)
@@ -115,7 +116,7 @@ def _print_report(args, output: str, result: FoldResult, dense: dict, folded: di
     frozen = sum(1 for g in result.groups if g.frozen)
     say(f"onnxfold: {args.input} -> {output}")
     say(f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
-        f"| ratio {args.ratio} | k-means on {result.backend} | fold time {result.seconds:.2f} s")
+        f"| ratio {args.ratio}{' allocated by Ward error' if args.allocate else ''} | k-means on {result.backend} | fold time {result.seconds:.2f} s")
     say(f"method: {args.method} | repair: {result.repair} ({result.repair_why})")
     for note in result.notes:
         say(f"  {note}")

@@ -36,6 +36,8 @@ def fold_parser() -> argparse.ArgumentParser:
                    "default: --ratio")
     p.add_argument("--layers", metavar="SPEC", help="fold only these layers, e.g. 5-27 or 0,3,7: the i-th foldable "
                    "group of each kind (heads, channels) in graph order")
+    p.add_argument("--allocate", action="store_true", help="remove the same number of parameters, but spread "
+                   "per group where clustering loses least (Ward error of each group's weights; data-free)")
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")

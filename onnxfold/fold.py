@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .allocate import allocate
 from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
@@ -41,6 +42,7 @@ class FoldOptions:
     head_ratio: float | None = None   # overrides ratio for attention-head groups
     mlp_ratio: float | None = None    # overrides ratio for the other groups (MLP / conv channels)
     layers: str | None = None         # "5-27" or "0,3,7": fold only the i-th group of each kind
+    allocate: bool = False            # spread the same parameter budget over groups by Ward clustering cost
 
     def check(self) -> None:
         """Raise UserError for values outside their range."""
@@ -130,11 +132,15 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     apply_excludes(groups, list(options.exclude))
     ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
+    keep = {g.gid: _clusters(g, ratios[g.gid], options) for g in todo}
+    if options.allocate:
+        keep = allocate(todo, ratios, group_features, lambda g, r: _clusters(g, r, options))
+        keep = {g.gid: _clusters(g, 1.0 - keep[g.gid] / g.size, options) for g in todo}
     plans = []
     for i, group in enumerate(todo):
         if progress:
             progress(i, len(todo), group.describe())
-        plan = plan_group(group, options, repair, backend, standardized, ratios[group.gid])
+        plan = plan_group(group, options, repair, backend, standardized, keep[group.gid])
         if plan is not None:
             plans.append(plan)
     apply_plans(plans)
@@ -149,13 +155,18 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     return result
 
 
+def _clusters(group: Group, ratio: float, options: FoldOptions) -> int:
+    """Units kept for a group at `ratio`; --multiple-of rounds channel counts, not head groups (units of many
+    channels)."""
+    return clusters_for(group.size, ratio, options.multiple_of if group.kind == "channels" else 1)
+
+
 def plan_group(group: Group, options: FoldOptions, repair: str, backend: str,
-               standardized: set[int] = frozenset(), ratio: float | None = None) -> FoldPlan | None:
-    """Cluster one group's channels; None when nothing would be removed. `standardized`: ids of BN scale
-    tensors whose producer Fold-AR standardised (they get the AR factor); `ratio` defaults to options.ratio.
-    --multiple-of rounds channel counts, so it does not apply to head groups (units of many channels)."""
-    ratio = options.ratio if ratio is None else ratio
-    k = clusters_for(group.size, ratio, options.multiple_of if group.kind == "channels" else 1)
+               standardized: set[int] = frozenset(), k: int | None = None) -> FoldPlan | None:
+    """Cluster one group's channels into k clusters (default: from options.ratio); None when nothing would be
+    removed. `standardized`: ids of BN scale tensors whose producer Fold-AR standardised (they get the AR
+    factor)."""
+    k = _clusters(group, options.ratio, options) if k is None else k
     if k >= group.size:
         return None
     features = group_features(group)

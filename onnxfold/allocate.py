@@ -1,0 +1,139 @@
+"""Data-free per-group budget (--allocate): spend a global parameter budget where clustering loses least.
+
+Each group's cost of folding m of its n channels is estimated by Ward's agglomerative clustering of its
+feature rows: the sum of the m cheapest Ward merges is the squared error of the (n - m)-cluster partition,
+divided by the features' squared norm (the fraction of weight mass the group loses). Merges of all groups
+are taken cheapest-first, per parameter saved, until the budget is spent: the optimum of a separable
+convex problem, so a layer whose channels are all distinct keeps them and a redundant one gives more.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .groups import Group
+from .layout import EXTENT
+
+MAX_WARD_CHANNELS = 16384  # beyond this the (n, n) distance matrix is too large: the group keeps its ratio
+
+
+def ward_merge_costs(features: np.ndarray) -> np.ndarray:
+    """Ward merge costs (n - 1,) ascending, for rows (n, d): cumsum[m-1] is the within-cluster squared error
+    of the partition into n - m clusters. Nearest-neighbour-chain algorithm, O(n^2) time and memory."""
+    x = np.asarray(features, np.float64)
+    n = len(x)
+    if n < 2:
+        return np.zeros(0)
+    sq = np.einsum("ij,ij->i", x, x)
+    dtype = np.float64 if n <= 4096 else np.float32
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0).astype(dtype) / 2.0
+    np.fill_diagonal(dist, np.inf)
+    size = np.ones(n)
+    costs, chain, remaining = [], [], n
+    alive = np.ones(n, bool)
+    while remaining > 1:
+        if not chain:
+            chain.append(int(np.flatnonzero(alive)[0]))
+        a = chain[-1]
+        b = int(np.argmin(dist[a]))
+        if len(chain) > 1 and dist[a, chain[-2]] <= dist[a, b]:
+            b = chain[-2]
+            chain.pop()
+            chain.pop()
+            costs.append(float(dist[a, b]))
+            _merge(dist, size, alive, a, b)
+            remaining -= 1
+        else:
+            chain.append(b)
+    return np.sort(np.asarray(costs))
+
+
+def _merge(dist: np.ndarray, size: np.ndarray, alive: np.ndarray, a: int, b: int) -> None:
+    """Merge cluster b into a with the Lance-Williams update for Ward's criterion."""
+    na, nb = size[a], size[b]
+    others = size + na + nb
+    row = ((na + size) * dist[a] + (nb + size) * dist[b] - size * dist[a, b]) / others
+    row[~alive] = np.inf
+    row[a] = row[b] = np.inf
+    dist[a], dist[:, a] = row, row
+    dist[b], dist[:, b] = np.inf, np.inf
+    size[a] += nb
+    alive[b] = False
+
+
+class ParamModel:
+    """Exact parameter count of the groups' constant tensors for any per-group channel counts."""
+
+    def __init__(self, groups: list[Group]):
+        self.tensors: dict[int, tuple[int, dict[int, int], list[tuple[int, int, int, int]]]] = {}
+        for g in groups:
+            for m in g.members:
+                if m.role == EXTENT:
+                    continue
+                shape = np.shape(m.tensor.values)
+                elements, lengths, slices = self.tensors.setdefault(
+                    id(m.tensor), (int(np.prod(shape)), dict(enumerate(shape)), []))
+                slices.append((m.axis, g.gid, g.size, m.repeat))
+
+    def _axis_lengths(self, lengths, slices, keep):
+        now = dict(lengths)
+        for axis, gid, size, repeat in slices:
+            now[axis] -= (size - keep[gid]) * repeat
+        return now
+
+    def count(self, keep: dict[int, int]) -> float:
+        """Parameters left when group gid keeps keep[gid] units."""
+        total = 0.0
+        for elements, lengths, slices in self.tensors.values():
+            now = self._axis_lengths(lengths, slices, keep)
+            total += elements * np.prod([now[a] / lengths[a] for a in {s[0] for s in slices}])
+        return total
+
+    def unit_savings(self, keep: dict[int, int]) -> dict[int, float]:
+        """Parameters saved by removing one more unit of each group, at the counts `keep`."""
+        saved: dict[int, float] = {}
+        for elements, lengths, slices in self.tensors.values():
+            now = self._axis_lengths(lengths, slices, keep)
+            left = elements * np.prod([now[a] / lengths[a] for a in {s[0] for s in slices}])
+            for axis, gid, _, repeat in slices:
+                saved[gid] = saved.get(gid, 0.0) + left * repeat / max(now[axis], 1)
+        return saved
+
+
+def allocate(groups: list[Group], ratios: dict[int, float], features, clusters,
+             max_ratio: float = 0.9) -> dict[int, int]:
+    """Units to keep per group (gid -> k) removing as many parameters as `ratios` would, spread by cost.
+
+    groups: foldable groups; ratios: gid -> uniform ratio (0 keeps the group out of the budget);
+    features(group) -> (n, d) rows; clusters(group, ratio) -> k. A group's cost of losing m units is its
+    Ward error relative to its features' mass, times its number of weight members (each layer's relative
+    error counts once), per parameter saved. No group loses more than max_ratio of its units. Groups too
+    large for Ward's matrix keep their uniform count."""
+    keep = {g.gid: clusters(g, ratios[g.gid]) for g in groups}
+    pool = [g for g in groups if ratios[g.gid] > 0 and g.size <= MAX_WARD_CHANNELS]
+    if not pool:
+        return keep
+    model = ParamModel(groups)
+    target = model.count(keep)
+    curves = {g.gid: _relative_error_steps(g, features(g), g.size - clusters(g, max_ratio)) for g in pool}
+    saved = model.unit_savings(keep)
+    gids = np.concatenate([[g.gid] * len(curves[g.gid]) for g in pool]).astype(np.int64)
+    prices = np.concatenate([curves[g.gid] / max(saved[g.gid], 1e-12) for g in pool])
+    order = gids[np.argsort(prices, kind="stable")]
+
+    def keep_after(steps: int) -> dict[int, int]:
+        counts = np.bincount(order[:steps], minlength=int(gids.max()) + 1)
+        return {**keep, **{g.gid: g.size - int(counts[g.gid]) for g in pool}}
+
+    lo, hi = 0, len(order)  # smallest number of cheapest merges leaving no more parameters than uniform
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if model.count(keep_after(mid)) > target else (lo, mid)
+    return keep_after(lo)
+
+
+def _relative_error_steps(group: Group, rows: np.ndarray, cap: int) -> np.ndarray:
+    """Cost of each successive merge (cap,): Ward cost / feature mass x number of weight members."""
+    merges = ward_merge_costs(rows)[:cap]
+    mass = float(np.sum(np.square(rows, dtype=np.float64))) or 1.0
+    members = sum(1 for m in group.members if m.role != EXTENT and np.ndim(m.tensor.values) > 1) or 1
+    return merges / mass * members

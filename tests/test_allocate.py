@@ -1,0 +1,83 @@
+"""--allocate: Ward merge costs match scipy, the exact parameter model matches written files, and the budget
+goes where merging is free (duplicated channels) instead of being spread uniformly."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from foldtest import feeds_for, fold_file, param_count, run
+from onnxfold.allocate import ParamModel, ward_merge_costs
+from onnxfold.groups import discover
+from onnxfold.load import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
+
+
+def test_ward_merge_costs_match_scipy():
+    hierarchy = pytest.importorskip("scipy.cluster.hierarchy")
+    rows = np.random.default_rng(0).standard_normal((120, 9))
+    expected = np.sort(hierarchy.linkage(rows, "ward")[:, 2] ** 2 / 2)  # scipy height = sqrt(2 x SSE increase)
+    np.testing.assert_allclose(ward_merge_costs(rows), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_ward_costs_of_duplicates_are_zero():
+    rows = np.random.default_rng(1).standard_normal((10, 5))
+    costs = ward_merge_costs(np.concatenate([rows, rows]))
+    assert np.allclose(costs[:10], 0) and np.all(costs[10:] > 1e-3)
+
+
+def test_param_model_counts_what_the_file_loses(tmp_path):
+    loaded = load_model(MNIST)
+    groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    model = ParamModel(groups)
+    dst = str(tmp_path / "f.onnx")
+    result, _ = fold_file(MNIST, dst, ratio=0.6)
+    kept = {g.describe(): result.kept(g) for g in result.groups if g.foldable}
+    predicted = model.count({g.gid: g.size for g in groups}) - model.count({g.gid: kept[g.describe()] for g in groups})
+    assert predicted > 0
+    assert param_count(MNIST) - param_count(dst) == pytest.approx(predicted, abs=0.5)
+
+
+def mlp_with_duplicated_group(path: str) -> str:
+    """x (N,12) -> Gemm 12->32 (16 channels, each twice) -> Relu -> Gemm 32->32 (distinct) -> Relu -> Gemm ->4."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 12)).astype(np.float32)
+    b1 = rng.standard_normal(16).astype(np.float32)
+    w2 = rng.standard_normal((32, 16)).astype(np.float32)
+    inits = {"w1": np.concatenate([w1, w1]), "b1": np.concatenate([b1, b1]),
+             "w2": np.concatenate([w2, w2], axis=1) / 2, "b2": rng.standard_normal(32).astype(np.float32),
+             "w3": rng.standard_normal((4, 32)).astype(np.float32), "b3": np.zeros(4, np.float32)}
+    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["h1"], transB=1), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], transB=1), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Gemm", ["r2", "w3", "b3"], ["output"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 12])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_allocate_spends_the_budget_on_duplicated_channels(tmp_path):
+    src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
+    uniform, _ = fold_file(src, str(tmp_path / "u.onnx"), ratio=0.25, repair="none")
+    spread, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=0.25, repair="none", allocate=True)
+    kept = sorted(spread.kept(g) for g in spread.groups if g.foldable)
+    assert sorted(uniform.kept(g) for g in uniform.groups if g.foldable) == [24, 24]
+    assert 16 <= kept[0] < 24 and kept[1] == 32  # only duplicated pairs merged: free
+    assert param_count(str(tmp_path / "a.onnx")) <= param_count(str(tmp_path / "u.onnx"))
+    feeds = feeds_for(src)
+    dense = run(src, feeds)[0]
+    err = {name: np.abs(run(str(tmp_path / f"{name}.onnx"), feeds)[0] - dense).max() for name in "ua"}
+    assert err["a"] < 1e-4 < err["u"]
+
+
+def test_allocate_at_ratio_zero_changes_nothing(tmp_path):
+    result, _ = fold_file(MNIST, str(tmp_path / "z.onnx"), ratio=0.0, allocate=True)
+    assert result.plans == []
