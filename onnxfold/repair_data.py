@@ -36,8 +36,10 @@ def repair_with_data(graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np
     changed = _downstream_of_folds(graph, plans)
     bns = [n for n in graph.nodes if n.op == "BatchNormalization" and _bn_constant(n) and id(n) in changed]
     if bns:
-        waves = reset_bn_statistics(graph, bns, feeds)
-        return f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over {_count(feeds)} samples"
+        offsets = dense_bn_offsets(dense_path, bns, plans, feeds)
+        waves = reset_bn_statistics(graph, bns, feeds, offsets)
+        return f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over {_count(feeds)} samples " \
+               f"(paired with the dense model's running statistics)"
     producers = folded_producers(graph, plans)
     waves = match_producer_statistics(graph, producers, feeds, dense_path)
     return f"rescaled {len(producers)} merged producers to the dense statistics in {waves} passes " \
@@ -64,13 +66,51 @@ def _bn_constant(bn: gs.Node) -> bool:
     return len(bn.inputs) >= 5 and all(isinstance(t, gs.Constant) for t in bn.inputs[1:5])
 
 
-def reset_bn_statistics(graph: gs.Graph, bns: list[gs.Node], feeds) -> int:
-    """Set each BN's mean/var (C,) to its input's per-channel statistics; returns the number of passes."""
+def dense_bn_offsets(dense_path: str, bns: list[gs.Node], plans: list[FoldPlan], feeds) -> dict[int, tuple]:
+    """How far the calibration sample's statistics sit from the dense model's running statistics, per BN of
+    the folded graph: id(bn) -> (mean shift (k,), variance ratio (k,)), averaged over each cluster's members.
+
+    The folded model sees the same sample, so its statistics err the same way: adding the shift and applying
+    the ratio (a paired, control-variate estimate) cancels most of the noise of a few dozen samples."""
+    dense = gs.import_onnx(onnx.load(dense_path))
+    by_output = {n.outputs[0].name: n for n in dense.nodes if n.op == "BatchNormalization" and _bn_constant(n)}
+    pairs = [(bn, by_output[bn.outputs[0].name]) for bn in bns if bn.outputs[0].name in by_output]
+    if not pairs:
+        return {}
+    names = [d.inputs[0].name for _, d in pairs]
+    stats = _stats_of(_session_with_outputs(onnx.load(dense_path), names), names, [1] * len(names), feeds)
+    labels = {id(m.tensor): plan.labels for plan in plans for m in plan.group.members if m.tag == "bn_scale"}
+    offsets = {}
+    for (bn, d), (mean, var) in zip(pairs, stats):
+        run_mean = np.asarray(d.inputs[3].values, np.float64)
+        run_var = np.asarray(d.inputs[4].values, np.float64)
+        lab = labels.get(id(bn.inputs[1]), np.arange(len(run_mean)))
+        if len(lab) != len(run_mean):
+            continue
+        ratio = np.where(var > 1e-12, run_var / np.maximum(var, 1e-12), 1.0)
+        offsets[id(bn)] = (_cluster_average(lab, run_mean - mean), _cluster_average(lab, ratio))
+    return offsets
+
+
+def _cluster_average(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Mean of values (n,) over each cluster's members -> (k,); channels labelled -1 are ignored."""
+    keep = labels >= 0
+    counts = np.bincount(labels[keep])
+    return np.bincount(labels[keep], weights=values[keep], minlength=len(counts)) / np.maximum(counts, 1)
+
+
+def reset_bn_statistics(graph: gs.Graph, bns: list[gs.Node], feeds, offsets: dict | None = None) -> int:
+    """Set each BN's mean/var (C,) to its input's per-channel statistics, corrected by `offsets`
+    (id(bn) -> (mean shift (C,), variance ratio (C,)), see dense_bn_offsets); returns the number of passes."""
     levels = _levels(graph, bns)
+    offsets = offsets or {}
     for level in sorted(set(levels.values())):
         wave = [bn for bn in bns if levels[id(bn)] == level]
         stats = channel_stats(graph, [(bn.inputs[0].name, 1) for bn in wave], feeds)
         for bn, (mean, var) in zip(wave, stats):
+            if id(bn) in offsets and len(offsets[id(bn)][0]) == len(mean):
+                shift, ratio = offsets[id(bn)]
+                mean, var = mean + shift, var * ratio
             dtype = np.asarray(bn.inputs[3].values).dtype
             bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_calibrated", mean.astype(dtype))
             bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_calibrated", var.astype(dtype))

@@ -40,7 +40,13 @@ def bn_model(path: str) -> str:
     return path
 
 
+def cluster_mean(labels, values):
+    return np.array([values[labels == j].mean() for j in range(labels.max() + 1)])
+
+
 def test_repair_with_data_sets_bn_statistics_to_measured_values(tmp_path):
+    """REPAIR measures the folded channel's statistics on the sample and corrects them by how far the same
+    sample's dense statistics sit from the dense running statistics (cluster averages)."""
     src = bn_model(str(tmp_path / "bn.onnx"))
     calib = {"input": (3.0 + 2.0 * RNG.standard_normal((40, 4, 5, 5))).astype(np.float32)}
     loaded = load_model(src)
@@ -51,9 +57,15 @@ def test_repair_with_data_sets_bn_statistics_to_measured_values(tmp_path):
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
     w, b = values[conv.input[1]][:, :, 0, 0], values[conv.input[2]]
-    y = np.einsum("oc,nchw->nohw", w.astype(np.float64), calib["input"].astype(np.float64)) + b[None, :, None, None]
-    np.testing.assert_allclose(values[bn.input[3]], y.mean(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(values[bn.input[4]], y.var(axis=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    x = calib["input"].astype(np.float64)
+    y = np.einsum("oc,nchw->nohw", w.astype(np.float64), x) + b[None, :, None, None]
+    dense = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(src).graph.initializer}
+    yd = np.einsum("oc,nchw->nohw", dense["w1"][:, :, 0, 0], x) + dense["b1"][None, :, None, None]
+    labels = result.plans[0].labels
+    shift = cluster_mean(labels, dense["m"] - yd.mean(axis=(0, 2, 3)))
+    ratio = cluster_mean(labels, dense["v"] / yd.var(axis=(0, 2, 3)))
+    np.testing.assert_allclose(values[bn.input[3]], y.mean(axis=(0, 2, 3)) + shift, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(values[bn.input[4]], y.var(axis=(0, 2, 3)) * ratio, rtol=1e-4, atol=1e-4)
     assert values[bn.input[3]].shape == (4,)
 
 
