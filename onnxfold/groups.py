@@ -66,6 +66,7 @@ class Discovery:
         self.members: list[Member] = []
         self.reasons: dict[int, list[str]] = {}
         self.tensor_names: dict[int, list[str]] = {}
+        self.pieces: dict[int, tuple[int, int]] = {}  # group cut by split() -> its two pieces
 
     # ---- union-find -------------------------------------------------------------------------------
     def new_group(self, size: int, tensor: gs.Tensor | None = None) -> int:
@@ -99,17 +100,27 @@ class Discovery:
 
     # ---- operations the rules use -------------------------------------------------------------------
     def layout(self, tensor: gs.Tensor) -> Layout | None:
-        """Layout of an activation tensor, or None for constants and untracked tensors."""
+        """Layout of an activation tensor, or None for constants and untracked tensors (and for a tensor
+        whose groups now have different unit sizes: those groups are frozen)."""
         layout = None if isinstance(tensor, gs.Constant) else self.layouts.get(tensor.name)
-        return None if layout is None else self.refresh(layout)
+        if layout is None:
+            return None
+        try:
+            return self.refresh(layout)
+        except ValueError as e:
+            self.freeze(layout, f"'{tensor.name}' {e}")
+            return None
 
     def refresh(self, layout: Layout) -> Layout:
-        """The layout with its groups' current channel units (after coarsen())."""
+        """The layout with its groups' current channel units (after coarsen()). Raises ValueError when its
+        parts were coarsened differently (heads next to plain channels in one tensor)."""
         if all(p.size == self.sizes[p.gid] for p in layout.parts):
             return layout
-        (part,) = layout.parts  # coarsen() only proceeds when every layout of the group has one part
-        factor = part.size // self.sizes[part.gid]
-        return Layout(layout.axis, layout.rank, (Part(part.gid, self.sizes[part.gid]),), layout.repeat * factor)
+        factors = {p.size // self.sizes[p.gid] for p in layout.parts}
+        if len(factors) != 1:
+            raise ValueError("holds channel groups of different unit sizes (heads next to channels)")
+        parts = tuple(Part(p.gid, self.sizes[p.gid]) for p in layout.parts)
+        return Layout(layout.axis, layout.rank, parts, layout.repeat * factors.pop())
 
     def coarsen(self, layout: Layout, factor: int, why: str) -> Layout | None:
         """Make `factor` consecutive channels of the layout's group one unit (attention: a head of head_dim
@@ -119,15 +130,75 @@ class Discovery:
             return layout
         root = self.find(layout.parts[0].gid) if len(layout.parts) == 1 else None
         gids = [g for g in range(len(self.parent)) if root is not None and self.find(g) == root]
-        ok = root is not None and all(self.sizes[g] % factor == 0 for g in gids) and all(
-            len(lay.parts) == 1 for lay in self.layouts.values() if any(self.find(p.gid) == root for p in lay.parts))
-        if not ok:
+        # A tensor holding this group next to others (Concat, fused QKV) is refreshed only while all its
+        # parts have the same unit; reading it in between freezes its groups (see layout()).
+        if root is None or not all(self.sizes[g] % factor == 0 for g in gids):
             self.freeze(layout, f"{why}: channels cannot be grouped in blocks of {factor}")
             return None
         for g in gids:
             self.sizes[g] //= factor
             self.scale[g] *= factor
         return self.refresh(layout)
+
+    def split(self, layout: Layout, cuts: list[int], why: str) -> Layout | None:
+        """Cut the channel axis of `layout` at entry offsets `cuts` (Split/Slice outputs are its pieces).
+
+        A group straddling a cut becomes two groups (every group coupled to it is cut alike, its members
+        and every layout holding it follow). Returns the refined layout, whose part boundaries include every
+        cut, or None (frozen) when a cut falls inside a channel's entries."""
+        layout = self.refresh(layout)
+        if any(c % layout.repeat for c in cuts):
+            self.freeze(layout, f"{why}: cuts inside a channel")
+            return None
+        units = sorted({c // layout.repeat for c in cuts})
+        while True:
+            cut = next(((p, u - s) for u in units for s, p in zip(layout.starts(), layout.parts)
+                        if s < u < s + p.size), None)
+            if cut is None:
+                return layout
+            self._cut_class(self.find(cut[0].gid), cut[1])
+            layout = self._replace_cut(layout)
+
+    def _cut_class(self, root: int, at: int) -> None:
+        """Replace every group coupled to `root` by two groups: units [0, at) and [at, size)."""
+        pieces: dict[int, tuple[int, int]] = {}
+        for g in [g for g in range(len(self.parent)) if g not in self.pieces and self.find(g) == root]:
+            pieces[g] = (self.new_group(at), self.new_group(self.sizes[g] - at))
+            for piece in pieces[g]:
+                self.scale[piece] = self.scale[g]
+                self.reasons[piece] = list(self.reasons.get(g, []))
+                self.tensor_names[piece] = list(self.tensor_names.get(g, []))
+            self.pieces[g] = pieces[g]
+        first = next(iter(pieces.values()))
+        for a, b in pieces.values():
+            self.union(first[0], a, "split")
+            self.union(first[1], b, "split")
+        members, scales = [], []
+        for m, s in zip(self.members, self.member_scale):
+            if m.gid not in pieces:
+                members.append(m)
+                scales.append(s)
+                continue
+            a, b = pieces[m.gid]
+            shift = at * (self.scale[m.gid] // s) * m.repeat
+            members += [_with_gid(m, a), Member(m.tensor, m.axis, m.role, b, m.offset + shift, m.repeat, m.tag)]
+            scales += [s, s]
+        self.members, self.member_scale = members, scales
+        for name, lay in self.layouts.items():
+            self.layouts[name] = self._replace_cut(lay)
+
+    def _replace_cut(self, layout: Layout) -> Layout:
+        """The layout with each cut group's part replaced by its pieces (in the unit the layout recorded)."""
+        if not any(p.gid in self.pieces for p in layout.parts):
+            return layout
+        parts = []
+        for p in layout.parts:
+            if p.gid not in self.pieces:
+                parts.append(p)
+                continue
+            factor = p.size // self.sizes[p.gid]
+            parts += [Part(piece, self.sizes[piece] * factor) for piece in self.pieces[p.gid]]
+        return self._replace_cut(Layout(layout.axis, layout.rank, tuple(parts), layout.repeat))
 
     def set_layout(self, tensor: gs.Tensor, layout: Layout | None) -> None:
         if layout is not None:
@@ -187,7 +258,7 @@ class Discovery:
         self._couple_shared_members()
         self._freeze_overlapping_members()
         out: dict[int, Group] = {}
-        for gid in range(len(self.parent)):
+        for gid in (g for g in range(len(self.parent)) if g not in self.pieces):
             root = self.find(gid)
             grp = out.setdefault(root, Group(root, self.sizes[root], unit=self.scale[root]))
             grp.frozen.extend(r for r in self.reasons.get(gid, []) if r not in grp.frozen)

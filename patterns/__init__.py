@@ -4,8 +4,9 @@ A rule receives the node and the Discovery state, reads its inputs' channel layo
 op does with channels: produce a new group, pass channels through, couple groups, add member slices, or
 freeze groups with a reason. Ops without a rule are boundaries (their tensors' groups are frozen).
 """
-from . import elementwise, linear, norm, reshape, shape_ops
+from . import elementwise, linear, norm, reshape, shape_ops, split
 
-RULES = {**linear.RULES, **elementwise.RULES, **norm.RULES, **shape_ops.RULES, **reshape.RULES}
+RULES = {**linear.RULES, **elementwise.RULES, **norm.RULES, **shape_ops.RULES, **reshape.RULES,
+         **split.RULES}
 
 __all__ = ["RULES"]

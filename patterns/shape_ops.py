@@ -1,7 +1,8 @@
 """Ops that move, pool, resize, slice or concatenate tensors without mixing channels.
 
 Each rule works out where the channel axis goes; a Concat along channels lays the inputs' groups side by side;
-a Flatten of C×H×W turns each channel into H·W consecutive entries (repeat). Reshape/Expand: reshape.py.
+a Flatten of C×H×W turns each channel into H·W consecutive entries (repeat). Reshape/Expand: reshape.py;
+Split/Slice: split.py.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from onnxfold.layout import EXTENT, Layout
 
-from .common import (Discovery, const_value, freeze_all, int_list, norm_axis, out_rank, pass_through, rank_of,
+from .common import (Discovery, const_value, freeze_all, int_list, norm_axis, out_rank, pass_through,
                      static_product, where)
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
@@ -117,25 +118,6 @@ def concat(node: gs.Node, d: Discovery) -> None:
     d.set_layout(node.outputs[0], Layout(axis, out_rank(node, rank), parts, known[0].repeat))
 
 
-def slice_or_split(node: gs.Node, d: Discovery) -> None:
-    """Slicing along non-channel axes passes channels through; along the channel axis it is declined."""
-    lx = d.layout(node.inputs[0])
-    if lx is None:
-        return
-    if node.op == "Split":
-        axes = [norm_axis(int(node.attrs.get("axis", 0)), lx.rank)]
-    else:
-        axes = int_list(node, "axes", 3)
-        starts = int_list(node, "starts", 1)
-        if axes is None and starts is not None:
-            axes = list(range(len(starts)))
-        axes = None if axes is None else [norm_axis(a, lx.rank) for a in axes]
-    if axes is None or lx.axis in axes:
-        return freeze_all(node, d, f"{where(node)} slices the channel axis")
-    for out in node.outputs:
-        d.set_layout(out, lx.moved(lx.axis, rank_of(out) or lx.rank))
-
-
 def pad(node: gs.Node, d: Discovery) -> None:
     lx = d.layout(node.inputs[0])
     if lx is None:
@@ -187,6 +169,6 @@ RULES = {
     **{op: pool for op in POOLS},
     **{op: reduce for op in REDUCES},
     "Transpose": transpose, "Unsqueeze": unsqueeze, "Squeeze": squeeze, "Flatten": flatten,
-    "Concat": concat, "Split": slice_or_split, "Slice": slice_or_split, "Pad": pad,
+    "Concat": concat, "Pad": pad,
     "Resize": resize, "Upsample": resize, "Gather": gather, "Shape": metadata, "Size": metadata,
 }
