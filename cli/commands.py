@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import resource
 import sys
-
-import onnx
+import time
 
 from onnxfold import validate
 from onnxfold.errors import UserError
 from onnxfold.fold import FoldOptions, FoldResult, fold_graph
 from onnxfold.groups import discover
 from onnxfold.load import load_model
-from onnxfold.save import to_proto, write_atomic
+from onnxfold.save import check_data_target, save_graph
 
 from . import report
 from .progress import Progress, Step
@@ -34,26 +35,43 @@ def fold(args: argparse.Namespace) -> int:
     _check_paths(args.input, output, args.data, args.calib)
     data = validate.read_npz(args.data) if args.data else None
     calib_data = _read_calib(args)
-    with Step("loading", not args.quiet):
-        loaded = load_model(args.input)
-        dense_proto = onnx.load(args.input)
-    with Step("folding", not args.quiet):
+    steps: dict = {}
+    with Step("loading", not args.quiet), _measured(steps, "load"):
+        # Weights in external-data files stay on disk until used, unless a repair exports the graph to run it.
+        loaded = load_model(args.input, lazy=args.repair not in ("data", "dir"))
+        check_data_target(output, loaded.data_files)
+    with Step("folding", not args.quiet), _measured(steps, "fold"):
         calib = _calibration_inputs(args, calib_data)
         progress = Progress("clustering group", not args.quiet)
         result = fold_graph(loaded.graph, loaded.opset, options, progress, calib, args.input)
         progress.done()
     validation: dict = {}
-    with Step("validating and writing", not args.quiet):
-        proto = to_proto(loaded.graph, loaded.opset)
+    with Step("validating and writing", not args.quiet), _measured(steps, "write_and_validate"):
+        one_at_a_time = loaded.file_bytes >= validate.ONE_AT_A_TIME_BYTES
         checker = None if args.no_validate else (lambda tmp: validation.update(
-            _validate(args.input, tmp, args.data, data, args.seed)))
-        size = write_atomic(proto, output, loaded.external_data, checker)
-    dense = _metrics(dense_proto, loaded.file_bytes, validation.get("feeds"), validation.get("latency", [None])[0])
-    folded = _metrics(proto, size, validation.get("feeds"), validation.get("latency", [None, None])[1])
+            _validate(args.input, tmp, args.data, data, args.seed, one_at_a_time)))
+        skeleton, size = save_graph(loaded.graph, loaded.opset, output, loaded.external_data, checker,
+                                    loaded.data_files)
+    with _measured(steps, "metrics"):
+        dense = _metrics(loaded.skeleton, loaded.file_bytes, validation.get("feeds"),
+                         validation.get("latency", [None])[0])
+        folded = _metrics(skeleton, size, validation.get("feeds"), validation.get("latency", [None, None])[1])
+    if one_at_a_time and not args.no_validate:
+        result.notes.append(f"input over {validate.ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models "
+                            f"validated one after the other (latencies timed separately, not interleaved)")
     _print_report(args, output, result, dense, folded, validation.get("comparison"))
     if args.report:
-        report.write_json(args.report, _payload(args, output, options, result, dense, folded, validation))
+        report.write_json(args.report, _payload(args, output, options, result, dense, folded, validation, steps))
     return 0
+
+
+@contextlib.contextmanager
+def _measured(steps: dict, name: str):
+    """Record the block's wall time and the process's peak RSS so far (bytes) as steps[name]."""
+    start = time.perf_counter()
+    yield
+    steps[name] = {"seconds": time.perf_counter() - start,
+                   "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _read_calib(args):
@@ -93,21 +111,22 @@ def _check_data_files(*paths: str | None) -> None:
             raise UserError(f"{path}: no such data file")
 
 
-def _validate(dense_path: str, folded_path: str, data_path: str | None, data, seed: int) -> dict:
-    dense, folded = validate.session(dense_path), validate.session(folded_path)
-    if data is not None:
-        feeds, labels = validate.match_inputs(data[0], dense, data_path), data[1]
-        source = f"{data_path} ({len(next(iter(feeds.values())))} samples)"
-    else:
-        feeds, labels = validate.random_feeds(dense, seed=seed), None
-        source = f"8 random samples (seed {seed})"
-    comparison = validate.compare(dense, folded, feeds, labels, source)
-    return {"comparison": comparison, "latency": validate.latency_ms([dense, folded], feeds), "feeds": feeds}
+def _validate(dense_path: str, folded_path: str, data_path: str | None, data, seed: int,
+              one_at_a_time: bool = False) -> dict:
+    def make_feeds(dense):
+        if data is not None:
+            feeds = validate.match_inputs(data[0], dense, data_path)
+            return feeds, data[1], f"{data_path} ({len(next(iter(feeds.values())))} samples)"
+        return validate.random_feeds(dense, seed=seed), None, f"8 random samples (seed {seed})"
+
+    return validate.validate_files(dense_path, folded_path, make_feeds, one_at_a_time)
 
 
-def _metrics(proto, file_bytes: int, feeds, latency) -> dict:
-    macs = validate.count_macs(proto, feeds) if feeds is not None else None
-    return {"params": validate.count_params(proto), "macs": macs, "file_bytes": file_bytes, "latency_ms": latency}
+def _metrics(skeleton, file_bytes: int, feeds, latency) -> dict:
+    """Parameters and MACs counted on the model without its weight data, file size and latency."""
+    macs = validate.count_macs(skeleton, feeds) if feeds is not None else None
+    return {"params": validate.count_params(skeleton), "macs": macs, "file_bytes": file_bytes,
+            "latency_ms": latency}
 
 
 def _print_report(args, output: str, result: FoldResult, dense: dict, folded: dict, comparison) -> None:
@@ -131,11 +150,16 @@ def _print_report(args, output: str, result: FoldResult, dense: dict, folded: di
     print(report.summary_line(output, dense, folded, comparison))
 
 
-def _payload(args, output, options, result: FoldResult, dense, folded, validation) -> dict:
+def _payload(args, output, options, result: FoldResult, dense, folded, validation, steps=None) -> dict:
+    """The --report JSON; each group row carries its clustering time (seconds) when it was folded, and
+    steps the wall time and peak RSS after loading, folding, writing and validating, and counting."""
+    rows = report.group_rows(result)
+    for row, g in zip(rows, result.groups):
+        row["seconds"] = result.group_seconds.get(g.gid)
     return {"input": args.input, "output": output, "options": options, "backend": result.backend,
             "repair": {"method": result.repair, "why": result.repair_why}, "fold_seconds": result.seconds,
-            "groups": report.group_rows(result), "dense": dense, "folded": folded,
-            "comparison": validation.get("comparison")}
+            "groups": rows, "dense": dense, "folded": folded,
+            "comparison": validation.get("comparison"), "steps": steps or {}}
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -237,7 +261,7 @@ def export(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_dir):
         raise UserError(f"{args.output}: output directory '{out_dir}' does not exist")
     with Step("exporting"):
-        output_name = export_hf(args.model_dir, args.output, args.opset)
+        output_name = export_hf(args.model_dir, args.output, args.opset, args.with_past)
     loaded = load_model(args.output)
     groups = discover(loaded.graph, loaded.opset)
     kinds = [g.kind for g in groups if g.foldable]

@@ -74,6 +74,7 @@ class FoldResult:
     backend: str
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    group_seconds: dict[int, float] = field(default_factory=dict)  # gid -> time to cluster that group
 
     def kept(self, group: Group) -> int:
         plan = next((p for p in self.plans if p.group is group), None)
@@ -136,17 +137,19 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     if options.allocate:
         keep = allocate(todo, ratios, group_features, lambda g, r: _clusters(g, r, options))
         keep = {g.gid: _clusters(g, 1.0 - keep[g.gid] / g.size, options) for g in todo}
-    plans = []
+    plans, seconds = [], {}
     for i, group in enumerate(todo):
         if progress:
             progress(i, len(todo), group.describe())
+        t0 = time.perf_counter()
         plan = plan_group(group, options, repair, backend, standardized, keep[group.gid])
+        seconds[group.gid] = time.perf_counter() - t0
         if plan is not None:
             plans.append(plan)
     apply_plans(plans)
     sync_depthwise_groups(graph)
     forget_shapes(graph)
-    result = FoldResult(groups, plans, repair, why, backend)
+    result = FoldResult(groups, plans, repair, why, backend, group_seconds=seconds)
     if repair in ("data", "dir") and plans:
         if calib is None or dense_path is None:
             raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")

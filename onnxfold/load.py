@@ -1,6 +1,8 @@
 """Load an ONNX file into an onnx-graphsurgeon graph, with clear errors for bad input.
 
-Protobuf is touched here and in save.py only; everything between works on the gs.Graph.
+Protobuf is touched here and in save.py only; everything between works on the gs.Graph. Weights stored in
+external-data files are read by `ExternalValues` straight into numpy arrays (never into the protobuf); with
+`lazy=True` they stay on disk until first used, so a model over 2 GB is never held twice in memory.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from google.protobuf.message import DecodeError
 
 from .errors import UserError
@@ -19,36 +22,48 @@ MIN_OPSET = 11
 
 @dataclass
 class LoadedModel:
-    """A model as read from disk: the graph, where it came from, and how its weights were stored."""
+    """A model as read from disk: the graph, where it came from, and how its weights were stored.
+
+    skeleton: the input model without its large tensor data (dims and types kept), for counting parameters
+    and MACs without a second copy of the weights."""
 
     graph: gs.Graph
     path: str
     file_bytes: int
     external_data: bool
     opset: int
+    skeleton: onnx.ModelProto | None = None
+    data_files: tuple[str, ...] = ()  # absolute paths of its external-data files
 
 
-def load_model(path: str) -> LoadedModel:
+def load_model(path: str, lazy: bool = False) -> LoadedModel:
     """Read `path` (an .onnx file, with external data beside it if any) into a LoadedModel.
 
+    lazy: external-data weights are read from disk only when a step uses them (`Constant.values`); use it
+    when the graph is written back with save.save_graph, not when it is exported to protobuf in memory.
     Raises UserError (one line, how to fix) for missing, unreadable, truncated or non-ONNX files,
-    missing external-data files and opsets older than 11.
+    missing or short external-data files and opsets older than 11.
     """
     proto = _read_proto(path)
+    base = os.path.dirname(os.path.abspath(path))
     external = _uses_external_data(proto)
     if external:
-        _load_external(proto, path)
+        _check_external(proto, path, base)
     _check_structure(path, proto)
     opset = _default_opset(proto)
     if opset < MIN_OPSET:
         raise UserError(f"{path}: opset {opset} is older than {MIN_OPSET}; upgrade it with onnx.version_converter")
-    graph = gs.import_onnx(observed_shapes(_with_inferred_shapes(proto)))
+    skeleton = skeleton_of(proto)
+    graph = gs.import_onnx(observed_shapes(_with_inferred_shapes(proto, skeleton), base if external else None))
+    attach_external(graph, base, lazy)
     constants_from_nodes(graph)
     fold_constant_subgraphs(graph)
     unshare_shape_concats(graph)
     unshare_small_constants(graph)
     graph.toposort()
-    return LoadedModel(graph, path, _size_with_data(path, proto), external, opset)
+    files = tuple(sorted({ExternalRef.of(t, base).file for t in _all_tensors(proto)
+                          if t.data_location == onnx.TensorProto.EXTERNAL}))
+    return LoadedModel(graph, path, _size_with_data(path, proto), external, opset, skeleton, files)
 
 
 def _read_proto(path: str) -> onnx.ModelProto:
@@ -71,11 +86,12 @@ def _read_proto(path: str) -> onnx.ModelProto:
 
 
 def _check_structure(path: str, proto: onnx.ModelProto) -> None:
-    """onnx.checker without tensor data: catches truncated files that still parse as protobuf."""
+    """onnx.checker on the file (it resolves external-data locations beside it and loads no external data):
+    catches truncated files that still parse as protobuf."""
     if proto.ByteSize() >= 2**31 - 2**20:
         return
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(path)
     except (onnx.checker.ValidationError, Exception) as e:  # noqa: BLE001 - any checker failure is bad input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a valid ONNX model ({first[:200]})") from None
@@ -93,19 +109,125 @@ def _all_tensors(proto: onnx.ModelProto):
                 yield attr.t
 
 
-def _load_external(proto: onnx.ModelProto, path: str) -> None:
-    base = os.path.dirname(os.path.abspath(path))
+def _check_external(proto: onnx.ModelProto, path: str, base: str) -> None:
+    """Every external-data file exists beside the model and holds the bytes its tensors point to."""
     for t in _all_tensors(proto):
         if t.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = {e.key: e.value for e in t.external_data}.get("location", "")
-        if not os.path.isfile(os.path.join(base, location)):
-            raise UserError(f"{path}: external-data file '{location}' for tensor '{t.name}' is missing; "
+        ref = ExternalRef.of(t, base)
+        if not os.path.isfile(ref.file):
+            raise UserError(f"{path}: external-data file '{ref.location}' for tensor '{t.name}' is missing; "
                             f"keep it beside the model")
-    try:
-        onnx.external_data_helper.load_external_data_for_model(proto, base)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read external data ({e})") from None
+        if ref.offset + ref.length > os.path.getsize(ref.file):
+            raise UserError(f"{path}: external-data file '{ref.location}' is shorter than tensor '{t.name}' needs "
+                            f"(truncated copy?)")
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """Where one tensor's bytes lie: file (absolute), location (as written in the model), offset, length."""
+
+    file: str
+    location: str
+    offset: int
+    length: int
+
+    @staticmethod
+    def of(tensor: onnx.TensorProto, base: str) -> "ExternalRef":
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * np_dtype(tensor.data_type).itemsize
+        return ExternalRef(os.path.join(base, location), location, int(info.get("offset", 0) or 0),
+                           int(info.get("length", nbytes) or nbytes))
+
+
+def np_dtype(onnx_type: int) -> np.dtype:
+    """numpy dtype of an ONNX element type; bfloat16 (stored as 16-bit patterns) is ml_dtypes.bfloat16."""
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
+
+
+class ExternalValues(LazyValues):
+    """Values of a tensor held in an external-data file, read on first use into a numpy array (n-d, the
+    tensor's dtype; bfloat16 as ml_dtypes.bfloat16). `ref` says where the bytes are (save.py copies them
+    from there when the tensor was not changed)."""
+
+    def __init__(self, tensor: onnx.TensorProto, base: str):
+        super().__init__(tensor)
+        self.ref = ExternalRef.of(tensor, base)
+        self.dtype = np_dtype(tensor.data_type)
+
+    def load(self) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        with open(self.ref.file, "rb") as f:
+            f.seek(self.ref.offset)
+            got = f.readinto(out.reshape(-1).view(np.uint8))
+        if got != out.nbytes:
+            raise UserError(f"external-data file '{self.ref.location}' ended inside tensor '{self.tensor.name}'")
+        return out
+
+
+class InlineValues(LazyValues):
+    """LazyValues for tensors stored in the model file, loading bfloat16 without gs's cast warning."""
+
+    def load(self) -> np.ndarray:
+        return np.array(onnx.numpy_helper.to_array(self.tensor))
+
+
+def all_constants(graph: gs.Graph) -> list[gs.Constant]:
+    """Every gs.Constant of the graph and its subgraphs, node-attribute tensors included, each once."""
+    seen: dict[int, gs.Constant] = {}
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            if isinstance(t, gs.Constant):
+                seen.setdefault(id(t), t)
+        for node in g.nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Constant):
+                    seen.setdefault(id(value), value)
+    return list(seen.values())
+
+
+def attach_external(graph: gs.Graph, base: str, lazy: bool) -> None:
+    """Give every not-yet-loaded constant a loader: ExternalValues for external data (read now unless lazy),
+    InlineValues otherwise."""
+    for c in all_constants(graph):
+        values = c._values
+        if type(values) is not LazyValues:
+            continue
+        if values.tensor.data_location == onnx.TensorProto.EXTERNAL:
+            c._values = ExternalValues(values.tensor, base)
+            if not lazy:
+                c.values  # noqa: B018 - reads the data now
+        else:
+            c._values = InlineValues(values.tensor)
+
+
+def peek(tensor: gs.Constant) -> np.ndarray:
+    """The values of a constant without keeping them in the graph: a weight not yet loaded is read for this
+    call only (a step that needs every weight once, e.g. clustering features, then holds one at a time)."""
+    values = tensor._values
+    return values.load() if isinstance(values, LazyValues) else np.asarray(values)
+
+
+def skeleton_of(model: onnx.ModelProto, max_inline: int = 1024) -> onnx.ModelProto:
+    """A copy of `model` whose initializers over `max_inline` bytes keep name, dims and type but no data
+    (marked external, location '(not loaded)'): enough for counting parameters and for shape inference."""
+    out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
+                          producer_version=model.producer_version, domain=model.domain,
+                          model_version=model.model_version, opset_import=model.opset_import,
+                          functions=model.functions, metadata_props=model.metadata_props)
+    src, dst = model.graph, out.graph
+    dst.name = src.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(dst, field).extend(getattr(src, field))
+    for t in src.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() <= max_inline:
+            dst.initializer.append(t)
+        else:
+            stub = dst.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type,
+                                       data_location=onnx.TensorProto.EXTERNAL)
+            stub.external_data.add(key="location", value="(not loaded)")
+    return out
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -159,21 +281,27 @@ def _constant_of(node: gs.Node):
 def _constant_node_value(node: gs.Node):
     name = node.outputs[0].name
     if isinstance(node.attrs.get("value"), gs.Constant):
-        return gs.Constant(name, node.attrs["value"].values)
+        return gs.Constant(name, node.attrs["value"]._values)  # still lazy when not read yet
     for attr, dtype in _SCALAR_ATTRS.items():
         if attr in node.attrs:
             return gs.Constant(name, np.asarray(node.attrs[attr], dtype=dtype))
     return None
 
 
-def _with_inferred_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Shapes of intermediate tensors (channel axes are read from them); the model as is if inference fails."""
-    if proto.ByteSize() >= 2**31 - 2**20:
+def _with_inferred_shapes(proto: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` with the shapes of intermediate tensors (channel axes are read from them), inferred on its
+    data-free `skeleton` (no copy of the weights); the model as is if inference fails."""
+    if skeleton.ByteSize() >= 2**31 - 2**20:
         return proto
     try:
-        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:  # noqa: BLE001 - a model onnx cannot infer is still foldable where shapes are known
         return proto
+    if inferred is not proto:
+        for field in ("value_info", "output"):
+            del getattr(proto.graph, field)[:]
+            getattr(proto.graph, field).extend(getattr(inferred.graph, field))
+    return proto
 
 
 def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
@@ -194,17 +322,18 @@ SHAPE_OPS = ("Reshape", "Expand")
 SYMBOLIC_SIZES = (2, 5)  # batch, then every other symbolic dim, when shapes are observed by running the model
 
 
-def observed_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+def observed_shapes(proto: onnx.ModelProto, data_dir: str | None = None) -> onnx.ModelProto:
     """When static inference leaves Reshape/Expand outputs with unknown dims (head counts computed at run
     time from Shape ops), run the model once on small seeded inputs and record every intermediate shape.
 
+    data_dir: the folder of the model's external-data files (onnxruntime reads them from there).
     Graph inputs and outputs keep their declared (symbolic) shapes. Returns `proto` unchanged when nothing
     is unknown, the model is over 2 GB, or onnxruntime cannot run it.
     """
     if proto.ByteSize() >= 2**31 - 2**20 or not _has_unknown_reshape(proto):
         return proto
     try:
-        shapes = _run_for_shapes(proto)
+        shapes = _run_for_shapes(proto, data_dir)
     except Exception:  # noqa: BLE001 - observation is a best effort; static shapes remain
         return proto
     io_names = {v.name for v in list(proto.graph.input) + list(proto.graph.output)}
@@ -227,7 +356,7 @@ def _has_unknown_reshape(proto: onnx.ModelProto) -> bool:
     return False
 
 
-def _run_for_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...]]]:
+def _run_for_shapes(proto: onnx.ModelProto, data_dir: str | None = None) -> dict[str, tuple[int, tuple[int, ...]]]:
     """name -> (element type, concrete shape) of every node output, from one onnxruntime run."""
     import onnxruntime as ort
 
@@ -239,6 +368,8 @@ def _run_for_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, .
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if data_dir is not None:
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", data_dir)
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     from .validate import random_feeds
 
@@ -298,13 +429,18 @@ def _unshareable(node: gs.Node, t: gs.Tensor, max_size: int) -> bool:
     """Small integer constants (shape vectors), and float vectors (biases, BN statistics, per-channel
     scales: at most one dim > 1) that an exporter deduplicated because their values happened to be equal,
     e.g. zero biases or unit BN scales of untrained layers. Shared weight matrices (tied embeddings) stay
-    shared and couple their groups."""
+    shared and couple their groups. Decided from shape and dtype alone: no weight is read here."""
     if not isinstance(t, gs.Constant):
         return False
-    values = np.asarray(t.values)
-    if values.dtype.kind in "iu":
-        return values.size <= max_size
-    return 1 < values.size <= MAX_SHARED_VECTOR and sum(d > 1 for d in values.shape) <= 1
+    size = int(np.prod(t.shape, dtype=np.int64))
+    if _dtype_kind(t.dtype) in "iu":
+        return size <= max_size
+    return 1 < size <= MAX_SHARED_VECTOR and sum(d > 1 for d in t.shape) <= 1
+
+
+def _dtype_kind(dtype) -> str:
+    """numpy kind of a gs dtype (a numpy dtype, or an ONNX type number for types numpy lacks)."""
+    return np_dtype(dtype).kind if isinstance(dtype, int) else np.dtype(dtype).kind
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .groups import Group
 from .layout import EXTENT, MEAN, Member
+from .load import peek
 
 FEATURE_TAGS_SKIPPED = ("bn_mean", "bn_var")
 
@@ -63,7 +64,7 @@ def group_features(group: Group) -> np.ndarray:
     for m in group.members:
         if m.role == EXTENT or m.tag in FEATURE_TAGS_SKIPPED:
             continue
-        block = channel_block(np.asarray(m.tensor.values), m, group.size)
+        block = channel_block(peek(m.tensor), m, group.size)  # weights not kept loaded
         rms = float(np.sqrt(np.mean(np.square(block, dtype=np.float64))))
         blocks.append(block / rms if rms > 0 else block)
     return np.concatenate(blocks, axis=1) if blocks else np.zeros((group.size, 0), np.float32)

@@ -1,20 +1,28 @@
 """Export the graph to ONNX, check it, and write it atomically (temporary name, then rename).
 
 External data is used when the model is over 2 GB or the input came with it. The output replaces the target
-only after onnx.checker (and, through `validate_file`, onnxruntime) accepted it.
+only after onnx.checker (and, through `check`, onnxruntime) accepted it. `save_graph` streams the weights of
+an external-data model to disk one tensor at a time, so the weights are never held twice in memory.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import UserError
+from .load import ExternalValues, all_constants, skeleton_of
 
 TWO_GB = 2**31 - 2**20
+INLINE_BYTES = 1024  # tensors up to this size stay in the .onnx file (shape vectors, scalars)
+ALIGN = 4096  # external tensors start on a page boundary, so onnxruntime can map them
+CHUNK = 64 << 20  # bytes copied at a time from the input's data file
 
 
 def to_proto(graph: gs.Graph, opset: int) -> onnx.ModelProto:
@@ -32,6 +40,99 @@ def write_atomic(model: onnx.ModelProto, path: str, external: bool, check=None) 
     Returns the bytes written (model plus data file).
     """
     external = external or model.ByteSize() >= TWO_GB
+
+    def write(tmp_model: str) -> None:
+        onnx.save_model(model, tmp_model, save_as_external_data=external, all_tensors_to_one_file=True,
+                        location=os.path.basename(path) + ".data", size_threshold=INLINE_BYTES)
+
+    return _atomic(path, write, check)
+
+
+def save_graph(graph: gs.Graph, opset: int, path: str, external: bool,
+               check: Callable[[str], None] | None = None, protect: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, int]:
+    """Write `graph` to `path` atomically; returns (the written model without its large tensor data, bytes
+    written). External data (`path`.data) is used when `external` or the weights reach 2 GB; then every large
+    tensor is written straight from its array or copied from the input's data file, and the graph's
+    constants are left pointing at the written file (their arrays are released). `protect`: files (the
+    input's data) the output must not replace."""
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    constants = all_constants(graph)
+    check_data_target(path, tuple(protect) + tuple(c._values.ref.file for c in constants
+                                                   if isinstance(c._values, ExternalValues)))
+    if not external and sum(_nbytes(c) for c in constants) < TWO_GB:
+        for c in constants:
+            _inline(c)
+        model = to_proto(graph, opset)
+        size = write_atomic(model, path, False, check)
+        return skeleton_of(model), size
+    skeleton: list[onnx.ModelProto] = []
+
+    def write(tmp_model: str) -> None:
+        data_name = os.path.basename(path) + ".data"
+        final_dir = os.path.dirname(os.path.abspath(path))
+        with open(os.path.join(os.path.dirname(tmp_model), data_name), "wb") as f:
+            for c in constants:
+                if _nbytes(c) > INLINE_BYTES:
+                    c._values = _write_tensor(c, f, data_name, final_dir)
+                else:
+                    _inline(c)
+        model = to_proto(graph, opset)
+        onnx.save_model(model, tmp_model)
+        skeleton.append(model)
+
+    size = _atomic(path, write, check)
+    return skeleton[0], size
+
+
+def _inline(c: gs.Constant) -> None:
+    """Make `c` export with its data in the model file (read from external data if not loaded yet)."""
+    if isinstance(c._values, ExternalValues):
+        c.values  # noqa: B018 - reads the data
+    c.data_location = None
+
+
+def check_data_target(path: str, protect: tuple[str, ...]) -> None:
+    """UserError when the output's data file (`path`.data) would replace one of the files in `protect`."""
+    target = os.path.abspath(path) + ".data"
+    if os.path.exists(target) and any(os.path.exists(p) and os.path.samefile(p, target) for p in set(protect)):
+        raise UserError(f"{path}: its data file {target} would replace the input's external data; "
+                        f"write the output elsewhere (-o)")
+
+
+def _nbytes(c: gs.Constant) -> int:
+    values = c._values
+    return int(values.nbytes) if isinstance(values, (LazyValues, np.ndarray)) else np.asarray(values).nbytes
+
+
+def _write_tensor(c: gs.Constant, f, location: str, final_dir: str) -> ExternalValues:
+    """Append one constant's bytes to the open data file `f` (page-aligned); returns its new lazy values."""
+    f.seek(-f.tell() % ALIGN, os.SEEK_CUR)
+    offset = f.tell()
+    values = c._values
+    if isinstance(values, ExternalValues):  # unchanged since loading: copy the bytes, never parse them
+        with open(values.ref.file, "rb") as src:
+            src.seek(values.ref.offset)
+            left = values.ref.length
+            while left:
+                chunk = src.read(min(CHUNK, left))
+                if not chunk:
+                    raise UserError(f"external-data file '{values.ref.location}' ended inside '{c.name}'")
+                f.write(chunk)
+                left -= len(chunk)
+        data_type, dims = values.tensor.data_type, values.shape
+    else:
+        array = np.ascontiguousarray(c.values)
+        data_type, dims = onnx.helper.np_dtype_to_tensor_dtype(array.dtype), array.shape
+        f.write(array.reshape(-1).view(np.uint8).data)
+    tensor = onnx.TensorProto(name=c.name, dims=dims, data_type=data_type, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", offset), ("length", f.tell() - offset)):
+        tensor.external_data.add(key=key, value=str(value))
+    return ExternalValues(tensor, final_dir)
+
+
+def _atomic(path: str, write: Callable[[str], None], check: Callable[[str], None] | None) -> int:
+    """write(tmp_model) into a temporary folder beside `path`, onnx.checker, check(tmp_model), then rename
+    every written file into place (the model file last). Returns the bytes written."""
     target_dir = os.path.dirname(os.path.abspath(path)) or "."
     if not os.access(target_dir, os.W_OK):
         raise UserError(f"{path}: cannot write into '{target_dir}'")
@@ -39,13 +140,11 @@ def write_atomic(model: onnx.ModelProto, path: str, external: bool, check=None) 
     tmp = tempfile.mkdtemp(prefix=".onnxfold-", dir=target_dir)
     try:
         tmp_model = os.path.join(tmp, name)
-        data_name = name + ".data"
-        onnx.save_model(model, tmp_model, save_as_external_data=external, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        write(tmp_model)
         onnx.checker.check_model(tmp_model, full_check=True)
         if check is not None:
             check(tmp_model)
-        written = [f for f in os.listdir(tmp)]
+        written = list(os.listdir(tmp))
         size = sum(os.path.getsize(os.path.join(tmp, f)) for f in written)
         for f in sorted(written, key=lambda f: f == name):  # data first, the model file last
             os.replace(os.path.join(tmp, f), os.path.join(target_dir, f))

@@ -6,8 +6,10 @@ optional labels). Outputs: plain dataclasses the report prints and writes as JSO
 """
 from __future__ import annotations
 
+import gc
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +20,7 @@ from .errors import UserError
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
 OTHER_DIM = 64  # random inputs: symbolic dims after the first (image sides, sequence length)
+ONE_AT_A_TIME_BYTES = 1 << 30  # dense models from this size: one onnxruntime session at a time
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
@@ -108,22 +111,61 @@ def run_batched(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch:
 def compare(dense: ort.InferenceSession, folded: ort.InferenceSession, feeds: dict[str, np.ndarray],
             labels: np.ndarray | None, source: str) -> Comparison:
     """Output errors, top-1 agreement and (with labels) accuracy of both models on the same feeds."""
+    d_out = run_dense(dense, feeds, source)
+    f_out = run_batched(folded, feeds)
+    return compare_outputs([o.name for o in dense.get_outputs()], d_out, f_out, labels, source)
+
+
+def run_dense(dense: ort.InferenceSession, feeds: dict[str, np.ndarray], source: str) -> list[np.ndarray]:
+    """run_batched on the input model; a model that cannot run on these feeds is a user error."""
     try:
-        d_out = run_batched(dense, feeds)
+        return run_batched(dense, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"onnxruntime cannot run the input model on {source} ({first}); pass --data with "
                         f"real inputs, or --no-validate") from None
-    f_out = run_batched(folded, feeds)
+
+
+def compare_outputs(names: list[str], d_out: list[np.ndarray], f_out: list[np.ndarray],
+                    labels: np.ndarray | None, source: str) -> Comparison:
+    """Comparison of dense outputs d_out and folded outputs f_out (same order as names)."""
     cmp = Comparison(len(d_out[0]) if d_out and d_out[0].ndim else 1, source)
-    for meta, d, f in zip(dense.get_outputs(), d_out, f_out):
-        cmp.outputs.append(_output_error(meta.name, d, f))
+    for name, d, f in zip(names, d_out, f_out):
+        cmp.outputs.append(_output_error(name, d, f))
     logits = next(((d, f) for d, f in zip(d_out, f_out) if _is_logits(d)), None)
     if labels is not None and logits is not None:
         n = min(len(labels), len(logits[0]))
         cmp.accuracy_dense = float(np.mean(logits[0][:n].argmax(1) == labels[:n]))
         cmp.accuracy_folded = float(np.mean(logits[1][:n].argmax(1) == labels[:n]))
     return cmp
+
+
+Feeds = Callable[[ort.InferenceSession], tuple[dict[str, np.ndarray], "np.ndarray | None", str]]
+
+
+def validate_files(dense_path: str, folded_path: str, make_feeds: Feeds, one_at_a_time: bool = False) -> dict:
+    """Compare two model files on the feeds `make_feeds(dense_session)` -> (feeds, labels, source).
+
+    Returns {"comparison", "latency" [dense ms, folded ms], "feeds"}. one_at_a_time (large models): the
+    dense session runs, is timed alone and freed before the folded one is created, so the weights of only
+    one model are in memory; otherwise both sessions are open and timed interleaved.
+    """
+    dense = session(dense_path)
+    feeds, labels, source = make_feeds(dense)
+    names = [o.name for o in dense.get_outputs()]
+    if not one_at_a_time:
+        folded = session(folded_path)
+        return {"comparison": compare(dense, folded, feeds, labels, source),
+                "latency": latency_ms([dense, folded], feeds), "feeds": feeds}
+    d_out, d_ms = run_dense(dense, feeds, source), latency_ms([dense], feeds)[0]
+    del dense
+    gc.collect()
+    folded = session(folded_path)
+    f_out, f_ms = run_batched(folded, feeds), latency_ms([folded], feeds)[0]
+    del folded
+    gc.collect()
+    return {"comparison": compare_outputs(names, d_out, f_out, labels, source), "latency": [d_ms, f_ms],
+            "feeds": feeds}
 
 
 def _is_logits(a: np.ndarray) -> bool:
@@ -167,8 +209,8 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def count_params_file(path: str) -> int:
-    """count_params of the model stored at `path` (external data included)."""
-    return count_params(onnx.load(path))
+    """count_params of the model stored at `path` (dims only: external data is not read)."""
+    return count_params(onnx.load(path, load_external_data=False))
 
 
 def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | None:
