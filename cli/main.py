@@ -96,11 +96,14 @@ def sweep_parser() -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnxfold export", description="Export a model to ONNX for folding. `onnxfold export hf "
                 "MODEL_DIR -o model.onnx`: a local Hugging Face folder (causal LMs and encoders), torch.onnx "
-                "legacy exporter, opset 18, no KV cache. Needs torch and transformers.")
+                "legacy exporter, opset 18, no KV cache (--with-past: with KV cache, through optimum-onnx). Needs "
+                "torch and transformers.")
     p.add_argument("source", choices=("hf",), help="hf: a Hugging Face model folder")
     p.add_argument("model_dir", help="folder with config.json and the weights")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--with-past", action="store_true", help="causal LMs with KV cache (past_key_values inputs, "
+                   "present outputs) through optimum-onnx, which pins transformers<4.58: use its own environment")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return p
 

@@ -2,7 +2,10 @@
 
 `export_hf(model_dir, output)`: causal LMs give `logits` (batch, seq, vocab), other models
 `last_hidden_state`; torch.onnx's legacy exporter, opset 18, no KV cache, eager attention, dynamic batch and
-sequence axes. Loads from the folder only (no hub access).
+sequence axes. `with_past=True` calls optimum-onnx instead (task text-generation-with-past) and writes its
+decoder with KV cache: inputs input_ids, attention_mask [batch, past + seq], position_ids and
+past_key_values.N.key/value [batch, kv_heads, past, head_dim]; outputs logits and present.N.key/value.
+Loads from the folder only (no hub access).
 """
 from __future__ import annotations
 
@@ -17,11 +20,12 @@ from .errors import UserError
 OPSET = 18
 
 
-def export_hf(model_dir: str, output: str, opset: int = OPSET) -> str:
+def export_hf(model_dir: str, output: str, opset: int = OPSET, with_past: bool = False) -> str:
     """Export the model in `model_dir` to `output` (written atomically); returns the output's output name."""
+    if with_past:
+        return export_with_past(model_dir, output, opset)
     torch, transformers = _imports()
-    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
+    _check_folder(model_dir)
     model, causal = _load(transformers, model_dir)
     wrapper = _Wrapper(model, causal)
     vocab = int(getattr(model.config, "vocab_size", 100) or 100)
@@ -39,6 +43,43 @@ def export_hf(model_dir: str, output: str, opset: int = OPSET) -> str:
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
     return out_name
+
+
+def export_with_past(model_dir: str, output: str, opset: int = OPSET) -> str:
+    """A causal LM with KV cache through optimum-onnx (text-generation-with-past) -> `output`; returns
+    'logits'. Models over 2 GB are written with external data (OUTPUT.data)."""
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError:
+        raise UserError("--with-past needs optimum-onnx, which pins transformers<4.58: install it in its own "
+                        "environment (pip install \"onnxfold[optimum]\")") from None
+    _check_folder(model_dir)
+    import onnx
+
+    target_dir = os.path.dirname(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                warnings.simplefilter("ignore")
+                main_export(model_dir, tmp, task="text-generation-with-past", opset=opset, local_files_only=True,
+                            do_validation=False)
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{model_dir}: optimum cannot export it with past ({str(e).splitlines()[0][:200]})") \
+                from None
+        model = onnx.load(os.path.join(tmp, "model.onnx"))  # optimum's name; weights read in if external
+        data = os.path.basename(output) + ".data"
+        large = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 2**24
+        onnx.save(model, os.path.join(tmp, "out.onnx"), save_as_external_data=large, location=data)
+        if large:
+            os.replace(os.path.join(tmp, data), os.path.join(target_dir, data))
+        os.replace(os.path.join(tmp, "out.onnx"), output)
+    return "logits"
+
+
+def _check_folder(model_dir: str) -> None:
+    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"{model_dir}: not a Hugging Face model folder (no config.json)")
 
 
 def _imports():

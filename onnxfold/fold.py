@@ -16,7 +16,7 @@ from .allocate import allocate
 from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
-from .groups import Group, apply_excludes, discover
+from .groups import Group, apply_excludes, discover, kv_cache_notes
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
                     sync_depthwise_groups)
 from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
@@ -150,6 +150,7 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     sync_depthwise_groups(graph)
     forget_shapes(graph)
     result = FoldResult(groups, plans, repair, why, backend, group_seconds=seconds)
+    result.notes.extend(kv_cache_notes(plans))
     if repair in ("data", "dir") and plans:
         if calib is None or dense_path is None:
             raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layout import EXTENT, Layout, Member, Part
+from .layout import EXTENT, DeclaredDim, Layout, Member, Part
 
 # Ops whose outputs carry no channel data (metadata about a tensor, not its values).
 METADATA_OPS = {"Shape", "Size"}
@@ -67,6 +67,7 @@ class Discovery:
         self.reasons: dict[int, list[str]] = {}
         self.tensor_names: dict[int, list[str]] = {}
         self.pieces: dict[int, tuple[int, int]] = {}  # group cut by split() -> its two pieces
+        self.kv_outputs: set[str] = set()   # graph outputs that are KV caches of tracked heads (kv_cache.py)
 
     # ---- union-find -------------------------------------------------------------------------------
     def new_group(self, size: int, tensor: gs.Tensor | None = None) -> int:
@@ -330,6 +331,20 @@ def apply_excludes(groups: list[Group], patterns: list[str]) -> None:
                 break
 
 
+def kv_cache_notes(plans) -> list[str]:
+    """Report lines for KV-cache graph inputs/outputs whose head count folding changed (plans: FoldPlans),
+    one line per distinct change, e.g. 'KV-cache heads 2 -> 1 (axis 1) in past_key_values.0.key, ...'."""
+    changes: dict[tuple[int, int, int], list[str]] = {}
+    for plan in plans:
+        for t in {id(m.tensor): m.tensor for m in plan.group.members if isinstance(m.tensor, DeclaredDim)}.values():
+            changes.setdefault((t.original, int(t.values[0]), t.axis), []).append(t.variable.name)
+    notes = []
+    for (before, after, axis), names in changes.items():
+        shown = ", ".join(sorted(names)[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        notes.append(f"KV-cache heads {before} -> {after} (axis {axis}) in {shown}: feed past caches of the new shape")
+    return notes
+
+
 def discover(graph: gs.Graph, opset: int) -> list[Group]:
     """Walk `graph` in topological order applying each op's rule; returns every group (foldable or frozen)."""
     from onnxfold.patterns import RULES  # patterns build on this module's Discovery
@@ -348,7 +363,7 @@ def discover(graph: gs.Graph, opset: int) -> list[Group]:
         except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
             # A graph shape no rule anticipated: decline this node (its groups stay intact), never crash.
             _unknown(node, d, f"could not be analysed ({type(e).__name__}: {e})")
-    for tensor in graph.outputs:
+    for tensor in (t for t in graph.outputs if t.name not in d.kv_outputs):
         d.freeze(d.layout(tensor), f"graph output '{tensor.name}'")
     return d.groups()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 MEAN = "mean"      # producer side: output rows, bias, BN and per-channel constants -> cluster mean
@@ -74,3 +75,24 @@ class Member:
 
     def key(self) -> tuple:
         return (id(self.tensor), self.axis, self.role, self.offset, self.repeat)
+
+
+class DeclaredDim(gs.Constant):
+    """Entry `axis` of a graph input's or output's declared shape (KV-cache tensors), as a 1-entry int64
+    vector. An EXTENT member on it (entry 0) is rewritten like a shape constant, and the new value is written
+    back into the declared shape. `original` keeps the value before folding, for the report."""
+
+    def __init__(self, variable: gs.Variable, axis: int):
+        super().__init__(f"{variable.name}.shape[{axis}]", np.array([int(variable.shape[axis])], np.int64))
+        self.variable, self.axis, self.original = variable, axis, int(variable.shape[axis])
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values
+
+    @values.setter
+    def values(self, values) -> None:
+        self._values = np.asarray(values, np.int64).reshape(1)
+        shape = list(self.variable.shape)
+        shape[self.axis] = int(self._values[0])
+        self.variable.shape = shape

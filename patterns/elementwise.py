@@ -15,7 +15,8 @@ UNARY = ("Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "
          "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs",
          "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "ThresholdedRelu", "Clip",
          "Dropout", "IsNaN", "IsInf", "Not")
-BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "PRelu")
+BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "PRelu",
+          "Where")  # Where(cond, x, y) picks entry by entry: its three operands couple like a binary op's
 
 
 def unary(node: gs.Node, d: Discovery) -> None:

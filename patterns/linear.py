@@ -117,8 +117,10 @@ def batched_matmul(node: gs.Node, d: Discovery) -> None:
     ranks = [lay.rank if lay is not None else len(t.shape or []) for lay, t in zip(layouts, node.inputs)]
     rank = out_rank(node, max(ranks))
     aligned = [None if lay is None else lay.moved(lay.axis + rank - lay.rank, rank) for lay in layouts]
-    if any(lay is not None and lay.axis >= rank - 2 for lay in aligned) or None in aligned:
+    if any(lay is not None and lay.axis >= rank - 2 for lay in aligned):
         return freeze_all(node, d, f"{where(node)} multiplies activations along their channel axis")
+    if None in aligned:
+        return freeze_all(node, d, f"{where(node)} multiplies by an activation whose channels cannot be followed")
     a, b = aligned
     if a.axis != b.axis or not d.unify(a, b, where(node)):
         return freeze_all(node, d, f"{where(node)} pairs different channel axes")

@@ -12,6 +12,7 @@ from onnxfold.layout import EXTENT, Layout
 
 from .common import (Discovery, const_value, freeze_all, int_list, norm_axis, out_rank, pass_through,
                      static_product, where)
+from .kv_cache import append_to_cache
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
 REDUCES = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
@@ -104,6 +105,8 @@ def concat(node: gs.Node, d: Discovery) -> None:
     known = [lay for lay in layouts if lay is not None]
     if not known:
         return None
+    if None in layouts and append_to_cache(node, d, layouts):
+        layouts = known = [d.layout(t) for t in node.inputs]
     rank = known[0].rank
     axis = norm_axis(int(node.attrs["axis"]), rank)
     if any(lay is None for lay in layouts):
