@@ -34,12 +34,17 @@ def export_hf(model_dir: str, output: str, opset: int = OPSET, with_past: bool =
     target_dir = os.path.dirname(os.path.abspath(output))
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
         tmp_path = os.path.join(tmp, os.path.basename(output))
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, (example,), tmp_path, dynamo=False, opset_version=opset,
-                              input_names=["input_ids"], output_names=[out_name],
-                              dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                            out_name: {0: "batch", 1: "sequence"}})
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(wrapper, (example,), tmp_path, dynamo=False, opset_version=opset,
+                                  input_names=["input_ids"], output_names=[out_name],
+                                  dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                                out_name: {0: "batch", 1: "sequence"}})
+        except RuntimeError as e:  # e.g. transformers 4.x masks built with vmap, which the legacy exporter rejects
+            raise UserError(f"{model_dir}: torch.onnx cannot export it with transformers {transformers.__version__} "
+                            f"({str(e).splitlines()[0][:120]}); this export is tested with transformers 5.x, "
+                            f"--with-past with optimum-onnx") from None
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
     return out_name
