@@ -29,7 +29,8 @@ def _export(module, path: str, mode: str, vocab: int = 100) -> str:
         warnings.simplefilter("ignore")
         if mode == "legacy":
             torch.onnx.export(module, example, path, dynamo=False, opset_version=18, input_names=["input_ids"],
-                              output_names=["out"], dynamic_axes={"input_ids": {0: "b", 1: "s"}, "out": {0: "b", 1: "s"}})
+                              output_names=["out"],
+                              dynamic_axes={"input_ids": {0: "b", 1: "s"}, "out": {0: "b", 1: "s"}})
         else:
             dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s", min=2, max=60)}
             torch.onnx.export(module, example, path, dynamo=True, dynamic_shapes=(dims,), external_data=False,
@@ -140,9 +141,9 @@ def test_split_glu_halves_are_coupled_and_fold(tmp_path):
     rng = np.random.default_rng(0)
     inits = {"w": rng.standard_normal((4, 8)).astype(np.float32), "w2": rng.standard_normal((4, 3)).astype(np.float32),
              "sizes": np.array([4, 4], np.int64)}
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Split", ["h", "sizes"], ["a", "b"], axis=1),
-             helper.make_node("Sigmoid", ["b"], ["sb"]), helper.make_node("Mul", ["a", "sb"], ["g"]),
-             helper.make_node("MatMul", ["g", "w2"], ["y"])]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Split", ["h", "sizes"], ["a", "b"], axis=1), helper.make_node("Sigmoid", ["b"], ["sb"]),
+             helper.make_node("Mul", ["a", "sb"], ["g"]), helper.make_node("MatMul", ["g", "w2"], ["y"])]
     model = _model(nodes, inits, 17, ["N", 3])
     (group,) = [g for g in _groups(model, tmp_path) if g.foldable]
     assert group.size == 4

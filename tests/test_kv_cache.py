@@ -3,7 +3,8 @@ axis into present.* graph outputs. The KV heads fold with their cache: the decla
 present is rewritten and the report says so.
 
 The hand-made decoder layer below runs in every environment (CI has no optimum). The optimum-exported tiny
-LLaMA tests run where optimum-onnx is installed (its own environment: it pins transformers<4.58)."""
+LLaMA (GQA) and GPT-2 (fused QKV) tests run where optimum-onnx is installed (its own environment: it pins
+transformers<4.58)."""
 from __future__ import annotations
 
 import numpy as np
@@ -43,17 +44,20 @@ def _decoder_layer(path: str, present_is_output: bool = True) -> str:
                   helper.make_node("Expand", [f"{name}3", "rep"], [f"{name}4"]),
                   helper.make_node("Reshape", [f"{name}4", "rep_shape"], [f"{name}_all"])]
     nodes += [helper.make_node("Transpose", ["key_all"], ["kt"], perm=[0, 1, 3, 2]),
-              helper.make_node("MatMul", ["q", "kt"], ["scores"]), helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+              helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "value_all"], ["ctx"]),
               helper.make_node("Transpose", ["ctx"], ["ctx1"], perm=[0, 2, 1, 3]),
-              helper.make_node("Reshape", ["ctx1", "out_shape"], ["ctx2"]), helper.make_node("MatMul", ["ctx2", "wo"], ["y"])]
+              helper.make_node("Reshape", ["ctx1", "out_shape"], ["ctx2"]),
+              helper.make_node("MatMul", ["ctx2", "wo"], ["y"])]
     f32 = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("x", f32, ["B", "S", HIDDEN])] + [
         helper.make_tensor_value_info(f"past.{n}", f32, ["B", KV_HEADS, "P", HEAD_DIM]) for n in ("key", "value")]
     outputs = [helper.make_tensor_value_info("y", f32, ["B", "S", HIDDEN])]
     if present_is_output:
         outputs += [helper.make_tensor_value_info(p, f32, ["B", KV_HEADS, "P + S", HEAD_DIM]) for p in present]
-    graph = helper.make_graph(nodes, "decoder", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    weights = [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    graph = helper.make_graph(nodes, "decoder", inputs, outputs, weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -153,26 +157,33 @@ def _summing_feeds(original):
     return feeds
 
 
-@pytest.fixture(scope="module")
-def optimum_llama(tmp_path_factory):
-    """A tiny random LLaMA (2 layers, 4 query heads, 2 KV heads of 16) exported with past by optimum-onnx."""
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def optimum_llm(request, tmp_path_factory):
+    """(path, folder, vocab, kv_heads) of a tiny random causal LM (2 layers, heads of 16) exported with past
+    by optimum-onnx: LLaMA with GQA (4 query heads, 2 KV heads), or GPT-2 (4 heads, fused QKV cut by Split)."""
     pytest.importorskip("optimum.exporters.onnx")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import onnxfold.validate as validate
     from onnxfold.export import export_hf
 
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   architectures=["LlamaForCausalLM"])
+    if request.param == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       architectures=["LlamaForCausalLM"])
+        model_class, vocab, kv = transformers.LlamaForCausalLM, 128, 2
+    else:
+        cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
+                                      eos_token_id=0, architectures=["GPT2LMHeadModel"])
+        model_class, vocab, kv = transformers.GPT2LMHeadModel, 100, 4
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama_past")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder / "hf"))
+    folder = tmp_path_factory.mktemp(f"{request.param}_past")
+    model_class(cfg).save_pretrained(str(folder / "hf"))
     path = str(folder / "model.onnx")
     assert export_hf(str(folder / "hf"), path, with_past=True) == "logits"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(validate, "random_feeds", _summing_feeds(validate.random_feeds))
-        yield path, str(folder / "hf")
+        yield path, str(folder / "hf"), vocab, kv
 
 
 def _llm_feeds(ids: np.ndarray, past: list[np.ndarray] | None, kv_heads: int, layers: int = 2) -> dict:
@@ -187,45 +198,45 @@ def _llm_feeds(ids: np.ndarray, past: list[np.ndarray] | None, kv_heads: int, la
     return feeds
 
 
-def test_optimum_with_past_ratio_zero_reproduces(optimum_llama, tmp_path):
-    path, _ = optimum_llama
+def test_optimum_with_past_ratio_zero_reproduces(optimum_llm, tmp_path):
+    path, _, vocab, kv = optimum_llm
     rng = np.random.default_rng(0)
-    past = [rng.standard_normal((2, 2, 3, 16)).astype(np.float32) for _ in range(4)]
-    feeds = _llm_feeds(rng.integers(0, 128, (2, 4)), past, 2)
+    past = [rng.standard_normal((2, kv, 3, 16)).astype(np.float32) for _ in range(4)]
+    feeds = _llm_feeds(rng.integers(0, vocab, (2, 4)), past, kv)
     dense = run(path, feeds)
     fold_file(path, str(tmp_path / "same.onnx"), ratio=0.0)
     for a, b in zip(run(str(tmp_path / "same.onnx"), feeds), dense):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_optimum_kv_heads_fold_and_cached_greedy_decoding_matches_full_runs(optimum_llama, tmp_path):
-    path, _ = optimum_llama
-    out = str(tmp_path / "f.onnx")
+def test_optimum_kv_heads_fold_and_cached_greedy_decoding_matches_full_runs(optimum_llm, tmp_path):
+    path, _, vocab, kv = optimum_llm
+    out, half = str(tmp_path / "f.onnx"), kv // 2
     result, _ = fold_file(path, out, ratio=0.5)
     assert sorted((p.group.kind, p.group.size, p.k) for p in result.plans if p.group.kind == "heads") == \
-        [("heads", 2, 1)] * 2
-    assert any("KV-cache heads 2 -> 1" in n for n in result.notes)
+        [("heads", kv, half)] * 2
+    assert any(f"KV-cache heads {kv} -> {half}" in n for n in result.notes)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     for n in range(2):
         for name in (f"past_key_values.{n}.key", f"past_key_values.{n}.value", f"present.{n}.key"):
-            assert _declared(out, name)[1] == 1
-    ids = np.random.default_rng(1).integers(0, 128, (2, 5))
-    outs = run(out, _llm_feeds(ids, None, 1))
-    assert [o.shape for o in outs[1:]] == [(2, 1, 5, 16)] * 4
+            assert _declared(out, name)[1] == half
+    ids = np.random.default_rng(1).integers(0, vocab, (2, 5))
+    outs = run(out, _llm_feeds(ids, None, half))
+    assert [o.shape for o in outs[1:]] == [(2, half, 5, 16)] * 4
     cached, past = ids, outs[1:]
     for _ in range(6):  # greedy: one token at a time through the cache vs the whole sequence without cache
         nxt = outs[0][:, -1].argmax(-1)[:, None]
-        full = run(out, _llm_feeds(np.concatenate([cached, nxt], 1), None, 1))[0]
+        full = run(out, _llm_feeds(np.concatenate([cached, nxt], 1), None, half))[0]
         cached = np.concatenate([cached, nxt], 1)
-        outs = run(out, _llm_feeds(nxt, past, 1))
+        outs = run(out, _llm_feeds(nxt, past, half))
         past = outs[1:]
         np.testing.assert_allclose(outs[0][:, -1], full[:, -1], atol=1e-4)
         assert (outs[0][:, -1].argmax(-1) == full[:, -1].argmax(-1)).all()
 
 
-def test_export_hf_with_past_cli_lists_head_groups(optimum_llama, tmp_path, capsys):
+def test_export_hf_with_past_cli_lists_head_groups(optimum_llm, tmp_path, capsys):
     from onnxfold.cli.main import main
 
-    _, folder = optimum_llama
+    _, folder, _, _ = optimum_llm
     assert main(["export", "hf", folder, "-o", str(tmp_path / "m.onnx"), "--with-past"]) == 0
     assert "2 attention-head groups and 2 other foldable groups" in capsys.readouterr().out
