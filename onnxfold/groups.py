@@ -157,13 +157,18 @@ class Discovery:
                         if s < u < s + p.size), None)
             if cut is None:
                 return layout
-            self._cut_class(self.find(cut[0].gid), cut[1])
+            root = self.find(cut[0].gid)
+            coupled = [g for g in range(len(self.parent)) if g not in self.pieces and self.find(g) == root]
+            if len({self.sizes[g] for g in coupled}) != 1:  # already frozen: coupled groups of unequal sizes
+                self.freeze(layout, f"{why}: cuts groups of different sizes coupled together")
+                return None
+            self._cut_class(coupled, cut[1])
             layout = self._replace_cut(layout)
 
-    def _cut_class(self, root: int, at: int) -> None:
-        """Replace every group coupled to `root` by two groups: units [0, at) and [at, size)."""
+    def _cut_class(self, coupled: list[int], at: int) -> None:
+        """Replace each of the coupled groups (equal sizes) by two groups: units [0, at) and [at, size)."""
         pieces: dict[int, tuple[int, int]] = {}
-        for g in [g for g in range(len(self.parent)) if g not in self.pieces and self.find(g) == root]:
+        for g in coupled:
             pieces[g] = (self.new_group(at), self.new_group(self.sizes[g] - at))
             for piece in pieces[g]:
                 self.scale[piece] = self.scale[g]
