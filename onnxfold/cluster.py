@@ -62,8 +62,13 @@ def _kmeans(x, k, *, seed=0, n_init=3, max_iter=100, tol=1e-4, backend="numpy", 
     if k == 1:
         return _finish(eng, np.zeros(n, dtype=np.int64), 1)
     rng = np.random.default_rng(seed)
-    results = [_finish(eng, _fit_once(eng, k, rng, max_iter, tol, refine), k) for _ in range(n_init)]
-    return min(results, key=lambda r: r.inertia)
+    runs = [_fit_once(eng, k, rng, max_iter, tol, refine) for _ in range(n_init)]
+    eng.src = eng.sq = None  # centres come from x alone: free the Gram matrix first
+    best = None
+    for labels in runs:  # the first lowest inertia; one (k, d) centre array kept besides the current one
+        result = _finish(eng, labels, k)
+        best = result if best is None or result.inertia < best.inertia else best
+    return best
 
 
 def _validate(x, k, seed, n_init, max_iter, tol) -> np.ndarray:
@@ -115,15 +120,17 @@ class _Grouping:
 
 
 class _Engine:
-    """Centred float32 x (n, d) on the device, src (G or x) summed over members, sq (n,) = |x_i|^2."""
+    """src (G, or the centred float32 x (n, d) on the device) summed over members, sq (n,) = |x_i|^2 after
+    centring; raw: the caller's x (host), kept instead of a centred copy by the Gram engine."""
 
     gram = False
 
     def __init__(self, ops, x: np.ndarray):
         self.ops, (self.n, self.d), gram = ops, x.shape, self.gram
         self.mean = x.mean(axis=0, dtype=np.float64)
-        self.x = ops.asarray(x - self.mean.astype(np.float32))
-        self.src = self.x @ self.x.T if gram else self.x
+        self.raw, centre = x, self.mean.astype(np.float32)
+        self.x = None if gram else ops.asarray(x - centre)
+        self.src = _centred_gram(ops, x, centre) if gram else self.x
         self.sq = ops.diagonal(self.src) if gram else ops.row_sqnorms(self.x)
         self.sq_host = np.maximum(ops.host64(self.sq), 0.0)
 
@@ -162,6 +169,22 @@ class _Engine:
         st *= self.ops.asarray(-2.0 / cnt)[:, None]
         st += self.ops.asarray(cc)[:, None]
         return st
+
+
+def _centred_gram(ops, x: np.ndarray, centre: np.ndarray):
+    """(n, n) Gram matrix of the rows of x (n, d) minus centre (d,), from blocks of centred rows, so no
+    centred copy of x is ever held (x can be the largest array of a fold); symmetric by construction."""
+    n, rows = len(x), max(256, _BLOCK_FLOATS * 4 // max(1, x.shape[1]))
+    g = ops.zeros((n, n))
+    starts = range(0, n, rows)
+    for a in starts:
+        xa = ops.asarray(x[a : a + rows] - centre)
+        for c in (c for c in starts if c <= a):
+            xc = xa if c == a else ops.asarray(x[c : c + rows] - centre)
+            g[a : a + rows, c : c + rows] = xa @ xc.T
+            if c != a:
+                g[c : c + rows, a : a + rows] = g[a : a + rows, c : c + rows].T
+    return g
 
 
 class _GramEngine(_Engine):
@@ -388,11 +411,14 @@ def _hartigan_step(st: _State, eps: np.ndarray) -> np.ndarray:
 def _finish(eng: _Engine, labels: np.ndarray, k: int) -> KMeansResult:
     """Centres as cluster means of x and the inertia in the original space (float64 sum)."""
     ops, grp = eng.ops, _Grouping(labels, k)
-    centers = ops.grouped_sum(eng.x, grp.order, np.repeat(np.arange(k), grp.counts), k)
+    x = ops.asarray(eng.raw) if eng.x is None else eng.x  # uncentred or centred rows: same differences
+    centers = ops.grouped_sum(x, grp.order, np.repeat(np.arange(k), grp.counts), k)
     centers /= ops.asarray(grp.counts)[:, None]
     inertia, step = 0.0, max(1, _BLOCK_FLOATS // eng.d)
     for a in range(0, eng.n, step):
-        diff = eng.x[a : a + step] - ops.rows(centers, ops.index(labels[a : a + step]))
+        diff = x[a : a + step] - ops.rows(centers, ops.index(labels[a : a + step]))
         inertia += ops.total(ops.row_sqnorms(diff))
-    out = (ops.host64(centers) + eng.mean).astype(np.float32)
+    out = np.asarray(ops.to_numpy(centers), dtype=np.float32)  # in place: no float64 copy of k x d
+    if eng.x is not None:
+        out += eng.mean.astype(np.float32)
     return KMeansResult(labels.astype(np.int64), out, float(inertia))

@@ -6,6 +6,7 @@ external-data files are read by `ExternalValues` straight into numpy arrays (nev
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -49,21 +50,38 @@ def load_model(path: str, lazy: bool = False) -> LoadedModel:
     external = _uses_external_data(proto)
     if external:
         _check_external(proto, path, base)
-    _check_structure(path, proto)
-    opset = _default_opset(proto)
+    files = tuple(sorted({ExternalRef.of(t, base).file for t in _all_tensors(proto)
+                          if t.data_location == onnx.TensorProto.EXTERNAL}))
+    size = os.path.getsize(path) + sum(os.path.getsize(f) for f in files)
+    weights = _inline_weights(path, proto)
+    model = skeleton_of(proto)
+    del proto  # from here on the weights exist once: as arrays, or on disk
+    _check_structure(path, model)
+    opset = _default_opset(model)
     if opset < MIN_OPSET:
         raise UserError(f"{path}: opset {opset} is older than {MIN_OPSET}; upgrade it with onnx.version_converter")
-    skeleton = skeleton_of(proto)
-    graph = gs.import_onnx(observed_shapes(_with_inferred_shapes(proto, skeleton), base if external else None))
-    attach_external(graph, base, lazy)
+    skeleton = skeleton_of(model)
+    graph = gs.import_onnx(observed_shapes(_with_inferred_shapes(model)))
+    attach_weights(graph, base, weights, lazy)
     constants_from_nodes(graph)
     fold_constant_subgraphs(graph)
     unshare_shape_concats(graph)
     unshare_small_constants(graph)
     graph.toposort()
-    files = tuple(sorted({ExternalRef.of(t, base).file for t in _all_tensors(proto)
-                          if t.data_location == onnx.TensorProto.EXTERNAL}))
-    return LoadedModel(graph, path, _size_with_data(path, proto), external, opset, skeleton, files)
+    return LoadedModel(graph, path, size, external, opset, skeleton, files)
+
+
+def _inline_weights(path: str, proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """name -> array of every initializer stored in the model file over INLINE_MAX bytes (the ones
+    skeleton_of leaves out)."""
+    weights = {}
+    for t in proto.graph.initializer:
+        if _stubbed(t):
+            try:
+                weights[t.name] = onnx.numpy_helper.to_array(t)
+            except (ValueError, TypeError) as e:
+                raise UserError(f"{path}: tensor '{t.name}' is damaged ({str(e)[:120]})") from None
+    return weights
 
 
 def _read_proto(path: str) -> onnx.ModelProto:
@@ -85,13 +103,18 @@ def _read_proto(path: str) -> onnx.ModelProto:
     return proto
 
 
-def _check_structure(path: str, proto: onnx.ModelProto) -> None:
-    """onnx.checker on the file (it resolves external-data locations beside it and loads no external data):
-    catches truncated files that still parse as protobuf."""
-    if proto.ByteSize() >= 2**31 - 2**20:
-        return
+def _check_structure(path: str, skeleton: onnx.ModelProto) -> None:
+    """onnx.checker on the model without its large tensors (they become empty, so the checker reads no
+    data): catches truncated files that still parse as protobuf."""
+    light = onnx.ModelProto()
+    light.CopyFrom(skeleton)
+    for t in light.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            del t.external_data[:], t.dims[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.dims.append(0)
     try:
-        onnx.checker.check_model(path)
+        onnx.checker.check_model(light)
     except (onnx.checker.ValidationError, Exception) as e:  # noqa: BLE001 - any checker failure is bad input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a valid ONNX model ({first[:200]})") from None
@@ -147,9 +170,12 @@ def np_dtype(onnx_type: int) -> np.dtype:
 
 
 class ExternalValues(LazyValues):
-    """Values of a tensor held in an external-data file, read on first use into a numpy array (n-d, the
-    tensor's dtype; bfloat16 as ml_dtypes.bfloat16). `ref` says where the bytes are (save.py copies them
-    from there when the tensor was not changed)."""
+    """Values of a tensor held in an external-data file (n-d numpy array of the tensor's dtype; bfloat16 as
+    ml_dtypes.bfloat16). Tensors from MAP_BYTES up are memory-mapped read-only: asking for a weight's shape
+    reads nothing, and the pages read count as memory only while the array lives (steps that change a
+    weight assign a new array). `ref` says where the bytes are."""
+
+    MAP_BYTES = 1 << 20
 
     def __init__(self, tensor: onnx.TensorProto, base: str):
         super().__init__(tensor)
@@ -157,6 +183,12 @@ class ExternalValues(LazyValues):
         self.dtype = np_dtype(tensor.data_type)
 
     def load(self) -> np.ndarray:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if count * self.dtype.itemsize != self.ref.length:
+            raise UserError(f"external data of tensor '{self.tensor.name}' holds {self.ref.length} bytes, its "
+                            f"shape {tuple(self.shape)} needs {count * self.dtype.itemsize}")
+        if self.ref.length >= self.MAP_BYTES:
+            return np.memmap(self.ref.file, self.dtype, "r", self.ref.offset, tuple(self.shape))
         out = np.empty(self.shape, self.dtype)
         with open(self.ref.file, "rb") as f:
             f.seek(self.ref.offset)
@@ -187,31 +219,43 @@ def all_constants(graph: gs.Graph) -> list[gs.Constant]:
     return list(seen.values())
 
 
-def attach_external(graph: gs.Graph, base: str, lazy: bool) -> None:
-    """Give every not-yet-loaded constant a loader: ExternalValues for external data (read now unless lazy),
-    InlineValues otherwise."""
+def attach_weights(graph: gs.Graph, base: str, weights: dict[str, np.ndarray], lazy: bool) -> None:
+    """Give every constant imported from a skeleton its values: the array read from the model file
+    (`weights`), ExternalValues for external data (read now unless lazy), InlineValues for small tensors."""
     for c in all_constants(graph):
         values = c._values
         if type(values) is not LazyValues:
             continue
-        if values.tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if values.tensor.data_location != onnx.TensorProto.EXTERNAL:
+            c._values = InlineValues(values.tensor)
+        elif _location(values.tensor) == NOT_LOADED:
+            c._values, c.data_location = weights[values.tensor.name], None
+        else:
             c._values = ExternalValues(values.tensor, base)
             if not lazy:
-                c.values  # noqa: B018 - reads the data now
-        else:
-            c._values = InlineValues(values.tensor)
+                c.values  # noqa: B018 - maps (large) or reads (small) the data now
 
 
 def peek(tensor: gs.Constant) -> np.ndarray:
-    """The values of a constant without keeping them in the graph: a weight not yet loaded is read for this
-    call only (a step that needs every weight once, e.g. clustering features, then holds one at a time)."""
+    """The values of a constant without keeping them in the graph: a weight not read yet is read for this
+    call only, through its own mapping (a step that needs every weight once, e.g. clustering features, then
+    holds one at a time)."""
     values = tensor._values
-    return values.load() if isinstance(values, LazyValues) else np.asarray(values)
+    if isinstance(values, LazyValues):
+        return values.load()
+    if isinstance(values, np.memmap) and isinstance(values.base, mmap.mmap) and not values.flags.writeable:
+        return np.memmap(values.filename, values.dtype, "r", values.offset, values.shape)
+    return np.asarray(values)
 
 
-def skeleton_of(model: onnx.ModelProto, max_inline: int = 1024) -> onnx.ModelProto:
-    """A copy of `model` whose initializers over `max_inline` bytes keep name, dims and type but no data
-    (marked external, location '(not loaded)'): enough for counting parameters and for shape inference."""
+INLINE_MAX = 1024
+NOT_LOADED = "(not loaded)"
+
+
+def skeleton_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose initializers stored inline over INLINE_MAX bytes keep name, dims and type but
+    no data (marked external, location NOT_LOADED): enough for counting parameters, shape inference and
+    the checker; external references are kept as they are."""
     out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
                           producer_version=model.producer_version, domain=model.domain,
                           model_version=model.model_version, opset_import=model.opset_import,
@@ -221,13 +265,23 @@ def skeleton_of(model: onnx.ModelProto, max_inline: int = 1024) -> onnx.ModelPro
     for field in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(dst, field).extend(getattr(src, field))
     for t in src.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL or t.ByteSize() <= max_inline:
+        if not _stubbed(t):
             dst.initializer.append(t)
         else:
             stub = dst.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type,
                                        data_location=onnx.TensorProto.EXTERNAL)
-            stub.external_data.add(key="location", value="(not loaded)")
+            stub.external_data.add(key="location", value=NOT_LOADED)
     return out
+
+
+def _stubbed(t: onnx.TensorProto) -> bool:
+    """An initializer skeleton_of leaves out: inline, numeric, over INLINE_MAX bytes."""
+    return (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING
+            and t.ByteSize() > INLINE_MAX)
+
+
+def _location(t: onnx.TensorProto) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -235,18 +289,6 @@ def _default_opset(proto: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     raise UserError("model declares no default-domain opset; it is not a standard ONNX model")
-
-
-def _size_with_data(path: str, proto: onnx.ModelProto) -> int:
-    size = os.path.getsize(path)
-    base = os.path.dirname(os.path.abspath(path))
-    locations = set()
-    for t in _all_tensors(proto):
-        for e in t.external_data:
-            if e.key == "location":
-                locations.add(e.value)
-    return size + sum(os.path.getsize(os.path.join(base, loc)) for loc in locations
-                      if os.path.isfile(os.path.join(base, loc)))
 
 
 def constants_from_nodes(graph: gs.Graph) -> None:
@@ -288,20 +330,13 @@ def _constant_node_value(node: gs.Node):
     return None
 
 
-def _with_inferred_shapes(proto: onnx.ModelProto, skeleton: onnx.ModelProto) -> onnx.ModelProto:
-    """`proto` with the shapes of intermediate tensors (channel axes are read from them), inferred on its
-    data-free `skeleton` (no copy of the weights); the model as is if inference fails."""
-    if skeleton.ByteSize() >= 2**31 - 2**20:
-        return proto
+def _with_inferred_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shapes of intermediate tensors (channel axes are read from them), inferred on the skeleton (no
+    weights); the model as is if inference fails."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - a model onnx cannot infer is still foldable where shapes are known
-        return proto
-    if inferred is not proto:
-        for field in ("value_info", "output"):
-            del getattr(proto.graph, field)[:]
-            getattr(proto.graph, field).extend(getattr(inferred.graph, field))
-    return proto
+        return model
 
 
 def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
@@ -322,18 +357,17 @@ SHAPE_OPS = ("Reshape", "Expand")
 SYMBOLIC_SIZES = (2, 5)  # batch, then every other symbolic dim, when shapes are observed by running the model
 
 
-def observed_shapes(proto: onnx.ModelProto, data_dir: str | None = None) -> onnx.ModelProto:
+def observed_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     """When static inference leaves Reshape/Expand outputs with unknown dims (head counts computed at run
     time from Shape ops), run the model once on small seeded inputs and record every intermediate shape.
-
-    data_dir: the folder of the model's external-data files (onnxruntime reads them from there).
+    `proto` may be a skeleton: weights without data are replaced by zeros, since only shapes are observed.
     Graph inputs and outputs keep their declared (symbolic) shapes. Returns `proto` unchanged when nothing
     is unknown, the model is over 2 GB, or onnxruntime cannot run it.
     """
     if proto.ByteSize() >= 2**31 - 2**20 or not _has_unknown_reshape(proto):
         return proto
     try:
-        shapes = _run_for_shapes(proto, data_dir)
+        shapes = _run_for_shapes(proto)
     except Exception:  # noqa: BLE001 - observation is a best effort; static shapes remain
         return proto
     io_names = {v.name for v in list(proto.graph.input) + list(proto.graph.output)}
@@ -356,8 +390,9 @@ def _has_unknown_reshape(proto: onnx.ModelProto) -> bool:
     return False
 
 
-def _run_for_shapes(proto: onnx.ModelProto, data_dir: str | None = None) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """name -> (element type, concrete shape) of every node output, from one onnxruntime run."""
+def _run_for_shapes(proto: onnx.ModelProto) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """name -> (element type, concrete shape) of every node output, from one onnxruntime run of the model
+    with its large weights replaced by zeros made at run time (no weight is read or held)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -365,11 +400,12 @@ def _run_for_shapes(proto: onnx.ModelProto, data_dir: str | None = None) -> dict
     known = {o.name for o in probe.graph.output}
     names = [o for n in probe.graph.node for o in n.output if o and o not in known]
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    _zeros_for_weights(probe.graph)
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if data_dir is not None:
-        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", data_dir)
+    opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False  # each zero weight freed after use,
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # and made when needed, not all first
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     from .validate import random_feeds
 
@@ -378,6 +414,31 @@ def _run_for_shapes(proto: onnx.ModelProto, data_dir: str | None = None) -> dict
     types = {o.name: o.type for o in sess.get_outputs()}
     return {o.name: (_ELEM[types[o.name]], v.shape) for o, v in zip(sess.get_outputs(), outs)
             if types.get(o.name) in _ELEM and hasattr(v, "shape")}
+
+
+def _zeros_for_weights(graph: onnx.GraphProto) -> None:
+    """Replace every initializer whose data is not in `graph` (external or left out) by ConstantOfShape
+    zeros of its shape and type: shapes propagate as before, each weight exists only while an op uses it."""
+    kept, makers = [], []
+    for t in graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            kept.append(t)
+            continue
+        shape = onnx.numpy_helper.from_array(np.asarray(t.dims, np.int64), f"{t.name}__probe_shape")
+        zero = onnx.helper.make_tensor("value", t.data_type, [1], [0])
+        kept.append(shape)
+        makers.append(onnx.helper.make_node("ConstantOfShape", [shape.name], [t.name], value=zero))
+    made = {n.output[0]: n for n in makers}
+    inputs = [i for i in graph.input if i.name not in made]
+    del graph.initializer[:], graph.input[:]
+    graph.initializer.extend(kept)
+    graph.input.extend(inputs)
+    nodes = []
+    for node in graph.node:  # each maker right before its first reader
+        nodes.extend(made.pop(name) for name in node.input if name in made)
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes + list(made.values()))
 
 
 _ELEM = {"tensor(float)": onnx.TensorProto.FLOAT, "tensor(float16)": onnx.TensorProto.FLOAT16,

@@ -47,12 +47,18 @@ class Comparison:
     accuracy_folded: float | None = None
 
 
-def session(path: str) -> ort.InferenceSession:
-    """An onnxruntime CPU session with default (full) graph optimisations; same options for every model."""
+def session(path: str, lean: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session with default (full) graph optimisations; same options for every model.
+
+    lean (large models): no pre-packed weight copies, no memory arena or pattern kept between runs, so the
+    session holds little more than the weights."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     # No busy-waiting thread pools: two interleaved sessions would otherwise steal each other's cores.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if lean:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -146,11 +152,11 @@ Feeds = Callable[[ort.InferenceSession], tuple[dict[str, np.ndarray], "np.ndarra
 def validate_files(dense_path: str, folded_path: str, make_feeds: Feeds, one_at_a_time: bool = False) -> dict:
     """Compare two model files on the feeds `make_feeds(dense_session)` -> (feeds, labels, source).
 
-    Returns {"comparison", "latency" [dense ms, folded ms], "feeds"}. one_at_a_time (large models): the
-    dense session runs, is timed alone and freed before the folded one is created, so the weights of only
-    one model are in memory; otherwise both sessions are open and timed interleaved.
+    Returns {"comparison", "latency" [dense ms, folded ms], "feeds"}. one_at_a_time (large models): lean
+    sessions; the dense one runs, is timed alone and freed before the folded one is created, so the weights
+    of only one model are in memory; otherwise both sessions are open and timed interleaved.
     """
-    dense = session(dense_path)
+    dense = session(dense_path, lean=one_at_a_time)
     feeds, labels, source = make_feeds(dense)
     names = [o.name for o in dense.get_outputs()]
     if not one_at_a_time:
@@ -160,7 +166,7 @@ def validate_files(dense_path: str, folded_path: str, make_feeds: Feeds, one_at_
     d_out, d_ms = run_dense(dense, feeds, source), latency_ms([dense], feeds)[0]
     del dense
     gc.collect()
-    folded = session(folded_path)
+    folded = session(folded_path, lean=True)
     f_out, f_ms = run_batched(folded, feeds), latency_ms([folded], feeds)[0]
     del folded
     gc.collect()

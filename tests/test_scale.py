@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold.cli.main import main
-from onnxfold.load import ExternalValues, load_model
+from onnxfold.load import ExternalValues, load_model, peek
 from onnxfold.save import ALIGN
 
 HIDDEN = 64
@@ -66,7 +66,8 @@ def initializers(path: str) -> dict[str, TensorProto]:
 
 
 @pytest.mark.parametrize("one_file", [True, False], ids=["one_data_file", "file_per_tensor"])
-def test_external_data_in_and_out_folds_back_exactly_and_input_untouched(tmp_path, one_file):
+def test_external_data_in_and_out_folds_back_exactly_and_input_untouched(tmp_path, one_file, monkeypatch):
+    monkeypatch.setattr(ExternalValues, "MAP_BYTES", 0)  # memory-mapped as big weights are
     src_dir, out_dir = tmp_path / "in", tmp_path / "out"
     src_dir.mkdir()
     out_dir.mkdir()
@@ -95,6 +96,7 @@ def test_lazy_load_reads_weights_only_when_used(tmp_path):
     loaded = load_model(src, lazy=True)
     w1 = next(t for t in loaded.graph.tensors().values() if t.name == "w1")
     assert isinstance(w1._values, ExternalValues)
+    assert np.array_equal(peek(w1), weights(np.float32, True)["w1"]) and isinstance(w1._values, ExternalValues)
     assert np.array_equal(w1.values, weights(np.float32, True)["w1"])
     assert loaded.skeleton.graph.initializer[0].data_location == TensorProto.EXTERNAL
 
@@ -134,9 +136,10 @@ def test_float16_weights_stay_float16_and_fold_back(tmp_path, external):
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
-def test_bfloat16_weights_stay_bfloat16_bit_exact(tmp_path, external):
+def test_bfloat16_weights_stay_bfloat16_bit_exact(tmp_path, external, monkeypatch):
     """onnxruntime's CPU provider has no bfloat16 MatMul, so the file is checked, not run: the duplicated
     channels merge (in float32) back to the original bfloat16 bit patterns."""
+    monkeypatch.setattr(ExternalValues, "MAP_BYTES", 0)
     src, out = str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx")
     save_external(mlp(ml_dtypes.bfloat16), src) if external else onnx.save(mlp(ml_dtypes.bfloat16), src)
     assert main([src, "-o", out, "--ratio", "0.5", "--no-validate", "-q"]) == 0
