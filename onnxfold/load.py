@@ -104,8 +104,17 @@ def _read_proto(path: str) -> onnx.ModelProto:
 
 
 def _check_structure(path: str, skeleton: onnx.ModelProto) -> None:
-    """onnx.checker on the model without its large tensors (they become empty, so the checker reads no
-    data): catches truncated files that still parse as protobuf."""
+    """check_skeleton as a user error: catches truncated files that still parse as protobuf."""
+    try:
+        check_skeleton(skeleton)
+    except (onnx.checker.ValidationError, Exception) as e:  # noqa: BLE001 - any checker failure is bad input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a valid ONNX model ({first[:200]})") from None
+
+
+def check_skeleton(skeleton: onnx.ModelProto) -> None:
+    """onnx.checker on a model without its large tensors (they become empty, so no data is read);
+    raises onnx.checker.ValidationError."""
     light = onnx.ModelProto()
     light.CopyFrom(skeleton)
     for t in light.graph.initializer:
@@ -113,11 +122,7 @@ def _check_structure(path: str, skeleton: onnx.ModelProto) -> None:
             del t.external_data[:], t.dims[:]
             t.data_location = onnx.TensorProto.DEFAULT
             t.dims.append(0)
-    try:
-        onnx.checker.check_model(light)
-    except (onnx.checker.ValidationError, Exception) as e:  # noqa: BLE001 - any checker failure is bad input
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: not a valid ONNX model ({first[:200]})") from None
+    onnx.checker.check_model(light)
 
 
 def _uses_external_data(proto: onnx.ModelProto) -> bool:

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import UserError
-from .load import ExternalValues, all_constants, skeleton_of
+from .load import NOT_LOADED, ExternalValues, all_constants, check_skeleton, skeleton_of
 
 TWO_GB = 2**31 - 2**20
 INLINE_BYTES = 1024  # tensors up to this size stay in the .onnx file (shape vectors, scalars)
@@ -53,21 +53,27 @@ def save_graph(graph: gs.Graph, opset: int, path: str, external: bool,
     """Write `graph` to `path` atomically; returns (the written model without its large tensor data, bytes
     written). External data (`path`.data) is used when `external` or the weights reach 2 GB; then every large
     tensor is written straight from its array or copied from the input's data file, and the graph's
-    constants are left pointing at the written file (their arrays are released). `protect`: files (the
-    input's data) the output must not replace."""
+    constants are left pointing at the written file (their arrays are released). Inline, the model is
+    written as its skeleton followed by one initializer at a time (protobuf merges concatenated messages).
+    Shapes are inferred and checked on the skeleton. `protect`: files (the input's data) the output must
+    not replace."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     constants = all_constants(graph)
     check_data_target(path, tuple(protect) + tuple(c._values.ref.file for c in constants
                                                    if isinstance(c._values, ExternalValues)))
-    if not external and sum(_nbytes(c) for c in constants) < TWO_GB:
+    inline = not external and sum(_nbytes(c) for c in constants) < TWO_GB
+    if inline and next(iter(graph.subgraphs()), None) is not None:  # subgraph initializers stay in place
         for c in constants:
             _inline(c)
         model = to_proto(graph, opset)
-        size = write_atomic(model, path, False, check)
-        return skeleton_of(model), size
+        return skeleton_of(model), write_atomic(model, path, False, check)
     skeleton: list[onnx.ModelProto] = []
 
     def write(tmp_model: str) -> None:
+        if inline:
+            skeleton.append(_write_inline(graph, opset, tmp_model, constants))
+            check_skeleton(skeleton[0])  # the file's structure; shapes were inferred strictly on it
+            return
         data_name = os.path.basename(path) + ".data"
         final_dir = os.path.dirname(os.path.abspath(path))
         with open(os.path.join(os.path.dirname(tmp_model), data_name), "wb") as f:
@@ -80,8 +86,39 @@ def save_graph(graph: gs.Graph, opset: int, path: str, external: bool,
         onnx.save_model(model, tmp_model)
         skeleton.append(model)
 
-    size = _atomic(path, write, check)
+    size = _atomic(path, write, check, full_check=not inline)
     return skeleton[0], size
+
+
+def _write_inline(graph: gs.Graph, opset: int, tmp_model: str, constants: list[gs.Constant]) -> onnx.ModelProto:
+    """Write the model file: its skeleton (large initializers left out), then each large initializer as a
+    one-initializer ModelProto; returns the skeleton (left-out tensors as NOT_LOADED stubs)."""
+    for c in constants:
+        _inline(c)
+    big = [c for c in graph.tensors().values() if isinstance(c, gs.Constant) and _nbytes(c) > INLINE_BYTES
+           and np.asarray(c.values).dtype.kind != "O"]
+    arrays = {id(c): c._values for c in big}
+    for c in big:
+        stub = onnx.TensorProto(name=c.name, dims=np.shape(arrays[id(c)]), data_location=onnx.TensorProto.EXTERNAL,
+                                data_type=onnx.helper.np_dtype_to_tensor_dtype(np.asarray(arrays[id(c)]).dtype))
+        stub.external_data.add(key="location", value=NOT_LOADED)
+        c._values = LazyValues(stub)
+    try:
+        model = to_proto(graph, opset)
+    finally:
+        for c in big:
+            c._values = arrays[id(c)]
+    head = onnx.ModelProto()
+    head.CopyFrom(model)
+    kept = [t for t in head.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del head.graph.initializer[:]
+    head.graph.initializer.extend(kept)
+    with open(tmp_model, "wb") as f:
+        f.write(head.SerializeToString())
+        for c in big:
+            tensor = onnx.numpy_helper.from_array(np.asarray(c.values), c.name)
+            f.write(onnx.ModelProto(graph=onnx.GraphProto(initializer=[tensor])).SerializeToString())
+    return model
 
 
 def _inline(c: gs.Constant) -> None:
@@ -130,9 +167,11 @@ def _write_tensor(c: gs.Constant, f, location: str, final_dir: str) -> ExternalV
     return ExternalValues(tensor, final_dir)
 
 
-def _atomic(path: str, write: Callable[[str], None], check: Callable[[str], None] | None) -> int:
-    """write(tmp_model) into a temporary folder beside `path`, onnx.checker, check(tmp_model), then rename
-    every written file into place (the model file last). Returns the bytes written."""
+def _atomic(path: str, write: Callable[[str], None], check: Callable[[str], None] | None,
+            full_check: bool = True) -> int:
+    """write(tmp_model) into a temporary folder beside `path`, onnx.checker on the file (full_check; it
+    loads no external data), check(tmp_model), then rename every written file into place (the model file
+    last). Returns the bytes written."""
     target_dir = os.path.dirname(os.path.abspath(path)) or "."
     if not os.access(target_dir, os.W_OK):
         raise UserError(f"{path}: cannot write into '{target_dir}'")
@@ -141,7 +180,8 @@ def _atomic(path: str, write: Callable[[str], None], check: Callable[[str], None
     try:
         tmp_model = os.path.join(tmp, name)
         write(tmp_model)
-        onnx.checker.check_model(tmp_model, full_check=True)
+        if full_check:
+            onnx.checker.check_model(tmp_model, full_check=True)
         if check is not None:
             check(tmp_model)
         written = list(os.listdir(tmp))
