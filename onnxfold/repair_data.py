@@ -3,11 +3,17 @@
 Graphs with BatchNorm: every BN's running mean/var is reset to the statistics its input actually has on the
 calibration inputs, wave by wave in topological order (a BN is reset after every BN upstream of it).
 Graphs without BN: each merged producer channel (Conv/ConvTranspose/Gemm/MatMul output) is rescaled so its
-mean/std match the average of its cluster members' statistics in the dense model.
+mean/std match the average of its cluster members' statistics in the dense model (a MatMul's mean shift goes
+into the bias of the Add after it, where there is one).
+Statistics are paired entry by entry through channel_map: a member's channel spans `repeat` entries (an
+attention head: head_dim entries, labels per head or KV group) and several members can share one axis (fused
+QKV rows, a BN after a Concat). KV-cache inputs whose head count folded are merged like the keys/values that
+fill them before the folded model runs on the calibration feeds.
 Inputs: the folded gs.Graph (modified in place), FoldPlans, calibration feeds {input name: (N, ...)}.
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,8 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from .layout import MEAN
-from .merge import FoldPlan
+from .layout import MEAN, DeclaredDim, Member
+from .merge import FoldPlan, cluster_reduce
 
 PRODUCER_AXES = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
 BATCH = 64
@@ -24,10 +30,11 @@ BATCH = 64
 
 @dataclass
 class Producer:
-    """A node creating a folded group's channels: its output's channel axis and its plan."""
+    """A node creating folded groups' channels: the members (with their plans) on its weight's output axis
+    and its output's channel axis."""
 
     node: gs.Node
-    plan: FoldPlan
+    members: list[tuple[Member, FoldPlan]]
     out_axis: int
 
 
@@ -35,15 +42,38 @@ def repair_with_data(graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np
     """Repair the folded `graph` on calibration `feeds`; returns a one-line note for the report."""
     changed = _downstream_of_folds(graph, plans)
     bns = [n for n in graph.nodes if n.op == "BatchNormalization" and _bn_constant(n) and id(n) in changed]
+    folded = folded_feeds(plans, feeds)
     if bns:
         offsets = dense_bn_offsets(dense_path, bns, plans, feeds)
-        waves = reset_bn_statistics(graph, bns, feeds, offsets)
+        waves = reset_bn_statistics(graph, bns, folded, offsets)
         return f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over {_count(feeds)} samples " \
                f"(paired with the dense model's running statistics)"
-    producers = folded_producers(graph, plans)
-    waves = match_producer_statistics(graph, producers, feeds, dense_path)
-    return f"rescaled {len(producers)} merged producers to the dense statistics in {waves} passes " \
+    waves, rescaled = match_producer_statistics(graph, folded_producers(graph, plans), feeds, dense_path, folded)
+    return f"rescaled {rescaled} merged producers to the dense statistics in {waves} passes " \
            f"over {_count(feeds)} samples"
+
+
+def folded_feeds(plans: list[FoldPlan], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The calibration feeds as the folded model takes them. A graph input whose declared extent folded (a KV
+    cache: past keys/values, heads on one axis) is merged like the keys/values that fill it: each cluster's
+    heads become their mean, as the folded K/V projection computes them. Other feeds are passed through."""
+    items: dict[str, dict[tuple, tuple[Member, FoldPlan]]] = defaultdict(dict)
+    for plan in plans:
+        for m in plan.group.members:
+            if isinstance(m.tensor, DeclaredDim) and m.tensor.variable.name in feeds:
+                items[m.tensor.variable.name][(m.tensor.axis, m.offset, m.repeat)] = (m, plan)
+    out = dict(feeds)
+    for name, slices in items.items():
+        values = np.asarray(feeds[name])
+        for (axis, offset, rep), (_, plan) in sorted(slices.items(), key=lambda it: (it[0][0], -it[0][1])):
+            n = plan.group.size
+            moved = np.moveaxis(values, axis, 0)
+            block = moved[offset:offset + n * rep]
+            merged = cluster_reduce(block.reshape(n, -1), plan.labels, plan.k, mean=True)
+            merged = merged.reshape((plan.k * rep,) + block.shape[1:]).astype(values.dtype)
+            values = np.moveaxis(np.concatenate([moved[:offset], merged, moved[offset + n * rep:]]), 0, axis)
+        out[name] = values
+    return out
 
 
 def _downstream_of_folds(graph: gs.Graph, plans: list[FoldPlan]) -> set[int]:
@@ -79,24 +109,22 @@ def dense_bn_offsets(dense_path: str, bns: list[gs.Node], plans: list[FoldPlan],
         return {}
     names = [d.inputs[0].name for _, d in pairs]
     stats = _stats_of(_session_with_outputs(onnx.load(dense_path), names), names, [1] * len(names), feeds)
-    labels = {id(m.tensor): plan.labels for plan in plans for m in plan.group.members if m.tag == "bn_scale"}
+    scales: dict[int, list[tuple[Member, FoldPlan]]] = defaultdict(list)
+    for plan in plans:
+        for m in plan.group.members:
+            if m.tag == "bn_scale":
+                scales[id(m.tensor)].append((m, plan))
     offsets = {}
     for (bn, d), (mean, var) in zip(pairs, stats):
         run_mean = np.asarray(d.inputs[3].values, np.float64)
         run_var = np.asarray(d.inputs[4].values, np.float64)
-        lab = labels.get(id(bn.inputs[1]), np.arange(len(run_mean)))
-        if len(lab) != len(run_mean):
+        mapped = channel_map(scales.get(id(bn.inputs[1]), []), len(run_mean))
+        if mapped is None or len(mean) != len(run_mean):
             continue
+        dense_to, extent, _ = mapped
         ratio = np.where(var > 1e-12, run_var / np.maximum(var, 1e-12), 1.0)
-        offsets[id(bn)] = (_cluster_average(lab, run_mean - mean), _cluster_average(lab, ratio))
+        offsets[id(bn)] = (_folded_average(dense_to, run_mean - mean, extent), _folded_average(dense_to, ratio, extent))
     return offsets
-
-
-def _cluster_average(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Mean of values (n,) over each cluster's members -> (k,); channels labelled -1 are ignored."""
-    keep = labels >= 0
-    counts = np.bincount(labels[keep])
-    return np.bincount(labels[keep], weights=values[keep], minlength=len(counts)) / np.maximum(counts, 1)
 
 
 def reset_bn_statistics(graph: gs.Graph, bns: list[gs.Node], feeds, offsets: dict | None = None) -> int:
@@ -159,51 +187,105 @@ def _stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.n
 
 
 def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
-    """Nodes whose weight's output axis is a producer member of a folded group."""
-    owner = {}
+    """Nodes whose weight's output axis holds producer members of folded groups (one member covering the
+    whole axis, or several side by side: fused QKV rows, concatenated groups, heads of head_dim entries each)."""
+    owners: dict[tuple[int, int], list[tuple[Member, FoldPlan]]] = defaultdict(list)
     for plan in plans:
         for m in plan.group.members:
             if m.role == MEAN and not m.tag:
-                owner[(id(m.tensor), m.axis)] = plan
+                owners[(id(m.tensor), m.axis)].append((m, plan))
     found = []
     for node in graph.nodes:
         axis = _weight_out_axis(node)
-        plan = owner.get((id(node.inputs[1]), axis)) if axis is not None else None
-        if plan is not None:
-            found.append(Producer(node, plan, -1 if node.op in ("MatMul", "Gemm") else 1))
+        items = owners.get((id(node.inputs[1]), axis)) if axis is not None else None
+        # a weight read by another node too (tied weights) cannot be rescaled for this node alone
+        if items and len(node.inputs[1].outputs) == 1:
+            found.append(Producer(node, items, -1 if node.op in ("MatMul", "Gemm") else 1))
     return found
 
 
 def _weight_out_axis(node: gs.Node) -> int | None:
+    """The axis of the node's constant weight that indexes its output channels (None: not a producer)."""
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return None
     if node.op == "Gemm":
         return 0 if int(node.attrs.get("transB", 0)) else 1
-    if node.op in PRODUCER_AXES and len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-        return PRODUCER_AXES[node.op]
-    return None
+    if node.op == "MatMul" and len(node.inputs[1].shape) != 2:
+        return None  # a batched weight: axis 1 is not the output's last axis
+    return PRODUCER_AXES.get(node.op)
 
 
-def match_producer_statistics(graph: gs.Graph, producers: list[Producer], feeds, dense_path: str) -> int:
-    """Rescale weights (and shift biases) so merged channels match their clusters' dense mean/std."""
+def match_producer_statistics(graph: gs.Graph, producers: list[Producer], feeds, dense_path: str,
+                              folded: dict[str, np.ndarray] | None = None) -> tuple[int, int]:
+    """Rescale weights (and shift biases) so merged channels match their clusters' dense mean/std; a producer
+    whose measured channels do not line up with its members (an unexpected layout) is left as it is.
+    `feeds` run the dense model, `folded` (default: the same) the folded graph (see folded_feeds).
+    Returns (passes over the feeds, producers rescaled)."""
     if not producers:
-        return 0
+        return 0, 0
     dense = _stats_of(_session_with_outputs(onnx.load(dense_path), [p.node.outputs[0].name for p in producers]),
                       [p.node.outputs[0].name for p in producers], [p.out_axis for p in producers], feeds)
-    targets = {id(p.node): _cluster_targets(p.plan, mean, var) for p, (mean, var) in zip(producers, dense)}
+    targets = {}
+    for p, (mean, var) in zip(producers, dense):
+        mapped = channel_map(p.members, len(mean))
+        if mapped is not None:
+            targets[id(p.node)] = (mapped, _folded_average(mapped[0], mean, mapped[1]),
+                                   _folded_average(mapped[0], np.sqrt(var), mapped[1]))
+    producers = [p for p in producers if id(p.node) in targets]
     levels = _levels(graph, [p.node for p in producers])
+    rescaled = 0
     for level in sorted(set(levels.values())):
         wave = [p for p in producers if levels[id(p.node)] == level]
-        stats = channel_stats(graph, [(p.node.outputs[0].name, p.out_axis) for p in wave], feeds)
+        stats = channel_stats(graph, [(p.node.outputs[0].name, p.out_axis) for p in wave],
+                              feeds if folded is None else folded)
         for p, (mean, var) in zip(wave, stats):
-            _rescale(p, mean, np.sqrt(var), *targets[id(p.node)])
-    return len(set(levels.values()))
+            (_, extent, merged), t_mean, t_std = targets[id(p.node)]
+            if len(mean) != extent or _weight_extent(p.node) != extent:
+                continue
+            std = np.sqrt(var)
+            # channels outside every folded member keep their weights: scale 1, shift 0
+            _rescale(p, mean, std, np.where(merged, t_mean, mean), np.where(merged, t_std, std))
+            rescaled += 1
+    return len(set(levels.values())), rescaled
 
 
-def _cluster_targets(plan: FoldPlan, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Average dense mean and std of each cluster's members -> (k,), (k,)."""
-    keep = plan.labels >= 0
-    counts = np.bincount(plan.labels[keep], minlength=plan.k)
-    avg = lambda v: np.bincount(plan.labels[keep], weights=v[keep], minlength=plan.k) / counts  # noqa: E731
-    return avg(mean), avg(np.sqrt(var))
+def channel_map(items: list[tuple[Member, FoldPlan]], extent: int) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """Where each of the `extent` dense entries of an axis went after merging the members `items` on it.
+
+    Returns (folded index of each dense entry (extent,), -1 for a dropped one; the folded extent; a mask
+    (folded extent,) of the entries that belong to a member). Channel c of a member covers the `repeat`
+    entries offset + c*repeat ... (a head of head_dim entries): entry j of it goes to entry j of its cluster's
+    channel, as merge.py writes it. None when the members do not tile the axis (overlap, or out of range)."""
+    dense_to = np.arange(extent, dtype=np.int64)
+    merged = []
+    dense_pos = fold_pos = 0
+    for m, plan in sorted(items, key=lambda it: it[0].offset):
+        n, rep, labels = plan.group.size, m.repeat, np.asarray(plan.labels)
+        if m.offset < dense_pos or m.offset + n * rep > extent or len(labels) != n or rep < 1:
+            return None
+        gap = m.offset - dense_pos
+        dense_to[dense_pos:m.offset] = fold_pos + np.arange(gap)
+        merged += [False] * gap
+        fold_pos += gap
+        entries = fold_pos + labels[:, None] * rep + np.arange(rep)[None, :]
+        dense_to[m.offset:m.offset + n * rep] = np.where(labels[:, None] >= 0, entries, -1).reshape(-1)
+        merged += [True] * (plan.k * rep)
+        fold_pos += plan.k * rep
+        dense_pos = m.offset + n * rep
+    dense_to[dense_pos:] = fold_pos + np.arange(extent - dense_pos)
+    merged += [False] * (extent - dense_pos)
+    return dense_to, fold_pos + extent - dense_pos, np.array(merged, bool)
+
+
+def _folded_average(dense_to: np.ndarray, values: np.ndarray, extent: int) -> np.ndarray:
+    """Mean of dense values (n,) over the entries merged into each folded entry -> (extent,)."""
+    keep = dense_to >= 0
+    counts = np.bincount(dense_to[keep], minlength=extent)
+    return np.bincount(dense_to[keep], weights=values[keep], minlength=extent) / np.maximum(counts, 1)
+
+
+def _weight_extent(node: gs.Node) -> int:
+    return int(node.inputs[1].shape[_weight_out_axis(node)])
 
 
 def _rescale(p: Producer, mean: np.ndarray, std: np.ndarray, t_mean: np.ndarray, t_std: np.ndarray) -> None:
@@ -218,6 +300,26 @@ def _rescale(p: Producer, mean: np.ndarray, std: np.ndarray, t_mean: np.ndarray,
     bias = _bias_input(p.node)
     if bias is not None:
         bias.values = (np.asarray(bias.values) * scale + shift).astype(np.asarray(bias.values).dtype)
+    elif p.node.op == "MatMul" and (added := _added_bias(p.node, len(shift))) is not None:
+        # the bias is added after the measured output: y' + b = (y*scale + shift) + b
+        values = np.asarray(added.values)
+        added.values = (values + shift.reshape(values.shape)).astype(values.dtype)
+
+
+def _added_bias(node: gs.Node, size: int) -> gs.Constant | None:
+    """The bias of a MatMul written as MatMul -> Add(constant) (torch.onnx's Linear): the Add's constant when
+    the Add alone reads the MatMul's output, the constant holds one float per output channel ((C,) or
+    (1, ..., 1, C)) and nothing else reads it; else None (the MatMul's mean then stays unmatched)."""
+    out = node.outputs[0]
+    if len(out.outputs) != 1 or out.outputs[0].op != "Add":
+        return None
+    others = [t for t in out.outputs[0].inputs if t is not out]
+    if len(others) != 1 or not isinstance(others[0], gs.Constant) or len(others[0].outputs) != 1:
+        return None
+    shape = tuple(others[0].shape or ())
+    if not shape or shape[-1] != size or int(np.prod(shape)) != size or others[0].dtype is None:
+        return None
+    return others[0] if np.issubdtype(np.dtype(others[0].dtype), np.floating) else None
 
 
 def _bias_input(node: gs.Node) -> gs.Constant | None:
