@@ -113,11 +113,11 @@ def _check_data_files(*paths: str | None) -> None:
 
 def _validate(dense_path: str, folded_path: str, data_path: str | None, data, seed: int,
               one_at_a_time: bool = False) -> dict:
-    def make_feeds(dense):
+    def make_feeds(dense, dims=None):
         if data is not None:
             feeds = validate.match_inputs(data[0], dense, data_path)
             return feeds, data[1], f"{data_path} ({len(next(iter(feeds.values())))} samples)"
-        return validate.random_feeds(dense, seed=seed), None, f"8 random samples (seed {seed})"
+        return validate.random_feeds(dense, seed=seed, dims=dims), None, f"8 random samples (seed {seed})"
 
     return validate.validate_files(dense_path, folded_path, make_feeds, one_at_a_time)
 
@@ -146,6 +146,8 @@ def _print_report(args, output: str, result: FoldResult, dense: dict, folded: di
             "the output is an unchanged copy")
     if comparison is not None:
         say(f"validation on {comparison.source}:")
+        for note in comparison.notes:
+            say(f"  {note}")
     say(report.format_table(dense, folded, comparison))
     print(report.summary_line(output, dense, folded, comparison))
 

@@ -7,6 +7,8 @@ LLaMA (GQA) and GPT-2 (fused QKV) tests run where optimum-onnx is installed (its
 transformers<4.58)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -15,15 +17,20 @@ from onnx import TensorProto, helper, numpy_helper
 from foldtest import fold_file, run, widen_file
 from onnxfold.groups import discover
 from onnxfold.load import load_model
+from onnxfold.validate import InputSpec, dim_terms, empty_dims, own_feeds, random_feeds, symbolic_sizes
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 8, 4, 2, 4
 
 
-def _decoder_layer(path: str, present_is_output: bool = True) -> str:
+def _decoder_layer(path: str, present_is_output: bool = True, mask: bool = False) -> str:
     """x [B, S, 8] and past k/v [B, 2, P, 4] -> y [B, S, 8], present k/v [B, 2, P+S, 4].
 
     4 query heads, 2 KV heads repeated by Unsqueeze -> Expand -> Reshape (GQA), softmax attention over the
-    cache, o_proj. No causal mask: the last position attends to every position, cached or new."""
+    cache, o_proj. No causal mask: the last position attends to every position, cached or new.
+    mask: optimum's dim names (batch_size, sequence_length, past_sequence_length) and an int64 attention_mask
+    [batch_size, "past_sequence_length + sequence_length"] added to the scores (0: -1e4), which onnxruntime
+    checks against past + seq; the GQA Reshape's batch size is then read at run time (Shape -> Gather ->
+    Concat), so its output shape is only known from the load-time shape probe."""
     rng = np.random.default_rng(0)
     q_w, kv_w = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
     inits = {"wq": rng.standard_normal((HIDDEN, q_w)), "wk": rng.standard_normal((HIDDEN, kv_w)),
@@ -31,10 +38,17 @@ def _decoder_layer(path: str, present_is_output: bool = True) -> str:
              "q_shape": np.array([0, 0, HEADS, HEAD_DIM]), "kv_shape": np.array([0, 0, KV_HEADS, HEAD_DIM]),
              "rep": np.array([1, 1, HEADS // KV_HEADS, 1, 1]), "rep_shape": np.array([0, HEADS, -1, HEAD_DIM]),
              "ax2": np.array([2]), "out_shape": np.array([0, 0, q_w])}
+    if mask:
+        inits.update(rep_tail=inits.pop("rep_shape")[1:], zero=np.array([0]), ax12=np.array([1, 2]),
+                     one=np.array(1.0), big=np.array(-1e4))
     inits = {k: v.astype(np.float32 if v.dtype.kind == "f" else np.int64) for k, v in inits.items()}
     present = ("present.key", "present.value") if present_is_output else ("cat.key", "cat.value")
     nodes = [helper.make_node("MatMul", ["x", "wq"], ["q0"]), helper.make_node("Reshape", ["q0", "q_shape"], ["q1"]),
              helper.make_node("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3])]
+    if mask:  # rep_shape = [batch, HEADS, -1, HEAD_DIM] computed at run time
+        nodes += [helper.make_node("Shape", ["x"], ["x_shape"]),
+                  helper.make_node("Gather", ["x_shape", "zero"], ["batch"], axis=0),
+                  helper.make_node("Concat", ["batch", "rep_tail"], ["rep_shape"], axis=0)]
     for name, w, cache in (("key", "wk", present[0]), ("value", "wv", present[1])):
         nodes += [helper.make_node("MatMul", ["x", w], [f"{name}0"]),
                   helper.make_node("Reshape", [f"{name}0", "kv_shape"], [f"{name}1"]),
@@ -44,18 +58,26 @@ def _decoder_layer(path: str, present_is_output: bool = True) -> str:
                   helper.make_node("Expand", [f"{name}3", "rep"], [f"{name}4"]),
                   helper.make_node("Reshape", [f"{name}4", "rep_shape"], [f"{name}_all"])]
     nodes += [helper.make_node("Transpose", ["key_all"], ["kt"], perm=[0, 1, 3, 2]),
-              helper.make_node("MatMul", ["q", "kt"], ["scores"]),
-              helper.make_node("Softmax", ["scores"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["q", "kt"], ["scores"])]
+    if mask:  # scores + (1 - mask) * -1e4, the mask broadcast over heads and query positions
+        nodes += [helper.make_node("Cast", ["attention_mask"], ["m0"], to=TensorProto.FLOAT),
+                  helper.make_node("Sub", ["one", "m0"], ["m1"]), helper.make_node("Mul", ["m1", "big"], ["m2"]),
+                  helper.make_node("Unsqueeze", ["m2", "ax12"], ["m3"]),
+                  helper.make_node("Add", ["scores", "m3"], ["scores_masked"])]
+    nodes += [helper.make_node("Softmax", ["scores_masked" if mask else "scores"], ["p"], axis=-1),
               helper.make_node("MatMul", ["p", "value_all"], ["ctx"]),
               helper.make_node("Transpose", ["ctx"], ["ctx1"], perm=[0, 2, 1, 3]),
               helper.make_node("Reshape", ["ctx1", "out_shape"], ["ctx2"]),
               helper.make_node("MatMul", ["ctx2", "wo"], ["y"])]
     f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("x", f32, ["B", "S", HIDDEN])] + [
-        helper.make_tensor_value_info(f"past.{n}", f32, ["B", KV_HEADS, "P", HEAD_DIM]) for n in ("key", "value")]
-    outputs = [helper.make_tensor_value_info("y", f32, ["B", "S", HIDDEN])]
+    b, s, p = ("batch_size", "sequence_length", "past_sequence_length") if mask else ("B", "S", "P")
+    inputs = [helper.make_tensor_value_info("x", f32, [b, s, HIDDEN])] + [
+        helper.make_tensor_value_info(f"past.{n}", f32, [b, KV_HEADS, p, HEAD_DIM]) for n in ("key", "value")]
+    if mask:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [b, f"{p} + {s}"]))
+    outputs = [helper.make_tensor_value_info("y", f32, [b, s, HIDDEN])]
     if present_is_output:
-        outputs += [helper.make_tensor_value_info(p, f32, ["B", KV_HEADS, "P + S", HEAD_DIM]) for p in present]
+        outputs += [helper.make_tensor_value_info(c, f32, [b, KV_HEADS, f"{p} + {s}", HEAD_DIM]) for c in present]
     weights = [numpy_helper.from_array(v, k) for k, v in inits.items()]
     graph = helper.make_graph(nodes, "decoder", inputs, outputs, weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -65,11 +87,12 @@ def _decoder_layer(path: str, present_is_output: bool = True) -> str:
     return path
 
 
-def _feeds(kv_heads=KV_HEADS, past=3, seq=4, seed=0):
+def _feeds(kv_heads=KV_HEADS, past=3, seq=4, seed=0, mask=False):
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((2, seq, HIDDEN)).astype(np.float32),
-            **{f"past.{n}": rng.standard_normal((2, kv_heads, past, HEAD_DIM)).astype(np.float32)
-               for n in ("key", "value")}}
+    feeds = {"x": rng.standard_normal((2, seq, HIDDEN)).astype(np.float32),
+             **{f"past.{n}": rng.standard_normal((2, kv_heads, past, HEAD_DIM)).astype(np.float32)
+                for n in ("key", "value")}}
+    return {**feeds, "attention_mask": np.ones((2, past + seq), np.int64)} if mask else feeds
 
 
 def _declared(path: str, name: str) -> list:
@@ -78,8 +101,11 @@ def _declared(path: str, name: str) -> list:
     return [d.dim_value or d.dim_param for d in info.type.tensor_type.shape.dim]
 
 
-def test_kv_cache_inputs_and_outputs_join_the_kv_group(tmp_path):
-    loaded = load_model(_decoder_layer(str(tmp_path / "m.onnx")))
+@pytest.mark.parametrize("mask", [False, True], ids=["static", "attention_mask"])
+def test_kv_cache_inputs_and_outputs_join_the_kv_group(tmp_path, mask):
+    """With the attention mask, the GQA Reshape's shape is observed by the load-time probe: it runs only when
+    the mask's "past_sequence_length + sequence_length" is sized as the sum of the past and new lengths."""
+    loaded = load_model(_decoder_layer(str(tmp_path / "m.onnx"), mask=mask))
     groups = discover(loaded.graph, loaded.opset)
     (heads,) = [g for g in groups if g.foldable]
     assert heads.kind == "heads" and heads.size == KV_HEADS
@@ -127,6 +153,91 @@ def test_folded_cache_shapes_and_cached_step_matches_full_run(tmp_path):
     np.testing.assert_allclose(last_y[:, 0], full_y[:, 4], atol=1e-5)
 
 
+def test_symbolic_dims_are_sized_consistently_and_sums_add_up():
+    assert dim_terms("past_sequence_length + sequence_length") == [(1, "past_sequence_length"),
+                                                                   (1, "sequence_length")]
+    assert dim_terms("a+b-2") == [(1, "a"), (1, "b"), (-1, 2)]
+    assert [dim_terms(d) for d in ("batch_size", "unk__3", "2*s", "a +", "")] == [None] * 5
+    specs = [InputSpec("input_ids", ["batch_size", "sequence_length"], "tensor(int64)"),
+             InputSpec("attention_mask", ["batch_size", "past_sequence_length + sequence_length"], "tensor(int64)"),
+             InputSpec("past", ["batch_size", 2, "past_sequence_length", 16], "tensor(float)"),
+             InputSpec("step_mask", ["batch_size", "past_sequence_length+1"], "tensor(int64)"),
+             InputSpec("window", ["batch_size", "2 + extra - 1"], "tensor(float)"),
+             InputSpec("other", ["batch_size", "2*sequence_length", None], "tensor(float)")]
+    sizes = symbolic_sizes(specs, samples=3, other_dim=5)
+    assert sizes["batch_size"] == 3 and sizes["sequence_length"] == sizes["past_sequence_length"] == 5
+    assert sizes["past_sequence_length + sequence_length"] == 10 and sizes["past_sequence_length+1"] == 6
+    assert sizes["extra"] == 5 and sizes["2 + extra - 1"] == 6  # a name found only inside a sum
+    feeds = random_feeds(specs, samples=3, other_dim=5, dims={"past_sequence_length": 0})
+    assert {k: v.shape for k, v in feeds.items()} == {
+        "input_ids": (3, 5), "attention_mask": (3, 5), "past": (3, 2, 0, 16), "step_mask": (3, 1),
+        "window": (3, 6), "other": (3, 5, 5)}
+    assert random_feeds(specs, samples=3, other_dim=5)["attention_mask"].shape == (3, 10)
+
+
+def test_folded_caches_are_fed_arrays_of_their_own_shape():
+    dense = [InputSpec("input_ids", ["batch_size", "sequence_length"], "tensor(int64)"),
+             InputSpec("attention_mask", ["batch_size", "past_sequence_length + sequence_length"], "tensor(int64)"),
+             InputSpec("past.key", ["batch_size", 2, "past_sequence_length", 4], "tensor(float)")]
+    folded = dense[:2] + [InputSpec("past.key", ["batch_size", 1, "past_sequence_length", 4], "tensor(float)")]
+    assert empty_dims(dense, dense) == {}
+    assert empty_dims(dense, folded) == {"past_sequence_length": 0}
+    feeds = random_feeds(dense, samples=2, other_dim=3, dims=empty_dims(dense, folded))
+    d, f, notes = own_feeds(dense, folded, feeds)
+    assert d["input_ids"] is f["input_ids"] and f["attention_mask"].shape == (2, 3)
+    assert d["past.key"].shape == (2, 2, 0, 4) and f["past.key"].shape == (2, 1, 0, 4)
+    assert "empty arrays" in notes[0] and "past.key [batch_size, 2, past_sequence_length, 4] -> " in notes[0]
+    d, f, notes = own_feeds(dense, folded, random_feeds(dense, samples=2, other_dim=3))  # e.g. --data
+    assert not d["past.key"].any() and f["past.key"].shape == (2, 1, 3, 4) and "zeros" in notes[0]
+
+
+def test_cli_folds_a_with_past_layer_end_to_end(tmp_path, capsys):
+    """The real command line on a layer with an attention mask [batch, past + seq]: heads fold with their
+    cache, validation feeds each model empty caches of its own shape and leaves out the present outputs."""
+    from onnxfold.cli.main import main
+
+    src = _decoder_layer(str(tmp_path / "m.onnx"), mask=True)
+    out, report = str(tmp_path / "f.onnx"), str(tmp_path / "r.json")
+    assert main([src, "-o", out, "--ratio", "0.5", "--report", report]) == 0
+    printed = capsys.readouterr().out
+    assert "KV-cache heads 2 -> 1" in printed and "not compared: present.key, present.value" in printed
+    rep = json.load(open(report))
+    assert [(g["channels"], g["kept"], g["status"]) for g in rep["groups"] if g["channels"] == KV_HEADS] == \
+        [(KV_HEADS, 1, "folded")]
+    cmp = rep["comparison"]
+    assert [o["name"] for o in cmp["outputs"]] == ["y"] and 0 < cmp["outputs"][0]["max_rel"] < 10
+    assert "past.key, past.value" in cmp["notes"][0] and "empty arrays" in cmp["notes"][0]
+    for name in ("past.key", "past.value", "present.key", "present.value"):
+        assert _declared(out, name)[1] == 1
+    _, k, v = run(out, _feeds(kv_heads=1, past=3, seq=4, mask=True))
+    assert k.shape == v.shape == (2, 1, 7, HEAD_DIM)
+    # --data with a non-empty dense cache: both models get zero caches (said so), the run still succeeds.
+    np.savez(tmp_path / "data.npz", **_feeds(mask=True))
+    assert main([src, "-o", out, "--ratio", "0.5", "--data", str(tmp_path / "data.npz"), "-q"]) == 0
+    # ratio 0 reproduces: every output compared (shapes unchanged), error ~0.
+    same = str(tmp_path / "same.onnx")
+    assert main([src, "-o", same, "--ratio", "0", "--report", report, "-q"]) == 0
+    cmp = json.load(open(report))["comparison"]
+    assert len(cmp["outputs"]) == 3 and max(o["max_rel"] for o in cmp["outputs"]) < 1e-5 and not cmp["notes"]
+    for a, b in zip(run(same, _feeds(mask=True)), run(src, _feeds(mask=True))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cli_validates_a_with_past_layer_one_model_at_a_time(tmp_path, monkeypatch, capsys):
+    """Large-model validation (lean sessions, the folded one made after the dense one is freed) reads the
+    folded model's input shapes from its file and feeds it its own empty caches too."""
+    import onnxfold.validate as validate
+    from onnxfold.cli.main import main
+
+    monkeypatch.setattr(validate, "ONE_AT_A_TIME_BYTES", 0)
+    src, report = _decoder_layer(str(tmp_path / "m.onnx"), mask=True), str(tmp_path / "r.json")
+    assert main([src, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5", "--report", report]) == 0
+    assert "validated one after the other" in capsys.readouterr().out
+    cmp = json.load(open(report))["comparison"]
+    assert [o["name"] for o in cmp["outputs"]] == ["y"] and "empty arrays" in cmp["notes"][0]
+    assert "not compared: present.key, present.value" in cmp["notes"][1]
+
+
 # ---- optimum-onnx exports (text-generation-with-past), in an environment with optimum-onnx -----------------
 def test_with_past_without_optimum_is_a_one_line_usage_error(capsys):
     try:
@@ -141,22 +252,6 @@ def test_with_past_without_optimum_is_a_one_line_usage_error(capsys):
     assert "optimum-onnx" in err and "transformers<4.58" in err and len(err.splitlines()) == 1
 
 
-def _summing_feeds(original):
-    """The loader's shape probe with dims written 'a + b' (optimum: attention_mask [batch, past + seq]) set to
-    the sum of the dims named a and b, so a KV-cache graph can run. Stands in until validate.random_feeds
-    does this itself; without it the GQA repeat's Reshape cannot be observed and the heads stay frozen."""
-    def feeds(sess, *args, **kwargs):
-        out = original(sess, *args, **kwargs)
-        sizes = {d: n for i in sess.get_inputs() for d, n in zip(i.shape, out[i.name].shape)
-                 if isinstance(d, str) and "+" not in d}
-        for i in sess.get_inputs():
-            shape = [sum(sizes[p.strip()] for p in d.split("+")) if isinstance(d, str) and "+" in d else n
-                     for d, n in zip(i.shape, out[i.name].shape)]
-            out[i.name] = out[i.name] if list(out[i.name].shape) == shape else np.ones(shape, out[i.name].dtype)
-        return out
-    return feeds
-
-
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def optimum_llm(request, tmp_path_factory):
     """(path, folder, vocab, kv_heads) of a tiny random causal LM (2 layers, heads of 16) exported with past
@@ -164,7 +259,6 @@ def optimum_llm(request, tmp_path_factory):
     pytest.importorskip("optimum.exporters.onnx")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import onnxfold.validate as validate
     from onnxfold.export import export_hf
 
     if request.param == "llama":
@@ -181,9 +275,7 @@ def optimum_llm(request, tmp_path_factory):
     model_class(cfg).save_pretrained(str(folder / "hf"))
     path = str(folder / "model.onnx")
     assert export_hf(str(folder / "hf"), path, with_past=True) == "logits"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(validate, "random_feeds", _summing_feeds(validate.random_feeds))
-        yield path, str(folder / "hf"), vocab, kv
+    return path, str(folder / "hf"), vocab, kv
 
 
 def _llm_feeds(ids: np.ndarray, past: list[np.ndarray] | None, kv_heads: int, layers: int = 2) -> dict:
@@ -240,3 +332,22 @@ def test_export_hf_with_past_cli_lists_head_groups(optimum_llm, tmp_path, capsys
     _, folder, _, _ = optimum_llm
     assert main(["export", "hf", folder, "-o", str(tmp_path / "m.onnx"), "--with-past"]) == 0
     assert "2 attention-head groups and 2 other foldable groups" in capsys.readouterr().out
+
+
+def test_optimum_with_past_folds_and_validates_through_the_cli(optimum_llm, tmp_path, capsys):
+    """`onnxfold m.onnx --ratio 0.5` on the optimum export: random feeds size attention_mask past + seq, so the
+    shape probe runs and KV heads fold; validation compares logits on empty caches of each model's shape."""
+    from onnxfold.cli.main import main
+
+    path, _, vocab, kv = optimum_llm
+    out, report = str(tmp_path / "f.onnx"), str(tmp_path / "r.json")
+    assert main([path, "-o", out, "--ratio", "0.5", "--report", report]) == 0
+    assert f"KV-cache heads {kv} -> {kv // 2}" in capsys.readouterr().out
+    rep = json.load(open(report))
+    assert [o["name"] for o in rep["comparison"]["outputs"]] == ["logits"]
+    assert np.isfinite(rep["comparison"]["outputs"][0]["max_rel"])
+    assert any("not compared: present.0.key" in n for n in rep["comparison"]["notes"])
+    outs = run(out, _llm_feeds(np.random.default_rng(2).integers(0, vocab, (2, 3)), None, kv // 2))
+    assert [o.shape for o in outs[1:]] == [(2, kv // 2, 3, 16)] * 4
+    assert main([path, "-o", str(tmp_path / "same.onnx"), "--ratio", "0", "--report", report, "-q"]) == 0
+    assert max(o["max_rel"] for o in json.load(open(report))["comparison"]["outputs"]) < 1e-4
