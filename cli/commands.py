@@ -29,7 +29,7 @@ def fold(args: argparse.Namespace) -> int:
     options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed,
                           method=args.method, prune_norm=args.prune_norm, head_ratio=args.head_ratio,
                           mlp_ratio=args.mlp_ratio, layers=args.layers,
-                          allocate=args.allocate)
+                          allocate=args.allocate, importance=args.importance)
     options.check()
     output = args.output or default_output(args.input)
     _check_paths(args.input, output, args.data, args.calib)
@@ -38,7 +38,7 @@ def fold(args: argparse.Namespace) -> int:
     steps: dict = {}
     with Step("loading", not args.quiet), _measured(steps, "load"):
         # Weights in external-data files stay on disk until used, unless a repair exports the graph to run it.
-        loaded = load_model(args.input, lazy=args.repair not in ("data", "dir"))
+        loaded = load_model(args.input, lazy=args.repair not in ("data", "dir") and args.importance != "act")
         check_data_target(output, loaded.data_files)
     with Step("folding", not args.quiet), _measured(steps, "fold"):
         calib = _calibration_inputs(args, calib_data)
@@ -81,8 +81,9 @@ def _read_calib(args):
 
 
 def _calibration_inputs(args, calib_data):
-    """Feeds for --repair data (from --calib) or dir (synthesised from the dense model's BN statistics)."""
-    if args.repair == "data":
+    """Feeds for --repair data and --importance act (from --calib) or dir (synthesised from the dense model's
+    BN statistics)."""
+    if args.repair == "data" or args.importance == "act" and args.calib:
         return validate.match_inputs(calib_data[0], validate.session(args.input), args.calib)
     if args.repair == "dir":
         from onnxfold.dir import synthesize_inputs
@@ -135,7 +136,8 @@ def _print_report(args, output: str, result: FoldResult, dense: dict, folded: di
     frozen = sum(1 for g in result.groups if g.frozen)
     say(f"onnxfold: {args.input} -> {output}")
     say(f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
-        f"| ratio {args.ratio}{' allocated by Ward error' if args.allocate else ''} | k-means on {result.backend} | fold time {result.seconds:.2f} s")
+        f"| ratio {args.ratio}{' allocated by Ward error' if args.allocate else ''}"
+        f"{' | importance: activations' if args.importance == 'act' else ''} | k-means on {result.backend} | fold time {result.seconds:.2f} s")
     say(f"method: {args.method} | repair: {result.repair} ({result.repair_why})")
     for note in result.notes:
         say(f"  {note}")
@@ -159,7 +161,8 @@ def _payload(args, output, options, result: FoldResult, dense, folded, validatio
     for row, g in zip(rows, result.groups):
         row["seconds"] = result.group_seconds.get(g.gid)
     return {"input": args.input, "output": output, "options": options, "backend": result.backend,
-            "repair": {"method": result.repair, "why": result.repair_why}, "fold_seconds": result.seconds,
+            "repair": {"method": result.repair, "why": result.repair_why}, "importance": args.importance,
+            "fold_seconds": result.seconds,
             "groups": rows, "dense": dense, "folded": folded,
             "comparison": validation.get("comparison"), "steps": steps or {}}
 

@@ -38,6 +38,10 @@ def fold_parser() -> argparse.ArgumentParser:
                    "group of each kind (heads, channels) in graph order")
     p.add_argument("--allocate", action="store_true", help="remove the same number of parameters, but spread "
                    "per group where clustering loses least (Ward error of each group's weights; data-free)")
+    p.add_argument("--importance", choices=("weight", "act"), default="weight",
+                   help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib inputs "
+                   "or, for token models, on random token ids (data-free); prune keeps the highest, fold clusters "
+                   "the weighted features (default: weight)")
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")

@@ -17,6 +17,7 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover, kv_cache_notes
+from .importance import channel_importance, synthetic_token_feeds
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
                     sync_depthwise_groups)
 from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
@@ -43,6 +44,7 @@ class FoldOptions:
     mlp_ratio: float | None = None    # overrides ratio for the other groups (MLP / conv channels)
     layers: str | None = None         # "5-27" or "0,3,7": fold only the i-th group of each kind
     allocate: bool = False            # spread the same parameter budget over groups by Ward clustering cost
+    importance: str = "weight"        # weight: features as they are; act: scaled by activation-aware importance
 
     def check(self) -> None:
         """Raise UserError for values outside their range."""
@@ -59,6 +61,8 @@ class FoldOptions:
                 raise UserError(f"{name} {value} is outside [0, 1)")
         if self.layers is not None:
             parse_layers(self.layers)
+        if self.importance not in ("weight", "act"):
+            raise UserError(f"--importance {self.importance} is not one of weight, act")
         if self.prune_norm not in ("l1", "l2"):
             raise UserError(f"--prune-norm {self.prune_norm} is not one of l1, l2")
 
@@ -133,16 +137,18 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     apply_excludes(groups, list(options.exclude))
     ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
+    weights = _importance(graph, todo, ratios, options, calib)
+    features = lambda g: weighted_features(g, weights.get(g.gid))  # noqa: E731
     keep = {g.gid: _clusters(g, ratios[g.gid], options) for g in todo}
     if options.allocate:
-        keep = allocate(todo, ratios, group_features, lambda g, r: _clusters(g, r, options))
+        keep = allocate(todo, ratios, features, lambda g, r: _clusters(g, r, options))
         keep = {g.gid: _clusters(g, 1.0 - keep[g.gid] / g.size, options) for g in todo}
     plans, seconds = [], {}
     for i, group in enumerate(todo):
         if progress:
             progress(i, len(todo), group.describe())
         t0 = time.perf_counter()
-        plan = plan_group(group, options, repair, backend, standardized, keep[group.gid])
+        plan = plan_group(group, options, repair, backend, standardized, keep[group.gid], weights.get(group.gid))
         seconds[group.gid] = time.perf_counter() - t0
         if plan is not None:
             plans.append(plan)
@@ -151,6 +157,10 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     forget_shapes(graph)
     result = FoldResult(groups, plans, repair, why, backend, group_seconds=seconds)
     result.notes.extend(kv_cache_notes(plans))
+    if options.importance == "act":
+        result.notes.append(f"importance: activation x consumer weight norm for {len(weights)} of {len(todo)} "
+                            f"foldable groups ({'--calib inputs' if calib is not None else 'random token ids'}); "
+                            "the rest by weights")
     if repair in ("data", "dir") and plans:
         if calib is None or dense_path is None:
             raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")
@@ -165,17 +175,37 @@ def _clusters(group: Group, ratio: float, options: FoldOptions) -> int:
     return clusters_for(group.size, ratio, options.multiple_of if group.kind == "channels" else 1)
 
 
+def _importance(graph: gs.Graph, groups: list[Group], ratios: dict[int, float], options: FoldOptions,
+                calib) -> dict[int, np.ndarray]:
+    """gid -> channel importance (n,) for --importance act (empty otherwise, or when nothing folds)."""
+    if options.importance != "act" or not any(ratios[g.gid] > 0 for g in groups):
+        return {}
+    feeds = calib if calib is not None else synthetic_token_feeds(graph, options.seed)
+    return channel_importance(graph, groups, feeds)
+
+
+def weighted_features(group: Group, importance: np.ndarray | None) -> np.ndarray:
+    """Clustering features (n, d): group_features, each row scaled by its channel's importance relative to
+    the group's mean (unchanged without importance), so k-means distances weigh what a channel contributes."""
+    features = group_features(group)
+    if importance is None or not np.any(importance > 0):
+        return features
+    return features * (importance / importance.mean()).astype(np.float32)[:, None]
+
+
 def plan_group(group: Group, options: FoldOptions, repair: str, backend: str,
-               standardized: set[int] = frozenset(), k: int | None = None) -> FoldPlan | None:
+               standardized: set[int] = frozenset(), k: int | None = None,
+               importance: np.ndarray | None = None) -> FoldPlan | None:
     """Cluster one group's channels into k clusters (default: from options.ratio); None when nothing would be
     removed. `standardized`: ids of BN scale tensors whose producer Fold-AR standardised (they get the AR
-    factor)."""
+    factor). `importance` (n,): activation-aware channel scores (prune keeps the highest; fold clusters
+    features scaled by them)."""
     k = _clusters(group, options.ratio, options) if k is None else k
     if k >= group.size:
         return None
-    features = group_features(group)
+    features = weighted_features(group, importance)
     if options.method == "prune":
-        return FoldPlan(group, prune_labels(features, k, options.prune_norm), k)
+        return FoldPlan(group, prune_labels(features, k, options.prune_norm, importance), k)
     result = kmeans(features, k, seed=options.seed, n_init=options.n_init, backend=backend)
     labels, k = canonical_labels(np.asarray(result.labels))
     gammas = frozenset(id(m.tensor) for m in group.members if m.tag == "bn_scale" and id(m.tensor) in standardized)

@@ -41,11 +41,11 @@ def canonical_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
     return order[inverse].astype(np.int64), len(first)
 
 
-def prune_labels(features: np.ndarray, k: int, norm: str = "l2") -> np.ndarray:
+def prune_labels(features: np.ndarray, k: int, norm: str = "l2", scores: np.ndarray | None = None) -> np.ndarray:
     """Magnitude pruning as a plan: keep the k channels whose feature rows (n, d) have the largest L1/L2
-    norm (labels 0..k-1 in channel order), drop the rest (label -1)."""
-    order = 1 if norm == "l1" else 2
-    scores = np.linalg.norm(features.astype(np.float64), ord=order, axis=1)
+    norm, or the largest `scores` (n,) when given (labels 0..k-1 in channel order), drop the rest (-1)."""
+    if scores is None:
+        scores = np.linalg.norm(features.astype(np.float64), ord=1 if norm == "l1" else 2, axis=1)
     keep = np.sort(np.argsort(-scores, kind="stable")[:k])
     labels = np.full(len(features), -1, np.int64)
     labels[keep] = np.arange(k)

@@ -167,6 +167,8 @@ def channel_stats(graph: gs.Graph, tensors: list[tuple[str, int]], feeds) -> lis
 
 
 def _session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    # shapes observed at load time (fixed sample sizes) must not reach onnxruntime: it would fold Shape ops
+    del model.graph.value_info[:]
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing)
     opts = ort.SessionOptions()

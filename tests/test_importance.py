@@ -1,0 +1,99 @@
+"""--importance act: channels weighed by activation RMS x next-layer weight norm, measured on random token ids
+(data-free) or on --calib inputs. Dead channels with large outgoing weights are what weight norms get wrong."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from foldtest import fold_file, run
+from onnxfold.errors import UserError
+from onnxfold.fold import FoldOptions, fold_graph
+from onnxfold.importance import synthetic_token_feeds
+from onnxfold.load import load_model
+from test_allocate import mlp_with_duplicated_group
+
+VOCAB, HIDDEN = 128, 8  # validation draws random ids below 100
+
+
+def token_mlp(path: str) -> str:
+    """input_ids (N, L) -> Gather (128, 8) -> MatMul 8->24 -> Relu -> MatMul 24->8. Of the 24 channels 8 are
+    distinct, 8 are 4 duplicated pairs and 8 are dead (zero input weights: Relu gives 0) but have the largest
+    outgoing weights."""
+    rng = np.random.default_rng(0)
+    live = rng.standard_normal((HIDDEN, 12)).astype(np.float32)
+    w1 = np.concatenate([live, live[:, 8:], np.zeros((HIDDEN, 8), np.float32)], axis=1)
+    out = rng.standard_normal((12, HIDDEN)).astype(np.float32)
+    w2 = np.concatenate([out[:8], out[8:] / 2, out[8:] / 2, 10 * rng.standard_normal((8, HIDDEN))]).astype(np.float32)
+    inits = {"emb": rng.standard_normal((VOCAB, HIDDEN)).astype(np.float32), "w1": w1, "w2": w2}
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]), helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "L"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L", HIDDEN])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def _error(src: str, dst: str) -> float:
+    feeds = {"input_ids": np.random.default_rng(3).integers(0, VOCAB, (4, 16))}
+    return float(np.abs(run(dst, feeds)[0] - run(src, feeds)[0]).max())
+
+
+def test_synthetic_feeds_index_the_embedding_table(tmp_path):
+    src = token_mlp(str(tmp_path / "m.onnx"))
+    feeds = synthetic_token_feeds(load_model(src).graph, seed=0)
+    ids = feeds["input_ids"]
+    assert ids.shape == (8, 128) and ids.dtype == np.int64 and 0 <= ids.min() and ids.max() < VOCAB
+
+
+def test_act_pruning_drops_dead_channels_that_weight_norms_keep(tmp_path):
+    src = token_mlp(str(tmp_path / "m.onnx"))
+    ratio = 8 / 24
+    act, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=ratio, method="prune", importance="act")
+    fold_file(src, str(tmp_path / "w.onnx"), ratio=ratio, method="prune")
+    assert [act.kept(g) for g in act.groups if g.foldable] == [16]
+    assert any("random token ids" in note for note in act.notes)
+    assert _error(src, str(tmp_path / "a.onnx")) < 1e-5 < 1e-1 < _error(src, str(tmp_path / "w.onnx"))
+
+
+def test_act_fold_merges_duplicates_and_dead_channels_exactly(tmp_path):
+    src = token_mlp(str(tmp_path / "m.onnx"))
+    ratio = 11 / 24 - 1e-3  # 13 clusters: 8 distinct, 4 merged pairs, one cluster of the 8 dead channels
+    act, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=ratio, repair="none", importance="act")
+    plain, _ = fold_file(src, str(tmp_path / "p.onnx"), ratio=ratio, repair="none")
+    assert [act.kept(g) for g in act.groups if g.foldable] == [13] == [plain.kept(g) for g in plain.groups if g.foldable]
+    assert _error(src, str(tmp_path / "a.onnx")) < 1e-4 < 1e-1 < _error(src, str(tmp_path / "p.onnx"))
+
+
+def test_act_at_ratio_zero_reproduces(tmp_path):
+    src = token_mlp(str(tmp_path / "m.onnx"))
+    result, _ = fold_file(src, str(tmp_path / "z.onnx"), ratio=0.0, importance="act")
+    assert result.plans == [] and _error(src, str(tmp_path / "z.onnx")) == 0.0
+
+
+def test_float_inputs_need_calibration(tmp_path):
+    src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
+    with pytest.raises(UserError, match="--calib"):
+        fold_file(src, str(tmp_path / "f.onnx"), ratio=0.25, importance="act")
+    loaded = load_model(src)
+    calib = {"input": np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)}
+    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(0.25, repair="none", importance="act"), calib=calib)
+    assert any("--calib inputs" in note for note in result.notes) and result.plans
+
+
+def test_cli_importance_act(tmp_path):
+    src = token_mlp(str(tmp_path / "m.onnx"))
+    ok = subprocess.run([sys.executable, "-m", "onnxfold", src, "-o", str(tmp_path / "o.onnx"), "--ratio", "0.3",
+                         "--method", "prune", "--importance", "act", "-q"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
+    err = subprocess.run([sys.executable, "-m", "onnxfold", bad, "--importance", "act", "-q"],
+                         capture_output=True, text=True)
+    assert err.returncode == 2 and "Traceback" not in err.stderr and "--calib" in err.stderr
