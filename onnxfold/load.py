@@ -484,8 +484,23 @@ def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:
             if not _unshareable(node, t, max_size):
                 continue
             if id(t) in seen:
-                node.inputs[i] = gs.Constant(_fresh_name(f"{t.name}_copy", names), np.array(t.values))
+                copy = gs.Constant(_fresh_name(f"{t.name}_copy", names), np.array(t.values))
+                copy.onnxfold_original = t
+                node.inputs[i] = copy
             seen.add(id(t))
+
+
+def reshare_unchanged_copies(graph: gs.Graph) -> None:
+    """Undo unshare_small_constants where folding left a copy equal to its original (same shape, dtype and
+    values): the written model shares it again, so an unfolded layer costs no extra parameters."""
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            original = getattr(t, "onnxfold_original", None)
+            if original is None or t.shape != original.shape:
+                continue
+            a, b = np.asarray(t.values), np.asarray(original.values)
+            if a.dtype == b.dtype and np.array_equal(a, b):
+                node.inputs[i] = original
 
 
 MAX_SHARED_VECTOR = 1 << 16

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import UserError
-from .load import NOT_LOADED, ExternalValues, all_constants, check_skeleton, skeleton_of
+from .load import NOT_LOADED, ExternalValues, all_constants, check_skeleton, reshare_unchanged_copies, skeleton_of
 
 TWO_GB = 2**31 - 2**20
 INLINE_BYTES = 1024  # tensors up to this size stay in the .onnx file (shape vectors, scalars)
@@ -57,6 +57,7 @@ def save_graph(graph: gs.Graph, opset: int, path: str, external: bool,
     written as its skeleton followed by one initializer at a time (protobuf merges concatenated messages).
     Shapes are inferred and checked on the skeleton. `protect`: files (the input's data) the output must
     not replace."""
+    reshare_unchanged_copies(graph)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     constants = all_constants(graph)
     check_data_target(path, tuple(protect) + tuple(c._values.ref.file for c in constants
