@@ -17,7 +17,7 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover, kv_cache_notes
-from .importance import channel_importance, synthetic_token_feeds
+from .importance import channel_importance, importance_from_random_tokens
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
                     sync_depthwise_groups)
 from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
@@ -138,10 +138,9 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
     weights = _importance(graph, todo, ratios, options, calib)
-    features = lambda g: weighted_features(g, weights.get(g.gid))  # noqa: E731
     keep = {g.gid: _clusters(g, ratios[g.gid], options) for g in todo}
-    if options.allocate:
-        keep = allocate(todo, ratios, features, lambda g, r: _clusters(g, r, options))
+    if options.allocate:  # priced on plain weight features: importance-scaled ones made early layers look free
+        keep = allocate(todo, ratios, group_features, lambda g, r: _clusters(g, r, options))
         keep = {g.gid: _clusters(g, 1.0 - keep[g.gid] / g.size, options) for g in todo}
     plans, seconds = [], {}
     for i, group in enumerate(todo):
@@ -180,8 +179,9 @@ def _importance(graph: gs.Graph, groups: list[Group], ratios: dict[int, float], 
     """gid -> channel importance (n,) for --importance act (empty otherwise, or when nothing folds)."""
     if options.importance != "act" or not any(ratios[g.gid] > 0 for g in groups):
         return {}
-    feeds = calib if calib is not None else synthetic_token_feeds(graph, options.seed)
-    return channel_importance(graph, groups, feeds)
+    if calib is not None:
+        return channel_importance(graph, groups, calib)
+    return importance_from_random_tokens(graph, groups, options.seed)
 
 
 def weighted_features(group: Group, importance: np.ndarray | None) -> np.ndarray:

@@ -29,32 +29,33 @@ def channel_importance(graph: gs.Graph, groups: list[Group], feeds: dict[str, np
     taps = {g.gid: tap for g in groups if (tap := consumer_tap(g)) is not None}
     if not taps:
         return {}
-    names = sorted({(name, axis) for name, axis, _ in taps.values()})
+    names = sorted({(name, axis) for name, axis, _, _ in taps.values()})
     stats = dict(zip(names, channel_stats(graph, names, feeds)))
     out = {}
-    for gid, (name, axis, column_norms) in taps.items():
+    for gid, (name, axis, entry_norms, repeat) in taps.items():
         mean, var = stats[(name, axis)]
-        rms = np.sqrt(np.square(mean) + var)
-        if len(rms) == len(column_norms):
-            out[gid] = rms * column_norms
+        if len(mean) == len(entry_norms):
+            energy = (np.square(mean) + var) * np.square(entry_norms)
+            out[gid] = np.sqrt(energy.reshape(-1, repeat).sum(axis=1))
     return out
 
 
-def consumer_tap(group: Group) -> tuple[str, int, np.ndarray] | None:
-    """(activation tensor name, its channel axis, consumer column norms (n,)) of the group's first consumer
-    member that is the weight of a MatMul (weight (in, out), last axis of the activation), a Gemm or a Conv
-    and that covers the whole input axis with one entry per channel; None if there is none."""
+def consumer_tap(group: Group) -> tuple[str, int, np.ndarray, int] | None:
+    """(activation tensor name, its channel axis, consumer weight norms per input entry (n * repeat,), repeat)
+    of the group's first consumer member that is the weight of a MatMul (weight (in, out), last axis of the
+    activation), a Gemm or a Conv and covers the whole input axis (channel c: entries c*repeat ... (c+1)*repeat
+    - 1, e.g. an attention head's head_dim entries of the output projection); None if there is none."""
     for m in group.members:
-        if m.role != SUM or m.repeat != 1 or m.offset != 0:
+        if m.role != SUM or m.offset != 0:
             continue
         values = np.asarray(m.tensor.values)
-        if values.shape[m.axis] != group.size:
+        if values.shape[m.axis] != group.size * m.repeat:
             continue
         for node in m.tensor.outputs:
             axis = _activation_axis(node, m)
             if axis is not None:
-                moved = np.moveaxis(values, m.axis, 0).reshape(group.size, -1).astype(np.float64)
-                return node.inputs[0].name, axis, np.linalg.norm(moved, axis=1)
+                moved = np.moveaxis(values, m.axis, 0).reshape(values.shape[m.axis], -1).astype(np.float64)
+                return node.inputs[0].name, axis, np.linalg.norm(moved, axis=1), m.repeat
     return None
 
 
@@ -70,6 +71,20 @@ def _activation_axis(node: gs.Node, m) -> int | None:
     if node.op == "Conv" and m.axis == 1 and node.attrs.get("group", 1) == 1:
         return 1
     return None
+
+
+def importance_from_random_tokens(graph: gs.Graph, groups: list[Group], seed: int = 0) -> dict[int, np.ndarray]:
+    """channel_importance on synthetic_token_feeds: SYNTHETIC_LENGTH tokens per sequence, or shorter ones
+    (same token count) when the model rejects that length (a small position table)."""
+    length, error = SYNTHETIC_LENGTH, None
+    while length >= 8:
+        feeds = synthetic_token_feeds(graph, seed, SYNTHETIC_SEQUENCES * SYNTHETIC_LENGTH // length, length)
+        try:
+            return channel_importance(graph, groups, feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime rejects the length: try a shorter one
+            error, length = e, length // 4
+    first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    raise UserError(f"--importance act: the model does not run on random token ids ({first}); give --calib FILE.npz")
 
 
 def synthetic_token_feeds(graph: gs.Graph, seed: int = 0, count: int = SYNTHETIC_SEQUENCES,

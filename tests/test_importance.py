@@ -2,8 +2,11 @@
 (data-free) or on --calib inputs. Dead channels with large outgoing weights are what weight norms get wrong."""
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -97,3 +100,42 @@ def test_cli_importance_act(tmp_path):
     err = subprocess.run([sys.executable, "-m", "onnxfold", bad, "--importance", "act", "-q"],
                          capture_output=True, text=True)
     assert err.returncode == 2 and "Traceback" not in err.stderr and "--calib" in err.stderr
+
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_heads_and_mlps_are_all_scored_and_prune(arch, tmp_path):
+    """Tiny transformers LLaMA (GQA, 2 layers) and GPT-2 (fused QKV; a table of 32 learned positions, so random
+    sequences of 128 tokens are rejected and shorter ones used): every head group's output projection
+    (head_dim entries per head) and every MLP's down projection is observed, and pruning by them runs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+
+    src = str(tmp_path / f"{arch}.onnx")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(), (torch.randint(0, 128, (1, 8)),), src, dynamo=False, opset_version=18,
+                          input_names=["input_ids"], output_names=["logits"],
+                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}})
+    result, _ = fold_file(src, str(tmp_path / "p.onnx"), ratio=0.5, method="prune", importance="act")
+    foldable = [g for g in result.groups if g.foldable]
+    assert {g.kind for g in foldable} == {"heads", "channels"}
+    assert any(f"for {len(foldable)} of {len(foldable)} foldable groups" in note for note in result.notes)
+    ids = {"input_ids": np.random.default_rng(0).integers(0, 128, (2, 7))}
+    assert np.isfinite(run(str(tmp_path / "p.onnx"), ids)[0]).all()
