@@ -69,7 +69,8 @@ def synthesize_inputs(model_path: str, *, batch: int = 32, iters: int = 200, lr:
     threads = torch.get_num_threads()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
-        return _invert(graph, shape, settings, progress)
+        with torch.enable_grad():  # the caller may have switched autograd off globally
+            return _invert(graph, shape, settings, progress)
     finally:
         torch.set_num_threads(threads)
 

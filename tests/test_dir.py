@@ -257,3 +257,10 @@ def test_dir_is_seeded():
     c = synthesize_inputs(MNIST, batch=4, iters=5, seed=4)
     np.testing.assert_array_equal(a.inputs, b.inputs)
     assert not np.allclose(a.inputs, c.inputs)
+
+
+def test_dir_runs_when_the_caller_switched_autograd_off():
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        result = synthesize_inputs(MNIST, batch=4, iters=10, lr=0.2, jitter=0)
+    assert result.losses[-1] < result.losses[0]
