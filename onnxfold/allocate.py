@@ -100,18 +100,22 @@ class ParamModel:
 
 
 def allocate(groups: list[Group], ratios: dict[int, float], features, clusters,
-             max_ratio: float = 0.9) -> dict[int, int]:
+             max_ratio: float | None = None) -> dict[int, int]:
     """Units to keep per group (gid -> k) removing as many parameters as `ratios` would, spread by cost.
 
     groups: foldable groups; ratios: gid -> uniform ratio (0 keeps the group out of the budget);
     features(group) -> (n, d) rows; clusters(group, ratio) -> k. A group's cost of losing m units is its
     Ward error relative to its features' mass, times its number of weight members (each layer's relative
-    error counts once), per parameter saved. No group loses more than max_ratio of its units. Groups too
-    large for Ward's matrix keep their uniform count."""
+    error counts once), per parameter saved. No group loses more than max_ratio of its units (default: twice
+    the largest uniform ratio, within [0.5, 0.9]: a looser cap let EfficientNet-Lite0's allocation take a
+    fifth of the parameters from its classifier input alone, 63% top-1 agreement against 71% capped at 0.5;
+    MNIST is the same either way). Groups too large for Ward's matrix keep their uniform count."""
     keep = {g.gid: clusters(g, ratios[g.gid]) for g in groups}
     pool = [g for g in groups if ratios[g.gid] > 0 and g.size <= MAX_WARD_CHANNELS]
     if not pool:
         return keep
+    if max_ratio is None:
+        max_ratio = min(0.9, max(0.5, 2 * max(ratios[g.gid] for g in pool)))
     model = ParamModel(groups)
     target = model.count(keep)
     curves = {g.gid: _relative_error_steps(g, features(g), g.size - clusters(g, max_ratio)) for g in pool}

@@ -81,3 +81,30 @@ def test_allocate_spends_the_budget_on_duplicated_channels(tmp_path):
 def test_allocate_at_ratio_zero_changes_nothing(tmp_path):
     result, _ = fold_file(MNIST, str(tmp_path / "z.onnx"), ratio=0.0, allocate=True)
     assert result.plans == []
+
+
+def test_allocate_caps_each_group_at_twice_the_uniform_ratio(tmp_path):
+    """8 distinct channels each repeated 4 times (32): merging down to 8 is free, but at ratio 0.3 no group may
+    lose more than 0.6 of its channels, so it keeps 13 and the rest of the budget comes from the other group
+    (wider: 64 outputs, so the budget is more than the free merges can pay)."""
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.standard_normal((8, 12)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    w2 = rng.standard_normal((32, 8)).astype(np.float32)
+    inits = {"w1": np.tile(w1, (4, 1)), "b1": np.tile(b1, 4), "w2": np.tile(w2, (1, 4)) / 4,
+             "b2": rng.standard_normal(32).astype(np.float32), "w3": rng.standard_normal((64, 32)).astype(np.float32),
+             "b3": np.zeros(64, np.float32)}
+    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["h1"], transB=1), helper.make_node("Relu", ["h1"], ["r1"]),
+             helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], transB=1), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Gemm", ["r2", "w3", "b3"], ["output"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 12])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 64])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src = str(tmp_path / "m.onnx")
+    onnx.save(model, src)
+    spread, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=0.3, repair="none", allocate=True)
+    uniform, _ = fold_file(src, str(tmp_path / "u.onnx"), ratio=0.3, repair="none")
+    kept = [spread.kept(g) for g in spread.groups if g.foldable]
+    assert kept[0] == 13 and kept[1] < 32 and [uniform.kept(g) for g in uniform.groups if g.foldable] == [22, 22]
+    assert param_count(str(tmp_path / "a.onnx")) <= param_count(str(tmp_path / "u.onnx"))
