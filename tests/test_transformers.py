@@ -80,13 +80,19 @@ def test_llama_mlp_and_heads_fold_and_duplicates_fold_back_exactly(llama, tmp_pa
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds())[0], dense, atol=1e-4 * np.abs(dense).max())
 
 
-def _export(module, path, vocab=100):
+def _export(module, path, vocab=100, dynamo=False):
+    example = (torch.randint(0, vocab, (1, 8)),)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.randint(0, vocab, (1, 8)),), path, dynamo=False, opset_version=18,
-                          input_names=["input_ids"], output_names=["out"],
-                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "out": {0: "b", 1: "s"}})
+        if dynamo:
+            dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s", min=2, max=60)}
+            torch.onnx.export(module, example, path, dynamo=True, dynamic_shapes=(dims,), external_data=False,
+                              input_names=["input_ids"], output_names=["out"])
+        else:
+            torch.onnx.export(module, example, path, dynamo=False, opset_version=18,
+                              input_names=["input_ids"], output_names=["out"],
+                              dynamic_axes={"input_ids": {0: "b", 1: "s"}, "out": {0: "b", 1: "s"}})
     return path
 
 
@@ -100,12 +106,13 @@ class _Hidden(torch.nn.Module):
         return out.logits if self.logits else out.last_hidden_state
 
 
-@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("arch", ["bert", "bert-dynamo", "gpt2"])
 def test_bert_and_gpt2(arch, tmp_path):
-    """BERT: heads and GELU MLPs fold (LayerNorm keeps the stream). GPT-2: the GELU MLP and the heads behind
-    the fused QKV projection (cut by Split) fold; tests/test_fused_qkv.py covers the heads further."""
+    """BERT (legacy and dynamo exports): heads and GELU MLPs fold (LayerNorm keeps the stream). GPT-2: the GELU
+    MLP and the heads behind the fused QKV projection (cut by Split) fold; tests/test_fused_qkv.py covers the
+    heads further, dynamo export included."""
     torch.manual_seed(0)
-    if arch == "bert":
+    if arch.startswith("bert"):
         cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=128, attn_implementation="eager")
         model, expected = _Hidden(transformers.BertModel(cfg).eval(), False), [4, 4, 128, 128]
@@ -113,7 +120,7 @@ def test_bert_and_gpt2(arch, tmp_path):
         cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
                                       eos_token_id=0, attn_implementation="eager")
         model, expected = _Hidden(transformers.GPT2LMHeadModel(cfg).eval(), True), [4, 4, 256, 256]
-    path = _export(model, str(tmp_path / f"{arch}.onnx"))
+    path = _export(model, str(tmp_path / f"{arch}.onnx"), dynamo=arch.endswith("dynamo"))
     loaded = load_model(path)
     groups = discover(loaded.graph, loaded.opset)
     assert sorted(g.size for g in groups if g.foldable) == expected
