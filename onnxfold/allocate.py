@@ -109,7 +109,7 @@ def allocate(groups: list[Group], ratios: dict[int, float], features, clusters,
     error counts once), per parameter saved. No group loses more than max_ratio of its units (default: twice
     the largest uniform ratio, within [0.5, 0.9]: a looser cap let EfficientNet-Lite0's allocation take a
     fifth of the parameters from its classifier input alone, 63% top-1 agreement against 71% capped at 0.5;
-    MNIST is the same either way). Groups too large for Ward's matrix keep their uniform count."""
+    MNIST moves by less than a point). Groups too large for Ward's matrix keep their uniform count."""
     keep = {g.gid: clusters(g, ratios[g.gid]) for g in groups}
     pool = [g for g in groups if ratios[g.gid] > 0 and g.size <= MAX_WARD_CHANNELS]
     if not pool:
