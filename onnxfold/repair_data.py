@@ -13,6 +13,8 @@ Inputs: the folded gs.Graph (modified in place), FoldPlans, calibration feeds {i
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -26,6 +28,7 @@ from .merge import FoldPlan, cluster_reduce
 
 PRODUCER_AXES = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
 BATCH = 64
+SESSION_VIA_FILE_BYTES = 1 << 26  # larger models reach statistics sessions through a temporary file: SmolLM2 --importance act peak 3.3 -> 2.2 GB
 
 
 @dataclass
@@ -167,13 +170,23 @@ def channel_stats(graph: gs.Graph, tensors: list[tuple[str, int]], feeds) -> lis
 
 
 def _session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+    """A lean CPU session of `model` with `names` added as outputs. Models whose weights reach
+    SESSION_VIA_FILE_BYTES go through a temporary file with external data (protobuf cannot serialise 2 GB, and
+    no serialised copy is held); weights are not pre-packed (no second copy)."""
     # shapes observed at load time (fixed sample sizes) must not reach onnxruntime: it would fold Shape ops
     del model.graph.value_info[:]
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    if sum(len(t.raw_data) for t in model.graph.initializer) < SESSION_VIA_FILE_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "stats.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="stats.onnx.data", size_threshold=1024)
+        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 def _stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.ndarray, np.ndarray]]:

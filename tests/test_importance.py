@@ -139,3 +139,21 @@ def test_heads_and_mlps_are_all_scored_and_prune(arch, tmp_path):
     assert any(f"for {len(foldable)} of {len(foldable)} foldable groups" in note for note in result.notes)
     ids = {"input_ids": np.random.default_rng(0).integers(0, 128, (2, 7))}
     assert np.isfinite(run(str(tmp_path / "p.onnx"), ids)[0]).all()
+
+
+def test_statistics_session_through_a_file_gives_the_same_scores(tmp_path, monkeypatch):
+    """Models over SESSION_VIA_FILE_BYTES (protobuf cannot serialise 2 GB) reach onnxruntime through a temporary
+    file with external data; the scores do not change."""
+    import onnxfold.repair_data as repair_data
+    from onnxfold.groups import discover
+    from onnxfold.importance import channel_importance
+    src = token_mlp(str(tmp_path / "m.onnx"))
+    loaded = load_model(src)
+    groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    feeds = synthetic_token_feeds(loaded.graph)
+    in_memory = channel_importance(loaded.graph, groups, feeds)
+    monkeypatch.setattr(repair_data, "SESSION_VIA_FILE_BYTES", 0)
+    via_file = channel_importance(loaded.graph, groups, feeds)
+    assert in_memory.keys() == via_file.keys() and len(in_memory) == 1
+    for gid in in_memory:
+        np.testing.assert_allclose(via_file[gid], in_memory[gid], rtol=1e-6)
