@@ -215,7 +215,8 @@ def sweep(args: argparse.Namespace) -> int:
     if "fold+dir" in methods and synth is None:
         methods.remove("fold+dir")
     progress = Progress("sweep run", True, delay=0.0)
-    rows = sw.run_sweep(args.input, feeds, labels, ratios, methods, calib, synth, progress, seed=args.seed)
+    rows = sw.run_sweep(args.input, feeds, labels, ratios, methods, calib, synth, progress, seed=args.seed,
+                        allocate=args.allocate)
     progress.done()
     print(sw.format_rows(rows))
     prefix = args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"

@@ -3,6 +3,7 @@ ratio 0 is the identity and keeps the largest channels, sweep writes its table a
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -114,3 +115,20 @@ def test_sweep_writes_table_and_png(tmp_path, capsys):
     assert all(0.0 <= float(r["metric"]) <= 1.0 for r in rows)
     with open(prefix + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_with_allocate_matches_the_fold_command(tmp_path, capsys):
+    """`sweep --allocate` runs the fold methods with --allocate: same sparsity and accuracy as `onnxfold --allocate`."""
+    prefix = str(tmp_path / "sw")
+    assert main(["sweep", MNIST, "--data", MNIST_TEST, "--ratios", "0.3", "--methods", "fold+none", "--allocate",
+                 "--no-plot", "-o", prefix]) == 0
+    with open(prefix + ".csv") as f:
+        row = list(csv.DictReader(f))[1]
+    report = str(tmp_path / "r.json")
+    assert main([MNIST, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.3", "--allocate", "--repair", "none",
+                 "--data", MNIST_TEST, "--report", report, "-q"]) == 0
+    with open(report) as f:
+        folded = json.load(f)
+    capsys.readouterr()
+    assert float(row["metric"]) == pytest.approx(folded["comparison"]["accuracy_folded"], abs=0.002)
+    assert float(row["sparsity"]) == pytest.approx(1 - folded["folded"]["params"] / folded["dense"]["params"], abs=1e-9)
