@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold.fold import FoldOptions, fold_graph, forget_shapes
 from onnxfold.groups import discover
@@ -36,6 +37,26 @@ def feeds_for(path: str, batch: int = 3, seed: int = 1) -> dict:
 def param_count(path: str) -> int:
     from onnxfold.validate import count_params_file
     return count_params_file(path)
+
+
+def gemm_relu_chain(path: str, inits: dict[str, np.ndarray], layers: list[tuple[str, str | None]]) -> str:
+    """Save `input` (N, in) -> Gemm -> Relu -> ... -> Gemm -> `output` at `path`: `layers` names each Gemm's
+    weight (out, in) and bias (None: no bias) among `inits` (stored as float32; names may repeat)."""
+    nodes, x = [], "input"
+    for i, (w, b) in enumerate(layers):
+        h = "output" if i == len(layers) - 1 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [x, w] + ([b] if b else []), [h], transB=1))
+        if h != "output":
+            x = f"r{i}"
+            nodes.append(helper.make_node("Relu", [h], [x]))
+    rows, cols = inits[layers[-1][0]].shape[0], inits[layers[0][0]].shape[1]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", cols])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", rows])],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
 
 
 def widen_file(src: str, dst: str) -> int:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import feeds_for, fold_file, param_count, run
+from foldtest import feeds_for, fold_file, gemm_relu_chain, param_count, run
 from onnxfold.allocate import ParamModel, ward_merge_costs
 from onnxfold.groups import discover
 from onnxfold.load import load_model
@@ -52,16 +50,7 @@ def mlp_with_duplicated_group(path: str) -> str:
     inits = {"w1": np.concatenate([w1, w1]), "b1": np.concatenate([b1, b1]),
              "w2": np.concatenate([w2, w2], axis=1) / 2, "b2": rng.standard_normal(32).astype(np.float32),
              "w3": rng.standard_normal((4, 32)).astype(np.float32), "b3": np.zeros(4, np.float32)}
-    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["h1"], transB=1), helper.make_node("Relu", ["h1"], ["r1"]),
-             helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], transB=1), helper.make_node("Relu", ["h2"], ["r2"]),
-             helper.make_node("Gemm", ["r2", "w3", "b3"], ["output"], transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 12])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
+    return gemm_relu_chain(path, inits, [("w1", "b1"), ("w2", "b2"), ("w3", "b3")])
 
 
 def test_allocate_spends_the_budget_on_duplicated_channels(tmp_path):
@@ -93,16 +82,7 @@ def test_allocate_caps_each_group_at_twice_the_uniform_ratio(tmp_path):
     inits = {"w1": np.tile(w1, (4, 1)), "b1": np.tile(b1, 4), "w2": np.tile(w2, (1, 4)) / 4,
              "b2": rng.standard_normal(32).astype(np.float32), "w3": rng.standard_normal((64, 32)).astype(np.float32),
              "b3": np.zeros(64, np.float32)}
-    nodes = [helper.make_node("Gemm", ["input", "w1", "b1"], ["h1"], transB=1), helper.make_node("Relu", ["h1"], ["r1"]),
-             helper.make_node("Gemm", ["r1", "w2", "b2"], ["h2"], transB=1), helper.make_node("Relu", ["h2"], ["r2"]),
-             helper.make_node("Gemm", ["r2", "w3", "b3"], ["output"], transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 12])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 64])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    src = str(tmp_path / "m.onnx")
-    onnx.save(model, src)
+    src = gemm_relu_chain(str(tmp_path / "m.onnx"), inits, [("w1", "b1"), ("w2", "b2"), ("w3", "b3")])
     spread, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=0.3, repair="none", allocate=True)
     uniform, _ = fold_file(src, str(tmp_path / "u.onnx"), ratio=0.3, repair="none")
     kept = [spread.kept(g) for g in spread.groups if g.foldable]
