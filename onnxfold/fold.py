@@ -137,7 +137,8 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     apply_excludes(groups, list(options.exclude))
     ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
-    weights = _importance(graph, todo, ratios, options, calib)
+    folding = [g for g in todo if ratios[g.gid] > 0]
+    weights = _importance(graph, folding, options, calib)
     keep = {g.gid: _clusters(g, ratios[g.gid], options) for g in todo}
     if options.allocate:  # priced on plain weight features: importance-scaled ones made early layers look free
         keep = allocate(todo, ratios, group_features, lambda g, r: _clusters(g, r, options))
@@ -157,9 +158,9 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     result = FoldResult(groups, plans, repair, why, backend, group_seconds=seconds)
     result.notes.extend(kv_cache_notes(plans))
     if options.importance == "act":
-        result.notes.append(f"importance: activation x consumer weight norm for {len(weights)} of {len(todo)} "
-                            f"foldable groups ({'--calib inputs' if calib is not None else 'random token ids'}); "
-                            "the rest by weights")
+        source = "--calib inputs" if calib is not None else "random token ids"
+        result.notes.append(f"importance: activation x consumer weight norm for {len(weights)} of {len(folding)} "
+                            f"foldable groups being folded ({source}); the rest by weights")
     if repair in ("data", "dir") and plans:
         if calib is None or dense_path is None:
             raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")
@@ -174,10 +175,9 @@ def _clusters(group: Group, ratio: float, options: FoldOptions) -> int:
     return clusters_for(group.size, ratio, options.multiple_of if group.kind == "channels" else 1)
 
 
-def _importance(graph: gs.Graph, groups: list[Group], ratios: dict[int, float], options: FoldOptions,
-                calib) -> dict[int, np.ndarray]:
-    """gid -> channel importance (n,) for --importance act (empty otherwise, or when nothing folds)."""
-    if options.importance != "act" or not any(ratios[g.gid] > 0 for g in groups):
+def _importance(graph: gs.Graph, groups: list[Group], options: FoldOptions, calib) -> dict[int, np.ndarray]:
+    """gid -> channel importance (n,) of the groups being folded, for --importance act (empty otherwise)."""
+    if options.importance != "act" or not groups:
         return {}
     if calib is not None:
         return channel_importance(graph, groups, calib)
