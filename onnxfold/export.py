@@ -45,9 +45,57 @@ def export_hf(model_dir: str, output: str, opset: int = OPSET, with_past: bool =
             raise UserError(f"{model_dir}: torch.onnx cannot export it with transformers {transformers.__version__} "
                             f"({str(e).splitlines()[0][:120]}); this export is tested with transformers 5.x, "
                             f"--with-past with optimum-onnx") from None
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(target_dir, name))
+        if causal and _tied(model):
+            tmp_path = _retie_embeddings(tmp_path, os.path.join(tmp, "retied"))
+        folder = os.path.dirname(tmp_path)
+        for name in os.listdir(folder):
+            if os.path.isfile(os.path.join(folder, name)):
+                os.replace(os.path.join(folder, name), os.path.join(target_dir, name))
     return out_name
+
+
+def _tied(model) -> bool:
+    """True if the LM head reuses the input embedding matrix (tie_word_embeddings)."""
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and table is not None and head.weight is table.weight
+
+
+def _retie_embeddings(path: str, folder: str) -> str:
+    """The legacy exporter writes a tied LM head as a second, transposed copy of the embedding table (V x h
+    more parameters in the file). Give the MatMul `Transpose(table)` instead and drop the copy; the model
+    is written to `folder` (external data if large); returns its path (`path` itself if no copy is found)."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    skeleton = onnx.load(path, load_external_data=False)
+    shapes = {t.name: list(t.dims) for t in skeleton.graph.initializer}
+    tables = {n.input[0] for n in skeleton.graph.node if n.op_type == "Gather" and n.input[0] in shapes}
+    pairs = [(n.input[1], t) for n in skeleton.graph.node if n.op_type == "MatMul" and n.input[1] in shapes
+             for t in tables if len(shapes[t]) == 2 and shapes[n.input[1]] == shapes[t][::-1]]
+    if not pairs:
+        return path
+    model = onnx.load(path)
+    inits = {t.name: t for t in model.graph.initializer}
+    users = [name for n in model.graph.node for name in n.input]
+    for copy, table in pairs:
+        if users.count(copy) != 1 or not np.array_equal(numpy_helper.to_array(inits[copy]),
+                                                        numpy_helper.to_array(inits[table]).T):
+            continue
+        nodes = list(model.graph.node)
+        matmul = next(i for i, n in enumerate(nodes) if n.op_type == "MatMul" and n.input[1] == copy)
+        transposed = copy + "_tied"
+        nodes[matmul].input[1] = transposed
+        nodes.insert(matmul, helper.make_node("Transpose", [table], [transposed], perm=[1, 0], name=transposed))
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.remove(inits[copy])
+        os.makedirs(folder)
+        out = os.path.join(folder, os.path.basename(path))
+        large = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 2**24
+        onnx.save(model, out, save_as_external_data=large, location=os.path.basename(path) + ".data")
+        return out
+    return path
 
 
 def export_with_past(model_dir: str, output: str, opset: int = OPSET) -> str:

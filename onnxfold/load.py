@@ -348,14 +348,22 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
     """Evaluate small subgraphs that depend on constants only (e.g. Pad widths computed by legacy exports).
 
     Shape ops are left alone (fold_shapes=False): a shape computed at run time follows folded channels.
+    Nodes reading a weight that other nodes read too (a tied embedding's Transpose) stay: folding them
+    would store a second copy of the weight.
     """
     if not any(n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs) for n in graph.nodes):
         return
+    held = [(n, i, t) for n in graph.nodes for i, t in enumerate(n.inputs)
+            if isinstance(t, gs.Constant) and len(t.outputs) > 1 and int(np.prod(t.shape)) > 1024]
+    for node, i, t in held:  # a producer-less Variable is not constant to fold_constants
+        node.inputs[i] = gs.Variable(t.name + "__held", dtype=t.dtype, shape=t.shape)
     try:
-        graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=max_bytes).cleanup(
-            remove_unused_graph_inputs=False)
+        graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=max_bytes)
     except Exception:  # noqa: BLE001 - folding is an optimisation; the graph stays as it was
-        return
+        pass
+    for node, i, t in held:
+        node.inputs[i] = t
+    graph.cleanup(remove_unused_graph_inputs=False)
 
 
 SHAPE_OPS = ("Reshape", "Expand")

@@ -151,3 +151,27 @@ def test_export_hf_folder_then_fold(tmp_path, capsys):
     assert "1 attention-head groups and 1 other foldable groups" in capsys.readouterr().out
     assert main([out, "-o", str(tmp_path / "f.onnx"), "-q"]) == 0
     assert main(["export", "hf", str(tmp_path / "missing"), "-o", out]) == 2
+
+
+def test_export_hf_keeps_tied_lm_head_as_one_table(tmp_path):
+    """tie_word_embeddings: the legacy exporter writes the LM head as a transposed copy of the embedding;
+    export_hf reads it from the one table through a Transpose, so the file has the model's parameters."""
+    from onnxfold.export import export_hf
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   architectures=["LlamaForCausalLM"], tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(str(tmp_path / "hf"))
+    out = str(tmp_path / "m.onnx")
+    export_hf(str(tmp_path / "hf"), out)
+    ids = np.random.default_rng(0).integers(0, 128, (2, 7))
+    with torch.no_grad():
+        expected = model(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(run(out, {"input_ids": ids})[0], expected, atol=1e-5)
+    tables = [n for n in load_model(out).graph.nodes if n.op == "Transpose" and n.inputs[0].name.endswith("embed_tokens.weight")]
+    assert len(tables) == 1 and param_count(out) < sum(p.numel() for p in model.parameters())
+    assert param_count(out) > sum(p.numel() for p in model.parameters()) - 128 * 64
+    result, _ = fold_file(out, str(tmp_path / "f.onnx"), ratio=0.3)
+    assert param_count(str(tmp_path / "f.onnx")) < param_count(out)
