@@ -2,10 +2,11 @@
 folded vs structured pruning at the same parameter reduction, data-free.
 
 Methods (all data-free): `prune` (structured L2-magnitude pruning, the usual baseline), `fold` (k-means on
-weights), `prune-act` / `fold-act` (`--importance act`: channels weighed by their activation RMS on random
-token ids x next-layer weight norm). For every target reduction of the model's parameters (embeddings and
-the untied LM head included, as the ONNX file counts them) the uniform channel ratio over the chosen groups
-is solved from onnxfold's exact parameter model, so all methods remove the same parameters.
+weights), `prune-act` / `fold-act` (`--importance act`: channels weighed by their activation RMS x next-layer
+weight norm, activations measured on 16 x 128 tokens the model generates itself from random first tokens).
+For every target reduction of the model's parameters (134.5 M: the embedding table counted once, the tied LM
+head reads it through a Transpose) the uniform channel ratio over the chosen groups is solved from
+onnxfold's exact parameter model, so all methods remove the same parameters.
 
 Protocol: the gensim-bundled Wikipedia articles, cleaned with gensim's filter_wiki, concatenated and
 tokenised with the model's tokenizer; `--windows` non-overlapping windows of 512 tokens (the first
@@ -140,7 +141,8 @@ def main() -> None:
              f"{'' if args.head_ratio == 0 else ' and KV groups'}"
              f"{' in layers ' + args.layers if args.layers else ' in all layers'}"
              f"{', per-group ratios by --allocate' if args.allocate else ', one uniform channel ratio'}. "
-             "All methods data-free; `-act` = `--importance act` (random token ids); k-means with 1 restart. "
+             "All methods data-free; `-act` = `--importance act` (on 16 x 128 tokens the model generates); "
+             "k-means with 1 restart. "
              f"Produced by `python benchmarks/smollm2.py {' '.join(sys.argv[1:])}`.",
              "", "| method | target | channel ratio | params removed | perplexity | x dense | fold s |",
              "|---|---|---|---|---|---|---|"]

@@ -17,7 +17,7 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover, kv_cache_notes
-from .importance import channel_importance, importance_from_random_tokens
+from .importance import channel_importance, importance_data_free
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
                     sync_depthwise_groups)
 from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
@@ -138,7 +138,7 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
     folding = [g for g in todo if ratios[g.gid] > 0]
-    weights = _importance(graph, folding, options, calib)
+    weights, source = _importance(graph, folding, options, calib)
     keep = {g.gid: _clusters(g, ratios[g.gid], options) for g in todo}
     if options.allocate:  # priced on plain weight features: importance-scaled ones made early layers look free
         keep = allocate(todo, ratios, group_features, lambda g, r: _clusters(g, r, options))
@@ -158,7 +158,6 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     result = FoldResult(groups, plans, repair, why, backend, group_seconds=seconds)
     result.notes.extend(kv_cache_notes(plans))
     if options.importance == "act":
-        source = "--calib inputs" if calib is not None else "random token ids"
         result.notes.append(f"importance: activation x consumer weight norm for {len(weights)} of {len(folding)} "
                             f"foldable groups being folded ({source}); the rest by weights")
     if repair in ("data", "dir") and plans:
@@ -175,13 +174,15 @@ def _clusters(group: Group, ratio: float, options: FoldOptions) -> int:
     return clusters_for(group.size, ratio, options.multiple_of if group.kind == "channels" else 1)
 
 
-def _importance(graph: gs.Graph, groups: list[Group], options: FoldOptions, calib) -> dict[int, np.ndarray]:
-    """gid -> channel importance (n,) of the groups being folded, for --importance act (empty otherwise)."""
+def _importance(graph: gs.Graph, groups: list[Group], options: FoldOptions,
+                calib) -> tuple[dict[int, np.ndarray], str]:
+    """(gid -> channel importance (n,) of the groups being folded, for --importance act (empty otherwise),
+    what the activations were measured on)."""
     if options.importance != "act" or not groups:
-        return {}
+        return {}, ""
     if calib is not None:
-        return channel_importance(graph, groups, calib)
-    return importance_from_random_tokens(graph, groups, options.seed)
+        return channel_importance(graph, groups, calib), "--calib inputs"
+    return importance_data_free(graph, groups, options.seed)
 
 
 def weighted_features(group: Group, importance: np.ndarray | None) -> np.ndarray:

@@ -355,8 +355,9 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
         return
     held = [(n, i, t) for n in graph.nodes for i, t in enumerate(n.inputs)
             if isinstance(t, gs.Constant) and len(t.outputs) > 1 and int(np.prod(t.shape)) > 1024]
+    stand_ins = {t.name: gs.Variable(t.name + "__held", dtype=t.dtype, shape=t.shape) for _, _, t in held}
     for node, i, t in held:  # a producer-less Variable is not constant to fold_constants
-        node.inputs[i] = gs.Variable(t.name + "__held", dtype=t.dtype, shape=t.shape)
+        node.inputs[i] = stand_ins[t.name]
     try:
         graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=max_bytes)
     except Exception:  # noqa: BLE001 - folding is an optimisation; the graph stays as it was
