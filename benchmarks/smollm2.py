@@ -136,8 +136,8 @@ def main() -> None:
     scope = dict(layers=args.layers, head_ratio=args.head_ratio, allocate=args.allocate)
     lines = [f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32), onnxruntime CPU. Perplexity on "
              f"{args.windows} x {WINDOW} = {args.windows * WINDOW} tokens of the gensim Wikipedia text (the first "
-             f"windows, no overlap). Dense: {base:.2f} ({params / 1e6:.1f} M params in the ONNX file, embeddings "
-             f"and the untied LM head 56.6 M of them; {time.perf_counter() - t0:.0f} s). Groups folded: MLP channels"
+             f"windows, no overlap). Dense: {base:.2f} ({params / 1e6:.1f} M params in the ONNX file, embedding "
+             f"table (the LM head is tied to it) 28.3 M of them; {time.perf_counter() - t0:.0f} s). Groups folded: MLP channels"
              f"{'' if args.head_ratio == 0 else ' and KV groups'}"
              f"{' in layers ' + args.layers if args.layers else ' in all layers'}"
              f"{', per-group ratios by --allocate' if args.allocate else ', one uniform channel ratio'}. "

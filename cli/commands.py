@@ -12,6 +12,7 @@ from onnxfold import validate
 from onnxfold.errors import UserError
 from onnxfold.fold import FoldOptions, FoldResult, fold_graph
 from onnxfold.groups import discover
+from onnxfold.importance import token_id_limits
 from onnxfold.load import load_model
 from onnxfold.save import check_data_target, save_graph
 
@@ -49,7 +50,7 @@ def fold(args: argparse.Namespace) -> int:
     with Step("validating and writing", not args.quiet), _measured(steps, "write_and_validate"):
         one_at_a_time = loaded.file_bytes >= validate.ONE_AT_A_TIME_BYTES
         checker = None if args.no_validate else (lambda tmp: validation.update(
-            _validate(args.input, tmp, args.data, data, args.seed, one_at_a_time)))
+            _validate(args.input, tmp, args.data, data, args.seed, one_at_a_time, token_id_limits(loaded.graph))))
         skeleton, size = save_graph(loaded.graph, loaded.opset, output, loaded.external_data, checker,
                                     loaded.data_files)
     with _measured(steps, "metrics"):
@@ -113,12 +114,12 @@ def _check_data_files(*paths: str | None) -> None:
 
 
 def _validate(dense_path: str, folded_path: str, data_path: str | None, data, seed: int,
-              one_at_a_time: bool = False) -> dict:
+              one_at_a_time: bool = False, id_limits: dict[str, int] | None = None) -> dict:
     def make_feeds(dense, dims=None):
         if data is not None:
             feeds = validate.match_inputs(data[0], dense, data_path)
             return feeds, data[1], f"{data_path} ({len(next(iter(feeds.values())))} samples)"
-        return validate.random_feeds(dense, seed=seed, dims=dims), None, f"8 random samples (seed {seed})"
+        return validate.random_feeds(dense, seed=seed, dims=dims, id_limits=id_limits), None, f"8 random samples (seed {seed})"
 
     return validate.validate_files(dense_path, folded_path, make_feeds, one_at_a_time)
 
@@ -216,7 +217,7 @@ def sweep(args: argparse.Namespace) -> int:
         methods.remove("fold+dir")
     progress = Progress("sweep run", True, delay=0.0)
     rows = sw.run_sweep(args.input, feeds, labels, ratios, methods, calib, synth, progress, seed=args.seed,
-                        allocate=args.allocate)
+                        allocate=args.allocate, importance=args.importance)
     progress.done()
     print(sw.format_rows(rows))
     prefix = args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"

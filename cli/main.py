@@ -86,6 +86,9 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated channel ratios")
     p.add_argument("--allocate", action="store_true", help="every fold method with --allocate (per-group ratios "
                    "by Ward error, same parameter budget)")
+    p.add_argument("--importance", choices=("weight", "act"), default="weight",
+                   help="act: every method scores channels by activation x next-layer weight norm, measured on "
+                   "--calib (token models: data-free, see onnxfold --help)")
     p.add_argument("--methods", default="fold+none,fold+ar,fold+dir,fold+data,prune",
                    help="comma-separated subset of fold+none, fold+ar, fold+dir, fold+data, prune")
     p.add_argument("-o", "--output", metavar="PREFIX", help="writes PREFIX.csv, PREFIX.json, PREFIX.png "

@@ -158,6 +158,11 @@ def synthetic_token_feeds(graph: gs.Graph, seed: int = 0, count: int = SYNTHETIC
     return feeds
 
 
+def token_id_limits(graph: gs.Graph) -> dict[str, int]:
+    """Input name -> rows of the embedding table it indexes (valid ids are below), for every such input."""
+    return {t.name: rows for t in graph.inputs if (rows := _embedding_rows(t)) is not None}
+
+
 def _embedding_rows(t: gs.Variable) -> int | None:
     """Rows of the constant table that `t` indexes through a Gather, if any."""
     for node in t.outputs:

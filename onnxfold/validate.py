@@ -81,10 +81,11 @@ def session(path: str, lean: bool = False) -> ort.InferenceSession:
 
 def random_feeds(sess: ort.InferenceSession | Sequence[InputSpec], samples: int = 8, seed: int = 0,
                  other_dim: int = OTHER_DIM, int_high: int = 100,
-                 dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+                 dims: dict[str, int] | None = None, id_limits: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Seeded random inputs following the graph's input specs (a session, or InputSpecs). Symbolic dims are
     sized by `symbolic_sizes` (a name first at axis 0: `samples`, others `other_dim`, sums of names summed,
-    `dims` forced); integer inputs are drawn from [0, int_high) (1: all zeros, valid ids)."""
+    `dims` forced); integer inputs are drawn from [0, int_high) (1: all zeros, valid ids), or from fewer
+    values where `id_limits` (input name -> embedding rows) says the table is smaller."""
     specs = input_specs(sess) if hasattr(sess, "get_inputs") else list(sess)
     sizes = symbolic_sizes(specs, samples, other_dim, dims)
     rng = np.random.default_rng(seed)
@@ -95,7 +96,8 @@ def random_feeds(sess: ort.InferenceSession | Sequence[InputSpec], samples: int 
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            feeds[inp.name] = rng.integers(0, 2 if dtype == np.bool_ else int_high, shape).astype(dtype)
+            high = 2 if dtype == np.bool_ else min(int_high, (id_limits or {}).get(inp.name, int_high))
+            feeds[inp.name] = rng.integers(0, high, shape).astype(dtype)
     return feeds
 
 

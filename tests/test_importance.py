@@ -188,3 +188,12 @@ def test_generated_tokens_follow_the_model(tmp_path):
     assert ids.shape == (5, 9) and len(set(ids[:, 0])) > 1
     np.testing.assert_array_equal(ids, (ids[:, :1] + np.arange(9)) % 11)
     assert generated_token_feeds(load_model(token_mlp(str(tmp_path / "m.onnx"))).graph) is None
+
+
+def test_validation_draws_ids_the_embedding_table_has(tmp_path):
+    """Random validation ids stay below the embedding table's rows (11 here; the default range is 100)."""
+    src = counting_lm(str(tmp_path / "c.onnx"))
+    done = subprocess.run([sys.executable, "-m", "onnxfold", src, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "max relative output error" in done.stdout

@@ -20,6 +20,7 @@ from onnxfold.save import to_proto
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
 MNIST_TEST = os.path.join(ROOT, "models", "mnist_test.npz")
+MNIST_CALIB = os.path.join(ROOT, "models", "mnist_calib.npz")
 RNG = np.random.default_rng(0)
 
 
@@ -132,3 +133,23 @@ def test_sweep_with_allocate_matches_the_fold_command(tmp_path, capsys):
     capsys.readouterr()
     assert float(row["metric"]) == pytest.approx(folded["comparison"]["accuracy_folded"], abs=0.002)
     assert float(row["sparsity"]) == pytest.approx(1 - folded["folded"]["params"] / folded["dense"]["params"], abs=1e-9)
+
+
+def test_sweep_with_importance_act_matches_the_fold_command(tmp_path, capsys):
+    """`sweep --importance act --calib` scores channels on the calibration inputs: prune gives what `onnxfold
+    --method prune --importance act --calib` gives (and differs from weight-norm pruning)."""
+    prefix = str(tmp_path / "sw")
+    assert main(["sweep", MNIST, "--data", MNIST_TEST, "--calib", MNIST_CALIB, "--ratios", "0.3", "--methods",
+                 "prune", "--importance", "act", "--no-plot", "-o", prefix]) == 0
+    with open(prefix + ".csv") as f:
+        act = float(list(csv.DictReader(f))[1]["metric"])
+    report = str(tmp_path / "r.json")
+    assert main([MNIST, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.3", "--method", "prune", "--importance", "act",
+                 "--calib", MNIST_CALIB, "--data", MNIST_TEST, "--report", report, "-q"]) == 0
+    with open(report) as f:
+        assert act == pytest.approx(json.load(f)["comparison"]["accuracy_folded"], abs=0.002)
+    assert main(["sweep", MNIST, "--data", MNIST_TEST, "--ratios", "0.3", "--methods", "prune", "--no-plot",
+                 "-o", prefix]) == 0
+    with open(prefix + ".csv") as f:
+        assert float(list(csv.DictReader(f))[1]["metric"]) != act
+    capsys.readouterr()
