@@ -65,3 +65,39 @@ def static_product(tensor: gs.Tensor, start: int, stop: int) -> int | None:
     """Product of dims start..stop-1 when all are static, else None."""
     dims = [dim_of(tensor, i) for i in range(start, stop)]
     return math.prod(dims) if all(is_known(x) for x in dims) else None
+
+
+def shape_entries(tensor: gs.Tensor, depth: int = 0) -> list | None:
+    """The entries of a 1-D shape tensor computed at run time, as torch exports `size=skip.shape[2:]` or
+    `x.size()[:2]`: an int per constant entry, (t, i) for dim i of tensor t read through Shape; None if any
+    piece is something else. Follows Concat (axis 0), Slice(Shape(t)) with constant bounds, Gather(Shape(t), i),
+    and Unsqueeze / Cast / Squeeze wrappers."""
+    val = const_value(tensor)
+    if val is not None:
+        return [int(v) for v in np.atleast_1d(val)]
+    node = tensor.inputs[0] if tensor.inputs and depth < 8 else None
+    if node is None:
+        return None
+    if node.op in ("Unsqueeze", "Cast", "Squeeze"):
+        return shape_entries(node.inputs[0], depth + 1)
+    if node.op == "Concat" and int(node.attrs.get("axis", 0)) == 0:
+        parts = [shape_entries(t, depth + 1) for t in node.inputs]
+        return None if any(p is None for p in parts) else [e for p in parts for e in p]
+    shape = node.inputs[0].inputs[0] if node.inputs and node.inputs[0].inputs else None
+    if shape is None or shape.op != "Shape" or shape.attrs.get("start", 0) or "end" in shape.attrs:
+        return None
+    source, rank = shape.inputs[0], rank_of(shape.inputs[0])
+    if node.op == "Gather":
+        idx = const_value(node.inputs[1])
+        return [(source, norm_axis(int(idx.reshape(-1)[0]), rank))] if idx is not None and idx.size == 1 and rank \
+            else None
+    if node.op == "Slice" and rank:
+        values = [const_value(t) for t in node.inputs[1:]]
+        if any(v is None or v.size != 1 for v in values):
+            return None
+        bounds = [int(v.reshape(-1)[0]) for v in values]
+        if (len(bounds) > 2 and bounds[2] != 0) or (len(bounds) > 3 and bounds[3] != 1):
+            return None
+        start, stop = (min(max(b + rank if b < 0 else b, 0), rank) for b in bounds[:2])
+        return [(source, i) for i in range(start, stop)]
+    return None

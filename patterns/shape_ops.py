@@ -11,7 +11,7 @@ import onnx_graphsurgeon as gs
 from onnxfold.layout import EXTENT, Layout
 
 from .common import (Discovery, const_value, freeze_all, int_list, norm_axis, out_rank, pass_through,
-                     static_product, where)
+                     shape_entries, static_product, where)
 from .kv_cache import append_to_cache
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
@@ -147,7 +147,9 @@ def resize(node: gs.Node, d: Discovery) -> None:
     if sizes is not None and sizes.size:
         d.add_members(lx.moved(lx.axis, lx.rank, 1), node.inputs[3], lx.axis, EXTENT, repeat=lx.repeat)
     elif (scales is None or not scales.size) and node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
-        return freeze_all(node, d, f"{where(node)} has dynamic output sizes")
+        entries = shape_entries(node.inputs[3])  # torch: sizes = x.shape[:2] + skip.shape[2:], channels follow x
+        if entries is None or len(entries) != lx.rank or entries[lx.axis] != (node.inputs[0], lx.axis):
+            return freeze_all(node, d, f"{where(node)} has dynamic output sizes")
     pass_through(node, d, lx)
 
 
