@@ -20,7 +20,7 @@ threshold) of the folded and the dense model over all crops; `link IoU` the same
 
 Methods: fold+none, fold+ar (Fold-AR), fold+dir (REPAIR on --dir-batch Fold-DIR inputs of --dir-size pixels,
 synthesised once), fold+data (REPAIR on the calibration crops), prune (L2 magnitude), each at every ratio;
-`--allocate` adds the fold methods with --allocate.
+`--allocate` adds every method with --allocate (prune too: the same per-group budgets, channels kept by L2 norm).
 
 Usage: python benchmarks/craft.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--samples 16] [--calib-samples 16]
                                   [--methods fold+none,fold+ar,fold+dir,fold+data,prune] [--allocate]
@@ -233,7 +233,7 @@ def main() -> None:
                     f"{time.perf_counter() - t0:.0f} s, BN loss {synth.losses[0]:.3g} -> {synth.losses[-1]:.3g}.")
         print(dir_note, flush=True)
     ratios = [float(r) for r in args.ratios.split(",")]
-    runs = [(m, False) for m in methods] + [(m, True) for m in methods if args.allocate and m != "prune"]
+    runs = [(m, False) for m in methods] + [(m, True) for m in methods if args.allocate]
     rows = []
     for method, allocate in runs:
         for ratio in ratios:
