@@ -12,7 +12,9 @@ comparable; outputs whose declared shapes changed (present caches) are left out 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import re
 import statistics
 import time
@@ -396,6 +398,16 @@ def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | No
         shaped = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
     except Exception:  # noqa: BLE001 - MACs are informative only
         return None
+    total = _total_macs(shaped)
+    if total is None:  # e.g. LLaMA's RoPE slices: onnxruntime's symbolic shape inference resolves them
+        total = _total_macs(_symbolic_shapes(_with_input_shapes(model, {k: (1,) + v.shape[1:]
+                                                                         for k, v in feeds.items()})))
+    return total
+
+
+def _total_macs(shaped: onnx.ModelProto | None) -> int | None:
+    if shaped is None:
+        return None
     shapes = _known_shapes(shaped)
     total = 0
     for node in shaped.graph.node:
@@ -404,6 +416,24 @@ def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | No
             return None
         total += macs
     return total
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """The model with shapes from onnxruntime's symbolic shape inference, None if it fails. Weights stored
+    outside the proto (external data, or left out of a skeleton) become graph inputs of the same shape: the
+    inference reads initializer values, and shapes never depend on large weights."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    outside = [t for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    for t in outside:
+        light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        light.graph.initializer.remove(t)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return SymbolicShapeInference.infer_shapes(light, auto_merge=True)
+    except Exception:  # noqa: BLE001 - MACs are informative only
+        return None
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.ModelProto:
