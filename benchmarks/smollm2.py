@@ -3,7 +3,9 @@ folded vs structured pruning at the same parameter reduction, data-free.
 
 Methods (all data-free): `prune` (structured L2-magnitude pruning, the usual baseline), `fold` (k-means on
 weights), `prune-act` / `fold-act` (`--importance act`: channels weighed by their activation RMS x next-layer
-weight norm, activations measured on 16 x 128 tokens the model generates itself from random first tokens).
+weight norm, activations measured on 16 x 128 tokens the model generates itself from random first tokens),
+`prune-act-comp` (the same with `--compensate`: the pruned channels' mean activation x their down-projection
+rows added as a bias).
 For every target reduction of the model's parameters (134.5 M: the embedding table counted once, the tied LM
 head reads it through a Transpose) the uniform channel ratio over the chosen groups is solved from
 onnxfold's exact parameter model, so all methods remove the same parameters.
@@ -83,7 +85,8 @@ def perplexity(path: str, ids: np.ndarray) -> float:
 
 
 METHODS = {"prune": dict(method="prune"), "fold": dict(method="fold"),
-           "prune-act": dict(method="prune", importance="act"), "fold-act": dict(method="fold", importance="act")}
+           "prune-act": dict(method="prune", importance="act"), "fold-act": dict(method="fold", importance="act"),
+           "prune-act-comp": dict(method="prune", importance="act", compensate=True)}
 
 
 def channel_ratio_for(path: str, target: float, **options) -> tuple[float, float]:
@@ -116,7 +119,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=64)
     p.add_argument("--targets", default="0.1,0.2,0.3", help="fractions of all parameters to remove")
     p.add_argument("--layers", default=None, help="passed to onnxfold --layers (e.g. 1-28)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default="prune,fold,prune-act,fold-act")
     p.add_argument("--head-ratio", type=float, default=None, help="passed to onnxfold --head-ratio (0: keep heads)")
     p.add_argument("--allocate", action="store_true", help="passed to onnxfold (--allocate)")
     p.add_argument("--out", default="smollm2.md", help="result file name under benchmarks/results/")

@@ -30,7 +30,7 @@ def fold(args: argparse.Namespace) -> int:
     options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed,
                           method=args.method, prune_norm=args.prune_norm, head_ratio=args.head_ratio,
                           mlp_ratio=args.mlp_ratio, layers=args.layers,
-                          allocate=args.allocate, importance=args.importance)
+                          allocate=args.allocate, importance=args.importance, compensate=args.compensate)
     options.check()
     output = args.output or default_output(args.input)
     _check_paths(args.input, output, args.data, args.calib)

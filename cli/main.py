@@ -40,8 +40,12 @@ def fold_parser() -> argparse.ArgumentParser:
                    "per group where clustering loses least (Ward error of each group's weights; data-free)")
     p.add_argument("--importance", choices=("weight", "act"), default="weight",
                    help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib inputs "
-                   "or, for token models, on random token ids (data-free); prune keeps the highest, fold clusters "
-                   "the weighted features (default: weight)")
+                   "or, for token models, data-free on text a causal LM generates itself (random token ids for "
+                   "other token models); prune keeps the highest, fold clusters the weighted features "
+                   "(default: weight)")
+    p.add_argument("--compensate", action="store_true",
+                   help="with --method prune --importance act: add the pruned channels' mean contribution to "
+                   "the next layer's output (FLAP-style; helps LLMs a little, see README)")
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")

@@ -17,6 +17,7 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover, kv_cache_notes
+from .compensate import apply_compensation, plan_compensation
 from .importance import channel_importance, importance_data_free
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
                     sync_depthwise_groups)
@@ -45,6 +46,7 @@ class FoldOptions:
     layers: str | None = None         # "5-27" or "0,3,7": fold only the i-th group of each kind
     allocate: bool = False            # spread the same parameter budget over groups by Ward clustering cost
     importance: str = "weight"        # weight: features as they are; act: scaled by activation-aware importance
+    compensate: bool = False          # prune + act: add the pruned channels' mean contribution as a bias
 
     def check(self) -> None:
         """Raise UserError for values outside their range."""
@@ -65,6 +67,9 @@ class FoldOptions:
             raise UserError(f"--importance {self.importance} is not one of weight, act")
         if self.prune_norm not in ("l1", "l2"):
             raise UserError(f"--prune-norm {self.prune_norm} is not one of l1, l2")
+        if self.compensate and (self.method != "prune" or self.importance != "act"):
+            raise UserError("--compensate needs --method prune --importance act (it adds the pruned channels' "
+                            "measured mean contribution)")
 
 
 @dataclass
@@ -138,7 +143,8 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
     folding = [g for g in todo if ratios[g.gid] > 0]
-    weights, source = _importance(graph, folding, options, calib)
+    means = {} if options.method == "prune" and options.importance == "act" and options.compensate else None
+    weights, source = _importance(graph, folding, options, calib, means)
     keep = {g.gid: _clusters(g, ratios[g.gid], options) for g in todo}
     if options.allocate:  # priced on plain weight features: importance-scaled ones made early layers look free
         keep = allocate(todo, ratios, group_features, lambda g, r: _clusters(g, r, options))
@@ -152,7 +158,9 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
         seconds[group.gid] = time.perf_counter() - t0
         if plan is not None:
             plans.append(plan)
+    compensation = plan_compensation(plans, means) if means else []
     apply_plans(plans)
+    apply_compensation(graph, compensation)
     sync_depthwise_groups(graph)
     forget_shapes(graph)
     result = FoldResult(groups, plans, repair, why, backend, group_seconds=seconds)
@@ -160,6 +168,9 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     if options.importance == "act":
         result.notes.append(f"importance: activation x consumer weight norm for {len(weights)} of {len(folding)} "
                             f"foldable groups being folded ({source}); the rest by weights")
+    if compensation:
+        result.notes.append(f"mean compensation: the pruned channels' mean contribution added to the output of "
+                            f"{len(compensation)} consumer layers")
     if repair in ("data", "dir") and plans:
         if calib is None or dense_path is None:
             raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")
@@ -174,15 +185,15 @@ def _clusters(group: Group, ratio: float, options: FoldOptions) -> int:
     return clusters_for(group.size, ratio, options.multiple_of if group.kind == "channels" else 1)
 
 
-def _importance(graph: gs.Graph, groups: list[Group], options: FoldOptions,
-                calib) -> tuple[dict[int, np.ndarray], str]:
+def _importance(graph: gs.Graph, groups: list[Group], options: FoldOptions, calib,
+                means: dict | None = None) -> tuple[dict[int, np.ndarray], str]:
     """(gid -> channel importance (n,) of the groups being folded, for --importance act (empty otherwise),
     what the activations were measured on)."""
     if options.importance != "act" or not groups:
         return {}, ""
     if calib is not None:
-        return channel_importance(graph, groups, calib), "--calib inputs"
-    return importance_data_free(graph, groups, options.seed)
+        return channel_importance(graph, groups, calib, means=means), "--calib inputs"
+    return importance_data_free(graph, groups, options.seed, means)
 
 
 def weighted_features(group: Group, importance: np.ndarray | None) -> np.ndarray:

@@ -14,10 +14,11 @@ from onnxfold.merge import sync_depthwise_groups
 from onnxfold.save import to_proto
 
 
-def fold_file(src: str, dst: str, **options):
-    """Fold `src` into `dst` with FoldOptions(**options); returns (FoldResult, folded ModelProto)."""
+def fold_file(src: str, dst: str, calib: dict | None = None, **options):
+    """Fold `src` into `dst` with FoldOptions(**options) (and `calib` feeds); returns (FoldResult, folded
+    ModelProto)."""
     loaded = load_model(src)
-    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(**options))
+    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(**options), calib=calib, dense_path=src)
     proto = to_proto(loaded.graph, loaded.opset)
     onnx.save(proto, dst)
     return result, proto
