@@ -348,13 +348,14 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
     """Evaluate small subgraphs that depend on constants only (e.g. Pad widths computed by legacy exports).
 
     Shape ops are left alone (fold_shapes=False): a shape computed at run time follows folded channels.
-    Nodes reading a weight that other nodes read too (a tied embedding's Transpose) stay: folding them
-    would store a second copy of the weight.
+    Nodes reading an embedding table that a Gather reads too (a tied LM head's Transpose) stay: folding them
+    would store a second copy of the table.
     """
     if not any(n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs) for n in graph.nodes):
         return
     held = [(n, i, t) for n in graph.nodes for i, t in enumerate(n.inputs)
-            if isinstance(t, gs.Constant) and len(t.outputs) > 1 and int(np.prod(t.shape)) > 1024]
+            if isinstance(t, gs.Constant) and n.op != "Gather" and int(np.prod(t.shape)) > 1024
+            and any(o.op == "Gather" and o.inputs[0] is t for o in t.outputs)]
     stand_ins = {t.name: gs.Variable(t.name + "__held", dtype=t.dtype, shape=t.shape) for _, _, t in held}
     for node, i, t in held:  # a producer-less Variable is not constant to fold_constants
         node.inputs[i] = stand_ins[t.name]
