@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from .errors import UserError
 from .groups import Group
 from .layout import SUM
-from .repair_data import _session_with_outputs, _stats_of
+from .repair_data import session_with_outputs, stats_of
 
 SYNTHETIC_SEQUENCES = 8
 SYNTHETIC_LENGTH = 128
@@ -37,7 +37,7 @@ def channel_importance(graph: gs.Graph, groups: list[Group], feeds: dict[str, np
         return {}
     names = sorted({(name, axis) for name, axis, _, _ in taps.values()})
     sess = session or statistics_session(graph, groups)
-    stats = dict(zip(names, _stats_of(sess, [n for n, _ in names], [a for _, a in names], feeds)))
+    stats = dict(zip(names, stats_of(sess, [n for n, _ in names], [a for _, a in names], feeds)))
     out = {}
     for gid, (name, axis, entry_norms, repeat) in taps.items():
         mean, var = stats[(name, axis)]
@@ -53,7 +53,7 @@ def statistics_session(graph: gs.Graph, groups: list[Group]):
     """One lean onnxruntime session of the graph with every group's consumer activation as an extra output
     (it also serves the model's own outputs, e.g. for generating calibration text)."""
     names = sorted({name for name, _, _, _ in _taps(groups).values()})
-    return _session_with_outputs(gs.export_onnx(graph), names)
+    return session_with_outputs(gs.export_onnx(graph), names)
 
 
 def _taps(groups: list[Group]) -> dict[int, tuple[str, int, np.ndarray, int]]:
@@ -137,7 +137,7 @@ def generated_token_feeds(graph: gs.Graph, seed: int = 0, count: int = GENERATED
     if found is None:
         return None
     ids_name, logits, rows = found
-    sess = session or _session_with_outputs(gs.export_onnx(graph), [])
+    sess = session or session_with_outputs(gs.export_onnx(graph), [])
     rng = np.random.default_rng(seed + 1)
     ids = start[ids_name]
     for step in range(1, length):

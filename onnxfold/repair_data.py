@@ -111,7 +111,7 @@ def dense_bn_offsets(dense_path: str, bns: list[gs.Node], plans: list[FoldPlan],
     if not pairs:
         return {}
     names = [d.inputs[0].name for _, d in pairs]
-    stats = _stats_of(_session_with_outputs(onnx.load(dense_path), names), names, [1] * len(names), feeds)
+    stats = stats_of(session_with_outputs(onnx.load(dense_path), names), names, [1] * len(names), feeds)
     scales: dict[int, list[tuple[Member, FoldPlan]]] = defaultdict(list)
     for plan in plans:
         for m in plan.group.members:
@@ -165,11 +165,11 @@ def _levels(graph: gs.Graph, marked: list[gs.Node]) -> dict[int, int]:
 
 def channel_stats(graph: gs.Graph, tensors: list[tuple[str, int]], feeds) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-channel (mean, var) of each (tensor name, channel axis) over the feeds: [(C,), (C,)] each."""
-    sess = _session_with_outputs(gs.export_onnx(graph), [name for name, _ in tensors])
-    return _stats_of(sess, [name for name, _ in tensors], [axis for _, axis in tensors], feeds)
+    sess = session_with_outputs(gs.export_onnx(graph), [name for name, _ in tensors])
+    return stats_of(sess, [name for name, _ in tensors], [axis for _, axis in tensors], feeds)
 
 
-def _session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
     """A lean CPU session of `model` with `names` added as outputs. Models whose weights reach
     SESSION_VIA_FILE_BYTES go through a temporary file with external data (protobuf cannot serialise 2 GB, and
     no serialised copy is held); weights are not pre-packed (no second copy)."""
@@ -189,7 +189,9 @@ def _session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infer
         return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-def _stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.ndarray, np.ndarray]]:
+def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (mean (C,), var (C,)) of each output `names[i]` along `axes[i]` of session `sess` over
+    `feeds` (input name -> (N, ...)), run BATCH samples at a time."""
     sums: list = [None] * len(names)
     total = _count(feeds)
     for start in range(0, total, BATCH):
@@ -238,7 +240,7 @@ def match_producer_statistics(graph: gs.Graph, producers: list[Producer], feeds,
     Returns (passes over the feeds, producers rescaled)."""
     if not producers:
         return 0, 0
-    dense = _stats_of(_session_with_outputs(onnx.load(dense_path), [p.node.outputs[0].name for p in producers]),
+    dense = stats_of(session_with_outputs(onnx.load(dense_path), [p.node.outputs[0].name for p in producers]),
                       [p.node.outputs[0].name for p in producers], [p.out_axis for p in producers], feeds)
     targets = {}
     for p, (mean, var) in zip(producers, dense):
