@@ -17,19 +17,22 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .importance import consumer_of
-from .merge import FoldPlan
+from .layout import MEAN
+from .merge import FoldPlan, cluster_reduce
 
 
 @dataclass
 class Compensation:
-    """A constant (out,) to add to `node`'s output."""
+    """A constant (out,) to add to `node`'s output (out: its channel count after folding)."""
 
     node: gs.Node
     bias: np.ndarray
 
 
 def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> list[Compensation]:
-    """One Compensation per plan that drops channels and whose consumer's input mean is known."""
+    """One Compensation per plan that drops channels and whose consumer's input mean is known. When the
+    consumer's own output channels fold too, the bias folds with them (cluster mean, as bias members do);
+    consumers whose outputs are only partly in a group (offsets, repeats) are left uncompensated."""
     found = []
     for plan in plans:
         mean = means.get(plan.group.gid)
@@ -39,9 +42,25 @@ def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> li
         node, m, _ = consumer
         dropped = np.repeat(plan.labels < 0, m.repeat)  # per input entry
         bias = _dropped_contribution(node, np.asarray(m.tensor.values, np.float64), dropped, mean)
+        if bias is not None:
+            bias = _folded_like_outputs(bias, node, plans)
         if bias is not None and np.any(bias):
             found.append(Compensation(node, bias))
     return found
+
+
+def _folded_like_outputs(bias: np.ndarray, node: gs.Node, plans: list[FoldPlan]) -> np.ndarray | None:
+    """`bias` (out,) reduced by the plan that folds `node`'s output channels, if any; None if that plan
+    covers only part of them."""
+    weight = node.inputs[1]
+    out_axis = 1 if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)) else 0
+    for plan in plans:
+        for m in plan.group.members:
+            if m.tensor is weight and m.axis == out_axis and m.role == MEAN:
+                if m.offset or m.repeat != 1 or plan.group.size != len(bias):
+                    return None
+                return cluster_reduce(bias[:, None], plan.labels, plan.k, mean=True)[:, 0].astype(np.float64)
+    return bias
 
 
 def _dropped_contribution(node: gs.Node, weight: np.ndarray, dropped: np.ndarray, mean: np.ndarray):

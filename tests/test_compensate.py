@@ -54,7 +54,28 @@ def conv_model(path: str) -> tuple[str, dict]:
     return path, {"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)}
 
 
-@pytest.mark.parametrize("build", [token_model, conv_model])
+def chain_model(path: str) -> tuple[str, dict]:
+    """x (N, 6) -> MatMul+bias -> Relu -> MatMul+bias -> Relu -> MatMul -> y: both hidden groups have 4
+    constant channels, so the first group's compensation lands in a bias the second group folds too."""
+    rng = np.random.default_rng(2)
+    w1, b1, w2a = _weights(rng, 6)
+    _, b2, w3 = _weights(rng, 6)
+    w2 = 3 * rng.standard_normal((CONSTANT + LIVE, CONSTANT + LIVE)).astype(np.float32)
+    w2[:CONSTANT] *= 0.05  # rows of the first group's constant channels: small
+    w2[:, :CONSTANT] = 0  # the second group's constant channels: bias only
+    inits = {"w1": w1, "b1": b1, "w2": w2, "b2": b2, "w3": w3}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"]), helper.make_node("Add", ["h1", "b1"], ["a1"]),
+             helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
+             helper.make_node("Add", ["h2", "b2"], ["a2"]), helper.make_node("Relu", ["a2"], ["r2"]),
+             helper.make_node("MatMul", ["r2", "w3"], ["y"])]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path, {"x": rng.standard_normal((16, 6)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("build", [token_model, conv_model, chain_model])
 def test_constant_channels_pruned_exactly_with_mean_compensation(build, tmp_path):
     src, feeds = build(str(tmp_path / "m.onnx"))
     calib = None if "ids" in feeds else feeds
