@@ -4,8 +4,9 @@ folded vs structured pruning at the same parameter reduction, data-free.
 Methods (all data-free): `prune` (structured L2-magnitude pruning, the usual baseline), `fold` (k-means on
 weights), `prune-act` / `fold-act` (`--importance act`: channels weighed by their activation RMS x next-layer
 weight norm, activations measured on 16 x 128 tokens the model generates itself from random first tokens),
-`prune-act-comp` (the same with `--compensate`: the pruned channels' mean activation x their down-projection
-rows added as a bias).
+`prune-act-comp` / `fold-act-comp` (the same with `--compensate`: each down projection's dense output mean
+restored by a bias: the pruned channels' mean activation x their rows, or for fold the difference measured
+again on the folded model).
 For every target reduction of the model's parameters (134.5 M: the embedding table counted once, the tied LM
 head reads it through a Transpose) the uniform channel ratio over the chosen groups is solved from
 onnxfold's exact parameter model, so all methods remove the same parameters.
@@ -86,7 +87,8 @@ def perplexity(path: str, ids: np.ndarray) -> float:
 
 METHODS = {"prune": dict(method="prune"), "fold": dict(method="fold"),
            "prune-act": dict(method="prune", importance="act"), "fold-act": dict(method="fold", importance="act"),
-           "prune-act-comp": dict(method="prune", importance="act", compensate=True)}
+           "prune-act-comp": dict(method="prune", importance="act", compensate=True),
+           "fold-act-comp": dict(method="fold", importance="act", compensate=True)}
 
 
 def channel_ratio_for(path: str, target: float, **options) -> tuple[float, float]:

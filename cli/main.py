@@ -44,8 +44,9 @@ def fold_parser() -> argparse.ArgumentParser:
                    "other token models); prune keeps the highest, fold clusters the weighted features "
                    "(default: weight)")
     p.add_argument("--compensate", action="store_true",
-                   help="with --method prune --importance act: add the pruned channels' mean contribution to "
-                   "the next layer's output (FLAP-style; helps LLMs a little, see README)")
+                   help="with --importance act: restore each folded group's next-layer output mean with a bias "
+                   "(prune: the dropped channels' mean contribution, FLAP-style; fold: measured again on the "
+                   "folded model); helps LLMs, see README")
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")

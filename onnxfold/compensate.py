@@ -1,13 +1,16 @@
-"""Mean compensation of pruned channels (`--method prune --importance act`), as FLAP does for LLMs.
+"""Mean compensation (`--compensate`, with `--importance act`): keep each folded group's consumer output
+mean where the dense model has it, as FLAP does for pruned LLMs.
 
-A dropped channel's activation is replaced by its mean over the inputs the importance was measured on: its
-contribution to the consumer, mean x the consumer's weights for it, becomes a constant added to the
-consumer's output (into its bias, or a new Add). Exact for channels whose activation is constant; on
-SmolLM2-135M (20% of the parameters from the MLPs) it lowers perplexity (benchmarks/README.md).
+prune: a dropped channel's activation is replaced by its mean over the inputs the importance was measured
+on: mean x the consumer's weights for it becomes a constant added to the consumer's output (into its bias,
+or a new Add); exact for channels whose activation is constant. fold: the consumer's mean output is
+measured again on the folded model (one pass, same inputs) and the difference to the dense model's is
+added the same way. On SmolLM2-135M (20% of the parameters from the MLPs) both lower perplexity
+(benchmarks/README.md).
 
-Input: FoldPlans whose labels mark dropped channels (-1) and gid -> mean activation per consumer input
-entry (n * repeat,) from importance.channel_importance. plan_compensation runs before the weights are
-rewritten (it reads the dropped weights), apply_compensation after.
+Input: FoldPlans (labels, -1 = dropped) and gid -> mean activation per consumer input entry (n * repeat,)
+from importance.channel_importance. plan_compensation / plan_mean_correction run before the weights are
+rewritten, mean_correction and apply_compensation after.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .importance import consumer_of
+from .repair_data import session_with_outputs, stats_of
 from .layout import MEAN
 from .merge import FoldPlan, cluster_reduce
 
@@ -46,6 +50,37 @@ def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> li
             bias = _folded_like_outputs(bias, node, plans)
         if bias is not None and np.any(bias):
             found.append(Compensation(node, bias))
+    return found
+
+
+def plan_mean_correction(plans: list[FoldPlan], means: dict) -> list[tuple[gs.Node, int, np.ndarray]]:
+    """(consumer, its activation's channel axis, dense mean contribution (out,)) per plan whose consumer's
+    input mean is known; read before the weights are rewritten."""
+    pending = []
+    for plan in plans:
+        mean, consumer = means.get(plan.group.gid), consumer_of(plan.group)
+        if mean is None or consumer is None:
+            continue
+        node, m, axis = consumer
+        weight = np.asarray(m.tensor.values, np.float64)
+        dense = _dropped_contribution(node, weight, np.ones(len(mean), bool), mean)
+        if dense is not None:
+            pending.append((node, axis, dense))
+    return pending
+
+
+def mean_correction(graph: gs.Graph, plans: list[FoldPlan], pending: list, feeds: dict) -> list[Compensation]:
+    """After the weights were rewritten: each consumer's input means on the folded graph (one onnxruntime pass
+    over `feeds`) -> Compensation = dense mean contribution (folded like the consumer's outputs) - folded."""
+    names = [node.inputs[0].name for node, _, _ in pending]
+    sess = session_with_outputs(gs.export_onnx(graph), names)
+    found = []
+    for (node, axis, dense), (mean, _) in zip(pending, stats_of(sess, names, [a for _, a, _ in pending], feeds)):
+        weight = np.asarray(node.inputs[1].values, np.float64)
+        folded = _dropped_contribution(node, weight, np.ones(len(mean), bool), mean)
+        target = _folded_like_outputs(dense, node, plans)
+        if folded is not None and target is not None and target.shape == folded.shape:
+            found.append(Compensation(node, target - folded))
     return found
 
 

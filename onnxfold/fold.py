@@ -17,7 +17,7 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover, kv_cache_notes
-from .compensate import apply_compensation, plan_compensation
+from .compensate import apply_compensation, mean_correction, plan_compensation, plan_mean_correction
 from .importance import channel_importance, importance_data_free
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
                     sync_depthwise_groups)
@@ -46,7 +46,7 @@ class FoldOptions:
     layers: str | None = None         # "5-27" or "0,3,7": fold only the i-th group of each kind
     allocate: bool = False            # spread the same parameter budget over groups by Ward clustering cost
     importance: str = "weight"        # weight: features as they are; act: scaled by activation-aware importance
-    compensate: bool = False          # prune + act: add the pruned channels' mean contribution as a bias
+    compensate: bool = False          # with act: restore each consumer's dense output mean with a bias
 
     def check(self) -> None:
         """Raise UserError for values outside their range."""
@@ -67,9 +67,8 @@ class FoldOptions:
             raise UserError(f"--importance {self.importance} is not one of weight, act")
         if self.prune_norm not in ("l1", "l2"):
             raise UserError(f"--prune-norm {self.prune_norm} is not one of l1, l2")
-        if self.compensate and (self.method != "prune" or self.importance != "act"):
-            raise UserError("--compensate needs --method prune --importance act (it adds the pruned channels' "
-                            "measured mean contribution)")
+        if self.compensate and self.importance != "act":
+            raise UserError("--compensate needs --importance act (it restores activation means measured with it)")
 
 
 @dataclass
@@ -143,7 +142,7 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     ratios = group_ratios(groups, options)
     todo = [g for g in groups if g.foldable]
     folding = [g for g in todo if ratios[g.gid] > 0]
-    means = {} if options.method == "prune" and options.importance == "act" and options.compensate else None
+    means = {} if options.importance == "act" and options.compensate else None
     weights, source = _importance(graph, folding, options, calib, means)
     keep = {g.gid: _clusters(g, ratios[g.gid], options) for g in todo}
     if options.allocate:  # priced on plain weight features: importance-scaled ones made early layers look free
@@ -158,8 +157,11 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
         seconds[group.gid] = time.perf_counter() - t0
         if plan is not None:
             plans.append(plan)
-    compensation = plan_compensation(plans, means) if means else []
+    compensation = plan_compensation(plans, means) if means and options.method == "prune" else []
+    pending = plan_mean_correction(plans, means) if means and options.method == "fold" else []
     apply_plans(plans)
+    if pending:
+        compensation = mean_correction(graph, plans, pending, means["feeds"])
     apply_compensation(graph, compensation)
     sync_depthwise_groups(graph)
     forget_shapes(graph)
@@ -169,8 +171,8 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
         result.notes.append(f"importance: activation x consumer weight norm for {len(weights)} of {len(folding)} "
                             f"foldable groups being folded ({source}); the rest by weights")
     if compensation:
-        result.notes.append(f"mean compensation: the pruned channels' mean contribution added to the output of "
-                            f"{len(compensation)} consumer layers")
+        result.notes.append(f"mean compensation: the {'pruned' if options.method == 'prune' else 'folded'} "
+                            f"channels' mean contribution restored at the output of {len(compensation)} consumer layers")
     if repair in ("data", "dir") and plans:
         if calib is None or dense_path is None:
             raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")

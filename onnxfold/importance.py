@@ -31,7 +31,7 @@ def channel_importance(graph: gs.Graph, groups: list[Group], feeds: dict[str, np
     """gid -> importance (n,) float64 for every group with a consumer whose activation input can be observed
     (groups without one are left out: they keep weight-norm scores). One onnxruntime run over `feeds`, on
     `session` if given (a statistics_session of these groups). `means`, if given, receives gid -> the mean
-    activation per consumer input entry (n * repeat,)."""
+    activation per consumer input entry (n * repeat,), and "feeds" -> `feeds`."""
     taps = _taps(groups)
     if not taps:
         return {}
@@ -45,7 +45,7 @@ def channel_importance(graph: gs.Graph, groups: list[Group], feeds: dict[str, np
             energy = (np.square(mean) + var) * np.square(entry_norms)
             out[gid] = np.sqrt(energy.reshape(-1, repeat).sum(axis=1))
             if means is not None:
-                means[gid] = mean
+                means[gid], means["feeds"] = mean, feeds
     return out
 
 

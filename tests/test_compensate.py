@@ -97,3 +97,22 @@ def test_cli_compensate(tmp_path):
     assert main([src, "-o", str(tmp_path / "c.onnx"), "--ratio", "0.34", "--method", "prune", "--importance", "act",
                  "--compensate", "-q"]) == 0
     assert main([src, "-o", str(tmp_path / "f.onnx"), "--compensate", "-q"]) == 2
+
+
+@pytest.mark.parametrize("build", [token_model, conv_model])
+def test_fold_mean_correction_restores_the_output_mean(build, tmp_path):
+    """fold + --compensate: the consumer's output mean, measured again on the folded model, is set back to
+    the dense model's on the measurement inputs (exactly, the consumer being linear); without it, it moves."""
+    from onnxfold.importance import synthetic_token_feeds
+    from onnxfold.load import load_model
+    src, feeds = build(str(tmp_path / "m.onnx"))
+    calib = None if "ids" in feeds else feeds
+    measured = feeds if calib is not None else synthetic_token_feeds(load_model(src).graph, 0)
+    axes = (0, 1) if calib is None else (0, 2, 3)
+    dense = run(src, measured)[0].mean(axis=axes)
+    kwargs = dict(ratio=0.5, importance="act", repair="none", calib=calib)
+    result, _ = fold_file(src, str(tmp_path / "c.onnx"), compensate=True, **kwargs)
+    assert any("mean compensation: the folded channels'" in note for note in result.notes)
+    np.testing.assert_allclose(run(str(tmp_path / "c.onnx"), measured)[0].mean(axis=axes), dense, atol=1e-4)
+    fold_file(src, str(tmp_path / "n.onnx"), **kwargs)
+    assert np.abs(run(str(tmp_path / "n.onnx"), measured)[0].mean(axis=axes) - dense).max() > 1e-2
