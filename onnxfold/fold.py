@@ -160,10 +160,10 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
     compensation = plan_compensation(plans, means) if means and options.method == "prune" else []
     pending = plan_mean_correction(plans, means) if means and options.method == "fold" else []
     apply_plans(plans)
-    if pending:
+    sync_depthwise_groups(graph)
+    if pending:  # measured on the folded graph, which must be runnable (depthwise groups synced) first
         compensation = mean_correction(graph, plans, pending, means["feeds"])
     apply_compensation(graph, compensation)
-    sync_depthwise_groups(graph)
     forget_shapes(graph)
     result = FoldResult(groups, plans, repair, why, backend, group_seconds=seconds)
     result.notes.extend(kv_cache_notes(plans))

@@ -116,3 +116,24 @@ def test_fold_mean_correction_restores_the_output_mean(build, tmp_path):
     np.testing.assert_allclose(run(str(tmp_path / "c.onnx"), measured)[0].mean(axis=axes), dense, atol=1e-4)
     fold_file(src, str(tmp_path / "n.onnx"), **kwargs)
     assert np.abs(run(str(tmp_path / "n.onnx"), measured)[0].mean(axis=axes) - dense).max() > 1e-2
+
+
+def test_fold_mean_correction_with_a_depthwise_conv_in_the_group(tmp_path):
+    """The folded graph is measured after depthwise Convs get their new group count (it crashed before)."""
+    rng = np.random.default_rng(3)
+    inits = {"w1": rng.standard_normal((8, 3, 1, 1)).astype(np.float32), "dw": rng.standard_normal((8, 1, 3, 3)).astype(np.float32),
+             "w2": rng.standard_normal((3, 8, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "dw"], ["d"], group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["e"]), helper.make_node("Conv", ["e", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    src = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    feeds = {"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)}
+    result, _ = fold_file(src, str(tmp_path / "c.onnx"), ratio=0.5, importance="act", repair="none", calib=feeds,
+                          compensate=True)
+    assert any("mean compensation" in note for note in result.notes)
+    np.testing.assert_allclose(run(str(tmp_path / "c.onnx"), feeds)[0].mean(axis=(0, 2, 3)),
+                               run(src, feeds)[0].mean(axis=(0, 2, 3)), atol=1e-4)
