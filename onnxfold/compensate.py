@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .importance import consumer_of
-from .repair_data import session_with_outputs, stats_of
+from .repair_data import session_with_outputs, stats_of, weight_out_axis
 from .layout import MEAN
 from .merge import FoldPlan, cluster_reduce
 
@@ -87,8 +87,7 @@ def mean_correction(graph: gs.Graph, plans: list[FoldPlan], pending: list, feeds
 def _folded_like_outputs(bias: np.ndarray, node: gs.Node, plans: list[FoldPlan]) -> np.ndarray | None:
     """`bias` (out,) reduced by the plan that folds `node`'s output channels, if any; None if that plan
     covers only part of them."""
-    weight = node.inputs[1]
-    out_axis = 1 if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)) else 0
+    weight, out_axis = node.inputs[1], weight_out_axis(node)
     for plan in plans:
         for m in plan.group.members:
             if m.tensor is weight and m.axis == out_axis and m.role == MEAN:
@@ -99,37 +98,34 @@ def _folded_like_outputs(bias: np.ndarray, node: gs.Node, plans: list[FoldPlan])
 
 
 def _dropped_contribution(node: gs.Node, weight: np.ndarray, dropped: np.ndarray, mean: np.ndarray):
-    """(out,) = sum over dropped input entries e of mean[e] x the node's weights from e; None where a
-    constant input does not give a constant output (a padded Conv)."""
-    if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)):
-        return mean[dropped] @ weight[dropped]
-    if node.op == "Gemm":
-        return weight[:, dropped] @ mean[dropped]
-    pads = node.attrs.get("pads", [0])
-    if node.op == "Conv" and not any(pads) and node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"):
-        return weight[:, dropped].sum(axis=tuple(range(2, weight.ndim))) @ mean[dropped]
-    return None
+    """(out,) = sum over dropped input entries e of mean[e] x the node's weights from e (kernel taps summed);
+    None for a padded Conv, where a constant input does not give a constant output."""
+    if node.op == "Conv" and (any(node.attrs.get("pads", [0]))
+                              or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+        return None
+    per_out = np.moveaxis(weight, weight_out_axis(node), 0)  # (out, in, *kernel)
+    return per_out[:, dropped].reshape(len(per_out), int(dropped.sum()), -1).sum(axis=2) @ mean[dropped]
 
 
-def apply_compensation(graph: gs.Graph, items: list[Compensation]) -> int:
+def apply_compensation(graph: gs.Graph, items: list[Compensation]) -> None:
     """Add each bias to its node's output: Gemm C / Conv B, an Add of a constant that only this output
-    feeds, or a new Add. Returns how many were applied."""
+    feeds, or a new Add."""
     for item in items:
         node, bias = item.node, item.bias
         if node.op == "Gemm":
             alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-            _add_to_input(node, 2, alpha * bias / beta if beta else None, (len(bias),))
+            _add_to_input(node, 2, alpha * bias / beta if beta else None)
         elif node.op == "Conv":
-            _add_to_input(node, 2, bias, (len(bias),))
+            _add_to_input(node, 2, bias)
         elif node.outputs[0] in graph.outputs or not _add_to_following_add(node, bias):
             _insert_add(graph, node, bias)
-    return len(items)
 
 
-def _add_to_input(node: gs.Node, index: int, bias: np.ndarray | None, shape: tuple) -> None:
+def _add_to_input(node: gs.Node, index: int, bias: np.ndarray | None) -> None:
+    """Add `bias` (out,) to the node's constant bias input `index`, or give it one."""
     if bias is None:
         return
-    dtype = np.asarray(node.inputs[1].values).dtype
+    dtype = node.inputs[1].dtype
     if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
         old = node.inputs[index]
         node.inputs[index] = gs.Constant(old.name + "_compensated",
@@ -137,7 +133,7 @@ def _add_to_input(node: gs.Node, index: int, bias: np.ndarray | None, shape: tup
     elif len(node.inputs) <= index:
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
-        node.inputs.append(gs.Constant(node.name + "_compensation", bias.reshape(shape).astype(dtype)))
+        node.inputs.append(gs.Constant(node.name + "_compensation", bias.astype(dtype)))
 
 
 def _add_to_following_add(node: gs.Node, bias: np.ndarray) -> bool:
@@ -157,7 +153,7 @@ def _add_to_following_add(node: gs.Node, bias: np.ndarray) -> bool:
 
 def _insert_add(graph: gs.Graph, node: gs.Node, bias: np.ndarray) -> None:
     out = node.outputs[0]
-    dtype = np.asarray(node.inputs[1].values).dtype
+    dtype = node.inputs[1].dtype
     raw = gs.Variable(out.name + "_uncompensated", dtype=out.dtype)
     node.outputs[0] = raw
     graph.nodes.append(gs.Node("Add", node.name + "_compensation",

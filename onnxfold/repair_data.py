@@ -213,7 +213,7 @@ def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
                 owners[(id(m.tensor), m.axis)].append((m, plan))
     found = []
     for node in graph.nodes:
-        axis = _weight_out_axis(node)
+        axis = weight_out_axis(node)
         items = owners.get((id(node.inputs[1]), axis)) if axis is not None else None
         # a weight read by another node too (tied weights) cannot be rescaled for this node alone
         if items and len(node.inputs[1].outputs) == 1:
@@ -221,7 +221,7 @@ def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
     return found
 
 
-def _weight_out_axis(node: gs.Node) -> int | None:
+def weight_out_axis(node: gs.Node) -> int | None:
     """The axis of the node's constant weight that indexes its output channels (None: not a producer)."""
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return None
@@ -302,14 +302,14 @@ def _folded_average(dense_to: np.ndarray, values: np.ndarray, extent: int) -> np
 
 
 def _weight_extent(node: gs.Node) -> int:
-    return int(node.inputs[1].shape[_weight_out_axis(node)])
+    return int(node.inputs[1].shape[weight_out_axis(node)])
 
 
 def _rescale(p: Producer, mean: np.ndarray, std: np.ndarray, t_mean: np.ndarray, t_std: np.ndarray) -> None:
     """y' = (y - mean) * t_std / std + t_mean, folded into the weight's output axis and the bias."""
     scale = np.where(std > 1e-8, t_std / np.maximum(std, 1e-8), 1.0)
     w = p.node.inputs[1]
-    axis = _weight_out_axis(p.node)
+    axis = weight_out_axis(p.node)
     shape = [1] * np.asarray(w.values).ndim
     shape[axis] = -1
     w.values = (np.asarray(w.values) * scale.reshape(shape)).astype(np.asarray(w.values).dtype)
@@ -348,7 +348,7 @@ def _bias_input(node: gs.Node) -> gs.Constant | None:
     if len(node.inputs) > 2:
         return None
     w = np.asarray(node.inputs[1].values)
-    size = w.shape[_weight_out_axis(node)]
+    size = w.shape[weight_out_axis(node)]
     bias = gs.Constant(f"{node.name or node.outputs[0].name}_calibrated_bias", np.zeros(size, w.dtype))
     node.inputs.append(bias)
     return bias
