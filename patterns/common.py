@@ -71,14 +71,14 @@ def shape_entries(tensor: gs.Tensor, depth: int = 0) -> list | None:
     """The entries of a 1-D shape tensor computed at run time, as torch exports `size=skip.shape[2:]` or
     `x.size()[:2]`: an int per constant entry, (t, i) for dim i of tensor t read through Shape; None if any
     piece is something else. Follows Concat (axis 0), Slice(Shape(t)) with constant bounds, Gather(Shape(t), i),
-    and Unsqueeze / Cast / Squeeze wrappers."""
+    and Unsqueeze / Cast / Squeeze / Reshape wrappers."""
     val = const_value(tensor)
     if val is not None:
         return [int(v) for v in np.atleast_1d(val)]
     node = tensor.inputs[0] if tensor.inputs and depth < 8 else None
     if node is None:
         return None
-    if node.op in ("Unsqueeze", "Cast", "Squeeze"):
+    if node.op in ("Unsqueeze", "Cast", "Squeeze", "Reshape"):
         return shape_entries(node.inputs[0], depth + 1)
     if node.op == "Concat" and int(node.attrs.get("axis", 0)) == 0:
         parts = [shape_entries(t, depth + 1) for t in node.inputs]

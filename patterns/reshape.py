@@ -11,7 +11,8 @@ import onnx_graphsurgeon as gs
 
 from onnxfold.layout import EXTENT, Layout
 
-from .common import Discovery, const_value, dim_of, freeze_all, is_known, out_rank, static_product, where
+from .common import (Discovery, const_value, dim_of, freeze_all, is_known, out_rank, shape_entries,
+                     static_product, where)
 
 
 def reshape(node: gs.Node, d: Discovery) -> None:
@@ -104,33 +105,16 @@ def _resolve_runtime_target(node: gs.Node, dims: list) -> list:
 
 
 def _target_entries(node: gs.Node) -> list | None:
-    """Entries of a Concat-built shape: ints for constants, ("copy", i) for the data input's dim i."""
+    """Entries of a Concat-built shape (shape_entries): ints for constants, ("copy", i) for the data input's
+    dim i read at position i, None for any other dim read."""
     target = node.inputs[1]
-    cat = target.inputs[0] if target.inputs else None
-    if cat is None or cat.op != "Concat":
+    entries = shape_entries(target) if target.inputs and target.inputs[0].op == "Concat" else None
+    if entries is None:
         return None
-    entries: list = []
-    for piece in cat.inputs:
-        val = const_value(piece)
-        if val is not None:
-            entries += [int(v) for v in np.atleast_1d(val)]
-        else:
-            entries.append(_copied_dim(piece, node.inputs[0], len(entries)))
-    return entries
-
-
-def _copied_dim(piece: gs.Tensor, x: gs.Tensor, position: int):
-    """("copy", position) if piece is Unsqueeze(Gather(Shape(t), position)) with t's dim equal to x's."""
-    node = piece.inputs[0] if piece.inputs else None
-    while node is not None and node.op in ("Unsqueeze", "Reshape", "Cast"):
-        node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-    if node is None or node.op != "Gather" or not node.inputs[0].inputs:
-        return None
-    shape_node, idx = node.inputs[0].inputs[0], const_value(node.inputs[1])
-    if shape_node.op != "Shape" or idx is None or idx.size != 1 or int(idx) != position:
-        return None
-    src = shape_node.inputs[0]
-    return ("copy", position) if src is x or _same_dim(src, x, position) else None
+    x = node.inputs[0]
+    return [e if isinstance(e, int) else
+            ("copy", i) if e[1] == i and (e[0] is x or _same_dim(e[0], x, i)) else None
+            for i, e in enumerate(entries)]
 
 
 def _same_dim(a: gs.Tensor, b: gs.Tensor, i: int) -> bool:
