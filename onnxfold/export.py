@@ -92,8 +92,7 @@ def _retie_embeddings(path: str, folder: str) -> str:
         model.graph.initializer.remove(inits[copy])
         os.makedirs(folder)
         out = os.path.join(folder, os.path.basename(path))
-        large = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 2**24
-        onnx.save(model, out, save_as_external_data=large, location=os.path.basename(path) + ".data")
+        _save(model, out, os.path.basename(path) + ".data")
         return out
     return path
 
@@ -122,12 +121,20 @@ def export_with_past(model_dir: str, output: str, opset: int = OPSET) -> str:
                 from None
         model = onnx.load(os.path.join(tmp, "model.onnx"))  # optimum's name; weights read in if external
         data = os.path.basename(output) + ".data"
-        large = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 2**24
-        onnx.save(model, os.path.join(tmp, "out.onnx"), save_as_external_data=large, location=data)
-        if large:
+        if _save(model, os.path.join(tmp, "out.onnx"), data):
             os.replace(os.path.join(tmp, data), os.path.join(target_dir, data))
         os.replace(os.path.join(tmp, "out.onnx"), output)
     return "logits"
+
+
+def _save(model, path: str, data: str) -> bool:
+    """Write `model` to `path`, its weights to `data` (beside it) when protobuf's 2 GB would not hold them;
+    returns whether they went to `data`."""
+    import onnx
+
+    large = sum(t.ByteSize() for t in model.graph.initializer) >= 2**31 - 2**24
+    onnx.save(model, path, save_as_external_data=large, location=data)
+    return large
 
 
 def _check_folder(model_dir: str) -> None:
