@@ -52,7 +52,7 @@ def channel_importance(graph: gs.Graph, groups: list[Group], feeds: dict[str, np
 def statistics_session(graph: gs.Graph, groups: list[Group]):
     """One lean onnxruntime session of the graph with every group's consumer activation as an extra output
     (it also serves the model's own outputs, e.g. for generating calibration text)."""
-    names = sorted({name for name, _, _, _ in _taps(groups).values()})
+    names = sorted({found[0].inputs[0].name for g in groups if (found := consumer_of(g)) is not None})
     return session_with_outputs(gs.export_onnx(graph), names)
 
 
@@ -79,7 +79,7 @@ def consumer_of(group: Group) -> tuple[gs.Node, object, int] | None:
     for m in group.members:
         if m.role != SUM or m.offset != 0:
             continue
-        if np.asarray(m.tensor.values).shape[m.axis] != group.size * m.repeat:
+        if m.tensor.shape[m.axis] != group.size * m.repeat:
             continue
         for node in m.tensor.outputs:
             axis = _activation_axis(node, m)
@@ -110,7 +110,7 @@ def importance_data_free(graph: gs.Graph, groups: list[Group], seed: int = 0,
     real text than random ids. Other token models (encoders), or a model that cannot generate, use random
     token ids. One onnxruntime session serves generation and statistics."""
     synthetic_token_feeds(graph, seed, 1, 1)  # UserError for models without token inputs
-    if not _taps(groups):
+    if all(consumer_of(g) is None for g in groups):
         return {}, "no observable consumer"
     session = statistics_session(graph, groups)
     feeds = None
