@@ -30,7 +30,8 @@ def fold(args: argparse.Namespace) -> int:
     options = FoldOptions(args.ratio, args.multiple_of, tuple(args.exclude), args.repair, args.backend, args.seed,
                           method=args.method, prune_norm=args.prune_norm, head_ratio=args.head_ratio,
                           mlp_ratio=args.mlp_ratio, layers=args.layers,
-                          allocate=args.allocate, importance=args.importance, compensate=args.compensate)
+                          allocate=args.allocate, importance=args.importance, compensate=args.compensate,
+                          refit=args.refit)
     options.check()
     output = args.output or default_output(args.input)
     _check_paths(args.input, output, args.data, args.calib)
@@ -78,13 +79,15 @@ def _measured(steps: dict, name: str):
 def _read_calib(args):
     if args.repair == "data" and not args.calib:
         raise UserError("--repair data needs --calib FILE.npz (a few dozen representative inputs)")
+    if args.refit and not args.calib and args.repair != "dir":
+        raise UserError("--refit needs calibration inputs: --calib FILE.npz, or --repair dir (synthesised)")
     return validate.read_npz(args.calib) if args.calib else None
 
 
 def _calibration_inputs(args, calib_data):
     """Feeds for --repair data and --importance act (from --calib) or dir (synthesised from the dense model's
     BN statistics)."""
-    if args.repair == "data" or args.importance == "act" and args.calib:
+    if args.repair == "data" or (args.importance == "act" or args.refit) and args.calib:
         return validate.match_inputs(calib_data[0], validate.session(args.input), args.calib)
     if args.repair == "dir":
         from onnxfold.dir import synthesize_inputs
@@ -209,12 +212,15 @@ def sweep(args: argparse.Namespace) -> int:
     feeds_data, labels = validate.read_npz(args.data)
     feeds = validate.match_inputs(feeds_data, dense, args.data)
     calib = validate.match_inputs(validate.read_npz(args.calib)[0], dense, args.calib) if args.calib else None
-    if calib is None and "fold+data" in methods:
-        _say_skip("fold+data", "no --calib given")
-        methods.remove("fold+data")
-    synth = _synthetic(args, dense) if "fold+dir" in methods else None
-    if "fold+dir" in methods and synth is None:
-        methods.remove("fold+dir")
+    data_methods = [m for m in methods if sw.METHODS[m][1] == "data"]
+    if calib is None:
+        for method in data_methods:
+            _say_skip(method, "no --calib given")
+            methods.remove(method)
+    dir_methods = [m for m in methods if sw.METHODS[m][1] == "dir"]
+    synth = _synthetic(args, dense, dir_methods) if dir_methods else None
+    if synth is None:
+        methods = [m for m in methods if m not in dir_methods]
     progress = Progress("sweep run", True, delay=0.0)
     rows = sw.run_sweep(args.input, feeds, labels, ratios, methods, calib, synth, progress, seed=args.seed,
                         allocate=args.allocate, importance=args.importance)
@@ -246,8 +252,9 @@ def _say_skip(method: str, why: str) -> None:
     print(f"skipping {method}: {why}", file=sys.stderr)
 
 
-def _synthetic(args, dense):
-    """Fold-DIR inputs synthesised once from the dense model (None, with a note, when DIR cannot run)."""
+def _synthetic(args, dense, methods: list[str]):
+    """Fold-DIR inputs synthesised once from the dense model (None, with a note per method in `methods`, when
+    DIR cannot run)."""
     try:
         from onnxfold.dir import synthesize_inputs
         size = (args.dir_size, args.dir_size) if args.dir_size else None
@@ -255,7 +262,8 @@ def _synthetic(args, dense):
             synth = synthesize_inputs(args.input, batch=args.dir_batch, iters=args.dir_iters, size=size,
                                       seed=args.seed)
     except UserError as e:
-        _say_skip("fold+dir", str(e))
+        for method in methods:
+            _say_skip(method, str(e))
         return None
     return {dense.get_inputs()[0].name: synth.inputs}
 

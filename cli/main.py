@@ -47,6 +47,10 @@ def fold_parser() -> argparse.ArgumentParser:
                    help="with --importance act: restore each folded group's next-layer output mean with a bias "
                    "(prune: the dropped channels' mean contribution, FLAP-style; fold: measured again on the "
                    "folded model); helps LLMs, see README")
+    p.add_argument("--refit", action="store_true",
+                   help="after merging (and repair): re-solve by least squares the weights of each layer that reads "
+                   "folded channels (1x1 Conv, Gemm, MatMul) so its output matches the dense model's on the "
+                   "calibration inputs (--calib, or --repair dir's synthetic ones)")
     p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")
@@ -95,7 +99,8 @@ def sweep_parser() -> argparse.ArgumentParser:
                    help="act: every method scores channels by activation x next-layer weight norm, measured on "
                    "--calib (token models: data-free, see onnxfold --help)")
     p.add_argument("--methods", default="fold+none,fold+ar,fold+dir,fold+data,prune",
-                   help="comma-separated subset of fold+none, fold+ar, fold+dir, fold+data, prune")
+                   help="comma-separated subset of fold+none, fold+ar, fold+dir, fold+data, prune, "
+                   "fold+dir+refit, fold+data+refit (+refit: --refit after the repair)")
     p.add_argument("-o", "--output", metavar="PREFIX", help="writes PREFIX.csv, PREFIX.json, PREFIX.png "
                    "(default: INPUT.sweep)")
     p.add_argument("--dir-batch", type=int, default=32, metavar="N", help="synthetic samples for fold+dir")

@@ -133,7 +133,13 @@ def _add_to_input(node: gs.Node, index: int, bias: np.ndarray | None) -> None:
     elif len(node.inputs) <= index:
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
-        node.inputs.append(gs.Constant(node.name + "_compensation", bias.astype(dtype)))
+        node.inputs.append(gs.Constant(_unique_name(node, "compensation"), bias.astype(dtype)))
+
+
+def _unique_name(node: gs.Node, suffix: str) -> str:
+    """A name for something added to `node`: its output's name (unique in a graph) + suffix; node names may be
+    empty."""
+    return f"{node.outputs[0].name}_{suffix}"
 
 
 def _add_to_following_add(node: gs.Node, bias: np.ndarray) -> bool:
@@ -156,6 +162,6 @@ def _insert_add(graph: gs.Graph, node: gs.Node, bias: np.ndarray) -> None:
     dtype = node.inputs[1].dtype
     raw = gs.Variable(out.name + "_uncompensated", dtype=out.dtype)
     node.outputs[0] = raw
-    graph.nodes.append(gs.Node("Add", node.name + "_compensation",
-                               inputs=[raw, gs.Constant(node.name + "_compensation_bias", bias.astype(dtype))],
+    graph.nodes.append(gs.Node("Add", _unique_name(node, "compensation"),
+                               inputs=[raw, gs.Constant(_unique_name(node, "compensation_bias"), bias.astype(dtype))],
                                outputs=[out]))

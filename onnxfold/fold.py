@@ -17,6 +17,7 @@ from .backends import resolve_backend
 from .cluster import kmeans
 from .errors import UserError
 from .groups import Group, apply_excludes, discover, kv_cache_notes
+from .refit import plan_refits, refit_consumers
 from .compensate import apply_compensation, mean_correction, plan_compensation, plan_mean_correction
 from .importance import channel_importance, importance_data_free
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
@@ -47,6 +48,7 @@ class FoldOptions:
     allocate: bool = False            # spread the same parameter budget over groups by Ward clustering cost
     importance: str = "weight"        # weight: features as they are; act: scaled by activation-aware importance
     compensate: bool = False          # with act: restore each consumer's dense output mean with a bias
+    refit: bool = False               # least-squares refit of the folded groups' consumers (calibration inputs)
 
     def check(self) -> None:
         """Raise UserError for values outside their range."""
@@ -159,6 +161,7 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
             plans.append(plan)
     compensation = plan_compensation(plans, means) if means and options.method == "prune" else []
     pending = plan_mean_correction(plans, means) if means and options.method == "fold" else []
+    refits = plan_refits(plans) if options.refit else []
     apply_plans(plans)
     sync_depthwise_groups(graph)
     if pending:  # measured on the folded graph, which must be runnable (depthwise groups synced) first
@@ -177,6 +180,12 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
         if calib is None or dense_path is None:
             raise UserError(f"--repair {repair} needs calibration inputs (--calib FILE.npz for data)")
         result.notes.append(repair_with_data(graph, plans, calib, dense_path))
+    if refits:
+        if calib is None or dense_path is None:
+            raise UserError("--refit needs calibration inputs (--calib FILE.npz, or --repair dir)")
+        done = refit_consumers(graph, refits, dense_path, calib, seed=options.seed)
+        result.notes.append(f"refit: {done} consumer layers re-solved by least squares on {len(next(iter(calib.values())))} "
+                            "calibration samples")
     result.seconds = time.perf_counter() - start
     return result
 

@@ -1,0 +1,173 @@
+"""Least-squares refit of the layers that read folded channels (`--refit`, needs calibration inputs).
+
+After a group folds, its consumer (a 1x1 Conv, Gemm or MatMul whose weight columns follow the group: an
+MBConv projection, an MLP's down projection, a classifier) reads k merged channels instead of n. Its weights
+are solved again so its output on the calibration inputs matches the dense model's (the classic
+channel-pruning reconstruction, here for folding and pruning alike):
+
+    W = argmin ||X_f W + b - X_d W_d||^2 + lam ||W - W_0||^2
+
+X_f (samples, k*repeat): the consumer's input in the folded model, X_d (samples, n*repeat) in the dense model
+on the same inputs, W_d the dense weights (outputs folded like the consumer's own outputs when they fold too),
+W_0 the folded weights (the prior: with little data the refit stays near the merge), b a new bias (the
+intercept). Consumers are refitted one at a time in topological order, each on the folded model as refitted so
+far, so later layers also correct what earlier refits left. Conv consumers with larger kernels or groups, and
+consumers whose outputs fold only in part, are left as they are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .compensate import Compensation, apply_compensation
+from .importance import consumer_of
+from .layout import MEAN
+from .merge import FoldPlan, cluster_reduce
+from .repair_data import BATCH, session_with_outputs, weight_out_axis
+
+MAX_ROWS = 32768      # sample rows (pixels x images, tokens) kept per consumer
+RIDGE = 0.1           # lam = RIDGE x mean diagonal of X_f^T X_f (EfficientNet-Lite0: 0.01 overfits DIR inputs)
+
+
+@dataclass
+class Refit:
+    """A consumer to refit: its node, the activation's channel axis and the dense weights as a matrix
+    (n*repeat, out) with outputs already folded like the consumer's own."""
+
+    node: gs.Node
+    axis: int
+    dense: np.ndarray
+
+
+def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
+    """One Refit per plan whose consumer is a MatMul/Gemm or an ungrouped 1x1 Conv; read before the weights
+    are rewritten (the dense weights are copied)."""
+    found = []
+    for plan in plans:
+        consumer = consumer_of(plan.group)
+        if consumer is None:
+            continue
+        node, _, axis = consumer
+        if node.op == "Conv" and any(s != 1 for s in np.shape(node.inputs[1].values)[2:]):
+            continue
+        matrix = weight_matrix(node, np.asarray(node.inputs[1].values, np.float64))
+        matrix = _fold_outputs(matrix, node, plans)
+        if matrix is not None:
+            found.append(Refit(node, axis, matrix))
+    return found
+
+
+def weight_matrix(node: gs.Node, values: np.ndarray) -> np.ndarray:
+    """The node's weight as (in, out): MatMul as is, Gemm per transB, Conv 1x1 (out, in, 1, 1) transposed."""
+    if node.op == "Conv":
+        return values.reshape(values.shape[0], values.shape[1]).T
+    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
+        return values.T
+    return values
+
+
+def _set_weight(node: gs.Node, matrix: np.ndarray) -> None:
+    old = node.inputs[1]
+    shape, dtype = np.shape(old.values), np.asarray(old.values).dtype
+    values = matrix.T if node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0))) else matrix
+    node.inputs[1] = gs.Constant(old.name + "_refit", np.ascontiguousarray(values).reshape(shape).astype(dtype))
+
+
+def _fold_outputs(matrix: np.ndarray, node: gs.Node, plans: list[FoldPlan]) -> np.ndarray | None:
+    """(in, out) with its output columns reduced like the plan that folds the node's outputs (cluster mean,
+    dropped columns removed); None when a plan covers only part of them."""
+    weight, out_axis = node.inputs[1], weight_out_axis(node)
+    for plan in plans:
+        for m in plan.group.members:
+            if m.tensor is weight and m.axis == out_axis and m.role == MEAN:
+                if m.offset or m.repeat != 1 or plan.group.size != matrix.shape[1]:
+                    return None
+                return cluster_reduce(matrix.T, plan.labels, plan.k, mean=True).T.astype(np.float64)
+    return matrix
+
+
+def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds: dict[str, np.ndarray],
+                    dense_feeds: dict[str, np.ndarray] | None = None, seed: int = 0) -> int:
+    """Refit every consumer in `refits` (topological order) on `feeds` (input name -> (N, ...)); the dense
+    targets come from the model at `dense_path` run on `dense_feeds` (default: the same feeds). Returns how
+    many were refitted."""
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    refits = sorted(refits, key=lambda r: order.get(id(r.node), 0))
+    names = [r.node.inputs[0].name for r in refits]
+    rows = _row_choice(seed)
+    targets = _dense_targets(dense_path, refits, dense_feeds or feeds, rows)
+    done = 0
+    for refit, name in zip(refits, names):
+        x = _activations(session_with_outputs(gs.export_onnx(graph), [name]), name, refit.axis, feeds, rows)
+        if x.shape[1] != _in_entries(refit.node):
+            continue
+        matrix, bias = solve(x, targets[name], weight_matrix(refit.node, np.asarray(refit.node.inputs[1].values,
+                                                                                    np.float64)))
+        _set_weight(refit.node, matrix)
+        apply_compensation(graph, [Compensation(refit.node, bias)])
+        done += 1
+    return done
+
+
+def solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression with an intercept, shrunk toward `prior`: x (rows, k), y (rows, out), prior (k, out)
+    -> (weights (k, out), bias (out,)) minimising ||x W + b - y||^2 + lam ||W - prior||^2."""
+    ridge = RIDGE if ridge is None else ridge
+    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    lam = ridge * max(float(np.trace(gram)) / len(gram), 1e-12)
+    weights = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc + lam * prior)
+    return weights, y_mean - x_mean @ weights
+
+
+def _in_entries(node: gs.Node) -> int:
+    return weight_matrix(node, np.asarray(node.inputs[1].values)).shape[0]
+
+
+def _row_choice(seed: int):
+    """A function (total rows, batch start, batch rows) -> indices into the batch's rows to keep, the same
+    for the dense and the folded pass (MAX_ROWS spread evenly at random over all rows)."""
+    def choose(total: int, start: int, count: int, per_sample: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        all_rows = total * per_sample
+        keep = np.sort(rng.choice(all_rows, min(MAX_ROWS, all_rows), replace=False))
+        lo, hi = start * per_sample, (start + count) * per_sample
+        return keep[(keep >= lo) & (keep < hi)] - lo
+    return choose
+
+
+def _activations(sess, name: str, axis: int, feeds: dict, rows) -> np.ndarray:
+    """The tensor `name` over all feeds as sample rows (rows, channels), the rows `rows` picks."""
+    total = len(next(iter(feeds.values())))
+    parts = []
+    for start in range(0, total, BATCH):
+        out = sess.run([name], {k: v[start:start + BATCH] for k, v in feeds.items()})[0]
+        parts.append(_rows_of(out, axis, total, start, rows))
+    return np.concatenate(parts).astype(np.float64)
+
+
+def _rows_of(out: np.ndarray, axis: int, total: int, start: int, rows) -> np.ndarray:
+    moved = np.moveaxis(out, axis, -1)
+    per_sample = int(np.prod(moved.shape[1:-1], dtype=np.int64))
+    flat = moved.reshape(-1, moved.shape[-1])
+    return flat[rows(total, start, len(out), per_sample)]
+
+
+def _dense_targets(dense_path: str, refits: list[Refit], feeds: dict, rows) -> dict[str, np.ndarray]:
+    """Consumer input name -> the dense consumer's output without bias (rows, out), one pass over feeds."""
+    names = [r.node.inputs[0].name for r in refits]
+    sess = session_with_outputs(onnx.load(dense_path), sorted(set(names)))
+    total = len(next(iter(feeds.values())))
+    found: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    out_names = sorted(set(names))
+    for start in range(0, total, BATCH):
+        outs = dict(zip(out_names, sess.run(out_names, {k: v[start:start + BATCH] for k, v in feeds.items()})))
+        for refit in refits:
+            name = refit.node.inputs[0].name
+            x = _rows_of(outs[name], refit.axis, total, start, rows).astype(np.float64)
+            found[name].append(x @ refit.dense)
+    return {n: np.concatenate(parts) for n, parts in found.items()}
