@@ -21,7 +21,8 @@ from .load import load_model
 from .save import to_proto
 
 METHODS = {"fold+none": ("fold", "none"), "fold+ar": ("fold", "ar"), "fold+dir": ("fold", "dir"),
-           "fold+data": ("fold", "data"), "prune": ("prune", "none")}
+           "fold+data": ("fold", "data"), "prune": ("prune", "none"),
+           "fold+dir+refit": ("fold", "dir"), "fold+data+refit": ("fold", "data")}
 
 
 @dataclass
@@ -71,8 +72,8 @@ def _one(path, method, ratio, feeds, labels, dense_out, dense_params, calib, syn
     loaded = load_model(path)
     cal = synth if repair == "dir" else calib
     try:
-        result = fold_graph(loaded.graph, loaded.opset, FoldOptions(ratio=ratio, repair=repair, method=kind,
-                                                                    **options), calib=cal, dense_path=path)
+        opts = FoldOptions(ratio=ratio, repair=repair, method=kind, refit=method.endswith("+refit"), **options)
+        result = fold_graph(loaded.graph, loaded.opset, opts, calib=cal, dense_path=path)
     except UserError as e:
         return SweepRow(method, ratio, float("nan"), float("nan"), "", 0.0, f"skipped: {e}")
     proto = to_proto(loaded.graph, loaded.opset)
@@ -84,12 +85,12 @@ def _one(path, method, ratio, feeds, labels, dense_out, dense_params, calib, syn
 
 def format_rows(rows: list[SweepRow]) -> str:
     """A terminal table: one line per (method, ratio)."""
-    name = rows[0].metric_name
-    lines = [f"  {'method':<10} {'ratio':>6} {'sparsity':>9} {name:>24} {'time s':>7}"]
+    name, width = rows[0].metric_name, max(10, *(len(r.method) for r in rows))
+    lines = [f"  {'method':<{width}} {'ratio':>6} {'sparsity':>9} {name:>24} {'time s':>7}"]
     for r in rows:
         metric = "n/a" if np.isnan(r.metric) else f"{100 * r.metric:.2f}%"
         sparsity = "n/a" if np.isnan(r.sparsity) else f"{100 * r.sparsity:.1f}%"
-        lines.append(f"  {r.method:<10} {r.ratio:>6} {sparsity:>9} {metric:>24} {r.seconds:>7.1f}"
+        lines.append(f"  {r.method:<{width}} {r.ratio:>6} {sparsity:>9} {metric:>24} {r.seconds:>7.1f}"
                      + (f"  {r.note}" if r.note.startswith("skipped") else ""))
     return "\n".join(lines)
 

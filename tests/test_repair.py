@@ -153,3 +153,21 @@ def test_sweep_with_importance_act_matches_the_fold_command(tmp_path, capsys):
     with open(prefix + ".csv") as f:
         assert float(list(csv.DictReader(f))[1]["metric"]) != act
     capsys.readouterr()
+
+
+def test_sweep_refit_matches_the_fold_command_and_helps(tmp_path, capsys):
+    """`fold+data+refit` is `onnxfold --repair data --refit --calib`; on the shipped CNN at ratio 0.5 the least-squares
+    refit of the Gemm/1x1 consumers raises accuracy over REPAIR alone (measured: 83.8% -> 89.2%)."""
+    prefix = str(tmp_path / "sw")
+    assert main(["sweep", MNIST, "--data", MNIST_TEST, "--calib", MNIST_CALIB, "--ratios", "0.5", "--methods",
+                 "fold+data,fold+data+refit", "--no-plot", "-o", prefix]) == 0
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    data, refit = float(rows[1]["metric"]), float(rows[2]["metric"])
+    assert "refit:" in rows[2]["note"] and refit > data + 0.02
+    report = str(tmp_path / "r.json")
+    assert main([MNIST, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5", "--repair", "data", "--refit",
+                 "--calib", MNIST_CALIB, "--data", MNIST_TEST, "--report", report, "-q"]) == 0
+    with open(report) as f:
+        assert refit == pytest.approx(json.load(f)["comparison"]["accuracy_folded"], abs=0.002)
+    capsys.readouterr()
