@@ -1,5 +1,6 @@
 """Accuracy vs parameter sparsity on the shipped MNIST CNN for every method (fold+none, fold+ar, fold+dir,
-fold+data with 64 calibration digits, magnitude pruning), each fold method also with `--allocate`
+fold+data with 64 calibration digits, magnitude pruning, fold+dir+refit and fold+data+refit: the same with
+`--refit`), each fold method also with `--allocate`
 (FoldOptions(allocate=True): per-group ratios by Ward clustering cost under the uniform ratio's parameter
 budget), through `onnxfold.sweep.run_sweep` (what `onnxfold sweep` runs; the CLI sweep has no --allocate).
 
@@ -44,7 +45,7 @@ def run(ratios: list[float], methods: list[str], allocate: bool, dir_batch: int,
     feeds = validate.match_inputs(feeds_data, dense, DATA)
     calib = validate.match_inputs(validate.read_npz(CALIB)[0], dense, CALIB)
     synth, dir_s = None, 0.0
-    if "fold+dir" in methods:
+    if any(sw.METHODS[m][1] == "dir" for m in methods):
         from onnxfold.dir import synthesize_inputs
         t0 = time.perf_counter()
         res = synthesize_inputs(MODEL, batch=dir_batch, iters=dir_iters, seed=seed)
@@ -132,7 +133,7 @@ def plot(path: str, rows: list[sw.SweepRow], title: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", default="0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5")
-    p.add_argument("--methods", default="fold+none,fold+ar,fold+dir,fold+data,prune")
+    p.add_argument("--methods", default="fold+none,fold+ar,fold+dir,fold+data,prune,fold+dir+refit,fold+data+refit")
     p.add_argument("--no-allocate", action="store_true", help="skip the --allocate variants")
     p.add_argument("--dir-batch", type=int, default=32)
     p.add_argument("--dir-iters", type=int, default=200)
