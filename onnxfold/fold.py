@@ -184,8 +184,9 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
         if calib is None or dense_path is None:
             raise UserError("--refit needs calibration inputs (--calib FILE.npz, or --repair dir)")
         done = refit_consumers(graph, refits, dense_path, folded_feeds(plans, calib), calib, seed=options.seed)
-        result.notes.append(f"refit: {done} consumer layers re-solved by least squares on {len(next(iter(calib.values())))} "
-                            "calibration samples")
+        samples = len(next(iter(calib.values())))
+        result.notes.append(f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares on "
+                            f"{samples} calibration samples (1x1 Conv, Gemm and MatMul consumers; others kept)")
     result.seconds = time.perf_counter() - start
     return result
 
