@@ -47,7 +47,7 @@ def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> li
         dropped = np.repeat(plan.labels < 0, m.repeat)  # per input entry
         bias = _dropped_contribution(node, np.asarray(m.tensor.values, np.float64), dropped, mean)
         if bias is not None:
-            bias = _folded_like_outputs(bias, node, plans)
+            bias = folded_like_outputs(bias, node, plans)
         if bias is not None and np.any(bias):
             found.append(Compensation(node, bias))
     return found
@@ -78,23 +78,26 @@ def mean_correction(graph: gs.Graph, plans: list[FoldPlan], pending: list, feeds
     for (node, axis, dense), (mean, _) in zip(pending, stats_of(sess, names, [a for _, a, _ in pending], feeds)):
         weight = np.asarray(node.inputs[1].values, np.float64)
         folded = _dropped_contribution(node, weight, np.ones(len(mean), bool), mean)
-        target = _folded_like_outputs(dense, node, plans)
+        target = folded_like_outputs(dense, node, plans)
         if folded is not None and target is not None and target.shape == folded.shape:
             found.append(Compensation(node, target - folded))
     return found
 
 
-def _folded_like_outputs(bias: np.ndarray, node: gs.Node, plans: list[FoldPlan]) -> np.ndarray | None:
-    """`bias` (out,) reduced by the plan that folds `node`'s output channels, if any; None if that plan
+def folded_like_outputs(values: np.ndarray, node: gs.Node, plans: list[FoldPlan]) -> np.ndarray | None:
+    """`values` (out, ...) (a bias, or weight columns transposed) reduced along its first axis by the plan
+    that folds `node`'s output channels, if any (cluster mean, dropped channels removed); None if that plan
     covers only part of them."""
     weight, out_axis = node.inputs[1], weight_out_axis(node)
     for plan in plans:
         for m in plan.group.members:
             if m.tensor is weight and m.axis == out_axis and m.role == MEAN:
-                if m.offset or m.repeat != 1 or plan.group.size != len(bias):
+                if m.offset or m.repeat != 1 or plan.group.size != len(values):
                     return None
-                return cluster_reduce(bias[:, None], plan.labels, plan.k, mean=True)[:, 0].astype(np.float64)
-    return bias
+                rows = values.reshape(len(values), -1)
+                reduced = cluster_reduce(rows, plan.labels, plan.k, mean=True).astype(np.float64)
+                return reduced.reshape((plan.k,) + values.shape[1:])
+    return values
 
 
 def _dropped_contribution(node: gs.Node, weight: np.ndarray, dropped: np.ndarray, mean: np.ndarray):

@@ -22,11 +22,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .compensate import Compensation, apply_compensation
+from .compensate import Compensation, apply_compensation, folded_like_outputs
 from .importance import consumer_of
-from .layout import MEAN
-from .merge import FoldPlan, cluster_reduce
-from .repair_data import BATCH, session_with_outputs, weight_out_axis
+from .merge import FoldPlan
+from .repair_data import BATCH, session_with_outputs
 
 MAX_ROWS = 32768      # sample rows (pixels x images, tokens) kept per consumer
 RIDGE = 0.1           # lam = RIDGE x mean diagonal of X_f^T X_f (EfficientNet-Lite0: 0.01 overfits DIR inputs)
@@ -54,9 +53,9 @@ def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
         if node.op == "Conv" and any(s != 1 for s in np.shape(node.inputs[1].values)[2:]):
             continue
         matrix = weight_matrix(node, np.asarray(node.inputs[1].values, np.float64))
-        matrix = _fold_outputs(matrix, node, plans)
-        if matrix is not None:
-            found.append(Refit(node, axis, matrix))
+        columns = folded_like_outputs(matrix.T, node, plans)
+        if columns is not None:
+            found.append(Refit(node, axis, columns.T))
     return found
 
 
@@ -74,19 +73,6 @@ def _set_weight(node: gs.Node, matrix: np.ndarray) -> None:
     shape, dtype = np.shape(old.values), np.asarray(old.values).dtype
     values = matrix.T if node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0))) else matrix
     node.inputs[1] = gs.Constant(old.name + "_refit", np.ascontiguousarray(values).reshape(shape).astype(dtype))
-
-
-def _fold_outputs(matrix: np.ndarray, node: gs.Node, plans: list[FoldPlan]) -> np.ndarray | None:
-    """(in, out) with its output columns reduced like the plan that folds the node's outputs (cluster mean,
-    dropped columns removed); None when a plan covers only part of them."""
-    weight, out_axis = node.inputs[1], weight_out_axis(node)
-    for plan in plans:
-        for m in plan.group.members:
-            if m.tensor is weight and m.axis == out_axis and m.role == MEAN:
-                if m.offset or m.repeat != 1 or plan.group.size != matrix.shape[1]:
-                    return None
-                return cluster_reduce(matrix.T, plan.labels, plan.k, mean=True).T.astype(np.float64)
-    return matrix
 
 
 def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds: dict[str, np.ndarray],
