@@ -13,6 +13,9 @@ W_0 the folded weights (the prior: with little data the refit stays near the mer
 intercept). Consumers are refitted one at a time in topological order, each on the folded model as refitted so
 far, so later layers also correct what earlier refits left. Conv consumers with larger kernels or groups, and
 consumers whose outputs fold only in part, are left as they are.
+Memory: a float32 copy of every refitted consumer's dense weights and MAX_ROWS x out float32 targets per
+consumer are held at once (a few hundred MB for a 135 M-parameter LLM); meant for models well below the 7B
+scale.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
         node, _, axis = consumer
         if node.op == "Conv" and any(s != 1 for s in np.shape(node.inputs[1].values)[2:]):
             continue
-        matrix = weight_matrix(node, np.asarray(node.inputs[1].values, np.float64))
+        matrix = weight_matrix(node, np.asarray(node.inputs[1].values, np.float32))
         columns = folded_like_outputs(matrix.T, node, plans)
         if columns is not None:
             found.append(Refit(node, axis, columns.T))
@@ -86,12 +89,13 @@ def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds
     rows = _row_choice(seed)
     targets = _dense_targets(dense_path, refits, dense_feeds or feeds, rows)
     done = 0
-    for refit, name in zip(refits, names):
+    for i, (refit, name) in enumerate(zip(refits, names)):
         x = _activations(session_with_outputs(gs.export_onnx(graph), [name]), name, refit.axis, feeds, rows)
+        target = targets.pop(i).astype(np.float64)
         if x.shape[1] != _in_entries(refit.node):
             continue
-        matrix, bias = solve(x, targets[name], weight_matrix(refit.node, np.asarray(refit.node.inputs[1].values,
-                                                                                    np.float64)))
+        merged = weight_matrix(refit.node, np.asarray(refit.node.inputs[1].values, np.float64))
+        matrix, bias = solve(x, target, merged)
         _set_weight(refit.node, matrix)
         apply_compensation(graph, [Compensation(refit.node, bias)])
         done += 1
@@ -143,17 +147,15 @@ def _rows_of(out: np.ndarray, axis: int, total: int, start: int, rows) -> np.nda
     return flat[rows(total, start, len(out), per_sample)]
 
 
-def _dense_targets(dense_path: str, refits: list[Refit], feeds: dict, rows) -> dict[str, np.ndarray]:
-    """Consumer input name -> the dense consumer's output without bias (rows, out), one pass over feeds."""
-    names = [r.node.inputs[0].name for r in refits]
-    sess = session_with_outputs(onnx.load(dense_path), sorted(set(names)))
+def _dense_targets(dense_path: str, refits: list[Refit], feeds: dict, rows) -> dict[int, np.ndarray]:
+    """Index in `refits` -> that dense consumer's output without bias (rows, out) float32, one pass over feeds."""
+    out_names = sorted({r.node.inputs[0].name for r in refits})
+    sess = session_with_outputs(onnx.load(dense_path), out_names)
     total = len(next(iter(feeds.values())))
-    found: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    out_names = sorted(set(names))
+    found: dict[int, list[np.ndarray]] = {i: [] for i in range(len(refits))}
     for start in range(0, total, BATCH):
         outs = dict(zip(out_names, sess.run(out_names, {k: v[start:start + BATCH] for k, v in feeds.items()})))
-        for refit in refits:
-            name = refit.node.inputs[0].name
-            x = _rows_of(outs[name], refit.axis, total, start, rows).astype(np.float64)
-            found[name].append(x @ refit.dense)
-    return {n: np.concatenate(parts) for n, parts in found.items()}
+        for i, refit in enumerate(refits):
+            x = _rows_of(outs[refit.node.inputs[0].name], refit.axis, total, start, rows).astype(np.float32)
+            found[i].append(x @ refit.dense)
+    return {i: np.concatenate(parts) for i, parts in found.items()}
