@@ -23,7 +23,7 @@ from .importance import channel_importance, importance_data_free
 from .merge import (FoldPlan, apply_plans, canonical_labels, group_features, prune_labels,
                     sync_depthwise_groups)
 from .repair import ar_gamma_scale, choose_repair, standardize_bn_producers
-from .repair_data import folded_feeds, repair_with_data
+from .repair_data import folded_feeds, repair_with_data, sample_count
 
 
 REPAIRS = ("auto", "ar", "none", "data", "dir")
@@ -184,9 +184,8 @@ def fold_graph(graph: gs.Graph, opset: int, options: FoldOptions, progress=None,
         if calib is None or dense_path is None:
             raise UserError("--refit needs calibration inputs (--calib FILE.npz, or --repair dir)")
         done = refit_consumers(graph, refits, dense_path, folded_feeds(plans, calib), calib, seed=options.seed)
-        samples = len(next(iter(calib.values())))
         result.notes.append(f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares on "
-                            f"{samples} calibration samples (1x1 Conv, Gemm and MatMul consumers; others kept)")
+                            f"{sample_count(calib)} calibration samples (1x1 Conv, Gemm and MatMul consumers; others kept)")
     result.seconds = time.perf_counter() - start
     return result
 

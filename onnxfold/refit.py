@@ -20,6 +20,7 @@ scale.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import onnx
@@ -28,7 +29,7 @@ import onnx_graphsurgeon as gs
 from .compensate import Compensation, apply_compensation, folded_like_outputs
 from .importance import consumer_of
 from .merge import FoldPlan
-from .repair_data import BATCH, session_with_outputs
+from .repair_data import BATCH, sample_count, session_with_outputs, weight_out_axis
 
 MAX_ROWS = 32768      # sample rows (pixels x images, tokens) kept per consumer
 RIDGE = 0.1           # lam = RIDGE x mean diagonal of X_f^T X_f (EfficientNet-Lite0: 0.01 overfits DIR inputs)
@@ -63,19 +64,20 @@ def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
 
 
 def weight_matrix(node: gs.Node, values: np.ndarray) -> np.ndarray:
-    """The node's weight as (in, out): MatMul as is, Gemm per transB, Conv 1x1 (out, in, 1, 1) transposed."""
-    if node.op == "Conv":
-        return values.reshape(values.shape[0], values.shape[1]).T
-    if node.op == "Gemm" and int(node.attrs.get("transB", 0)):
-        return values.T
-    return values
+    """The node's weight as (in, out): its output axis (repair_data.weight_out_axis) moved last, the rest
+    flattened (a 1x1 Conv's (out, in, 1, 1) -> (in, out))."""
+    moved = np.moveaxis(values, weight_out_axis(node), -1)
+    return moved.reshape(-1, moved.shape[-1])
 
 
 def _set_weight(node: gs.Node, matrix: np.ndarray) -> None:
+    """Write `matrix` (in, out) back into the node's weight, in its own layout and dtype (weight_matrix inverted)."""
     old = node.inputs[1]
-    shape, dtype = np.shape(old.values), np.asarray(old.values).dtype
-    values = matrix.T if node.op == "Conv" or (node.op == "Gemm" and int(node.attrs.get("transB", 0))) else matrix
-    node.inputs[1] = gs.Constant(old.name + "_refit", np.ascontiguousarray(values).reshape(shape).astype(dtype))
+    values = np.asarray(old.values)
+    axis = weight_out_axis(node)
+    moved_shape = np.moveaxis(values, axis, -1).shape
+    restored = np.moveaxis(matrix.reshape(moved_shape), -1, axis)
+    node.inputs[1] = gs.Constant(old.name + "_refit", np.ascontiguousarray(restored).astype(values.dtype))
 
 
 def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds: dict[str, np.ndarray],
@@ -92,9 +94,9 @@ def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds
     for i, (refit, name) in enumerate(zip(refits, names)):
         x = _activations(session_with_outputs(gs.export_onnx(graph), [name]), name, refit.axis, feeds, rows)
         target = targets.pop(i).astype(np.float64)
-        if x.shape[1] != _in_entries(refit.node):
-            continue
         merged = weight_matrix(refit.node, np.asarray(refit.node.inputs[1].values, np.float64))
+        if x.shape[1] != len(merged):
+            continue
         matrix, bias = solve(x, target, merged)
         _set_weight(refit.node, matrix)
         apply_compensation(graph, [Compensation(refit.node, bias)])
@@ -114,17 +116,17 @@ def solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float | None =
     return weights, y_mean - x_mean @ weights
 
 
-def _in_entries(node: gs.Node) -> int:
-    return weight_matrix(node, np.asarray(node.inputs[1].values)).shape[0]
-
-
 def _row_choice(seed: int):
-    """A function (total rows, batch start, batch rows) -> indices into the batch's rows to keep, the same
-    for the dense and the folded pass (MAX_ROWS spread evenly at random over all rows)."""
-    def choose(total: int, start: int, count: int, per_sample: int) -> np.ndarray:
+    """A function (samples in all feeds, batch start, batch samples, rows per sample) -> indices into the
+    batch's rows to keep, the same for the dense and the folded pass (MAX_ROWS drawn at random over all rows,
+    once per row count)."""
+    @lru_cache(maxsize=None)
+    def kept(all_rows: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        all_rows = total * per_sample
-        keep = np.sort(rng.choice(all_rows, min(MAX_ROWS, all_rows), replace=False))
+        return np.sort(rng.choice(all_rows, min(MAX_ROWS, all_rows), replace=False))
+
+    def choose(total: int, start: int, count: int, per_sample: int) -> np.ndarray:
+        keep = kept(total * per_sample)
         lo, hi = start * per_sample, (start + count) * per_sample
         return keep[(keep >= lo) & (keep < hi)] - lo
     return choose
@@ -132,7 +134,7 @@ def _row_choice(seed: int):
 
 def _activations(sess, name: str, axis: int, feeds: dict, rows) -> np.ndarray:
     """The tensor `name` over all feeds as sample rows (rows, channels), the rows `rows` picks."""
-    total = len(next(iter(feeds.values())))
+    total = sample_count(feeds)
     parts = []
     for start in range(0, total, BATCH):
         out = sess.run([name], {k: v[start:start + BATCH] for k, v in feeds.items()})[0]
@@ -151,7 +153,7 @@ def _dense_targets(dense_path: str, refits: list[Refit], feeds: dict, rows) -> d
     """Index in `refits` -> that dense consumer's output without bias (rows, out) float32, one pass over feeds."""
     out_names = sorted({r.node.inputs[0].name for r in refits})
     sess = session_with_outputs(onnx.load(dense_path), out_names)
-    total = len(next(iter(feeds.values())))
+    total = sample_count(feeds)
     found: dict[int, list[np.ndarray]] = {i: [] for i in range(len(refits))}
     for start in range(0, total, BATCH):
         outs = dict(zip(out_names, sess.run(out_names, {k: v[start:start + BATCH] for k, v in feeds.items()})))

@@ -49,11 +49,11 @@ def repair_with_data(graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np
     if bns:
         offsets = dense_bn_offsets(dense_path, bns, plans, feeds)
         waves = reset_bn_statistics(graph, bns, folded, offsets)
-        return f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over {_count(feeds)} samples " \
+        return f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over {sample_count(feeds)} samples " \
                f"(paired with the dense model's running statistics)"
     waves, rescaled = match_producer_statistics(graph, folded_producers(graph, plans), feeds, dense_path, folded)
     return f"rescaled {rescaled} merged producers to the dense statistics in {waves} passes " \
-           f"over {_count(feeds)} samples"
+           f"over {sample_count(feeds)} samples"
 
 
 def folded_feeds(plans: list[FoldPlan], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -91,7 +91,8 @@ def _downstream_of_folds(graph: gs.Graph, plans: list[FoldPlan]) -> set[int]:
     return changed
 
 
-def _count(feeds) -> int:
+def sample_count(feeds: dict[str, np.ndarray]) -> int:
+    """N of feeds {input name: (N, ...)}."""
     return len(next(iter(feeds.values())))
 
 
@@ -193,7 +194,7 @@ def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.nd
     """Per-channel (mean (C,), var (C,)) of each output `names[i]` along `axes[i]` of session `sess` over
     `feeds` (input name -> (N, ...)), run BATCH samples at a time."""
     sums: list = [None] * len(names)
-    total = _count(feeds)
+    total = sample_count(feeds)
     for start in range(0, total, BATCH):
         outs = sess.run(names, {k: v[start:start + BATCH] for k, v in feeds.items()})
         for i, (out, axis) in enumerate(zip(outs, axes)):
