@@ -7,7 +7,7 @@ channels leave at the down projection's output (energy of X_drop W_drop on held-
 what remains after the best repair of each kind, fitted on the other half of the tokens:
 `mean` (the dropped channels' mean as a bias: --compensate), `partner` (each dropped channel regressed on its
 most correlated kept channel: the best any merge into one kept channel can do), `ls` (ridge least squares on
-all kept channels: --refit's solution, ridge 0.1 as in onnxfold/refit.py). Fractions < 1 = error recovered.
+all kept channels: onnxfold.refit.solve, ridge 0.1, shrunk toward 0). Fractions < 1 = error recovered.
 
 Usage: python benchmarks/smollm2_recoverable.py [--layers 2,10,20] [--ratio 0.362] [--sequences 32]
 Needs what benchmarks/smollm2.py needs. Writes benchmarks/results/smollm2_recoverable.md.
@@ -35,6 +35,7 @@ def news_tokens(folder: str, sequences: int, length: int = 128) -> np.ndarray:
 
 def recoverable(h: np.ndarray, weights: np.ndarray, ratio: float) -> dict[str, float]:
     """h (tokens, n) activations, weights (n, out): error fractions left by each repair on held-out tokens."""
+    from onnxfold.refit import solve
     h = h.astype(np.float64)
     train, test = h[: len(h) // 2], h[len(h) // 2:]
     norms = np.linalg.norm(weights, axis=1)
@@ -53,10 +54,8 @@ def recoverable(h: np.ndarray, weights: np.ndarray, ratio: float) -> dict[str, f
     best = np.abs(corr).argmax(axis=1)
     slope = corr[np.arange(len(drop)), best] * std[drop] / std[keep][best]
     partner = mean[drop] + (test[:, keep][:, best] - mean[keep][best]) * slope
-    kept = centred[:, keep]
-    gram = kept.T @ kept
-    coef = np.linalg.solve(gram + 0.1 * np.trace(gram) / len(gram) * np.eye(len(gram)), kept.T @ centred[:, drop])
-    ls = mean[drop] + (test[:, keep] - mean[keep]) @ coef
+    coef, intercept = solve(train[:, keep], train[:, drop], np.zeros((len(keep), len(drop))))
+    ls = test[:, keep] @ coef + intercept
     return {"share": zero / float(np.sum((test @ weights) ** 2)), "mean": left(np.broadcast_to(mean[drop], test[:, drop].shape)) / zero,
             "partner": left(partner) / zero, "ls": left(ls) / zero,
             "median_corr": float(np.median(np.abs(corr[np.arange(len(drop)), best])))}
