@@ -10,7 +10,9 @@ import os
 import signal
 import sys
 
+from onnxfold.config import CHOICES, DEFAULTS, ConfigError
 from onnxfold.errors import UserError
+from onnxfold.sweep import DEFAULT_METHODS, METHODS
 
 from . import commands
 
@@ -29,7 +31,8 @@ def fold_parser() -> argparse.ArgumentParser:
                 "test.npz` compares methods across ratios.")
     p.add_argument("input", help="the .onnx model to fold (never modified)")
     p.add_argument("-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels removed per group, in [0, 1) (default 0.5)")
+    p.add_argument("--ratio", type=float, default=DEFAULTS.ratio,
+                   help=f"fraction of channels removed per group, in [0, 1) (default {DEFAULTS.ratio})")
     p.add_argument("--head-ratio", type=float, metavar="R", help="ratio for attention-head groups (whole KV groups "
                    "with GQA); default: --ratio")
     p.add_argument("--mlp-ratio", type=float, metavar="R", help="ratio for all other groups (MLP, conv channels); "
@@ -38,7 +41,7 @@ def fold_parser() -> argparse.ArgumentParser:
                    "group of each kind (heads, channels) in graph order")
     p.add_argument("--allocate", action="store_true", help="remove the same number of parameters, but spread "
                    "per group where clustering loses least (Ward error of each group's weights; data-free)")
-    p.add_argument("--importance", choices=("weight", "act"), default="weight",
+    p.add_argument("--importance", choices=CHOICES["importance"], default=DEFAULTS.importance,
                    help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib inputs "
                    "or, for token models, data-free on text a causal LM generates itself (random token ids for "
                    "other token models); prune keeps the highest, fold clusters the weighted features "
@@ -51,24 +54,23 @@ def fold_parser() -> argparse.ArgumentParser:
                    help="after merging (and repair): re-solve by least squares the weights of each layer that reads "
                    "folded channels (1x1 Conv, Gemm, MatMul) so its output matches the dense model's on the "
                    "calibration inputs (--calib, or --repair dir's synthetic ones)")
-    p.add_argument("--multiple-of", type=int, default=1, metavar="N", help="round kept channel counts up to a multiple of N")
+    p.add_argument("--multiple-of", type=int, default=DEFAULTS.multiple_of, metavar="N",
+                   help="round kept channel counts up to a multiple of N")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")
-    p.add_argument("--method", choices=("fold", "prune"), default="fold",
+    p.add_argument("--method", choices=CHOICES["method"], default=DEFAULTS.method,
                    help="fold: cluster and merge channels (default); prune: keep the largest-norm channels (baseline)")
-    p.add_argument("--prune-norm", choices=("l1", "l2"), default="l2", help="channel score for --method prune")
-    p.add_argument("--repair", choices=("auto", "ar", "none", "data", "dir"), default="auto",
+    p.add_argument("--prune-norm", choices=CHOICES["prune_norm"], default=DEFAULTS.prune_norm,
+                   help="channel score for --method prune")
+    p.add_argument("--repair", choices=CHOICES["repair"], default=DEFAULTS.repair,
                    help="repair after merging: ar (Fold-AR, data-free, needs BatchNorm statistics); data (REPAIR: "
                         "reset statistics on --calib inputs); dir (data-free: inputs synthesised from BN statistics, "
                         "then REPAIR; needs torch); none. auto picks ar when BN statistics exist")
     p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for --repair data (a few dozen samples)")
-    p.add_argument("--dir-batch", type=int, default=32, metavar="N", help="synthetic samples for --repair dir")
-    p.add_argument("--dir-iters", type=int, default=200, metavar="N", help="optimisation steps for --repair dir")
-    p.add_argument("--dir-size", type=int, default=None, metavar="PIXELS",
-                   help="input height/width for --repair dir when the model's are symbolic")
-    p.add_argument("--backend", choices=("auto", "numpy", "torch", "cupy"), default="auto",
+    _dir_flags(p, "--repair dir")
+    p.add_argument("--backend", choices=CHOICES["backend"], default=DEFAULTS.backend,
                    help="k-means backend; auto uses a GPU only when one really works")
-    p.add_argument("--seed", type=int, default=0, help="seed for k-means and random validation inputs")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for k-means and random validation inputs")
     p.add_argument("--data", metavar="FILE.npz", help="validation inputs (keys = input names) and optional 'labels'")
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison and timing")
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
@@ -95,21 +97,27 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated channel ratios")
     p.add_argument("--allocate", action="store_true", help="every fold method with --allocate (per-group ratios "
                    "by Ward error, same parameter budget)")
-    p.add_argument("--importance", choices=("weight", "act"), default="weight",
+    p.add_argument("--importance", choices=CHOICES["importance"], default=DEFAULTS.importance,
                    help="act: every method scores channels by activation x next-layer weight norm, measured on "
                    "--calib (token models: data-free, see onnxfold --help)")
-    p.add_argument("--methods", default="fold+none,fold+ar,fold+dir,fold+data,prune",
-                   help="comma-separated subset of fold+none, fold+ar, fold+dir, fold+data, prune, "
-                   "fold+dir+refit, fold+data+refit (+refit: --refit after the repair)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {', '.join(METHODS)} (+refit: --refit after the repair)")
     p.add_argument("-o", "--output", metavar="PREFIX", help="writes PREFIX.csv, PREFIX.json, PREFIX.png "
                    "(default: INPUT.sweep)")
-    p.add_argument("--dir-batch", type=int, default=32, metavar="N", help="synthetic samples for fold+dir")
-    p.add_argument("--dir-iters", type=int, default=200, metavar="N", help="optimisation steps for fold+dir")
-    p.add_argument("--dir-size", type=int, default=None, metavar="PIXELS", help="input size for fold+dir")
-    p.add_argument("--seed", type=int, default=0)
+    _dir_flags(p, "fold+dir")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return p
+
+
+def _dir_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """Fold-DIR's settings (--dir-batch, --dir-iters, --dir-size), defaults from the configuration."""
+    p.add_argument("--dir-batch", type=int, default=DEFAULTS.dir_batch, metavar="N", help=f"synthetic samples for {what}")
+    p.add_argument("--dir-iters", type=int, default=DEFAULTS.dir_iters, metavar="N",
+                   help=f"optimisation steps for {what}")
+    p.add_argument("--dir-size", type=int, default=DEFAULTS.dir_size, metavar="PIXELS",
+                   help=f"input height/width for {what} when the model's are symbolic")
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -141,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "fold" and not os.path.exists("fold"):
             argv = argv[1:]
         return commands.fold(fold_parser().parse_args(argv))
+    except ConfigError as e:
+        print(f"onnxfold: error: {e.words(as_flags=True)}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"onnxfold: error: {e}", file=sys.stderr)
         return 2

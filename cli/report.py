@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from onnxfold.fold import FoldResult
-from onnxfold.groups import Group
+from onnxfold.check.count import ModelFigures
+from onnxfold.groups.group import Group
+from onnxfold.pipeline import FoldReport, FoldResult
 
 MAX_GROUP_LINES = 24
 
@@ -45,15 +46,15 @@ def format_groups(rows: list[dict], limit: int = MAX_GROUP_LINES) -> str:
     return "\n".join(lines)
 
 
-def format_table(dense: dict, folded: dict, comparison) -> str:
+def format_table(dense: ModelFigures, folded: ModelFigures, comparison) -> str:
     """Before/after table of size, compute, latency, and quality figures."""
-    rows = [("parameters", human(dense["params"]), human(folded["params"]), _change(dense["params"], folded["params"])),
-            ("MACs / sample", human(dense["macs"]), human(folded["macs"]), _change(dense["macs"], folded["macs"])),
-            ("file size", human(dense["file_bytes"], "B"), human(folded["file_bytes"], "B"),
-             _change(dense["file_bytes"], folded["file_bytes"]))]
-    if dense.get("latency_ms") is not None:
-        speed = dense["latency_ms"] / folded["latency_ms"] if folded["latency_ms"] else None
-        rows.append(("latency (median, batch 1)", f"{dense['latency_ms']:.3f} ms", f"{folded['latency_ms']:.3f} ms",
+    rows = [("parameters", human(dense.params), human(folded.params), _change(dense.params, folded.params)),
+            ("MACs / sample", human(dense.macs), human(folded.macs), _change(dense.macs, folded.macs)),
+            ("file size", human(dense.file_bytes, "B"), human(folded.file_bytes, "B"),
+             _change(dense.file_bytes, folded.file_bytes))]
+    if dense.latency_ms is not None:
+        speed = dense.latency_ms / folded.latency_ms if folded.latency_ms else None
+        rows.append(("latency (median, batch 1)", f"{dense.latency_ms:.3f} ms", f"{folded.latency_ms:.3f} ms",
                      f"{speed:.2f}x faster" if speed else ""))
     if comparison is not None:
         rows += _quality_rows(comparison)
@@ -63,10 +64,10 @@ def format_table(dense: dict, folded: dict, comparison) -> str:
     return "\n".join(lines)
 
 
-def summary_line(output: str, dense: dict, folded: dict, comparison) -> str:
+def summary_line(output: str, dense: ModelFigures, folded: ModelFigures, comparison) -> str:
     """One line: where the model went, parameters before -> after, and the headline quality figure."""
-    line = f"wrote {output}: parameters {human(dense['params'])} -> {human(folded['params'])} " \
-           f"({_change(dense['params'], folded['params'])})"
+    line = f"wrote {output}: parameters {human(dense.params)} -> {human(folded.params)} " \
+           f"({_change(dense.params, folded.params)})"
     if comparison is None:
         return line + ", not validated (--no-validate)"
     if comparison.accuracy_dense is not None:
@@ -91,6 +92,19 @@ def _change(a, b) -> str:
     if not a or b is None:
         return ""
     return f"{100 * (b - a) / a:+.1f}%"
+
+
+def payload(folded: FoldReport) -> dict:
+    """The --report JSON; each group row carries its clustering time (seconds) when it was folded, and
+    steps the wall time and peak RSS after loading, folding, writing and validating, and counting."""
+    result = folded.result
+    rows = group_rows(result)
+    for row, g in zip(rows, result.groups):
+        row["seconds"] = result.group_seconds.get(g.gid)
+    return {"input": folded.input, "output": folded.output, "options": folded.config, "backend": result.backend,
+            "repair": {"method": result.repair, "why": result.repair_why}, "importance": folded.config.importance,
+            "fold_seconds": result.seconds, "groups": rows, "dense": folded.dense, "folded": folded.folded,
+            "comparison": folded.validation.comparison if folded.validation else None, "steps": folded.steps}
 
 
 def write_json(path: str, payload: dict) -> None:

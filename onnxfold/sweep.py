@@ -14,15 +14,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnxruntime as ort
 
-from . import validate
+from .check.count import count_params, count_params_file
+from .config import FoldConfig
 from .errors import UserError
-from .fold import FoldOptions, fold_graph
-from .load import load_model
-from .save import to_proto
+from .pipeline import fold_model
+from .runtime.session import session
+from .runtime.stats import run_batched
 
+# method -> (FoldConfig.method, FoldConfig.repair); a "+refit" suffix adds refit
 METHODS = {"fold+none": ("fold", "none"), "fold+ar": ("fold", "ar"), "fold+dir": ("fold", "dir"),
            "fold+data": ("fold", "data"), "prune": ("prune", "none"),
            "fold+dir+refit": ("fold", "dir"), "fold+data+refit": ("fold", "data")}
+DEFAULT_METHODS = ("fold+none", "fold+ar", "fold+dir", "fold+data", "prune")
 
 
 @dataclass
@@ -40,7 +43,7 @@ class SweepRow:
 
 def evaluate(sess: ort.InferenceSession, dense_out: list[np.ndarray], feeds, labels) -> tuple[float, str]:
     """(value, name) of the quality metric of `sess` against the dense outputs on `feeds`."""
-    out = validate.run_batched(sess, feeds)
+    out = run_batched(sess, feeds)
     first = out[0]
     if labels is not None and first.ndim == 2 and first.shape[1] > 1:
         return float(np.mean(first.argmax(1) == labels[:len(first)])), "accuracy"
@@ -53,9 +56,9 @@ def evaluate(sess: ort.InferenceSession, dense_out: list[np.ndarray], feeds, lab
 def run_sweep(model_path: str, feeds, labels, ratios: list[float], methods: list[str], calib=None,
               synth=None, progress=None, **options) -> list[SweepRow]:
     """Fold/prune `model_path` with each method at each ratio and evaluate; returns rows (dense first)."""
-    dense = validate.session(model_path)
-    dense_out = validate.run_batched(dense, feeds)
-    dense_params = validate.count_params_file(model_path)
+    dense = session(model_path)
+    dense_out = run_batched(dense, feeds)
+    dense_params = count_params_file(model_path)
     value, name = evaluate(dense, dense_out, feeds, labels)
     rows = [SweepRow("dense", 0.0, 0.0, value, name, 0.0)]
     jobs = [(m, r) for m in methods for r in ratios]
@@ -69,17 +72,15 @@ def run_sweep(model_path: str, feeds, labels, ratios: list[float], methods: list
 def _one(path, method, ratio, feeds, labels, dense_out, dense_params, calib, synth, options) -> SweepRow:
     kind, repair = METHODS[method]
     start = time.perf_counter()
-    loaded = load_model(path)
     cal = synth if repair == "dir" else calib
     try:
-        opts = FoldOptions(ratio=ratio, repair=repair, method=kind, refit=method.endswith("+refit"), **options)
-        result = fold_graph(loaded.graph, loaded.opset, opts, calib=cal, dense_path=path)
+        config = FoldConfig(ratio=ratio, repair=repair, method=kind, refit=method.endswith("+refit"), **options)
+        result = fold_model(path, config, calib=cal)
     except UserError as e:
         return SweepRow(method, ratio, float("nan"), float("nan"), "", 0.0, f"skipped: {e}")
-    proto = to_proto(loaded.graph, loaded.opset)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    value, name = evaluate(sess, dense_out, feeds, labels)
-    sparsity = 1.0 - validate.count_params(proto) / dense_params
+    proto = result.to_proto()
+    value, name = evaluate(session(proto.SerializeToString()), dense_out, feeds, labels)
+    sparsity = 1.0 - count_params(proto) / dense_params
     return SweepRow(method, ratio, sparsity, value, name, time.perf_counter() - start, "; ".join(result.notes))
 
 

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfold.groups import Discovery, dim_of, rank_of
-from onnxfold.layout import Layout
+from onnxfold.groups.state import Discovery, dim_of, rank_of
+from onnxfold.groups.layout import Layout
 
 __all__ = ["Discovery", "Layout", "const_value", "int_list", "norm_axis", "out_rank", "pass_through",
            "freeze_all", "dim_of", "rank_of", "where", "is_known", "static_product"]

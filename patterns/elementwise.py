@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxfold.layout import MEAN, Layout
+from onnxfold.groups.layout import MEAN, Layout
 
 from .common import Discovery, const_value, freeze_all, pass_through, where
 

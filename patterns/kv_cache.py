@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxfold.groups import METADATA_OPS
-from onnxfold.layout import EXTENT, DeclaredDim, Layout
+from onnxfold.groups.state import METADATA_OPS
+from onnxfold.groups.layout import EXTENT, DeclaredDim, Layout
 
 from .common import Discovery, dim_of, norm_axis
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxfold.layout import MEAN, SUM
+from onnxfold.groups.layout import MEAN, SUM
 
 from .common import Discovery, const_value, freeze_all, out_rank, pass_through, where
 

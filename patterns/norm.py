@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxfold.layout import MEAN
+from onnxfold.groups.layout import MEAN
 
 from .common import Discovery, freeze_all, norm_axis, pass_through, where
 

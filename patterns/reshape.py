@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfold.layout import EXTENT, Layout
+from onnxfold.groups.layout import EXTENT, Layout
 
 from .common import (Discovery, const_value, dim_of, freeze_all, is_known, out_rank, shape_entries,
                      static_product, where)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxfold.layout import EXTENT, Layout
+from onnxfold.groups.layout import EXTENT, Layout
 
 from .common import (Discovery, const_value, freeze_all, int_list, norm_axis, out_rank, pass_through,
                      shape_entries, static_product, where)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfold.layout import EXTENT, Layout
+from onnxfold.groups.layout import EXTENT, Layout
 
 from .common import Discovery, const_value, freeze_all, int_list, norm_axis, rank_of, where
 

@@ -16,8 +16,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .errors import UserError
-from .load import NOT_LOADED, ExternalValues, all_constants, check_skeleton, reshare_unchanged_copies, skeleton_of
+from ..errors import UserError
+from .external import NOT_LOADED, ExternalValues, all_constants, check_skeleton, skeleton_of
+from .normalize import reshare_unchanged_copies
 
 TWO_GB = 2**31 - 2**20
 INLINE_BYTES = 1024  # tensors up to this size stay in the .onnx file (shape vectors, scalars)

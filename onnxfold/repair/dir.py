@@ -18,10 +18,28 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .errors import UserError
-from .load import load_model
+from ..errors import UserError
+from ..model.load import load_model
+from ..runtime.feeds import declared_input_specs
+from .data import DataRepair
 
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+
+
+class DirRepair(DataRepair):
+    """Fold-DIR: REPAIR on inputs synthesised from the dense model's BN statistics (unless the user gives
+    calibration inputs)."""
+
+    name = "dir"
+    reads_calib = False
+    synthesizes = True
+
+    def calibration(self, dense_path: str, progress=None) -> dict[str, np.ndarray]:
+        s = self.settings
+        size = (s.dir_size, s.dir_size) if s.dir_size else None
+        synth = synthesize_inputs(dense_path, batch=s.dir_batch, iters=s.dir_iters, size=size, seed=s.seed,
+                                  progress=progress)
+        return {declared_input_specs(dense_path)[0].name: synth.inputs}
 
 
 @dataclass
@@ -56,7 +74,7 @@ def synthesize_inputs(model_path: str, *, batch: int = 32, iters: int = 200, lr:
     torch cannot run, or for out-of-range settings."""
     _check_settings(batch, iters, lr)
     torch = _import_torch()
-    from .torch_exec import TorchGraph
+    from .torch_exec import TorchGraph  # torch is optional: imported only when DIR runs
 
     model = gs.export_onnx(load_model(model_path).graph)
     _require_bn(model, model_path)

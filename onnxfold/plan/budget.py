@@ -1,6 +1,8 @@
-"""Data-free per-group budget (--allocate): spend a global parameter budget where clustering loses least.
+"""How many units each group keeps: one ratio (or one per kind: attention heads, other channels) in the
+chosen layers, rounded to a multiple, or (--allocate) a data-free per-group budget that spends the same
+global parameter budget where clustering loses least.
 
-Each group's cost of folding m of its n channels is estimated by Ward's agglomerative clustering of its
+Allocation: each group's cost of folding m of its n channels is estimated by Ward's agglomerative clustering of its
 feature rows: the sum of the m cheapest Ward merges is the squared error of the (n - m)-cluster partition,
 divided by the features' squared norm (the fraction of weight mass the group loses). Merges of all groups
 are taken cheapest-first, per parameter saved, until the budget is spent: the optimum of a separable
@@ -8,12 +10,41 @@ convex problem, so a layer whose channels are all distinct keeps them and a redu
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
-from .groups import Group
-from .layout import EXTENT
+from ..groups.group import Group
+from ..groups.layout import EXTENT
+from .features import group_features
 
 MAX_WARD_CHANNELS = 16384  # beyond this the (n, n) distance matrix is too large: the group keeps its ratio
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What to remove: `ratio` of every group's units, or `head_ratio` / `mlp_ratio` for attention-head
+    groups / all others; only the i-th foldable group of each kind for i in `layers` ("5-27", "0,3,7");
+    channel counts rounded up to a multiple of `multiple_of`; `allocate`: the same parameters removed,
+    spread by Ward error."""
+
+    ratio: float = 0.5
+    head_ratio: float | None = None
+    mlp_ratio: float | None = None
+    layers: str | None = None
+    multiple_of: int = 1
+    allocate: bool = False
+
+
+def units_to_keep(groups: list[Group], budget: Budget) -> tuple[dict[int, float], dict[int, int]]:
+    """(gid -> ratio, gid -> units kept) for the foldable `groups`."""
+    ratios = group_ratios(groups, budget)
+    keep = {g.gid: units_kept(g, ratios[g.gid], budget.multiple_of) for g in groups}
+    if budget.allocate:  # priced on plain weight features: importance-scaled ones made early layers look free
+        keep = allocate(groups, ratios, group_features, lambda g, r: units_kept(g, r, budget.multiple_of))
+        keep = {g.gid: units_kept(g, 1.0 - keep[g.gid] / g.size, budget.multiple_of) for g in groups}
+    return ratios, keep
 
 
 def ward_merge_costs(features: np.ndarray) -> np.ndarray:
@@ -141,3 +172,45 @@ def _relative_error_steps(group: Group, rows: np.ndarray, cap: int) -> np.ndarra
     mass = float(np.sum(np.square(rows, dtype=np.float64))) or 1.0
     members = sum(1 for m in group.members if m.role != EXTENT and np.ndim(m.tensor.values) > 1) or 1
     return merges / mass * members
+
+
+def parse_layers(text: str) -> set[int]:
+    """'5-27' or '0,3,7' or '0-3,9' -> set of indices; ValueError when malformed."""
+    chosen: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            chosen.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise ValueError(f"layers {text!r}: expected indices like 5-27 or 0,3,7") from None
+    return chosen
+
+
+def group_ratios(groups: list[Group], budget: Budget) -> dict[int, float]:
+    """gid -> ratio for every foldable group: --head-ratio / --mlp-ratio by kind, 0 outside --layers.
+
+    A group's layer index is its position among foldable groups of its kind, in graph order."""
+    chosen = parse_layers(budget.layers) if budget.layers else None
+    seen = {"heads": 0, "channels": 0}
+    ratios = {}
+    for g in (g for g in groups if g.foldable):
+        index = seen[g.kind]
+        seen[g.kind] += 1
+        kind_ratio = budget.head_ratio if g.kind == "heads" else budget.mlp_ratio
+        ratio = budget.ratio if kind_ratio is None else kind_ratio
+        ratios[g.gid] = ratio if chosen is None or index in chosen else 0.0
+    return ratios
+
+
+def clusters_for(n: int, ratio: float, multiple_of: int = 1) -> int:
+    """Number of clusters kept for n channels: max(1, round(n (1 - ratio))), rounded up to a multiple."""
+    k = max(1, int(math.floor(n * (1.0 - ratio) + 0.5)))
+    if multiple_of > 1:
+        k = int(math.ceil(k / multiple_of) * multiple_of)
+    return min(n, k)
+
+
+def units_kept(group: Group, ratio: float, multiple_of: int = 1) -> int:
+    """Units kept for a group at `ratio`; `multiple_of` rounds channel counts, not head groups (units of many
+    channels)."""
+    return clusters_for(group.size, ratio, multiple_of if group.kind == "channels" else 1)

@@ -1,51 +1,21 @@
-"""Derive channel-coupled groups from the graph: a union-find over channel axes with one rule per op type.
+"""The state the op rules act on: a union-find over channel axes (Discovery) and shape helpers.
 
-Input: a gs.Graph (shapes inferred where possible). Output: a list of Group objects, each with its channel
-count, its members (constant slices to merge) and, when it cannot be folded, the reasons it is frozen.
-The per-op rules live in onnxfold.patterns; this module holds the bookkeeping they act on.
+Input: a gs.Graph (shapes inferred where possible). Output of Discovery.groups(): a list of Group objects,
+each with its channel count, its members (constant slices to merge) and, when it cannot be folded, the
+reasons it is frozen. The per-op rules live in the top-level `patterns` package; discover.py runs them.
 """
 from __future__ import annotations
-
-import fnmatch
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .layout import EXTENT, DeclaredDim, Layout, Member, Part
+from .group import Group
+from .layout import EXTENT, Layout, Member, Part
 
 # Ops whose outputs carry no channel data (metadata about a tensor, not its values).
 METADATA_OPS = {"Shape", "Size"}
 # Ops whose value depends only on some inputs (CastLike's second input gives just the element type).
 DATA_INPUTS = {"CastLike": 1}
-
-
-@dataclass
-class Group:
-    """One set of coupled channels: `size` channels, the slices that follow them, and why it is frozen."""
-
-    gid: int
-    size: int
-    members: list[Member] = field(default_factory=list)
-    tensors: list[str] = field(default_factory=list)  # activation tensors carrying these channels
-    frozen: list[str] = field(default_factory=list)   # reasons; empty means foldable
-    unit: int = 1  # original channels per unit: head_dim (x query heads per KV group) for attention heads
-
-    @property
-    def foldable(self) -> bool:
-        return not self.frozen and self.size > 1 and any(m.role != EXTENT for m in self.members)
-
-    @property
-    def kind(self) -> str:
-        """'heads' for attention heads / KV groups (coarsened units), else 'channels' (conv, MLP)."""
-        return "heads" if self.unit > 1 else "channels"
-
-    def has_bn(self) -> bool:
-        return any(m.tag == "bn_scale" for m in self.members)
-
-    def describe(self) -> str:
-        """A name for the report: the first producer tensor or activation name."""
-        return self.tensors[0] if self.tensors else f"group{self.gid}"
 
 
 class Discovery:
@@ -325,67 +295,3 @@ def dim_of(tensor: gs.Tensor, axis: int):
     return int(d) if isinstance(d, (int, np.integer)) and d >= 0 else d
 
 
-def apply_excludes(groups: list[Group], patterns: list[str]) -> None:
-    """Freeze groups whose tensors or members match any --exclude pattern (glob or substring)."""
-    for grp in groups:
-        names = grp.tensors + [m.tensor.name for m in grp.members]
-        for pat in patterns:
-            hit = next((n for n in names if fnmatch.fnmatch(n, pat) or pat in n), None)
-            if hit is not None:
-                grp.frozen.append(f"excluded by --exclude '{pat}' (matches '{hit}')")
-                break
-
-
-def kv_cache_notes(plans) -> list[str]:
-    """Report lines for KV-cache graph inputs/outputs whose head count folding changed (plans: FoldPlans),
-    one line per distinct change, e.g. 'KV-cache heads 2 -> 1 (axis 1) in past_key_values.0.key, ...'."""
-    changes: dict[tuple[int, int, int], list[str]] = {}
-    for plan in plans:
-        for t in {id(m.tensor): m.tensor for m in plan.group.members if isinstance(m.tensor, DeclaredDim)}.values():
-            changes.setdefault((t.original, int(t.values[0]), t.axis), []).append(t.variable.name)
-    notes = []
-    for (before, after, axis), names in changes.items():
-        shown = ", ".join(sorted(names)[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        notes.append(f"KV-cache heads {before} -> {after} (axis {axis}) in {shown}: feed past caches of the new shape")
-    return notes
-
-
-def discover(graph: gs.Graph, opset: int) -> list[Group]:
-    """Walk `graph` in topological order applying each op's rule; returns every group (foldable or frozen)."""
-    from onnxfold.patterns import RULES  # patterns build on this module's Discovery
-
-    d = Discovery(graph, opset)
-    dynamic = _dynamic_tensors(graph)
-    for node in graph.nodes:
-        if not any(t.name in dynamic for t in node.inputs if t is not None):
-            continue
-        rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
-        if rule is None:
-            _unknown(node, d, "is not understood")
-            continue
-        try:
-            rule(node, d)
-        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
-            # A graph shape no rule anticipated: decline this node (its groups stay intact), never crash.
-            _unknown(node, d, f"could not be analysed ({type(e).__name__}: {e})")
-    for tensor in (t for t in graph.outputs if t.name not in d.kv_outputs):
-        d.freeze(d.layout(tensor), f"graph output '{tensor.name}'")
-    return d.groups()
-
-
-def _unknown(node: gs.Node, d: Discovery, why: str) -> None:
-    reason = f"{node.op} '{node.name}' {why}"
-    for t in node.inputs:
-        d.freeze(d.layout(t), reason)
-
-
-def _dynamic_tensors(graph: gs.Graph) -> set[str]:
-    """Names of tensors whose values depend on graph inputs (metadata from Shape/Size excluded)."""
-    dynamic = {t.name for t in graph.inputs}
-    for node in graph.nodes:
-        if node.op in METADATA_OPS:
-            continue
-        inputs = node.inputs[:DATA_INPUTS.get(node.op, len(node.inputs))]
-        if any(t.name in dynamic for t in inputs if t is not None):
-            dynamic.update(t.name for t in node.outputs)
-    return dynamic

@@ -10,34 +10,54 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .errors import UserError
-from .merge import cluster_reduce
-from .repair_data import PRODUCER_AXES
+from ..errors import UserError
+from ..model.ops import CONV_OPS, WEIGHT_AXES, conv_groups
+from ..plan.plan import FoldPlan, cluster_reduce
+from .base import Repair, RepairSettings
 
-CONV_PRODUCERS = ("Conv", "ConvTranspose")  # whose output a BatchNorm may follow
+
+class FoldAR(Repair):
+    """Fold-AR: BN producers standardised before discovery, merged BN scales rescaled per cluster."""
+
+    name = "ar"
+
+    def __init__(self, why: str, settings: RepairSettings = RepairSettings()):
+        super().__init__(why, settings)
+        self.standardized: set[int] = set()  # ids of the BN scales whose producer was standardised
+
+    @classmethod
+    def resolve(cls, graph: gs.Graph, method: str) -> tuple[type[Repair], str]:
+        if method == "prune":
+            raise UserError("--repair ar applies to folding (merged channels); pruning keeps channels as they are")
+        if not has_bn_statistics(graph):
+            return Repair, ("--repair ar asked, but the graph has no BatchNormalization statistics (BN fused by "
+                            "the exporter?)")
+        return cls, "requested with --repair ar"
+
+    @classmethod
+    def auto(cls, graph: gs.Graph, method: str) -> tuple[type[Repair], str]:
+        """--repair auto: Fold-AR for folding when the graph keeps BN statistics, else none."""
+        if method == "prune":
+            return Repair, "pruning keeps the surviving channels unchanged: no data-free repair applies"
+        if has_bn_statistics(graph):
+            return cls, "the graph keeps BatchNormalization statistics, so Fold-AR can rescale merged channels"
+        return Repair, ("no BatchNormalization statistics in the graph (BN fused by the exporter?): no data-free "
+                        "repair applies")
+
+    def before_discovery(self, graph: gs.Graph, ratio: float) -> None:
+        if ratio > 0:
+            self.standardized = standardize_bn_producers(graph)
+
+    def adjust(self, plan: FoldPlan, features: np.ndarray) -> FoldPlan:
+        gammas = frozenset(id(m.tensor) for m in plan.group.members
+                           if m.tag == "bn_scale" and id(m.tensor) in self.standardized)
+        scale = ar_gamma_scale(features, plan.labels, plan.k) if gammas else None
+        return FoldPlan(plan.group, plan.labels, plan.k, scale, gammas)
 
 
 def has_bn_statistics(graph: gs.Graph) -> bool:
     """True when the graph keeps BatchNormalization nodes with constant running statistics."""
     return any(n.op == "BatchNormalization" and _bn_constants(n) is not None for n in graph.nodes)
-
-
-def choose_repair(requested: str, graph: gs.Graph, method: str = "fold") -> tuple[str, str]:
-    """Resolve --repair auto|ar|none|data|dir to (method, why) for the report."""
-    has_bn = has_bn_statistics(graph)
-    if requested in ("none", "data", "dir"):
-        return requested, f"requested with --repair {requested}"
-    if method == "prune":
-        if requested == "ar":
-            raise UserError("--repair ar applies to folding (merged channels); pruning keeps channels as they are")
-        return "none", "pruning keeps the surviving channels unchanged: no data-free repair applies"
-    if requested == "ar" and not has_bn:
-        return "none", "--repair ar asked, but the graph has no BatchNormalization statistics (BN fused by the exporter?)"
-    if requested == "ar":
-        return "ar", "requested with --repair ar"
-    if has_bn:
-        return "ar", "the graph keeps BatchNormalization statistics, so Fold-AR can rescale merged channels"
-    return "none", "no BatchNormalization statistics in the graph (BN fused by the exporter?): no data-free repair applies"
 
 
 def standardize_bn_producers(graph: gs.Graph) -> set[int]:
@@ -67,7 +87,7 @@ def _sole_producer(bn: gs.Node) -> gs.Node | None:
     if not x.inputs or len(x.outputs) != 1:
         return None
     node = x.inputs[0]
-    if node.op not in CONV_PRODUCERS or int(node.attrs.get("group", 1)) != 1:
+    if node.op not in CONV_OPS or conv_groups(node) != 1:
         return None
     weights = node.inputs[1:]
     if not all(isinstance(t, gs.Constant) and len(t.outputs) == 1 for t in weights):
@@ -83,7 +103,7 @@ def _standardize(graph: gs.Graph, producer: gs.Node, bn: gs.Node) -> None:
     inv_std = 1.0 / np.sqrt(var + eps)
     w = producer.inputs[1]
     shape = [1] * np.asarray(w.values).ndim
-    shape[PRODUCER_AXES[producer.op]] = -1
+    shape[WEIGHT_AXES[producer.op][1]] = -1
     _scale(w, inv_std.reshape(shape))
     if len(producer.inputs) > 2:
         _scale(producer.inputs[2], inv_std)

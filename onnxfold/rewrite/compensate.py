@@ -9,7 +9,7 @@ added the same way. On SmolLM2-135M (20% of the parameters from the MLPs) both l
 (benchmarks/README.md).
 
 Input: FoldPlans (labels, -1 = dropped) and gid -> mean activation per consumer input entry (n * repeat,)
-from importance.channel_importance. plan_compensation / plan_mean_correction run before the weights are
+from plan.importance (Scores.means). plan_compensation / plan_mean_correction run before the weights are
 rewritten, mean_correction and apply_compensation after.
 """
 from __future__ import annotations
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .importance import consumer_of
-from .repair_data import session_with_outputs, stats_of, weight_out_axis
-from .layout import MEAN
-from .merge import FoldPlan, cluster_reduce
+from ..groups.layout import MEAN
+from ..model.ops import BIAS_INPUT, is_padded, weight_out_axis
+from ..plan.plan import FoldPlan, cluster_reduce
+from ..runtime.session import session_with_outputs
+from ..runtime.stats import stats_of
 
 
 @dataclass
@@ -40,10 +41,10 @@ def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> li
     found = []
     for plan in plans:
         mean = means.get(plan.group.gid)
-        consumer = consumer_of(plan.group)
+        consumer = plan.group.consumer
         if mean is None or consumer is None or not np.any(plan.labels < 0):
             continue
-        node, m, _ = consumer
+        node, m = consumer.node, consumer.member
         dropped = np.repeat(plan.labels < 0, m.repeat)  # per input entry
         bias = _dropped_contribution(node, np.asarray(m.tensor.values, np.float64), dropped, mean)
         if bias is not None:
@@ -58,10 +59,10 @@ def plan_mean_correction(plans: list[FoldPlan], means: dict) -> list[tuple[gs.No
     input mean is known; read before the weights are rewritten."""
     pending = []
     for plan in plans:
-        mean, consumer = means.get(plan.group.gid), consumer_of(plan.group)
+        mean, consumer = means.get(plan.group.gid), plan.group.consumer
         if mean is None or consumer is None:
             continue
-        node, m, axis = consumer
+        node, m, axis = consumer.node, consumer.member, consumer.axis
         weight = np.asarray(m.tensor.values, np.float64)
         dense = _dropped_contribution(node, weight, np.ones(len(mean), bool), mean)
         if dense is not None:
@@ -103,8 +104,7 @@ def folded_like_outputs(values: np.ndarray, node: gs.Node, plans: list[FoldPlan]
 def _dropped_contribution(node: gs.Node, weight: np.ndarray, dropped: np.ndarray, mean: np.ndarray):
     """(out,) = sum over dropped input entries e of mean[e] x the node's weights from e (kernel taps summed);
     None for a padded Conv, where a constant input does not give a constant output."""
-    if node.op == "Conv" and (any(node.attrs.get("pads", [0]))
-                              or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+    if is_padded(node):
         return None
     per_out = np.moveaxis(weight, weight_out_axis(node), 0)  # (out, in, *kernel)
     return per_out[:, dropped].reshape(len(per_out), int(dropped.sum()), -1).sum(axis=2) @ mean[dropped]
@@ -117,9 +117,9 @@ def apply_compensation(graph: gs.Graph, items: list[Compensation]) -> None:
         node, bias = item.node, item.bias
         if node.op == "Gemm":
             alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
-            _add_to_input(node, 2, alpha * bias / beta if beta else None)
+            _add_to_input(node, BIAS_INPUT[node.op], alpha * bias / beta if beta else None)
         elif node.op == "Conv":
-            _add_to_input(node, 2, bias)
+            _add_to_input(node, BIAS_INPUT[node.op], bias)
         elif node.outputs[0] in graph.outputs or not _add_to_following_add(node, bias):
             _insert_add(graph, node, bias)
 

@@ -13,22 +13,32 @@ Inputs: the folded gs.Graph (modified in place), FoldPlans, calibration feeds {i
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
-from .layout import MEAN, DeclaredDim, Member
-from .merge import FoldPlan, cluster_reduce
+from ..groups.layout import MEAN, Member
+from ..model.ops import BIAS_INPUT, output_channel_axis, weight_out_axis
+from ..plan.plan import FoldPlan
+from ..rewrite.merge import folded_feeds
+from ..runtime.session import session_with_outputs
+from ..runtime.stats import sample_count, stats_of
+from .base import Repair
 
-PRODUCER_AXES = {"Conv": 0, "ConvTranspose": 1, "MatMul": 1}
-BATCH = 64
-SESSION_VIA_FILE_BYTES = 1 << 26  # larger models reach statistics sessions through a temporary file: SmolLM2 --importance act peak 3.3 -> 2.2 GB
+
+class DataRepair(Repair):
+    """REPAIR: statistics reset (BN) or matched (no BN) on the user's calibration inputs."""
+
+    name = "data"
+    reads_calib = True
+    needs_calibration = True
+
+    def after_merge(self, graph: gs.Graph, plans: list[FoldPlan], calib: dict[str, np.ndarray] | None,
+                    dense_path: str | None) -> str | None:
+        return repair_with_data(graph, plans, calib, dense_path) if plans else None
 
 
 @dataclass
@@ -56,29 +66,6 @@ def repair_with_data(graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np
            f"over {sample_count(feeds)} samples"
 
 
-def folded_feeds(plans: list[FoldPlan], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The calibration feeds as the folded model takes them. A graph input whose declared extent folded (a KV
-    cache: past keys/values, heads on one axis) is merged like the keys/values that fill it: each cluster's
-    heads become their mean, as the folded K/V projection computes them. Other feeds are passed through."""
-    items: dict[str, dict[tuple, tuple[Member, FoldPlan]]] = defaultdict(dict)
-    for plan in plans:
-        for m in plan.group.members:
-            if isinstance(m.tensor, DeclaredDim) and m.tensor.variable.name in feeds:
-                items[m.tensor.variable.name][(m.tensor.axis, m.offset, m.repeat)] = (m, plan)
-    out = dict(feeds)
-    for name, slices in items.items():
-        values = np.asarray(feeds[name])
-        for (axis, offset, rep), (_, plan) in sorted(slices.items(), key=lambda it: (it[0][0], -it[0][1])):
-            n = plan.group.size
-            moved = np.moveaxis(values, axis, 0)
-            block = moved[offset:offset + n * rep]
-            merged = cluster_reduce(block.reshape(n, -1), plan.labels, plan.k, mean=True)
-            merged = merged.reshape((plan.k * rep,) + block.shape[1:]).astype(values.dtype)
-            values = np.moveaxis(np.concatenate([moved[:offset], merged, moved[offset + n * rep:]]), 0, axis)
-        out[name] = values
-    return out
-
-
 def _downstream_of_folds(graph: gs.Graph, plans: list[FoldPlan]) -> set[int]:
     """ids of nodes that read a rewritten tensor or anything computed from one (their inputs changed)."""
     rewritten = {id(m.tensor) for plan in plans for m in plan.group.members}
@@ -89,11 +76,6 @@ def _downstream_of_folds(graph: gs.Graph, plans: list[FoldPlan]) -> set[int]:
             changed.add(id(node))
             dirty.update(t.name for t in node.outputs)
     return changed
-
-
-def sample_count(feeds: dict[str, np.ndarray]) -> int:
-    """N of feeds {input name: (N, ...)}."""
-    return len(next(iter(feeds.values())))
 
 
 def _bn_constant(bn: gs.Node) -> bool:
@@ -170,40 +152,6 @@ def channel_stats(graph: gs.Graph, tensors: list[tuple[str, int]], feeds) -> lis
     return stats_of(sess, [name for name, _ in tensors], [axis for _, axis in tensors], feeds)
 
 
-def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """A lean CPU session of `model` with `names` added as outputs. Models whose weights reach
-    SESSION_VIA_FILE_BYTES go through a temporary file with external data (protobuf cannot serialise 2 GB, and
-    no serialised copy is held); weights are not pre-packed (no second copy)."""
-    # shapes observed at load time (fixed sample sizes) must not reach onnxruntime: it would fold Shape ops
-    del model.graph.value_info[:]
-    existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.add_session_config_entry("session.disable_prepacking", "1")
-    if sum(len(t.raw_data) for t in model.graph.initializer) < SESSION_VIA_FILE_BYTES:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "stats.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="stats.onnx.data", size_threshold=1024)
-        return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
-def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-channel (mean (C,), var (C,)) of each output `names[i]` along `axes[i]` of session `sess` over
-    `feeds` (input name -> (N, ...)), run BATCH samples at a time."""
-    sums: list = [None] * len(names)
-    total = sample_count(feeds)
-    for start in range(0, total, BATCH):
-        outs = sess.run(names, {k: v[start:start + BATCH] for k, v in feeds.items()})
-        for i, (out, axis) in enumerate(zip(outs, axes)):
-            moved = np.moveaxis(out.astype(np.float64), axis, 0).reshape(out.shape[axis], -1)
-            part = np.array([moved.shape[1] * np.ones(len(moved)), moved.sum(1), np.square(moved).sum(1)])
-            sums[i] = part if sums[i] is None else sums[i] + part
-    return [(s[1] / s[0], np.maximum(s[2] / s[0] - np.square(s[1] / s[0]), 0.0)) for s in sums]
-
-
 def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
     """Nodes whose weight's output axis holds producer members of folded groups (one member covering the
     whole axis, or several side by side: fused QKV rows, concatenated groups, heads of head_dim entries each)."""
@@ -218,19 +166,8 @@ def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
         items = owners.get((id(node.inputs[1]), axis)) if axis is not None else None
         # a weight read by another node too (tied weights) cannot be rescaled for this node alone
         if items and len(node.inputs[1].outputs) == 1:
-            found.append(Producer(node, items, -1 if node.op in ("MatMul", "Gemm") else 1))
+            found.append(Producer(node, items, output_channel_axis(node)))
     return found
-
-
-def weight_out_axis(node: gs.Node) -> int | None:
-    """The axis of the node's constant weight that indexes its output channels (None: not a producer)."""
-    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
-        return None
-    if node.op == "Gemm":
-        return 0 if int(node.attrs.get("transB", 0)) else 1
-    if node.op == "MatMul" and len(node.inputs[1].shape) != 2:
-        return None  # a batched weight: axis 1 is not the output's last axis
-    return PRODUCER_AXES.get(node.op)
 
 
 def match_producer_statistics(graph: gs.Graph, producers: list[Producer], feeds, dense_path: str,
@@ -342,11 +279,12 @@ def _added_bias(node: gs.Node, size: int) -> gs.Constant | None:
 
 def _bias_input(node: gs.Node) -> gs.Constant | None:
     """The node's bias constant (created for Conv/ConvTranspose/Gemm without one; None for MatMul)."""
-    if node.op == "MatMul":
+    index = BIAS_INPUT.get(node.op)
+    if index is None:
         return None
-    if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-        return node.inputs[2] if np.asarray(node.inputs[2].values).ndim == 1 else None
-    if len(node.inputs) > 2:
+    if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
+        return node.inputs[index] if np.asarray(node.inputs[index].values).ndim == 1 else None
+    if len(node.inputs) > index:
         return None
     w = np.asarray(node.inputs[1].values)
     size = w.shape[weight_out_axis(node)]

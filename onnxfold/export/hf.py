@@ -15,7 +15,7 @@ import os
 import tempfile
 import warnings
 
-from .errors import UserError
+from ..errors import UserError
 
 OPSET = 18
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -103,6 +103,18 @@ def _gram_pays(n: int, d: int, k: int) -> bool:
     return 4 * n * n <= _GRAM_MAX_BYTES and gram <= _ITERS_GUESS * n * k * d + seeding
 
 
+@dataclass
+class _Cache:
+    """What a restart keeps between sweeps: cc (k,) |c_j|^2; sums: cluster -> (member row sum, updates since
+    it was computed); moved: (points, old labels, new labels) of the last moves, or None after a full sweep;
+    c (k, d): explicit centres (point engine only)."""
+
+    cc: np.ndarray
+    sums: dict = field(default_factory=dict)
+    moved: tuple | None = None
+    c: object = None
+
+
 class _Grouping:
     """A partition as point indices sorted by cluster (points labelled -1 left out): order, counts (k,)."""
 
@@ -145,9 +157,9 @@ class _Engine:
         dots[ops.index(np.arange(len(idx))), rows] = 0.0
         return dots
 
-    def member_sums(self, grp: _Grouping, js: np.ndarray, cache: dict):
+    def member_sums(self, grp: _Grouping, js: np.ndarray, cache: _Cache):
         """(len(js), width) src row sums over the members of clusters js (big ones cached, updated by moves)."""
-        sums, moved = cache["sums"], cache["moved"]
+        sums, moved = cache.sums, cache.moved
         hit = np.array([moved is not None and sums.get(j, (0, _SUM_CACHE_AGE))[1] < _SUM_CACHE_AGE
                         for j in js.tolist()], dtype=bool)
         out, miss = self.ops.zeros((len(js), self.src.shape[1])), np.flatnonzero(~hit)
@@ -195,44 +207,44 @@ class _GramEngine(_Engine):
     def _dots(self, rows):
         return self.ops.rows(self.src, rows)
 
-    def refresh(self, grp: _Grouping, js: np.ndarray, cache: dict):
-        """p block (len(js), n) of clusters js against all points; updates cache['cc'][js] = |c_j|^2."""
+    def refresh(self, grp: _Grouping, js: np.ndarray, cache: _Cache):
+        """p block (len(js), n) of clusters js against all points; updates cache.cc[js] = |c_j|^2."""
         pts, local = grp.members(js)
         st = self.member_sums(grp, js, cache)
         own = self.ops.host64(st[self.ops.index(local), self.ops.index(pts)])
         cnt = grp.counts[js].astype(np.float64)
-        cache["cc"][js] = np.bincount(local, weights=own, minlength=len(js)) / cnt**2
-        return self._scale(st, cnt, cache["cc"][js])
+        cache.cc[js] = np.bincount(local, weights=own, minlength=len(js)) / cnt**2
+        return self._scale(st, cnt, cache.cc[js])
 
-    def against(self, grp: _Grouping, pts: np.ndarray, cache: dict):
+    def against(self, grp: _Grouping, pts: np.ndarray, cache: _Cache):
         """p block (k, len(pts)) of all clusters against points pts (cached |c|^2)."""
         cols = self.ops.transposed(self.ops.rows(self.src, self.ops.index(pts)))  # G is symmetric
         k = len(grp.counts)
         st = self.ops.grouped_sum(cols, grp.order, np.repeat(np.arange(k), grp.counts), k)
-        return self._scale(st, grp.counts.astype(np.float64), cache["cc"])
+        return self._scale(st, grp.counts.astype(np.float64), cache.cc)
 
 
 class _PointEngine(_Engine):
-    """Blocks from explicit centres (cache['c'], k x d) and GEMMs against x (n, d)."""
+    """Blocks from explicit centres (cache.c, k x d) and GEMMs against x (n, d)."""
 
     def _dots(self, rows):
         return self.ops.rows(self.x, rows) @ self.x.T
 
-    def refresh(self, grp: _Grouping, js: np.ndarray, cache: dict):
+    def refresh(self, grp: _Grouping, js: np.ndarray, cache: _Cache):
         """p block (len(js), n) of clusters js against all points; updates their cached centres."""
         ops = self.ops
         c = self.member_sums(grp, js, cache)
         c /= ops.asarray(grp.counts[js])[:, None]
-        if "c" not in cache:
-            cache["c"] = ops.zeros((len(grp.counts), self.d))
-        cache["c"][ops.index(js)] = c
-        cache["cc"][js] = ops.host64(ops.row_sqnorms(c))
-        return self._scale(c @ self.x.T, np.ones(len(js)), cache["cc"][js])
+        if cache.c is None:
+            cache.c = ops.zeros((len(grp.counts), self.d))
+        cache.c[ops.index(js)] = c
+        cache.cc[js] = ops.host64(ops.row_sqnorms(c))
+        return self._scale(c @ self.x.T, np.ones(len(js)), cache.cc[js])
 
-    def against(self, grp: _Grouping, pts: np.ndarray, cache: dict):
+    def against(self, grp: _Grouping, pts: np.ndarray, cache: _Cache):
         """p block (k, len(pts)) of all clusters against points pts (cached centres)."""
-        dots = cache["c"] @ self.ops.rows(self.x, self.ops.index(pts)).T
-        return self._scale(dots, np.ones(len(grp.counts)), cache["cc"])
+        dots = cache.c @ self.ops.rows(self.x, self.ops.index(pts)).T
+        return self._scale(dots, np.ones(len(grp.counts)), cache.cc)
 
 
 def _seed(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -288,7 +300,7 @@ class _State:
 
     def __init__(self, eng: _Engine, labels: np.ndarray, k: int):
         self.eng, self.k, self.lloyd = eng, k, True
-        self.cache = {"cc": np.zeros(k), "sums": {}, "moved": None}
+        self.cache = _Cache(np.zeros(k))
         self._set_labels(labels)
         self._sweep()
 
@@ -298,7 +310,7 @@ class _State:
 
     def _sweep(self) -> None:
         """Recompute everything, block by block of clusters."""
-        self.cache["sums"], self.cache["moved"] = {}, None
+        self.cache.sums, self.cache.moved = {}, None
         self.own_d, self.near, self.hart = np.full(self.eng.n, np.inf), _Best(self.eng.n), _Best(self.eng.n)
         self._refresh(np.arange(self.k))
 
@@ -318,7 +330,7 @@ class _State:
             return self._sweep()
         for best in (self.near, self.hart):
             best.v[changed[best.j]] = np.inf
-        self.cache["moved"] = (np.flatnonzero(moved), old[moved], labels[moved])
+        self.cache.moved = (np.flatnonzero(moved), old[moved], labels[moved])
         self._refresh(np.flatnonzero(changed))
         pts = np.flatnonzero(moved | (self.near.v > self.near.lb) & self.lloyd | (self.hart.v > self.hart.lb))
         self.near.forget(pts)

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 VALID_BACKENDS = ("auto", "numpy", "torch", "cupy")
 _RAGGED_MAX = 32  # numpy grouped row sums: groups larger than this are summed one by one

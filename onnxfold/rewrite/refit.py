@@ -26,10 +26,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ..model.ops import is_pointwise, weight_out_axis
+from ..plan.plan import FoldPlan
+from ..runtime.session import session_with_outputs
+from ..runtime.stats import batches, sample_count
 from .compensate import Compensation, apply_compensation, folded_like_outputs
-from .importance import consumer_of
-from .merge import FoldPlan
-from .repair_data import BATCH, sample_count, session_with_outputs, weight_out_axis
 
 MAX_ROWS = 32768      # sample rows (pixels x images, tokens) kept per consumer
 RIDGE = 0.1           # lam = RIDGE x mean diagonal of X_f^T X_f (EfficientNet-Lite0: 0.01 overfits DIR inputs)
@@ -50,12 +51,10 @@ def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
     are rewritten (the dense weights are copied)."""
     found = []
     for plan in plans:
-        consumer = consumer_of(plan.group)
-        if consumer is None:
+        consumer = plan.group.consumer
+        if consumer is None or not is_pointwise(consumer.node):
             continue
-        node, _, axis = consumer
-        if node.op == "Conv" and any(s != 1 for s in np.shape(node.inputs[1].values)[2:]):
-            continue
+        node, axis = consumer.node, consumer.axis
         matrix = weight_matrix(node, np.asarray(node.inputs[1].values, np.float32))
         columns = folded_like_outputs(matrix.T, node, plans)
         if columns is not None:
@@ -64,7 +63,7 @@ def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
 
 
 def weight_matrix(node: gs.Node, values: np.ndarray) -> np.ndarray:
-    """The node's weight as (in, out): its output axis (repair_data.weight_out_axis) moved last, the rest
+    """The node's weight as (in, out): its output axis (model.ops.weight_out_axis) moved last, the rest
     flattened (a 1x1 Conv's (out, in, 1, 1) -> (in, out))."""
     moved = np.moveaxis(values, weight_out_axis(node), -1)
     return moved.reshape(-1, moved.shape[-1])
@@ -136,8 +135,8 @@ def _activations(sess, name: str, axis: int, feeds: dict, rows) -> np.ndarray:
     """The tensor `name` over all feeds as sample rows (rows, channels), the rows `rows` picks."""
     total = sample_count(feeds)
     parts = []
-    for start in range(0, total, BATCH):
-        out = sess.run([name], {k: v[start:start + BATCH] for k, v in feeds.items()})[0]
+    for start, batch in batches(feeds):
+        out = sess.run([name], batch)[0]
         parts.append(_rows_of(out, axis, total, start, rows))
     return np.concatenate(parts).astype(np.float64)
 
@@ -155,8 +154,8 @@ def _dense_targets(dense_path: str, refits: list[Refit], feeds: dict, rows) -> d
     sess = session_with_outputs(onnx.load(dense_path), out_names)
     total = sample_count(feeds)
     found: dict[int, list[np.ndarray]] = {i: [] for i in range(len(refits))}
-    for start in range(0, total, BATCH):
-        outs = dict(zip(out_names, sess.run(out_names, {k: v[start:start + BATCH] for k, v in feeds.items()})))
+    for start, batch in batches(feeds):
+        outs = dict(zip(out_names, sess.run(out_names, batch)))
         for i, refit in enumerate(refits):
             x = _rows_of(outs[refit.node.inputs[0].name], refit.axis, total, start, rows).astype(np.float32)
             found[i].append(x @ refit.dense)

@@ -1,0 +1,1 @@
+"""Exporters that produce ONNX models onnxfold can fold (Hugging Face folders)."""
