@@ -233,7 +233,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, HERE)
     from common import param_count
-    from onnxfold.export import export_hf
+    from onnxfold.export.hf import export_hf
     import transformers
 
     start = time.perf_counter()

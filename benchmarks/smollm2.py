@@ -128,7 +128,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, HERE)
     from common import fold_to, param_count
-    from onnxfold.export import export_hf
+    from onnxfold.export.hf import export_hf
 
     os.makedirs(CACHE, exist_ok=True)
     folder = model_folder()

@@ -69,7 +69,7 @@ def main() -> None:
     args = p.parse_args()
     sys.path.insert(0, HERE)
     import smollm2
-    from onnxfold.export import export_hf
+    from onnxfold.export.hf import export_hf
     from onnxfold.groups import discover
     from onnxfold.importance import consumer_of
     from onnxfold.load import load_model

@@ -6,20 +6,19 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxfold.fold import FoldOptions, fold_graph, forget_shapes
-from onnxfold.groups import discover
-from onnxfold.layout import EXTENT, MEAN
-from onnxfold.load import load_model
-from onnxfold.merge import sync_depthwise_groups
-from onnxfold.save import to_proto
+from onnxfold import FoldConfig, fold_model
+from onnxfold.groups.discover import discover
+from onnxfold.groups.layout import EXTENT, MEAN
+from onnxfold.model.load import load_model
+from onnxfold.model.save import to_proto
+from onnxfold.rewrite.merge import forget_shapes, sync_depthwise_groups
 
 
 def fold_file(src: str, dst: str, calib: dict | None = None, **options):
-    """Fold `src` into `dst` with FoldOptions(**options) (and `calib` feeds); returns (FoldResult, folded
+    """Fold `src` into `dst` with FoldConfig(**options) (and `calib` feeds); returns (FoldResult, folded
     ModelProto)."""
-    loaded = load_model(src)
-    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(**options), calib=calib, dense_path=src)
-    proto = to_proto(loaded.graph, loaded.opset)
+    result = fold_model(src, FoldConfig(**options), calib=calib)
+    proto = result.to_proto()
     onnx.save(proto, dst)
     return result, proto
 
@@ -36,7 +35,7 @@ def feeds_for(path: str, batch: int = 3, seed: int = 1) -> dict:
 
 
 def param_count(path: str) -> int:
-    from onnxfold.validate import count_params_file
+    from onnxfold.check.count import count_params_file
     return count_params_file(path)
 
 

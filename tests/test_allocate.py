@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from foldtest import feeds_for, fold_file, gemm_relu_chain, param_count, run
-from onnxfold.allocate import ParamModel, ward_merge_costs
-from onnxfold.groups import discover
-from onnxfold.load import load_model
+from onnxfold.plan.budget import ParamModel, ward_merge_costs
+from onnxfold.groups.discover import discover
+from onnxfold.model.load import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")

@@ -1,12 +1,13 @@
-"""k-means (onnxfold.cluster) and array backends (onnxfold.backends)."""
+"""k-means (onnxfold.plan.kmeans) and array backends (onnxfold.plan.backends)."""
 import importlib.util
 
 import numpy as np
 import pytest
 
-from onnxfold import backends, cluster
-from onnxfold.backends import BackendUnavailable, array_module, resolve_backend
-from onnxfold.cluster import KMeansResult, kmeans
+from onnxfold.plan import backends
+from onnxfold.plan import kmeans as cluster
+from onnxfold.plan.backends import BackendUnavailable, array_module, resolve_backend
+from onnxfold.plan.kmeans import KMeansResult, kmeans
 from onnxfold.errors import UserError
 
 

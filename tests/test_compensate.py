@@ -103,8 +103,8 @@ def test_cli_compensate(tmp_path):
 def test_fold_mean_correction_restores_the_output_mean(build, tmp_path):
     """fold + --compensate: the consumer's output mean, measured again on the folded model, is set back to
     the dense model's on the measurement inputs (exactly, the consumer being linear); without it, it moves."""
-    from onnxfold.importance import synthetic_token_feeds
-    from onnxfold.load import load_model
+    from onnxfold.runtime.tokens import synthetic_token_feeds
+    from onnxfold.model.load import load_model
     src, feeds = build(str(tmp_path / "m.onnx"))
     calib = None if "ids" in feeds else feeds
     measured = feeds if calib is not None else synthetic_token_feeds(load_model(src).graph, 0)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxfold.dir import synthesize_inputs
+from onnxfold.repair.dir import synthesize_inputs
 from onnxfold.errors import UserError
-from onnxfold.torch_exec import TorchGraph, unsupported_ops
+from onnxfold.repair.torch_exec import TorchGraph, unsupported_ops
 
 MNIST = os.path.join(os.path.dirname(__file__), "..", "models", "mnist_cnn.onnx")
 IR = 9  # onnxruntime reads IR versions up to 13; onnx 1.23 writes 14 by default

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldtest import fold_file, param_count, run, widen_file
-from onnxfold.groups import discover
-from onnxfold.load import load_model
+from onnxfold.groups.discover import discover
+from onnxfold.model.load import load_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

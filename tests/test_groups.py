@@ -2,18 +2,15 @@
 --exclude."""
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 
 from foldtest import fold_file
-from onnxfold.fold import clusters_for
-from onnxfold.groups import discover
-from onnxfold.load import load_model
+from onnxfold.plan.budget import clusters_for
+from onnxfold.groups.discover import discover
+from onnxfold.model.load import load_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from resnet18 import export_resnet18  # noqa: E402
+from benchmarks.resnet18 import export_resnet18
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["bn_kept", "bn_fused"])

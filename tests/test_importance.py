@@ -15,9 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from foldtest import fold_file, run
 from onnxfold.errors import UserError
-from onnxfold.fold import FoldOptions, fold_graph
-from onnxfold.importance import synthetic_token_feeds
-from onnxfold.load import load_model
+from onnxfold.config import FoldConfig
+from onnxfold.pipeline import fold_graph
+from onnxfold.runtime.tokens import synthetic_token_feeds
+from onnxfold.model.load import load_model
 from test_allocate import mlp_with_duplicated_group
 
 VOCAB, HIDDEN = 128, 8  # validation draws random ids below 100
@@ -87,7 +88,7 @@ def test_float_inputs_need_calibration(tmp_path):
         fold_file(src, str(tmp_path / "f.onnx"), ratio=0.25, importance="act")
     loaded = load_model(src)
     calib = {"input": np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)}
-    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(0.25, repair="none", importance="act"), calib=calib)
+    result = fold_graph(loaded.graph, loaded.opset, FoldConfig(0.25, repair="none", importance="act"), calib=calib)
     assert any("--calib inputs" in note for note in result.notes) and result.plans
 
 
@@ -147,16 +148,16 @@ def test_heads_and_mlps_are_all_scored_and_prune(arch, tmp_path):
 def test_statistics_session_through_a_file_gives_the_same_scores(tmp_path, monkeypatch):
     """Models over SESSION_VIA_FILE_BYTES (protobuf cannot serialise 2 GB) reach onnxruntime through a temporary
     file with external data; the scores do not change."""
-    import onnxfold.repair_data as repair_data
-    from onnxfold.groups import discover
-    from onnxfold.importance import channel_importance
+    import onnxfold.runtime.session as runtime_session
+    from onnxfold.groups.discover import discover
+    from onnxfold.plan.importance import channel_importance
     src = token_mlp(str(tmp_path / "m.onnx"))
     loaded = load_model(src)
     groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
     feeds = synthetic_token_feeds(loaded.graph)
-    in_memory = channel_importance(loaded.graph, groups, feeds)
-    monkeypatch.setattr(repair_data, "SESSION_VIA_FILE_BYTES", 0)
-    via_file = channel_importance(loaded.graph, groups, feeds)
+    in_memory = channel_importance(loaded.graph, groups, feeds).scores
+    monkeypatch.setattr(runtime_session, "SESSION_VIA_FILE_BYTES", 0)
+    via_file = channel_importance(loaded.graph, groups, feeds).scores
     assert in_memory.keys() == via_file.keys() and len(in_memory) == 1
     for gid in in_memory:
         np.testing.assert_allclose(via_file[gid], in_memory[gid], rtol=1e-6)
@@ -182,7 +183,7 @@ def test_generated_tokens_follow_the_model(tmp_path):
     """Data-free calibration of a causal LM is text the model writes itself: a model that always predicts
     previous + 1 produces counting sequences (from random first tokens); a model without a next-token output
     (token_mlp: its output is not over the vocabulary) gets None."""
-    from onnxfold.importance import generated_token_feeds
+    from onnxfold.runtime.tokens import generated_token_feeds
     feeds = generated_token_feeds(load_model(counting_lm(str(tmp_path / "c.onnx"))).graph, seed=3, count=5, length=9)
     ids = feeds["input_ids"]
     assert ids.shape == (5, 9) and len(set(ids[:, 0])) > 1

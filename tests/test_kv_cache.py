@@ -15,9 +15,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldtest import fold_file, run, widen_file
-from onnxfold.groups import discover
-from onnxfold.load import load_model
-from onnxfold.validate import InputSpec, dim_terms, empty_dims, own_feeds, random_feeds, symbolic_sizes
+from onnxfold.groups.discover import discover
+from onnxfold.model.load import load_model
+from onnxfold.check.compare import empty_dims, own_feeds
+from onnxfold.runtime.feeds import InputSpec, dim_terms, random_feeds, symbolic_sizes
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 8, 4, 2, 4
 
@@ -226,10 +227,9 @@ def test_cli_folds_a_with_past_layer_end_to_end(tmp_path, capsys):
 def test_cli_validates_a_with_past_layer_one_model_at_a_time(tmp_path, monkeypatch, capsys):
     """Large-model validation (lean sessions, the folded one made after the dense one is freed) reads the
     folded model's input shapes from its file and feeds it its own empty caches too."""
-    import onnxfold.validate as validate
     from onnxfold.cli.main import main
 
-    monkeypatch.setattr(validate, "ONE_AT_A_TIME_BYTES", 0)
+    monkeypatch.setattr("onnxfold.pipeline.ONE_AT_A_TIME_BYTES", 0)
     src, report = _decoder_layer(str(tmp_path / "m.onnx"), mask=True), str(tmp_path / "r.json")
     assert main([src, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5", "--report", report]) == 0
     assert "validated one after the other" in capsys.readouterr().out
@@ -259,7 +259,7 @@ def optimum_llm(request, tmp_path_factory):
     pytest.importorskip("optimum.exporters.onnx")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from onnxfold.export import export_hf
+    from onnxfold.export.hf import export_hf
 
     if request.param == "llama":
         cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

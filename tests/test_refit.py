@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from foldtest import fold_file, gemm_relu_chain, param_count, run, widen_file
-from onnxfold.refit import solve
+from onnxfold.rewrite.refit import solve
 
 HIDDEN = 12
 
@@ -66,7 +66,7 @@ def _inputs(path: str, count: int, seed: int) -> dict:
 
 @pytest.mark.parametrize("build", [mlp_gemm, mlp_matmul, conv_1x1])
 def test_pruned_scaled_copies_are_refitted_exactly(tmp_path, build, monkeypatch):
-    monkeypatch.setattr("onnxfold.refit.RIDGE", 1e-7)  # exact data: no shrinkage toward the pruned weights
+    monkeypatch.setattr("onnxfold.rewrite.refit.RIDGE", 1e-7)  # exact data: no shrinkage toward the pruned weights
     src = build(str(tmp_path / "m.onnx"))
     calib, held_out = _inputs(src, 32, 0), _inputs(src, 4, 1)
     (dense,) = run(src, held_out)

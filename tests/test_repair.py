@@ -13,9 +13,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from foldtest import feeds_for, fold_file, run
 from onnxfold.cli.main import main
-from onnxfold.fold import FoldOptions, fold_graph
-from onnxfold.load import load_model
-from onnxfold.save import to_proto
+from onnxfold.config import FoldConfig
+from onnxfold.pipeline import fold_graph
+from onnxfold.model.load import load_model
+from onnxfold.model.save import to_proto
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
@@ -52,7 +53,7 @@ def test_repair_with_data_sets_bn_statistics_to_measured_values(tmp_path):
     src = bn_model(str(tmp_path / "bn.onnx"))
     calib = {"input": (3.0 + 2.0 * RNG.standard_normal((40, 4, 5, 5))).astype(np.float32)}
     loaded = load_model(src)
-    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(ratio=0.5, repair="data"), calib=calib, dense_path=src)
+    result = fold_graph(loaded.graph, loaded.opset, FoldConfig(ratio=0.5, repair="data"), calib=calib, dense_path=src)
     assert result.plans and "BatchNorm" in result.notes[0]
     model = to_proto(loaded.graph, loaded.opset)
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -94,7 +95,7 @@ def test_prune_plans_keep_k_channels_in_order(tmp_path):
 
 
 def test_prune_scores_by_feature_norm():
-    from onnxfold.merge import prune_labels
+    from onnxfold.plan.plan import prune_labels
     feats = np.array([[3.0, 0], [0.1, 0], [0, 2.0], [0, 0.5]])
     assert prune_labels(feats, 2).tolist() == [0, -1, 1, -1]
     assert prune_labels(np.array([[1.0, 1.0], [1.5, 0.0]]), 1, "l1").tolist() == [0, -1]

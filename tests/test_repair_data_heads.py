@@ -21,13 +21,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from foldtest import feeds_for, fold_file, run, widen_file
 from onnxfold.cli.main import main
-from onnxfold.fold import FoldOptions, fold_graph, forget_shapes
-from onnxfold.groups import Group, discover
-from onnxfold.layout import MEAN, Member
-from onnxfold.load import load_model
-from onnxfold.merge import FoldPlan, apply_plans
-from onnxfold.repair_data import channel_map, folded_feeds, repair_with_data
-from onnxfold.save import to_proto
+from onnxfold.config import FoldConfig
+from onnxfold.pipeline import fold_graph
+from onnxfold.rewrite.merge import forget_shapes
+from onnxfold.groups.discover import discover
+from onnxfold.groups.group import Group
+from onnxfold.groups.layout import MEAN, Member
+from onnxfold.model.load import load_model
+from onnxfold.plan.plan import FoldPlan
+from onnxfold.rewrite.merge import apply_plans
+from onnxfold.repair.data import channel_map, repair_with_data
+from onnxfold.rewrite.merge import folded_feeds
+from onnxfold.model.save import to_proto
 
 HIDDEN, HEADS, HEAD_DIM, MLP = 16, 4, 4, 24
 
@@ -101,7 +106,7 @@ CASES = {"mha": dict(kv_heads=HEADS, past=False), "gqa-cache": dict(kv_heads=2, 
 
 def fold_with_data(src: str, dst: str, calib: dict, **options):
     loaded = load_model(src)
-    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(repair="data", **options), calib=calib,
+    result = fold_graph(loaded.graph, loaded.opset, FoldConfig(repair="data", **options), calib=calib,
                         dense_path=src)
     onnx.save(to_proto(loaded.graph, loaded.opset), dst)
     return result

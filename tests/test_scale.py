@@ -19,8 +19,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold.cli.main import main
-from onnxfold.load import ExternalValues, load_model, peek
-from onnxfold.save import ALIGN
+from onnxfold.model.external import ExternalValues, peek
+from onnxfold.model.load import load_model
+from onnxfold.model.save import ALIGN
 
 HIDDEN = 64
 TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, ml_dtypes.bfloat16: TensorProto.BFLOAT16}

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from foldtest import fold_file, param_count, run, widen_file
-from onnxfold.groups import discover
-from onnxfold.load import load_model
+from onnxfold.groups.discover import discover
+from onnxfold.model.load import load_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -156,7 +156,7 @@ def test_export_hf_folder_then_fold(tmp_path, capsys):
 def test_export_hf_keeps_tied_lm_head_as_one_table(tmp_path):
     """tie_word_embeddings: the legacy exporter writes the LM head as a transposed copy of the embedding;
     export_hf reads it from the one table through a Transpose, so the file has the model's parameters."""
-    from onnxfold.export import export_hf
+    from onnxfold.export.hf import export_hf
 
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -181,7 +181,7 @@ def test_macs_counted_for_llama_exports(llama):
     """LLaMA's RoPE slices defeat onnx's shape inference; MACs come from onnxruntime's symbolic inference:
     per token 2 layers x (q 64x64 + k, v 64x32 + o 64x64 + SwiGLU 3 x 64x96) + LM head 64x128, plus
     QK^T and AV of 4 heads of 16 over S x S per layer; weights are not needed (skeleton)."""
-    from onnxfold.validate import count_macs
+    from onnxfold.check.count import count_macs
     seq = 7
     expected = seq * (2 * (4096 + 2 * 2048 + 4096 + 3 * 64 * 96) + 64 * 128) + 2 * 2 * 4 * seq * seq * 16
     assert count_macs(load_model(llama).skeleton, feeds()) == expected

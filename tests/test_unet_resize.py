@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from foldtest import fold_file, param_count, run, widen_file
-from onnxfold.groups import discover
-from onnxfold.load import load_model
+from onnxfold.groups.discover import discover
+from onnxfold.model.load import load_model
 
 torch = pytest.importorskip("torch")
 

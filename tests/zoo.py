@@ -13,7 +13,6 @@ import contextlib
 import io
 import logging
 import os
-import sys
 import warnings
 from typing import Callable
 
@@ -21,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from resnet18 import BasicBlock  # noqa: E402  (the same block the ResNet18 benchmark builds)
+from benchmarks.resnet18 import BasicBlock  # the same block the ResNet18 benchmark builds
 
 MODES = ("legacy_fused", "legacy_bn", "dynamo")
 OPSET_LEGACY = 17

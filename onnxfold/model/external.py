@@ -5,6 +5,7 @@ without the large tensor data) for counting and checking without a second copy o
 from __future__ import annotations
 
 import mmap
+import os
 from dataclasses import dataclass
 
 import numpy as np
