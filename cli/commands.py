@@ -1,5 +1,6 @@
-"""The commands: fold (the main job), inspect, sweep and export; each parses nothing and computes nothing
-itself: it calls the library and renders the result."""
+"""The commands: fold (the main job), inspect, sweep and export; each parses nothing and computes
+nothing itself: it calls the library and renders the result."""
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,15 @@ class TerminalReporter(Reporter):
 def fold(args: argparse.Namespace) -> int:
     """Fold, validate with onnxruntime, write atomically, and report."""
     config = config_from(args)
-    folded = fold_file(args.input, args.output, config, calib=args.calib, data=args.data,
-                       validate=not args.no_validate, reporter=TerminalReporter(args.quiet))
+    folded = fold_file(
+        args.input,
+        args.output,
+        config,
+        calib=args.calib,
+        data=args.data,
+        validate=not args.no_validate,
+        reporter=TerminalReporter(args.quiet),
+    )
     _print_report(args, folded)
     if args.report:
         report.write_json(args.report, report.payload(folded))
@@ -56,18 +64,23 @@ def _print_report(args, folded: FoldReport) -> None:
     folded_groups = len(result.plans)
     frozen = sum(1 for g in result.groups if g.frozen)
     say(f"onnxfold: {folded.input} -> {folded.output}")
-    say(f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
+    say(
+        f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
         f"| ratio {config.ratio}{' allocated by Ward error' if config.allocate else ''}"
-        f"{' | importance: activations' if config.importance == 'act' else ''} | k-means on {result.backend} "
-        f"| fold time {result.seconds:.2f} s")
+        f"{' | importance: activations' if config.importance == 'act' else ''} | k-means on "
+        f"{result.backend} "
+        f"| fold time {result.seconds:.2f} s"
+    )
     say(f"method: {config.method} | repair: {result.repair} ({result.repair_why})")
     for note in result.notes:
         say(f"  {note}")
     if not args.quiet:
         say(report.format_groups(report.group_rows(result)))
     if not folded_groups:
-        say("nothing could be folded: every group is frozen or too small (see the reasons above); "
-            "the output is an unchanged copy")
+        say(
+            "nothing could be folded: every group is frozen or too small (see the reasons above); "
+            "the output is an unchanged copy"
+        )
     if comparison is not None:
         say(f"validation on {comparison.source}:")
         for note in comparison.notes:
@@ -81,25 +94,54 @@ def inspect(args: argparse.Namespace) -> int:
     loaded = load_model(args.input)
     groups = discover(loaded.graph, loaded.opset)
     foldable = [g for g in groups if g.foldable]
-    print(f"{args.input}: {len(groups)} channel groups, {len(foldable)} foldable, opset {loaded.opset}")
+    print(
+        f"{args.input}: {len(groups)} channel groups, {len(foldable)} foldable, opset "
+        f"{loaded.opset}"
+    )
     for i, g in enumerate(groups):
-        state = "foldable" if g.foldable else ("frozen" if g.frozen else "not foldable (single channel)")
+        state = (
+            "foldable"
+            if g.foldable
+            else ("frozen" if g.frozen else "not foldable (single channel)")
+        )
         print(f"\ngroup {i}: {g.size} channels, {state}")
         for reason in g.frozen:
             print(f"  reason: {reason}")
-        print(f"  tensors: {', '.join(g.tensors[:8])}" + (f" (+{len(g.tensors) - 8})" if len(g.tensors) > 8 else ""))
+        print(
+            f"  tensors: {', '.join(g.tensors[:8])}"
+            + (f" (+{len(g.tensors) - 8})" if len(g.tensors) > 8 else "")
+        )
         for m in g.members:
             extra = f" offset {m.offset}" * bool(m.offset) + f" x{m.repeat}" * (m.repeat > 1)
-            print(f"  member: {m.tensor.name}[axis {m.axis}] {m.role}{' ' + m.tag if m.tag else ''}{extra}")
+            print(
+                f"  member: {m.tensor.name}[axis {m.axis}] "
+                f"{m.role}{' ' + m.tag if m.tag else ''}{extra}"
+            )
     if args.json:
-        report.write_json(args.json, {"input": args.input, "groups": [_group_json(g) for g in groups]})
+        report.write_json(
+            args.json, {"input": args.input, "groups": [_group_json(g) for g in groups]}
+        )
     return 0
 
 
 def _group_json(g) -> dict:
-    return {"channels": g.size, "foldable": g.foldable, "frozen_reasons": g.frozen, "tensors": g.tensors,
-            "members": [{"tensor": m.tensor.name, "axis": m.axis, "role": m.role, "offset": m.offset,
-                         "repeat": m.repeat, "tag": m.tag} for m in g.members]}
+    return {
+        "channels": g.size,
+        "foldable": g.foldable,
+        "frozen_reasons": g.frozen,
+        "tensors": g.tensors,
+        "members": [
+            {
+                "tensor": m.tensor.name,
+                "axis": m.axis,
+                "role": m.role,
+                "offset": m.offset,
+                "repeat": m.repeat,
+                "tag": m.tag,
+            }
+            for m in g.members
+        ],
+    }
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -127,11 +169,24 @@ def sweep(args: argparse.Namespace) -> int:
     if synth is None:
         methods = [m for m in methods if m not in dir_methods]
     progress = Progress("sweep run", True, delay=0.0)
-    rows = sw.run_sweep(args.input, feeds, labels, ratios, methods, calib, synth, progress, seed=args.seed,
-                        allocate=args.allocate, importance=args.importance)
+    rows = sw.run_sweep(
+        args.input,
+        feeds,
+        labels,
+        ratios,
+        methods,
+        calib,
+        synth,
+        progress,
+        seed=args.seed,
+        allocate=args.allocate,
+        importance=args.importance,
+    )
     progress.done()
     print(sw.format_rows(rows))
-    prefix = args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"
+    prefix = (
+        args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"
+    )
     sw.write_csv(prefix + ".csv", rows)
     sw.write_json(prefix + ".json", rows)
     written = [prefix + ".csv", prefix + ".json"]
@@ -158,10 +213,15 @@ def _say_skip(method: str, why: str) -> None:
 
 
 def _synthetic(args, methods: list[str]):
-    """Fold-DIR inputs synthesised once from the dense model (None, with a note per method in `methods`, when
-    DIR cannot run)."""
-    config = FoldConfig(repair="dir", seed=args.seed, dir_batch=args.dir_batch, dir_iters=args.dir_iters,
-                        dir_size=args.dir_size)
+    """Fold-DIR inputs synthesised once from the dense model (None, with a note per method in
+    `methods`, when DIR cannot run)."""
+    config = FoldConfig(
+        repair="dir",
+        seed=args.seed,
+        dir_batch=args.dir_batch,
+        dir_iters=args.dir_iters,
+        dir_size=args.dir_size,
+    )
     try:
         with Step("synthesising calibration inputs (Fold-DIR)"):
             return calibration_inputs(config, args.input, None)
@@ -173,7 +233,8 @@ def _synthetic(args, methods: list[str]):
 
 def export(args: argparse.Namespace) -> int:
     """Export a Hugging Face folder to ONNX, then list what onnxfold can fold in it."""
-    from onnxfold.export.hf import export_hf  # torch and transformers: imported only for this command
+    # torch and transformers: imported only for this command
+    from onnxfold.export.hf import export_hf
 
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
@@ -183,6 +244,9 @@ def export(args: argparse.Namespace) -> int:
     loaded = load_model(args.output)
     groups = discover(loaded.graph, loaded.opset)
     kinds = [g.kind for g in groups if g.foldable]
-    print(f"wrote {args.output} (output '{output_name}'): {kinds.count('heads')} attention-head groups and "
-          f"{kinds.count('channels')} other foldable groups; next: onnxfold {args.output}")
+    print(
+        f"wrote {args.output} (output '{output_name}'): {kinds.count('heads')} attention-head "
+        "groups and "
+        f"{kinds.count('channels')} other foldable groups; next: onnxfold {args.output}"
+    )
     return 0

@@ -1,8 +1,9 @@
-"""`onnxfold INPUT.onnx [-o OUTPUT.onnx] [options]` folds a model; `onnxfold inspect INPUT.onnx` lists groups.
+"""`onnxfold INPUT.onnx [-o OUTPUT.onnx] [options]` folds a model; `onnxfold inspect INPUT.onnx`
+lists groups.
 
-Exit codes: 0 success (also when nothing could be folded), 2 bad input or usage (one line, no traceback),
-1 internal error.
-"""
+Exit codes: 0 success (also when nothing could be folded), 2 bad input or usage (one line, no
+traceback), 1 internal error."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,54 +26,139 @@ class _Parser(argparse.ArgumentParser):
 
 
 def fold_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxfold", description="Fold an ONNX model: cluster similar channels and merge them, "
-                "data-free. Writes INPUT.folded.onnx and prints a before/after report. "
-                "Also: `onnxfold inspect INPUT.onnx` lists the channel groups found; `onnxfold sweep INPUT.onnx --data "
-                "test.npz` compares methods across ratios.")
+    p = _Parser(
+        prog="onnxfold",
+        description="Fold an ONNX model: cluster similar channels and merge them, "
+        "data-free. Writes INPUT.folded.onnx and prints a before/after report. "
+        "Also: `onnxfold inspect INPUT.onnx` lists the channel groups found; `onnxfold sweep "
+        "INPUT.onnx --data "
+        "test.npz` compares methods across ratios.",
+    )
     p.add_argument("input", help="the .onnx model to fold (never modified)")
-    p.add_argument("-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)")
-    p.add_argument("--ratio", type=float, default=DEFAULTS.ratio,
-                   help=f"fraction of channels removed per group, in [0, 1) (default {DEFAULTS.ratio})")
-    p.add_argument("--head-ratio", type=float, metavar="R", help="ratio for attention-head groups (whole KV groups "
-                   "with GQA); default: --ratio")
-    p.add_argument("--mlp-ratio", type=float, metavar="R", help="ratio for all other groups (MLP, conv channels); "
-                   "default: --ratio")
-    p.add_argument("--layers", metavar="SPEC", help="fold only these layers, e.g. 5-27 or 0,3,7: the i-th foldable "
-                   "group of each kind (heads, channels) in graph order")
-    p.add_argument("--allocate", action="store_true", help="remove the same number of parameters, but spread "
-                   "per group where clustering loses least (Ward error of each group's weights; data-free)")
-    p.add_argument("--importance", choices=CHOICES["importance"], default=DEFAULTS.importance,
-                   help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib inputs "
-                   "or, for token models, data-free on text a causal LM generates itself (random token ids for "
-                   "other token models); prune keeps the highest, fold clusters the weighted features "
-                   "(default: weight)")
-    p.add_argument("--compensate", action="store_true",
-                   help="with --importance act: restore each folded group's next-layer output mean with a bias "
-                   "(prune: the dropped channels' mean contribution, FLAP-style; fold: measured again on the "
-                   "folded model); helps LLMs, see README")
-    p.add_argument("--refit", action="store_true",
-                   help="after merging (and repair): re-solve by least squares the weights of each layer that reads "
-                   "folded channels (1x1 Conv, Gemm, MatMul) so its output matches the dense model's on the "
-                   "calibration inputs (--calib, or --repair dir's synthetic ones)")
-    p.add_argument("--multiple-of", type=int, default=DEFAULTS.multiple_of, metavar="N",
-                   help="round kept channel counts up to a multiple of N")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="protect groups touching a tensor (activation or weight) whose name matches PATTERN (glob or substring); repeatable")
-    p.add_argument("--method", choices=CHOICES["method"], default=DEFAULTS.method,
-                   help="fold: cluster and merge channels (default); prune: keep the largest-norm channels (baseline)")
-    p.add_argument("--prune-norm", choices=CHOICES["prune_norm"], default=DEFAULTS.prune_norm,
-                   help="channel score for --method prune")
-    p.add_argument("--repair", choices=CHOICES["repair"], default=DEFAULTS.repair,
-                   help="repair after merging: ar (Fold-AR, data-free, needs BatchNorm statistics); data (REPAIR: "
-                        "reset statistics on --calib inputs); dir (data-free: inputs synthesised from BN statistics, "
-                        "then REPAIR; needs torch); none. auto picks ar when BN statistics exist")
-    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for --repair data (a few dozen samples)")
+    p.add_argument(
+        "-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)"
+    )
+    p.add_argument(
+        "--ratio",
+        type=float,
+        default=DEFAULTS.ratio,
+        help=f"fraction of channels removed per group, in [0, 1) (default {DEFAULTS.ratio})",
+    )
+    p.add_argument(
+        "--head-ratio",
+        type=float,
+        metavar="R",
+        help="ratio for attention-head groups (whole KV groups with GQA); default: --ratio",
+    )
+    p.add_argument(
+        "--mlp-ratio",
+        type=float,
+        metavar="R",
+        help="ratio for all other groups (MLP, conv channels); default: --ratio",
+    )
+    p.add_argument(
+        "--layers",
+        metavar="SPEC",
+        help="fold only these layers, e.g. 5-27 or 0,3,7: the i-th foldable "
+        "group of each kind (heads, channels) in graph order",
+    )
+    p.add_argument(
+        "--allocate",
+        action="store_true",
+        help="remove the same number of parameters, but spread "
+        "per group where clustering loses least (Ward error of each group's weights; data-free)",
+    )
+    p.add_argument(
+        "--importance",
+        choices=CHOICES["importance"],
+        default=DEFAULTS.importance,
+        help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib "
+        "inputs "
+        "or, for token models, data-free on text a causal LM generates itself (random token ids "
+        "for "
+        "other token models); prune keeps the highest, fold clusters the weighted features "
+        "(default: weight)",
+    )
+    p.add_argument(
+        "--compensate",
+        action="store_true",
+        help="with --importance act: restore each folded group's next-layer output mean with a "
+        "bias "
+        "(prune: the dropped channels' mean contribution, FLAP-style; fold: measured again on the "
+        "folded model); helps LLMs, see README",
+    )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="after merging (and repair): re-solve by least squares the weights of each layer that "
+        "reads "
+        "folded channels (1x1 Conv, Gemm, MatMul) so its output matches the dense model's on the "
+        "calibration inputs (--calib, or --repair dir's synthetic ones)",
+    )
+    p.add_argument(
+        "--multiple-of",
+        type=int,
+        default=DEFAULTS.multiple_of,
+        metavar="N",
+        help="round kept channel counts up to a multiple of N",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="protect groups touching a tensor (activation or weight) whose name matches PATTERN "
+        "(glob or substring); repeatable",
+    )
+    p.add_argument(
+        "--method",
+        choices=CHOICES["method"],
+        default=DEFAULTS.method,
+        help="fold: cluster and merge channels (default); prune: keep the largest-norm channels "
+        "(baseline)",
+    )
+    p.add_argument(
+        "--prune-norm",
+        choices=CHOICES["prune_norm"],
+        default=DEFAULTS.prune_norm,
+        help="channel score for --method prune",
+    )
+    p.add_argument(
+        "--repair",
+        choices=CHOICES["repair"],
+        default=DEFAULTS.repair,
+        help="repair after merging: ar (Fold-AR, data-free, needs BatchNorm statistics); data "
+        "(REPAIR: "
+        "reset statistics on --calib inputs); dir (data-free: inputs synthesised from BN "
+        "statistics, "
+        "then REPAIR; needs torch); none. auto picks ar when BN statistics exist",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="FILE.npz",
+        help="calibration inputs for --repair data (a few dozen samples)",
+    )
     _dir_flags(p, "--repair dir")
-    p.add_argument("--backend", choices=CHOICES["backend"], default=DEFAULTS.backend,
-                   help="k-means backend; auto uses a GPU only when one really works")
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed for k-means and random validation inputs")
-    p.add_argument("--data", metavar="FILE.npz", help="validation inputs (keys = input names) and optional 'labels'")
-    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison and timing")
+    p.add_argument(
+        "--backend",
+        choices=CHOICES["backend"],
+        default=DEFAULTS.backend,
+        help="k-means backend; auto uses a GPU only when one really works",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS.seed,
+        help="seed for k-means and random validation inputs",
+    )
+    p.add_argument(
+        "--data",
+        metavar="FILE.npz",
+        help="validation inputs (keys = input names) and optional 'labels'",
+    )
+    p.add_argument(
+        "--no-validate", action="store_true", help="skip the onnxruntime comparison and timing"
+    )
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -80,8 +166,11 @@ def fold_parser() -> argparse.ArgumentParser:
 
 
 def inspect_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxfold inspect", description="List every channel group of a model: members, channel "
-                "count, and for frozen groups the reason they cannot be folded.")
+    p = _Parser(
+        prog="onnxfold inspect",
+        description="List every channel group of a model: members, channel "
+        "count, and for frozen groups the reason they cannot be folded.",
+    )
     p.add_argument("input", help="the .onnx model to inspect")
     p.add_argument("--json", metavar="OUT.json", help="also write the groups as JSON")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -89,21 +178,45 @@ def inspect_parser() -> argparse.ArgumentParser:
 
 
 def sweep_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxfold sweep", description="Accuracy against parameter sparsity for every method "
-                "(fold+none, fold+ar, fold+dir, fold+data, prune) at every ratio; writes CSV, JSON and a PNG.")
+    p = _Parser(
+        prog="onnxfold sweep",
+        description="Accuracy against parameter sparsity for every method "
+        "(fold+none, fold+ar, fold+dir, fold+data, prune) at every ratio; writes CSV, JSON and a "
+        "PNG.",
+    )
     p.add_argument("input", help="the .onnx model")
-    p.add_argument("--data", required=True, metavar="FILE.npz", help="evaluation inputs and optional 'labels'")
-    p.add_argument("--calib", metavar="FILE.npz", help="calibration inputs for fold+data (skipped without)")
+    p.add_argument(
+        "--data", required=True, metavar="FILE.npz", help="evaluation inputs and optional 'labels'"
+    )
+    p.add_argument(
+        "--calib", metavar="FILE.npz", help="calibration inputs for fold+data (skipped without)"
+    )
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated channel ratios")
-    p.add_argument("--allocate", action="store_true", help="every fold method with --allocate (per-group ratios "
-                   "by Ward error, same parameter budget)")
-    p.add_argument("--importance", choices=CHOICES["importance"], default=DEFAULTS.importance,
-                   help="act: every method scores channels by activation x next-layer weight norm, measured on "
-                   "--calib (token models: data-free, see onnxfold --help)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)} (+refit: --refit after the repair)")
-    p.add_argument("-o", "--output", metavar="PREFIX", help="writes PREFIX.csv, PREFIX.json, PREFIX.png "
-                   "(default: INPUT.sweep)")
+    p.add_argument(
+        "--allocate",
+        action="store_true",
+        help="every fold method with --allocate (per-group ratios "
+        "by Ward error, same parameter budget)",
+    )
+    p.add_argument(
+        "--importance",
+        choices=CHOICES["importance"],
+        default=DEFAULTS.importance,
+        help="act: every method scores channels by activation x next-layer weight norm, measured "
+        "on "
+        "--calib (token models: data-free, see onnxfold --help)",
+    )
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {', '.join(METHODS)} (+refit: --refit after the repair)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PREFIX",
+        help="writes PREFIX.csv, PREFIX.json, PREFIX.png (default: INPUT.sweep)",
+    )
     _dir_flags(p, "fold+dir")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -112,25 +225,52 @@ def sweep_parser() -> argparse.ArgumentParser:
 
 
 def _dir_flags(p: argparse.ArgumentParser, what: str) -> None:
-    """Fold-DIR's settings (--dir-batch, --dir-iters, --dir-size), defaults from the configuration."""
-    p.add_argument("--dir-batch", type=int, default=DEFAULTS.dir_batch, metavar="N", help=f"synthetic samples for {what}")
-    p.add_argument("--dir-iters", type=int, default=DEFAULTS.dir_iters, metavar="N",
-                   help=f"optimisation steps for {what}")
-    p.add_argument("--dir-size", type=int, default=DEFAULTS.dir_size, metavar="PIXELS",
-                   help=f"input height/width for {what} when the model's are symbolic")
+    """Fold-DIR's settings (--dir-batch, --dir-iters, --dir-size), defaults from the
+    configuration."""
+    p.add_argument(
+        "--dir-batch",
+        type=int,
+        default=DEFAULTS.dir_batch,
+        metavar="N",
+        help=f"synthetic samples for {what}",
+    )
+    p.add_argument(
+        "--dir-iters",
+        type=int,
+        default=DEFAULTS.dir_iters,
+        metavar="N",
+        help=f"optimisation steps for {what}",
+    )
+    p.add_argument(
+        "--dir-size",
+        type=int,
+        default=DEFAULTS.dir_size,
+        metavar="PIXELS",
+        help=f"input height/width for {what} when the model's are symbolic",
+    )
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="onnxfold export", description="Export a model to ONNX for folding. `onnxfold export hf "
-                "MODEL_DIR -o model.onnx`: a local Hugging Face folder (causal LMs and encoders), torch.onnx "
-                "legacy exporter, opset 18, no KV cache (--with-past: with KV cache, through optimum-onnx). Needs "
-                "torch and transformers.")
+    p = _Parser(
+        prog="onnxfold export",
+        description="Export a model to ONNX for folding. `onnxfold export hf "
+        "MODEL_DIR -o model.onnx`: a local Hugging Face folder (causal LMs and encoders), "
+        "torch.onnx "
+        "legacy exporter, opset 18, no KV cache (--with-past: with KV cache, through "
+        "optimum-onnx). Needs "
+        "torch and transformers.",
+    )
     p.add_argument("source", choices=("hf",), help="hf: a Hugging Face model folder")
     p.add_argument("model_dir", help="folder with config.json and the weights")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--with-past", action="store_true", help="causal LMs with KV cache (past_key_values inputs, "
-                   "present outputs) through optimum-onnx, which pins transformers<4.58: use its own environment")
+    p.add_argument(
+        "--with-past",
+        action="store_true",
+        help="causal LMs with KV cache (past_key_values inputs, "
+        "present outputs) through optimum-onnx, which pins transformers<4.58: use its own "
+        "environment",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return p
 
@@ -161,8 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line unless --debug
         if debug:
             raise
-        print(f"onnxfold: internal error: {type(e).__name__}: {e} (rerun with --debug for details; "
-              f"please report it)", file=sys.stderr)
+        print(
+            f"onnxfold: internal error: {type(e).__name__}: {e} (rerun with --debug for details; "
+            f"please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

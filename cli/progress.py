@@ -1,4 +1,5 @@
 """Progress on stderr for steps that take more than a second (a live counter on terminals only)."""
+
 from __future__ import annotations
 
 import sys
@@ -6,7 +7,8 @@ import time
 
 
 class Progress:
-    """Call step(i, total, label) repeatedly; prints only once the step has run for `delay` seconds."""
+    """Call step(i, total, label) repeatedly; prints only once the step has run for `delay`
+    seconds."""
 
     def __init__(self, title: str, enabled: bool = True, delay: float = 1.0):
         self.title, self.enabled, self.delay = title, enabled, delay
@@ -14,7 +16,11 @@ class Progress:
         self.shown = False
 
     def __call__(self, i: int, total: int, label: str = "") -> None:
-        if not self.enabled or not sys.stderr.isatty() or time.perf_counter() - self.start < self.delay:
+        if (
+            not self.enabled
+            or not sys.stderr.isatty()
+            or time.perf_counter() - self.start < self.delay
+        ):
             return
         sys.stderr.write(f"  {self.title} {i + 1}/{total} {label[:60]:<60}\r")
         sys.stderr.flush()
@@ -26,7 +32,8 @@ class Progress:
 
 
 class Step:
-    """Context manager printing 'title ...' on stderr if the block runs for more than `delay` seconds."""
+    """Context manager printing 'title ...' on stderr if the block runs for more than `delay`
+    seconds."""
 
     def __init__(self, title: str, enabled: bool = True):
         self.title, self.enabled = title, enabled

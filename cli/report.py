@@ -1,4 +1,5 @@
 """The before/after table printed on the terminal and the JSON report."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,19 +29,32 @@ def group_rows(result: FoldResult) -> list[dict]:
 def _group_row(g: Group, result: FoldResult) -> dict:
     kept = result.kept(g)
     if g.frozen:
-        status = "frozen: " + "; ".join(g.frozen[:2]) + (f" (+{len(g.frozen) - 2} more)" if len(g.frozen) > 2 else "")
+        status = (
+            "frozen: "
+            + "; ".join(g.frozen[:2])
+            + (f" (+{len(g.frozen) - 2} more)" if len(g.frozen) > 2 else "")
+        )
     elif g.size <= 1:
         status = "single channel"
     else:
         status = "folded" if kept < g.size else "unchanged"
-    return {"name": g.describe(), "channels": g.size, "kept": kept, "members": len(g.members),
-            "status": status, "frozen_reasons": list(g.frozen)}
+    return {
+        "name": g.describe(),
+        "channels": g.size,
+        "kept": kept,
+        "members": len(g.members),
+        "status": status,
+        "frozen_reasons": list(g.frozen),
+    }
 
 
 def format_groups(rows: list[dict], limit: int = MAX_GROUP_LINES) -> str:
     lines = [f"  {'channels':>8} {'kept':>6}  {'members':>7}  group / status"]
     for r in rows[:limit]:
-        lines.append(f"  {r['channels']:>8} {r['kept']:>6}  {r['members']:>7}  {r['name'][:56]}  [{r['status'][:90]}]")
+        lines.append(
+            f"  {r['channels']:>8} {r['kept']:>6}  {r['members']:>7}  {r['name'][:56]}  "
+            f"[{r['status'][:90]}]"
+        )
     if len(rows) > limit:
         lines.append(f"  ... {len(rows) - limit} more groups (see --report)")
     return "\n".join(lines)
@@ -48,30 +62,55 @@ def format_groups(rows: list[dict], limit: int = MAX_GROUP_LINES) -> str:
 
 def format_table(dense: ModelFigures, folded: ModelFigures, comparison) -> str:
     """Before/after table of size, compute, latency, and quality figures."""
-    rows = [("parameters", human(dense.params), human(folded.params), _change(dense.params, folded.params)),
-            ("MACs / sample", human(dense.macs), human(folded.macs), _change(dense.macs, folded.macs)),
-            ("file size", human(dense.file_bytes, "B"), human(folded.file_bytes, "B"),
-             _change(dense.file_bytes, folded.file_bytes))]
+    rows = [
+        (
+            "parameters",
+            human(dense.params),
+            human(folded.params),
+            _change(dense.params, folded.params),
+        ),
+        ("MACs / sample", human(dense.macs), human(folded.macs), _change(dense.macs, folded.macs)),
+        (
+            "file size",
+            human(dense.file_bytes, "B"),
+            human(folded.file_bytes, "B"),
+            _change(dense.file_bytes, folded.file_bytes),
+        ),
+    ]
     if dense.latency_ms is not None:
         speed = dense.latency_ms / folded.latency_ms if folded.latency_ms else None
-        rows.append(("latency (median, batch 1)", f"{dense.latency_ms:.3f} ms", f"{folded.latency_ms:.3f} ms",
-                     f"{speed:.2f}x faster" if speed else ""))
+        rows.append(
+            (
+                "latency (median, batch 1)",
+                f"{dense.latency_ms:.3f} ms",
+                f"{folded.latency_ms:.3f} ms",
+                f"{speed:.2f}x faster" if speed else "",
+            )
+        )
     if comparison is not None:
         rows += _quality_rows(comparison)
     width = max(len(r[0]) for r in rows)
-    lines = [f"  {'':<{width}}  {'dense':>12}  {'folded':>12}  change", ]
+    lines = [
+        f"  {'':<{width}}  {'dense':>12}  {'folded':>12}  change",
+    ]
     lines += [f"  {a:<{width}}  {b:>12}  {c:>12}  {d}" for a, b, c, d in rows]
     return "\n".join(lines)
 
 
 def summary_line(output: str, dense: ModelFigures, folded: ModelFigures, comparison) -> str:
-    """One line: where the model went, parameters before -> after, and the headline quality figure."""
-    line = f"wrote {output}: parameters {human(dense.params)} -> {human(folded.params)} " \
-           f"({_change(dense.params, folded.params)})"
+    """One line: where the model went, parameters before -> after, and the headline quality
+    figure."""
+    line = (
+        f"wrote {output}: parameters {human(dense.params)} -> {human(folded.params)} "
+        f"({_change(dense.params, folded.params)})"
+    )
     if comparison is None:
         return line + ", not validated (--no-validate)"
     if comparison.accuracy_dense is not None:
-        return line + f", accuracy {100 * comparison.accuracy_dense:.2f}% -> {100 * comparison.accuracy_folded:.2f}%"
+        return (
+            line + f", accuracy {100 * comparison.accuracy_dense:.2f}% -> "
+            f"{100 * comparison.accuracy_folded:.2f}%"
+        )
     worst = max(o.max_rel for o in comparison.outputs) if comparison.outputs else 0.0
     return line + f", max relative output error {worst:.3g}"
 
@@ -79,12 +118,27 @@ def summary_line(output: str, dense: ModelFigures, folded: ModelFigures, compari
 def _quality_rows(cmp) -> list[tuple[str, str, str, str]]:
     rows = []
     if cmp.accuracy_dense is not None:
-        rows.append(("accuracy", f"{100 * cmp.accuracy_dense:.2f}%", f"{100 * cmp.accuracy_folded:.2f}%",
-                     f"{100 * (cmp.accuracy_folded - cmp.accuracy_dense):+.2f} pts"))
+        rows.append(
+            (
+                "accuracy",
+                f"{100 * cmp.accuracy_dense:.2f}%",
+                f"{100 * cmp.accuracy_folded:.2f}%",
+                f"{100 * (cmp.accuracy_folded - cmp.accuracy_dense):+.2f} pts",
+            )
+        )
     for out in cmp.outputs:
-        rows.append((f"'{out.name}' error max/mean", "", f"{out.max_rel:.3g}/{out.mean_rel:.3g}", "relative"))
+        rows.append(
+            (
+                f"'{out.name}' error max/mean",
+                "",
+                f"{out.max_rel:.3g}/{out.mean_rel:.3g}",
+                "relative",
+            )
+        )
         if out.top1_agreement is not None:
-            rows.append((f"'{out.name}' top-1 agreement", "", f"{100 * out.top1_agreement:.1f}%", ""))
+            rows.append(
+                (f"'{out.name}' top-1 agreement", "", f"{100 * out.top1_agreement:.1f}%", "")
+            )
     return rows
 
 
@@ -95,16 +149,27 @@ def _change(a, b) -> str:
 
 
 def payload(folded: FoldReport) -> dict:
-    """The --report JSON; each group row carries its clustering time (seconds) when it was folded, and
-    steps the wall time and peak RSS after loading, folding, writing and validating, and counting."""
+    """The --report JSON; each group row carries its clustering time (seconds) when it was folded,
+    and steps the wall time and peak RSS after loading, folding, writing and validating, and
+    counting."""
     result = folded.result
     rows = group_rows(result)
     for row, g in zip(rows, result.groups):
         row["seconds"] = result.group_seconds.get(g.gid)
-    return {"input": folded.input, "output": folded.output, "options": folded.config, "backend": result.backend,
-            "repair": {"method": result.repair, "why": result.repair_why}, "importance": folded.config.importance,
-            "fold_seconds": result.seconds, "groups": rows, "dense": folded.dense, "folded": folded.folded,
-            "comparison": folded.validation.comparison if folded.validation else None, "steps": folded.steps}
+    return {
+        "input": folded.input,
+        "output": folded.output,
+        "options": folded.config,
+        "backend": result.backend,
+        "repair": {"method": result.repair, "why": result.repair_why},
+        "importance": folded.config.importance,
+        "fold_seconds": result.seconds,
+        "groups": rows,
+        "dense": folded.dense,
+        "folded": folded.folded,
+        "comparison": folded.validation.comparison if folded.validation else None,
+        "steps": folded.steps,
+    }
 
 
 def write_json(path: str, payload: dict) -> None:

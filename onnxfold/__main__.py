@@ -1,4 +1,5 @@
 """`python -m onnxfold` runs the command line."""
+
 from onnxfold.cli.main import entry
 
 entry()

@@ -1,9 +1,9 @@
 """FoldConfig: every choice a fold takes, declared once with its allowed values and validated once.
 
 The CLI builds its flags from FOLD_FLAGS and the allowed values from CHOICES; library code raises
-ConfigError naming the field, which the CLI words as the flag. The stages below take the pieces they need
-(plan.budget.Budget, plan.plan.Clustering, repair.RepairSettings), never the whole object.
-"""
+ConfigError naming the field, which the CLI words as the flag. The stages below take the pieces they
+need (plan.budget.Budget, plan.plan.Clustering, repair.RepairSettings), never the whole object."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -26,10 +26,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 class ConfigError(UserError):
-    """A configuration value the fold cannot take. `field` names it (a FoldConfig field, or `calib` /
-    `data` / `output` of fold_file), `value` is what was given (None: the field is missing or a switch), and
-    `problem` may name other fields as {name}. str() words it for library users (`ratio=1.5 is outside ...`),
-    words(as_flags=True) for the command line (`--ratio 1.5 is outside ...`)."""
+    """A configuration value the fold cannot take. `field` names it (a FoldConfig field, or `calib`
+    / `data` / `output` of fold_file), `value` is what was given (None: the field is missing or a
+    switch), and `problem` may name other fields as {name}. str() words it for library users
+    (`ratio=1.5 is outside ...`), words(as_flags=True) for the command line (`--ratio 1.5 is outside
+    ...`)."""
 
     def __init__(self, field: str, value, problem: str):
         self.field, self.value, self.problem = field, value, problem
@@ -37,10 +38,15 @@ class ConfigError(UserError):
 
     def words(self, as_flags: bool = False) -> str:
         """The message, naming fields as flags (--multiple-of) or as they are (multiple_of)."""
+
         def name(field: str) -> str:
             return "--" + field.replace("_", "-") if as_flags else field
-        value = "" if self.value is None or self.value is True else (
-            f" {self.value}" if as_flags else f"={self.value!r}")
+
+        value = (
+            ""
+            if self.value is None or self.value is True
+            else (f" {self.value}" if as_flags else f"={self.value!r}")
+        )
         names = {f: name(f) for f in (*FIELDS, "calib", "data", "output")}
         return f"{name(self.field)}{value} {self.problem.format(**names)}"
 
@@ -56,18 +62,23 @@ class FoldConfig:
     backend: str = "auto"
     seed: int = 0
     n_init: int = 3
-    method: str = "fold"              # fold (k-means + merge) or prune (keep the largest-norm channels)
+    # fold (k-means + merge) or prune (keep the largest-norm channels)
+    method: str = "fold"
     prune_norm: str = "l2"
-    head_ratio: float | None = None   # overrides ratio for attention-head groups
-    mlp_ratio: float | None = None    # overrides ratio for the other groups (MLP / conv channels)
-    layers: str | None = None         # "5-27" or "0,3,7": fold only the i-th group of each kind
-    allocate: bool = False            # spread the same parameter budget over groups by Ward clustering cost
-    importance: str = "weight"        # weight: features as they are; act: scaled by activation-aware importance
-    compensate: bool = False          # with act: restore each consumer's dense output mean with a bias
-    refit: bool = False               # least-squares refit of the folded groups' consumers (calibration inputs)
-    dir_batch: int = 32               # Fold-DIR: synthetic samples
-    dir_iters: int = 200              # Fold-DIR: optimisation steps
-    dir_size: int | None = None       # Fold-DIR: input height/width when the model's are symbolic
+    head_ratio: float | None = None  # overrides ratio for attention-head groups
+    mlp_ratio: float | None = None  # overrides ratio for the other groups (MLP / conv channels)
+    layers: str | None = None  # "5-27" or "0,3,7": fold only the i-th group of each kind
+    # spread the same parameter budget over groups by Ward clustering cost
+    allocate: bool = False
+    # weight: features as they are; act: scaled by activation-aware importance
+    importance: str = "weight"
+    # with act: restore each consumer's dense output mean with a bias
+    compensate: bool = False
+    # least-squares refit of the folded groups' consumers (calibration inputs)
+    refit: bool = False
+    dir_batch: int = 32  # Fold-DIR: synthetic samples
+    dir_iters: int = 200  # Fold-DIR: optimisation steps
+    dir_size: int | None = None  # Fold-DIR: input height/width when the model's are symbolic
 
     def check(self) -> None:
         """Raise ConfigError for the first value outside its range or choices."""
@@ -78,21 +89,35 @@ class FoldConfig:
         for name in ("ratio", "head_ratio", "mlp_ratio"):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value < 1.0:
-                raise ConfigError(name, value, "is outside [0, 1): it is the fraction of channels removed")
+                raise ConfigError(
+                    name, value, "is outside [0, 1): it is the fraction of channels removed"
+                )
         if self.multiple_of < 1:
             raise ConfigError("multiple_of", self.multiple_of, "must be a positive integer")
         if self.layers is not None:
             try:
                 parse_layers(self.layers)
             except ValueError:
-                raise ConfigError("layers", self.layers, "is not a list of indices like 5-27 or 0,3,7") from None
+                raise ConfigError(
+                    "layers", self.layers, "is not a list of indices like 5-27 or 0,3,7"
+                ) from None
         if self.compensate and self.importance != "act":
-            raise ConfigError("compensate", True, "needs {importance} act (it restores activation means "
-                                                  "measured with it)")
+            raise ConfigError(
+                "compensate",
+                True,
+                "needs {importance} act (it restores activation means measured with it)",
+            )
 
     def budget(self) -> Budget:
         """The part that says how much each group keeps."""
-        return Budget(self.ratio, self.head_ratio, self.mlp_ratio, self.layers, self.multiple_of, self.allocate)
+        return Budget(
+            self.ratio,
+            self.head_ratio,
+            self.mlp_ratio,
+            self.layers,
+            self.multiple_of,
+            self.allocate,
+        )
 
     def clustering(self, backend: str) -> Clustering:
         """The part that says how channels are chosen (`backend`: the resolved k-means backend)."""

@@ -1,12 +1,13 @@
 """The one orchestrator: the stages called in order on a loaded graph.
 
-    repair choice -> groups (discovery) -> plan (importance, budget, k-means) -> rewrite (merge, compensate)
+    repair choice -> groups (discovery) -> plan (importance, budget, k-means)
+    -> rewrite (merge, compensate)
     -> repair -> rewrite (refit) -> [fold_file: save atomically, check against the dense model]
 
-fold_graph folds a gs.Graph in place; fold_model folds a model in memory; fold_file reads a file, folds it,
-validates and writes the result, and returns everything the report shows. The CLI, sweep, the benchmarks
-and the tests all go through these.
-"""
+fold_graph folds a gs.Graph in place; fold_model folds a model in memory; fold_file reads a file,
+folds it, validates and writes the result, and returns everything the report shows. The CLI, sweep,
+the benchmarks and the tests all go through these."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,12 @@ from .plan.features import weighted_features
 from .plan.importance import IMPORTANCES
 from .plan.plan import Clustering, FoldPlan, plan_group
 from .repair import REPAIRS, Repair, choose_repair
-from .rewrite.compensate import apply_compensation, mean_correction, plan_compensation, plan_mean_correction
+from .rewrite.compensate import (
+    apply_compensation,
+    mean_correction,
+    plan_compensation,
+    plan_mean_correction,
+)
 from .rewrite.merge import apply_plans, folded_feeds, forget_shapes, sync_depthwise_groups
 from .rewrite.refit import plan_refits, refit_consumers
 from .runtime.feeds import match_inputs, read_npz
@@ -45,8 +51,9 @@ from .runtime.tokens import token_id_limits
 
 @dataclass
 class FoldResult:
-    """Every group found, the plans applied, the repair used and why, the backend, the time taken (s),
-    report notes, and the time to plan each group (gid -> s). `model`: the folded model (fold_model)."""
+    """Every group found, the plans applied, the repair used and why, the backend, the time taken
+    (s), report notes, and the time to plan each group (gid -> s). `model`: the folded model
+    (fold_model)."""
 
     groups: list[Group]
     plans: list[FoldPlan]
@@ -68,14 +75,19 @@ class FoldResult:
         return to_proto(self.model.graph, self.model.opset)
 
 
-def fold_graph(graph: gs.Graph, opset: int, config: FoldConfig, progress=None,
-               calib: dict[str, np.ndarray] | None = None, dense_path: str | None = None) -> FoldResult:
+def fold_graph(
+    graph: gs.Graph,
+    opset: int,
+    config: FoldConfig,
+    progress=None,
+    calib: dict[str, np.ndarray] | None = None,
+    dense_path: str | None = None,
+) -> FoldResult:
     """Fold `graph` in place according to `config`; returns what was done.
 
-    `calib` (input name -> (N, ...) arrays) feeds --importance act, --refit and the data repairs; Fold-DIR
-    synthesises its own when it is None. `dense_path` (the unfolded model) is needed by the data repairs and
-    refit. `progress(i, total, label)` is called before each group is planned.
-    """
+    `calib` (input name -> (N, ...) arrays) feeds --importance act, --refit and the data repairs;
+    Fold-DIR synthesises its own when it is None. `dense_path` (the unfolded model) is needed by the
+    data repairs and refit. `progress(i, total, label)` is called before each group is planned."""
     config.check()
     start = time.perf_counter()
     backend = resolve_backend(config.backend)
@@ -90,14 +102,17 @@ def fold_graph(graph: gs.Graph, opset: int, config: FoldConfig, progress=None,
     folding = [g for g in todo if ratios[g.gid] > 0]
     importance = IMPORTANCES[config.importance]()
     scores = importance.measure(graph, folding, calib, config.seed)
-    plans, seconds = _plan_all(todo, keep, config.clustering(backend), repair, scores.scores, progress)
+    plans, seconds = _plan_all(
+        todo, keep, config.clustering(backend), repair, scores.scores, progress
+    )
     means = scores.means if config.compensate else {}
     compensation = plan_compensation(plans, means) if means and config.method == "prune" else []
     pending = plan_mean_correction(plans, means) if means and config.method == "fold" else []
     refits = plan_refits(plans) if config.refit else []
     apply_plans(plans)
     sync_depthwise_groups(graph)
-    if pending:  # measured on the folded graph, which must be runnable (depthwise groups synced) first
+    # measured on the folded graph, which must be runnable (depthwise groups synced) first
+    if pending:
         compensation = mean_correction(graph, plans, pending, scores.feeds)
     apply_compensation(graph, compensation)
     forget_shapes(graph)
@@ -105,25 +120,41 @@ def fold_graph(graph: gs.Graph, opset: int, config: FoldConfig, progress=None,
     result.notes.extend(kv_cache_notes(plans))
     result.notes.extend(filter(None, [importance.note(scores, folding)]))
     if compensation:
-        result.notes.append(f"mean compensation: the {'pruned' if config.method == 'prune' else 'folded'} "
-                            f"channels' mean contribution restored at the output of {len(compensation)} "
-                            f"consumer layers")
+        result.notes.append(
+            f"mean compensation: the {'pruned' if config.method == 'prune' else 'folded'} "
+            f"channels' mean contribution restored at the output of {len(compensation)} "
+            f"consumer layers"
+        )
     if repair.needs_calibration and plans and (calib is None or dense_path is None):
-        raise ConfigError("repair", repair.name, "needs calibration inputs ({calib} FILE.npz for data)")
+        raise ConfigError(
+            "repair", repair.name, "needs calibration inputs ({calib} FILE.npz for data)"
+        )
     result.notes.extend(filter(None, [repair.after_merge(graph, plans, calib, dense_path)]))
     if refits:
         if calib is None or dense_path is None:
-            raise ConfigError("refit", None, "needs calibration inputs ({calib} FILE.npz, or {repair} dir)")
-        done = refit_consumers(graph, refits, dense_path, folded_feeds(plans, calib), calib, seed=config.seed)
-        result.notes.append(f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares "
-                            f"on {sample_count(calib)} calibration samples (1x1 Conv, Gemm and MatMul "
-                            f"consumers; others kept)")
+            raise ConfigError(
+                "refit", None, "needs calibration inputs ({calib} FILE.npz, or {repair} dir)"
+            )
+        done = refit_consumers(
+            graph, refits, dense_path, folded_feeds(plans, calib), calib, seed=config.seed
+        )
+        result.notes.append(
+            f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares "
+            f"on {sample_count(calib)} calibration samples (1x1 Conv, Gemm and MatMul "
+            f"consumers; others kept)"
+        )
     result.seconds = time.perf_counter() - start
     return result
 
 
-def _plan_all(groups: list[Group], keep: dict[int, int], how: Clustering, repair: Repair,
-              scores: dict[int, np.ndarray], progress=None) -> tuple[list[FoldPlan], dict[int, float]]:
+def _plan_all(
+    groups: list[Group],
+    keep: dict[int, int],
+    how: Clustering,
+    repair: Repair,
+    scores: dict[int, np.ndarray],
+    progress=None,
+) -> tuple[list[FoldPlan], dict[int, float]]:
     """(a plan per group that removes units, gid -> seconds spent planning it)."""
     plans, seconds = [], {}
     for i, group in enumerate(groups):
@@ -138,33 +169,44 @@ def _plan_all(groups: list[Group], keep: dict[int, int], how: Clustering, repair
     return plans, seconds
 
 
-def calibration_inputs(config: FoldConfig, dense_path: str, arrays: dict[str, np.ndarray] | None,
-                       arrays_path: str | None = None, progress=None) -> dict[str, np.ndarray] | None:
-    """The calibration feeds a fold of the model at `dense_path` uses: the user's `arrays` (read from
-    `arrays_path`), matched to the model's inputs, when the repair, --importance act or --refit reads them;
-    else inputs the repair synthesises (Fold-DIR); else None."""
+def calibration_inputs(
+    config: FoldConfig,
+    dense_path: str,
+    arrays: dict[str, np.ndarray] | None,
+    arrays_path: str | None = None,
+    progress=None,
+) -> dict[str, np.ndarray] | None:
+    """The calibration feeds a fold of the model at `dense_path` uses: the user's `arrays` (read
+    from `arrays_path`), matched to the model's inputs, when the repair, --importance act or --refit
+    reads them; else inputs the repair synthesises (Fold-DIR); else None."""
     source = _calibration_source(config, arrays)
     if source == "user":
         return match_inputs(arrays, session(dense_path), arrays_path)
     if source == "synthesised":
-        return REPAIRS[config.repair]("", config.repair_settings()).calibration(dense_path, progress)
+        return REPAIRS[config.repair]("", config.repair_settings()).calibration(
+            dense_path, progress
+        )
     return None
 
 
 def _calibration_source(config: FoldConfig, arrays) -> str | None:
-    """'user' when the fold reads the user's calibration arrays, 'synthesised' when the repair makes its
-    own inputs instead, None when nothing reads calibration inputs."""
+    """'user' when the fold reads the user's calibration arrays, 'synthesised' when the repair makes
+    its own inputs instead, None when nothing reads calibration inputs."""
     repair = REPAIRS.get(config.repair, Repair)
     if arrays is not None and (repair.reads_calib or config.importance == "act" or config.refit):
         return "user"
     return "synthesised" if repair.synthesizes else None
 
 
-def fold_model(model: LoadedModel | str | onnx.ModelProto, config: FoldConfig | None = None,
-               calib: dict[str, np.ndarray] | None = None, progress=None) -> FoldResult:
-    """Fold a model in memory: a LoadedModel, the path of an .onnx file, or a ModelProto (written to a
-    temporary file for the data repairs to run it). `calib`: calibration feeds {input name: (N, ...)}.
-    The result's `model` holds the folded graph; `result.to_proto()` gives the ModelProto."""
+def fold_model(
+    model: LoadedModel | str | onnx.ModelProto,
+    config: FoldConfig | None = None,
+    calib: dict[str, np.ndarray] | None = None,
+    progress=None,
+) -> FoldResult:
+    """Fold a model in memory: a LoadedModel, the path of an .onnx file, or a ModelProto (written to
+    a temporary file for the data repairs to run it). `calib`: calibration feeds {input name: (N,
+    ...)}. The result's `model` holds the folded graph; `result.to_proto()` gives the ModelProto."""
     config = config or FoldConfig()
     if isinstance(model, onnx.ModelProto):
         with tempfile.TemporaryDirectory() as tmp:
@@ -187,8 +229,9 @@ class StepCost:
 
 @dataclass
 class FoldReport:
-    """Everything fold_file did: the fold, where it wrote, the dense and folded figures, the validation
-    (None with validate=False) and the cost of each step (load, fold, write_and_validate, metrics)."""
+    """Everything fold_file did: the fold, where it wrote, the dense and folded figures, the
+    validation (None with validate=False) and the cost of each step (load, fold, write_and_validate,
+    metrics)."""
 
     input: str
     output: str
@@ -201,8 +244,9 @@ class FoldReport:
 
 
 class Reporter:
-    """What fold_file shows while it works; this one shows nothing. step(name) is a context manager around
-    one step; counter(label) gives a callable (i, total, text) for per-item progress, or None."""
+    """What fold_file shows while it works; this one shows nothing. step(name) is a context manager
+    around one step; counter(label) gives a callable (i, total, text) for per-item progress, or
+    None."""
 
     def step(self, name: str):
         return contextlib.nullcontext()
@@ -217,13 +261,21 @@ def default_output(path: str) -> str:
     return base + ".folded.onnx"
 
 
-def fold_file(input: str, output: str | None = None, config: FoldConfig | None = None, *,
-              calib: str | None = None, data: str | None = None, validate: bool = True,
-              reporter: Reporter | None = None) -> FoldReport:
-    """Fold the model file `input` into `output` (default INPUT.folded.onnx), written atomically after
-    onnx.checker and (validate) onnxruntime accepted it; the input is never modified. `calib`: an .npz of
-    calibration inputs; `data`: an .npz of validation inputs with optional labels (default: random inputs).
-    UserError (one line) for bad input, before any work where it can be known."""
+def fold_file(
+    input: str,
+    output: str | None = None,
+    config: FoldConfig | None = None,
+    *,
+    calib: str | None = None,
+    data: str | None = None,
+    validate: bool = True,
+    reporter: Reporter | None = None,
+) -> FoldReport:
+    """Fold the model file `input` into `output` (default INPUT.folded.onnx), written atomically
+    after onnx.checker and (validate) onnxruntime accepted it; the input is never modified. `calib`:
+    an .npz of calibration inputs; `data`: an .npz of validation inputs with optional labels
+    (default: random inputs). UserError (one line) for bad input, before any work where it can be
+    known."""
     config, reporter = config or FoldConfig(), reporter or Reporter()
     config.check()
     output = output or default_output(input)
@@ -232,33 +284,55 @@ def fold_file(input: str, output: str | None = None, config: FoldConfig | None =
     calib_arrays = _read_calib(config, calib)
     steps: dict[str, StepCost] = {}
     with reporter.step("loading"), _measured(steps, "load"):
-        # Weights in external-data files stay on disk until used, unless a repair exports the graph to run it.
-        loaded = load_model(input, lazy=not REPAIRS.get(config.repair, Repair).needs_calibration
-                            and config.importance != "act")
+        # Weights in external-data files stay on disk until used, unless a repair exports the graph
+        # to run it.
+        loaded = load_model(
+            input,
+            lazy=not REPAIRS.get(config.repair, Repair).needs_calibration
+            and config.importance != "act",
+        )
         check_data_target(output, loaded.data_files)
     with reporter.step("folding"), _measured(steps, "fold"):
-        with reporter.step("synthesising calibration inputs (Fold-DIR)") \
-                if _calibration_source(config, calib_arrays) == "synthesised" else contextlib.nullcontext():
-            feeds = calibration_inputs(config, input, calib_arrays, calib, reporter.counter("deep inversion step"))
+        with (
+            reporter.step("synthesising calibration inputs (Fold-DIR)")
+            if _calibration_source(config, calib_arrays) == "synthesised"
+            else contextlib.nullcontext()
+        ):
+            feeds = calibration_inputs(
+                config, input, calib_arrays, calib, reporter.counter("deep inversion step")
+            )
         counter = reporter.counter("clustering group")
         result = fold_graph(loaded.graph, loaded.opset, config, counter, feeds, input)
         getattr(counter, "done", lambda: None)()
     validation: list[Validation] = []
     one_at_a_time = loaded.file_bytes >= ONE_AT_A_TIME_BYTES
     with reporter.step("validating and writing"), _measured(steps, "write_and_validate"):
-        source = FeedSource(*(data_arrays or (None, None)), data, config.seed, token_id_limits(loaded.graph))
-        checker = (lambda tmp: validation.append(validate_files(input, tmp, source, one_at_a_time))) \
-            if validate else None
-        skeleton, size = save_graph(loaded.graph, loaded.opset, output, loaded.external_data, checker,
-                                    loaded.data_files)
+        source = FeedSource(
+            *(data_arrays or (None, None)), data, config.seed, token_id_limits(loaded.graph)
+        )
+        checker = (
+            (lambda tmp: validation.append(validate_files(input, tmp, source, one_at_a_time)))
+            if validate
+            else None
+        )
+        skeleton, size = save_graph(
+            loaded.graph, loaded.opset, output, loaded.external_data, checker, loaded.data_files
+        )
     checked = validation[0] if validation else None
     with _measured(steps, "metrics"):
         feeds_used = checked.feeds if checked else None
-        dense = figures(loaded.skeleton, loaded.file_bytes, feeds_used, checked.latency_ms[0] if checked else None)
+        dense = figures(
+            loaded.skeleton,
+            loaded.file_bytes,
+            feeds_used,
+            checked.latency_ms[0] if checked else None,
+        )
         folded = figures(skeleton, size, feeds_used, checked.latency_ms[1] if checked else None)
     if one_at_a_time and validate:
-        result.notes.append(f"input over {ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models validated one "
-                            f"after the other (latencies timed separately, not interleaved)")
+        result.notes.append(
+            f"input over {ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models validated one "
+            f"after the other (latencies timed separately, not interleaved)"
+        )
     return FoldReport(input, output, config, result, dense, folded, checked, steps)
 
 
@@ -267,24 +341,35 @@ def _measured(steps: dict[str, StepCost], name: str):
     """Record the block's wall time and the process's peak RSS so far as steps[name]."""
     start = time.perf_counter()
     yield
-    steps[name] = StepCost(time.perf_counter() - start,
-                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    steps[name] = StepCost(
+        time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
 
 
 def _read_calib(config: FoldConfig, path: str | None) -> dict[str, np.ndarray] | None:
-    """The arrays of the calibration file, after checking that the chosen methods have the inputs they need."""
+    """The arrays of the calibration file, after checking that the chosen methods have the inputs
+    they need."""
     repair = REPAIRS.get(config.repair, Repair)
     if repair.reads_calib and not path:
-        raise ConfigError("repair", config.repair, "needs {calib} FILE.npz (a few dozen representative inputs)")
+        raise ConfigError(
+            "repair", config.repair, "needs {calib} FILE.npz (a few dozen representative inputs)"
+        )
     if config.refit and not path and not repair.synthesizes:
-        raise ConfigError("refit", None, "needs calibration inputs: {calib} FILE.npz, or {repair} dir (synthesised)")
+        raise ConfigError(
+            "refit",
+            None,
+            "needs calibration inputs: {calib} FILE.npz, or {repair} dir (synthesised)",
+        )
     return read_npz(path)[0] if path else None
 
 
 def check_paths(src: str, out: str, data: str | None = None, calib: str | None = None) -> None:
-    """UserError when the output would replace the input or cannot be written, or a data file is missing."""
+    """UserError when the output would replace the input or cannot be written, or a data file is
+    missing."""
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
-        raise UserError(f"output {out} is the input file; onnxfold never overwrites its input (use -o)")
+        raise UserError(
+            f"output {out} is the input file; onnxfold never overwrites its input (use -o)"
+        )
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise UserError(f"{out}: output directory '{out_dir}' does not exist")

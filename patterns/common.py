@@ -1,4 +1,5 @@
 """Small helpers shared by the pattern rules."""
+
 from __future__ import annotations
 
 import math
@@ -6,11 +7,24 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfold.groups.state import Discovery, dim_of, rank_of
 from onnxfold.groups.layout import Layout
+from onnxfold.groups.state import Discovery, dim_of, rank_of
 
-__all__ = ["Discovery", "Layout", "const_value", "int_list", "norm_axis", "out_rank", "pass_through",
-           "freeze_all", "dim_of", "rank_of", "where", "is_known", "static_product"]
+__all__ = [
+    "Discovery",
+    "Layout",
+    "const_value",
+    "int_list",
+    "norm_axis",
+    "out_rank",
+    "pass_through",
+    "freeze_all",
+    "dim_of",
+    "rank_of",
+    "where",
+    "is_known",
+    "static_product",
+]
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
@@ -21,7 +35,8 @@ def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
 
 
 def int_list(node: gs.Node, attr: str, input_index: int) -> list[int] | None:
-    """An integer list given as attribute (older opsets) or as constant input (newer opsets); None if absent."""
+    """An integer list given as attribute (older opsets) or as constant input (newer opsets); None
+    if absent."""
     if attr in node.attrs and node.attrs[attr] is not None:
         return [int(v) for v in np.atleast_1d(node.attrs[attr])]
     if len(node.inputs) > input_index:
@@ -68,10 +83,11 @@ def static_product(tensor: gs.Tensor, start: int, stop: int) -> int | None:
 
 
 def shape_entries(tensor: gs.Tensor, depth: int = 0) -> list | None:
-    """The entries of a 1-D shape tensor computed at run time, as torch exports `size=skip.shape[2:]` or
-    `x.size()[:2]`: an int per constant entry, (t, i) for dim i of tensor t read through Shape; None if any
-    piece is something else. Follows Concat (axis 0), Slice(Shape(t)) with constant bounds, Gather(Shape(t), i),
-    and Unsqueeze / Cast / Squeeze / Reshape wrappers."""
+    """The entries of a 1-D shape tensor computed at run time, as torch exports
+    `size=skip.shape[2:]` or `x.size()[:2]`: an int per constant entry, (t, i) for dim i of tensor t
+    read through Shape; None if any piece is something else. Follows Concat (axis 0),
+    Slice(Shape(t)) with constant bounds, Gather(Shape(t), i), and Unsqueeze / Cast / Squeeze /
+    Reshape wrappers."""
     val = const_value(tensor)
     if val is not None:
         return [int(v) for v in np.atleast_1d(val)]
@@ -89,8 +105,11 @@ def shape_entries(tensor: gs.Tensor, depth: int = 0) -> list | None:
     source, rank = shape.inputs[0], rank_of(shape.inputs[0])
     if node.op == "Gather":
         idx = const_value(node.inputs[1])
-        return [(source, norm_axis(int(idx.reshape(-1)[0]), rank))] if idx is not None and idx.size == 1 and rank \
+        return (
+            [(source, norm_axis(int(idx.reshape(-1)[0]), rank))]
+            if idx is not None and idx.size == 1 and rank
             else None
+        )
     if node.op == "Slice" and rank:
         values = [const_value(t) for t in node.inputs[1:]]
         if any(v is None or v.size != 1 for v in values):

@@ -1,8 +1,9 @@
 """Elementwise ops: channel i in is channel i out.
 
-Unary activations pass channels through. Binary ops couple two activations' channels (residual Add, SE
-gating Mul, SwiGLU product) or, with a constant operand, make the constant's channel axis a member.
-"""
+Unary activations pass channels through. Binary ops couple two activations' channels (residual Add,
+SE gating Mul, SwiGLU product) or, with a constant operand, make the constant's channel axis a
+member."""
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -11,19 +12,64 @@ from onnxfold.groups.layout import MEAN, Layout
 
 from .common import Discovery, const_value, freeze_all, pass_through, where
 
-UNARY = ("Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh",
-         "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs",
-         "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Identity", "Cast", "ThresholdedRelu", "Clip",
-         "Dropout", "IsNaN", "IsInf", "Not")
-BINARY = ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean", "PRelu",
-          "Where")  # Where(cond, x, y) picks entry by entry: its three operands couple like a binary op's
+UNARY = (
+    "Relu",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "Celu",
+    "Sigmoid",
+    "HardSigmoid",
+    "HardSwish",
+    "Tanh",
+    "Softplus",
+    "Softsign",
+    "Gelu",
+    "Mish",
+    "Erf",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Reciprocal",
+    "Neg",
+    "Abs",
+    "Sin",
+    "Cos",
+    "Floor",
+    "Ceil",
+    "Round",
+    "Sign",
+    "Identity",
+    "Cast",
+    "ThresholdedRelu",
+    "Clip",
+    "Dropout",
+    "IsNaN",
+    "IsInf",
+    "Not",
+)
+BINARY = (
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Max",
+    "Min",
+    "Pow",
+    "Sum",
+    "Mean",
+    "PRelu",
+    "Where",
+)  # Where(cond, x, y) picks entry by entry: its three operands couple like a binary op's
 
 
 def unary(node: gs.Node, d: Discovery) -> None:
     """Channels pass through; extra inputs (Clip bounds, Dropout ratio) must be scalars."""
     for extra in node.inputs[1:]:
         if extra is not None and extra.name and not _scalar_constant(extra):
-            return freeze_all(node, d, f"{where(node)} has a parameter that is not a constant scalar")
+            return freeze_all(
+                node, d, f"{where(node)} has a parameter that is not a constant scalar"
+            )
     for extra_out in node.outputs[1:]:
         if extra_out.outputs:
             return freeze_all(node, d, f"{where(node)} uses its secondary output")
@@ -36,12 +82,17 @@ def cast_like(node: gs.Node, d: Discovery) -> None:
 
 
 def _scalar_constant(t: gs.Tensor) -> bool:
-    """A constant scalar, possibly cast (CastLike(c, x) / Cast(c), as dynamo exports write Clip bounds)."""
+    """A constant scalar, possibly cast (CastLike(c, x) / Cast(c), as dynamo exports write Clip
+    bounds)."""
     val = const_value(t)
     if val is not None:
         return val.size == 1
     producer = t.inputs[0] if t.inputs else None
-    return producer is not None and producer.op in ("Cast", "CastLike") and _scalar_constant(producer.inputs[0])
+    return (
+        producer is not None
+        and producer.op in ("Cast", "CastLike")
+        and _scalar_constant(producer.inputs[0])
+    )
 
 
 def binary(node: gs.Node, d: Discovery) -> None:
@@ -74,7 +125,9 @@ def _couple(node, d: Discovery, layouts: list[Layout]) -> Layout | None:
         if lay.extent == 1 and lay is not base:
             d.freeze(lay, f"{where(node)} broadcasts a single channel over many")
         elif lay.axis != base.axis:
-            freeze_all(node, d, f"{where(node)} combines tensors whose channels lie on different axes")
+            freeze_all(
+                node, d, f"{where(node)} combines tensors whose channels lie on different axes"
+            )
             return None
         elif lay is not base:
             d.unify(base, lay, f"{where(node)}")
@@ -90,11 +143,13 @@ def _broadcast_over_channels(t: gs.Tensor, out: Layout) -> bool:
 
 
 def _constant_follows(node, d: Discovery, t: gs.Tensor, out: Layout) -> bool:
-    """A constant or untracked operand: broadcast (fine), per-channel (member), or not understood (freeze)."""
+    """A constant or untracked operand: broadcast (fine), per-channel (member), or not understood
+    (freeze)."""
     val = const_value(t)
     if val is None:
         if _broadcast_over_channels(t, out):
-            return True  # the same value for every channel (a mask, a spatial map): channels stay separate
+            # the same value for every channel (a mask, a spatial map): channels stay separate
+            return True
         freeze_all(node, d, f"{where(node)} mixes channels with an untracked tensor '{t.name}'")
         return False
     axis = out.axis - (out.rank - val.ndim)
@@ -103,7 +158,11 @@ def _constant_follows(node, d: Discovery, t: gs.Tensor, out: Layout) -> bool:
     if val.shape[axis] == out.extent:
         d.add_members(out, t, axis, MEAN)
         return True
-    freeze_all(node, d, f"{where(node)} constant '{t.name}' of shape {list(val.shape)} does not match channels")
+    freeze_all(
+        node,
+        d,
+        f"{where(node)} constant '{t.name}' of shape {list(val.shape)} does not match channels",
+    )
     return False
 
 

@@ -1,9 +1,9 @@
 """Producers and consumers of channels: Conv, ConvTranspose, Gemm, MatMul with constant weights.
 
-A producer creates a new group from its weight's output axis (and bias); the same weight's input axis is a
-consumer member of the input's group (summed when channels merge). Depthwise Conv is a pass-through whose
-weight rows follow the channels; other grouped convolutions are declined.
-"""
+A producer creates a new group from its weight's output axis (and bias); the same weight's input
+axis is a consumer member of the input's group (summed when channels merge). Depthwise Conv is a
+pass-through whose weight rows follow the channels; other grouped convolutions are declined."""
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -39,7 +39,8 @@ def conv_transpose(node: gs.Node, d: Discovery) -> None:
 
 
 def _expect_axis(node, d: Discovery, layout, axis: int | None, repeat_ok: bool = True):
-    """The input layout if its channels lie on `axis` (None: the last axis); else freeze it and return None."""
+    """The input layout if its channels lie on `axis` (None: the last axis); else freeze it and
+    return None."""
     if layout is None:
         return None
     want = layout.rank - 1 if axis is None else axis
@@ -49,7 +50,9 @@ def _expect_axis(node, d: Discovery, layout, axis: int | None, repeat_ok: bool =
     return None
 
 
-def _dense_producer(node, d: Discovery, lx, w: gs.Constant, bias, in_axis: int, out_axis: int) -> None:
+def _dense_producer(
+    node, d: Discovery, lx, w: gs.Constant, bias, in_axis: int, out_axis: int
+) -> None:
     wv = const_value(w)
     d.add_members(lx, w, in_axis, SUM)
     rank = out_rank(node, lx.rank if lx else wv.ndim)
@@ -59,10 +62,15 @@ def _dense_producer(node, d: Discovery, lx, w: gs.Constant, bias, in_axis: int, 
 
 
 def _depthwise(node, d: Discovery, lx, w, bias) -> None:
-    if lx is None:  # the input's channels cannot be followed, so neither can this per-channel filter's
+    # the input's channels cannot be followed, so neither can this per-channel filter's
+    if lx is None:
         wv = const_value(w)
         lx = d.produce(node.outputs[0], wv.shape[0], 1, out_rank(node, wv.ndim))
-        d.freeze(lx, f"{where(node)} is depthwise over channels that cannot be followed (graph input or boundary)")
+        d.freeze(
+            lx,
+            f"{where(node)} is depthwise over channels that cannot be followed "
+            "(graph input or boundary)",
+        )
     else:
         pass_through(node, d, lx)
     d.add_members(lx, w, 0, MEAN)
@@ -93,7 +101,9 @@ def _bias_members(node, d: Discovery, out, bias) -> None:
     if cv.shape[-1] == out.extent and cv.size == out.extent:
         d.add_members(out, bias, cv.ndim - 1, MEAN)
     else:
-        d.freeze(out, f"{where(node)} bias of shape {list(cv.shape)} does not follow the output channels")
+        d.freeze(
+            out, f"{where(node)} bias of shape {list(cv.shape)} does not follow the output channels"
+        )
 
 
 def matmul(node: gs.Node, d: Discovery) -> None:
@@ -102,7 +112,9 @@ def matmul(node: gs.Node, d: Discovery) -> None:
     if bv is None and const_value(a) is None:
         return batched_matmul(node, d)
     if bv is None or bv.ndim != 2:
-        return freeze_all(node, d, f"{where(node)} multiplies by a constant that is not a 2-D weight")
+        return freeze_all(
+            node, d, f"{where(node)} multiplies by a constant that is not a 2-D weight"
+        )
     la = _expect_axis(node, d, la, None)
     d.add_members(la, b, 0, SUM)
     rank = out_rank(node, la.rank if la else 2)
@@ -111,16 +123,23 @@ def matmul(node: gs.Node, d: Discovery) -> None:
 
 
 def batched_matmul(node: gs.Node, d: Discovery) -> None:
-    """Activation x activation (attention: Q Kᵀ, P V): channels on a batch axis (heads) pair up between the
-    operands and pass to the output; channels on a contracted or row/column axis are frozen."""
+    """Activation x activation (attention: Q Kᵀ, P V): channels on a batch axis (heads) pair up
+    between the operands and pass to the output; channels on a contracted or row/column axis are
+    frozen."""
     layouts = [d.layout(t) for t in node.inputs[:2]]
-    ranks = [lay.rank if lay is not None else len(t.shape or []) for lay, t in zip(layouts, node.inputs)]
+    ranks = [
+        lay.rank if lay is not None else len(t.shape or []) for lay, t in zip(layouts, node.inputs)
+    ]
     rank = out_rank(node, max(ranks))
-    aligned = [None if lay is None else lay.moved(lay.axis + rank - lay.rank, rank) for lay in layouts]
+    aligned = [
+        None if lay is None else lay.moved(lay.axis + rank - lay.rank, rank) for lay in layouts
+    ]
     if any(lay is not None and lay.axis >= rank - 2 for lay in aligned):
         return freeze_all(node, d, f"{where(node)} multiplies activations along their channel axis")
     if None in aligned:
-        return freeze_all(node, d, f"{where(node)} multiplies by an activation whose channels cannot be followed")
+        return freeze_all(
+            node, d, f"{where(node)} multiplies by an activation whose channels cannot be followed"
+        )
     a, b = aligned
     if a.axis != b.axis or not d.unify(a, b, where(node)):
         return freeze_all(node, d, f"{where(node)} pairs different channel axes")

@@ -1,5 +1,6 @@
-"""Normalisations: per-channel ones pass channels through (their vectors are members); those that mix
-channels (Softmax, LayerNorm or LpNorm over the channel axis, GroupNorm) are boundaries."""
+"""Normalisations: per-channel ones pass channels through (their vectors are members); those that
+mix channels (Softmax, LayerNorm or LpNorm over the channel axis, GroupNorm) are boundaries."""
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -32,7 +33,8 @@ def instance_norm(node: gs.Node, d: Discovery) -> None:
 
 
 def softmax(node: gs.Node, d: Discovery) -> None:
-    """Softmax family: opset >= 13 normalises one axis; older opsets flatten all axes from `axis` on."""
+    """Softmax family: opset >= 13 normalises one axis; older opsets flatten all axes from `axis`
+    on."""
     lx = d.layout(node.inputs[0])
     if lx is None:
         return
@@ -65,7 +67,8 @@ def group_norm(node: gs.Node, d: Discovery) -> None:
 
 
 def _boundary_or_pass(node, d: Discovery, lx, covers_channels: bool, what: str) -> None:
-    """A boundary keeps the channels' identity downstream but freezes them; otherwise pass through."""
+    """A boundary keeps the channels' identity downstream but freezes them; otherwise pass
+    through."""
     if covers_channels:
         d.freeze(lx, f"{where(node)} {what}")
     pass_through(node, d, lx)
@@ -74,7 +77,9 @@ def _boundary_or_pass(node, d: Discovery, lx, covers_channels: bool, what: str) 
 RULES = {
     "BatchNormalization": batch_norm,
     "InstanceNormalization": instance_norm,
-    "Softmax": softmax, "LogSoftmax": softmax, "Hardmax": softmax,
+    "Softmax": softmax,
+    "LogSoftmax": softmax,
+    "Hardmax": softmax,
     "LayerNormalization": layer_norm,
     "LpNormalization": lp_norm,
     "GroupNormalization": group_norm,

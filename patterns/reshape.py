@@ -1,58 +1,81 @@
 """Reshape and Expand: where the channel axis goes when a tensor's shape is rewritten.
 
-A Reshape keeps the channel axis, merges it with trailing axes (flatten: each channel becomes several
-entries), or splits it (hidden -> heads x head_dim: each head becomes one unit of the group). Shape vectors
-that bake a channel count (constants, or constant pieces of a Concat) become members so merging rewrites them.
-"""
+A Reshape keeps the channel axis, merges it with trailing axes (flatten: each channel becomes
+several entries), or splits it (hidden -> heads x head_dim: each head becomes one unit of the
+group). Shape vectors that bake a channel count (constants, or constant pieces of a Concat) become
+members so merging rewrites them."""
+
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxfold.groups.layout import EXTENT, Layout
 
-from .common import (Discovery, const_value, dim_of, freeze_all, is_known, out_rank, shape_entries,
-                     static_product, where)
+from .common import (
+    Discovery,
+    const_value,
+    dim_of,
+    freeze_all,
+    is_known,
+    out_rank,
+    shape_entries,
+    static_product,
+    where,
+)
 
 
 def reshape(node: gs.Node, d: Discovery) -> None:
-    """Find the output axis holding the channels: same inner size (pass-through) or merged with trailing
-    axes (flatten: each channel becomes `post_in / post_out` consecutive entries). Symbolic leading dims
-    (batch) need not match by name: equal static suffixes imply equal prefixes."""
+    """Find the output axis holding the channels: same inner size (pass-through) or merged with
+    trailing axes (flatten: each channel becomes `post_in / post_out` consecutive entries). Symbolic
+    leading dims (batch) need not match by name: equal static suffixes imply equal prefixes."""
     x = node.inputs[0]
     lx = d.layout(x)
     if lx is None:
         return
     target = _reshape_dims(node)
-    keep = _common_suffix(x.shape, target, lx.axis)  # e.g. (seq, head_dim) on both sides: not involved
+    # e.g. (seq, head_dim) on both sides: not involved
+    keep = _common_suffix(x.shape, target, lx.axis)
     post_in = static_product(x, lx.axis + 1, lx.rank - keep)
     extent = dim_of(x, lx.axis)
-    found = None if target is None or post_in is None or not is_known(extent) else \
-        _channel_axis_after_reshape(target[:len(target) - keep], extent, post_in)
+    found = (
+        None
+        if target is None or post_in is None or not is_known(extent)
+        else _channel_axis_after_reshape(target[: len(target) - keep], extent, post_in)
+    )
     if found is None:
         shape_in = list(x.shape) if x.shape is not None else "?"
-        return freeze_all(node, d, f"{where(node)} reshapes the channel axis {shape_in} -> {target}")
+        return freeze_all(
+            node, d, f"{where(node)} reshapes the channel axis {shape_in} -> {target}"
+        )
     axis, post_out = found
     if post_in % post_out == 0:  # channels kept or merged with trailing axes
         spread = post_in // post_out
-        return _reshape_result(node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread)
+        return _reshape_result(
+            node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread
+        )
     _split_channels(node, d, lx, axis, len(target), post_out // post_in)
 
 
 def _common_suffix(shape_in, shape_out, axis: int) -> int:
-    """Number of trailing dims equal (same size or same symbol) in input and output, after the channel axis."""
+    """Number of trailing dims equal (same size or same symbol) in input and output, after the
+    channel axis."""
     if shape_in is None or shape_out is None:
         return 0
     n = 0
-    while (n < len(shape_out) and len(shape_in) - 1 - n > axis and shape_in[-1 - n] == shape_out[-1 - n]
-           and shape_in[-1 - n] is not None):
+    while (
+        n < len(shape_out)
+        and len(shape_in) - 1 - n > axis
+        and shape_in[-1 - n] == shape_out[-1 - n]
+        and shape_in[-1 - n] is not None
+    ):
         n += 1
     return n
 
 
 def _split_channels(node, d: Discovery, lx: Layout, axis: int, rank: int, cover: int) -> None:
-    """The channel axis splits into (units, inner), e.g. hidden -> (heads, head_dim): each index of the new
-    axis covers `cover` entries of the old one, so `cover / repeat` channels become one unit (a head)."""
+    """The channel axis splits into (units, inner), e.g. hidden -> (heads, head_dim): each index of
+    the new axis covers `cover` entries of the old one, so `cover / repeat` channels become one unit
+    (a head)."""
     if cover % lx.repeat == 0:
         unit = d.coarsen(lx, cover // lx.repeat, where(node))
         if unit is not None:
@@ -64,7 +87,8 @@ def _split_channels(node, d: Discovery, lx: Layout, axis: int, rank: int, cover:
 
 
 def _reshape_dims(node: gs.Node) -> list | None:
-    """Output dims: inferred static values where known, else positive entries of a constant target."""
+    """Output dims: inferred static values where known, else positive entries of a constant
+    target."""
     inferred = node.outputs[0].shape
     const = const_value(node.inputs[1])
     rank = len(inferred) if inferred is not None else (const.size if const is not None else None)
@@ -82,8 +106,9 @@ def _reshape_dims(node: gs.Node) -> list | None:
 
 
 def _resolve_runtime_target(node: gs.Node, dims: list) -> list:
-    """Fill unknown dims of a target computed at run time as Concat(Gather(Shape(x), i)..., constants),
-    as torch writes x.view(x.size(0), -1): leading copies of the input's dims, then static sizes and one -1."""
+    """Fill unknown dims of a target computed at run time as Concat(Gather(Shape(x), i)...,
+    constants), as torch writes x.view(x.size(0), -1): leading copies of the input's dims, then
+    static sizes and one -1."""
     entries = _target_entries(node)
     x = node.inputs[0]
     if entries is None or len(entries) != len(dims) or x.shape is None:
@@ -105,21 +130,27 @@ def _resolve_runtime_target(node: gs.Node, dims: list) -> list:
 
 
 def _target_entries(node: gs.Node) -> list | None:
-    """Entries of a Concat-built shape (shape_entries): ints for constants, ("copy", i) for the data input's
-    dim i read at position i, None for any other dim read."""
+    """Entries of a Concat-built shape (shape_entries): ints for constants, ("copy", i) for the data
+    input's dim i read at position i, None for any other dim read."""
     target = node.inputs[1]
     entries = shape_entries(target) if target.inputs and target.inputs[0].op == "Concat" else None
     if entries is None:
         return None
     x = node.inputs[0]
-    return [e if isinstance(e, int) else
-            ("copy", i) if e[1] == i and (e[0] is x or _same_dim(e[0], x, i)) else None
-            for i, e in enumerate(entries)]
+    return [
+        e
+        if isinstance(e, int)
+        else ("copy", i)
+        if e[1] == i and (e[0] is x or _same_dim(e[0], x, i))
+        else None
+        for i, e in enumerate(entries)
+    ]
 
 
 def _same_dim(a: gs.Tensor, b: gs.Tensor, i: int) -> bool:
-    """Dim i of a and b is the same: equal entries, or both the symbolic batch dim (i == 0) with `a` a graph
-    input (torch's x.view(inputs.size(0), -1); shape inference often renames the batch symbol downstream)."""
+    """Dim i of a and b is the same: equal entries, or both the symbolic batch dim (i == 0) with `a`
+    a graph input (torch's x.view(inputs.size(0), -1); shape inference often renames the batch
+    symbol downstream)."""
     if a.shape is None or b.shape is None or len(a.shape) <= i or len(b.shape) <= i:
         return False
     if a.shape[i] == b.shape[i]:
@@ -129,13 +160,16 @@ def _same_dim(a: gs.Tensor, b: gs.Tensor, i: int) -> bool:
 
 
 def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[int, int] | None:
-    """(axis, post_out = prod(dims[axis+1:])) with dims[axis] * post_out == extent * post_in, where one of
-    post_in, post_out divides the other (channels merged with, or split into, trailing axes)."""
+    """(axis, post_out = prod(dims[axis+1:])) with dims[axis] * post_out == extent * post_in, where
+    one of post_in, post_out divides the other (channels merged with, or split into, trailing
+    axes)."""
     post_out = 1
     for axis in range(len(dims) - 1, -1, -1):
         if not is_known(dims[axis]):
             return None
-        if dims[axis] * post_out == extent * post_in and (post_in % post_out == 0 or post_out % post_in == 0):
+        if dims[axis] * post_out == extent * post_in and (
+            post_in % post_out == 0 or post_out % post_in == 0
+        ):
             return axis, post_out
         post_out *= dims[axis]
         if post_out > extent * post_in:
@@ -144,21 +178,26 @@ def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[
 
 
 def _reshape_result(node, d: Discovery, layout: Layout, index: int, repeat: int) -> None:
-    """Record the shape constant's entry holding the channel extent (unless it is -1 or 0) as a member."""
+    """Record the shape constant's entry holding the channel extent (unless it is -1 or 0) as a
+    member."""
     _extent_member(d, layout, node.inputs[1], index, repeat)
     d.set_layout(node.outputs[0], layout)
 
 
 def _extent_member(d: Discovery, layout: Layout, shape: gs.Tensor, index: int, repeat: int) -> None:
-    """If entry `index` of a shape vector is a baked channel count (a constant, or a constant piece of a
-    Concat), record it so merging rewrites it; entries computed from Shape ops follow by themselves."""
+    """If entry `index` of a shape vector is a baked channel count (a constant, or a constant piece
+    of a Concat), record it so merging rewrites it; entries computed from Shape ops follow by
+    themselves."""
     const, local = _shape_entry(shape, index)
     if const is not None and const_value(const)[local] > 1:
-        d.add_members(layout.moved(layout.axis, layout.rank, 1), const, local, EXTENT, repeat=repeat)
+        d.add_members(
+            layout.moved(layout.axis, layout.rank, 1), const, local, EXTENT, repeat=repeat
+        )
 
 
 def _vector_length(t: gs.Tensor) -> int | None:
-    """Length of a 1-D integer vector: from its value, its inferred shape, or the Shape op making it."""
+    """Length of a 1-D integer vector: from its value, its inferred shape, or the Shape op making
+    it."""
     if const_value(t) is not None:
         return const_value(t).size
     if t.shape and len(t.shape) == 1 and isinstance(t.shape[0], int):
@@ -190,7 +229,8 @@ def _shape_entry(shape: gs.Tensor, index: int) -> tuple[gs.Constant | None, int]
 
 
 def expand(node: gs.Node, d: Discovery) -> None:
-    """Expand broadcasts axes of extent 1 only, so a channel axis (extent > 1) keeps its channels."""
+    """Expand broadcasts axes of extent 1 only, so a channel axis (extent > 1) keeps its
+    channels."""
     lx = d.layout(node.inputs[0])
     if lx is None:
         return

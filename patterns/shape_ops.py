@@ -1,22 +1,42 @@
 """Ops that move, pool, resize, slice or concatenate tensors without mixing channels.
 
-Each rule works out where the channel axis goes; a Concat along channels lays the inputs' groups side by side;
-a Flatten of C×H×W turns each channel into H·W consecutive entries (repeat). Reshape/Expand: reshape.py;
-Split/Slice: split.py.
-"""
+Each rule works out where the channel axis goes; a Concat along channels lays the inputs' groups
+side by side; a Flatten of C×H×W turns each channel into H·W consecutive entries (repeat).
+Reshape/Expand: reshape.py; Split/Slice: split.py."""
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
 from onnxfold.groups.layout import EXTENT, Layout
 
-from .common import (Discovery, const_value, freeze_all, int_list, norm_axis, out_rank, pass_through,
-                     shape_entries, static_product, where)
+from .common import (
+    Discovery,
+    const_value,
+    freeze_all,
+    int_list,
+    norm_axis,
+    out_rank,
+    pass_through,
+    shape_entries,
+    static_product,
+    where,
+)
 from .kv_cache import append_to_cache
 
 POOLS = ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool")
-REDUCES = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL1", "ReduceL2", "ReduceProd",
-           "ReduceLogSumExp", "ReduceSumSquare", "ReduceLogSum")
+REDUCES = (
+    "ReduceMean",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceSum",
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceProd",
+    "ReduceLogSumExp",
+    "ReduceSumSquare",
+    "ReduceLogSum",
+)
 
 
 def pool(node: gs.Node, d: Discovery) -> None:
@@ -84,7 +104,9 @@ def squeeze(node: gs.Node, d: Discovery) -> None:
     axes = [norm_axis(a, lx.rank) for a in axes]
     if lx.axis in axes:
         return freeze_all(node, d, f"{where(node)} squeezes the channel axis")
-    d.set_layout(node.outputs[0], lx.moved(lx.axis - sum(a < lx.axis for a in axes), lx.rank - len(axes)))
+    d.set_layout(
+        node.outputs[0], lx.moved(lx.axis - sum(a < lx.axis for a in axes), lx.rank - len(axes))
+    )
 
 
 def flatten(node: gs.Node, d: Discovery) -> None:
@@ -93,7 +115,9 @@ def flatten(node: gs.Node, d: Discovery) -> None:
         return
     axis = norm_axis(int(node.attrs.get("axis", 1)), lx.rank)
     if axis != lx.axis:
-        return freeze_all(node, d, f"{where(node)} flattens the channel axis together with leading axes")
+        return freeze_all(
+            node, d, f"{where(node)} flattens the channel axis together with leading axes"
+        )
     inner = static_product(node.inputs[0], lx.axis + 1, lx.rank)
     if inner is None:
         return freeze_all(node, d, f"{where(node)} flattens dimensions of unknown size")
@@ -110,13 +134,17 @@ def concat(node: gs.Node, d: Discovery) -> None:
     rank = known[0].rank
     axis = norm_axis(int(node.attrs["axis"]), rank)
     if any(lay is None for lay in layouts):
-        return freeze_all(node, d, f"{where(node)} concatenates channels with constants or untracked tensors")
+        return freeze_all(
+            node, d, f"{where(node)} concatenates channels with constants or untracked tensors"
+        )
     if axis != known[0].axis:
         for lay in known[1:]:
             d.unify(known[0], lay, where(node))
         return pass_through(node, d, known[0])
     if len({(lay.axis, lay.repeat) for lay in known}) != 1:
-        return freeze_all(node, d, f"{where(node)} concatenates tensors with different channel layouts")
+        return freeze_all(
+            node, d, f"{where(node)} concatenates tensors with different channel layouts"
+        )
     parts = tuple(p for lay in known for p in lay.parts)
     d.set_layout(node.outputs[0], Layout(axis, out_rank(node, rank), parts, known[0].repeat))
 
@@ -135,7 +163,8 @@ def pad(node: gs.Node, d: Discovery) -> None:
 
 
 def resize(node: gs.Node, d: Discovery) -> None:
-    """Resize/Upsample: channel scale must be 1; a constant `sizes` entry for channels becomes a member."""
+    """Resize/Upsample: channel scale must be 1; a constant `sizes` entry for channels becomes a
+    member."""
     lx = d.layout(node.inputs[0])
     if lx is None:
         return
@@ -145,10 +174,22 @@ def resize(node: gs.Node, d: Discovery) -> None:
     if scales is not None and scales.size and scales.size == lx.rank and scales[lx.axis] != 1:
         return freeze_all(node, d, f"{where(node)} rescales the channel axis")
     if sizes is not None and sizes.size:
-        d.add_members(lx.moved(lx.axis, lx.rank, 1), node.inputs[3], lx.axis, EXTENT, repeat=lx.repeat)
-    elif (scales is None or not scales.size) and node.op == "Resize" and len(node.inputs) > 3 and node.inputs[3].name:
-        entries = shape_entries(node.inputs[3])  # torch: sizes = x.shape[:2] + skip.shape[2:], channels follow x
-        if entries is None or len(entries) != lx.rank or entries[lx.axis] != (node.inputs[0], lx.axis):
+        d.add_members(
+            lx.moved(lx.axis, lx.rank, 1), node.inputs[3], lx.axis, EXTENT, repeat=lx.repeat
+        )
+    elif (
+        (scales is None or not scales.size)
+        and node.op == "Resize"
+        and len(node.inputs) > 3
+        and node.inputs[3].name
+    ):
+        # torch: sizes = x.shape[:2] + skip.shape[2:], channels follow x
+        entries = shape_entries(node.inputs[3])
+        if (
+            entries is None
+            or len(entries) != lx.rank
+            or entries[lx.axis] != (node.inputs[0], lx.axis)
+        ):
             return freeze_all(node, d, f"{where(node)} has dynamic output sizes")
     pass_through(node, d, lx)
 
@@ -160,7 +201,9 @@ def gather(node: gs.Node, d: Discovery) -> None:
         return
     axis = norm_axis(int(node.attrs.get("axis", 0)), lx.rank)
     if idx is None or axis == lx.axis:
-        return freeze_all(node, d, f"{where(node)} gathers along the channel axis or with dynamic indices")
+        return freeze_all(
+            node, d, f"{where(node)} gathers along the channel axis or with dynamic indices"
+        )
     shift = idx.ndim - 1
     new_axis = lx.axis + shift if lx.axis > axis else lx.axis
     d.set_layout(node.outputs[0], lx.moved(new_axis, lx.rank + shift))
@@ -173,7 +216,15 @@ def metadata(node: gs.Node, d: Discovery) -> None:
 RULES = {
     **{op: pool for op in POOLS},
     **{op: reduce for op in REDUCES},
-    "Transpose": transpose, "Unsqueeze": unsqueeze, "Squeeze": squeeze, "Flatten": flatten,
-    "Concat": concat, "Pad": pad,
-    "Resize": resize, "Upsample": resize, "Gather": gather, "Shape": metadata, "Size": metadata,
+    "Transpose": transpose,
+    "Unsqueeze": unsqueeze,
+    "Squeeze": squeeze,
+    "Flatten": flatten,
+    "Concat": concat,
+    "Pad": pad,
+    "Resize": resize,
+    "Upsample": resize,
+    "Gather": gather,
+    "Shape": metadata,
+    "Size": metadata,
 }

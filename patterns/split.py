@@ -1,10 +1,11 @@
 """Split and Slice: cutting a tensor into pieces, the mirror of Concat.
 
-Along a non-channel axis the channels pass through. Along the channel axis each output is a range of the
-input's layout: a group straddling a cut is split into two groups (a fused QKV projection's 3*hidden
-channels become q, k and v channels, each then free to be reshaped into heads), and the sizes written in the
-node (Split's `split` input, Slice's `starts`/`ends`) become shape members that merging rewrites.
-"""
+Along a non-channel axis the channels pass through. Along the channel axis each output is a range of
+the input's layout: a group straddling a cut is split into two groups (a fused QKV projection's
+3*hidden channels become q, k and v channels, each then free to be reshaped into heads), and the
+sizes written in the node (Split's `split` input, Slice's `starts`/`ends`) become shape members that
+merging rewrites."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,10 +38,13 @@ def split(node: gs.Node, d: Discovery) -> None:
 
 
 def _split_sizes(node: gs.Node, d: Discovery, lx: Layout) -> list[int] | None:
-    """Entries per output along the channel axis. Equal pieces (no `split` input) get an explicit `split`
-    constant so the sizes can be rewritten; a `split` attribute (opset < 13) cannot be and is declined."""
+    """Entries per output along the channel axis. Equal pieces (no `split` input) get an explicit
+    `split` constant so the sizes can be rewritten; a `split` attribute (opset < 13) cannot be and
+    is declined."""
     if "split" in node.attrs:
-        freeze_all(node, d, f"{where(node)} keeps its sizes in an attribute (opset < 13), not rewritten")
+        freeze_all(
+            node, d, f"{where(node)} keeps its sizes in an attribute (opset < 13), not rewritten"
+        )
         return None
     if len(node.inputs) > 1 and node.inputs[1].name:
         sizes = const_value(node.inputs[1])
@@ -49,11 +53,17 @@ def _split_sizes(node: gs.Node, d: Discovery, lx: Layout) -> list[int] | None:
             return None
         return [int(v) for v in sizes]
     if d.opset < 13:
-        freeze_all(node, d, f"{where(node)} splits the channel axis into equal pieces (opset < 13, not rewritten)")
+        freeze_all(
+            node,
+            d,
+            f"{where(node)} splits the channel axis into equal pieces (opset < 13, not rewritten)",
+        )
         return None
     count = len(node.outputs)
     if lx.extent % count:
-        freeze_all(node, d, f"{where(node)} splits {lx.extent} channel entries into {count} unequal pieces")
+        freeze_all(
+            node, d, f"{where(node)} splits {lx.extent} channel entries into {count} unequal pieces"
+        )
         return None
     sizes = [lx.extent // count] * count
     node.attrs.pop("num_outputs", None)  # same semantics, but with sizes that merging can rewrite
@@ -66,8 +76,9 @@ def _split_sizes(node: gs.Node, d: Discovery, lx: Layout) -> list[int] | None:
 
 
 def slice_(node: gs.Node, d: Discovery) -> None:
-    """Slice(x, starts, ends[, axes, steps]); along the channel axis only with constant, non-negative
-    starts/ends and step 1 (ends past the extent stay clamped and are not rewritten)."""
+    """Slice(x, starts, ends[, axes, steps]); along the channel axis only with constant,
+    non-negative starts/ends and step 1 (ends past the extent stay clamped and are not
+    rewritten)."""
     lx = d.layout(node.inputs[0])
     if lx is None:
         return
@@ -84,9 +95,17 @@ def slice_(node: gs.Node, d: Discovery) -> None:
         return freeze_all(node, d, f"{where(node)} slices with dynamic starts, ends, axes or steps")
     j = axes.index(lx.axis)
     start, end = starts[j], ends[j]
-    if (steps is not None and steps[j] != 1) or start < 0 or end < 0 or min(end, lx.extent) <= start:
-        return freeze_all(node, d, f"{where(node)} slices the channel axis with a negative bound, a step or "
-                                   "nothing left")
+    if (
+        (steps is not None and steps[j] != 1)
+        or start < 0
+        or end < 0
+        or min(end, lx.extent) <= start
+    ):
+        return freeze_all(
+            node,
+            d,
+            f"{where(node)} slices the channel axis with a negative bound, a step or nothing left",
+        )
     stop = min(end, lx.extent)
     refined = d.split(lx, [b for b in (start, stop) if 0 < b < lx.extent], where(node))
     if refined is None:
@@ -98,9 +117,13 @@ def slice_(node: gs.Node, d: Discovery) -> None:
 
 
 def _piece(layout: Layout, begin: int, end: int, rank: int) -> Layout | None:
-    """The parts of `layout` lying within entries [begin, end) (cut there already), or None when empty."""
-    parts = tuple(p for s, p in zip(layout.starts(), layout.parts)
-                  if begin <= s * layout.repeat and (s + p.size) * layout.repeat <= end)
+    """The parts of `layout` lying within entries [begin, end) (cut there already), or None when
+    empty."""
+    parts = tuple(
+        p
+        for s, p in zip(layout.starts(), layout.parts)
+        if begin <= s * layout.repeat and (s + p.size) * layout.repeat <= end
+    )
     return Layout(layout.axis, rank, parts, layout.repeat) if parts else None
 
 

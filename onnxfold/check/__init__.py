@@ -1,1 +1,2 @@
-"""Stage 5: measure the result: dense vs folded outputs (typed Comparison), latency, parameters, MACs."""
+"""Stage 5: measure the result: dense vs folded outputs (typed Comparison), latency, parameters,
+MACs."""

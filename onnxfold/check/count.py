@@ -1,5 +1,6 @@
-"""Size and compute of a model: parameters (float initializer elements) and multiply-accumulates per sample.
-Both are counted on a model without its weight data (a skeleton): only dims are read."""
+"""Size and compute of a model: parameters (float initializer elements) and multiply-accumulates per
+sample. Both are counted on a model without its weight data (a skeleton): only dims are read."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ from ..errors import log
 
 @dataclass
 class ModelFigures:
-    """A model's size and speed: parameters, MACs per sample (None: shapes unknown or not validated), file
-    bytes (model plus external data), median latency of one sample in ms (None: not validated)."""
+    """A model's size and speed: parameters, MACs per sample (None: shapes unknown or not
+    validated), file bytes (model plus external data), median latency of one sample in ms (None: not
+    validated)."""
 
     params: int
     macs: int | None
@@ -23,7 +25,9 @@ class ModelFigures:
     latency_ms: float | None
 
 
-def figures(skeleton: onnx.ModelProto, file_bytes: int, feeds: dict | None, latency_ms: float | None) -> ModelFigures:
+def figures(
+    skeleton: onnx.ModelProto, file_bytes: int, feeds: dict | None, latency_ms: float | None
+) -> ModelFigures:
     """ModelFigures counted on a model without its weight data; MACs need `feeds` (input sizes)."""
     macs = count_macs(skeleton, feeds) if feeds is not None else None
     return ModelFigures(count_params(skeleton), macs, file_bytes, latency_ms)
@@ -31,10 +35,15 @@ def figures(skeleton: onnx.ModelProto, file_bytes: int, feeds: dict | None, late
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of floating-point initializers and Constant-node tensors."""
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                   onnx.TensorProto.BFLOAT16}
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node for a in n.attribute
-                                               if a.type == onnx.AttributeProto.TENSOR]
+    float_types = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.BFLOAT16,
+    }
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
+    ]
     return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in float_types)
 
 
@@ -44,8 +53,9 @@ def count_params_file(path: str) -> int:
 
 
 def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | None:
-    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul for one sample; None if shapes are unknown.
-    The feeds' sizes fill the model's symbolic input dims; its fixed dims stay (a folded model's KV heads)."""
+    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul for one sample; None if shapes are
+    unknown. The feeds' sizes fill the model's symbolic input dims; its fixed dims stay (a folded
+    model's KV heads)."""
     shaped = _with_input_shapes(model, {k: (1,) + v.shape[1:] for k, v in feeds.items()})
     try:
         shaped = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
@@ -53,9 +63,13 @@ def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | No
         log.info("MACs not counted: shape inference failed (%s)", e)
         return None
     total = _total_macs(shaped)
-    if total is None:  # e.g. LLaMA's RoPE slices: onnxruntime's symbolic shape inference resolves them
-        total = _total_macs(_symbolic_shapes(_with_input_shapes(model, {k: (1,) + v.shape[1:]
-                                                                         for k, v in feeds.items()})))
+    # e.g. LLaMA's RoPE slices: onnxruntime's symbolic shape inference resolves them
+    if total is None:
+        total = _total_macs(
+            _symbolic_shapes(
+                _with_input_shapes(model, {k: (1,) + v.shape[1:] for k, v in feeds.items()})
+            )
+        )
     return total
 
 
@@ -73,17 +87,20 @@ def _total_macs(shaped: onnx.ModelProto | None) -> int | None:
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
-    """The model with shapes from onnxruntime's symbolic shape inference, None if it fails. Weights stored
-    outside the proto (external data, or left out of a skeleton) become graph inputs of the same shape: the
-    inference reads initializer values, and shapes never depend on large weights."""
+    """The model with shapes from onnxruntime's symbolic shape inference, None if it fails. Weights
+    stored outside the proto (external data, or left out of a skeleton) become graph inputs of the
+    same shape: the inference reads initializer values, and shapes never depend on large weights."""
     light = onnx.ModelProto()
     light.CopyFrom(model)
     outside = [t for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     for t in outside:
-        light.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        light.graph.input.append(
+            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        )
         light.graph.initializer.remove(t)
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return SymbolicShapeInference.infer_shapes(light, auto_merge=True)
     except Exception as e:  # noqa: BLE001 - MACs are informative only

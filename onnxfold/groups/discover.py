@@ -1,11 +1,12 @@
-"""Discovery: walk the graph in topological order applying each op's rule (the `patterns` registry) to the
-union-find state, then resolve it into Groups, each with its consumer recorded.
+"""Discovery: walk the graph in topological order applying each op's rule (the `patterns` registry)
+to the union-find state, then resolve it into Groups, each with its consumer recorded.
 
-A rule declines what it does not handle by freezing groups with a reason (patterns.common.freeze_all). A rule
-that raises instead is a bug in onnxfold, not a property of the model: with strict=True (the tests) it
-propagates; otherwise it is logged, the node's groups are frozen with a reason that says "bug" and asks for a
-report, and the rest of the graph is still folded.
-"""
+A rule declines what it does not handle by freezing groups with a reason
+(patterns.common.freeze_all). A rule that raises instead is a bug in onnxfold, not a property of the
+model: with strict=True (the tests) it propagates; otherwise it is logged, the node's groups are
+frozen with a reason that says "bug" and asks for a report, and the rest of the graph is still
+folded."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -21,13 +22,15 @@ from .group import Consumer, Group
 from .layout import SUM, DeclaredDim
 from .state import DATA_INPUTS, METADATA_OPS, Discovery
 
-STRICT_ENV = "ONNXFOLD_STRICT_RULES"  # "1": a rule that raises stops discovery (set by the test suite)
+# "1": a rule that raises stops discovery (set by the test suite)
+STRICT_ENV = "ONNXFOLD_STRICT_RULES"
 
 
 def discover(graph: gs.Graph, opset: int, strict: bool | None = None) -> list[Group]:
-    """Walk `graph` in topological order applying each op's rule; returns every group (foldable or frozen),
-    each with its consumer. strict (default: the ONNXFOLD_STRICT_RULES environment variable): a rule that
-    raises stops discovery with RuleBug instead of freezing that node's groups."""
+    """Walk `graph` in topological order applying each op's rule; returns every group (foldable or
+    frozen), each with its consumer. strict (default: the ONNXFOLD_STRICT_RULES environment
+    variable): a rule that raises stops discovery with RuleBug instead of freezing that node's
+    groups."""
     strict = os.environ.get(STRICT_ENV) == "1" if strict is None else strict
     d = Discovery(graph, opset)
     dynamic = _dynamic_tensors(graph)
@@ -42,11 +45,23 @@ def discover(graph: gs.Graph, opset: int, strict: bool | None = None) -> list[Gr
             rule(node, d)
         except Exception as e:  # noqa: BLE001 - a rule that raises is a bug: surfaced, never a model property
             if strict:
-                raise RuleBug(f"the rule for {node.op} '{node.name}' raised {type(e).__name__}: {e}") from e
-            log.warning("bug in onnxfold's %s rule at node '%s' (%s: %s); its channels are left as they "
-                        "are; please report it", node.op, node.name, type(e).__name__, e)
-            _unknown(node, d, f"hit a bug in onnxfold's {node.op} rule ({type(e).__name__}: {e}); "
-                              f"left unfolded, please report it")
+                raise RuleBug(
+                    f"the rule for {node.op} '{node.name}' raised {type(e).__name__}: {e}"
+                ) from e
+            log.warning(
+                "bug in onnxfold's %s rule at node '%s' (%s: %s); its channels are left as they "
+                "are; please report it",
+                node.op,
+                node.name,
+                type(e).__name__,
+                e,
+            )
+            _unknown(
+                node,
+                d,
+                f"hit a bug in onnxfold's {node.op} rule ({type(e).__name__}: {e}); "
+                f"left unfolded, please report it",
+            )
     for tensor in (t for t in graph.outputs if t.name not in d.kv_outputs):
         d.freeze(d.layout(tensor), f"graph output '{tensor.name}'")
     groups = d.groups()
@@ -56,9 +71,10 @@ def discover(graph: gs.Graph, opset: int, strict: bool | None = None) -> list[Gr
 
 
 def find_consumer(group: Group) -> Consumer | None:
-    """The group's first consumer member that is the weight of a MatMul (weight (in, out)), a Gemm or an
-    ungrouped Conv and covers the whole input axis (channel c: entries c*repeat ... (c+1)*repeat - 1, e.g. an
-    attention head's head_dim entries of the output projection), with that node; None if there is none."""
+    """The group's first consumer member that is the weight of a MatMul (weight (in, out)), a Gemm
+    or an ungrouped Conv and covers the whole input axis (channel c: entries c*repeat ...
+    (c+1)*repeat - 1, e.g. an attention head's head_dim entries of the output projection), with that
+    node; None if there is none."""
     for m in group.members:
         if m.role != SUM or m.offset != 0:
             continue
@@ -83,7 +99,7 @@ def _dynamic_tensors(graph: gs.Graph) -> set[str]:
     for node in graph.nodes:
         if node.op in METADATA_OPS:
             continue
-        inputs = node.inputs[:DATA_INPUTS.get(node.op, len(node.inputs))]
+        inputs = node.inputs[: DATA_INPUTS.get(node.op, len(node.inputs))]
         if any(t.name in dynamic for t in inputs if t is not None):
             dynamic.update(t.name for t in node.outputs)
     return dynamic
@@ -101,14 +117,22 @@ def apply_excludes(groups: list[Group], patterns: list[str]) -> None:
 
 
 def kv_cache_notes(plans) -> list[str]:
-    """Report lines for KV-cache graph inputs/outputs whose head count folding changed (plans: FoldPlans),
-    one line per distinct change, e.g. 'KV-cache heads 2 -> 1 (axis 1) in past_key_values.0.key, ...'."""
+    """Report lines for KV-cache graph inputs/outputs whose head count folding changed (plans:
+    FoldPlans), one line per distinct change, e.g. 'KV-cache heads 2 -> 1 (axis 1) in
+    past_key_values.0.key, ...'."""
     changes: dict[tuple[int, int, int], list[str]] = {}
     for plan in plans:
-        for t in {id(m.tensor): m.tensor for m in plan.group.members if isinstance(m.tensor, DeclaredDim)}.values():
+        for t in {
+            id(m.tensor): m.tensor for m in plan.group.members if isinstance(m.tensor, DeclaredDim)
+        }.values():
             changes.setdefault((t.original, int(t.values[0]), t.axis), []).append(t.variable.name)
     notes = []
     for (before, after, axis), names in changes.items():
-        shown = ", ".join(sorted(names)[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        notes.append(f"KV-cache heads {before} -> {after} (axis {axis}) in {shown}: feed past caches of the new shape")
+        shown = ", ".join(sorted(names)[:4]) + (
+            f" and {len(names) - 4} more" if len(names) > 4 else ""
+        )
+        notes.append(
+            f"KV-cache heads {before} -> {after} (axis {axis}) in {shown}: feed past caches of the "
+            "new shape"
+        )
     return notes

@@ -1,4 +1,5 @@
 """A group of coupled channels as discovery hands it to the later stages."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,8 +11,9 @@ from .layout import EXTENT, Member
 
 @dataclass(frozen=True)
 class Consumer:
-    """The layer that reads a group's channels through a constant weight: its node, the weight member (its
-    input-channel slice, covering the whole axis), and the channel axis of the node's activation input."""
+    """The layer that reads a group's channels through a constant weight: its node, the weight
+    member (its input-channel slice, covering the whole axis), and the channel axis of the node's
+    activation input."""
 
     node: gs.Node
     member: Member
@@ -20,15 +22,18 @@ class Consumer:
 
 @dataclass
 class Group:
-    """One set of coupled channels: `size` channels, the slices that follow them, and why it is frozen."""
+    """One set of coupled channels: `size` channels, the slices that follow them, and why it is
+    frozen."""
 
     gid: int
     size: int
     members: list[Member] = field(default_factory=list)
     tensors: list[str] = field(default_factory=list)  # activation tensors carrying these channels
-    frozen: list[str] = field(default_factory=list)   # reasons; empty means foldable
-    unit: int = 1  # original channels per unit: head_dim (x query heads per KV group) for attention heads
-    consumer: Consumer | None = None  # the layer reading these channels (set by discovery), if one is found
+    frozen: list[str] = field(default_factory=list)  # reasons; empty means foldable
+    # original channels per unit: head_dim (x query heads per KV group) for attention heads
+    unit: int = 1
+    # the layer reading these channels (set by discovery), if one is found
+    consumer: Consumer | None = None
 
     @property
     def foldable(self) -> bool:
@@ -36,7 +41,8 @@ class Group:
 
     @property
     def kind(self) -> str:
-        """'heads' for attention heads / KV groups (coarsened units), else 'channels' (conv, MLP)."""
+        """'heads' for attention heads / KV groups (coarsened units), else 'channels' (conv,
+        MLP)."""
         return "heads" if self.unit > 1 else "channels"
 
     def has_bn(self) -> bool:

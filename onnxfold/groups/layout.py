@@ -1,12 +1,13 @@
 """Channel layouts: how the channels of coupled groups sit along one axis of a tensor.
 
-The domain model in one docstring: a *group* is a set of channels that must share one cluster assignment.
-Every activation tensor that carries channels has a Layout: its channel axis holds the concatenation of one
-or more groups' channels (`parts`), each channel spanning `repeat` consecutive entries (a Flatten of C×H×W
-into C·H·W columns has repeat H·W). A Member is one (constant tensor, axis) slice that follows a group's
-channels: producer rows and BN vectors are merged by the cluster mean, consumer columns by the cluster sum,
-and integer shape constants holding an extent are rewritten.
-"""
+The domain model in one docstring: a *group* is a set of channels that must share one cluster
+assignment. Every activation tensor that carries channels has a Layout: its channel axis holds the
+concatenation of one or more groups' channels (`parts`), each channel spanning `repeat` consecutive
+entries (a Flatten of C×H×W into C·H·W columns has repeat H·W). A Member is one (constant tensor,
+axis) slice that follows a group's channels: producer rows and BN vectors are merged by the cluster
+mean, consumer columns by the cluster sum, and integer shape constants holding an extent are
+rewritten."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-MEAN = "mean"      # producer side: output rows, bias, BN and per-channel constants -> cluster mean
-SUM = "sum"        # consumer side: input columns of the next layer -> cluster sum
-EXTENT = "extent"  # a 1-D int shape constant whose entry `axis` holds the extent -> reduced by (n - k) * repeat
+MEAN = "mean"  # producer side: output rows, bias, BN and per-channel constants -> cluster mean
+SUM = "sum"  # consumer side: input columns of the next layer -> cluster sum
+# a 1-D int shape constant whose entry `axis` holds the extent -> reduced by (n - k) * repeat
+EXTENT = "extent"
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,8 @@ class Part:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where channels live in a tensor: axis (non-negative), tensor rank, the groups' parts, entries per channel."""
+    """Where channels live in a tensor: axis (non-negative), tensor rank, the groups' parts, entries
+    per channel."""
 
     axis: int
     rank: int
@@ -61,9 +64,9 @@ class Layout:
 class Member:
     """A slice of constant `tensor` along `axis` that follows group `gid`.
 
-    Channel c of the group occupies indices offset + c*repeat ... offset + (c+1)*repeat - 1 along `axis`.
-    `tag` marks special members: "bn_scale", "bn_bias", "bn_mean", "bn_var" (BatchNormalization vectors).
-    """
+    Channel c of the group occupies indices offset + c*repeat ... offset + (c+1)*repeat - 1 along
+    `axis`. `tag` marks special members: "bn_scale", "bn_bias", "bn_mean", "bn_var"
+    (BatchNormalization vectors)."""
 
     tensor: gs.Constant
     axis: int
@@ -78,12 +81,15 @@ class Member:
 
 
 class DeclaredDim(gs.Constant):
-    """Entry `axis` of a graph input's or output's declared shape (KV-cache tensors), as a 1-entry int64
-    vector. An EXTENT member on it (entry 0) is rewritten like a shape constant, and the new value is written
-    back into the declared shape. `original` keeps the value before folding, for the report."""
+    """Entry `axis` of a graph input's or output's declared shape (KV-cache tensors), as a 1-entry
+    int64 vector. An EXTENT member on it (entry 0) is rewritten like a shape constant, and the new
+    value is written back into the declared shape. `original` keeps the value before folding, for
+    the report."""
 
     def __init__(self, variable: gs.Variable, axis: int):
-        super().__init__(f"{variable.name}.shape[{axis}]", np.array([int(variable.shape[axis])], np.int64))
+        super().__init__(
+            f"{variable.name}.shape[{axis}]", np.array([int(variable.shape[axis])], np.int64)
+        )
         self.variable, self.axis, self.original = variable, axis, int(variable.shape[axis])
 
     @property

@@ -1,9 +1,10 @@
 """The state the op rules act on: a union-find over channel axes (Discovery) and shape helpers.
 
-Input: a gs.Graph (shapes inferred where possible). Output of Discovery.groups(): a list of Group objects,
-each with its channel count, its members (constant slices to merge) and, when it cannot be folded, the
-reasons it is frozen. The per-op rules live in the top-level `patterns` package; discover.py runs them.
-"""
+Input: a gs.Graph (shapes inferred where possible). Output of Discovery.groups(): a list of Group
+objects, each with its channel count, its members (constant slices to merge) and, when it cannot be
+folded, the reasons it is frozen. The per-op rules live in the top-level `patterns` package;
+discover.py runs them."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,11 +20,11 @@ DATA_INPUTS = {"CastLike": 1}
 
 
 class Discovery:
-    """State the pattern rules act on: layouts of activation tensors, union-find of groups, members, freezes.
+    """State the pattern rules act on: layouts of activation tensors, union-find of groups, members,
+    freezes.
 
-    Tensors whose channels cannot be followed (graph inputs, outputs of unknown ops) have no layout; a rule
-    that would couple tracked channels to such a tensor freezes the tracked ones.
-    """
+    Tensors whose channels cannot be followed (graph inputs, outputs of unknown ops) have no layout;
+    a rule that would couple tracked channels to such a tensor freezes the tracked ones."""
 
     def __init__(self, graph: gs.Graph, opset: int):
         self.graph = graph
@@ -31,15 +32,19 @@ class Discovery:
         self.layouts: dict[str, Layout] = {}
         self.parent: list[int] = []
         self.sizes: list[int] = []
-        self.scale: list[int] = []          # channels of each group merged into one unit by coarsen()
-        self.member_scale: list[int] = []   # scale of the member's group when the member was recorded
+        # channels of each group merged into one unit by coarsen()
+        self.scale: list[int] = []
+        # scale of the member's group when the member was recorded
+        self.member_scale: list[int] = []
         self.members: list[Member] = []
         self.reasons: dict[int, list[str]] = {}
         self.tensor_names: dict[int, list[str]] = {}
         self.pieces: dict[int, tuple[int, int]] = {}  # group cut by split() -> its two pieces
-        self.kv_outputs: set[str] = set()   # graph outputs that are KV caches of tracked heads (kv_cache.py)
+        # graph outputs that are KV caches of tracked heads (kv_cache.py)
+        self.kv_outputs: set[str] = set()
 
-    # ---- union-find -------------------------------------------------------------------------------
+    # ---- union-find
+    # -------------------------------------------------------------------------------
     def new_group(self, size: int, tensor: gs.Tensor | None = None) -> int:
         """Create a group of `size` channels; returns its id."""
         gid = len(self.parent)
@@ -62,17 +67,22 @@ class Discovery:
         if ra == rb:
             return
         if self.sizes[ra] != self.sizes[rb]:
-            self.freeze_gid(ra, f"{why}: coupled to a group of {self.sizes[rb]} channels, has {self.sizes[ra]}")
-            self.freeze_gid(rb, f"{why}: coupled to a group of {self.sizes[ra]} channels, has {self.sizes[rb]}")
+            self.freeze_gid(
+                ra, f"{why}: coupled to a group of {self.sizes[rb]} channels, has {self.sizes[ra]}"
+            )
+            self.freeze_gid(
+                rb, f"{why}: coupled to a group of {self.sizes[ra]} channels, has {self.sizes[rb]}"
+            )
         self.parent[rb] = ra
 
     def freeze_gid(self, gid: int, reason: str) -> None:
         self.reasons.setdefault(gid, []).append(reason)
 
-    # ---- operations the rules use -------------------------------------------------------------------
+    # ---- operations the rules use
+    # -------------------------------------------------------------------
     def layout(self, tensor: gs.Tensor) -> Layout | None:
-        """Layout of an activation tensor, or None for constants and untracked tensors (and for a tensor
-        whose groups now have different unit sizes: those groups are frozen)."""
+        """Layout of an activation tensor, or None for constants and untracked tensors (and for a
+        tensor whose groups now have different unit sizes: those groups are frozen)."""
         layout = None if isinstance(tensor, gs.Constant) else self.layouts.get(tensor.name)
         if layout is None:
             return None
@@ -83,26 +93,29 @@ class Discovery:
             return None
 
     def refresh(self, layout: Layout) -> Layout:
-        """The layout with its groups' current channel units (after coarsen()). Raises ValueError when its
-        parts were coarsened differently (heads next to plain channels in one tensor)."""
+        """The layout with its groups' current channel units (after coarsen()). Raises ValueError
+        when its parts were coarsened differently (heads next to plain channels in one tensor)."""
         if all(p.size == self.sizes[p.gid] for p in layout.parts):
             return layout
         factors = {p.size // self.sizes[p.gid] for p in layout.parts}
         if len(factors) != 1:
-            raise ValueError("holds channel groups of different unit sizes (heads next to channels)")
+            raise ValueError(
+                "holds channel groups of different unit sizes (heads next to channels)"
+            )
         parts = tuple(Part(p.gid, self.sizes[p.gid]) for p in layout.parts)
         return Layout(layout.axis, layout.rank, parts, layout.repeat * factors.pop())
 
     def coarsen(self, layout: Layout, factor: int, why: str) -> Layout | None:
-        """Make `factor` consecutive channels of the layout's group one unit (attention: a head of head_dim
-        channels, a KV group of n_rep heads). Returns the refreshed layout, or None (group frozen)."""
+        """Make `factor` consecutive channels of the layout's group one unit (attention: a head of
+        head_dim channels, a KV group of n_rep heads). Returns the refreshed layout, or None (group
+        frozen)."""
         layout = self.refresh(layout)
         if factor == 1:
             return layout
         root = self.find(layout.parts[0].gid) if len(layout.parts) == 1 else None
         gids = [g for g in range(len(self.parent)) if root is not None and self.find(g) == root]
-        # A tensor holding this group next to others (Concat, fused QKV) is refreshed only while all its
-        # parts have the same unit; reading it in between freezes its groups (see layout()).
+        # A tensor holding this group next to others (Concat, fused QKV) is refreshed only while all
+        # its parts have the same unit; reading it in between freezes its groups (see layout()).
         if root is None or not all(self.sizes[g] % factor == 0 for g in gids):
             self.freeze(layout, f"{why}: channels cannot be grouped in blocks of {factor}")
             return None
@@ -112,31 +125,44 @@ class Discovery:
         return self.refresh(layout)
 
     def split(self, layout: Layout, cuts: list[int], why: str) -> Layout | None:
-        """Cut the channel axis of `layout` at entry offsets `cuts` (Split/Slice outputs are its pieces).
+        """Cut the channel axis of `layout` at entry offsets `cuts` (Split/Slice outputs are its
+        pieces).
 
-        A group straddling a cut becomes two groups (every group coupled to it is cut alike, its members
-        and every layout holding it follow). Returns the refined layout, whose part boundaries include every
-        cut, or None (frozen) when a cut falls inside a channel's entries."""
+        A group straddling a cut becomes two groups (every group coupled to it is cut alike, its
+        members and every layout holding it follow). Returns the refined layout, whose part
+        boundaries include every cut, or None (frozen) when a cut falls inside a channel's
+        entries."""
         layout = self.refresh(layout)
         if any(c % layout.repeat for c in cuts):
             self.freeze(layout, f"{why}: cuts inside a channel")
             return None
         units = sorted({c // layout.repeat for c in cuts})
         while True:
-            cut = next(((p, u - s) for u in units for s, p in zip(layout.starts(), layout.parts)
-                        if s < u < s + p.size), None)
+            cut = next(
+                (
+                    (p, u - s)
+                    for u in units
+                    for s, p in zip(layout.starts(), layout.parts)
+                    if s < u < s + p.size
+                ),
+                None,
+            )
             if cut is None:
                 return layout
             root = self.find(cut[0].gid)
-            coupled = [g for g in range(len(self.parent)) if g not in self.pieces and self.find(g) == root]
-            if len({self.sizes[g] for g in coupled}) != 1:  # already frozen: coupled groups of unequal sizes
+            coupled = [
+                g for g in range(len(self.parent)) if g not in self.pieces and self.find(g) == root
+            ]
+            # already frozen: coupled groups of unequal sizes
+            if len({self.sizes[g] for g in coupled}) != 1:
                 self.freeze(layout, f"{why}: cuts groups of different sizes coupled together")
                 return None
             self._cut_class(coupled, cut[1])
             layout = self._replace_cut(layout)
 
     def _cut_class(self, coupled: list[int], at: int) -> None:
-        """Replace each of the coupled groups (equal sizes) by two groups: units [0, at) and [at, size)."""
+        """Replace each of the coupled groups (equal sizes) by two groups: units [0, at) and [at,
+        size)."""
         pieces: dict[int, tuple[int, int]] = {}
         for g in coupled:
             pieces[g] = (self.new_group(at), self.new_group(self.sizes[g] - at))
@@ -157,14 +183,18 @@ class Discovery:
                 continue
             a, b = pieces[m.gid]
             shift = at * (self.scale[m.gid] // s) * m.repeat
-            members += [_with_gid(m, a), Member(m.tensor, m.axis, m.role, b, m.offset + shift, m.repeat, m.tag)]
+            members += [
+                _with_gid(m, a),
+                Member(m.tensor, m.axis, m.role, b, m.offset + shift, m.repeat, m.tag),
+            ]
             scales += [s, s]
         self.members, self.member_scale = members, scales
         for name, lay in self.layouts.items():
             self.layouts[name] = self._replace_cut(lay)
 
     def _replace_cut(self, layout: Layout) -> Layout:
-        """The layout with each cut group's part replaced by its pieces (in the unit the layout recorded)."""
+        """The layout with each cut group's part replaced by its pieces (in the unit the layout
+        recorded)."""
         if not any(p.gid in self.pieces for p in layout.parts):
             return layout
         parts = []
@@ -195,10 +225,11 @@ class Discovery:
                 self.freeze_gid(p.gid, reason)
 
     def unify(self, a: Layout, b: Layout, why: str) -> bool:
-        """Couple two layouts channel by channel; freezes both (returns False) if their structure differs.
+        """Couple two layouts channel by channel; freezes both (returns False) if their structure
+        differs.
 
-        Single-group layouts of equal extent but different units (query heads vs KV groups) are first
-        coarsened to the larger unit."""
+        Single-group layouts of equal extent but different units (query heads vs KV groups) are
+        first coarsened to the larger unit."""
         a, b = self.refresh(a), self.refresh(b)
         if a.repeat != b.repeat and a.extent == b.extent and len(a.parts) == len(b.parts) == 1:
             fine, coarse = (a, b) if a.repeat < b.repeat else (b, a)
@@ -215,9 +246,17 @@ class Discovery:
             self.union(pa.gid, pb.gid, why)
         return True
 
-    def add_members(self, layout: Layout | None, tensor: gs.Tensor, axis: int, role: str, tag: str = "",
-                    repeat: int = 1) -> None:
-        """`tensor` follows `layout`'s channels along `axis` (each channel `repeat` x layout.repeat entries)."""
+    def add_members(
+        self,
+        layout: Layout | None,
+        tensor: gs.Tensor,
+        axis: int,
+        role: str,
+        tag: str = "",
+        repeat: int = 1,
+    ) -> None:
+        """`tensor` follows `layout`'s channels along `axis` (each channel `repeat` x layout.repeat
+        entries)."""
         if layout is None or not isinstance(tensor, gs.Constant):
             return
         layout = self.refresh(layout)
@@ -226,10 +265,13 @@ class Discovery:
             self.members.append(Member(tensor, axis, role, p.gid, start * rep, rep, tag))
             self.member_scale.append(self.scale[p.gid])
 
-    # ---- results ------------------------------------------------------------------------------------
+    # ---- results
+    # ------------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         """Resolve the union-find into Group objects (after all rules ran)."""
-        self.members = [_rescaled(m, self.scale[m.gid] // s) for m, s in zip(self.members, self.member_scale)]
+        self.members = [
+            _rescaled(m, self.scale[m.gid] // s) for m, s in zip(self.members, self.member_scale)
+        ]
         self.member_scale = [self.scale[m.gid] for m in self.members]
         self._couple_shared_members()
         self._freeze_overlapping_members()
@@ -257,13 +299,24 @@ class Discovery:
                 self.union(other.gid, m.gid, f"shared initializer '{m.tensor.name}'")
 
     def _freeze_overlapping_members(self) -> None:
-        """Two different slice patterns over the same indices of one tensor cannot both be honoured."""
+        """Two different slice patterns over the same indices of one tensor cannot both be
+        honoured."""
         by_axis: dict[tuple, list[Member]] = {}
         for m in self.members:
             by_axis.setdefault((id(m.tensor), m.axis, m.role == EXTENT), []).append(m)
         for ms in by_axis.values():
-            spans = sorted({(m.offset, m.offset + self.sizes[self.find(m.gid)] * m.repeat, m.repeat, self.find(m.gid))
-                            for m in ms if m.role != EXTENT})
+            spans = sorted(
+                {
+                    (
+                        m.offset,
+                        m.offset + self.sizes[self.find(m.gid)] * m.repeat,
+                        m.repeat,
+                        self.find(m.gid),
+                    )
+                    for m in ms
+                    if m.role != EXTENT
+                }
+            )
             for (s0, e0, r0, g0), (s1, e1, r1, g1) in zip(spans, spans[1:]):
                 if s1 < e0 and (s0, e0, r0, g0) != (s1, e1, r1, g1):
                     reason = f"initializer '{ms[0].tensor.name}' is sliced in conflicting ways"
@@ -272,8 +325,13 @@ class Discovery:
 
 
 def _rescaled(m: Member, factor: int) -> Member:
-    """A member recorded before its group was coarsened: each unit spans `factor` times more entries."""
-    return m if factor == 1 else Member(m.tensor, m.axis, m.role, m.gid, m.offset, m.repeat * factor, m.tag)
+    """A member recorded before its group was coarsened: each unit spans `factor` times more
+    entries."""
+    return (
+        m
+        if factor == 1
+        else Member(m.tensor, m.axis, m.role, m.gid, m.offset, m.repeat * factor, m.tag)
+    )
 
 
 def _with_gid(m: Member, gid: int) -> Member:
@@ -293,5 +351,3 @@ def dim_of(tensor: gs.Tensor, axis: int):
         return None
     d = shape[axis]
     return int(d) if isinstance(d, (int, np.integer)) and d >= 0 else d
-
-

@@ -1,7 +1,8 @@
-"""Weights as onnx-graphsurgeon holds them: read from the model file or from external-data files straight
-into numpy arrays (never into the protobuf), lazily where asked, and the skeleton of a model (its graph
-without the large tensor data) for counting and checking without a second copy of the weights.
-"""
+"""Weights as onnx-graphsurgeon holds them: read from the model file or from external-data files
+straight into numpy arrays (never into the protobuf), lazily where asked, and the skeleton of a
+model (its graph without the large tensor data) for counting and checking without a second copy of
+the weights."""
+
 from __future__ import annotations
 
 import mmap
@@ -21,7 +22,8 @@ NOT_LOADED = "(not loaded)"
 
 @dataclass(frozen=True)
 class ExternalRef:
-    """Where one tensor's bytes lie: file (absolute), location (as written in the model), offset, length."""
+    """Where one tensor's bytes lie: file (absolute), location (as written in the model), offset,
+    length."""
 
     file: str
     location: str
@@ -33,20 +35,25 @@ class ExternalRef:
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         nbytes = int(np.prod(tensor.dims, dtype=np.int64)) * np_dtype(tensor.data_type).itemsize
-        return ExternalRef(os.path.join(base, location), location, int(info.get("offset", 0) or 0),
-                           int(info.get("length", nbytes) or nbytes))
+        return ExternalRef(
+            os.path.join(base, location),
+            location,
+            int(info.get("offset", 0) or 0),
+            int(info.get("length", nbytes) or nbytes),
+        )
 
 
 def np_dtype(onnx_type: int) -> np.dtype:
-    """numpy dtype of an ONNX element type; bfloat16 (stored as 16-bit patterns) is ml_dtypes.bfloat16."""
+    """numpy dtype of an ONNX element type; bfloat16 (stored as 16-bit patterns) is
+    ml_dtypes.bfloat16."""
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type))
 
 
 class ExternalValues(LazyValues):
-    """Values of a tensor held in an external-data file (n-d numpy array of the tensor's dtype; bfloat16 as
-    ml_dtypes.bfloat16). Tensors from MAP_BYTES up are memory-mapped read-only: asking for a weight's shape
-    reads nothing, and the pages read count as memory only while the array lives (steps that change a
-    weight assign a new array). `ref` says where the bytes are."""
+    """Values of a tensor held in an external-data file (n-d numpy array of the tensor's dtype;
+    bfloat16 as ml_dtypes.bfloat16). Tensors from MAP_BYTES up are memory-mapped read-only: asking
+    for a weight's shape reads nothing, and the pages read count as memory only while the array
+    lives (steps that change a weight assign a new array). `ref` says where the bytes are."""
 
     MAP_BYTES = 1 << 20
 
@@ -58,8 +65,10 @@ class ExternalValues(LazyValues):
     def load(self) -> np.ndarray:
         count = int(np.prod(self.shape, dtype=np.int64))
         if count * self.dtype.itemsize != self.ref.length:
-            raise UserError(f"external data of tensor '{self.tensor.name}' holds {self.ref.length} bytes, its "
-                            f"shape {tuple(self.shape)} needs {count * self.dtype.itemsize}")
+            raise UserError(
+                f"external data of tensor '{self.tensor.name}' holds {self.ref.length} bytes, its "
+                f"shape {tuple(self.shape)} needs {count * self.dtype.itemsize}"
+            )
         if self.ref.length >= self.MAP_BYTES:
             return np.memmap(self.ref.file, self.dtype, "r", self.ref.offset, tuple(self.shape))
         out = np.empty(self.shape, self.dtype)
@@ -67,19 +76,23 @@ class ExternalValues(LazyValues):
             f.seek(self.ref.offset)
             got = f.readinto(out.reshape(-1).view(np.uint8))
         if got != out.nbytes:
-            raise UserError(f"external-data file '{self.ref.location}' ended inside tensor '{self.tensor.name}'")
+            raise UserError(
+                f"external-data file '{self.ref.location}' ended inside tensor '{self.tensor.name}'"
+            )
         return out
 
 
 class InlineValues(LazyValues):
-    """LazyValues for tensors stored in the model file, loading bfloat16 without gs's cast warning."""
+    """LazyValues for tensors stored in the model file, loading bfloat16 without gs's cast
+    warning."""
 
     def load(self) -> np.ndarray:
         return np.array(onnx.numpy_helper.to_array(self.tensor))
 
 
 def all_constants(graph: gs.Graph) -> list[gs.Constant]:
-    """Every gs.Constant of the graph and its subgraphs, node-attribute tensors included, each once."""
+    """Every gs.Constant of the graph and its subgraphs, node-attribute tensors included, each
+    once."""
     seen: dict[int, gs.Constant] = {}
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for t in g.tensors().values():
@@ -94,7 +107,8 @@ def all_constants(graph: gs.Graph) -> list[gs.Constant]:
 
 def attach_weights(graph: gs.Graph, base: str, weights: dict[str, np.ndarray], lazy: bool) -> None:
     """Give every constant imported from a skeleton its values: the array read from the model file
-    (`weights`), ExternalValues for external data (read now unless lazy), InlineValues for small tensors."""
+    (`weights`), ExternalValues for external data (read now unless lazy), InlineValues for small
+    tensors."""
     for c in all_constants(graph):
         values = c._values
         if type(values) is not LazyValues:
@@ -110,25 +124,35 @@ def attach_weights(graph: gs.Graph, base: str, weights: dict[str, np.ndarray], l
 
 
 def peek(tensor: gs.Constant) -> np.ndarray:
-    """The values of a constant without keeping them in the graph: a weight not read yet is read for this
-    call only, through its own mapping (a step that needs every weight once, e.g. clustering features, then
-    holds one at a time)."""
+    """The values of a constant without keeping them in the graph: a weight not read yet is read for
+    this call only, through its own mapping (a step that needs every weight once, e.g. clustering
+    features, then holds one at a time)."""
     values = tensor._values
     if isinstance(values, LazyValues):
         return values.load()
-    if isinstance(values, np.memmap) and isinstance(values.base, mmap.mmap) and not values.flags.writeable:
+    if (
+        isinstance(values, np.memmap)
+        and isinstance(values.base, mmap.mmap)
+        and not values.flags.writeable
+    ):
         return np.memmap(values.filename, values.dtype, "r", values.offset, values.shape)
     return np.asarray(values)
 
 
 def skeleton_of(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose initializers stored inline over INLINE_MAX bytes keep name, dims and type but
-    no data (marked external, location NOT_LOADED): enough for counting parameters, shape inference and
-    the checker; external references are kept as they are."""
-    out = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
-                          producer_version=model.producer_version, domain=model.domain,
-                          model_version=model.model_version, opset_import=model.opset_import,
-                          functions=model.functions, metadata_props=model.metadata_props)
+    """A copy of `model` whose initializers stored inline over INLINE_MAX bytes keep name, dims and
+    type but no data (marked external, location NOT_LOADED): enough for counting parameters, shape
+    inference and the checker; external references are kept as they are."""
+    out = onnx.ModelProto(
+        ir_version=model.ir_version,
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        domain=model.domain,
+        model_version=model.model_version,
+        opset_import=model.opset_import,
+        functions=model.functions,
+        metadata_props=model.metadata_props,
+    )
     src, dst = model.graph, out.graph
     dst.name = src.name
     for field in ("node", "input", "output", "value_info", "sparse_initializer"):
@@ -137,16 +161,23 @@ def skeleton_of(model: onnx.ModelProto) -> onnx.ModelProto:
         if not stubbed(t):
             dst.initializer.append(t)
         else:
-            stub = dst.initializer.add(name=t.name, dims=t.dims, data_type=t.data_type,
-                                       data_location=onnx.TensorProto.EXTERNAL)
+            stub = dst.initializer.add(
+                name=t.name,
+                dims=t.dims,
+                data_type=t.data_type,
+                data_location=onnx.TensorProto.EXTERNAL,
+            )
             stub.external_data.add(key="location", value=NOT_LOADED)
     return out
 
 
 def stubbed(t: onnx.TensorProto) -> bool:
     """An initializer skeleton_of leaves out: inline, numeric, over INLINE_MAX bytes."""
-    return (t.data_location != onnx.TensorProto.EXTERNAL and t.data_type != onnx.TensorProto.STRING
-            and t.ByteSize() > INLINE_MAX)
+    return (
+        t.data_location != onnx.TensorProto.EXTERNAL
+        and t.data_type != onnx.TensorProto.STRING
+        and t.ByteSize() > INLINE_MAX
+    )
 
 
 def _location(t: onnx.TensorProto) -> str:

@@ -1,11 +1,11 @@
 """Load an ONNX file into an onnx-graphsurgeon graph, with clear errors for bad input.
 
-Protobuf is touched in this package only; everything between works on the gs.Graph. Weights stored in
-external-data files are read by `ExternalValues` straight into numpy arrays (never into the protobuf); with
-`lazy=True` they stay on disk until first used, so a model over 2 GB is never held twice in memory.
-Loading: read and check the file, import the skeleton with shapes inferred (shapes.py), attach the weights
-(external.py), normalise the graph (normalize.py).
-"""
+Protobuf is touched in this package only; everything between works on the gs.Graph. Weights stored
+in external-data files are read by `ExternalValues` straight into numpy arrays (never into the
+protobuf); with `lazy=True` they stay on disk until first used, so a model over 2 GB is never held
+twice in memory. Loading: read and check the file, import the skeleton with shapes inferred
+(shapes.py), attach the weights (external.py), normalise the graph (normalize.py)."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +18,12 @@ from google.protobuf.message import DecodeError
 
 from ..errors import UserError
 from .external import ExternalRef, all_tensors, attach_weights, check_skeleton, skeleton_of, stubbed
-from .normalize import constants_from_nodes, fold_constant_subgraphs, unshare_shape_concats, unshare_small_constants
+from .normalize import (
+    constants_from_nodes,
+    fold_constant_subgraphs,
+    unshare_shape_concats,
+    unshare_small_constants,
+)
 from .shapes import observed_shapes, with_inferred_shapes
 
 MIN_OPSET = 11
@@ -28,8 +33,8 @@ MIN_OPSET = 11
 class LoadedModel:
     """A model as read from disk: the graph, where it came from, and how its weights were stored.
 
-    skeleton: the input model without its large tensor data (dims and types kept), for counting parameters
-    and MACs without a second copy of the weights."""
+    skeleton: the input model without its large tensor data (dims and types kept), for counting
+    parameters and MACs without a second copy of the weights."""
 
     graph: gs.Graph
     path: str
@@ -43,18 +48,24 @@ class LoadedModel:
 def load_model(path: str, lazy: bool = False) -> LoadedModel:
     """Read `path` (an .onnx file, with external data beside it if any) into a LoadedModel.
 
-    lazy: external-data weights are read from disk only when a step uses them (`Constant.values`); use it
-    when the graph is written back with save.save_graph, not when it is exported to protobuf in memory.
-    Raises UserError (one line, how to fix) for missing, unreadable, truncated or non-ONNX files,
-    missing or short external-data files and opsets older than 11.
-    """
+    lazy: external-data weights are read from disk only when a step uses them (`Constant.values`);
+    use it when the graph is written back with save.save_graph, not when it is exported to protobuf
+    in memory. Raises UserError (one line, how to fix) for missing, unreadable, truncated or
+    non-ONNX files, missing or short external-data files and opsets older than 11."""
     proto = _read_proto(path)
     base = os.path.dirname(os.path.abspath(path))
     external = _uses_external_data(proto)
     if external:
         _check_external(proto, path, base)
-    files = tuple(sorted({ExternalRef.of(t, base).file for t in all_tensors(proto)
-                          if t.data_location == onnx.TensorProto.EXTERNAL}))
+    files = tuple(
+        sorted(
+            {
+                ExternalRef.of(t, base).file
+                for t in all_tensors(proto)
+                if t.data_location == onnx.TensorProto.EXTERNAL
+            }
+        )
+    )
     size = os.path.getsize(path) + sum(os.path.getsize(f) for f in files)
     weights = _inline_weights(path, proto)
     model = skeleton_of(proto)
@@ -62,7 +73,10 @@ def load_model(path: str, lazy: bool = False) -> LoadedModel:
     _check_structure(path, model)
     opset = _default_opset(model)
     if opset < MIN_OPSET:
-        raise UserError(f"{path}: opset {opset} is older than {MIN_OPSET}; upgrade it with onnx.version_converter")
+        raise UserError(
+            f"{path}: opset {opset} is older than {MIN_OPSET}; upgrade it with "
+            "onnx.version_converter"
+        )
     skeleton = skeleton_of(model)
     graph = gs.import_onnx(observed_shapes(with_inferred_shapes(model)))
     attach_weights(graph, base, weights, lazy)
@@ -100,7 +114,10 @@ def _read_proto(path: str) -> onnx.ModelProto:
     try:
         proto = onnx.ModelProto.FromString(data)
     except (DecodeError, RuntimeWarning, ValueError):
-        raise UserError(f"{path}: not a valid ONNX file (protobuf could not be parsed; truncated or wrong format?)") from None
+        raise UserError(
+            f"{path}: not a valid ONNX file (protobuf could not be parsed; truncated or wrong "
+            "format?)"
+        ) from None
     if not proto.HasField("graph") or (len(proto.graph.node) == 0 and len(proto.graph.output) == 0):
         raise UserError(f"{path}: not an ONNX model (no graph found; truncated or wrong format?)")
     return proto
@@ -126,11 +143,16 @@ def _check_external(proto: onnx.ModelProto, path: str, base: str) -> None:
             continue
         ref = ExternalRef.of(t, base)
         if not os.path.isfile(ref.file):
-            raise UserError(f"{path}: external-data file '{ref.location}' for tensor '{t.name}' is missing; "
-                            f"keep it beside the model")
+            raise UserError(
+                f"{path}: external-data file '{ref.location}' for tensor '{t.name}' is missing; "
+                f"keep it beside the model"
+            )
         if ref.offset + ref.length > os.path.getsize(ref.file):
-            raise UserError(f"{path}: external-data file '{ref.location}' is shorter than tensor '{t.name}' needs "
-                            f"(truncated copy?)")
+            raise UserError(
+                f"{path}: external-data file '{ref.location}' is shorter than tensor '{t.name}' "
+                "needs "
+                f"(truncated copy?)"
+            )
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:
@@ -138,5 +160,3 @@ def _default_opset(proto: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     raise UserError("model declares no default-domain opset; it is not a standard ONNX model")
-
-

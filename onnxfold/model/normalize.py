@@ -1,7 +1,8 @@
-"""Normalise a freshly imported graph so every exporter's output looks alike to the rules: Constant and
-Identity nodes become constants, constant-only subgraphs are evaluated, shared shape vectors and small
-constants get one copy per reader (and are shared again on saving when folding left them equal).
-"""
+"""Normalise a freshly imported graph so every exporter's output looks alike to the rules: Constant
+and Identity nodes become constants, constant-only subgraphs are evaluated, shared shape vectors and
+small constants get one copy per reader (and are shared again on saving when folding left them
+equal)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,10 +13,10 @@ from .external import np_dtype
 
 
 def constants_from_nodes(graph: gs.Graph) -> None:
-    """Turn Constant nodes (paddle2onnx style) and Identity nodes forwarding a constant into plain constants.
+    """Turn Constant nodes (paddle2onnx style) and Identity nodes forwarding a constant into plain
+    constants.
 
-    Consumers are rewired to a gs.Constant; graph outputs are left untouched.
-    """
+    Consumers are rewired to a gs.Constant; graph outputs are left untouched."""
     for node in list(graph.nodes):
         const = _constant_of(node)
         if const is None or node.outputs[0] in graph.outputs:
@@ -29,7 +30,12 @@ def constants_from_nodes(graph: gs.Graph) -> None:
     graph.cleanup(remove_unused_graph_inputs=False)
 
 
-_SCALAR_ATTRS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+_SCALAR_ATTRS = {
+    "value_float": np.float32,
+    "value_floats": np.float32,
+    "value_int": np.int64,
+    "value_ints": np.int64,
+}
 
 
 def _constant_of(node: gs.Node):
@@ -51,18 +57,26 @@ def _constant_node_value(node: gs.Node):
 
 
 def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
-    """Evaluate small subgraphs that depend on constants only (e.g. Pad widths computed by legacy exports).
+    """Evaluate small subgraphs that depend on constants only (e.g. Pad widths computed by legacy
+    exports).
 
-    Shape ops are left alone (fold_shapes=False): a shape computed at run time follows folded channels.
-    Nodes reading an embedding table that a Gather reads too (a tied LM head's Transpose) stay: folding them
-    would store a second copy of the table.
-    """
+    Shape ops are left alone (fold_shapes=False): a shape computed at run time follows folded
+    channels. Nodes reading an embedding table that a Gather reads too (a tied LM head's Transpose)
+    stay: folding them would store a second copy of the table."""
     if not any(n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs) for n in graph.nodes):
         return
-    held = [(n, i, t) for n in graph.nodes for i, t in enumerate(n.inputs)
-            if isinstance(t, gs.Constant) and n.op != "Gather" and int(np.prod(t.shape)) > 1024
-            and any(o.op == "Gather" and o.inputs[0] is t for o in t.outputs)]
-    stand_ins = {t.name: gs.Variable(t.name + "__held", dtype=t.dtype, shape=t.shape) for _, _, t in held}
+    held = [
+        (n, i, t)
+        for n in graph.nodes
+        for i, t in enumerate(n.inputs)
+        if isinstance(t, gs.Constant)
+        and n.op != "Gather"
+        and int(np.prod(t.shape)) > 1024
+        and any(o.op == "Gather" and o.inputs[0] is t for o in t.outputs)
+    ]
+    stand_ins = {
+        t.name: gs.Variable(t.name + "__held", dtype=t.dtype, shape=t.shape) for _, _, t in held
+    }
     for node, i, t in held:  # a producer-less Variable is not constant to fold_constants
         node.inputs[i] = stand_ins[t.name]
     try:
@@ -78,8 +92,9 @@ SHAPE_CONSUMERS = ("Reshape", "Expand", "Resize")
 
 
 def unshare_shape_concats(graph: gs.Graph) -> None:
-    """A shape vector built by Concat and read by several Reshape/Expand nodes gets one Concat per reader,
-    so a channel count baked into one of its pieces can be rewritten for that reader alone."""
+    """A shape vector built by Concat and read by several Reshape/Expand nodes gets one Concat per
+    reader, so a channel count baked into one of its pieces can be rewritten for that reader
+    alone."""
     names = set(graph.tensors())
     for node in list(graph.nodes):
         if node.op not in SHAPE_CONSUMERS or len(node.inputs) < 2 or not node.inputs[-1].inputs:
@@ -89,16 +104,25 @@ def unshare_shape_concats(graph: gs.Graph) -> None:
         cat = shape.inputs[0] if shape.inputs else None
         if cat is None or cat.op != "Concat" or len(shape.outputs) < 2 or shape.outputs[0] is node:
             continue
-        copy = gs.Variable(_fresh_name(f"{shape.name}_copy", names), dtype=shape.dtype, shape=shape.shape)
-        graph.nodes.append(gs.Node("Concat", _fresh_name(f"{cat.name}_copy", names), dict(cat.attrs),
-                                   list(cat.inputs), [copy]))
+        copy = gs.Variable(
+            _fresh_name(f"{shape.name}_copy", names), dtype=shape.dtype, shape=shape.shape
+        )
+        graph.nodes.append(
+            gs.Node(
+                "Concat",
+                _fresh_name(f"{cat.name}_copy", names),
+                dict(cat.attrs),
+                list(cat.inputs),
+                [copy],
+            )
+        )
         node.inputs[index] = copy
     graph.toposort()
 
 
 def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:
-    """Give every node its own copy of small shared constants (see _unshareable), so rewriting one is local
-    and layers that merely share equal values are not coupled."""
+    """Give every node its own copy of small shared constants (see _unshareable), so rewriting one
+    is local and layers that merely share equal values are not coupled."""
     seen: set[int] = set()
     names = set(graph.tensors())
     for node in graph.nodes:
@@ -113,8 +137,9 @@ def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:
 
 
 def reshare_unchanged_copies(graph: gs.Graph) -> None:
-    """Undo unshare_small_constants where folding left a copy equal to its original (same shape, dtype and
-    values): the written model shares it again, so an unfolded layer costs no extra parameters."""
+    """Undo unshare_small_constants where folding left a copy equal to its original (same shape,
+    dtype and values): the written model shares it again, so an unfolded layer costs no extra
+    parameters."""
     for node in graph.nodes:
         for i, t in enumerate(node.inputs):
             original = getattr(t, "onnxfold_original", None)
@@ -129,10 +154,11 @@ MAX_SHARED_VECTOR = 1 << 16
 
 
 def _unshareable(node: gs.Node, t: gs.Tensor, max_size: int) -> bool:
-    """Small integer constants (shape vectors), and float vectors (biases, BN statistics, per-channel
-    scales: at most one dim > 1) that an exporter deduplicated because their values happened to be equal,
-    e.g. zero biases or unit BN scales of untrained layers. Shared weight matrices (tied embeddings) stay
-    shared and couple their groups. Decided from shape and dtype alone: no weight is read here."""
+    """Small integer constants (shape vectors), and float vectors (biases, BN statistics,
+    per-channel scales: at most one dim > 1) that an exporter deduplicated because their values
+    happened to be equal, e.g. zero biases or unit BN scales of untrained layers. Shared weight
+    matrices (tied embeddings) stay shared and couple their groups. Decided from shape and dtype
+    alone: no weight is read here."""
     if not isinstance(t, gs.Constant):
         return False
     size = int(np.prod(t.shape, dtype=np.int64))

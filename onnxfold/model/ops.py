@@ -1,21 +1,22 @@
-"""The one table of per-op weight layouts: which axis of a layer's constant weight (input 1) indexes its
-input channels and which its output channels, where its bias goes, and the Conv facts (groups, 1x1,
-padding) later stages ask about. Stages read layouts from here instead of restating Gemm's transB or the
-Conv axes.
-"""
+"""The one table of per-op weight layouts: which axis of a layer's constant weight (input 1) indexes
+its input channels and which its output channels, where its bias goes, and the Conv facts (groups,
+1x1, padding) later stages ask about. Stages read layouts from here instead of restating Gemm's
+transB or the Conv axes."""
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-# (input-channel axis, output-channel axis) of the constant weight; Gemm depends on transB (weight_axes)
+# (input-channel axis, output-channel axis) of the constant weight; Gemm depends on transB
+# (weight_axes)
 WEIGHT_AXES = {"Conv": (1, 0), "ConvTranspose": (0, 1), "MatMul": (0, 1)}
 CONV_OPS = ("Conv", "ConvTranspose")
 BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}  # input index of the bias (MatMul has none)
 
 
 def weight_axes(node: gs.Node) -> tuple[int, int] | None:
-    """(input-channel axis, output-channel axis) of the node's constant weight; None when input 1 is not a
-    constant weight of a known layout (another op, an activation, a batched MatMul weight)."""
+    """(input-channel axis, output-channel axis) of the node's constant weight; None when input 1 is
+    not a constant weight of a known layout (another op, an activation, a batched MatMul weight)."""
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
         return None
     if node.op == "Gemm":
@@ -26,7 +27,8 @@ def weight_axes(node: gs.Node) -> tuple[int, int] | None:
 
 
 def weight_out_axis(node: gs.Node) -> int | None:
-    """The axis of the node's constant weight that indexes its output channels (None: not a producer)."""
+    """The axis of the node's constant weight that indexes its output channels (None: not a
+    producer)."""
     axes = weight_axes(node)
     return None if axes is None else axes[1]
 
@@ -37,11 +39,20 @@ def output_channel_axis(node: gs.Node) -> int:
 
 
 def activation_axis(node: gs.Node, weight: gs.Tensor, axis: int) -> int | None:
-    """Channel axis of the node's activation input (input 0) when `weight` is its constant weight read along
-    its input-channel `axis`: -1 for MatMul and Gemm (not transA), 1 for an ungrouped Conv; else None."""
-    if len(node.inputs) < 2 or node.inputs[1] is not weight or not isinstance(node.inputs[0], gs.Variable):
+    """Channel axis of the node's activation input (input 0) when `weight` is its constant weight
+    read along its input-channel `axis`: -1 for MatMul and Gemm (not transA), 1 for an ungrouped
+    Conv; else None."""
+    if (
+        len(node.inputs) < 2
+        or node.inputs[1] is not weight
+        or not isinstance(node.inputs[0], gs.Variable)
+    ):
         return None
-    if node.op not in ("MatMul", "Gemm", "Conv") or node.op == "Gemm" and node.attrs.get("transA", 0):
+    if (
+        node.op not in ("MatMul", "Gemm", "Conv")
+        or node.op == "Gemm"
+        and node.attrs.get("transA", 0)
+    ):
         return None
     if node.op == "Conv" and conv_groups(node) != 1:
         return None
@@ -58,8 +69,13 @@ def conv_groups(node: gs.Node) -> int:
 
 def is_depthwise(node: gs.Node) -> bool:
     """A grouped Conv whose constant weight (C, 1, ...) has one input channel per group."""
-    return (node.op == "Conv" and conv_groups(node) > 1 and len(node.inputs) > 1
-            and isinstance(node.inputs[1], gs.Constant) and node.inputs[1].shape[1] == 1)
+    return (
+        node.op == "Conv"
+        and conv_groups(node) > 1
+        and len(node.inputs) > 1
+        and isinstance(node.inputs[1], gs.Constant)
+        and node.inputs[1].shape[1] == 1
+    )
 
 
 def is_pointwise(node: gs.Node) -> bool:
@@ -68,6 +84,9 @@ def is_pointwise(node: gs.Node) -> bool:
 
 
 def is_padded(node: gs.Node) -> bool:
-    """A Conv with explicit or automatic padding (a constant input then gives a non-constant output)."""
-    return node.op == "Conv" and (any(node.attrs.get("pads", [0]))
-                                  or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"))
+    """A Conv with explicit or automatic padding (a constant input then gives a non-constant
+    output)."""
+    return node.op == "Conv" and (
+        any(node.attrs.get("pads", [0]))
+        or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+    )

@@ -3,6 +3,7 @@
 GPU libraries are imported lazily, inside functions only. Whether a GPU really works is probed once
 (a tiny kernel must run) and the answer cached for the process.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -20,7 +21,8 @@ _BLOCK_FLOATS = 1 << 22  # grouped sums gather at most this many elements at onc
 
 
 class BackendUnavailable(UserError):
-    """The requested array backend cannot run here (library missing, no working GPU, unknown name)."""
+    """The requested array backend cannot run here (library missing, no working GPU, unknown
+    name)."""
 
 
 def resolve_backend(name: str = "auto") -> str:
@@ -37,12 +39,16 @@ def resolve_backend(name: str = "auto") -> str:
         return _auto_backend()
     if key == "torch":
         if not _installed("torch"):
-            raise BackendUnavailable("backend 'torch' needs PyTorch: pip install torch (or use --backend numpy)")
+            raise BackendUnavailable(
+                "backend 'torch' needs PyTorch: pip install torch (or use --backend numpy)"
+            )
         return "torch"
     if key == "cupy":
         _require_cupy()
         return "cupy"
-    raise BackendUnavailable(f"unknown backend {name!r}; valid backends: {', '.join(VALID_BACKENDS)}")
+    raise BackendUnavailable(
+        f"unknown backend {name!r}; valid backends: {', '.join(VALID_BACKENDS)}"
+    )
 
 
 def array_module(backend: str):
@@ -70,10 +76,14 @@ def _auto_backend() -> str:
 
 def _require_cupy() -> None:
     if not _installed("cupy"):
-        raise BackendUnavailable("backend 'cupy' needs CuPy and an NVIDIA GPU: pip install cupy-cuda12x")
+        raise BackendUnavailable(
+            "backend 'cupy' needs CuPy and an NVIDIA GPU: pip install cupy-cuda12x"
+        )
     ok, why = _gpu_probe("cupy")
     if not ok:
-        raise BackendUnavailable(f"backend 'cupy': CuPy is installed but no working CUDA GPU was found ({why})")
+        raise BackendUnavailable(
+            f"backend 'cupy': CuPy is installed but no working CUDA GPU was found ({why})"
+        )
 
 
 def _installed(lib: str) -> bool:
@@ -82,7 +92,8 @@ def _installed(lib: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_driver_loads() -> bool:
-    """Cheap pre-check before importing a GPU library: can the CUDA driver library be loaded at all?"""
+    """Cheap pre-check before importing a GPU library: can the CUDA driver library be loaded at
+    all?"""
     for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
         try:
             ctypes.CDLL(lib)
@@ -94,7 +105,8 @@ def _cuda_driver_loads() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _gpu_probe(lib: str) -> tuple[bool, str]:
-    """(True, '') when `lib` ('cupy' or 'torch') runs a tiny matmul on a CUDA device, else (False, why)."""
+    """(True, '') when `lib` ('cupy' or 'torch') runs a tiny matmul on a CUDA device, else (False,
+    why)."""
     if not _installed(lib):
         return False, f"{lib} is not installed"
     try:
@@ -130,7 +142,8 @@ class _Ops:
         return self.to_numpy(a).astype(np.float64)
 
     def two_smallest0(self, a):
-        """(m, n) -> host (smallest (n,) float64, its first row (n,), second smallest (n,) float64)."""
+        """(m, n) -> host (smallest (n,) float64, its first row (n,), second smallest (n,)
+        float64)."""
         m1, r1 = self.argmin0(a)
         cols = self.index(np.arange(a.shape[1]))
         a[r1, cols] = np.inf
@@ -139,7 +152,8 @@ class _Ops:
         return self.host64(m1), self.to_numpy(r1), self.host64(m2)
 
     def grouped_sum(self, src, pts: np.ndarray, groups: np.ndarray, m: int):
-        """(m, width): row g sums the rows pts (host) of src (., width) with groups == g (sorted)."""
+        """(m, width): row g sums the rows pts (host) of src (., width) with groups == g
+        (sorted)."""
         acc = self.zeros((m, src.shape[1]))
         step = max(1, _BLOCK_FLOATS // src.shape[1])
         for a in range(0, len(pts), step):
@@ -218,7 +232,8 @@ class NumpyOps(_Ops):
         for s in np.flatnonzero(sizes > _RAGGED_MAX):  # big groups: contiguous row sums
             acc[groups[starts[s]]] += rows[starts[s] : starts[s] + sizes[s]].sum(axis=0)
         small = np.flatnonzero(sizes <= _RAGGED_MAX)
-        for r in range(int(sizes[small].max(initial=0))):  # small groups: r-th member of each at once
+        # small groups: r-th member of each at once
+        for r in range(int(sizes[small].max(initial=0))):
             small = small[sizes[small] > r]
             acc[groups[starts[small]]] += rows[starts[small] + r]
 

@@ -1,13 +1,14 @@
-"""How many units each group keeps: one ratio (or one per kind: attention heads, other channels) in the
-chosen layers, rounded to a multiple, or (--allocate) a data-free per-group budget that spends the same
-global parameter budget where clustering loses least.
+"""How many units each group keeps: one ratio (or one per kind: attention heads, other channels) in
+the chosen layers, rounded to a multiple, or (--allocate) a data-free per-group budget that spends
+the same global parameter budget where clustering loses least.
 
-Allocation: each group's cost of folding m of its n channels is estimated by Ward's agglomerative clustering of its
-feature rows: the sum of the m cheapest Ward merges is the squared error of the (n - m)-cluster partition,
-divided by the features' squared norm (the fraction of weight mass the group loses). Merges of all groups
-are taken cheapest-first, per parameter saved, until the budget is spent: the optimum of a separable
-convex problem, so a layer whose channels are all distinct keeps them and a redundant one gives more.
-"""
+Allocation: each group's cost of folding m of its n channels is estimated by Ward's agglomerative
+clustering of its feature rows: the sum of the m cheapest Ward merges is the squared error of the (n
+- m)-cluster partition, divided by the features' squared norm (the fraction of weight mass the group
+loses). Merges of all groups are taken cheapest-first, per parameter saved, until the budget is
+spent: the optimum of a separable convex problem, so a layer whose channels are all distinct keeps
+them and a redundant one gives more."""
+
 from __future__ import annotations
 
 import math
@@ -19,15 +20,16 @@ from ..groups.group import Group
 from ..groups.layout import EXTENT
 from .features import group_features
 
-MAX_WARD_CHANNELS = 16384  # beyond this the (n, n) distance matrix is too large: the group keeps its ratio
+# beyond this the (n, n) distance matrix is too large: the group keeps its ratio
+MAX_WARD_CHANNELS = 16384
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What to remove: `ratio` of every group's units, or `head_ratio` / `mlp_ratio` for attention-head
-    groups / all others; only the i-th foldable group of each kind for i in `layers` ("5-27", "0,3,7");
-    channel counts rounded up to a multiple of `multiple_of`; `allocate`: the same parameters removed,
-    spread by Ward error."""
+    """What to remove: `ratio` of every group's units, or `head_ratio` / `mlp_ratio` for
+    attention-head groups / all others; only the i-th foldable group of each kind for i in `layers`
+    ("5-27", "0,3,7"); channel counts rounded up to a multiple of `multiple_of`; `allocate`: the
+    same parameters removed, spread by Ward error."""
 
     ratio: float = 0.5
     head_ratio: float | None = None
@@ -41,15 +43,21 @@ def units_to_keep(groups: list[Group], budget: Budget) -> tuple[dict[int, float]
     """(gid -> ratio, gid -> units kept) for the foldable `groups`."""
     ratios = group_ratios(groups, budget)
     keep = {g.gid: units_kept(g, ratios[g.gid], budget.multiple_of) for g in groups}
-    if budget.allocate:  # priced on plain weight features: importance-scaled ones made early layers look free
-        keep = allocate(groups, ratios, group_features, lambda g, r: units_kept(g, r, budget.multiple_of))
-        keep = {g.gid: units_kept(g, 1.0 - keep[g.gid] / g.size, budget.multiple_of) for g in groups}
+    # priced on plain weight features: importance-scaled ones made early layers look free
+    if budget.allocate:
+        keep = allocate(
+            groups, ratios, group_features, lambda g, r: units_kept(g, r, budget.multiple_of)
+        )
+        keep = {
+            g.gid: units_kept(g, 1.0 - keep[g.gid] / g.size, budget.multiple_of) for g in groups
+        }
     return ratios, keep
 
 
 def ward_merge_costs(features: np.ndarray) -> np.ndarray:
-    """Ward merge costs (n - 1,) ascending, for rows (n, d): cumsum[m-1] is the within-cluster squared error
-    of the partition into n - m clusters. Nearest-neighbour-chain algorithm, O(n^2) time and memory."""
+    """Ward merge costs (n - 1,) ascending, for rows (n, d): cumsum[m-1] is the within-cluster
+    squared error of the partition into n - m clusters. Nearest-neighbour-chain algorithm, O(n^2)
+    time and memory."""
     x = np.asarray(features, np.float64)
     n = len(x)
     if n < 2:
@@ -102,7 +110,8 @@ class ParamModel:
                     continue
                 shape = np.shape(m.tensor.values)
                 elements, lengths, slices = self.tensors.setdefault(
-                    id(m.tensor), (int(np.prod(shape)), dict(enumerate(shape)), []))
+                    id(m.tensor), (int(np.prod(shape)), dict(enumerate(shape)), [])
+                )
                 slices.append((m.axis, g.gid, g.size, m.repeat))
 
     def _axis_lengths(self, lengths, slices, keep):
@@ -130,17 +139,24 @@ class ParamModel:
         return saved
 
 
-def allocate(groups: list[Group], ratios: dict[int, float], features, clusters,
-             max_ratio: float | None = None) -> dict[int, int]:
-    """Units to keep per group (gid -> k) removing as many parameters as `ratios` would, spread by cost.
+def allocate(
+    groups: list[Group],
+    ratios: dict[int, float],
+    features,
+    clusters,
+    max_ratio: float | None = None,
+) -> dict[int, int]:
+    """Units to keep per group (gid -> k) removing as many parameters as `ratios` would, spread by
+    cost.
 
     groups: foldable groups; ratios: gid -> uniform ratio (0 keeps the group out of the budget);
-    features(group) -> (n, d) rows; clusters(group, ratio) -> k. A group's cost of losing m units is its
-    Ward error relative to its features' mass, times its number of weight members (each layer's relative
-    error counts once), per parameter saved. No group loses more than max_ratio of its units (default: twice
-    the largest uniform ratio, within [0.5, 0.9]: a looser cap let EfficientNet-Lite0's allocation take a
-    fifth of the parameters from its classifier input alone, 63% top-1 agreement against 71% capped at 0.5;
-    MNIST moves by less than a point). Groups too large for Ward's matrix keep their uniform count."""
+    features(group) -> (n, d) rows; clusters(group, ratio) -> k. A group's cost of losing m units is
+    its Ward error relative to its features' mass, times its number of weight members (each layer's
+    relative error counts once), per parameter saved. No group loses more than max_ratio of its
+    units (default: twice the largest uniform ratio, within [0.5, 0.9]: a looser cap let
+    EfficientNet-Lite0's allocation take a fifth of the parameters from its classifier input alone,
+    63% top-1 agreement against 71% capped at 0.5; MNIST moves by less than a point). Groups too
+    large for Ward's matrix keep their uniform count."""
     keep = {g.gid: clusters(g, ratios[g.gid]) for g in groups}
     pool = [g for g in groups if ratios[g.gid] > 0 and g.size <= MAX_WARD_CHANNELS]
     if not pool:
@@ -149,7 +165,9 @@ def allocate(groups: list[Group], ratios: dict[int, float], features, clusters,
         max_ratio = min(0.9, max(0.5, 2 * max(ratios[g.gid] for g in pool)))
     model = ParamModel(groups)
     target = model.count(keep)
-    curves = {g.gid: _relative_error_steps(g, features(g), g.size - clusters(g, max_ratio)) for g in pool}
+    curves = {
+        g.gid: _relative_error_steps(g, features(g), g.size - clusters(g, max_ratio)) for g in pool
+    }
     saved = model.unit_savings(keep)
     gids = np.concatenate([[g.gid] * len(curves[g.gid]) for g in pool]).astype(np.int64)
     prices = np.concatenate([curves[g.gid] / max(saved[g.gid], 1e-12) for g in pool])
@@ -159,7 +177,8 @@ def allocate(groups: list[Group], ratios: dict[int, float], features, clusters,
         counts = np.bincount(order[:steps], minlength=int(gids.max()) + 1)
         return {**keep, **{g.gid: g.size - int(counts[g.gid]) for g in pool}}
 
-    lo, hi = 0, len(order)  # smallest number of cheapest merges leaving no more parameters than uniform
+    # smallest number of cheapest merges leaving no more parameters than uniform
+    lo, hi = 0, len(order)
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if model.count(keep_after(mid)) > target else (lo, mid)
@@ -170,7 +189,9 @@ def _relative_error_steps(group: Group, rows: np.ndarray, cap: int) -> np.ndarra
     """Cost of each successive merge (cap,): Ward cost / feature mass x number of weight members."""
     merges = ward_merge_costs(rows)[:cap]
     mass = float(np.sum(np.square(rows, dtype=np.float64))) or 1.0
-    members = sum(1 for m in group.members if m.role != EXTENT and np.ndim(m.tensor.values) > 1) or 1
+    members = (
+        sum(1 for m in group.members if m.role != EXTENT and np.ndim(m.tensor.values) > 1) or 1
+    )
     return merges / mass * members
 
 
@@ -187,7 +208,8 @@ def parse_layers(text: str) -> set[int]:
 
 
 def group_ratios(groups: list[Group], budget: Budget) -> dict[int, float]:
-    """gid -> ratio for every foldable group: --head-ratio / --mlp-ratio by kind, 0 outside --layers.
+    """gid -> ratio for every foldable group: --head-ratio / --mlp-ratio by kind, 0 outside
+    --layers.
 
     A group's layer index is its position among foldable groups of its kind, in graph order."""
     chosen = parse_layers(budget.layers) if budget.layers else None
@@ -203,7 +225,8 @@ def group_ratios(groups: list[Group], budget: Budget) -> dict[int, float]:
 
 
 def clusters_for(n: int, ratio: float, multiple_of: int = 1) -> int:
-    """Number of clusters kept for n channels: max(1, round(n (1 - ratio))), rounded up to a multiple."""
+    """Number of clusters kept for n channels: max(1, round(n (1 - ratio))), rounded up to a
+    multiple."""
     k = max(1, int(math.floor(n * (1.0 - ratio) + 0.5)))
     if multiple_of > 1:
         k = int(math.ceil(k / multiple_of) * multiple_of)
@@ -211,6 +234,6 @@ def clusters_for(n: int, ratio: float, multiple_of: int = 1) -> int:
 
 
 def units_kept(group: Group, ratio: float, multiple_of: int = 1) -> int:
-    """Units kept for a group at `ratio`; `multiple_of` rounds channel counts, not head groups (units of many
-    channels)."""
+    """Units kept for a group at `ratio`; `multiple_of` rounds channel counts, not head groups
+    (units of many channels)."""
     return clusters_for(group.size, ratio, multiple_of if group.kind == "channels" else 1)

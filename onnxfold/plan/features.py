@@ -1,4 +1,6 @@
-"""Clustering features: one row per channel of a group, built from every weight slice that follows it."""
+"""Clustering features: one row per channel of a group, built from every weight slice that follows
+it."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,12 +14,13 @@ FEATURE_TAGS_SKIPPED = ("bn_mean", "bn_var")
 
 def channel_block(values: np.ndarray, m: Member, n: int) -> np.ndarray:
     """The member's slice as one row per channel: (n, repeat * prod(other dims)), float32."""
-    moved = np.moveaxis(values, m.axis, 0)[m.offset:m.offset + n * m.repeat]
+    moved = np.moveaxis(values, m.axis, 0)[m.offset : m.offset + n * m.repeat]
     return moved.reshape(n, -1).astype(np.float32, copy=False)
 
 
 def group_features(group: Group) -> np.ndarray:
-    """Feature rows (n, d) for clustering: every weight member's channel slice, each scaled to unit RMS."""
+    """Feature rows (n, d) for clustering: every weight member's channel slice, each scaled to unit
+    RMS."""
     blocks = []
     for m in group.members:
         if m.role == EXTENT or m.tag in FEATURE_TAGS_SKIPPED:
@@ -29,8 +32,9 @@ def group_features(group: Group) -> np.ndarray:
 
 
 def weighted_features(group: Group, importance: np.ndarray | None) -> np.ndarray:
-    """Clustering features (n, d): group_features, each row scaled by its channel's importance relative to
-    the group's mean (unchanged without importance), so k-means distances weigh what a channel contributes."""
+    """Clustering features (n, d): group_features, each row scaled by its channel's importance
+    relative to the group's mean (unchanged without importance), so k-means distances weigh what a
+    channel contributes."""
     features = group_features(group)
     if importance is None or not np.any(importance > 0):
         return features

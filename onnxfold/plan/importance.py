@@ -1,17 +1,18 @@
 """Channel importance: how much each channel of a group matters (`--importance`).
 
-weight: no scores; clustering features are the weights as they are. act: a channel's importance is what it
-contributes to the next layer: the RMS of its activation at the input of the group's consumer (the
-MatMul/Gemm/Conv whose weight columns follow the group) times the norm of that consumer's weight slice for
-the channel, the structured analogue of Wanda's |activation| x |weight| score. Activations come from
-calibration inputs (--calib) or data-free: a causal LM writes its own calibration text (sequences sampled from
-the model, from random first tokens, as LLM-QAT does); other token models get random token ids (every integer
-input that indexes an embedding table gets uniform ids over the table's rows, masks get ones and positions
-0..L-1). Even random tokens show which channels the network actually drives (massive-activation channels
-included), which weight norms alone do not: on SmolLM2-135M weight-norm pruning of MLP channels is worse than
-random removal, activation-aware pruning much better; generated text is better still
-(benchmarks/results/smollm2.md).
-"""
+weight: no scores; clustering features are the weights as they are. act: a channel's importance is
+what it contributes to the next layer: the RMS of its activation at the input of the group's
+consumer (the MatMul/Gemm/Conv whose weight columns follow the group) times the norm of that
+consumer's weight slice for the channel, the structured analogue of Wanda's |activation| x |weight|
+score. Activations come from calibration inputs (--calib) or data-free: a causal LM writes its own
+calibration text (sequences sampled from the model, from random first tokens, as LLM-QAT does);
+other token models get random token ids (every integer input that indexes an embedding table gets
+uniform ids over the table's rows, masks get ones and positions 0..L-1). Even random tokens show
+which channels the network actually drives (massive-activation channels included), which weight
+norms alone do not: on SmolLM2-135M weight-norm pruning of MLP channels is worse than random
+removal, activation-aware pruning much better; generated text is better still
+(benchmarks/results/smollm2.md)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,15 +24,21 @@ from ..errors import UserError, log
 from ..groups.group import Group
 from ..runtime.session import session_with_outputs
 from ..runtime.stats import stats_of
-from ..runtime.tokens import (SYNTHETIC_LENGTH, SYNTHETIC_SEQUENCES, generated_token_feeds, logits_output,
-                              synthetic_token_feeds)
+from ..runtime.tokens import (
+    SYNTHETIC_LENGTH,
+    SYNTHETIC_SEQUENCES,
+    generated_token_feeds,
+    logits_output,
+    synthetic_token_feeds,
+)
 
 
 @dataclass
 class Scores:
-    """What an Importance measured: gid -> channel importance (n,) float64 of the groups it could observe
-    (the others keep weight norms); what it was measured on; gid -> mean activation per consumer input entry
-    (n * repeat,), and the feeds (input name -> (N, ...)) those means were measured on (None: no means)."""
+    """What an Importance measured: gid -> channel importance (n,) float64 of the groups it could
+    observe (the others keep weight norms); what it was measured on; gid -> mean activation per
+    consumer input entry (n * repeat,), and the feeds (input name -> (N, ...)) those means were
+    measured on (None: no means)."""
 
     scores: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = ""
@@ -44,7 +51,9 @@ class WeightImportance:
 
     name = "weight"
 
-    def measure(self, graph: gs.Graph, groups: list[Group], calib: dict | None, seed: int) -> Scores:
+    def measure(
+        self, graph: gs.Graph, groups: list[Group], calib: dict | None, seed: int
+    ) -> Scores:
         """Scores of the groups being folded (none here)."""
         return Scores()
 
@@ -58,7 +67,9 @@ class ActivationImportance(WeightImportance):
 
     name = "act"
 
-    def measure(self, graph: gs.Graph, groups: list[Group], calib: dict | None, seed: int) -> Scores:
+    def measure(
+        self, graph: gs.Graph, groups: list[Group], calib: dict | None, seed: int
+    ) -> Scores:
         if not groups:
             return Scores()
         if calib is not None:
@@ -66,17 +77,26 @@ class ActivationImportance(WeightImportance):
         return importance_data_free(graph, groups, seed)
 
     def note(self, scores: Scores, groups: list[Group]) -> str | None:
-        return (f"importance: activation x consumer weight norm for {len(scores.scores)} of {len(groups)} "
-                f"foldable groups being folded ({scores.source}); the rest by weights")
+        return (
+            f"importance: activation x consumer weight norm for {len(scores.scores)} of "
+            f"{len(groups)} "
+            f"foldable groups being folded ({scores.source}); the rest by weights"
+        )
 
 
 IMPORTANCES = {cls.name: cls for cls in (WeightImportance, ActivationImportance)}
 
 
-def channel_importance(graph: gs.Graph, groups: list[Group], feeds: dict[str, np.ndarray],
-                       session=None, source: str = "") -> Scores:
-    """Scores for every group with a consumer whose activation input can be observed, from one onnxruntime
-    run over `feeds` (input name -> (N, ...)), on `session` if given (a statistics_session of these groups)."""
+def channel_importance(
+    graph: gs.Graph,
+    groups: list[Group],
+    feeds: dict[str, np.ndarray],
+    session=None,
+    source: str = "",
+) -> Scores:
+    """Scores for every group with a consumer whose activation input can be observed, from one
+    onnxruntime run over `feeds` (input name -> (N, ...)), on `session` if given (a
+    statistics_session of these groups)."""
     taps = _taps(groups)
     if not taps:
         return Scores(source=source)
@@ -94,8 +114,8 @@ def channel_importance(graph: gs.Graph, groups: list[Group], feeds: dict[str, np
 
 
 def statistics_session(graph: gs.Graph, groups: list[Group]):
-    """One lean onnxruntime session of the graph with every group's consumer activation as an extra output
-    (it also serves the model's own outputs, e.g. for generating calibration text)."""
+    """One lean onnxruntime session of the graph with every group's consumer activation as an extra
+    output (it also serves the model's own outputs, e.g. for generating calibration text)."""
     names = sorted({g.consumer.node.inputs[0].name for g in groups if g.consumer is not None})
     return session_with_outputs(gs.export_onnx(graph), names)
 
@@ -105,8 +125,9 @@ def _taps(groups: list[Group]) -> dict[int, tuple[str, int, np.ndarray, int]]:
 
 
 def consumer_tap(group: Group) -> tuple[str, int, np.ndarray, int] | None:
-    """(activation tensor name, its channel axis, consumer weight norms per input entry (n * repeat,), repeat)
-    of the group's consumer (groups.discover.find_consumer); None if it has none."""
+    """(activation tensor name, its channel axis, consumer weight norms per input entry (n *
+    repeat,), repeat) of the group's consumer (groups.discover.find_consumer); None if it has
+    none."""
     if group.consumer is None:
         return None
     node, m, axis = group.consumer.node, group.consumer.member, group.consumer.axis
@@ -116,11 +137,11 @@ def consumer_tap(group: Group) -> tuple[str, int, np.ndarray, int] | None:
 
 
 def importance_data_free(graph: gs.Graph, groups: list[Group], seed: int = 0) -> Scores:
-    """channel_importance without --calib. Causal LMs (an output whose last axis is the embedding table's
-    rows) write their own calibration text: GENERATED_SEQUENCES x SYNTHETIC_LENGTH tokens sampled from the
-    model from a random first token (as LLM-QAT does), activations much closer to real text than random ids.
-    Other token models (encoders), or a model that cannot generate, use random token ids. One onnxruntime
-    session serves generation and statistics."""
+    """channel_importance without --calib. Causal LMs (an output whose last axis is the embedding
+    table's rows) write their own calibration text: GENERATED_SEQUENCES x SYNTHETIC_LENGTH tokens
+    sampled from the model from a random first token (as LLM-QAT does), activations much closer to
+    real text than random ids. Other token models (encoders), or a model that cannot generate, use
+    random token ids. One onnxruntime session serves generation and statistics."""
     synthetic_token_feeds(graph, seed, 1, 1)  # UserError for models without token inputs
     if all(g.consumer is None for g in groups):
         return Scores(source="no observable consumer")
@@ -134,19 +155,28 @@ def importance_data_free(graph: gs.Graph, groups: list[Group], seed: int = 0) ->
             feeds = None
     if feeds is not None:
         count, length = next(iter(feeds.values())).shape
-        return channel_importance(graph, groups, feeds, session, f"{count} x {length} tokens generated by the model")
+        return channel_importance(
+            graph, groups, feeds, session, f"{count} x {length} tokens generated by the model"
+        )
     return importance_from_random_tokens(graph, groups, seed, session)
 
 
-def importance_from_random_tokens(graph: gs.Graph, groups: list[Group], seed: int = 0, session=None) -> Scores:
-    """channel_importance on synthetic_token_feeds: SYNTHETIC_LENGTH tokens per sequence, or shorter ones
-    (same token count) when the model rejects that length (a small position table)."""
+def importance_from_random_tokens(
+    graph: gs.Graph, groups: list[Group], seed: int = 0, session=None
+) -> Scores:
+    """channel_importance on synthetic_token_feeds: SYNTHETIC_LENGTH tokens per sequence, or shorter
+    ones (same token count) when the model rejects that length (a small position table)."""
     length, error = SYNTHETIC_LENGTH, None
     while length >= 8:
-        feeds = synthetic_token_feeds(graph, seed, SYNTHETIC_SEQUENCES * SYNTHETIC_LENGTH // length, length)
+        feeds = synthetic_token_feeds(
+            graph, seed, SYNTHETIC_SEQUENCES * SYNTHETIC_LENGTH // length, length
+        )
         try:
             return channel_importance(graph, groups, feeds, session, "random token ids")
         except Exception as e:  # noqa: BLE001 - onnxruntime rejects the length: try a shorter one
             error, length = e, length // 4
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    raise UserError(f"--importance act: the model does not run on random token ids ({first}); give --calib FILE.npz")
+    raise UserError(
+        f"--importance act: the model does not run on random token ids ({first}); give --calib "
+        "FILE.npz"
+    )

@@ -1,12 +1,13 @@
 """k-means for channel folding: greedy k-means++ seeds, Lloyd passes, then batch Hartigan moves.
 
-Same code for every array backend. Distances live only in (clusters x points) blocks of
-p_ji = |c_j|^2 - 2 <c_j, x_i>, from _GramEngine (G = x x^T only: <c_j, x_i> = sum_{l in C_j} G_il / |C_j|,
-|c_j|^2 = sum_{l,m in C_j} G_lm / |C_j|^2; O(n^2 + nk) a sweep whatever d, the exact reduction for d > n)
-or _PointEngine (explicit centres, chunked GEMMs against x; small k or huge n). _State caches per point
-the own, nearest and best Hartigan target; after a few moves only the changed clusters and the points
-whose choice they touch are recomputed. Random choices come from one host numpy Generator.
-"""
+Same code for every array backend. Distances live only in (clusters x points) blocks of p_ji =
+|c_j|^2 - 2 <c_j, x_i>, from _GramEngine (G = x x^T only: <c_j, x_i> = sum_{l in C_j} G_il / |C_j|,
+|c_j|^2 = sum_{l,m in C_j} G_lm / |C_j|^2; O(n^2 + nk) a sweep whatever d, the exact reduction for d
+> n) or _PointEngine (explicit centres, chunked GEMMs against x; small k or huge n). _State caches
+per point the own, nearest and best Hartigan target; after a few moves only the changed clusters and
+the points whose choice they touch are recomputed. Random choices come from one host numpy
+Generator."""
+
 from __future__ import annotations
 
 import math
@@ -39,19 +40,30 @@ class KMeansResult:
     inertia: float
 
 
-def kmeans(x: np.ndarray, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 100,
-           tol: float = 1e-4, backend: str = "numpy") -> KMeansResult:
+def kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    n_init: int = 3,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    backend: str = "numpy",
+) -> KMeansResult:
     """Cluster the rows of x (n, d) into k groups; the best of n_init restarts.
 
-    Each restart: greedy k-means++ seeds, <= max_iter Lloyd passes (until no point moves or the inertia
-    drops by <= tol x mean per-feature variance), then batches of Hartigan single-point moves until none
-    lowers the inertia. ValueError on bad input; BackendUnavailable for a backend that cannot run here.
-    """
+    Each restart: greedy k-means++ seeds, <= max_iter Lloyd passes (until no point moves or the
+    inertia drops by <= tol x mean per-feature variance), then batches of Hartigan single-point
+    moves until none lowers the inertia. ValueError on bad input; BackendUnavailable for a backend
+    that cannot run here."""
     return _kmeans(x, k, seed=seed, n_init=n_init, max_iter=max_iter, tol=tol, backend=backend)
 
 
-def _kmeans(x, k, *, seed=0, n_init=3, max_iter=100, tol=1e-4, backend="numpy", engine="auto", refine=True):
-    """kmeans() with the internal knobs: engine ('auto', 'gram', 'points'), refine (Hartigan moves)."""
+def _kmeans(
+    x, k, *, seed=0, n_init=3, max_iter=100, tol=1e-4, backend="numpy", engine="auto", refine=True
+):
+    """kmeans() with the internal knobs: engine ('auto', 'gram', 'points'), refine (Hartigan
+    moves)."""
     x = _validate(x, k, seed, n_init, max_iter, tol)
     n = x.shape[0]
     if k == n:
@@ -65,22 +77,31 @@ def _kmeans(x, k, *, seed=0, n_init=3, max_iter=100, tol=1e-4, backend="numpy", 
     runs = [_fit_once(eng, k, rng, max_iter, tol, refine) for _ in range(n_init)]
     eng.src = eng.sq = None  # centres come from x alone: free the Gram matrix first
     best = None
-    for labels in runs:  # the first lowest inertia; one (k, d) centre array kept besides the current one
+    # the first lowest inertia; one (k, d) centre array kept besides the current one
+    for labels in runs:
         result = _finish(eng, labels, k)
         best = result if best is None or result.inertia < best.inertia else best
     return best
 
 
 def _validate(x, k, seed, n_init, max_iter, tol) -> np.ndarray:
-    """The public edge: sklearn-style ValueErrors quoting the values; returns x as float32 (n, d)."""
+    """The public edge: sklearn-style ValueErrors quoting the values; returns x as float32 (n,
+    d)."""
     x = np.asarray(x)
     if x.dtype.kind not in "fiu":
         raise ValueError(f"x must be a real numeric array, got dtype {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"Expected 2D array, got {x.ndim}D array instead (shape={x.shape})")
     if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"Found array with shape={x.shape}; at least 1 sample and 1 feature are required")
-    for name, value, low in (("n_clusters", k, 1), ("n_init", n_init, 1), ("max_iter", max_iter, 1), ("seed", seed, 0)):
+        raise ValueError(
+            f"Found array with shape={x.shape}; at least 1 sample and 1 feature are required"
+        )
+    for name, value, low in (
+        ("n_clusters", k, 1),
+        ("n_init", n_init, 1),
+        ("max_iter", max_iter, 1),
+        ("seed", seed, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an int, got {value!r}")
         if value < low:
@@ -105,9 +126,9 @@ def _gram_pays(n: int, d: int, k: int) -> bool:
 
 @dataclass
 class _Cache:
-    """What a restart keeps between sweeps: cc (k,) |c_j|^2; sums: cluster -> (member row sum, updates since
-    it was computed); moved: (points, old labels, new labels) of the last moves, or None after a full sweep;
-    c (k, d): explicit centres (point engine only)."""
+    """What a restart keeps between sweeps: cc (k,) |c_j|^2; sums: cluster -> (member row sum,
+    updates since it was computed); moved: (points, old labels, new labels) of the last moves, or
+    None after a full sweep; c (k, d): explicit centres (point engine only)."""
 
     cc: np.ndarray
     sums: dict = field(default_factory=dict)
@@ -116,7 +137,8 @@ class _Cache:
 
 
 class _Grouping:
-    """A partition as point indices sorted by cluster (points labelled -1 left out): order, counts (k,)."""
+    """A partition as point indices sorted by cluster (points labelled -1 left out): order, counts
+    (k,)."""
 
     def __init__(self, labels: np.ndarray, k: int):
         self.order = np.argsort(labels, kind="stable")[np.count_nonzero(labels < 0) :]
@@ -132,8 +154,9 @@ class _Grouping:
 
 
 class _Engine:
-    """src (G, or the centred float32 x (n, d) on the device) summed over members, sq (n,) = |x_i|^2 after
-    centring; raw: the caller's x (host), kept instead of a centred copy by the Gram engine."""
+    """src (G, or the centred float32 x (n, d) on the device) summed over members, sq (n,) = |x_i|^2
+    after centring; raw: the caller's x (host), kept instead of a centred copy by the Gram
+    engine."""
 
     gram = False
 
@@ -147,7 +170,8 @@ class _Engine:
         self.sq_host = np.maximum(ops.host64(self.sq), 0.0)
 
     def point_dists(self, idx: np.ndarray):
-        """Squared distances (m, n) from points idx (m,) to all points; exactly 0 at the points themselves."""
+        """Squared distances (m, n) from points idx (m,) to all points; exactly 0 at the points
+        themselves."""
         ops, rows = self.ops, self.ops.index(idx)
         dots = self._dots(rows)
         dots *= -2.0
@@ -158,14 +182,26 @@ class _Engine:
         return dots
 
     def member_sums(self, grp: _Grouping, js: np.ndarray, cache: _Cache):
-        """(len(js), width) src row sums over the members of clusters js (big ones cached, updated by moves)."""
+        """(len(js), width) src row sums over the members of clusters js (big ones cached, updated
+        by moves)."""
         sums, moved = cache.sums, cache.moved
-        hit = np.array([moved is not None and sums.get(j, (0, _SUM_CACHE_AGE))[1] < _SUM_CACHE_AGE
-                        for j in js.tolist()], dtype=bool)
+        hit = np.array(
+            [
+                moved is not None and sums.get(j, (0, _SUM_CACHE_AGE))[1] < _SUM_CACHE_AGE
+                for j in js.tolist()
+            ],
+            dtype=bool,
+        )
         out, miss = self.ops.zeros((len(js), self.src.shape[1])), np.flatnonzero(~hit)
-        out[self.ops.index(miss)] = self.ops.grouped_sum(self.src, *grp.members(js[miss]), len(miss))
+        out[self.ops.index(miss)] = self.ops.grouped_sum(
+            self.src, *grp.members(js[miss]), len(miss)
+        )
         for t in np.flatnonzero(hit):  # moved = (points, old labels, new labels)
-            out[t] = sums[js[t]][0] + self._sum(moved[0][moved[2] == js[t]]) - self._sum(moved[0][moved[1] == js[t]])
+            out[t] = (
+                sums[js[t]][0]
+                + self._sum(moved[0][moved[2] == js[t]])
+                - self._sum(moved[0][moved[1] == js[t]])
+            )
         for t, j in enumerate(js.tolist()):
             if grp.counts[j] >= _SUM_CACHE_MIN:
                 sums[j] = (self.ops.copy(out[t]), sums[j][1] + 1 if hit[t] else 0)
@@ -184,8 +220,9 @@ class _Engine:
 
 
 def _centred_gram(ops, x: np.ndarray, centre: np.ndarray):
-    """(n, n) Gram matrix of the rows of x (n, d) minus centre (d,), from blocks of centred rows, so no
-    centred copy of x is ever held (x can be the largest array of a fold); symmetric by construction."""
+    """(n, n) Gram matrix of the rows of x (n, d) minus centre (d,), from blocks of centred rows, so
+    no centred copy of x is ever held (x can be the largest array of a fold); symmetric by
+    construction."""
     n, rows = len(x), max(256, _BLOCK_FLOATS * 4 // max(1, x.shape[1]))
     g = ops.zeros((n, n))
     starts = range(0, n, rows)
@@ -208,7 +245,8 @@ class _GramEngine(_Engine):
         return self.ops.rows(self.src, rows)
 
     def refresh(self, grp: _Grouping, js: np.ndarray, cache: _Cache):
-        """p block (len(js), n) of clusters js against all points; updates cache.cc[js] = |c_j|^2."""
+        """p block (len(js), n) of clusters js against all points; updates cache.cc[js] =
+        |c_j|^2."""
         pts, local = grp.members(js)
         st = self.member_sums(grp, js, cache)
         own = self.ops.host64(st[self.ops.index(local), self.ops.index(pts)])
@@ -248,10 +286,12 @@ class _PointEngine(_Engine):
 
 
 def _seed(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct seeds (k,): greedy k-means++ (2 + ln k candidates by D^2, keep the best), or for large k
-    on the point engine batches of k / _BATCHED_ROUNDS points drawn by D^2, added together."""
+    """k distinct seeds (k,): greedy k-means++ (2 + ln k candidates by D^2, keep the best), or for
+    large k on the point engine batches of k / _BATCHED_ROUNDS points drawn by D^2, added
+    together."""
     ops, batched = eng.ops, isinstance(eng, _PointEngine) and k > _GREEDY_MAX_K
-    batch = max(1, min(-(-k // _BATCHED_ROUNDS), _BLOCK_FLOATS // eng.n))  # a (batch, n) block at most
+    # a (batch, n) block at most
+    batch = max(1, min(-(-k // _BATCHED_ROUNDS), _BLOCK_FLOATS // eng.n))
     seeds, taken = [int(rng.integers(eng.n))], np.zeros(eng.n, dtype=bool)
     taken[seeds[0]] = True
     closest = eng.point_dists(np.array(seeds))[0]
@@ -271,7 +311,8 @@ def _seed(eng: _Engine, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _draw(rng: np.random.Generator, weights: np.ndarray, taken: np.ndarray, m: int) -> np.ndarray:
-    """m indices drawn with probability proportional to weights (n,), or one untaken index if all are 0."""
+    """m indices drawn with probability proportional to weights (n,), or one untaken index if all
+    are 0."""
     cum = np.cumsum(weights)
     if not cum[-1] > 0:
         return np.array([rng.choice(np.flatnonzero(~taken))])
@@ -279,24 +320,31 @@ def _draw(rng: np.random.Generator, weights: np.ndarray, taken: np.ndarray, m: i
 
 
 class _Best:
-    """Per point (n,): best cost v at cluster j, lower bound lb on every other (v <= lb: j surely best)."""
+    """Per point (n,): best cost v at cluster j, lower bound lb on every other (v <= lb: j surely
+    best)."""
 
     def __init__(self, n: int):
-        self.v, self.lb, self.j = np.full(n, np.inf), np.full(n, np.inf), np.zeros(n, dtype=np.int64)
+        self.v, self.lb, self.j = (
+            np.full(n, np.inf),
+            np.full(n, np.inf),
+            np.zeros(n, dtype=np.int64),
+        )
 
     def forget(self, pts) -> None:
         self.v[pts], self.lb[pts] = np.inf, np.inf
 
     def merge(self, pts: np.ndarray, m1: np.ndarray, j1: np.ndarray, m2: np.ndarray) -> None:
-        """Fold in a block's column minimum m1 (at cluster j1) and second minimum m2 (ties keep the old)."""
+        """Fold in a block's column minimum m1 (at cluster j1) and second minimum m2 (ties keep the
+        old)."""
         v, take = self.v[pts], m1 < self.v[pts]
         self.lb[pts] = np.minimum(np.minimum(self.lb[pts], m2), np.where(take, v, m1))
         self.v[pts], self.j[pts] = np.where(take, m1, v), np.where(take, j1, self.j[pts])
 
 
 class _State:
-    """labels (n,) (-1 unassigned) and per point: own_d, distance to the own centre; near, the nearest
-    centre (kept while `lloyd`); hart, the best Hartigan target j != own, cost |C_j|/(|C_j|+1) d(x_i, c_j)."""
+    """labels (n,) (-1 unassigned) and per point: own_d, distance to the own centre; near, the
+    nearest centre (kept while `lloyd`); hart, the best Hartigan target j != own, cost
+    |C_j|/(|C_j|+1) d(x_i, c_j)."""
 
     def __init__(self, eng: _Engine, labels: np.ndarray, k: int):
         self.eng, self.k, self.lloyd = eng, k, True
@@ -311,16 +359,23 @@ class _State:
     def _sweep(self) -> None:
         """Recompute everything, block by block of clusters."""
         self.cache.sums, self.cache.moved = {}, None
-        self.own_d, self.near, self.hart = np.full(self.eng.n, np.inf), _Best(self.eng.n), _Best(self.eng.n)
+        self.own_d, self.near, self.hart = (
+            np.full(self.eng.n, np.inf),
+            _Best(self.eng.n),
+            _Best(self.eng.n),
+        )
         self._refresh(np.arange(self.k))
 
     def _refresh(self, js: np.ndarray) -> None:
         step, every = max(1, _BLOCK_FLOATS // self.eng.n), np.arange(self.eng.n)
         for a in range(0, len(js), step):
-            self._merge(self.eng.refresh(self.grp, js[a : a + step], self.cache), js[a : a + step], every)
+            self._merge(
+                self.eng.refresh(self.grp, js[a : a + step], self.cache), js[a : a + step], every
+            )
 
     def apply(self, labels: np.ndarray) -> None:
-        """Move to labels: recompute changed clusters for all points, all clusters for uncertain points."""
+        """Move to labels: recompute changed clusters for all points, all clusters for uncertain
+        points."""
         moved, old = labels != self.labels, self.labels
         touched = np.concatenate((old[moved], labels[moved]))
         changed = np.zeros(self.k, dtype=bool)
@@ -332,7 +387,9 @@ class _State:
             best.v[changed[best.j]] = np.inf
         self.cache.moved = (np.flatnonzero(moved), old[moved], labels[moved])
         self._refresh(np.flatnonzero(changed))
-        pts = np.flatnonzero(moved | (self.near.v > self.near.lb) & self.lloyd | (self.hart.v > self.hart.lb))
+        pts = np.flatnonzero(
+            moved | (self.near.v > self.near.lb) & self.lloyd | (self.hart.v > self.hart.lb)
+        )
         self.near.forget(pts)
         self.hart.forget(pts)
         step = max(1, _BLOCK_FLOATS // self.k)
@@ -359,7 +416,9 @@ class _State:
         self.hart.merge(pts, m1, js[r1], m2)
 
 
-def _fit_once(eng: _Engine, k: int, rng: np.random.Generator, max_iter: int, tol: float, refine: bool):
+def _fit_once(
+    eng: _Engine, k: int, rng: np.random.Generator, max_iter: int, tol: float, refine: bool
+):
     """Labels (n,) of one restart: seeds, Lloyd passes, then Hartigan batches when refine."""
     labels = np.full(eng.n, -1, dtype=np.int64)
     labels[_seed(eng, k, rng)] = np.arange(k)
@@ -386,14 +445,16 @@ def _fit_once(eng: _Engine, k: int, rng: np.random.Generator, max_iter: int, tol
 
 
 def _lloyd_step(st: _State, eps: np.ndarray) -> np.ndarray:
-    """Labels after moving every point to its nearest centre (when clearly closer), no cluster empty."""
+    """Labels after moving every point to its nearest centre (when clearly closer), no cluster
+    empty."""
     moved = st.near.v < st.own_d - eps
     labels = np.where(moved, st.near.j, st.labels)
     return _fill_empty(labels, st.k, np.where(moved, st.near.v, st.own_d))
 
 
 def _fill_empty(labels: np.ndarray, k: int, dist: np.ndarray) -> np.ndarray:
-    """Give each empty cluster the point farthest from its centre among clusters with >= 2 points."""
+    """Give each empty cluster the point farthest from its centre among clusters with >= 2
+    points."""
     counts = np.bincount(labels, minlength=k)
     empty = list(np.flatnonzero(counts == 0))
     for i in np.argsort(-dist, kind="stable") if empty else ():
@@ -423,7 +484,8 @@ def _hartigan_step(st: _State, eps: np.ndarray) -> np.ndarray:
 def _finish(eng: _Engine, labels: np.ndarray, k: int) -> KMeansResult:
     """Centres as cluster means of x and the inertia in the original space (float64 sum)."""
     ops, grp = eng.ops, _Grouping(labels, k)
-    x = ops.asarray(eng.raw) if eng.x is None else eng.x  # uncentred or centred rows: same differences
+    # uncentred or centred rows: same differences
+    x = ops.asarray(eng.raw) if eng.x is None else eng.x
     centers = ops.grouped_sum(x, grp.order, np.repeat(np.arange(k), grp.counts), k)
     centers /= ops.asarray(grp.counts)[:, None]
     inertia, step = 0.0, max(1, _BLOCK_FLOATS // eng.d)

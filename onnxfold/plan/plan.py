@@ -1,9 +1,9 @@
-"""FoldPlans: what each group keeps. fold: k-means clusters of the channels' feature rows (merged later by
-the cluster mean on the producer side, the cluster sum on the consumer side); prune: the k channels with the
-largest norms or importance scores (the others dropped, label -1).
+"""FoldPlans: what each group keeps. fold: k-means clusters of the channels' feature rows (merged
+later by the cluster mean on the producer side, the cluster sum on the consumer side); prune: the k
+channels with the largest norms or importance scores (the others dropped, label -1).
 
-Input: a Group, its feature rows (n, d) (features.py) and k. Output: FoldPlan(labels (n,), k).
-"""
+Input: a Group, its feature rows (n, d) (features.py) and k. Output: FoldPlan(labels (n,), k)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,14 +13,15 @@ import numpy as np
 from ..groups.group import Group
 from .kmeans import kmeans
 
-METHODS = ("fold", "prune")  # fold: k-means + merge; prune: keep the largest-norm (or most important) channels
+# fold: k-means + merge; prune: keep the largest-norm (or most important) channels
+METHODS = ("fold", "prune")
 PRUNE_NORMS = ("l1", "l2")
 
 
 @dataclass
 class FoldPlan:
-    """How one group folds: labels (n,) in [0, k) with every cluster used, or -1 for a channel dropped
-    (pruning); gamma_scale (k,) or None."""
+    """How one group folds: labels (n,) in [0, k) with every cluster used, or -1 for a channel
+    dropped (pruning); gamma_scale (k,) or None."""
 
     group: Group
     labels: np.ndarray
@@ -34,15 +35,19 @@ class FoldPlan:
 
 
 def canonical_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Renumber clusters by their first channel, so cluster j is new channel j; returns (labels (n,), k)."""
+    """Renumber clusters by their first channel, so cluster j is new channel j; returns (labels
+    (n,), k)."""
     _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
     order = np.argsort(np.argsort(first))
     return order[inverse].astype(np.int64), len(first)
 
 
-def prune_labels(features: np.ndarray, k: int, norm: str = "l2", scores: np.ndarray | None = None) -> np.ndarray:
-    """Magnitude pruning as a plan: keep the k channels whose feature rows (n, d) have the largest L1/L2
-    norm, or the largest `scores` (n,) when given (labels 0..k-1 in channel order), drop the rest (-1)."""
+def prune_labels(
+    features: np.ndarray, k: int, norm: str = "l2", scores: np.ndarray | None = None
+) -> np.ndarray:
+    """Magnitude pruning as a plan: keep the k channels whose feature rows (n, d) have the largest
+    L1/L2 norm, or the largest `scores` (n,) when given (labels 0..k-1 in channel order), drop the
+    rest (-1)."""
     if scores is None:
         scores = np.linalg.norm(features.astype(np.float64), ord=1 if norm == "l1" else 2, axis=1)
     keep = np.sort(np.argsort(-scores, kind="stable")[:k])
@@ -52,7 +57,8 @@ def prune_labels(features: np.ndarray, k: int, norm: str = "l2", scores: np.ndar
 
 
 def cluster_reduce(rows: np.ndarray, labels: np.ndarray, k: int, mean: bool) -> np.ndarray:
-    """Sum (or mean) of rows (n, d) per cluster -> (k, d), in O(n d); rows labelled -1 are dropped."""
+    """Sum (or mean) of rows (n, d) per cluster -> (k, d), in O(n d); rows labelled -1 are
+    dropped."""
     if np.any(labels < 0):
         rows, labels = rows[labels >= 0], labels[labels >= 0]
     counts = np.bincount(labels, minlength=k)
@@ -70,8 +76,8 @@ def cluster_reduce(rows: np.ndarray, labels: np.ndarray, k: int, mean: bool) -> 
 
 @dataclass(frozen=True)
 class Clustering:
-    """How a group's channels are chosen: `method` (one of METHODS), the k-means seed, restarts and array
-    backend (fold), the channel norm (prune without importance scores)."""
+    """How a group's channels are chosen: `method` (one of METHODS), the k-means seed, restarts and
+    array backend (fold), the channel norm (prune without importance scores)."""
 
     method: str = "fold"
     seed: int = 0
@@ -80,10 +86,16 @@ class Clustering:
     prune_norm: str = "l2"
 
 
-def plan_group(group: Group, features: np.ndarray, k: int, how: Clustering,
-               importance: np.ndarray | None = None) -> FoldPlan:
-    """Choose k units of `group` from its feature rows (n, d), k < n. fold: k-means, clusters renumbered by
-    their first channel; prune: the k largest rows by norm, or by `importance` (n,) when given."""
+def plan_group(
+    group: Group,
+    features: np.ndarray,
+    k: int,
+    how: Clustering,
+    importance: np.ndarray | None = None,
+) -> FoldPlan:
+    """Choose k units of `group` from its feature rows (n, d), k < n. fold: k-means, clusters
+    renumbered by their first channel; prune: the k largest rows by norm, or by `importance` (n,)
+    when given."""
     if how.method == "prune":
         return FoldPlan(group, prune_labels(features, k, how.prune_norm, importance), k)
     result = kmeans(features, k, seed=how.seed, n_init=how.n_init, backend=how.backend)

@@ -1,5 +1,7 @@
-"""Stage 4: repair what merging loses (DESIGN §1.4). One Repair subclass per method (base.py), listed once
-in REPAIRS; `auto` picks Fold-AR when the graph keeps BatchNorm statistics, else none."""
+"""Stage 4: repair what merging loses (DESIGN §1.4). One Repair subclass per method (base.py),
+listed once in REPAIRS; `auto` picks Fold-AR when the graph keeps BatchNorm statistics, else
+none."""
+
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -13,9 +15,17 @@ REPAIRS: dict[str, type[Repair]] = {r.name: r for r in (FoldAR, Repair, DataRepa
 CHOICES = ("auto", *REPAIRS)
 
 
-def choose_repair(requested: str, graph: gs.Graph, method: str = "fold",
-                  settings: RepairSettings = RepairSettings()) -> Repair:
-    """The Repair for --repair `requested` (auto or a name in REPAIRS) on `graph` folded by `method`; its
-    `name` and `why` go into the report."""
-    cls, why = FoldAR.auto(graph, method) if requested == "auto" else REPAIRS[requested].resolve(graph, method)
+def choose_repair(
+    requested: str,
+    graph: gs.Graph,
+    method: str = "fold",
+    settings: RepairSettings = RepairSettings(),
+) -> Repair:
+    """The Repair for --repair `requested` (auto or a name in REPAIRS) on `graph` folded by
+    `method`; its `name` and `why` go into the report."""
+    cls, why = (
+        FoldAR.auto(graph, method)
+        if requested == "auto"
+        else REPAIRS[requested].resolve(graph, method)
+    )
     return cls(why, settings)

@@ -1,10 +1,11 @@
 """Repair the variance collapse that merging causes (DESIGN §1.4), data-free.
 
-Fold-AR: before clustering, fold each BatchNorm's scale into the producer feeding it
-(W <- W / sqrt(var + eps), BN mean <- mean / sqrt(var + eps), var := 1 - eps), so every channel is a
-standardised pre-activation; after merging by the mean, multiply each merged BN scale by
-s_c = sqrt(n_c / (1 + (n_c - 1) rho_c)), rho_c the mean pairwise cosine similarity of the cluster's features.
-"""
+Fold-AR: before clustering, fold each BatchNorm's scale into the producer feeding it (W <- W /
+sqrt(var + eps), BN mean <- mean / sqrt(var + eps), var := 1 - eps), so every channel is a
+standardised pre-activation; after merging by the mean, multiply each merged BN scale by s_c =
+sqrt(n_c / (1 + (n_c - 1) rho_c)), rho_c the mean pairwise cosine similarity of the cluster's
+features."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,8 @@ from .base import Repair, RepairSettings
 
 
 class FoldAR(Repair):
-    """Fold-AR: BN producers standardised before discovery, merged BN scales rescaled per cluster."""
+    """Fold-AR: BN producers standardised before discovery, merged BN scales rescaled per
+    cluster."""
 
     name = "ar"
 
@@ -28,29 +30,48 @@ class FoldAR(Repair):
     @classmethod
     def resolve(cls, graph: gs.Graph, method: str) -> tuple[type[Repair], str]:
         if method == "prune":
-            raise UserError("--repair ar applies to folding (merged channels); pruning keeps channels as they are")
+            raise UserError(
+                "--repair ar applies to folding (merged channels); pruning keeps channels as they "
+                "are"
+            )
         if not has_bn_statistics(graph):
-            return Repair, ("--repair ar asked, but the graph has no BatchNormalization statistics (BN fused by "
-                            "the exporter?)")
+            return Repair, (
+                "--repair ar asked, but the graph has no BatchNormalization statistics (BN fused "
+                "by "
+                "the exporter?)"
+            )
         return cls, "requested with --repair ar"
 
     @classmethod
     def auto(cls, graph: gs.Graph, method: str) -> tuple[type[Repair], str]:
         """--repair auto: Fold-AR for folding when the graph keeps BN statistics, else none."""
         if method == "prune":
-            return Repair, "pruning keeps the surviving channels unchanged: no data-free repair applies"
+            return (
+                Repair,
+                "pruning keeps the surviving channels unchanged: no data-free repair applies",
+            )
         if has_bn_statistics(graph):
-            return cls, "the graph keeps BatchNormalization statistics, so Fold-AR can rescale merged channels"
-        return Repair, ("no BatchNormalization statistics in the graph (BN fused by the exporter?): no data-free "
-                        "repair applies")
+            return (
+                cls,
+                "the graph keeps BatchNormalization statistics, so Fold-AR can rescale merged "
+                "channels",
+            )
+        return Repair, (
+            "no BatchNormalization statistics in the graph (BN fused by the exporter?): no "
+            "data-free "
+            "repair applies"
+        )
 
     def before_discovery(self, graph: gs.Graph, ratio: float) -> None:
         if ratio > 0:
             self.standardized = standardize_bn_producers(graph)
 
     def adjust(self, plan: FoldPlan, features: np.ndarray) -> FoldPlan:
-        gammas = frozenset(id(m.tensor) for m in plan.group.members
-                           if m.tag == "bn_scale" and id(m.tensor) in self.standardized)
+        gammas = frozenset(
+            id(m.tensor)
+            for m in plan.group.members
+            if m.tag == "bn_scale" and id(m.tensor) in self.standardized
+        )
         scale = ar_gamma_scale(features, plan.labels, plan.k) if gammas else None
         return FoldPlan(plan.group, plan.labels, plan.k, scale, gammas)
 
@@ -63,9 +84,8 @@ def has_bn_statistics(graph: gs.Graph) -> bool:
 def standardize_bn_producers(graph: gs.Graph) -> set[int]:
     """Fold each BN's normalisation into its sole producer (Conv/ConvTranspose, group 1).
 
-    Returns the ids of those BNs' scale tensors: only they get the Fold-AR factor (a BN after a depthwise
-    conv of already repaired channels must not be scaled twice).
-    """
+    Returns the ids of those BNs' scale tensors: only they get the Fold-AR factor (a BN after a
+    depthwise conv of already repaired channels must not be scaled twice)."""
     done = set()
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
         producer = _sole_producer(bn)
@@ -96,8 +116,9 @@ def _sole_producer(bn: gs.Node) -> gs.Node | None:
 
 
 def _standardize(graph: gs.Graph, producer: gs.Node, bn: gs.Node) -> None:
-    """W <- W / sigma, b <- b / sigma, BN mean <- mean / sigma, BN var <- 1 - eps: the same function, no new
-    parameters, and each channel of the producer is now a standardised pre-activation."""
+    """W <- W / sigma, b <- b / sigma, BN mean <- mean / sigma, BN var <- 1 - eps: the same
+    function, no new parameters, and each channel of the producer is now a standardised
+    pre-activation."""
     _, _, mean, var = _bn_constants(bn)
     eps = float(bn.attrs.get("epsilon", 1e-5))
     inv_std = 1.0 / np.sqrt(var + eps)
@@ -109,7 +130,9 @@ def _standardize(graph: gs.Graph, producer: gs.Node, bn: gs.Node) -> None:
         _scale(producer.inputs[2], inv_std)
     dtype = np.asarray(bn.inputs[3].values).dtype
     bn.inputs[3] = gs.Constant(f"{bn.inputs[3].name}_standardized", (mean * inv_std).astype(dtype))
-    bn.inputs[4] = gs.Constant(f"{bn.inputs[4].name}_standardized", np.full_like(var, 1.0 - eps, dtype=dtype))
+    bn.inputs[4] = gs.Constant(
+        f"{bn.inputs[4].name}_standardized", np.full_like(var, 1.0 - eps, dtype=dtype)
+    )
 
 
 def _scale(tensor: gs.Constant, factor: np.ndarray) -> None:
@@ -118,7 +141,8 @@ def _scale(tensor: gs.Constant, factor: np.ndarray) -> None:
 
 
 def ar_gamma_scale(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Per-cluster BN-scale factors (k,) from features (n, d): sqrt(n_c / (1 + (n_c - 1) * rho_c))."""
+    """Per-cluster BN-scale factors (k,) from features (n, d): sqrt(n_c / (1 + (n_c - 1) *
+    rho_c))."""
     features = np.asarray(features, np.float32)
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     unit = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
@@ -128,4 +152,3 @@ def ar_gamma_scale(features: np.ndarray, labels: np.ndarray, k: int) -> np.ndarr
     pairs = counts * (counts - 1)
     rho = np.clip(np.divide(pair_sum, pairs, out=np.ones(k), where=pairs > 0), 0.0, 1.0)
     return np.sqrt(counts / (1.0 + (counts - 1.0) * rho))
-

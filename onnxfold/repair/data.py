@@ -1,16 +1,16 @@
 """REPAIR with calibration data (DESIGN §1.4), through onnxruntime.
 
-Graphs with BatchNorm: every BN's running mean/var is reset to the statistics its input actually has on the
-calibration inputs, wave by wave in topological order (a BN is reset after every BN upstream of it).
-Graphs without BN: each merged producer channel (Conv/ConvTranspose/Gemm/MatMul output) is rescaled so its
-mean/std match the average of its cluster members' statistics in the dense model (a MatMul's mean shift goes
-into the bias of the Add after it, where there is one).
-Statistics are paired entry by entry through channel_map: a member's channel spans `repeat` entries (an
-attention head: head_dim entries, labels per head or KV group) and several members can share one axis (fused
-QKV rows, a BN after a Concat). KV-cache inputs whose head count folded are merged like the keys/values that
-fill them before the folded model runs on the calibration feeds.
-Inputs: the folded gs.Graph (modified in place), FoldPlans, calibration feeds {input name: (N, ...)}.
-"""
+Graphs with BatchNorm: every BN's running mean/var is reset to the statistics its input actually has
+on the calibration inputs, wave by wave in topological order (a BN is reset after every BN upstream
+of it). Graphs without BN: each merged producer channel (Conv/ConvTranspose/Gemm/MatMul output) is
+rescaled so its mean/std match the average of its cluster members' statistics in the dense model (a
+MatMul's mean shift goes into the bias of the Add after it, where there is one). Statistics are
+paired entry by entry through channel_map: a member's channel spans `repeat` entries (an attention
+head: head_dim entries, labels per head or KV group) and several members can share one axis (fused
+QKV rows, a BN after a Concat). KV-cache inputs whose head count folded are merged like the
+keys/values that fill them before the folded model runs on the calibration feeds. Inputs: the folded
+gs.Graph (modified in place), FoldPlans, calibration feeds {input name: (N, ...)}."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -36,38 +36,57 @@ class DataRepair(Repair):
     reads_calib = True
     needs_calibration = True
 
-    def after_merge(self, graph: gs.Graph, plans: list[FoldPlan], calib: dict[str, np.ndarray] | None,
-                    dense_path: str | None) -> str | None:
+    def after_merge(
+        self,
+        graph: gs.Graph,
+        plans: list[FoldPlan],
+        calib: dict[str, np.ndarray] | None,
+        dense_path: str | None,
+    ) -> str | None:
         return repair_with_data(graph, plans, calib, dense_path) if plans else None
 
 
 @dataclass
 class Producer:
-    """A node creating folded groups' channels: the members (with their plans) on its weight's output axis
-    and its output's channel axis."""
+    """A node creating folded groups' channels: the members (with their plans) on its weight's
+    output axis and its output's channel axis."""
 
     node: gs.Node
     members: list[tuple[Member, FoldPlan]]
     out_axis: int
 
 
-def repair_with_data(graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np.ndarray], dense_path: str) -> str:
+def repair_with_data(
+    graph: gs.Graph, plans: list[FoldPlan], feeds: dict[str, np.ndarray], dense_path: str
+) -> str:
     """Repair the folded `graph` on calibration `feeds`; returns a one-line note for the report."""
     changed = _downstream_of_folds(graph, plans)
-    bns = [n for n in graph.nodes if n.op == "BatchNormalization" and _bn_constant(n) and id(n) in changed]
+    bns = [
+        n
+        for n in graph.nodes
+        if n.op == "BatchNormalization" and _bn_constant(n) and id(n) in changed
+    ]
     folded = folded_feeds(plans, feeds)
     if bns:
         offsets = dense_bn_offsets(dense_path, bns, plans, feeds)
         waves = reset_bn_statistics(graph, bns, folded, offsets)
-        return f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over {sample_count(feeds)} samples " \
-               f"(paired with the dense model's running statistics)"
-    waves, rescaled = match_producer_statistics(graph, folded_producers(graph, plans), feeds, dense_path, folded)
-    return f"rescaled {rescaled} merged producers to the dense statistics in {waves} passes " \
-           f"over {sample_count(feeds)} samples"
+        return (
+            f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over "
+            f"{sample_count(feeds)} samples "
+            f"(paired with the dense model's running statistics)"
+        )
+    waves, rescaled = match_producer_statistics(
+        graph, folded_producers(graph, plans), feeds, dense_path, folded
+    )
+    return (
+        f"rescaled {rescaled} merged producers to the dense statistics in {waves} passes "
+        f"over {sample_count(feeds)} samples"
+    )
 
 
 def _downstream_of_folds(graph: gs.Graph, plans: list[FoldPlan]) -> set[int]:
-    """ids of nodes that read a rewritten tensor or anything computed from one (their inputs changed)."""
+    """ids of nodes that read a rewritten tensor or anything computed from one (their inputs
+    changed)."""
     rewritten = {id(m.tensor) for plan in plans for m in plan.group.members}
     dirty: set[str] = set()
     changed: set[int] = set()
@@ -82,19 +101,29 @@ def _bn_constant(bn: gs.Node) -> bool:
     return len(bn.inputs) >= 5 and all(isinstance(t, gs.Constant) for t in bn.inputs[1:5])
 
 
-def dense_bn_offsets(dense_path: str, bns: list[gs.Node], plans: list[FoldPlan], feeds) -> dict[int, tuple]:
-    """How far the calibration sample's statistics sit from the dense model's running statistics, per BN of
-    the folded graph: id(bn) -> (mean shift (k,), variance ratio (k,)), averaged over each cluster's members.
+def dense_bn_offsets(
+    dense_path: str, bns: list[gs.Node], plans: list[FoldPlan], feeds
+) -> dict[int, tuple]:
+    """How far the calibration sample's statistics sit from the dense model's running statistics,
+    per BN of the folded graph: id(bn) -> (mean shift (k,), variance ratio (k,)), averaged over each
+    cluster's members.
 
-    The folded model sees the same sample, so its statistics err the same way: adding the shift and applying
-    the ratio (a paired, control-variate estimate) cancels most of the noise of a few dozen samples."""
+    The folded model sees the same sample, so its statistics err the same way: adding the shift and
+    applying the ratio (a paired, control-variate estimate) cancels most of the noise of a few dozen
+    samples."""
     dense = gs.import_onnx(onnx.load(dense_path))
-    by_output = {n.outputs[0].name: n for n in dense.nodes if n.op == "BatchNormalization" and _bn_constant(n)}
+    by_output = {
+        n.outputs[0].name: n
+        for n in dense.nodes
+        if n.op == "BatchNormalization" and _bn_constant(n)
+    }
     pairs = [(bn, by_output[bn.outputs[0].name]) for bn in bns if bn.outputs[0].name in by_output]
     if not pairs:
         return {}
     names = [d.inputs[0].name for _, d in pairs]
-    stats = stats_of(session_with_outputs(onnx.load(dense_path), names), names, [1] * len(names), feeds)
+    stats = stats_of(
+        session_with_outputs(onnx.load(dense_path), names), names, [1] * len(names), feeds
+    )
     scales: dict[int, list[tuple[Member, FoldPlan]]] = defaultdict(list)
     for plan in plans:
         for m in plan.group.members:
@@ -109,13 +138,19 @@ def dense_bn_offsets(dense_path: str, bns: list[gs.Node], plans: list[FoldPlan],
             continue
         dense_to, extent, _ = mapped
         ratio = np.where(var > 1e-12, run_var / np.maximum(var, 1e-12), 1.0)
-        offsets[id(bn)] = (_folded_average(dense_to, run_mean - mean, extent), _folded_average(dense_to, ratio, extent))
+        offsets[id(bn)] = (
+            _folded_average(dense_to, run_mean - mean, extent),
+            _folded_average(dense_to, ratio, extent),
+        )
     return offsets
 
 
-def reset_bn_statistics(graph: gs.Graph, bns: list[gs.Node], feeds, offsets: dict | None = None) -> int:
+def reset_bn_statistics(
+    graph: gs.Graph, bns: list[gs.Node], feeds, offsets: dict | None = None
+) -> int:
     """Set each BN's mean/var (C,) to its input's per-channel statistics, corrected by `offsets`
-    (id(bn) -> (mean shift (C,), variance ratio (C,)), see dense_bn_offsets); returns the number of passes."""
+    (id(bn) -> (mean shift (C,), variance ratio (C,)), see dense_bn_offsets); returns the number of
+    passes."""
     levels = _levels(graph, bns)
     offsets = offsets or {}
     for level in sorted(set(levels.values())):
@@ -132,7 +167,8 @@ def reset_bn_statistics(graph: gs.Graph, bns: list[gs.Node], feeds, offsets: dic
 
 
 def _levels(graph: gs.Graph, marked: list[gs.Node]) -> dict[int, int]:
-    """id(node) -> 1 + the largest level of a marked node upstream of it, for marked nodes (topological waves)."""
+    """id(node) -> 1 + the largest level of a marked node upstream of it, for marked nodes
+    (topological waves)."""
     ids = {id(n) for n in marked}
     depth: dict[str, int] = {}
     levels: dict[int, int] = {}
@@ -146,15 +182,19 @@ def _levels(graph: gs.Graph, marked: list[gs.Node]) -> dict[int, int]:
     return levels
 
 
-def channel_stats(graph: gs.Graph, tensors: list[tuple[str, int]], feeds) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-channel (mean, var) of each (tensor name, channel axis) over the feeds: [(C,), (C,)] each."""
+def channel_stats(
+    graph: gs.Graph, tensors: list[tuple[str, int]], feeds
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (mean, var) of each (tensor name, channel axis) over the feeds: [(C,), (C,)]
+    each."""
     sess = session_with_outputs(gs.export_onnx(graph), [name for name, _ in tensors])
     return stats_of(sess, [name for name, _ in tensors], [axis for _, axis in tensors], feeds)
 
 
 def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
-    """Nodes whose weight's output axis holds producer members of folded groups (one member covering the
-    whole axis, or several side by side: fused QKV rows, concatenated groups, heads of head_dim entries each)."""
+    """Nodes whose weight's output axis holds producer members of folded groups (one member covering
+    the whole axis, or several side by side: fused QKV rows, concatenated groups, heads of head_dim
+    entries each)."""
     owners: dict[tuple[int, int], list[tuple[Member, FoldPlan]]] = defaultdict(list)
     for plan in plans:
         for m in plan.group.members:
@@ -170,29 +210,44 @@ def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
     return found
 
 
-def match_producer_statistics(graph: gs.Graph, producers: list[Producer], feeds, dense_path: str,
-                              folded: dict[str, np.ndarray] | None = None) -> tuple[int, int]:
-    """Rescale weights (and shift biases) so merged channels match their clusters' dense mean/std; a producer
-    whose measured channels do not line up with its members (an unexpected layout) is left as it is.
-    `feeds` run the dense model, `folded` (default: the same) the folded graph (see folded_feeds).
-    Returns (passes over the feeds, producers rescaled)."""
+def match_producer_statistics(
+    graph: gs.Graph,
+    producers: list[Producer],
+    feeds,
+    dense_path: str,
+    folded: dict[str, np.ndarray] | None = None,
+) -> tuple[int, int]:
+    """Rescale weights (and shift biases) so merged channels match their clusters' dense mean/std; a
+    producer whose measured channels do not line up with its members (an unexpected layout) is left
+    as it is. `feeds` run the dense model, `folded` (default: the same) the folded graph (see
+    folded_feeds). Returns (passes over the feeds, producers rescaled)."""
     if not producers:
         return 0, 0
-    dense = stats_of(session_with_outputs(onnx.load(dense_path), [p.node.outputs[0].name for p in producers]),
-                      [p.node.outputs[0].name for p in producers], [p.out_axis for p in producers], feeds)
+    dense = stats_of(
+        session_with_outputs(onnx.load(dense_path), [p.node.outputs[0].name for p in producers]),
+        [p.node.outputs[0].name for p in producers],
+        [p.out_axis for p in producers],
+        feeds,
+    )
     targets = {}
     for p, (mean, var) in zip(producers, dense):
         mapped = channel_map(p.members, len(mean))
         if mapped is not None:
-            targets[id(p.node)] = (mapped, _folded_average(mapped[0], mean, mapped[1]),
-                                   _folded_average(mapped[0], np.sqrt(var), mapped[1]))
+            targets[id(p.node)] = (
+                mapped,
+                _folded_average(mapped[0], mean, mapped[1]),
+                _folded_average(mapped[0], np.sqrt(var), mapped[1]),
+            )
     producers = [p for p in producers if id(p.node) in targets]
     levels = _levels(graph, [p.node for p in producers])
     rescaled = 0
     for level in sorted(set(levels.values())):
         wave = [p for p in producers if levels[id(p.node)] == level]
-        stats = channel_stats(graph, [(p.node.outputs[0].name, p.out_axis) for p in wave],
-                              feeds if folded is None else folded)
+        stats = channel_stats(
+            graph,
+            [(p.node.outputs[0].name, p.out_axis) for p in wave],
+            feeds if folded is None else folded,
+        )
         for p, (mean, var) in zip(wave, stats):
             (_, extent, merged), t_mean, t_std = targets[id(p.node)]
             if len(mean) != extent or _weight_extent(p.node) != extent:
@@ -204,13 +259,17 @@ def match_producer_statistics(graph: gs.Graph, producers: list[Producer], feeds,
     return len(set(levels.values())), rescaled
 
 
-def channel_map(items: list[tuple[Member, FoldPlan]], extent: int) -> tuple[np.ndarray, int, np.ndarray] | None:
-    """Where each of the `extent` dense entries of an axis went after merging the members `items` on it.
+def channel_map(
+    items: list[tuple[Member, FoldPlan]], extent: int
+) -> tuple[np.ndarray, int, np.ndarray] | None:
+    """Where each of the `extent` dense entries of an axis went after merging the members `items` on
+    it.
 
-    Returns (folded index of each dense entry (extent,), -1 for a dropped one; the folded extent; a mask
-    (folded extent,) of the entries that belong to a member). Channel c of a member covers the `repeat`
-    entries offset + c*repeat ... (a head of head_dim entries): entry j of it goes to entry j of its cluster's
-    channel, as merge.py writes it. None when the members do not tile the axis (overlap, or out of range)."""
+    Returns (folded index of each dense entry (extent,), -1 for a dropped one; the folded extent; a
+    mask (folded extent,) of the entries that belong to a member). Channel c of a member covers the
+    `repeat` entries offset + c*repeat ... (a head of head_dim entries): entry j of it goes to entry
+    j of its cluster's channel, as merge.py writes it. None when the members do not tile the axis
+    (overlap, or out of range)."""
     dense_to = np.arange(extent, dtype=np.int64)
     merged = []
     dense_pos = fold_pos = 0
@@ -219,11 +278,13 @@ def channel_map(items: list[tuple[Member, FoldPlan]], extent: int) -> tuple[np.n
         if m.offset < dense_pos or m.offset + n * rep > extent or len(labels) != n or rep < 1:
             return None
         gap = m.offset - dense_pos
-        dense_to[dense_pos:m.offset] = fold_pos + np.arange(gap)
+        dense_to[dense_pos : m.offset] = fold_pos + np.arange(gap)
         merged += [False] * gap
         fold_pos += gap
         entries = fold_pos + labels[:, None] * rep + np.arange(rep)[None, :]
-        dense_to[m.offset:m.offset + n * rep] = np.where(labels[:, None] >= 0, entries, -1).reshape(-1)
+        dense_to[m.offset : m.offset + n * rep] = np.where(
+            labels[:, None] >= 0, entries, -1
+        ).reshape(-1)
         merged += [True] * (plan.k * rep)
         fold_pos += plan.k * rep
         dense_pos = m.offset + n * rep
@@ -236,14 +297,18 @@ def _folded_average(dense_to: np.ndarray, values: np.ndarray, extent: int) -> np
     """Mean of dense values (n,) over the entries merged into each folded entry -> (extent,)."""
     keep = dense_to >= 0
     counts = np.bincount(dense_to[keep], minlength=extent)
-    return np.bincount(dense_to[keep], weights=values[keep], minlength=extent) / np.maximum(counts, 1)
+    return np.bincount(dense_to[keep], weights=values[keep], minlength=extent) / np.maximum(
+        counts, 1
+    )
 
 
 def _weight_extent(node: gs.Node) -> int:
     return int(node.inputs[1].shape[weight_out_axis(node)])
 
 
-def _rescale(p: Producer, mean: np.ndarray, std: np.ndarray, t_mean: np.ndarray, t_std: np.ndarray) -> None:
+def _rescale(
+    p: Producer, mean: np.ndarray, std: np.ndarray, t_mean: np.ndarray, t_std: np.ndarray
+) -> None:
     """y' = (y - mean) * t_std / std + t_mean, folded into the weight's output axis and the bias."""
     scale = np.where(std > 1e-8, t_std / np.maximum(std, 1e-8), 1.0)
     w = p.node.inputs[1]
@@ -254,7 +319,9 @@ def _rescale(p: Producer, mean: np.ndarray, std: np.ndarray, t_mean: np.ndarray,
     shift = t_mean - mean * scale
     bias = _bias_input(p.node)
     if bias is not None:
-        bias.values = (np.asarray(bias.values) * scale + shift).astype(np.asarray(bias.values).dtype)
+        bias.values = (np.asarray(bias.values) * scale + shift).astype(
+            np.asarray(bias.values).dtype
+        )
     elif p.node.op == "MatMul" and (added := _added_bias(p.node, len(shift))) is not None:
         # the bias is added after the measured output: y' + b = (y*scale + shift) + b
         values = np.asarray(added.values)
@@ -262,9 +329,10 @@ def _rescale(p: Producer, mean: np.ndarray, std: np.ndarray, t_mean: np.ndarray,
 
 
 def _added_bias(node: gs.Node, size: int) -> gs.Constant | None:
-    """The bias of a MatMul written as MatMul -> Add(constant) (torch.onnx's Linear): the Add's constant when
-    the Add alone reads the MatMul's output, the constant holds one float per output channel ((C,) or
-    (1, ..., 1, C)) and nothing else reads it; else None (the MatMul's mean then stays unmatched)."""
+    """The bias of a MatMul written as MatMul -> Add(constant) (torch.onnx's Linear): the Add's
+    constant when the Add alone reads the MatMul's output, the constant holds one float per output
+    channel ((C,) or (1, ..., 1, C)) and nothing else reads it; else None (the MatMul's mean then
+    stays unmatched)."""
     out = node.outputs[0]
     if len(out.outputs) != 1 or out.outputs[0].op != "Add":
         return None
@@ -278,7 +346,8 @@ def _added_bias(node: gs.Node, size: int) -> gs.Constant | None:
 
 
 def _bias_input(node: gs.Node) -> gs.Constant | None:
-    """The node's bias constant (created for Conv/ConvTranspose/Gemm without one; None for MatMul)."""
+    """The node's bias constant (created for Conv/ConvTranspose/Gemm without one; None for
+    MatMul)."""
     index = BIAS_INPUT.get(node.op)
     if index is None:
         return None
@@ -288,6 +357,8 @@ def _bias_input(node: gs.Node) -> gs.Constant | None:
         return None
     w = np.asarray(node.inputs[1].values)
     size = w.shape[weight_out_axis(node)]
-    bias = gs.Constant(f"{node.name or node.outputs[0].name}_calibrated_bias", np.zeros(size, w.dtype))
+    bias = gs.Constant(
+        f"{node.name or node.outputs[0].name}_calibrated_bias", np.zeros(size, w.dtype)
+    )
     node.inputs.append(bias)
     return bias

@@ -1,18 +1,21 @@
-"""Fold-DIR (DESIGN §1.4): synthesise calibration inputs from the dense model's BatchNorm statistics.
+"""Fold-DIR (DESIGN §1.4): synthesise calibration inputs from the dense model's BatchNorm
+statistics.
 
 DeepInversion: Gaussian noise x (batch, C, *spatial) is optimised with Adam so that at every
-BatchNormalization the batch mean and variance of its input match the running statistics stored in the
-model; small total-variation and L2 priors keep x smooth and bounded. The inputs then serve as calibration
-data for the data-driven repair. Gradients flow through the ONNX graph run in torch (torch_exec).
-Measured on models/mnist_cnn.onnx (fold + REPAIR on 32 synthetic inputs, 4 seeds): a random 2-pixel roll per
-step raised test accuracy from 96.3% to 97.5% at ratio 0.3 and from 80.8% to 83.2% at 0.5 (32 real digits:
-97.5% / 84.1%); horizontal flips lowered it; the cosine decay helps only together with the roll.
-"""
+BatchNormalization the batch mean and variance of its input match the running statistics stored in
+the model; small total-variation and L2 priors keep x smooth and bounded. The inputs then serve as
+calibration data for the data-driven repair. Gradients flow through the ONNX graph run in torch
+(torch_exec). Measured on models/mnist_cnn.onnx (fold + REPAIR on 32 synthetic inputs, 4 seeds): a
+random 2-pixel roll per step raised test accuracy from 96.3% to 97.5% at ratio 0.3 and from 80.8% to
+83.2% at 0.5 (32 real digits: 97.5% / 84.1%); horizontal flips lowered it; the cosine decay helps
+only together with the roll."""
+
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,12 +26,20 @@ from ..model.load import load_model
 from ..runtime.feeds import declared_input_specs
 from .data import DataRepair
 
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+if TYPE_CHECKING:  # torch is optional: only the annotations name it here
+    import torch
+
+FLOAT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+)
 
 
 class DirRepair(DataRepair):
-    """Fold-DIR: REPAIR on inputs synthesised from the dense model's BN statistics (unless the user gives
-    calibration inputs)."""
+    """Fold-DIR: REPAIR on inputs synthesised from the dense model's BN statistics (unless the user
+    gives calibration inputs)."""
 
     name = "dir"
     reads_calib = False
@@ -37,14 +48,21 @@ class DirRepair(DataRepair):
     def calibration(self, dense_path: str, progress=None) -> dict[str, np.ndarray]:
         s = self.settings
         size = (s.dir_size, s.dir_size) if s.dir_size else None
-        synth = synthesize_inputs(dense_path, batch=s.dir_batch, iters=s.dir_iters, size=size, seed=s.seed,
-                                  progress=progress)
+        synth = synthesize_inputs(
+            dense_path,
+            batch=s.dir_batch,
+            iters=s.dir_iters,
+            size=size,
+            seed=s.seed,
+            progress=progress,
+        )
         return {declared_input_specs(dense_path)[0].name: synth.inputs}
 
 
 @dataclass
 class DIRResult:
-    """inputs: (batch, *input_shape[1:]) float32 synthetic calibration inputs; losses: BN loss per iteration."""
+    """inputs: (batch, *input_shape[1:]) float32 synthetic calibration inputs; losses: BN loss per
+    iteration."""
 
     inputs: np.ndarray
     losses: list[float]
@@ -61,17 +79,29 @@ class _Settings:
     seed: int
 
 
-def synthesize_inputs(model_path: str, *, batch: int = 32, iters: int = 200, lr: float = 0.1,
-                      size: tuple[int, ...] | None = None, tv_weight: float = 1e-4, l2_weight: float = 1e-5,
-                      seed: int = 0, jitter: int | None = None, flip: bool = False, progress=None) -> DIRResult:
-    """Inputs (batch, C, *spatial) for the dense model at `model_path` whose BN batch statistics match its
-    running statistics: Adam on loss = Σ_BN ‖μ − running_mean‖₂ + ‖σ² − running_var‖₂ + tv_weight·TV(x)
-    + l2_weight·mean_i ‖x_i‖², learning rate decayed to 0 on a cosine. A symbolic batch dim becomes `batch`
-    (a fixed one is kept); `size` gives the spatial extents when the model's are symbolic. Each step sees x
-    rolled by up to `jitter` pixels per spatial axis (default: min extent // 12) and, with `flip`, mirrored
-    along the last axis half the time. `progress(i, iters, label)` is called every iters // 50 steps.
-    Raises UserError for models without BatchNormalization, with other than one float input, with ops
-    torch cannot run, or for out-of-range settings."""
+def synthesize_inputs(
+    model_path: str,
+    *,
+    batch: int = 32,
+    iters: int = 200,
+    lr: float = 0.1,
+    size: tuple[int, ...] | None = None,
+    tv_weight: float = 1e-4,
+    l2_weight: float = 1e-5,
+    seed: int = 0,
+    jitter: int | None = None,
+    flip: bool = False,
+    progress=None,
+) -> DIRResult:
+    """Inputs (batch, C, *spatial) for the dense model at `model_path` whose BN batch statistics
+    match its running statistics: Adam on loss = Σ_BN ‖μ − running_mean‖₂ + ‖σ² − running_var‖₂ +
+    tv_weight·TV(x) + l2_weight·mean_i ‖x_i‖², learning rate decayed to 0 on a cosine. A symbolic
+    batch dim becomes `batch` (a fixed one is kept); `size` gives the spatial extents when the
+    model's are symbolic. Each step sees x rolled by up to `jitter` pixels per spatial axis
+    (default: min extent // 12) and, with `flip`, mirrored along the last axis half the time.
+    `progress(i, iters, label)` is called every iters // 50 steps. Raises UserError for models
+    without BatchNormalization, with other than one float input, with ops torch cannot run, or for
+    out-of-range settings."""
     _check_settings(batch, iters, lr)
     torch = _import_torch()
     from .torch_exec import TorchGraph  # torch is optional: imported only when DIR runs
@@ -95,7 +125,9 @@ def synthesize_inputs(model_path: str, *, batch: int = 32, iters: int = 200, lr:
 
 def _check_settings(batch: int, iters: int, lr: float) -> None:
     if batch < 1 or iters < 1:
-        raise UserError(f"Fold-DIR needs --dir-batch >= 1 and --dir-iters >= 1, got {batch} and {iters}")
+        raise UserError(
+            f"Fold-DIR needs --dir-batch >= 1 and --dir-iters >= 1, got {batch} and {iters}"
+        )
     if not lr > 0:
         raise UserError(f"Fold-DIR learning rate lr={lr} must be > 0")
 
@@ -110,41 +142,62 @@ def _import_torch():
 
 def _require_bn(model: onnx.ModelProto, path: str) -> None:
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
-        raise UserError(f"{path}: Fold-DIR needs BatchNormalization statistics, and the graph has none (BN fused by "
-                        "the exporter? export with do_constant_folding=False); use --repair ar or --repair data")
+        raise UserError(
+            f"{path}: Fold-DIR needs BatchNormalization statistics, and the graph has none (BN "
+            "fused by "
+            "the exporter? export with do_constant_folding=False); use --repair ar or --repair data"
+        )
 
 
-def _input_shape(model: onnx.ModelProto, batch: int, size: tuple[int, ...] | None, path: str) -> tuple[int, ...]:
+def _input_shape(
+    model: onnx.ModelProto, batch: int, size: tuple[int, ...] | None, path: str
+) -> tuple[int, ...]:
     """Shape of the synthetic batch for the model's single float input: symbolic batch -> `batch`,
     spatial dims -> `size` when given, else the model's (which must then be fixed)."""
     consts = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in consts]
     if len(inputs) != 1 or inputs[0].type.tensor_type.elem_type not in FLOAT_TYPES:
-        found = ", ".join(f"{v.name} ({onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()})"
-                          for v in inputs)
-        raise UserError(f"{path}: Fold-DIR synthesises exactly one float input, the model has {found or 'none'}; "
-                        "use --repair ar or --repair data")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+        found = ", ".join(
+            f"{v.name} ({onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()})"
+            for v in inputs
+        )
+        raise UserError(
+            f"{path}: Fold-DIR synthesises exactly one float input, the model has "
+            f"{found or 'none'}; "
+            "use --repair ar or --repair data"
+        )
+    dims = [
+        d.dim_value if d.HasField("dim_value") else None
+        for d in inputs[0].type.tensor_type.shape.dim
+    ]
     return _fill_dims(dims, batch, size, inputs[0].name)
 
 
 def _fill_dims(dims: list, batch: int, size, name: str) -> tuple[int, ...]:
     shown = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
     if len(dims) < 2 or dims[1] is None:
-        raise UserError(f"Fold-DIR needs input '{name}' shaped (batch, channels, ...) with fixed channels, got {shown}")
+        raise UserError(
+            f"Fold-DIR needs input '{name}' shaped (batch, channels, ...) with fixed channels, got "
+            f"{shown}"
+        )
     spatial = dims[2:]
     if size is not None:
         if len(size) != len(spatial):
-            raise UserError(f"Fold-DIR: --dir-size gives {len(size)} extents, input '{name}' {shown} has "
-                            f"{len(spatial)} spatial dims")
+            raise UserError(
+                f"Fold-DIR: --dir-size gives {len(size)} extents, input '{name}' {shown} has "
+                f"{len(spatial)} spatial dims"
+            )
         spatial = list(size)
     if any(d is None for d in spatial):
-        raise UserError(f"Fold-DIR: input '{name}' {shown} has symbolic spatial dims; give them with --dir-size")
+        raise UserError(
+            f"Fold-DIR: input '{name}' {shown} has symbolic spatial dims; give them with --dir-size"
+        )
     return (batch if dims[0] is None else dims[0], dims[1], *spatial)
 
 
 def bn_loss(graph) -> "torch.Tensor":
-    """Σ over captured BN layers of ‖μ_batch − running_mean‖₂ + ‖σ²_batch − running_var‖₂ (a 0-d tensor)."""
+    """Σ over captured BN layers of ‖μ_batch − running_mean‖₂ + ‖σ²_batch − running_var‖₂ (a 0-d
+    tensor)."""
     total = 0.0
     for key, x in graph.bn_inputs.items():
         mean, var = graph.bn_stats[key]
@@ -154,12 +207,14 @@ def bn_loss(graph) -> "torch.Tensor":
 
 
 def total_variation(x) -> "torch.Tensor":
-    """Σ over spatial axes of ‖x[..., i+1, ...] − x[..., i, ...]‖₂ for x (N, C, *spatial); 0 when none."""
+    """Σ over spatial axes of ‖x[..., i+1, ...] − x[..., i, ...]‖₂ for x (N, C, *spatial); 0 when
+    none."""
     return sum((x.diff(dim=axis).norm() for axis in range(2, x.dim())), x.new_zeros(()))
 
 
 def _augment(torch, x, gen, s: _Settings):
-    """x rolled by a random shift in [-jitter, jitter] per spatial axis, then mirrored half the time if s.flip."""
+    """x rolled by a random shift in [-jitter, jitter] per spatial axis, then mirrored half the time
+    if s.flip."""
     if s.jitter:
         shifts = torch.randint(-s.jitter, s.jitter + 1, (x.dim() - 2,), generator=gen).tolist()
         x = torch.roll(x, shifts, dims=tuple(range(2, x.dim())))
@@ -169,12 +224,15 @@ def _augment(torch, x, gen, s: _Settings):
 
 
 def _invert(graph, shape: tuple[int, ...], s: _Settings, progress) -> DIRResult:
-    """Adam on x (shape) from seeded N(0, 1) noise, cosine learning-rate decay, one BN loss logged per step."""
+    """Adam on x (shape) from seeded N(0, 1) noise, cosine learning-rate decay, one BN loss logged
+    per step."""
     torch = _import_torch()
     gen = torch.Generator().manual_seed(s.seed)
     x = torch.randn(shape, generator=gen).requires_grad_(True)
     opt = torch.optim.Adam([x], lr=s.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / s.iters)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / s.iters))
+    )
     losses, every = [], max(1, s.iters // 50)
     for i in range(s.iters):
         opt.zero_grad()

@@ -1,9 +1,11 @@
-"""Run an ONNX graph in torch, differentiably: the interpreter Fold-DIR needs for gradients w.r.t. the input.
+"""Run an ONNX graph in torch, differentiably: the interpreter Fold-DIR needs for gradients w.r.t.
+the input.
 
-`OPS` (the spec of what runs) maps an op type to fn(inputs, attrs) -> tensor or tuple: inputs in node order (None
-where omitted), attrs decoded (tensors as torch) plus "_opset" (default domain) and "_outputs" (output count).
-Shape ops run on int64 tensors. Initializers and Constant tensors become buffers (floats as float32).
-"""
+`OPS` (the spec of what runs) maps an op type to fn(inputs, attrs) -> tensor or tuple: inputs in
+node order (None where omitted), attrs decoded (tensors as torch) plus "_opset" (default domain) and
+"_outputs" (output count). Shape ops run on int64 tensors. Initializers and Constant tensors become
+buffers (floats as float32)."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +34,8 @@ def _ints(v) -> list[int]:
 
 
 def _list(i, k, a, name) -> list:
-    """A list given as input k (newer opsets) or as attribute `name` (older ones); [] when absent."""
+    """A list given as input k (newer opsets) or as attribute `name` (older ones); [] when
+    absent."""
     v = _arg(i, k)
     return _ints(v) if v is not None else list(a.get(name, []))
 
@@ -58,13 +61,25 @@ def _split_total(total: list[int], mode: str) -> list[int]:
 
 
 def _window(x, a, kernel=None):
-    """(kernel, strides, dilations, pads [begins, ends]) of a Conv/pool node on x (N, C, *spatial)."""
+    """(kernel, strides, dilations, pads [begins, ends]) of a Conv/pool node on x (N, C,
+    *spatial)."""
     k = list(a.get("kernel_shape") or kernel)
-    s, d, mode = list(a.get("strides", [1] * len(k))), list(a.get("dilations", [1] * len(k))), a.get("auto_pad", "")
+    s, d, mode = (
+        list(a.get("strides", [1] * len(k))),
+        list(a.get("dilations", [1] * len(k))),
+        a.get("auto_pad", ""),
+    )
     if not mode.startswith("SAME"):
-        return k, s, d, [0] * 2 * len(k) if mode == "VALID" else list(a.get("pads", [0] * 2 * len(k)))
-    total = [max((math.ceil(n / st) - 1) * st + (kk - 1) * dd + 1 - n, 0)
-             for n, kk, st, dd in zip(x.shape[2:], k, s, d)]
+        return (
+            k,
+            s,
+            d,
+            [0] * 2 * len(k) if mode == "VALID" else list(a.get("pads", [0] * 2 * len(k))),
+        )
+    total = [
+        max((math.ceil(n / st) - 1) * st + (kk - 1) * dd + 1 - n, 0)
+        for n, kk, st, dd in zip(x.shape[2:], k, s, d)
+    ]
     return k, s, d, _split_total(total, mode)
 
 
@@ -90,8 +105,13 @@ def conv_transpose(i, a):
     out_pad, mode = list(a.get("output_padding", [0] * n)), a.get("auto_pad", "NOTSET")
     if "output_shape" in a or mode.startswith("SAME"):
         outs = list(a.get("output_shape") or [m * st for m, st in zip(x.shape[2:], s)])[-n:]
-        pads = _split_total([st * (m - 1) + op + (kk - 1) * dd + 1 - o
-                             for m, st, op, kk, dd, o in zip(x.shape[2:], s, out_pad, k, d, outs)], mode)
+        pads = _split_total(
+            [
+                st * (m - 1) + op + (kk - 1) * dd + 1 - o
+                for m, st, op, kk, dd, o in zip(x.shape[2:], s, out_pad, k, d, outs)
+            ],
+            mode,
+        )
     y = _CONV_T[n](x, w, _arg(i, 2), s, 0, out_pad, a.get("group", 1), d)
     crop = tuple(slice(b, y.shape[2 + j] - e) for j, (b, e) in enumerate(zip(pads[:n], pads[n:])))
     return y[(slice(None), slice(None)) + crop]
@@ -145,7 +165,9 @@ def _unary(fn):
 def reshape(i, a):
     """0 copies the input's extent unless allowzero; -1 is inferred."""
     keep = not a.get("allowzero", 0)
-    return i[0].reshape([i[0].shape[j] if s == 0 and keep else s for j, s in enumerate(_list(i, 1, a, "shape"))])
+    return i[0].reshape(
+        [i[0].shape[j] if s == 0 and keep else s for j, s in enumerate(_list(i, 1, a, "shape"))]
+    )
 
 
 def unsqueeze(i, a):
@@ -179,7 +201,7 @@ def gather(i, a):
     axis = a.get("axis", 0) % x.dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx).long()
     out = x.index_select(axis, idx.reshape(-1))
-    return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1:])
+    return out.reshape(x.shape[:axis] + idx.shape + x.shape[axis + 1 :])
 
 
 def gemm(i, a):
@@ -203,8 +225,8 @@ def pad(i, a):
         return F.pad(x, tp, value=float(value or 0.0))
     n = len(tp) // 2
     mode = {"edge": "replicate", "wrap": "circular"}.get(mode, mode)
-    y = F.pad(x.reshape(1, -1, *x.shape[x.dim() - n:]), tp, mode=mode)
-    return y.reshape(*x.shape[:x.dim() - n], *y.shape[2:])
+    y = F.pad(x.reshape(1, -1, *x.shape[x.dim() - n :]), tp, mode=mode)
+    return y.reshape(*x.shape[: x.dim() - n], *y.shape[2:])
 
 
 def constant(i, a):
@@ -212,21 +234,36 @@ def constant(i, a):
     return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
 
 
-_DTYPES = {TensorProto.FLOAT: torch.float32, TensorProto.DOUBLE: torch.float32, TensorProto.FLOAT16: torch.float32,
-           TensorProto.BFLOAT16: torch.float32, TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32,
-           TensorProto.INT16: torch.int16, TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
-           TensorProto.BOOL: torch.bool}
+_DTYPES = {
+    TensorProto.FLOAT: torch.float32,
+    TensorProto.DOUBLE: torch.float32,
+    TensorProto.FLOAT16: torch.float32,
+    TensorProto.BFLOAT16: torch.float32,
+    TensorProto.INT64: torch.int64,
+    TensorProto.INT32: torch.int32,
+    TensorProto.INT16: torch.int16,
+    TensorProto.INT8: torch.int8,
+    TensorProto.UINT8: torch.uint8,
+    TensorProto.BOOL: torch.bool,
+}
 
-_ROUND = {"round_prefer_floor": lambda c: torch.ceil(c - 0.5), "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
-          "floor": torch.floor, "ceil": torch.ceil}
+_ROUND = {
+    "round_prefer_floor": lambda c: torch.ceil(c - 0.5),
+    "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
+    "floor": torch.floor,
+    "ceil": torch.ceil,
+}
 
-_COORDS = {  # input coordinate of output position x along one axis: (x, out, size, scale) -> x_original
+# input coordinate of output position x along one axis: (x, out, size, scale) -> x_original
+_COORDS = {
     "half_pixel": lambda x, out, size, s: (x + 0.5) / s - 0.5,
     "pytorch_half_pixel": lambda x, out, size, s: (x + 0.5) / s - 0.5 if out > 1 else x * 0,
     "align_corners": lambda x, out, size, s: x * ((size - 1) / (out - 1)) if out > 1 else x * 0,
     "asymmetric": lambda x, out, size, s: x / s,
     "tf_half_pixel_for_nn": lambda x, out, size, s: (x + 0.5) / s,
-    "half_pixel_symmetric": lambda x, out, size, s: size / 2 * (1 - out / (s * size)) + (x + 0.5) / s - 0.5,
+    "half_pixel_symmetric": lambda x, out, size, s: (
+        size / 2 * (1 - out / (s * size)) + (x + 0.5) / s - 0.5
+    ),
 }
 
 
@@ -244,20 +281,25 @@ def _resample_axis(x, axis: int, out: int, scale: float, a):
 
 
 def resize(i, a, legacy=False):
-    """Resize-11+ (X, roi, scales, sizes), or Upsample and Resize-10 (X, scales; asymmetric, floor), axis by axis."""
+    """Resize-11+ (X, roi, scales, sizes), or Upsample and Resize-10 (X, scales; asymmetric, floor),
+    axis by axis."""
     if legacy or a["_opset"] < 11:
         a = {**a, "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
         x, scales, sizes = i[0], _arg(i, 1) if _arg(i, 1) is not None else a["scales"], None
     else:
         x, scales, sizes = i[0], _arg(i, 2), _arg(i, 3)
     if a.get("mode", "nearest") not in ("nearest", "linear") or "axes" in a:
-        raise UserError(f"Fold-DIR cannot run Resize mode {a.get('mode')} (or with axes) in torch; "
-                        "use --repair ar or --repair data")
+        raise UserError(
+            f"Fold-DIR cannot run Resize mode {a.get('mode')} (or with axes) in torch; "
+            "use --repair ar or --repair data"
+        )
     if sizes is not None and sizes.numel():
         outs = _ints(sizes)
         scales = [o / n for o, n in zip(outs, x.shape)]
     else:
-        scales = [float(v) for v in (scales.tolist() if isinstance(scales, torch.Tensor) else scales)]
+        scales = [
+            float(v) for v in (scales.tolist() if isinstance(scales, torch.Tensor) else scales)
+        ]
         outs = [int(math.floor(sc * n)) for sc, n in zip(scales, x.shape)]
     for axis, (out, scale) in enumerate(zip(outs, scales)):
         if out != x.shape[axis] or scale != 1.0:
@@ -266,41 +308,90 @@ def resize(i, a, legacy=False):
 
 
 OPS = {
-    "Conv": conv, "ConvTranspose": conv_transpose, "MaxPool": max_pool, "AveragePool": avg_pool,
-    "BatchNormalization": lambda i, a: F.batch_norm(i[0], i[3], i[4], i[1], i[2], False, 0.0, a.get("epsilon", 1e-5)),
-    "InstanceNormalization": lambda i, a: F.instance_norm(i[0], None, None, i[1], i[2], eps=a.get("epsilon", 1e-5)),
-    "GlobalAveragePool": _global(torch.mean), "GlobalMaxPool": _global(torch.amax),
-    "ReduceMean": partial(_reduce, torch.mean), "ReduceSum": partial(_reduce, torch.sum),
-    "ReduceMax": partial(_reduce, torch.amax), "ReduceMin": partial(_reduce, torch.amin),
-    "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh), "Erf": _unary(torch.erf),
-    "HardSwish": _unary(F.hardswish), "Softplus": _unary(F.softplus), "Exp": _unary(torch.exp),
-    "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg), "Abs": _unary(torch.abs),
-    "Reciprocal": _unary(torch.reciprocal), "Floor": _unary(torch.floor), "Ceil": _unary(torch.ceil),
-    "Not": _unary(torch.logical_not), "Identity": _unary(lambda x: x),
+    "Conv": conv,
+    "ConvTranspose": conv_transpose,
+    "MaxPool": max_pool,
+    "AveragePool": avg_pool,
+    "BatchNormalization": lambda i, a: F.batch_norm(
+        i[0], i[3], i[4], i[1], i[2], False, 0.0, a.get("epsilon", 1e-5)
+    ),
+    "InstanceNormalization": lambda i, a: F.instance_norm(
+        i[0], None, None, i[1], i[2], eps=a.get("epsilon", 1e-5)
+    ),
+    "GlobalAveragePool": _global(torch.mean),
+    "GlobalMaxPool": _global(torch.amax),
+    "ReduceMean": partial(_reduce, torch.mean),
+    "ReduceSum": partial(_reduce, torch.sum),
+    "ReduceMax": partial(_reduce, torch.amax),
+    "ReduceMin": partial(_reduce, torch.amin),
+    "Relu": _unary(F.relu),
+    "Sigmoid": _unary(torch.sigmoid),
+    "Tanh": _unary(torch.tanh),
+    "Erf": _unary(torch.erf),
+    "HardSwish": _unary(F.hardswish),
+    "Softplus": _unary(F.softplus),
+    "Exp": _unary(torch.exp),
+    "Log": _unary(torch.log),
+    "Sqrt": _unary(torch.sqrt),
+    "Neg": _unary(torch.neg),
+    "Abs": _unary(torch.abs),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Floor": _unary(torch.floor),
+    "Ceil": _unary(torch.ceil),
+    "Not": _unary(torch.logical_not),
+    "Identity": _unary(lambda x: x),
     "LeakyRelu": lambda i, a: F.leaky_relu(i[0], a.get("alpha", 0.01)),
     "HardSigmoid": lambda i, a: torch.clamp(a.get("alpha", 0.2) * i[0] + a.get("beta", 0.5), 0, 1),
     "Gelu": lambda i, a: F.gelu(i[0], approximate=a.get("approximate", "none")),
     "PRelu": lambda i, a: torch.where(i[0] >= 0, i[0], i[0] * i[1]),
     "Clip": lambda i, a: torch.clamp(i[0], _scalar(i, 1, a, "min"), _scalar(i, 2, a, "max")),
-    "Softmax": partial(_softmax, torch.softmax), "LogSoftmax": partial(_softmax, torch.log_softmax),
-    "Add": _variadic(torch.add), "Sub": _variadic(torch.sub), "Mul": _variadic(torch.mul), "Sum": _variadic(torch.add),
-    "Div": lambda i, a: i[0] / i[1] if i[0].is_floating_point() else torch.div(i[0], i[1], rounding_mode="trunc"),
-    "Pow": _variadic(torch.pow), "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum),
-    "Equal": _variadic(torch.eq), "Less": _variadic(torch.lt), "Greater": _variadic(torch.gt),
-    "And": _variadic(torch.logical_and), "Or": _variadic(torch.logical_or),
-    "Where": lambda i, a: torch.where(i[0], i[1], i[2]), "MatMul": _variadic(torch.matmul), "Gemm": gemm,
-    "Flatten": lambda i, a: i[0].reshape(math.prod(i[0].shape[:a.get("axis", 1)]), -1),
+    "Softmax": partial(_softmax, torch.softmax),
+    "LogSoftmax": partial(_softmax, torch.log_softmax),
+    "Add": _variadic(torch.add),
+    "Sub": _variadic(torch.sub),
+    "Mul": _variadic(torch.mul),
+    "Sum": _variadic(torch.add),
+    "Div": lambda i, a: (
+        i[0] / i[1] if i[0].is_floating_point() else torch.div(i[0], i[1], rounding_mode="trunc")
+    ),
+    "Pow": _variadic(torch.pow),
+    "Max": _variadic(torch.maximum),
+    "Min": _variadic(torch.minimum),
+    "Equal": _variadic(torch.eq),
+    "Less": _variadic(torch.lt),
+    "Greater": _variadic(torch.gt),
+    "And": _variadic(torch.logical_and),
+    "Or": _variadic(torch.logical_or),
+    "Where": lambda i, a: torch.where(i[0], i[1], i[2]),
+    "MatMul": _variadic(torch.matmul),
+    "Gemm": gemm,
+    "Flatten": lambda i, a: i[0].reshape(math.prod(i[0].shape[: a.get("axis", 1)]), -1),
     "Squeeze": lambda i, a: i[0].squeeze(tuple(_list(i, 1, a, "axes")) or tuple(range(i[0].dim()))),
-    "Reshape": reshape, "Unsqueeze": unsqueeze, "Split": split, "Slice": slice_, "Gather": gather,
+    "Reshape": reshape,
+    "Unsqueeze": unsqueeze,
+    "Split": split,
+    "Slice": slice_,
+    "Gather": gather,
     "Transpose": lambda i, a: i[0].permute(a.get("perm", list(reversed(range(i[0].dim()))))),
-    "Concat": lambda i, a: torch.cat(i, dim=a["axis"]), "Tile": lambda i, a: i[0].repeat(_ints(i[1])),
-    "Shape": lambda i, a: torch.tensor(i[0].shape[a.get("start", 0):a.get("end")], dtype=torch.int64),
+    "Concat": lambda i, a: torch.cat(i, dim=a["axis"]),
+    "Tile": lambda i, a: i[0].repeat(_ints(i[1])),
+    "Shape": lambda i, a: torch.tensor(
+        i[0].shape[a.get("start", 0) : a.get("end")], dtype=torch.int64
+    ),
     "Expand": lambda i, a: i[0].expand(torch.broadcast_shapes(i[0].shape, tuple(_ints(i[1])))),
     "Range": lambda i, a: torch.arange(i[0].item(), i[1].item(), i[2].item(), dtype=i[0].dtype),
-    "ConstantOfShape": lambda i, a: a.get("value", torch.zeros(1)).reshape(()).expand(_ints(i[0])).clone(),
-    "Constant": constant, "Pad": pad, "Resize": resize, "Upsample": partial(resize, legacy=True),
-    "Dropout": lambda i, a: i[0] if a["_outputs"] == 1 else (i[0], torch.ones_like(i[0], dtype=torch.bool)),
-    "Cast": lambda i, a: i[0].to(_DTYPES[a["to"]]), "CastLike": lambda i, a: i[0].to(i[1].dtype),
+    "ConstantOfShape": lambda i, a: (
+        a.get("value", torch.zeros(1)).reshape(()).expand(_ints(i[0])).clone()
+    ),
+    "Constant": constant,
+    "Pad": pad,
+    "Resize": resize,
+    "Upsample": partial(resize, legacy=True),
+    "Dropout": lambda i, a: (
+        i[0] if a["_outputs"] == 1 else (i[0], torch.ones_like(i[0], dtype=torch.bool))
+    ),
+    "Cast": lambda i, a: i[0].to(_DTYPES[a["to"]]),
+    "CastLike": lambda i, a: i[0].to(i[1].dtype),
 }
 
 
@@ -315,7 +406,9 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
     """A copy of `array` as a tensor; floating types become float32."""
-    return torch.from_numpy(np.array(array, dtype=np.float32 if array.dtype.kind == "f" else array.dtype))
+    return torch.from_numpy(
+        np.array(array, dtype=np.float32 if array.dtype.kind == "f" else array.dtype)
+    )
 
 
 def _attrs(node: onnx.NodeProto, opset: int) -> dict:
@@ -332,6 +425,7 @@ def _attrs(node: onnx.NodeProto, opset: int) -> dict:
 
 class _Step(NamedTuple):
     """One node, ready to run: key is its name (or first output's when unnamed)."""
+
     op: str
     inputs: tuple
     outputs: tuple
@@ -343,23 +437,28 @@ class _Step(NamedTuple):
             out = OPS[self.op](args, self.attrs)
         except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as e:
             detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(f"Fold-DIR: {self.op} node {self.key!r} failed in torch ({detail})") from e
+            raise UserError(
+                f"Fold-DIR: {self.op} node {self.key!r} failed in torch ({detail})"
+            ) from e
         return out if isinstance(out, tuple) else (out,)
 
 
 class TorchGraph(torch.nn.Module):
-    """An ONNX graph as a torch module: forward(*inputs) -> graph outputs (tuple, in order), differentiable.
+    """An ONNX graph as a torch module: forward(*inputs) -> graph outputs (tuple, in order),
+    differentiable.
 
-    With capture_bn=True, forward records each BatchNormalization's input (N, C, ...) in bn_inputs and its
-    running (mean, var) (C,) in bn_stats, keyed by node name (or its output name when unnamed).
-    """
+    With capture_bn=True, forward records each BatchNormalization's input (N, C, ...) in bn_inputs
+    and its running (mean, var) (C,) in bn_stats, keyed by node name (or its output name when
+    unnamed)."""
 
     def __init__(self, model: onnx.ModelProto):
         super().__init__()
         missing = unsupported_ops(model)
         if missing:
-            raise UserError(f"Fold-DIR cannot run op(s) {', '.join(missing)} in torch; "
-                            "use --repair ar or --repair data")
+            raise UserError(
+                f"Fold-DIR cannot run op(s) {', '.join(missing)} in torch; "
+                "use --repair ar or --repair data"
+            )
         self.capture_bn, self.bn_inputs, self.bn_stats = False, {}, {}
         self._consts: dict[str, str] = {}
         for init in model.graph.initializer:
@@ -367,7 +466,9 @@ class TorchGraph(torch.nn.Module):
         self.input_names = [v.name for v in model.graph.input if v.name not in self._consts]
         self.output_names = [v.name for v in model.graph.output]
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        self._steps = [step for node in model.graph.node if (step := self._step(node, opset)) is not None]
+        self._steps = [
+            step for node in model.graph.node if (step := self._step(node, opset)) is not None
+        ]
 
     def _add_const(self, name: str, value: torch.Tensor) -> None:
         buffer = f"const{len(self._consts)}"
@@ -379,13 +480,18 @@ class TorchGraph(torch.nn.Module):
         if node.op_type == "Constant":
             self._add_const(node.output[0], constant([], attrs))
             return None
-        return _Step(node.op_type, tuple(node.input), tuple(node.output), attrs, node.name or node.output[0])
+        return _Step(
+            node.op_type, tuple(node.input), tuple(node.output), attrs, node.name or node.output[0]
+        )
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Run the graph on `inputs` (one tensor per graph input, in order); returns the graph outputs."""
+        """Run the graph on `inputs` (one tensor per graph input, in order); returns the graph
+        outputs."""
         if len(inputs) != len(self.input_names):
-            raise ValueError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
-                             f"got {len(inputs)}")
+            raise ValueError(
+                f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                f"got {len(inputs)}"
+            )
         env = dict(zip(self.input_names, inputs))
         env.update((name, self._buffers[b]) for name, b in self._consts.items())
         self.bn_inputs, self.bn_stats = {}, {}

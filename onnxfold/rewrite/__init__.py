@@ -1,1 +1,2 @@
-"""Stage 3: change the graph: merge every plan's member slices, compensate means, refit consumers."""
+"""Stage 3: change the graph: merge every plan's member slices, compensate means, refit
+consumers."""

@@ -1,17 +1,17 @@
-"""Mean compensation (`--compensate`, with `--importance act`): keep each folded group's consumer output
-mean where the dense model has it, as FLAP does for pruned LLMs.
+"""Mean compensation (`--compensate`, with `--importance act`): keep each folded group's consumer
+output mean where the dense model has it, as FLAP does for pruned LLMs.
 
-prune: a dropped channel's activation is replaced by its mean over the inputs the importance was measured
-on: mean x the consumer's weights for it becomes a constant added to the consumer's output (into its bias,
-or a new Add); exact for channels whose activation is constant. fold: the consumer's mean output is
-measured again on the folded model (one pass, same inputs) and the difference to the dense model's is
-added the same way. On SmolLM2-135M (20% of the parameters from the MLPs) both lower perplexity
-(benchmarks/README.md).
+prune: a dropped channel's activation is replaced by its mean over the inputs the importance was
+measured on: mean x the consumer's weights for it becomes a constant added to the consumer's output
+(into its bias, or a new Add); exact for channels whose activation is constant. fold: the consumer's
+mean output is measured again on the folded model (one pass, same inputs) and the difference to the
+dense model's is added the same way. On SmolLM2-135M (20% of the parameters from the MLPs) both
+lower perplexity (benchmarks/README.md).
 
-Input: FoldPlans (labels, -1 = dropped) and gid -> mean activation per consumer input entry (n * repeat,)
-from plan.importance (Scores.means). plan_compensation / plan_mean_correction run before the weights are
-rewritten, mean_correction and apply_compensation after.
-"""
+Input: FoldPlans (labels, -1 = dropped) and gid -> mean activation per consumer input entry (n *
+repeat,) from plan.importance (Scores.means). plan_compensation / plan_mean_correction run before
+the weights are rewritten, mean_correction and apply_compensation after."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,9 +35,10 @@ class Compensation:
 
 
 def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> list[Compensation]:
-    """One Compensation per plan that drops channels and whose consumer's input mean is known. When the
-    consumer's own output channels fold too, the bias folds with them (cluster mean, as bias members do);
-    consumers whose outputs are only partly in a group (offsets, repeats) are left uncompensated."""
+    """One Compensation per plan that drops channels and whose consumer's input mean is known. When
+    the consumer's own output channels fold too, the bias folds with them (cluster mean, as bias
+    members do); consumers whose outputs are only partly in a group (offsets, repeats) are left
+    uncompensated."""
     found = []
     for plan in plans:
         mean = means.get(plan.group.gid)
@@ -54,9 +55,11 @@ def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> li
     return found
 
 
-def plan_mean_correction(plans: list[FoldPlan], means: dict) -> list[tuple[gs.Node, int, np.ndarray]]:
-    """(consumer, its activation's channel axis, dense mean contribution (out,)) per plan whose consumer's
-    input mean is known; read before the weights are rewritten."""
+def plan_mean_correction(
+    plans: list[FoldPlan], means: dict
+) -> list[tuple[gs.Node, int, np.ndarray]]:
+    """(consumer, its activation's channel axis, dense mean contribution (out,)) per plan whose
+    consumer's input mean is known; read before the weights are rewritten."""
     pending = []
     for plan in plans:
         mean, consumer = means.get(plan.group.gid), plan.group.consumer
@@ -70,13 +73,18 @@ def plan_mean_correction(plans: list[FoldPlan], means: dict) -> list[tuple[gs.No
     return pending
 
 
-def mean_correction(graph: gs.Graph, plans: list[FoldPlan], pending: list, feeds: dict) -> list[Compensation]:
-    """After the weights were rewritten: each consumer's input means on the folded graph (one onnxruntime pass
-    over `feeds`) -> Compensation = dense mean contribution (folded like the consumer's outputs) - folded."""
+def mean_correction(
+    graph: gs.Graph, plans: list[FoldPlan], pending: list, feeds: dict
+) -> list[Compensation]:
+    """After the weights were rewritten: each consumer's input means on the folded graph (one
+    onnxruntime pass over `feeds`) -> Compensation = dense mean contribution (folded like the
+    consumer's outputs) - folded."""
     names = [node.inputs[0].name for node, _, _ in pending]
     sess = session_with_outputs(gs.export_onnx(graph), names)
     found = []
-    for (node, axis, dense), (mean, _) in zip(pending, stats_of(sess, names, [a for _, a, _ in pending], feeds)):
+    for (node, axis, dense), (mean, _) in zip(
+        pending, stats_of(sess, names, [a for _, a, _ in pending], feeds)
+    ):
         weight = np.asarray(node.inputs[1].values, np.float64)
         folded = _dropped_contribution(node, weight, np.ones(len(mean), bool), mean)
         target = folded_like_outputs(dense, node, plans)
@@ -85,10 +93,12 @@ def mean_correction(graph: gs.Graph, plans: list[FoldPlan], pending: list, feeds
     return found
 
 
-def folded_like_outputs(values: np.ndarray, node: gs.Node, plans: list[FoldPlan]) -> np.ndarray | None:
-    """`values` (out, ...) (a bias, or weight columns transposed) reduced along its first axis by the plan
-    that folds `node`'s output channels, if any (cluster mean, dropped channels removed); None if that plan
-    covers only part of them."""
+def folded_like_outputs(
+    values: np.ndarray, node: gs.Node, plans: list[FoldPlan]
+) -> np.ndarray | None:
+    """`values` (out, ...) (a bias, or weight columns transposed) reduced along its first axis by
+    the plan that folds `node`'s output channels, if any (cluster mean, dropped channels removed);
+    None if that plan covers only part of them."""
     weight, out_axis = node.inputs[1], weight_out_axis(node)
     for plan in plans:
         for m in plan.group.members:
@@ -102,17 +112,20 @@ def folded_like_outputs(values: np.ndarray, node: gs.Node, plans: list[FoldPlan]
 
 
 def _dropped_contribution(node: gs.Node, weight: np.ndarray, dropped: np.ndarray, mean: np.ndarray):
-    """(out,) = sum over dropped input entries e of mean[e] x the node's weights from e (kernel taps summed);
-    None for a padded Conv, where a constant input does not give a constant output."""
+    """(out,) = sum over dropped input entries e of mean[e] x the node's weights from e (kernel taps
+    summed); None for a padded Conv, where a constant input does not give a constant output."""
     if is_padded(node):
         return None
     per_out = np.moveaxis(weight, weight_out_axis(node), 0)  # (out, in, *kernel)
-    return per_out[:, dropped].reshape(len(per_out), int(dropped.sum()), -1).sum(axis=2) @ mean[dropped]
+    return (
+        per_out[:, dropped].reshape(len(per_out), int(dropped.sum()), -1).sum(axis=2)
+        @ mean[dropped]
+    )
 
 
 def apply_compensation(graph: gs.Graph, items: list[Compensation]) -> None:
-    """Add each bias to its node's output: Gemm C / Conv B, an Add of a constant that only this output
-    feeds, or a new Add."""
+    """Add each bias to its node's output: Gemm C / Conv B, an Add of a constant that only this
+    output feeds, or a new Add."""
     for item in items:
         node, bias = item.node, item.bias
         if node.op == "Gemm":
@@ -131,8 +144,9 @@ def _add_to_input(node: gs.Node, index: int, bias: np.ndarray | None) -> None:
     dtype = node.inputs[1].dtype
     if len(node.inputs) > index and isinstance(node.inputs[index], gs.Constant):
         old = node.inputs[index]
-        node.inputs[index] = gs.Constant(old.name + "_compensated",
-                                         (np.asarray(old.values, np.float64) + bias).astype(dtype))
+        node.inputs[index] = gs.Constant(
+            old.name + "_compensated", (np.asarray(old.values, np.float64) + bias).astype(dtype)
+        )
     elif len(node.inputs) <= index:
         while len(node.inputs) < index:
             node.inputs.append(gs.Variable.empty())
@@ -140,20 +154,24 @@ def _add_to_input(node: gs.Node, index: int, bias: np.ndarray | None) -> None:
 
 
 def _unique_name(node: gs.Node, suffix: str) -> str:
-    """A name for something added to `node`: its output's name (unique in a graph) + suffix; node names may be
-    empty."""
+    """A name for something added to `node`: its output's name (unique in a graph) + suffix; node
+    names may be empty."""
     return f"{node.outputs[0].name}_{suffix}"
 
 
 def _add_to_following_add(node: gs.Node, bias: np.ndarray) -> bool:
-    """Fold into the bias of `Add(node output, constant (out,))` when that constant and output feed nothing else."""
+    """Fold into the bias of `Add(node output, constant (out,))` when that constant and output feed
+    nothing else."""
     out = node.outputs[0]
     if len(out.outputs) != 1 or out.outputs[0].op != "Add":
         return False
     add = out.outputs[0]
     other = next((t for t in add.inputs if t is not out), None)
-    if not isinstance(other, gs.Constant) or len(other.outputs) != 1 or \
-            np.asarray(other.values).shape not in ((len(bias),), (1, len(bias)), (1, 1, len(bias))):
+    if (
+        not isinstance(other, gs.Constant)
+        or len(other.outputs) != 1
+        or np.asarray(other.values).shape not in ((len(bias),), (1, len(bias)), (1, 1, len(bias)))
+    ):
         return False
     values = np.asarray(other.values)
     other.values = (values.astype(np.float64) + bias.reshape(values.shape)).astype(values.dtype)
@@ -165,6 +183,11 @@ def _insert_add(graph: gs.Graph, node: gs.Node, bias: np.ndarray) -> None:
     dtype = node.inputs[1].dtype
     raw = gs.Variable(out.name + "_uncompensated", dtype=out.dtype)
     node.outputs[0] = raw
-    graph.nodes.append(gs.Node("Add", _unique_name(node, "compensation"),
-                               inputs=[raw, gs.Constant(_unique_name(node, "compensation_bias"), bias.astype(dtype))],
-                               outputs=[out]))
+    graph.nodes.append(
+        gs.Node(
+            "Add",
+            _unique_name(node, "compensation"),
+            inputs=[raw, gs.Constant(_unique_name(node, "compensation_bias"), bias.astype(dtype))],
+            outputs=[out],
+        )
+    )

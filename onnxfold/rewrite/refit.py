@@ -1,22 +1,23 @@
-"""Least-squares refit of the layers that read folded channels (`--refit`, needs calibration inputs).
+"""Least-squares refit of the layers that read folded channels (`--refit`, needs calibration
+inputs).
 
-After a group folds, its consumer (a 1x1 Conv, Gemm or MatMul whose weight columns follow the group: an
-MBConv projection, an MLP's down projection, a classifier) reads k merged channels instead of n. Its weights
-are solved again so its output on the calibration inputs matches the dense model's (the classic
-channel-pruning reconstruction, here for folding and pruning alike):
+After a group folds, its consumer (a 1x1 Conv, Gemm or MatMul whose weight columns follow the group:
+an MBConv projection, an MLP's down projection, a classifier) reads k merged channels instead of n.
+Its weights are solved again so its output on the calibration inputs matches the dense model's (the
+classic channel-pruning reconstruction, here for folding and pruning alike):
 
     W = argmin ||X_f W + b - X_d W_d||^2 + lam ||W - W_0||^2
 
-X_f (samples, k*repeat): the consumer's input in the folded model, X_d (samples, n*repeat) in the dense model
-on the same inputs, W_d the dense weights (outputs folded like the consumer's own outputs when they fold too),
-W_0 the folded weights (the prior: with little data the refit stays near the merge), b a new bias (the
-intercept). Consumers are refitted one at a time in topological order, each on the folded model as refitted so
-far, so later layers also correct what earlier refits left. Conv consumers with larger kernels or groups, and
-consumers whose outputs fold only in part, are left as they are.
-Memory: a float32 copy of every refitted consumer's dense weights and MAX_ROWS x out float32 targets per
-consumer are held at once (a few hundred MB for a 135 M-parameter LLM); meant for models well below the 7B
-scale.
-"""
+X_f (samples, k*repeat): the consumer's input in the folded model, X_d (samples, n*repeat) in the
+dense model on the same inputs, W_d the dense weights (outputs folded like the consumer's own
+outputs when they fold too), W_0 the folded weights (the prior: with little data the refit stays
+near the merge), b a new bias (the intercept). Consumers are refitted one at a time in topological
+order, each on the folded model as refitted so far, so later layers also correct what earlier refits
+left. Conv consumers with larger kernels or groups, and consumers whose outputs fold only in part,
+are left as they are. Memory: a float32 copy of every refitted consumer's dense weights and MAX_ROWS
+x out float32 targets per consumer are held at once (a few hundred MB for a 135 M-parameter LLM);
+meant for models well below the 7B scale."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,14 +33,15 @@ from ..runtime.session import session_with_outputs
 from ..runtime.stats import batches, sample_count
 from .compensate import Compensation, apply_compensation, folded_like_outputs
 
-MAX_ROWS = 32768      # sample rows (pixels x images, tokens) kept per consumer
-RIDGE = 0.1           # lam = RIDGE x mean diagonal of X_f^T X_f (EfficientNet-Lite0: 0.01 overfits DIR inputs)
+MAX_ROWS = 32768  # sample rows (pixels x images, tokens) kept per consumer
+# lam = RIDGE x mean diagonal of X_f^T X_f (EfficientNet-Lite0: 0.01 overfits DIR inputs)
+RIDGE = 0.1
 
 
 @dataclass
 class Refit:
-    """A consumer to refit: its node, the activation's channel axis and the dense weights as a matrix
-    (n*repeat, out) with outputs already folded like the consumer's own."""
+    """A consumer to refit: its node, the activation's channel axis and the dense weights as a
+    matrix (n*repeat, out) with outputs already folded like the consumer's own."""
 
     node: gs.Node
     axis: int
@@ -47,8 +49,8 @@ class Refit:
 
 
 def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
-    """One Refit per plan whose consumer is a MatMul/Gemm or an ungrouped 1x1 Conv; read before the weights
-    are rewritten (the dense weights are copied)."""
+    """One Refit per plan whose consumer is a MatMul/Gemm or an ungrouped 1x1 Conv; read before the
+    weights are rewritten (the dense weights are copied)."""
     found = []
     for plan in plans:
         consumer = plan.group.consumer
@@ -63,27 +65,36 @@ def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
 
 
 def weight_matrix(node: gs.Node, values: np.ndarray) -> np.ndarray:
-    """The node's weight as (in, out): its output axis (model.ops.weight_out_axis) moved last, the rest
-    flattened (a 1x1 Conv's (out, in, 1, 1) -> (in, out))."""
+    """The node's weight as (in, out): its output axis (model.ops.weight_out_axis) moved last, the
+    rest flattened (a 1x1 Conv's (out, in, 1, 1) -> (in, out))."""
     moved = np.moveaxis(values, weight_out_axis(node), -1)
     return moved.reshape(-1, moved.shape[-1])
 
 
 def _set_weight(node: gs.Node, matrix: np.ndarray) -> None:
-    """Write `matrix` (in, out) back into the node's weight, in its own layout and dtype (weight_matrix inverted)."""
+    """Write `matrix` (in, out) back into the node's weight, in its own layout and dtype
+    (weight_matrix inverted)."""
     old = node.inputs[1]
     values = np.asarray(old.values)
     axis = weight_out_axis(node)
     moved_shape = np.moveaxis(values, axis, -1).shape
     restored = np.moveaxis(matrix.reshape(moved_shape), -1, axis)
-    node.inputs[1] = gs.Constant(old.name + "_refit", np.ascontiguousarray(restored).astype(values.dtype))
+    node.inputs[1] = gs.Constant(
+        old.name + "_refit", np.ascontiguousarray(restored).astype(values.dtype)
+    )
 
 
-def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds: dict[str, np.ndarray],
-                    dense_feeds: dict[str, np.ndarray] | None = None, seed: int = 0) -> int:
-    """Refit every consumer in `refits` (topological order) on `feeds` (input name -> (N, ...)); the dense
-    targets come from the model at `dense_path` run on `dense_feeds` (default: the same feeds). Returns how
-    many were refitted."""
+def refit_consumers(
+    graph: gs.Graph,
+    refits: list[Refit],
+    dense_path: str,
+    feeds: dict[str, np.ndarray],
+    dense_feeds: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> int:
+    """Refit every consumer in `refits` (topological order) on `feeds` (input name -> (N, ...)); the
+    dense targets come from the model at `dense_path` run on `dense_feeds` (default: the same
+    feeds). Returns how many were refitted."""
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     refits = sorted(refits, key=lambda r: order.get(id(r.node), 0))
     names = [r.node.inputs[0].name for r in refits]
@@ -91,7 +102,9 @@ def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds
     targets = _dense_targets(dense_path, refits, dense_feeds or feeds, rows)
     done = 0
     for i, (refit, name) in enumerate(zip(refits, names)):
-        x = _activations(session_with_outputs(gs.export_onnx(graph), [name]), name, refit.axis, feeds, rows)
+        x = _activations(
+            session_with_outputs(gs.export_onnx(graph), [name]), name, refit.axis, feeds, rows
+        )
         target = targets.pop(i).astype(np.float64)
         merged = weight_matrix(refit.node, np.asarray(refit.node.inputs[1].values, np.float64))
         if x.shape[1] != len(merged):
@@ -103,9 +116,12 @@ def refit_consumers(graph: gs.Graph, refits: list[Refit], dense_path: str, feeds
     return done
 
 
-def solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge regression with an intercept, shrunk toward `prior`: x (rows, k), y (rows, out), prior (k, out)
-    -> (weights (k, out), bias (out,)) minimising ||x W + b - y||^2 + lam ||W - prior||^2."""
+def solve(
+    x: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression with an intercept, shrunk toward `prior`: x (rows, k), y (rows, out), prior
+    (k, out) -> (weights (k, out), bias (out,)) minimising ||x W + b - y||^2 + lam ||W -
+    prior||^2."""
     ridge = RIDGE if ridge is None else ridge
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     xc, yc = x - x_mean, y - y_mean
@@ -116,9 +132,10 @@ def solve(x: np.ndarray, y: np.ndarray, prior: np.ndarray, ridge: float | None =
 
 
 def _row_choice(seed: int):
-    """A function (samples in all feeds, batch start, batch samples, rows per sample) -> indices into the
-    batch's rows to keep, the same for the dense and the folded pass (MAX_ROWS drawn at random over all rows,
-    once per row count)."""
+    """A function (samples in all feeds, batch start, batch samples, rows per sample) -> indices
+    into the batch's rows to keep, the same for the dense and the folded pass (MAX_ROWS drawn at
+    random over all rows, once per row count)."""
+
     @lru_cache(maxsize=None)
     def kept(all_rows: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
@@ -128,6 +145,7 @@ def _row_choice(seed: int):
         keep = kept(total * per_sample)
         lo, hi = start * per_sample, (start + count) * per_sample
         return keep[(keep >= lo) & (keep < hi)] - lo
+
     return choose
 
 
@@ -148,8 +166,11 @@ def _rows_of(out: np.ndarray, axis: int, total: int, start: int, rows) -> np.nda
     return flat[rows(total, start, len(out), per_sample)]
 
 
-def _dense_targets(dense_path: str, refits: list[Refit], feeds: dict, rows) -> dict[int, np.ndarray]:
-    """Index in `refits` -> that dense consumer's output without bias (rows, out) float32, one pass over feeds."""
+def _dense_targets(
+    dense_path: str, refits: list[Refit], feeds: dict, rows
+) -> dict[int, np.ndarray]:
+    """Index in `refits` -> that dense consumer's output without bias (rows, out) float32, one pass
+    over feeds."""
     out_names = sorted({r.node.inputs[0].name for r in refits})
     sess = session_with_outputs(onnx.load(dense_path), out_names)
     total = sample_count(feeds)
@@ -157,6 +178,8 @@ def _dense_targets(dense_path: str, refits: list[Refit], feeds: dict, rows) -> d
     for start, batch in batches(feeds):
         outs = dict(zip(out_names, sess.run(out_names, batch)))
         for i, refit in enumerate(refits):
-            x = _rows_of(outs[refit.node.inputs[0].name], refit.axis, total, start, rows).astype(np.float32)
+            x = _rows_of(outs[refit.node.inputs[0].name], refit.axis, total, start, rows).astype(
+                np.float32
+            )
             found[i].append(x @ refit.dense)
     return {i: np.concatenate(parts) for i, parts in found.items()}

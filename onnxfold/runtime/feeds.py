@@ -1,9 +1,10 @@
-"""Inputs for onnxruntime runs: seeded random feeds from a graph's input specs, arrays read from .npz files
-and matched to a model's inputs.
+"""Inputs for onnxruntime runs: seeded random feeds from a graph's input specs, arrays read from
+.npz files and matched to a model's inputs.
 
-Symbolic dims are sized consistently: a name shared by several inputs gets one size, and a dim named by a sum
-such as "past_sequence_length + sequence_length" (optimum's attention_mask) gets the sum of its parts.
-"""
+Symbolic dims are sized consistently: a name shared by several inputs gets one size, and a dim named
+by a sum such as "past_sequence_length + sequence_length" (optimum's attention_mask) gets the sum of
+its parts."""
+
 from __future__ import annotations
 
 import re
@@ -16,29 +17,43 @@ import onnxruntime as ort
 
 from ..errors import UserError
 
-
 LABEL_KEYS = ("labels", "label", "y", "targets")
 OTHER_DIM = 64  # random inputs: symbolic dims after the first (image sides, sequence length)
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-             "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
 
 
 class InputSpec(NamedTuple):
-    """A graph input as onnxruntime describes it: shape entries are ints, dim names (str) or None."""
+    """A graph input as onnxruntime describes it: shape entries are ints, dim names (str) or
+    None."""
 
     name: str
     shape: list
     type: str
 
 
-def random_feeds(sess: ort.InferenceSession | Sequence[InputSpec], samples: int = 8, seed: int = 0,
-                 other_dim: int = OTHER_DIM, int_high: int = 100,
-                 dims: dict[str, int] | None = None, id_limits: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Seeded random inputs following the graph's input specs (a session, or InputSpecs). Symbolic dims are
-    sized by `symbolic_sizes` (a name first at axis 0: `samples`, others `other_dim`, sums of names summed,
-    `dims` forced); integer inputs are drawn from [0, int_high) (1: all zeros, valid ids), or from fewer
-    values where `id_limits` (input name -> embedding rows) says the table is smaller."""
+def random_feeds(
+    sess: ort.InferenceSession | Sequence[InputSpec],
+    samples: int = 8,
+    seed: int = 0,
+    other_dim: int = OTHER_DIM,
+    int_high: int = 100,
+    dims: dict[str, int] | None = None,
+    id_limits: dict[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Seeded random inputs following the graph's input specs (a session, or InputSpecs). Symbolic
+    dims are sized by `symbolic_sizes` (a name first at axis 0: `samples`, others `other_dim`, sums
+    of names summed, `dims` forced); integer inputs are drawn from [0, int_high) (1: all zeros,
+    valid ids), or from fewer values where `id_limits` (input name -> embedding rows) says the table
+    is smaller."""
     specs = input_specs(sess) if hasattr(sess, "get_inputs") else list(sess)
     sizes = symbolic_sizes(specs, samples, other_dim, dims)
     rng = np.random.default_rng(seed)
@@ -49,7 +64,9 @@ def random_feeds(sess: ort.InferenceSession | Sequence[InputSpec], samples: int 
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
-            high = 2 if dtype == np.bool_ else min(int_high, (id_limits or {}).get(inp.name, int_high))
+            high = (
+                2 if dtype == np.bool_ else min(int_high, (id_limits or {}).get(inp.name, int_high))
+            )
             feeds[inp.name] = rng.integers(0, high, shape).astype(dtype)
     return feeds
 
@@ -60,19 +77,26 @@ _SUM = re.compile(rf"\s*[+-]?\s*(?:{_NAME}|\d+)(?:\s*[+-]\s*(?:{_NAME}|\d+))*\s*
 
 
 def dim_terms(dim: str) -> list[tuple[int, str | int]] | None:
-    """The signed terms of a dim named as a sum: "past_sequence_length + 1" -> [(1, "past_sequence_length"),
-    (1, 1)], "a-b" -> [(1, "a"), (-1, "b")]; None for a plain name or anything else (an opaque name)."""
+    """The signed terms of a dim named as a sum: "past_sequence_length + 1" -> [(1,
+    "past_sequence_length"), (1, 1)], "a-b" -> [(1, "a"), (-1, "b")]; None for a plain name or
+    anything else (an opaque name)."""
     if not _SUM.fullmatch(dim):
         return None
-    terms = [(-1 if sign == "-" else 1, int(t) if t.isdigit() else t) for sign, t in _TERM.findall(dim)]
+    terms = [
+        (-1 if sign == "-" else 1, int(t) if t.isdigit() else t) for sign, t in _TERM.findall(dim)
+    ]
     return terms if len(terms) > 1 or terms[0][0] < 0 or isinstance(terms[0][1], int) else None
 
 
-def symbolic_sizes(specs: Sequence[InputSpec], samples: int = 8, other_dim: int = OTHER_DIM,
-                   dims: dict[str, int] | None = None) -> dict[str, int]:
-    """One size for every dim name in `specs`: `dims` where given, else `samples` for a name found at axis 0
-    of some input, else `other_dim`; names only found inside sums count too. A sum of names and integers is
-    the sum of its parts' sizes (a negative total falls back to 1)."""
+def symbolic_sizes(
+    specs: Sequence[InputSpec],
+    samples: int = 8,
+    other_dim: int = OTHER_DIM,
+    dims: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """One size for every dim name in `specs`: `dims` where given, else `samples` for a name found
+    at axis 0 of some input, else `other_dim`; names only found inside sums count too. A sum of
+    names and integers is the sum of its parts' sizes (a negative total falls back to 1)."""
     named = [(i, d) for spec in specs for i, d in enumerate(spec.shape) if isinstance(d, str)]
     sums = {d: dim_terms(d) for _, d in named}
     sizes: dict[str, int] = {}
@@ -108,20 +132,27 @@ def output_specs(sess: ort.InferenceSession) -> list[InputSpec]:
 
 
 def declared_input_specs(path: str) -> list[InputSpec]:
-    """The graph inputs (not initializers) declared in the model file, as a session would list them; no
-    external weight data is read."""
+    """The graph inputs (not initializers) declared in the model file, as a session would list them;
+    no external weight data is read."""
     graph = onnx.load(path, load_external_data=False).graph
     weights = {t.name for t in graph.initializer}
     specs = []
     for v in (v for v in graph.input if v.name not in weights):
         tt = v.type.tensor_type
-        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-        specs.append(InputSpec(v.name, shape, f"tensor({onnx.TensorProto.DataType.Name(tt.elem_type).lower()})"))
+        shape = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
+        ]
+        specs.append(
+            InputSpec(
+                v.name, shape, f"tensor({onnx.TensorProto.DataType.Name(tt.elem_type).lower()})"
+            )
+        )
     return specs
 
 
 def read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Read an .npz of input arrays and optional labels (key labels/label/y/targets) -> (arrays, labels)."""
+    """Read an .npz of input arrays and optional labels (key labels/label/y/targets) -> (arrays,
+    labels)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
@@ -134,8 +165,11 @@ def read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     return data, labels
 
 
-def match_inputs(data: dict[str, np.ndarray], sess: ort.InferenceSession, path: str) -> dict[str, np.ndarray]:
-    """Map .npz arrays to the model's inputs (by name, or the single array of a one-input model), cast."""
+def match_inputs(
+    data: dict[str, np.ndarray], sess: ort.InferenceSession, path: str
+) -> dict[str, np.ndarray]:
+    """Map .npz arrays to the model's inputs (by name, or the single array of a one-input model),
+    cast."""
     names = [i.name for i in sess.get_inputs()]
     if len(names) == 1 and names[0] not in data and len(data) == 1:
         data = {names[0]: next(iter(data.values()))}

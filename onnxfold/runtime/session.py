@@ -1,10 +1,10 @@
 """The one place onnxruntime sessions are made (CPU provider).
 
-session(): a model as the user will run it (full graph optimisations). session_with_outputs(): a lean
-session of an in-memory model with intermediate tensors as extra outputs (statistics, refit targets).
-probe_session(): a session for observing shapes, with nothing optimised away and every weight freed after
-use.
-"""
+session(): a model as the user will run it (full graph optimisations). session_with_outputs(): a
+lean session of an in-memory model with intermediate tensors as extra outputs (statistics, refit
+targets). probe_session(): a session for observing shapes, with nothing optimised away and every
+weight freed after use."""
+
 from __future__ import annotations
 
 import os
@@ -14,17 +14,19 @@ import onnx
 import onnxruntime as ort
 
 PROVIDERS = ["CPUExecutionProvider"]
-# larger models reach statistics sessions through a temporary file: SmolLM2 --importance act peak 3.3 -> 2.2 GB
+# larger models reach statistics sessions through a temporary file: SmolLM2 --importance act peak
+# 3.3 -> 2.2 GB
 SESSION_VIA_FILE_BYTES = 1 << 26
 
 
 def session(model: str | bytes, lean: bool = False) -> ort.InferenceSession:
-    """A session of a model file (or serialised model) with default (full) graph optimisations; the same
-    options for every model compared. lean (large models): no pre-packed weight copies, no memory arena or
-    pattern kept between runs, so the session holds little more than the weights."""
+    """A session of a model file (or serialised model) with default (full) graph optimisations; the
+    same options for every model compared. lean (large models): no pre-packed weight copies, no
+    memory arena or pattern kept between runs, so the session holds little more than the weights."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    # No busy-waiting thread pools: two interleaved sessions would otherwise steal each other's cores.
+    # No busy-waiting thread pools: two interleaved sessions would otherwise steal each other's
+    # cores.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if lean:
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -33,14 +35,17 @@ def session(model: str | bytes, lean: bool = False) -> ort.InferenceSession:
 
 
 def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
-    """A lean session of `model` with `names` added as outputs (`model` is changed: its value_info is
-    dropped and the outputs added). Models whose weights reach SESSION_VIA_FILE_BYTES go through a temporary
-    file with external data (protobuf cannot serialise 2 GB, and no serialised copy is held); weights are
-    not pre-packed (no second copy)."""
-    # shapes observed at load time (fixed sample sizes) must not reach onnxruntime: it would fold Shape ops
+    """A lean session of `model` with `names` added as outputs (`model` is changed: its value_info
+    is dropped and the outputs added). Models whose weights reach SESSION_VIA_FILE_BYTES go through
+    a temporary file with external data (protobuf cannot serialise 2 GB, and no serialised copy is
+    held); weights are not pre-packed (no second copy)."""
+    # shapes observed at load time (fixed sample sizes) must not reach onnxruntime: it would fold
+    # Shape ops
     del model.graph.value_info[:]
     existing = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing)
+    model.graph.output.extend(
+        onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing
+    )
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -48,14 +53,21 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
         return ort.InferenceSession(model.SerializeToString(), opts, providers=PROVIDERS)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "stats.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="stats.onnx.data", size_threshold=1024)
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="stats.onnx.data",
+            size_threshold=1024,
+        )
         return ort.InferenceSession(path, opts, providers=PROVIDERS)
 
 
 def probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A session that runs `model` exactly as written (no graph optimisation) and frees each intermediate
-    as soon as it is used, nodes run in priority order (a weight made at run time exists only while read)."""
+    """A session that runs `model` exactly as written (no graph optimisation) and frees each
+    intermediate as soon as it is used, nodes run in priority order (a weight made at run time
+    exists only while read)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -1,6 +1,7 @@
-"""Data-free inputs for token models (integer (batch, sequence) inputs indexing an embedding table): random
-token ids, or text a causal LM writes itself (sequences sampled from the model from random first tokens, as
-LLM-QAT does)."""
+"""Data-free inputs for token models (integer (batch, sequence) inputs indexing an embedding table):
+random token ids, or text a causal LM writes itself (sequences sampled from the model from random
+first tokens, as LLM-QAT does)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,18 +10,23 @@ import onnx_graphsurgeon as gs
 from ..errors import UserError
 from .session import session_with_outputs
 
-
 SYNTHETIC_SEQUENCES = 8
 SYNTHETIC_LENGTH = 128
 GENERATED_SEQUENCES = 16
 
 
-def generated_token_feeds(graph: gs.Graph, seed: int = 0, count: int = GENERATED_SEQUENCES,
-                          length: int = SYNTHETIC_LENGTH, session=None) -> dict[str, np.ndarray] | None:
-    """Token sequences (count, length) sampled autoregressively from the model itself (temperature 1, full
-    distribution, no KV cache: the prefix is rerun each step), with the feeds synthetic_token_feeds makes
-    for its other inputs; None if the model has no next-token logits output. Raises UserError for models
-    with non-token inputs. `session`: an onnxruntime session of the graph to reuse."""
+def generated_token_feeds(
+    graph: gs.Graph,
+    seed: int = 0,
+    count: int = GENERATED_SEQUENCES,
+    length: int = SYNTHETIC_LENGTH,
+    session=None,
+) -> dict[str, np.ndarray] | None:
+    """Token sequences (count, length) sampled autoregressively from the model itself (temperature
+    1, full distribution, no KV cache: the prefix is rerun each step), with the feeds
+    synthetic_token_feeds makes for its other inputs; None if the model has no next-token logits
+    output. Raises UserError for models with non-token inputs. `session`: an onnxruntime session of
+    the graph to reuse."""
     found = logits_output(graph)
     start = synthetic_token_feeds(graph, seed, count, 1)
     if found is None:
@@ -43,7 +49,8 @@ def generated_token_feeds(graph: gs.Graph, seed: int = 0, count: int = GENERATED
 
 
 def logits_output(graph: gs.Graph) -> tuple[str, str, int] | None:
-    """(token input, next-token logits output (batch, sequence, rows), embedding rows) of a causal LM."""
+    """(token input, next-token logits output (batch, sequence, rows), embedding rows) of a causal
+    LM."""
     limits = token_id_limits(graph)
     for name, rows in limits.items():
         for t in graph.outputs:
@@ -52,37 +59,48 @@ def logits_output(graph: gs.Graph) -> tuple[str, str, int] | None:
     return None
 
 
-def synthetic_token_feeds(graph: gs.Graph, seed: int = 0, count: int = SYNTHETIC_SEQUENCES,
-                          length: int = SYNTHETIC_LENGTH) -> dict[str, np.ndarray]:
-    """Data-free inputs for a token model: input name -> (count, length) int array. Raises UserError for
-    models with other inputs (images, audio, past key/values): they need --calib."""
+def synthetic_token_feeds(
+    graph: gs.Graph, seed: int = 0, count: int = SYNTHETIC_SEQUENCES, length: int = SYNTHETIC_LENGTH
+) -> dict[str, np.ndarray]:
+    """Data-free inputs for a token model: input name -> (count, length) int array. Raises UserError
+    for models with other inputs (images, audio, past key/values): they need --calib."""
     rng = np.random.default_rng(seed)
     feeds = {}
     for t in graph.inputs:
         if t.dtype is None or np.dtype(t.dtype).kind not in "iu" or len(t.shape or ()) != 2:
-            raise UserError(f"--importance act without --calib works on token models only: input '{t.name}' "
-                            f"({t.dtype}, shape {t.shape}) is not a (batch, sequence) integer input; give --calib FILE.npz")
+            raise UserError(
+                f"--importance act without --calib works on token models only: input '{t.name}' "
+                f"({t.dtype}, shape {t.shape}) is not a (batch, sequence) integer input; "
+                "give --calib FILE.npz"
+            )
         rows = _embedding_rows(t)
         if rows is not None:
             feeds[t.name] = rng.integers(0, rows, (count, length)).astype(t.dtype)
         elif "mask" in t.name.lower():
             feeds[t.name] = np.ones((count, length), t.dtype)
         elif "position" in t.name.lower():
-            feeds[t.name] = np.broadcast_to(np.arange(length, dtype=t.dtype), (count, length)).copy()
+            feeds[t.name] = np.broadcast_to(
+                np.arange(length, dtype=t.dtype), (count, length)
+            ).copy()
         else:
             feeds[t.name] = np.zeros((count, length), t.dtype)
     return feeds
 
 
 def token_id_limits(graph: gs.Graph) -> dict[str, int]:
-    """Input name -> rows of the embedding table it indexes (valid ids are below), for every such input."""
+    """Input name -> rows of the embedding table it indexes (valid ids are below), for every such
+    input."""
     return {t.name: rows for t in graph.inputs if (rows := _embedding_rows(t)) is not None}
 
 
 def _embedding_rows(t: gs.Variable) -> int | None:
     """Rows of the constant table that `t` indexes through a Gather, if any."""
     for node in t.outputs:
-        if node.op == "Gather" and node.inputs[1] is t and isinstance(node.inputs[0], gs.Constant) \
-                and node.attrs.get("axis", 0) == 0:
+        if (
+            node.op == "Gather"
+            and node.inputs[1] is t
+            and isinstance(node.inputs[0], gs.Constant)
+            and node.attrs.get("axis", 0) == 0
+        ):
             return int(node.inputs[0].shape[0])
     return None
