@@ -1,5 +1,9 @@
-"""Helpers for tests: fold a file, run models in onnxruntime, and widen a model by duplicating channels."""
+"""Helpers shared by the tests (tests/ is on sys.path through the root conftest, so every test file imports
+`helpers`): paths of the shipped models, fold a file, run models in onnxruntime, and widen a model by
+duplicating channels."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx
@@ -13,8 +17,13 @@ from onnxfold.model.load import load_model
 from onnxfold.model.save import to_proto
 from onnxfold.rewrite.merge import forget_shapes, sync_depthwise_groups
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
+MNIST_TEST = os.path.join(ROOT, "models", "mnist_test.npz")
+MNIST_CALIB = os.path.join(ROOT, "models", "mnist_calib.npz")
 
-def fold_file(src: str, dst: str, calib: dict | None = None, **options):
+
+def fold_to(src: str, dst: str, calib: dict | None = None, **options):
     """Fold `src` into `dst` with FoldConfig(**options) (and `calib` feeds); returns (FoldResult, folded
     ModelProto)."""
     result = fold_model(src, FoldConfig(**options), calib=calib)

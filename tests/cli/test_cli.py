@@ -11,11 +11,9 @@ import sys
 import onnx
 import pytest
 
+from helpers import MNIST, MNIST_TEST
 from onnxfold.cli.main import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
-MNIST_TEST = os.path.join(ROOT, "models", "mnist_test.npz")
 
 
 def digest(path: str) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from foldtest import feeds_for, fold_file, param_count, run, widen_file
+from helpers import feeds_for, fold_to, param_count, run, widen_file
 from zoo import ARCHS, MODES
 
 CASES = [(a, m) for a in ARCHS for m in MODES]
@@ -16,7 +16,7 @@ CASES = [(a, m) for a in ARCHS for m in MODES]
 @pytest.mark.parametrize("arch,mode", CASES)
 def test_ratio_zero_reproduces_outputs(arch, mode, zoo_model, tmp_path):
     src = zoo_model(arch, mode)
-    result, _ = fold_file(src, str(tmp_path / "f.onnx"), ratio=0.0)
+    result, _ = fold_to(src, str(tmp_path / "f.onnx"), ratio=0.0)
     assert result.plans == []
     feeds = feeds_for(src)
     for d, f in zip(run(src, feeds), run(str(tmp_path / "f.onnx"), feeds)):
@@ -26,7 +26,7 @@ def test_ratio_zero_reproduces_outputs(arch, mode, zoo_model, tmp_path):
 @pytest.mark.parametrize("arch,mode", CASES)
 def test_half_ratio_gives_valid_smaller_model(arch, mode, zoo_model, tmp_path):
     src, dst = zoo_model(arch, mode), str(tmp_path / "f.onnx")
-    result, _ = fold_file(src, dst, ratio=0.5)
+    result, _ = fold_to(src, dst, ratio=0.5)
     assert result.plans, "nothing was folded"
     onnx.checker.check_model(dst, full_check=True)
     feeds = feeds_for(src)
@@ -45,7 +45,7 @@ def test_duplicated_channels_fold_back_exactly(arch, mode, zoo_model, tmp_path):
     for d, w in zip(dense, run(wide, feeds)):
         np.testing.assert_allclose(w, d, atol=1e-4 * np.abs(d).max(), rtol=0)
     assert param_count(wide) > param_count(src)
-    fold_file(wide, dst, ratio=0.5)
+    fold_to(wide, dst, ratio=0.5)
     assert param_count(dst) == param_count(src)
     for d, f in zip(dense, run(dst, feeds)):
         np.testing.assert_allclose(f, d, atol=1e-4 * np.abs(d).max(), rtol=0)

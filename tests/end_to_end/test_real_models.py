@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from foldtest import fold_file, run, widen_file
+from helpers import fold_to, run, widen_file
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_efficientnet_lite0_widen_and_fold_back_exact(tmp_path):
     dense = run(src, x)[0]
     assert widen_file(src, str(tmp_path / "wide.onnx")) >= 23
     np.testing.assert_allclose(run(str(tmp_path / "wide.onnx"), x)[0], dense, atol=1e-4 * np.abs(dense).max())
-    fold_file(str(tmp_path / "wide.onnx"), str(tmp_path / "back.onnx"), ratio=0.5)
+    fold_to(str(tmp_path / "wide.onnx"), str(tmp_path / "back.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "back.onnx"), x)[0], dense, atol=1e-4 * np.abs(dense).max())
 
 
@@ -59,5 +59,5 @@ def test_paddle2onnx_ppocr_widen_and_fold_back_exact(name, shape, tmp_path):
     assert tol > 0
     assert widen_file(src, str(tmp_path / "wide.onnx")) > 20
     np.testing.assert_allclose(run(str(tmp_path / "wide.onnx"), x)[0], dense, atol=tol)
-    fold_file(str(tmp_path / "wide.onnx"), str(tmp_path / "back.onnx"), ratio=0.5)
+    fold_to(str(tmp_path / "wide.onnx"), str(tmp_path / "back.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "back.onnx"), x)[0], dense, atol=tol)

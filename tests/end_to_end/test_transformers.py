@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 
-from foldtest import fold_file, param_count, run, widen_file
+from helpers import fold_to, param_count, run, widen_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
@@ -70,13 +70,13 @@ def test_mlp_and_kv_groups_found_and_stream_frozen_with_reasons(llama):
 
 def test_llama_mlp_and_heads_fold_and_duplicates_fold_back_exactly(llama, tmp_path):
     dense = run(llama, feeds())[0]
-    result, _ = fold_file(llama, str(tmp_path / "f.onnx"), ratio=0.5)
+    result, _ = fold_to(llama, str(tmp_path / "f.onnx"), ratio=0.5)
     assert len(result.plans) == 4 and param_count(str(tmp_path / "f.onnx")) < param_count(llama)
     assert run(str(tmp_path / "f.onnx"), feeds())[0].shape == dense.shape
     longer = {"input_ids": np.zeros((3, 11), np.int64)}
     assert run(str(tmp_path / "f.onnx"), longer)[0].shape == (3, 11, 128)
     widen_file(llama, str(tmp_path / "w.onnx"))
-    fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds())[0], dense, atol=1e-4 * np.abs(dense).max())
 
 
@@ -127,12 +127,12 @@ def test_bert_and_gpt2(arch, tmp_path):
     x = {"input_ids": np.random.default_rng(0).integers(0, 100, (2, 7)).astype(np.int64)}
     dense = run(path, x)[0]
     widen_file(path, str(tmp_path / "w.onnx"))
-    fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), x)[0], dense, atol=1e-4 * np.abs(dense).max())
 
 
 def test_head_and_mlp_ratios_and_layer_selection(llama, tmp_path):
-    result, _ = fold_file(llama, str(tmp_path / "f.onnx"), ratio=0.0, head_ratio=0.5, mlp_ratio=0.25, layers="1")
+    result, _ = fold_to(llama, str(tmp_path / "f.onnx"), ratio=0.0, head_ratio=0.5, mlp_ratio=0.25, layers="1")
     kept = sorted((p.group.kind, p.group.size, p.k) for p in result.plans)
     assert kept == [("channels", 96, 72), ("heads", 2, 1)]
     assert run(str(tmp_path / "f.onnx"), feeds())[0].shape == (2, 7, 128)
@@ -173,7 +173,7 @@ def test_export_hf_keeps_tied_lm_head_as_one_table(tmp_path):
     tables = [n for n in load_model(out).graph.nodes if n.op == "Transpose" and n.inputs[0].name.endswith("embed_tokens.weight")]
     assert len(tables) == 1 and param_count(out) < sum(p.numel() for p in model.parameters())
     assert param_count(out) > sum(p.numel() for p in model.parameters()) - 128 * 64
-    result, _ = fold_file(out, str(tmp_path / "f.onnx"), ratio=0.3)
+    result, _ = fold_to(out, str(tmp_path / "f.onnx"), ratio=0.3)
     assert param_count(str(tmp_path / "f.onnx")) < param_count(out)
 
 
@@ -197,7 +197,7 @@ def test_refit_of_mlp_and_head_consumers_lowers_the_error(llama, tmp_path):
     errors = {}
     for refit in (False, True):
         out = str(tmp_path / f"f{refit}.onnx")
-        result, _ = fold_file(llama, out, calib=calib, ratio=0.5, repair="none", refit=refit, n_init=1)
+        result, _ = fold_to(llama, out, calib=calib, ratio=0.5, repair="none", refit=refit, n_init=1)
         errors[refit] = float(np.sqrt(np.mean((run(out, held_out)[0] - dense) ** 2)))
     assert any(note.startswith("refit: 4 consumer") for note in result.notes)  # 2 MLPs + 2 attention blocks
     assert errors[True] < 0.9 * errors[False]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from foldtest import fold_file
+from helpers import fold_to
 from onnxfold.plan.budget import clusters_for
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
@@ -29,13 +29,13 @@ def test_resnet18_has_exactly_12_groups(resnet18):
 
 
 def test_multiple_of_rounds_kept_channels(resnet18, tmp_path):
-    result, _ = fold_file(resnet18, str(tmp_path / "f.onnx"), ratio=0.7, multiple_of=8)
+    result, _ = fold_to(resnet18, str(tmp_path / "f.onnx"), ratio=0.7, multiple_of=8)
     assert result.plans and all(p.k % 8 == 0 for p in result.plans if p.k < p.group.size)
     assert clusters_for(64, 0.7, 8) == 24 and clusters_for(8, 0.7, 8) == 8 and clusters_for(10, 0.5) == 5
 
 
 def test_exclude_protects_matching_groups(resnet18, tmp_path):
-    result, _ = fold_file(resnet18, str(tmp_path / "f.onnx"), ratio=0.5, exclude=("*layer4*",))
+    result, _ = fold_to(resnet18, str(tmp_path / "f.onnx"), ratio=0.5, exclude=("*layer4*",))
     excluded = [g for g in result.groups if any("--exclude" in r for r in g.frozen)]
     assert excluded and all(result.kept(g) == g.size for g in excluded)
     assert len(result.plans) == 12 - len(excluded)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from foldtest import feeds_for, gemm_relu_chain, param_count, run
+from helpers import feeds_for, gemm_relu_chain, param_count, run
 from onnxfold.cli.main import main
 
 

@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import fold_file, param_count, run, widen_file
+from helpers import fold_to, param_count, run, widen_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
@@ -100,9 +100,9 @@ def test_fused_qkv_heads_are_groups(fused):
 def test_ratio_zero_reproduces_and_head_fold_runs(fused, tmp_path):
     path, vocab, layers = fused
     dense = run(path, _feeds(vocab))[0]
-    fold_file(path, str(tmp_path / "same.onnx"), ratio=0.0)
+    fold_to(path, str(tmp_path / "same.onnx"), ratio=0.0)
     np.testing.assert_allclose(run(str(tmp_path / "same.onnx"), _feeds(vocab))[0], dense, atol=1e-5)
-    result, _ = fold_file(path, str(tmp_path / "h.onnx"), ratio=0.0, head_ratio=0.5)
+    result, _ = fold_to(path, str(tmp_path / "h.onnx"), ratio=0.0, head_ratio=0.5)
     assert sorted((p.group.kind, p.group.size, p.k) for p in result.plans) == [("heads", 4, 2)] * layers
     assert param_count(str(tmp_path / "h.onnx")) < param_count(path)
     assert run(str(tmp_path / "h.onnx"), _feeds(vocab))[0].shape == dense.shape
@@ -115,7 +115,7 @@ def test_duplicated_heads_fold_back_exactly(fused, tmp_path):
     widen_file(path, str(tmp_path / "w.onnx"))
     assert param_count(str(tmp_path / "w.onnx")) > param_count(path)
     np.testing.assert_allclose(run(str(tmp_path / "w.onnx"), _feeds(vocab))[0], dense, atol=1e-4)
-    result, _ = fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    result, _ = fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     assert any(p.group.kind == "heads" and p.group.size == 8 and p.k == 4 for p in result.plans)
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), _feeds(vocab))[0], dense, atol=1e-4 * np.abs(dense).max())
 
@@ -149,7 +149,7 @@ def test_split_glu_halves_are_coupled_and_fold(tmp_path):
     assert group.size == 4
     onnx.save(model, str(tmp_path / "m.onnx"))
     widen_file(str(tmp_path / "m.onnx"), str(tmp_path / "w.onnx"))
-    fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     x = {"x": rng.standard_normal((5, 4)).astype(np.float32)}
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), x)[0], run(str(tmp_path / "m.onnx"), x)[0], atol=1e-5)
     sizes = [numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "b.onnx")).graph.initializer

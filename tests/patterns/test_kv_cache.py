@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import fold_file, run, widen_file
+from helpers import fold_to, run, widen_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 from onnxfold.check.compare import empty_dims, own_feeds
@@ -124,12 +124,12 @@ def test_cache_that_is_not_a_graph_output_is_declined(tmp_path):
 def test_ratio_zero_reproduces_and_duplicated_kv_heads_fold_back_exactly(tmp_path):
     src = _decoder_layer(str(tmp_path / "m.onnx"))
     dense = run(src, _feeds())
-    fold_file(src, str(tmp_path / "same.onnx"), ratio=0.0)
+    fold_to(src, str(tmp_path / "same.onnx"), ratio=0.0)
     for a, b in zip(run(str(tmp_path / "same.onnx"), _feeds()), dense):
         np.testing.assert_allclose(a, b, atol=1e-5)
     widen_file(src, str(tmp_path / "w.onnx"))
     assert _declared(str(tmp_path / "w.onnx"), "past.key")[1] == 2 * KV_HEADS
-    fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     assert _declared(str(tmp_path / "b.onnx"), "present.value")[1] == KV_HEADS
     for a, b in zip(run(str(tmp_path / "b.onnx"), _feeds()), dense):
         np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
@@ -138,7 +138,7 @@ def test_ratio_zero_reproduces_and_duplicated_kv_heads_fold_back_exactly(tmp_pat
 def test_folded_cache_shapes_and_cached_step_matches_full_run(tmp_path):
     src = _decoder_layer(str(tmp_path / "m.onnx"))
     out = str(tmp_path / "f.onnx")
-    result, _ = fold_file(src, out, ratio=0.5)
+    result, _ = fold_to(src, out, ratio=0.5)
     assert [(p.group.size, p.k) for p in result.plans] == [(KV_HEADS, 1)]
     assert any("KV-cache heads 2 -> 1" in n and "past.key" in n for n in result.notes)
     onnx.checker.check_model(onnx.load(out), full_check=True)
@@ -296,7 +296,7 @@ def test_optimum_with_past_ratio_zero_reproduces(optimum_llm, tmp_path):
     past = [rng.standard_normal((2, kv, 3, 16)).astype(np.float32) for _ in range(4)]
     feeds = _llm_feeds(rng.integers(0, vocab, (2, 4)), past, kv)
     dense = run(path, feeds)
-    fold_file(path, str(tmp_path / "same.onnx"), ratio=0.0)
+    fold_to(path, str(tmp_path / "same.onnx"), ratio=0.0)
     for a, b in zip(run(str(tmp_path / "same.onnx"), feeds), dense):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -304,7 +304,7 @@ def test_optimum_with_past_ratio_zero_reproduces(optimum_llm, tmp_path):
 def test_optimum_kv_heads_fold_and_cached_greedy_decoding_matches_full_runs(optimum_llm, tmp_path):
     path, _, vocab, kv = optimum_llm
     out, half = str(tmp_path / "f.onnx"), kv // 2
-    result, _ = fold_file(path, out, ratio=0.5)
+    result, _ = fold_to(path, out, ratio=0.5)
     assert sorted((p.group.kind, p.group.size, p.k) for p in result.plans if p.group.kind == "heads") == \
         [("heads", kv, half)] * 2
     assert any(f"KV-cache heads {kv} -> {half}" in n for n in result.notes)

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import feeds_for, fold_file, param_count, run, widen_file
+from helpers import feeds_for, fold_to, param_count, run, widen_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
@@ -46,7 +46,7 @@ def assert_widen_and_fold_back(path, tmp_path):
     dense = run(path, feeds)
     for d, x in zip(dense, run(wide, feeds)):
         np.testing.assert_allclose(x, d, atol=1e-4 * max(1, np.abs(d).max()))
-    fold_file(wide, back, ratio=0.5)
+    fold_to(wide, back, ratio=0.5)
     assert param_count(back) == param_count(path)
     for d, x in zip(dense, run(back, feeds)):
         np.testing.assert_allclose(x, d, atol=1e-4 * max(1, np.abs(d).max()))
@@ -129,7 +129,7 @@ def test_boundaries_freeze_with_a_reason_and_fold_stays_valid(case, reason, tmp_
     frozen = [g for g in groups_of(path) if g.size == 8]
     assert frozen and all(not g.foldable for g in frozen)
     assert any(reason in r for g in frozen for r in g.frozen)
-    result, _ = fold_file(path, str(tmp_path / "f.onnx"), ratio=0.5)
+    result, _ = fold_to(path, str(tmp_path / "f.onnx"), ratio=0.5)
     assert result.plans == []
     np.testing.assert_allclose(run(str(tmp_path / "f.onnx"), feeds_for(path))[0], run(path, feeds_for(path))[0],
                                atol=1e-5)
@@ -158,7 +158,7 @@ def test_shared_initializer_couples_groups(tmp_path):
     path = save(build(nodes, inits, [1, 3, 6, 6], [1, 2, 6, 6]), tmp_path)
     foldable = [g for g in groups_of(path) if g.foldable]
     assert len(foldable) == 1 and foldable[0].size == 6
-    result, _ = fold_file(path, str(tmp_path / "f.onnx"), ratio=0.5)
+    result, _ = fold_to(path, str(tmp_path / "f.onnx"), ratio=0.5)
     assert len(result.plans) == 1
     onnx.checker.check_model(str(tmp_path / "f.onnx"), full_check=True)
     assert run(str(tmp_path / "f.onnx"), feeds_for(path))[0].shape == (1, 2, 6, 6)

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 
-from foldtest import fold_file, param_count, run, widen_file
+from helpers import fold_to, param_count, run, widen_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
@@ -62,13 +62,13 @@ def test_resize_to_skip_size_folds_and_duplicates_fold_back_exactly(tmp_path):
     assert not [g for g in groups if not g.foldable and "Resize" in " ".join(g.frozen or [])]
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 20, 24)).astype(np.float32)}
     dense = run(src, feeds)[0]
-    fold_file(src, str(tmp_path / "z.onnx"), ratio=0.0)
+    fold_to(src, str(tmp_path / "z.onnx"), ratio=0.0)
     np.testing.assert_allclose(run(str(tmp_path / "z.onnx"), feeds)[0], dense, atol=1e-5)
-    fold_file(src, str(tmp_path / "f.onnx"), ratio=0.5)
+    fold_to(src, str(tmp_path / "f.onnx"), ratio=0.5)
     assert param_count(str(tmp_path / "f.onnx")) < param_count(src)
     assert run(str(tmp_path / "f.onnx"), feeds)[0].shape == dense.shape
     assert widen_file(src, str(tmp_path / "w.onnx")) == 3
-    fold_file(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
+    fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds)[0], dense, atol=1e-4 * np.abs(dense).max())
 
 

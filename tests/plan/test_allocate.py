@@ -2,18 +2,14 @@
 goes where merging is free (duplicated channels) instead of being spread uniformly."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-from foldtest import feeds_for, fold_file, gemm_relu_chain, param_count, run
+from helpers import MNIST, feeds_for, fold_to, gemm_relu_chain, param_count, run
 from onnxfold.plan.budget import ParamModel, ward_merge_costs
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
 
 
 def test_ward_merge_costs_match_scipy():
@@ -34,7 +30,7 @@ def test_param_model_counts_what_the_file_loses(tmp_path):
     groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
     model = ParamModel(groups)
     dst = str(tmp_path / "f.onnx")
-    result, _ = fold_file(MNIST, dst, ratio=0.6)
+    result, _ = fold_to(MNIST, dst, ratio=0.6)
     kept = {g.describe(): result.kept(g) for g in result.groups if g.foldable}
     predicted = model.count({g.gid: g.size for g in groups}) - model.count({g.gid: kept[g.describe()] for g in groups})
     assert predicted > 0
@@ -55,8 +51,8 @@ def mlp_with_duplicated_group(path: str) -> str:
 
 def test_allocate_spends_the_budget_on_duplicated_channels(tmp_path):
     src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
-    uniform, _ = fold_file(src, str(tmp_path / "u.onnx"), ratio=0.25, repair="none")
-    spread, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=0.25, repair="none", allocate=True)
+    uniform, _ = fold_to(src, str(tmp_path / "u.onnx"), ratio=0.25, repair="none")
+    spread, _ = fold_to(src, str(tmp_path / "a.onnx"), ratio=0.25, repair="none", allocate=True)
     kept = sorted(spread.kept(g) for g in spread.groups if g.foldable)
     assert sorted(uniform.kept(g) for g in uniform.groups if g.foldable) == [24, 24]
     assert 16 <= kept[0] < 24 and kept[1] == 32  # only duplicated pairs merged: free
@@ -68,7 +64,7 @@ def test_allocate_spends_the_budget_on_duplicated_channels(tmp_path):
 
 
 def test_allocate_at_ratio_zero_changes_nothing(tmp_path):
-    result, _ = fold_file(MNIST, str(tmp_path / "z.onnx"), ratio=0.0, allocate=True)
+    result, _ = fold_to(MNIST, str(tmp_path / "z.onnx"), ratio=0.0, allocate=True)
     assert result.plans == []
 
 
@@ -83,8 +79,8 @@ def test_allocate_caps_each_group_at_twice_the_uniform_ratio(tmp_path):
              "b2": rng.standard_normal(32).astype(np.float32), "w3": rng.standard_normal((64, 32)).astype(np.float32),
              "b3": np.zeros(64, np.float32)}
     src = gemm_relu_chain(str(tmp_path / "m.onnx"), inits, [("w1", "b1"), ("w2", "b2"), ("w3", "b3")])
-    spread, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=0.3, repair="none", allocate=True)
-    uniform, _ = fold_file(src, str(tmp_path / "u.onnx"), ratio=0.3, repair="none")
+    spread, _ = fold_to(src, str(tmp_path / "a.onnx"), ratio=0.3, repair="none", allocate=True)
+    uniform, _ = fold_to(src, str(tmp_path / "u.onnx"), ratio=0.3, repair="none")
     kept = [spread.kept(g) for g in spread.groups if g.foldable]
     assert kept[0] == 13 and kept[1] < 32 and [uniform.kept(g) for g in uniform.groups if g.foldable] == [22, 22]
     assert param_count(str(tmp_path / "a.onnx")) <= param_count(str(tmp_path / "u.onnx"))

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import fold_file, run
+from helpers import fold_to, run
 from onnxfold.errors import UserError
 from onnxfold.config import FoldConfig
 from onnxfold.pipeline import fold_graph
@@ -60,8 +60,8 @@ def test_synthetic_feeds_index_the_embedding_table(tmp_path):
 def test_act_pruning_drops_dead_channels_that_weight_norms_keep(tmp_path):
     src = token_mlp(str(tmp_path / "m.onnx"))
     ratio = 8 / 24
-    act, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=ratio, method="prune", importance="act")
-    fold_file(src, str(tmp_path / "w.onnx"), ratio=ratio, method="prune")
+    act, _ = fold_to(src, str(tmp_path / "a.onnx"), ratio=ratio, method="prune", importance="act")
+    fold_to(src, str(tmp_path / "w.onnx"), ratio=ratio, method="prune")
     assert [act.kept(g) for g in act.groups if g.foldable] == [16]
     assert any("random token ids" in note for note in act.notes)
     assert _error(src, str(tmp_path / "a.onnx")) < 1e-5 < 1e-1 < _error(src, str(tmp_path / "w.onnx"))
@@ -70,22 +70,22 @@ def test_act_pruning_drops_dead_channels_that_weight_norms_keep(tmp_path):
 def test_act_fold_merges_duplicates_and_dead_channels_exactly(tmp_path):
     src = token_mlp(str(tmp_path / "m.onnx"))
     ratio = 11 / 24 - 1e-3  # 13 clusters: 8 distinct, 4 merged pairs, one cluster of the 8 dead channels
-    act, _ = fold_file(src, str(tmp_path / "a.onnx"), ratio=ratio, repair="none", importance="act")
-    plain, _ = fold_file(src, str(tmp_path / "p.onnx"), ratio=ratio, repair="none")
+    act, _ = fold_to(src, str(tmp_path / "a.onnx"), ratio=ratio, repair="none", importance="act")
+    plain, _ = fold_to(src, str(tmp_path / "p.onnx"), ratio=ratio, repair="none")
     assert [act.kept(g) for g in act.groups if g.foldable] == [13] == [plain.kept(g) for g in plain.groups if g.foldable]
     assert _error(src, str(tmp_path / "a.onnx")) < 1e-4 < 1e-1 < _error(src, str(tmp_path / "p.onnx"))
 
 
 def test_act_at_ratio_zero_reproduces(tmp_path):
     src = token_mlp(str(tmp_path / "m.onnx"))
-    result, _ = fold_file(src, str(tmp_path / "z.onnx"), ratio=0.0, importance="act")
+    result, _ = fold_to(src, str(tmp_path / "z.onnx"), ratio=0.0, importance="act")
     assert result.plans == [] and _error(src, str(tmp_path / "z.onnx")) == 0.0
 
 
 def test_float_inputs_need_calibration(tmp_path):
     src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
     with pytest.raises(UserError, match="--calib"):
-        fold_file(src, str(tmp_path / "f.onnx"), ratio=0.25, importance="act")
+        fold_to(src, str(tmp_path / "f.onnx"), ratio=0.25, importance="act")
     loaded = load_model(src)
     calib = {"input": np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)}
     result = fold_graph(loaded.graph, loaded.opset, FoldConfig(0.25, repair="none", importance="act"), calib=calib)
@@ -134,7 +134,7 @@ def test_heads_and_mlps_are_all_scored_and_prune(arch, tmp_path):
         torch.onnx.export(Logits(), (torch.randint(0, 128, (1, 8)),), src, dynamo=False, opset_version=18,
                           input_names=["input_ids"], output_names=["logits"],
                           dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}})
-    result, _ = fold_file(src, str(tmp_path / "p.onnx"), ratio=0.5, method="prune", importance="act")
+    result, _ = fold_to(src, str(tmp_path / "p.onnx"), ratio=0.5, method="prune", importance="act")
     foldable = [g for g in result.groups if g.foldable]
     assert {g.kind for g in foldable} == {"heads", "channels"}
     assert any(f"for {len(foldable)} of {len(foldable)} foldable groups" in note for note in result.notes)

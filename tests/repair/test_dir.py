@@ -1,6 +1,4 @@
 """Fold-DIR: the torch interpreter of ONNX graphs (torch_exec) and DeepInversion input synthesis (dir)."""
-import os
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -8,11 +6,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import MNIST
 from onnxfold.repair.dir import synthesize_inputs
 from onnxfold.errors import UserError
 from onnxfold.repair.torch_exec import TorchGraph, unsupported_ops
 
-MNIST = os.path.join(os.path.dirname(__file__), "..", "models", "mnist_cnn.onnx")
 IR = 9  # onnxruntime reads IR versions up to 13; onnx 1.23 writes 14 by default
 ARCHS = ("resnet", "vgg", "mobilenetv2", "densenet", "se", "unet", "mlp")
 

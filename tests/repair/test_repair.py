@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import feeds_for, fold_file, run
+from helpers import MNIST, MNIST_CALIB, MNIST_TEST, feeds_for, fold_to, run
 from onnxfold.cli.main import main
 from onnxfold.config import FoldConfig
 from onnxfold.pipeline import fold_graph
 from onnxfold.model.load import load_model
 from onnxfold.model.save import to_proto
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST = os.path.join(ROOT, "models", "mnist_cnn.onnx")
-MNIST_TEST = os.path.join(ROOT, "models", "mnist_test.npz")
-MNIST_CALIB = os.path.join(ROOT, "models", "mnist_calib.npz")
 RNG = np.random.default_rng(0)
 
 
@@ -79,14 +74,14 @@ def test_repair_data_needs_calibration(tmp_path, capsys):
 
 def test_prune_ratio_zero_is_identity(tmp_path):
     dst = str(tmp_path / "p.onnx")
-    result, _ = fold_file(MNIST, dst, ratio=0.0, method="prune")
+    result, _ = fold_to(MNIST, dst, ratio=0.0, method="prune")
     assert result.plans == []
     feeds = feeds_for(MNIST)
     np.testing.assert_array_equal(run(dst, feeds)[0], run(MNIST, feeds)[0])
 
 
 def test_prune_plans_keep_k_channels_in_order(tmp_path):
-    result, _ = fold_file(MNIST, str(tmp_path / "p.onnx"), ratio=0.5, method="prune")
+    result, _ = fold_to(MNIST, str(tmp_path / "p.onnx"), ratio=0.5, method="prune")
     assert result.plans and result.repair == "none"
     for plan in result.plans:
         kept = plan.labels >= 0

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import feeds_for, fold_file, run, widen_file
+from helpers import feeds_for, fold_to, run, widen_file
 from onnxfold.cli.main import main
 from onnxfold.config import FoldConfig
 from onnxfold.pipeline import fold_graph
@@ -160,7 +160,7 @@ def test_head_fold_with_repair_data_runs(case, tmp_path):
     kv_heads, past = CASES[case]["kv_heads"], CASES[case]["past"]
     src = encoder(str(tmp_path / "e.onnx"), **CASES[case])
     calib = feeds(**CASES[case])
-    plain, _ = fold_file(src, str(tmp_path / "plain.onnx"), ratio=0.25, head_ratio=0.5)
+    plain, _ = fold_to(src, str(tmp_path / "plain.onnx"), ratio=0.25, head_ratio=0.5)
     result = fold_with_data(src, str(tmp_path / "f.onnx"), calib, ratio=0.25, head_ratio=0.5)
     assert sorted((p.group.kind, p.group.size, p.k) for p in result.plans) == [
         ("channels", MLP, 18), ("heads", kv_heads, kv_heads // 2)]

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import fold_file, param_count, run
+from helpers import fold_to, param_count, run
 
 CONSTANT, LIVE = 4, 8
 
@@ -82,11 +82,11 @@ def test_constant_channels_pruned_exactly_with_mean_compensation(build, tmp_path
     dense = run(src, feeds)[0]
     ratio = CONSTANT / (CONSTANT + LIVE)
     kwargs = dict(ratio=ratio, method="prune", importance="act", repair="none", calib=calib)
-    result, _ = fold_file(src, str(tmp_path / "c.onnx"), compensate=True, **kwargs)
+    result, _ = fold_to(src, str(tmp_path / "c.onnx"), compensate=True, **kwargs)
     assert param_count(str(tmp_path / "c.onnx")) < param_count(src)
     assert any("mean compensation" in note for note in result.notes)
     np.testing.assert_allclose(run(str(tmp_path / "c.onnx"), feeds)[0], dense, atol=1e-4)
-    fold_file(src, str(tmp_path / "n.onnx"), **kwargs)
+    fold_to(src, str(tmp_path / "n.onnx"), **kwargs)
     assert np.abs(run(str(tmp_path / "n.onnx"), feeds)[0] - dense).max() > 0.01
 
 
@@ -111,10 +111,10 @@ def test_fold_mean_correction_restores_the_output_mean(build, tmp_path):
     axes = (0, 1) if calib is None else (0, 2, 3)
     dense = run(src, measured)[0].mean(axis=axes)
     kwargs = dict(ratio=0.5, importance="act", repair="none", calib=calib)
-    result, _ = fold_file(src, str(tmp_path / "c.onnx"), compensate=True, **kwargs)
+    result, _ = fold_to(src, str(tmp_path / "c.onnx"), compensate=True, **kwargs)
     assert any("mean compensation: the folded channels'" in note for note in result.notes)
     np.testing.assert_allclose(run(str(tmp_path / "c.onnx"), measured)[0].mean(axis=axes), dense, atol=1e-4)
-    fold_file(src, str(tmp_path / "n.onnx"), **kwargs)
+    fold_to(src, str(tmp_path / "n.onnx"), **kwargs)
     assert np.abs(run(str(tmp_path / "n.onnx"), measured)[0].mean(axis=axes) - dense).max() > 1e-2
 
 
@@ -132,7 +132,7 @@ def test_fold_mean_correction_with_a_depthwise_conv_in_the_group(tmp_path):
     src = str(tmp_path / "m.onnx")
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     feeds = {"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)}
-    result, _ = fold_file(src, str(tmp_path / "c.onnx"), ratio=0.5, importance="act", repair="none", calib=feeds,
+    result, _ = fold_to(src, str(tmp_path / "c.onnx"), ratio=0.5, importance="act", repair="none", calib=feeds,
                           compensate=True)
     assert any("mean compensation" in note for note in result.notes)
     np.testing.assert_allclose(run(str(tmp_path / "c.onnx"), feeds)[0].mean(axis=(0, 2, 3)),

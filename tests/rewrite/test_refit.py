@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from foldtest import fold_file, gemm_relu_chain, param_count, run, widen_file
+from helpers import fold_to, gemm_relu_chain, param_count, run, widen_file
 from onnxfold.rewrite.refit import solve
 
 HIDDEN = 12
@@ -71,8 +71,8 @@ def test_pruned_scaled_copies_are_refitted_exactly(tmp_path, build, monkeypatch)
     calib, held_out = _inputs(src, 32, 0), _inputs(src, 4, 1)
     (dense,) = run(src, held_out)
     plain, refit = str(tmp_path / "p.onnx"), str(tmp_path / "r.onnx")
-    fold_file(src, plain, ratio=4 / HIDDEN, method="prune", repair="none")
-    result, _ = fold_file(src, refit, calib=calib, ratio=4 / HIDDEN, method="prune", repair="none", refit=True)
+    fold_to(src, plain, ratio=4 / HIDDEN, method="prune", repair="none")
+    result, _ = fold_to(src, refit, calib=calib, ratio=4 / HIDDEN, method="prune", repair="none", refit=True)
     assert param_count(refit) < param_count(src)
     assert np.abs(run(plain, held_out)[0] - dense).max() > 0.1  # pruning alone loses the copies
     np.testing.assert_allclose(run(refit, held_out)[0], dense, atol=2e-3 * np.abs(dense).max())
@@ -89,7 +89,7 @@ def test_refit_lowers_held_out_error_on_random_weights(tmp_path):
     errors = {}
     for refit in (False, True):
         out = str(tmp_path / f"f{refit}.onnx")
-        fold_file(src, out, calib=calib if refit else None, ratio=0.5, repair="none", refit=refit)
+        fold_to(src, out, calib=calib if refit else None, ratio=0.5, repair="none", refit=refit)
         errors[refit] = float(np.sqrt(np.mean((run(out, held_out)[0] - dense) ** 2)))
     assert errors[True] < 0.85 * errors[False]  # measured: 0.75 (half of every hidden layer removed)
 
@@ -102,7 +102,7 @@ def test_duplicated_channels_stay_exact(tmp_path):
     assert widen_file(small, src) == 1
     calib, held_out = _inputs(src, 64, 0), _inputs(src, 8, 1)
     out = str(tmp_path / "f.onnx")
-    result, _ = fold_file(src, out, calib=calib, ratio=0.5, repair="none", refit=True)
+    result, _ = fold_to(src, out, calib=calib, ratio=0.5, repair="none", refit=True)
     assert any("refit: 1 consumer" in note for note in result.notes)
     np.testing.assert_allclose(run(out, held_out)[0], run(src, held_out)[0], atol=1e-4)
 
