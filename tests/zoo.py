@@ -9,11 +9,7 @@ exports per (arch, mode, seed, directory) so a test session exports each once.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import warnings
 from typing import Callable
 
 import torch
@@ -21,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.resnet18 import BasicBlock  # the same block the ResNet18 benchmark builds
+from helpers import quiet
 
 MODES = ("legacy_fused", "legacy_bn", "dynamo")
 OPSET_LEGACY = 17
@@ -273,23 +270,6 @@ def build(arch: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     randomize_bn(model, gen)
     example = torch.randn(*shape, generator=gen)
     return model.eval(), example
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the exporters' warnings, logging and stdout/stderr chatter."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
 
 
 def export(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, mode: str) -> str:

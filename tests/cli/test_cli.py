@@ -1,24 +1,19 @@
 """The command line: bad input gets one line and exit 2 with the input untouched; good input folds."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 
-from helpers import MNIST, MNIST_TEST
+from helpers import MNIST, MNIST_TEST, digest, make_model, save_model
 from onnxfold.cli.main import main
 
-
-
-def digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.fixture
@@ -118,20 +113,14 @@ def test_python_dash_m_runs(model, tmp_path):
 
 def test_model_that_cannot_run_on_generated_inputs_asks_for_data(tmp_path, capsys):
     """Symbolic spatial dims become 64 in random inputs; a model needing 8x8 then fails: exit 2, one line."""
-    from onnx import TensorProto, helper, numpy_helper
-    import numpy as np
+    from onnx import helper
 
-    w = numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w")
-    shape = numpy_helper.from_array(np.array([0, 4 * 8 * 8], np.int64), "shape")
-    fc = numpy_helper.from_array(np.ones((2, 256), np.float32), "fc")
+    inits = {"w": np.ones((4, 3, 1, 1), np.float32), "shape": np.array([0, 4 * 8 * 8], np.int64),
+             "fc": np.ones((2, 256), np.float32)}
     nodes = [helper.make_node("Conv", ["input", "w"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["f"]),
              helper.make_node("Gemm", ["f", "fc"], ["output"], transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 2])], [w, shape, fc])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = str(tmp_path / "fixed.onnx")
-    onnx.save(model, path)
+    model = make_model(nodes, inits, {"input": ["N", 3, "H", "W"]}, {"output": ["N", 2]})
+    path = save_model(model, tmp_path / "fixed.onnx", check=False)
     assert main([path, "-o", str(tmp_path / "o.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--data" in err

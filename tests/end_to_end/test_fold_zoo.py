@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import feeds_for, fold_to, param_count, run, widen_file
+from helpers import assert_widen_and_fold_back, feeds_for, fold_to, param_count, run
 from zoo import ARCHS, MODES
 
 CASES = [(a, m) for a in ARCHS for m in MODES]
@@ -38,14 +38,4 @@ def test_half_ratio_gives_valid_smaller_model(arch, mode, zoo_model, tmp_path):
 
 @pytest.mark.parametrize("arch,mode", CASES)
 def test_duplicated_channels_fold_back_exactly(arch, mode, zoo_model, tmp_path):
-    src, wide, dst = zoo_model(arch, mode), str(tmp_path / "wide.onnx"), str(tmp_path / "f.onnx")
-    assert widen_file(src, wide) > 0
-    feeds = feeds_for(src)
-    dense = run(src, feeds)
-    for d, w in zip(dense, run(wide, feeds)):
-        np.testing.assert_allclose(w, d, atol=1e-4 * np.abs(d).max(), rtol=0)
-    assert param_count(wide) > param_count(src)
-    fold_to(wide, dst, ratio=0.5)
-    assert param_count(dst) == param_count(src)
-    for d, f in zip(dense, run(dst, feeds)):
-        np.testing.assert_allclose(f, d, atol=1e-4 * np.abs(d).max(), rtol=0)
+    assert_widen_and_fold_back(zoo_model(arch, mode), tmp_path, floor=0.0)

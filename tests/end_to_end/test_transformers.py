@@ -5,15 +5,10 @@ model whose channels and KV groups were duplicated brings it back exactly. The r
 stays frozen with a reason."""
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-
 import numpy as np
 import pytest
 
-from helpers import fold_to, param_count, run, widen_file
-from onnxfold.groups.discover import discover
+from helpers import export_tokens, fold_to, groups_of, param_count, run, token_ids, token_module, widen_file
 from onnxfold.model.load import load_model
 
 torch = pytest.importorskip("torch")
@@ -27,38 +22,18 @@ def llama(request, tmp_path_factory):
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
-
     path = str(tmp_path_factory.mktemp("llama") / "llama.onnx")
-    example = (torch.randint(0, 128, (1, 8)),)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if request.param == "legacy":
-            torch.onnx.export(Logits(model), example, path, dynamo=False, opset_version=18,
-                              input_names=["input_ids"], output_names=["logits"],
-                              dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}})
-        else:  # dynamo bakes head counts into shape constants (Expand [B, kv, n_rep, S, D])
-            dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s", min=2, max=60)}
-            torch.onnx.export(Logits(model), example, path, dynamo=True, dynamic_shapes=(dims,),
-                              external_data=False, input_names=["input_ids"], output_names=["logits"])
-    return path
+    # dynamo bakes head counts into shape constants (Expand [B, kv, n_rep, S, D])
+    return export_tokens(token_module(model, use_cache=False), path, request.param == "dynamo", vocab=128,
+                         output="logits")
 
 
 def feeds():
-    return {"input_ids": np.random.default_rng(0).integers(0, 128, (2, 7)).astype(np.int64)}
+    return token_ids(128)
 
 
 def test_mlp_and_kv_groups_found_and_stream_frozen_with_reasons(llama):
-    loaded = load_model(llama)
-    groups = discover(loaded.graph, loaded.opset)
+    groups = groups_of(llama)
     assert sorted(g.size for g in groups if g.foldable) == [2, 2, 96, 96]
     heads = [g for g in groups if g.foldable and g.size == 2]
     for g in heads:  # q rows: 2 query heads x 16 per KV group; k, v rows: 16; o columns: 32
@@ -80,32 +55,6 @@ def test_llama_mlp_and_heads_fold_and_duplicates_fold_back_exactly(llama, tmp_pa
     np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds())[0], dense, atol=1e-4 * np.abs(dense).max())
 
 
-def _export(module, path, vocab=100, dynamo=False):
-    example = (torch.randint(0, vocab, (1, 8)),)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if dynamo:
-            dims = {0: torch.export.Dim("b"), 1: torch.export.Dim("s", min=2, max=60)}
-            torch.onnx.export(module, example, path, dynamo=True, dynamic_shapes=(dims,), external_data=False,
-                              input_names=["input_ids"], output_names=["out"])
-        else:
-            torch.onnx.export(module, example, path, dynamo=False, opset_version=18,
-                              input_names=["input_ids"], output_names=["out"],
-                              dynamic_axes={"input_ids": {0: "b", 1: "s"}, "out": {0: "b", 1: "s"}})
-    return path
-
-
-class _Hidden(torch.nn.Module):
-    def __init__(self, m, logits: bool):
-        super().__init__()
-        self.m, self.logits = m, logits
-
-    def forward(self, ids):
-        out = self.m(input_ids=ids, attention_mask=torch.ones_like(ids))
-        return out.logits if self.logits else out.last_hidden_state
-
-
 @pytest.mark.parametrize("arch", ["bert", "bert-dynamo", "gpt2"])
 def test_bert_and_gpt2(arch, tmp_path):
     """BERT (legacy and dynamo exports): heads and GELU MLPs fold (LayerNorm keeps the stream). GPT-2: the GELU
@@ -115,16 +64,14 @@ def test_bert_and_gpt2(arch, tmp_path):
     if arch.startswith("bert"):
         cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=128, attn_implementation="eager")
-        model, expected = _Hidden(transformers.BertModel(cfg).eval(), False), [4, 4, 128, 128]
+        model, expected = token_module(transformers.BertModel(cfg).eval(), "last_hidden_state"), [4, 4, 128, 128]
     else:
         cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
                                       eos_token_id=0, attn_implementation="eager")
-        model, expected = _Hidden(transformers.GPT2LMHeadModel(cfg).eval(), True), [4, 4, 256, 256]
-    path = _export(model, str(tmp_path / f"{arch}.onnx"), dynamo=arch.endswith("dynamo"))
-    loaded = load_model(path)
-    groups = discover(loaded.graph, loaded.opset)
-    assert sorted(g.size for g in groups if g.foldable) == expected
-    x = {"input_ids": np.random.default_rng(0).integers(0, 100, (2, 7)).astype(np.int64)}
+        model, expected = token_module(transformers.GPT2LMHeadModel(cfg).eval()), [4, 4, 256, 256]
+    path = export_tokens(model, str(tmp_path / f"{arch}.onnx"), dynamo=arch.endswith("dynamo"))
+    assert sorted(g.size for g in groups_of(path) if g.foldable) == expected
+    x = token_ids(100)
     dense = run(path, x)[0]
     widen_file(path, str(tmp_path / "w.onnx"))
     fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)

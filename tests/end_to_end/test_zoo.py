@@ -7,10 +7,10 @@ import collections
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
+from helpers import run
 from zoo import ARCHS, MODES, UNFUSABLE_BN, build, exported, has_batchnorm
 
 BN_ARCHS = [a for a in ARCHS if has_batchnorm(ARCHS[a]()[0])]
@@ -33,8 +33,7 @@ def init_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
 
 def run_ort(path: str, x: torch.Tensor) -> np.ndarray:
     """Run the model at ``path`` on ``x`` with onnxruntime's CPU provider."""
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return sess.run(None, {"input": x.numpy()})[0]
+    return run(path, {"input": x.numpy()})[0]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -2,15 +2,11 @@
 --exclude."""
 from __future__ import annotations
 
-
 import pytest
 
-from helpers import fold_to
-from onnxfold.plan.budget import clusters_for
-from onnxfold.groups.discover import discover
-from onnxfold.model.load import load_model
-
 from benchmarks.resnet18 import export_resnet18
+from helpers import fold_to, groups_of
+from onnxfold.plan.budget import clusters_for
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["bn_kept", "bn_fused"])
@@ -20,8 +16,7 @@ def resnet18(request, tmp_path_factory):
 
 
 def test_resnet18_has_exactly_12_groups(resnet18):
-    loaded = load_model(resnet18)
-    groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    groups = [g for g in groups_of(resnet18) if g.foldable]
     assert len(groups) == 12
     assert sorted(g.size for g in groups) == [8] * 3 + [16] * 3 + [32] * 3 + [64] * 3
     streams = [g for g in groups if sum(m.role == "sum" for m in g.members) > 1]

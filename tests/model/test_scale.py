@@ -7,17 +7,16 @@ repeated, W2 rows halved), so folding at ratio 0.5 gives back the model before d
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from helpers import conv, digest, feeds_for, make_model, run
 from onnxfold.cli.main import main
 from onnxfold.model.external import ExternalValues, peek
 from onnxfold.model.load import load_model
@@ -40,12 +39,7 @@ def mlp(dtype=np.float32, widened: bool = True) -> onnx.ModelProto:
     elem = TYPES[dtype]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    inits = [numpy_helper.from_array(v, k) for k, v in weights(dtype, widened).items()]
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, ["N", 16])],
-                              [helper.make_tensor_value_info("y", elem, ["N", 8])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return make_model(nodes, weights(dtype, widened), {"x": (elem, ["N", 16])}, {"y": (elem, ["N", 8])})
 
 
 def save_external(model: onnx.ModelProto, path: str, one_file: bool = True) -> None:
@@ -54,12 +48,12 @@ def save_external(model: onnx.ModelProto, path: str, one_file: bool = True) -> N
 
 
 def digests(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+    return {p.name: digest(p) for p in folder.iterdir() if p.is_file()}
 
 
-def run(path: str, dtype=np.float32) -> np.ndarray:
+def mlp_output(path: str, dtype=np.float32) -> np.ndarray:
     x = np.random.default_rng(1).standard_normal((5, 16)).astype(dtype)
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return run(path, {"x": x})[0]
 
 
 def initializers(path: str) -> dict[str, TensorProto]:
@@ -85,7 +79,7 @@ def test_external_data_in_and_out_folds_back_exactly_and_input_untouched(tmp_pat
     assert all(o % ALIGN == 0 for o in offsets)
     assert [list(inits[n].dims) for n in ("w1", "w2")] == [[16, HIDDEN], [HIDDEN, 8]]
     save_external(mlp(widened=False), str(tmp_path / "dense.onnx"))
-    np.testing.assert_allclose(run(out), run(str(tmp_path / "dense.onnx")), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(mlp_output(out), mlp_output(str(tmp_path / "dense.onnx")), rtol=1e-5, atol=1e-5)
     payload = json.loads(open(report).read())
     assert set(payload["steps"]) == {"load", "fold", "write_and_validate", "metrics"}
     assert [r["seconds"] is not None for r in payload["groups"]].count(True) == 1
@@ -131,7 +125,7 @@ def test_float16_weights_stay_float16_and_fold_back(tmp_path, external):
     assert {t.data_type for t in inits.values()} == {TensorProto.FLOAT16}
     assert list(inits["w1"].dims) == [16, HIDDEN]
     onnx.save(mlp(np.float16, widened=False), str(tmp_path / "dense.onnx"))
-    folded, dense = run(out, np.float16), run(str(tmp_path / "dense.onnx"), np.float16)
+    folded, dense = mlp_output(out, np.float16), mlp_output(str(tmp_path / "dense.onnx"), np.float16)
     assert folded.dtype == np.float16
     np.testing.assert_allclose(folded.astype(np.float32), dense.astype(np.float32), rtol=1e-2, atol=1e-2)
 
@@ -149,3 +143,19 @@ def test_bfloat16_weights_stay_bfloat16_bit_exact(tmp_path, external, monkeypatc
     for name, expected in weights(ml_dtypes.bfloat16, widened=False).items():
         got = numpy_helper.to_array(folded[name])
         assert got.dtype == expected.dtype and np.array_equal(got.view(np.uint16), expected.view(np.uint16))
+
+
+def test_external_data_model_folds_to_external_data(tmp_path):
+    """A conv model saved with every tensor in one data file folds (CLI) to a model with external data."""
+    inits = {}
+    nodes = [conv("c1", "input", 3, 64, inits), helper.make_node("Relu", ["c1"], ["r"]),
+             conv("output", "r", 64, 16, inits)]
+    path = str(tmp_path / "ext.onnx")
+    onnx.save(make_model(nodes, inits, {"input": [1, 3, 6, 6]}, {"output": [1, 16, 6, 6]}), path,
+              save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    out = str(tmp_path / "out.onnx")
+    assert main([path, "-o", out, "-q"]) == 0
+    assert (tmp_path / "out.onnx.data").exists()
+    initializers = onnx.load(out, load_external_data=False).graph.initializer
+    assert any(t.data_location == TensorProto.EXTERNAL for t in initializers)
+    assert run(out, feeds_for(path))[0].shape == (1, 16, 6, 6)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from helpers import feeds_for, fold_to, param_count, run, widen_file
-from onnxfold.groups.discover import discover
-from onnxfold.model.load import load_model
+from helpers import assert_widen_and_fold_back, conv, feeds_for, fold_to, groups_of, make_model, run, save_model
 
 RNG = np.random.default_rng(0)
 
@@ -18,47 +16,13 @@ def w(*shape):
     return RNG.standard_normal(shape).astype(np.float32) * 0.5
 
 
-def build(nodes, inits, in_shape, out_shape, opset=17, name="input", consts=None):
-    inits = [numpy_helper.from_array(v, k) for k, v in inits.items()]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(name, TensorProto.FLOAT, in_shape)],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8 if opset <= 17 else 10
-    return model
+def build(nodes, inits, in_shape, out_shape, opset=17, **options):
+    """`input` (in_shape) -> nodes -> `output` (out_shape); options: make_model's."""
+    return make_model(nodes, inits, {"input": in_shape}, {"output": out_shape}, opset, **options)
 
 
 def save(model, tmp_path, name="m.onnx"):
-    path = str(tmp_path / name)
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, path)
-    return path
-
-
-def groups_of(path):
-    loaded = load_model(path)
-    return discover(loaded.graph, loaded.opset)
-
-
-def assert_widen_and_fold_back(path, tmp_path):
-    wide, back = str(tmp_path / "wide.onnx"), str(tmp_path / "back.onnx")
-    assert widen_file(path, wide) > 0
-    feeds = feeds_for(path)
-    dense = run(path, feeds)
-    for d, x in zip(dense, run(wide, feeds)):
-        np.testing.assert_allclose(x, d, atol=1e-4 * max(1, np.abs(d).max()))
-    fold_to(wide, back, ratio=0.5)
-    assert param_count(back) == param_count(path)
-    for d, x in zip(dense, run(back, feeds)):
-        np.testing.assert_allclose(x, d, atol=1e-4 * max(1, np.abs(d).max()))
-
-
-def conv(name, x, cin, cout, inits, k=3, group=1, bias=True):
-    inits[f"{name}.w"] = w(cout, cin // group, k, k)
-    inputs = [x, f"{name}.w"]
-    if bias:
-        inits[f"{name}.b"] = w(cout)
-        inputs.append(f"{name}.b")
-    return helper.make_node("Conv", inputs, [name], name=name, pads=[k // 2] * 4, group=group)
+    return save_model(model, tmp_path / name)
 
 
 def test_concat_keeps_inputs_apart_and_offsets_consumers(tmp_path):
@@ -139,10 +103,8 @@ def test_unknown_custom_op_freezes_its_groups(tmp_path):
     inits = {}
     nodes = [conv("c1", "input", 3, 6, inits), helper.make_node("Relu", ["c1"], ["r"]),
              helper.make_node("MyOp", ["r"], ["m"], domain="com.example"), conv("output", "m", 6, 2, inits)]
-    model = build(nodes, inits, [1, 3, 6, 6], [1, 2, 6, 6])
-    model.opset_import.append(helper.make_opsetid("com.example", 1))
-    path = str(tmp_path / "m.onnx")
-    onnx.save(model, path)
+    model = build(nodes, inits, [1, 3, 6, 6], [1, 2, 6, 6], domains={"com.example": 1})
+    path = save_model(model, tmp_path / "m.onnx", check=False)
     six = [g for g in groups_of(path) if g.size == 6]
     assert six and not any(g.foldable for g in six)
     assert any("MyOp" in r and "not understood" in r for g in six for r in g.frozen)
@@ -172,21 +134,6 @@ def test_resize_with_sizes_constant_is_rewritten(tmp_path):
              conv("output", "up", 6, 2, inits)]
     path = save(build(nodes, inits, [1, 3, 4, 4], [1, 2, 8, 8]), tmp_path)
     assert_widen_and_fold_back(path, tmp_path)
-
-
-def test_external_data_model_folds_to_external_data(tmp_path):
-    inits = {}
-    nodes = [conv("c1", "input", 3, 64, inits), helper.make_node("Relu", ["c1"], ["r"]),
-             conv("output", "r", 64, 16, inits)]
-    path = str(tmp_path / "ext.onnx")
-    onnx.save(build(nodes, inits, [1, 3, 6, 6], [1, 16, 6, 6]), path, save_as_external_data=True,
-              location="ext.onnx.data", size_threshold=0)
-    from onnxfold.cli.main import main
-    out = str(tmp_path / "out.onnx")
-    assert main([path, "-o", out, "-q"]) == 0
-    assert (tmp_path / "out.onnx.data").exists()
-    assert any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(out, load_external_data=False).graph.initializer)
-    assert run(out, feeds_for(path))[0].shape == (1, 16, 6, 6)
 
 
 def _conv1x1(name, x, out, cin, cout, inits):

@@ -4,27 +4,20 @@ The channel entry is y's own channel count, so the Resize passes channels throug
 both groups side by side; a size taken from another tensor's channels stays frozen."""
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-
 import numpy as np
 import pytest
 
-from helpers import fold_to, param_count, run, widen_file
-from onnxfold.groups.discover import discover
-from onnxfold.model.load import load_model
+from helpers import fold_to, groups_of, param_count, run, torch_export, widen_file
 
 torch = pytest.importorskip("torch")
 
 
 def _export(module, path: str) -> str:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (torch.randn(1, 3, 16, 16),), path, dynamo=False, opset_version=17,
-                          do_constant_folding=False, input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
-    return path
+    """Legacy export at opset 17 without constant folding (the sizes stay computed), x (n, 3, h, w)."""
+    axes = {"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}}
+    with torch.no_grad():
+        return torch_export(module.eval(), (torch.randn(1, 3, 16, 16),), path, ["x"], ["y"], axes, opset=17,
+                            do_constant_folding=False)
 
 
 def tiny_unet(size_from_skip_channels: bool = False):
@@ -56,8 +49,7 @@ def tiny_unet(size_from_skip_channels: bool = False):
 
 def test_resize_to_skip_size_folds_and_duplicates_fold_back_exactly(tmp_path):
     src = _export(tiny_unet(), str(tmp_path / "u.onnx"))
-    loaded = load_model(src)
-    groups = discover(loaded.graph, loaded.opset)
+    groups = groups_of(src)
     assert sorted(g.size for g in groups if g.foldable) == [6, 8, 12]
     assert not [g for g in groups if not g.foldable and "Resize" in " ".join(g.frozen or [])]
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 3, 20, 24)).astype(np.float32)}
@@ -75,7 +67,6 @@ def test_resize_to_skip_size_folds_and_duplicates_fold_back_exactly(tmp_path):
 def test_resize_size_from_other_channels_stays_frozen(tmp_path):
     """A size entry that is not the resized tensor's own channel count is not followed."""
     src = _export(tiny_unet(size_from_skip_channels=True), str(tmp_path / "u.onnx"))
-    loaded = load_model(src)
-    groups = discover(loaded.graph, loaded.opset)
+    groups = groups_of(src)
     frozen = [g for g in groups if not g.foldable]
     assert any("dynamic output sizes" in " ".join(g.frozen) for g in frozen)

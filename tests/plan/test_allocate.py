@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import MNIST, feeds_for, fold_to, gemm_relu_chain, param_count, run
+from helpers import (MNIST, feeds_for, fold_to, gemm_relu_chain, groups_of, mlp_with_duplicated_group,
+                     param_count, run)
 from onnxfold.plan.budget import ParamModel, ward_merge_costs
-from onnxfold.groups.discover import discover
-from onnxfold.model.load import load_model
-
 
 
 def test_ward_merge_costs_match_scipy():
@@ -26,8 +24,7 @@ def test_ward_costs_of_duplicates_are_zero():
 
 
 def test_param_model_counts_what_the_file_loses(tmp_path):
-    loaded = load_model(MNIST)
-    groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    groups = [g for g in groups_of(MNIST) if g.foldable]
     model = ParamModel(groups)
     dst = str(tmp_path / "f.onnx")
     result, _ = fold_to(MNIST, dst, ratio=0.6)
@@ -35,18 +32,6 @@ def test_param_model_counts_what_the_file_loses(tmp_path):
     predicted = model.count({g.gid: g.size for g in groups}) - model.count({g.gid: kept[g.describe()] for g in groups})
     assert predicted > 0
     assert param_count(MNIST) - param_count(dst) == pytest.approx(predicted, abs=0.5)
-
-
-def mlp_with_duplicated_group(path: str) -> str:
-    """x (N,12) -> Gemm 12->32 (16 channels, each twice) -> Relu -> Gemm 32->32 (distinct) -> Relu -> Gemm ->4."""
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((16, 12)).astype(np.float32)
-    b1 = rng.standard_normal(16).astype(np.float32)
-    w2 = rng.standard_normal((32, 16)).astype(np.float32)
-    inits = {"w1": np.concatenate([w1, w1]), "b1": np.concatenate([b1, b1]),
-             "w2": np.concatenate([w2, w2], axis=1) / 2, "b2": rng.standard_normal(32).astype(np.float32),
-             "w3": rng.standard_normal((4, 32)).astype(np.float32), "b3": np.zeros(4, np.float32)}
-    return gemm_relu_chain(path, inits, [("w1", "b1"), ("w2", "b2"), ("w3", "b3")])
 
 
 def test_allocate_spends_the_budget_on_duplicated_channels(tmp_path):

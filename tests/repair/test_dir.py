@@ -1,12 +1,11 @@
 """Fold-DIR: the torch interpreter of ONNX graphs (torch_exec) and DeepInversion input synthesis (dir)."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import MNIST
+from helpers import MNIST, feeds_for, make_model, run
 from onnxfold.repair.dir import synthesize_inputs
 from onnxfold.errors import UserError
 from onnxfold.repair.torch_exec import TorchGraph, unsupported_ops
@@ -15,18 +14,10 @@ IR = 9  # onnxruntime reads IR versions up to 13; onnx 1.23 writes 14 by default
 ARCHS = ("resnet", "vgg", "mobilenetv2", "densenet", "se", "unet", "mlp")
 
 
-def _feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 3) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in model.graph.initializer}
-    return {v.name: rng.standard_normal([d.dim_value or batch for d in v.type.tensor_type.shape.dim]).astype(np.float32)
-            for v in model.graph.input if v.name not in inits}
-
-
 def assert_matches_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None = None) -> None:
     """TorchGraph's outputs equal onnxruntime's within 1e-4 of each output's scale."""
-    feeds = feeds or _feeds(model)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    expected = sess.run(None, feeds)
+    feeds = feeds or feeds_for(model, seed=0)
+    expected = run(model, feeds)
     with torch.no_grad():
         got = TorchGraph(model)(*[torch.from_numpy(a) for a in feeds.values()])
     assert len(got) == len(expected)
@@ -66,11 +57,9 @@ def _f32(*values):
 def _one_op(op, x_shape, consts=(), opset=17, **attrs) -> onnx.ModelProto:
     """Model y = op(x, *consts) with consts as initializers (None = omitted optional input)."""
     names = ["x"] + [f"c{j}" if c is not None else "" for j, c in enumerate(consts)]
-    inits = [numpy_helper.from_array(c, f"c{j}") for j, c in enumerate(consts) if c is not None]
+    inits = {f"c{j}": c for j, c in enumerate(consts) if c is not None}
     node = helper.make_node(op, names, ["y"], **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR)
+    return make_model([node], inits, {"x": x_shape}, {"y": None}, opset, ir_version=IR)
 
 
 CASES = {
@@ -170,12 +159,9 @@ def test_shape_subgraph_matches_onnxruntime():
         helper.make_node("Add", ["w", "ones"], ["w1"]),
         helper.make_node("Mul", ["w1", "rf"], ["y"]),
     ]
-    inits = [numpy_helper.from_array(v, k) for k, v in {
-        "zero": _i64(0).reshape(()), "zero1": _i64(0), "minus1": _i64(-1), "shape2": _i64(2, 30),
-        "r0": _i64(0).reshape(()), "r1": _i64(60).reshape(()), "r2": _i64(2).reshape(())}.items()]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=IR)
+    inits = {"zero": _i64(0).reshape(()), "zero1": _i64(0), "minus1": _i64(-1), "shape2": _i64(2, 30),
+             "r0": _i64(0).reshape(()), "r1": _i64(60).reshape(()), "r2": _i64(2).reshape(())}
+    model = make_model(nodes, inits, {"x": ["n", 3, 4, 5]}, {"y": None}, 18, ir_version=IR)
     assert_matches_ort(model, {"x": _w(2, 3, 4, 5)})
 
 
@@ -207,11 +193,7 @@ def _model_with_unsupported() -> onnx.ModelProto:
     nodes = [helper.make_node("Relu", ["x"], ["r"]),
              helper.make_node("TopK", ["r", "k"], ["v", "i"], axis=1),
              helper.make_node("Mystery", ["v"], ["y"], domain="com.example")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(_i64(2), "k")])
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=IR)
+    return make_model(nodes, {"k": _i64(2)}, {"x": [2, 5]}, {"y": None}, domains={"com.example": 1}, ir_version=IR)
 
 
 def test_unsupported_ops_are_named():

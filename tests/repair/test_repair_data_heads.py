@@ -8,18 +8,14 @@ Hand-made encoders (multi-head, and GQA with a KV cache) run everywhere; the tin
 transformers."""
 from __future__ import annotations
 
-import contextlib
-import io
-import warnings
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
-from helpers import feeds_for, fold_to, run, widen_file
+from helpers import export_tokens, feeds_for, fold_to, make_model, run, token_ids, token_module, widen_file
 from onnxfold.cli.main import main
 from onnxfold.config import FoldConfig
 from onnxfold.pipeline import fold_graph
@@ -77,17 +73,11 @@ def encoder(path: str, kv_heads: int = HEADS, past: bool = False) -> str:
               mk("Add", ["o0", "bo"], ["o"]), mk("Add", ["x", "o"], ["h"]),
               mk("MatMul", ["h", "w1"], ["m0"]), mk("Add", ["m0", "b1"], ["m1"]), mk("Relu", ["m1"], ["m2"]),
               mk("MatMul", ["m2", "w2"], ["m3"]), mk("Add", ["m3", "b2"], ["m"]), mk("Add", ["h", "m"], ["y"])]
-    f32 = TensorProto.FLOAT
-    inputs = [helper.make_tensor_value_info("x", f32, ["B", "S", HIDDEN])]
-    outputs = [helper.make_tensor_value_info("y", f32, ["B", "S", HIDDEN])]
+    inputs, outputs = {"x": ["B", "S", HIDDEN]}, {"y": ["B", "S", HIDDEN]}
     if past:
-        inputs += [helper.make_tensor_value_info(f"past.{n}", f32, ["B", kv_heads, "P", HEAD_DIM]) for n in "kv"]
-        outputs += [helper.make_tensor_value_info(f"present.{n}", f32, ["B", kv_heads, "P + S", HEAD_DIM])
-                    for n in "kv"]
-    graph = helper.make_graph(nodes, "encoder", inputs, outputs,
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
+        inputs.update({f"past.{n}": ["B", kv_heads, "P", HEAD_DIM] for n in "kv"})
+        outputs.update({f"present.{n}": ["B", kv_heads, "P + S", HEAD_DIM] for n in "kv"})
+    model = make_model(nodes, inits, inputs, outputs)
     onnx.checker.check_model(model)
     onnx.save(model, path)
     return path
@@ -137,7 +127,7 @@ def test_duplicated_heads_fold_back_exactly_with_repair_data(case, tmp_path):
     """Every head (KV group) and MLP channel duplicated, folded back at ratio 0.5 with REPAIR: the merged
     channels' statistics equal their clusters' dense ones (scale 1, shift 0) only if REPAIR pairs each folded
     entry with the right dense entries."""
-    kv_heads, past = CASES[case]["kv_heads"], CASES[case]["past"]
+    kv_heads = CASES[case]["kv_heads"]
     src = encoder(str(tmp_path / "e.onnx"), **CASES[case])
     x = feeds(3, seed=1, **CASES[case])
     dense = run(src, x)[0]
@@ -233,26 +223,14 @@ def test_tiny_bert_heads_with_repair_data(tmp_path, capsys):
     --repair data, and duplicated heads/channels fold back exactly with REPAIR."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-
-    class Hidden(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids):
-            return self.m(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
-
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
                                   intermediate_size=96, attn_implementation="eager")
-    src = str(tmp_path / "bert.onnx")
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Hidden(transformers.BertModel(cfg).eval()), (torch.randint(0, 100, (1, 8)),), src,
-                          dynamo=False, opset_version=18, input_names=["input_ids"], output_names=["out"],
-                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "out": {0: "b", 1: "s"}})
-    ids = lambda n, seed: {"input_ids": np.random.default_rng(seed).integers(0, 100, (n, 7)).astype(np.int64)}  # noqa
+    src = export_tokens(token_module(transformers.BertModel(cfg).eval(), "last_hidden_state"),
+                        str(tmp_path / "bert.onnx"))
+
+    def ids(n, seed):
+        return token_ids(100, (n, 7), seed)
     np.savez(tmp_path / "calib.npz", **ids(16, 0))
     out = str(tmp_path / "o.onnx")
     assert main([src, "-o", out, "--repair", "data", "--calib", str(tmp_path / "calib.npz"), "--ratio", "0.5",

@@ -5,11 +5,10 @@ the same pruning changes the output."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
-from helpers import fold_to, param_count, run
+from helpers import fold_to, make_model, param_count, run, save_model
 
 CONSTANT, LIVE = 4, 8
 
@@ -33,10 +32,7 @@ def token_model(path: str) -> tuple[str, dict]:
     nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"]), helper.make_node("MatMul", ["x", "w1"], ["h"]),
              helper.make_node("Add", ["h", "b1"], ["hb"]), helper.make_node("Relu", ["hb"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "L"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L", 8])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    save_model(make_model(nodes, inits, {"ids": (TensorProto.INT64, ["N", "L"])}, {"y": ["N", "L", 8]}), path, check=False)
     return path, {"ids": rng.integers(0, 50, (3, 9))}
 
 
@@ -47,10 +43,7 @@ def conv_model(path: str) -> tuple[str, dict]:
              "b2": np.zeros(3, np.float32)}
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("Conv", ["r", "w2", "b2"], ["y"])]
-    graph = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    save_model(make_model(nodes, inits, {"x": ["N", 3, 6, 6]}, {"y": ["N", 3, 6, 6]}), path, check=False)
     return path, {"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)}
 
 
@@ -68,10 +61,7 @@ def chain_model(path: str) -> tuple[str, dict]:
              helper.make_node("Relu", ["a1"], ["r1"]), helper.make_node("MatMul", ["r1", "w2"], ["h2"]),
              helper.make_node("Add", ["h2", "b2"], ["a2"]), helper.make_node("Relu", ["a2"], ["r2"]),
              helper.make_node("MatMul", ["r2", "w3"], ["y"])]
-    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    save_model(make_model(nodes, inits, {"x": ["N", 6]}, {"y": ["N", 6]}), path, check=False)
     return path, {"x": rng.standard_normal((16, 6)).astype(np.float32)}
 
 
@@ -126,11 +116,8 @@ def test_fold_mean_correction_with_a_depthwise_conv_in_the_group(tmp_path):
     nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
              helper.make_node("Conv", ["r", "dw"], ["d"], group=8, pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["d"], ["e"]), helper.make_node("Conv", ["e", "w2"], ["y"])]
-    graph = helper.make_graph(nodes, "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
     src = str(tmp_path / "m.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
+    save_model(make_model(nodes, inits, {"x": ["N", 3, 6, 6]}, {"y": ["N", 3, 6, 6]}), src, check=False)
     feeds = {"x": rng.standard_normal((4, 3, 6, 6)).astype(np.float32)}
     result, _ = fold_to(src, str(tmp_path / "c.onnx"), ratio=0.5, importance="act", repair="none", calib=feeds,
                           compensate=True)

@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
-from helpers import fold_to, gemm_relu_chain, param_count, run, widen_file
+from helpers import fold_to, gemm_relu_chain, make_model, param_count, run, save_model, widen_file
 from onnxfold.rewrite.refit import solve
 
 HIDDEN = 12
@@ -51,10 +51,7 @@ def conv_1x1(path: str) -> str:
 
 
 def _save(path, nodes, inits, x_shape, y_shape) -> None:
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    save_model(make_model(nodes, inits, {"x": x_shape}, {"y": y_shape}), path, check=False)
 
 
 def _inputs(path: str, count: int, seed: int) -> dict:
