@@ -38,6 +38,15 @@ def fold_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)"
     )
+    _budget_flags(p)
+    _method_flags(p)
+    _repair_flags(p)
+    _output_flags(p)
+    return p
+
+
+def _budget_flags(p: argparse.ArgumentParser) -> None:
+    """How much each group keeps (the configuration's budget fields)."""
     p.add_argument(
         "--ratio",
         type=float,
@@ -69,6 +78,25 @@ def fold_parser() -> argparse.ArgumentParser:
         "per group where clustering loses least (Ward error of each group's weights; data-free)",
     )
     p.add_argument(
+        "--multiple-of",
+        type=int,
+        default=DEFAULTS.multiple_of,
+        metavar="N",
+        help="round kept channel counts up to a multiple of N",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="protect groups touching a tensor (activation or weight) whose name matches PATTERN "
+        "(glob or substring); repeatable",
+    )
+
+
+def _method_flags(p: argparse.ArgumentParser) -> None:
+    """How channels are chosen: importance, method, k-means backend, seed, compensation, refit."""
+    p.add_argument(
         "--importance",
         choices=CHOICES["importance"],
         default=DEFAULTS.importance,
@@ -96,21 +124,6 @@ def fold_parser() -> argparse.ArgumentParser:
         "calibration inputs (--calib, or --repair dir's synthetic ones)",
     )
     p.add_argument(
-        "--multiple-of",
-        type=int,
-        default=DEFAULTS.multiple_of,
-        metavar="N",
-        help="round kept channel counts up to a multiple of N",
-    )
-    p.add_argument(
-        "--exclude",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="protect groups touching a tensor (activation or weight) whose name matches PATTERN "
-        "(glob or substring); repeatable",
-    )
-    p.add_argument(
         "--method",
         choices=CHOICES["method"],
         default=DEFAULTS.method,
@@ -123,6 +136,22 @@ def fold_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.prune_norm,
         help="channel score for --method prune",
     )
+    p.add_argument(
+        "--backend",
+        choices=CHOICES["backend"],
+        default=DEFAULTS.backend,
+        help="k-means backend; auto uses a GPU only when one really works",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULTS.seed,
+        help="seed for k-means and random validation inputs",
+    )
+
+
+def _repair_flags(p: argparse.ArgumentParser) -> None:
+    """The repair after merging and its calibration inputs."""
     p.add_argument(
         "--repair",
         choices=CHOICES["repair"],
@@ -139,18 +168,10 @@ def fold_parser() -> argparse.ArgumentParser:
         help="calibration inputs for --repair data (a few dozen samples)",
     )
     _dir_flags(p, "--repair dir")
-    p.add_argument(
-        "--backend",
-        choices=CHOICES["backend"],
-        default=DEFAULTS.backend,
-        help="k-means backend; auto uses a GPU only when one really works",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=DEFAULTS.seed,
-        help="seed for k-means and random validation inputs",
-    )
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    """What is validated, written and reported."""
     p.add_argument(
         "--data",
         metavar="FILE.npz",
@@ -162,7 +183,6 @@ def fold_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
-    return p
 
 
 def inspect_parser() -> argparse.ArgumentParser:

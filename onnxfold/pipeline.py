@@ -32,7 +32,7 @@ from .model.save import check_data_target, save_graph, to_proto
 from .plan.backends import resolve_backend
 from .plan.budget import units_to_keep
 from .plan.features import weighted_features
-from .plan.importance import IMPORTANCES
+from .plan.importance import IMPORTANCES, Scores
 from .plan.plan import Clustering, FoldPlan, plan_group
 from .repair import REPAIRS, Repair, choose_repair
 from .rewrite.compensate import (
@@ -97,15 +97,52 @@ def fold_graph(
     repair.before_discovery(graph, config.ratio)
     groups = discover(graph, opset)
     apply_excludes(groups, list(config.exclude))
+    planned = _plan(graph, groups, config, backend, repair, calib, progress)
+    refits, compensated = _merge(graph, planned, config)
+    result = FoldResult(groups, planned.plans, repair.name, repair.why, backend)
+    result.group_seconds = planned.seconds
+    result.notes += kv_cache_notes(planned.plans) + planned.notes + compensated
+    result.notes += _repair_and_refit(
+        graph, planned.plans, repair, refits, calib, dense_path, config
+    )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@dataclass
+class _Planned:
+    """What planning decided: the plans, seconds per group, the importance scores, report notes."""
+
+    plans: list[FoldPlan]
+    seconds: dict[int, float]
+    scores: Scores
+    notes: list[str]
+
+
+def _plan(
+    graph: gs.Graph,
+    groups: list[Group],
+    config: FoldConfig,
+    backend: str,
+    repair: Repair,
+    calib: dict[str, np.ndarray] | None,
+    progress=None,
+) -> _Planned:
+    """Stage 2: units kept per group, importance of the groups being folded, one plan per group."""
     todo = [g for g in groups if g.foldable]
     ratios, keep = units_to_keep(todo, config.budget())
     folding = [g for g in todo if ratios[g.gid] > 0]
     importance = IMPORTANCES[config.importance]()
     scores = importance.measure(graph, folding, calib, config.seed)
-    plans, seconds = _plan_all(
-        todo, keep, config.clustering(backend), repair, scores.scores, progress
-    )
-    means = scores.means if config.compensate else {}
+    how = config.clustering(backend)
+    plans, seconds = _plan_all(todo, keep, how, repair, scores.scores, progress)
+    return _Planned(plans, seconds, scores, list(filter(None, [importance.note(scores, folding)])))
+
+
+def _merge(graph: gs.Graph, planned: _Planned, config: FoldConfig) -> tuple[list, list[str]]:
+    """Stage 3: merge every plan into the graph, with mean compensation (--compensate); returns the
+    refits to run later (read from the dense weights before merging) and the report notes."""
+    plans, means = planned.plans, planned.scores.means if config.compensate else {}
     compensation = plan_compensation(plans, means) if means and config.method == "prune" else []
     pending = plan_mean_correction(plans, means) if means and config.method == "fold" else []
     refits = plan_refits(plans) if config.refit else []
@@ -113,38 +150,47 @@ def fold_graph(
     sync_depthwise_groups(graph)
     # measured on the folded graph, which must be runnable (depthwise groups synced) first
     if pending:
-        compensation = mean_correction(graph, plans, pending, scores.feeds)
+        compensation = mean_correction(graph, plans, pending, planned.scores.feeds)
     apply_compensation(graph, compensation)
     forget_shapes(graph)
-    result = FoldResult(groups, plans, repair.name, repair.why, backend, group_seconds=seconds)
-    result.notes.extend(kv_cache_notes(plans))
-    result.notes.extend(filter(None, [importance.note(scores, folding)]))
-    if compensation:
-        result.notes.append(
-            f"mean compensation: the {'pruned' if config.method == 'prune' else 'folded'} "
-            f"channels' mean contribution restored at the output of {len(compensation)} "
-            f"consumer layers"
-        )
+    if not compensation:
+        return refits, []
+    kind = "pruned" if config.method == "prune" else "folded"
+    return refits, [
+        f"mean compensation: the {kind} channels' mean contribution restored at the "
+        f"output of {len(compensation)} consumer layers"
+    ]
+
+
+def _repair_and_refit(
+    graph: gs.Graph,
+    plans: list[FoldPlan],
+    repair: Repair,
+    refits: list,
+    calib: dict[str, np.ndarray] | None,
+    dense_path: str | None,
+    config: FoldConfig,
+) -> list[str]:
+    """Stage 4 and the refit after it: the repair's after-merge hook, then the least-squares refit
+    of the consumers; returns the report notes."""
     if repair.needs_calibration and plans and (calib is None or dense_path is None):
         raise ConfigError(
             "repair", repair.name, "needs calibration inputs ({calib} FILE.npz for data)"
         )
-    result.notes.extend(filter(None, [repair.after_merge(graph, plans, calib, dense_path)]))
-    if refits:
-        if calib is None or dense_path is None:
-            raise ConfigError(
-                "refit", None, "needs calibration inputs ({calib} FILE.npz, or {repair} dir)"
-            )
-        done = refit_consumers(
-            graph, refits, dense_path, folded_feeds(plans, calib), calib, seed=config.seed
+    notes = list(filter(None, [repair.after_merge(graph, plans, calib, dense_path)]))
+    if not refits:
+        return notes
+    if calib is None or dense_path is None:
+        raise ConfigError(
+            "refit", None, "needs calibration inputs ({calib} FILE.npz, or {repair} dir)"
         )
-        result.notes.append(
-            f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares "
-            f"on {sample_count(calib)} calibration samples (1x1 Conv, Gemm and MatMul "
-            f"consumers; others kept)"
-        )
-    result.seconds = time.perf_counter() - start
-    return result
+    feeds = folded_feeds(plans, calib)
+    done = refit_consumers(graph, refits, dense_path, feeds, calib, seed=config.seed)
+    return notes + [
+        f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares on "
+        f"{sample_count(calib)} calibration samples (1x1 Conv, Gemm and MatMul consumers; "
+        "others kept)"
+    ]
 
 
 def _plan_all(
@@ -284,56 +330,79 @@ def fold_file(
     calib_arrays = _read_calib(config, calib)
     steps: dict[str, StepCost] = {}
     with reporter.step("loading"), _measured(steps, "load"):
-        # Weights in external-data files stay on disk until used, unless a repair exports the graph
-        # to run it.
-        loaded = load_model(
-            input,
-            lazy=not REPAIRS.get(config.repair, Repair).needs_calibration
-            and config.importance != "act",
+        # External-data weights stay on disk until used, unless a step exports the graph to run it.
+        lazy = (
+            not REPAIRS.get(config.repair, Repair).needs_calibration and config.importance != "act"
         )
+        loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
     with reporter.step("folding"), _measured(steps, "fold"):
-        with (
-            reporter.step("synthesising calibration inputs (Fold-DIR)")
-            if _calibration_source(config, calib_arrays) == "synthesised"
-            else contextlib.nullcontext()
-        ):
-            feeds = calibration_inputs(
-                config, input, calib_arrays, calib, reporter.counter("deep inversion step")
-            )
-        counter = reporter.counter("clustering group")
-        result = fold_graph(loaded.graph, loaded.opset, config, counter, feeds, input)
-        getattr(counter, "done", lambda: None)()
-    validation: list[Validation] = []
-    one_at_a_time = loaded.file_bytes >= ONE_AT_A_TIME_BYTES
-    with reporter.step("validating and writing"), _measured(steps, "write_and_validate"):
-        source = FeedSource(
+        result = _fold_loaded(loaded, config, calib_arrays, calib, reporter)
+    validator = _Validator(
+        input,
+        FeedSource(
             *(data_arrays or (None, None)), data, config.seed, token_id_limits(loaded.graph)
-        )
-        checker = (
-            (lambda tmp: validation.append(validate_files(input, tmp, source, one_at_a_time)))
-            if validate
-            else None
-        )
+        ),
+        loaded.file_bytes,
+    )
+    with reporter.step("validating and writing"), _measured(steps, "write_and_validate"):
         skeleton, size = save_graph(
-            loaded.graph, loaded.opset, output, loaded.external_data, checker, loaded.data_files
+            loaded.graph,
+            loaded.opset,
+            output,
+            loaded.external_data,
+            validator if validate else None,
+            loaded.data_files,
         )
-    checked = validation[0] if validation else None
+    checked = validator.result
     with _measured(steps, "metrics"):
-        feeds_used = checked.feeds if checked else None
-        dense = figures(
-            loaded.skeleton,
-            loaded.file_bytes,
-            feeds_used,
-            checked.latency_ms[0] if checked else None,
-        )
-        folded = figures(skeleton, size, feeds_used, checked.latency_ms[1] if checked else None)
-    if one_at_a_time and validate:
+        feeds, latency = (checked.feeds, checked.latency_ms) if checked else (None, (None, None))
+        dense = figures(loaded.skeleton, loaded.file_bytes, feeds, latency[0])
+        folded = figures(skeleton, size, feeds, latency[1])
+    if validator.one_at_a_time and validate:
         result.notes.append(
             f"input over {ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models validated one "
             f"after the other (latencies timed separately, not interleaved)"
         )
     return FoldReport(input, output, config, result, dense, folded, checked, steps)
+
+
+def _fold_loaded(
+    loaded: LoadedModel,
+    config: FoldConfig,
+    calib_arrays,
+    calib_path: str | None,
+    reporter: Reporter,
+) -> FoldResult:
+    """fold_graph on a loaded file, with its calibration inputs (synthesised in a step of its
+    own)."""
+    synthesised = _calibration_source(config, calib_arrays) == "synthesised"
+    with (
+        reporter.step("synthesising calibration inputs (Fold-DIR)")
+        if synthesised
+        else contextlib.nullcontext()
+    ):
+        feeds = calibration_inputs(
+            config, loaded.path, calib_arrays, calib_path, reporter.counter("deep inversion step")
+        )
+    counter = reporter.counter("clustering group")
+    result = fold_graph(loaded.graph, loaded.opset, config, counter, feeds, loaded.path)
+    getattr(counter, "done", lambda: None)()
+    return result
+
+
+class _Validator:
+    """save_graph's check on the written file before it is renamed into place: compares it with the
+    dense model at `dense_path` on `source`'s inputs (one model at a time when the dense files reach
+    ONE_AT_A_TIME_BYTES); keeps the Validation in `result`."""
+
+    def __init__(self, dense_path: str, source: FeedSource, dense_bytes: int):
+        self.dense_path, self.source = dense_path, source
+        self.one_at_a_time = dense_bytes >= ONE_AT_A_TIME_BYTES
+        self.result: Validation | None = None
+
+    def __call__(self, folded_path: str) -> None:
+        self.result = validate_files(self.dense_path, folded_path, self.source, self.one_at_a_time)
 
 
 @contextlib.contextmanager
