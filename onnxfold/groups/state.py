@@ -34,17 +34,16 @@ class Discovery:
         self.sizes: list[int] = []
         # channels of each group merged into one unit by coarsen()
         self.scale: list[int] = []
-        # scale of the member's group when the member was recorded
-        self.member_scale: list[int] = []
-        self.members: list[Member] = []
+        # every member recorded, with its group's scale at the time (members recorded before a
+        # coarsen() span fewer entries per unit: groups() rescales them)
+        self.recorded: list[tuple[Member, int]] = []
         self.reasons: dict[int, list[str]] = {}
         self.tensor_names: dict[int, list[str]] = {}
         self.pieces: dict[int, tuple[int, int]] = {}  # group cut by split() -> its two pieces
         # graph outputs that are KV caches of tracked heads (kv_cache.py)
         self.kv_outputs: set[str] = set()
 
-    # ---- union-find
-    # -------------------------------------------------------------------------------
+    # ---- union-find -----------------------------------------------------------------------------
     def new_group(self, size: int, tensor: gs.Tensor | None = None) -> int:
         """Create a group of `size` channels; returns its id."""
         gid = len(self.parent)
@@ -78,8 +77,7 @@ class Discovery:
     def freeze_gid(self, gid: int, reason: str) -> None:
         self.reasons.setdefault(gid, []).append(reason)
 
-    # ---- operations the rules use
-    # -------------------------------------------------------------------
+    # ---- operations the rules use ---------------------------------------------------------------
     def layout(self, tensor: gs.Tensor) -> Layout | None:
         """Layout of an activation tensor, or None for constants and untracked tensors (and for a
         tensor whose groups now have different unit sizes: those groups are frozen)."""
@@ -175,20 +173,16 @@ class Discovery:
         for a, b in pieces.values():
             self.union(first[0], a, "split")
             self.union(first[1], b, "split")
-        members, scales = [], []
-        for m, s in zip(self.members, self.member_scale):
+        recorded = []
+        for m, s in self.recorded:
             if m.gid not in pieces:
-                members.append(m)
-                scales.append(s)
+                recorded.append((m, s))
                 continue
             a, b = pieces[m.gid]
             shift = at * (self.scale[m.gid] // s) * m.repeat
-            members += [
-                _with_gid(m, a),
-                Member(m.tensor, m.axis, m.role, b, m.offset + shift, m.repeat, m.tag),
-            ]
-            scales += [s, s]
-        self.members, self.member_scale = members, scales
+            second = Member(m.tensor, m.axis, m.role, b, m.offset + shift, m.repeat, m.tag)
+            recorded += [(_with_gid(m, a), s), (second, s)]
+        self.recorded = recorded
         for name, lay in self.layouts.items():
             self.layouts[name] = self._replace_cut(lay)
 
@@ -262,19 +256,15 @@ class Discovery:
         layout = self.refresh(layout)
         rep = layout.repeat * repeat
         for start, p in zip(layout.starts(), layout.parts):
-            self.members.append(Member(tensor, axis, role, p.gid, start * rep, rep, tag))
-            self.member_scale.append(self.scale[p.gid])
+            member = Member(tensor, axis, role, p.gid, start * rep, rep, tag)
+            self.recorded.append((member, self.scale[p.gid]))
 
-    # ---- results
-    # ------------------------------------------------------------------------------------
+    # ---- results --------------------------------------------------------------------------------
     def groups(self) -> list[Group]:
         """Resolve the union-find into Group objects (after all rules ran)."""
-        self.members = [
-            _rescaled(m, self.scale[m.gid] // s) for m, s in zip(self.members, self.member_scale)
-        ]
-        self.member_scale = [self.scale[m.gid] for m in self.members]
-        self._couple_shared_members()
-        self._freeze_overlapping_members()
+        members = [_rescaled(m, self.scale[m.gid] // s) for m, s in self.recorded]
+        self._couple_shared_members(members)
+        self._freeze_overlapping_members(members)
         out: dict[int, Group] = {}
         for gid in (g for g in range(len(self.parent)) if g not in self.pieces):
             root = self.find(gid)
@@ -282,7 +272,7 @@ class Discovery:
             grp.frozen.extend(r for r in self.reasons.get(gid, []) if r not in grp.frozen)
             grp.tensors.extend(t for t in self.tensor_names.get(gid, []) if t not in grp.tensors)
         seen = set()
-        for m in self.members:
+        for m in members:
             root = self.find(m.gid)
             key = m.key() + (root,)
             if key not in seen:
@@ -290,19 +280,19 @@ class Discovery:
                 out[root].members.append(_with_gid(m, root))
         return list(out.values())
 
-    def _couple_shared_members(self) -> None:
+    def _couple_shared_members(self, members: list[Member]) -> None:
         """A constant slice used by two groups (shared initializer) couples them."""
         first: dict[tuple, Member] = {}
-        for m in (m for m in self.members if m.role != EXTENT):
+        for m in (m for m in members if m.role != EXTENT):
             other = first.setdefault(m.key(), m)
             if other is not m:
                 self.union(other.gid, m.gid, f"shared initializer '{m.tensor.name}'")
 
-    def _freeze_overlapping_members(self) -> None:
+    def _freeze_overlapping_members(self, members: list[Member]) -> None:
         """Two different slice patterns over the same indices of one tensor cannot both be
         honoured."""
         by_axis: dict[tuple, list[Member]] = {}
-        for m in self.members:
+        for m in members:
             by_axis.setdefault((id(m.tensor), m.axis, m.role == EXTENT), []).append(m)
         for ms in by_axis.values():
             spans = sorted(
