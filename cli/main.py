@@ -7,6 +7,7 @@ traceback), 1 internal error."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    _show_log(debug)
     try:
         if argv and argv[0] == "inspect":
             return commands.inspect(inspect_parser().parse_args(argv[1:]))
@@ -327,6 +329,29 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _show_log(debug: bool) -> None:
+    """The library's log on stderr, one line per record: warnings (a rule that hit a bug), and with
+    --debug what best-effort steps skipped (shape observation, constant folding, MACs)."""
+    logger = logging.getLogger("onnxfold")
+    logger.setLevel(logging.INFO if debug else logging.WARNING)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("onnxfold: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A log handler writing to whatever sys.stderr is when a record comes."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def entry() -> None:

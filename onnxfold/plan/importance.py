@@ -174,6 +174,7 @@ def importance_from_random_tokens(
         try:
             return channel_importance(graph, groups, feeds, session, "random token ids")
         except Exception as e:  # noqa: BLE001 - onnxruntime rejects the length: try a shorter one
+            log.info("random token ids of length %d rejected (%s); trying shorter", length, e)
             error, length = e, length // 4
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     raise UserError(
