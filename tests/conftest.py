@@ -1,5 +1,6 @@
-"""Shared fixtures: the zoo of tiny exported models (exported once per session). In the test suite a rule
-that raises is a bug: discovery stops with RuleBug instead of freezing the node's groups."""
+"""Shared fixtures: the zoo of tiny exported models (exported once per session). In the test suite a
+rule that raises is a bug: discovery stops with RuleBug instead of freezing the node's groups."""
+
 import os
 
 import pytest

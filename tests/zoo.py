@@ -171,9 +171,7 @@ class SENet(nn.Module):
 
     def __init__(self, classes: int = 10):
         super().__init__()
-        self.features = nn.Sequential(
-            conv_bn(3, 8), nn.ReLU(), conv_bn(8, 16, stride=2), nn.ReLU()
-        )
+        self.features = nn.Sequential(conv_bn(3, 8), nn.ReLU(), conv_bn(8, 16, stride=2), nn.ReLU())
         self.se = SqueezeExcite(16, 4)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(16, classes)
@@ -213,8 +211,10 @@ class MLP(nn.Module):
     def __init__(self, features: int = 20, hidden: int = 32, classes: int = 10):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(features, hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden // 2), nn.ReLU(),
+            nn.Linear(features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden // 2),
+            nn.ReLU(),
             nn.Linear(hidden // 2, classes),
         )
 
@@ -288,15 +288,26 @@ def export(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, mod
     with quiet(), torch.no_grad():
         if mode == "dynamo":
             program = torch.onnx.export(
-                model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamo=True, external_data=False, verbose=False,
+                model,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamo=True,
+                external_data=False,
+                verbose=False,
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
             program.save(path, external_data=False)
         else:
             torch.onnx.export(
-                model, (example,), path, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                opset_version=OPSET_LEGACY, dynamo=False, verbose=False,
+                model,
+                (example,),
+                path,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                opset_version=OPSET_LEGACY,
+                dynamo=False,
+                verbose=False,
                 do_constant_folding=(mode == "legacy_fused"),
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
@@ -312,6 +323,8 @@ def exported(arch: str, mode: str, tmpdir: str | os.PathLike, seed: int = 0) -> 
     path = _CACHE.get(key)
     if path is None or not os.path.exists(path):
         model, example = build(arch, seed)
-        path = export(model, example, os.path.join(str(tmpdir), f"{arch}-{mode}-s{seed}.onnx"), mode)
+        path = export(
+            model, example, os.path.join(str(tmpdir), f"{arch}-{mode}-s{seed}.onnx"), mode
+        )
         _CACHE[key] = path
     return path

@@ -1,4 +1,5 @@
-"""The command line: bad input gets one line and exit 2 with the input untouched; good input folds."""
+"""The command line: bad input gets one line and exit 2, the input untouched; good input folds."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import pytest
 
 from helpers import MNIST, MNIST_TEST, digest, make_model, save_model
 from onnxfold.cli.main import main
-
 
 
 @pytest.fixture
@@ -34,7 +34,13 @@ def bad_inputs(tmp_path):
     empty.write_bytes(b"")
     ext = tmp_path / "ext" / "model.onnx"
     ext.parent.mkdir()
-    onnx.save(onnx.load(MNIST), str(ext), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    onnx.save(
+        onnx.load(MNIST),
+        str(ext),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     os.remove(str(ext) + ".data")
     good = tmp_path / "good.onnx"
     shutil.copy(MNIST, good)
@@ -83,7 +89,9 @@ def test_fold_writes_validated_model_and_report(model, tmp_path, capsys):
     assert payload["folded"]["macs"] < payload["dense"]["macs"]
     assert 0.0 <= payload["comparison"]["accuracy_folded"] <= 1.0
     assert payload["repair"]["method"] == "ar"
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".onnxfold-")], "temporary files left behind"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".onnxfold-")], (
+        "temporary files left behind"
+    )
 
 
 def test_nothing_foldable_exits_0_and_says_so(model, tmp_path, capsys):
@@ -102,23 +110,38 @@ def test_inspect_lists_groups_and_reasons(model, capsys):
 
 def test_python_dash_m_runs(model, tmp_path):
     out_path = str(tmp_path / "o.onnx")
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", model, "-o", out_path, "--no-validate", "-q"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxfold", model, "-o", out_path, "--no-validate", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and os.path.exists(out_path)
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", str(tmp_path / "missing.onnx")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxfold", str(tmp_path / "missing.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_model_that_cannot_run_on_generated_inputs_asks_for_data(tmp_path, capsys):
-    """Symbolic spatial dims become 64 in random inputs; a model needing 8x8 then fails: exit 2, one line."""
+    """Symbolic spatial dims become 64 in random inputs; a model needing 8x8 then fails: exit 2, one
+    line."""
     from onnx import helper
 
-    inits = {"w": np.ones((4, 3, 1, 1), np.float32), "shape": np.array([0, 4 * 8 * 8], np.int64),
-             "fc": np.ones((2, 256), np.float32)}
-    nodes = [helper.make_node("Conv", ["input", "w"], ["c"]), helper.make_node("Reshape", ["c", "shape"], ["f"]),
-             helper.make_node("Gemm", ["f", "fc"], ["output"], transB=1)]
+    inits = {
+        "w": np.ones((4, 3, 1, 1), np.float32),
+        "shape": np.array([0, 4 * 8 * 8], np.int64),
+        "fc": np.ones((2, 256), np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"]),
+        helper.make_node("Reshape", ["c", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc"], ["output"], transB=1),
+    ]
     model = make_model(nodes, inits, {"input": ["N", 3, "H", "W"]}, {"output": ["N", 2]})
     path = save_model(model, tmp_path / "fixed.onnx", check=False)
     assert main([path, "-o", str(tmp_path / "o.onnx")]) == 2

@@ -1,5 +1,6 @@
-"""The README's commands work: its fold command runs (on a copy of models/) and its test command is the one
-CI runs."""
+"""The README's commands work: its fold command runs (on a copy of models/) and its test command is
+the one CI runs."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,13 @@ def test_readme_fold_command_runs(tmp_path):
     argv = shlex.split(fold_cmd)
     assert argv[0] == "onnxfold"
     shutil.copytree(os.path.join(ROOT, "models"), tmp_path / "models")
-    proc = subprocess.run([sys.executable, "-m", "onnxfold"] + argv[1:], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxfold"] + argv[1:],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "accuracy" in proc.stdout
     acc = re.search(r"accuracy\s+([\d.]+)%\s+([\d.]+)%", proc.stdout)

@@ -1,6 +1,7 @@
-"""Every zoo architecture in every export mode: ratio 0 is the identity, ratio 0.5 gives a smaller valid model
-with the same output shapes, a model widened by duplicating channels computes the same function (so the
-discovered groups are right) and folds back exactly."""
+"""Every zoo architecture in every export mode: ratio 0 is the identity, ratio 0.5 gives a smaller
+valid model with the same output shapes, a model widened by duplicating channels computes the same
+function (so the discovered groups are right) and folds back exactly."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
-"""Group discovery facts on real architectures: ResNet18's 12 groups, residual streams, --multiple-of and
---exclude."""
+"""Group discovery facts on real architectures: ResNet18's 12 groups, residual streams,
+--multiple-of and --exclude."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,11 @@ def test_resnet18_has_exactly_12_groups(resnet18):
 def test_multiple_of_rounds_kept_channels(resnet18, tmp_path):
     result, _ = fold_to(resnet18, str(tmp_path / "f.onnx"), ratio=0.7, multiple_of=8)
     assert result.plans and all(p.k % 8 == 0 for p in result.plans if p.k < p.group.size)
-    assert clusters_for(64, 0.7, 8) == 24 and clusters_for(8, 0.7, 8) == 8 and clusters_for(10, 0.5) == 5
+    assert (
+        clusters_for(64, 0.7, 8) == 24
+        and clusters_for(8, 0.7, 8) == 8
+        and clusters_for(10, 0.5) == 5
+    )
 
 
 def test_exclude_protects_matching_groups(resnet18, tmp_path):

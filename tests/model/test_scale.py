@@ -1,10 +1,12 @@
-"""Large-model plumbing on tiny models: external data in and out (one data file or one file per tensor),
-weights read lazily and streamed to the output, float16 / bfloat16 initializers kept in their dtype (merged
-in float32), the input never modified.
+"""Large-model plumbing on tiny models: external data in and out (one data file or one file per
+tensor), weights read lazily and streamed to the output, float16 / bfloat16 initializers kept in
+their dtype (merged in float32), the input never modified.
 
-The model: x (N, 16) @ W1 (16, 2h) -> Relu -> @ W2 (2h, 8) with every hidden channel duplicated (W1 columns
-repeated, W2 rows halved), so folding at ratio 0.5 gives back the model before duplication exactly.
+The model: x (N, 16) @ W1 (16, 2h) -> Relu -> @ W2 (2h, 8) with every hidden channel duplicated (W1
+columns repeated, W2 rows halved), so folding at ratio 0.5 gives back the model before duplication
+exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +25,11 @@ from onnxfold.model.load import load_model
 from onnxfold.model.save import ALIGN
 
 HIDDEN = 64
-TYPES = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16, ml_dtypes.bfloat16: TensorProto.BFLOAT16}
+TYPES = {
+    np.float32: TensorProto.FLOAT,
+    np.float16: TensorProto.FLOAT16,
+    ml_dtypes.bfloat16: TensorProto.BFLOAT16,
+}
 
 
 def weights(dtype, widened: bool) -> dict[str, np.ndarray]:
@@ -37,14 +43,25 @@ def weights(dtype, widened: bool) -> dict[str, np.ndarray]:
 
 def mlp(dtype=np.float32, widened: bool = True) -> onnx.ModelProto:
     elem = TYPES[dtype]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    return make_model(nodes, weights(dtype, widened), {"x": (elem, ["N", 16])}, {"y": (elem, ["N", 8])})
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    return make_model(
+        nodes, weights(dtype, widened), {"x": (elem, ["N", 16])}, {"y": (elem, ["N", 8])}
+    )
 
 
 def save_external(model: onnx.ModelProto, path: str, one_file: bool = True) -> None:
-    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=one_file,
-              location=os.path.basename(path) + ".data" if one_file else None, size_threshold=0)
+    onnx.save(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=one_file,
+        location=os.path.basename(path) + ".data" if one_file else None,
+        size_threshold=0,
+    )
 
 
 def digests(folder) -> dict[str, str]:
@@ -61,7 +78,9 @@ def initializers(path: str) -> dict[str, TensorProto]:
 
 
 @pytest.mark.parametrize("one_file", [True, False], ids=["one_data_file", "file_per_tensor"])
-def test_external_data_in_and_out_folds_back_exactly_and_input_untouched(tmp_path, one_file, monkeypatch):
+def test_external_data_in_and_out_folds_back_exactly_and_input_untouched(
+    tmp_path, one_file, monkeypatch
+):
     monkeypatch.setattr(ExternalValues, "MAP_BYTES", 0)  # memory-mapped as big weights are
     src_dir, out_dir = tmp_path / "in", tmp_path / "out"
     src_dir.mkdir()
@@ -79,7 +98,9 @@ def test_external_data_in_and_out_folds_back_exactly_and_input_untouched(tmp_pat
     assert all(o % ALIGN == 0 for o in offsets)
     assert [list(inits[n].dims) for n in ("w1", "w2")] == [[16, HIDDEN], [HIDDEN, 8]]
     save_external(mlp(widened=False), str(tmp_path / "dense.onnx"))
-    np.testing.assert_allclose(mlp_output(out), mlp_output(str(tmp_path / "dense.onnx")), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        mlp_output(out), mlp_output(str(tmp_path / "dense.onnx")), rtol=1e-5, atol=1e-5
+    )
     payload = json.loads(open(report).read())
     assert set(payload["steps"]) == {"load", "fold", "write_and_validate", "metrics"}
     assert [r["seconds"] is not None for r in payload["groups"]].count(True) == 1
@@ -91,7 +112,9 @@ def test_lazy_load_reads_weights_only_when_used(tmp_path):
     loaded = load_model(src, lazy=True)
     w1 = next(t for t in loaded.graph.tensors().values() if t.name == "w1")
     assert isinstance(w1._values, ExternalValues)
-    assert np.array_equal(peek(w1), weights(np.float32, True)["w1"]) and isinstance(w1._values, ExternalValues)
+    assert np.array_equal(peek(w1), weights(np.float32, True)["w1"]) and isinstance(
+        w1._values, ExternalValues
+    )
     assert np.array_equal(w1.values, weights(np.float32, True)["w1"])
     assert loaded.skeleton.graph.initializer[0].data_location == TensorProto.EXTERNAL
 
@@ -120,39 +143,59 @@ def test_truncated_or_clashing_external_data_is_one_line_error(tmp_path, capsys)
 def test_float16_weights_stay_float16_and_fold_back(tmp_path, external):
     src, out = str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx")
     save_external(mlp(np.float16), src) if external else onnx.save(mlp(np.float16), src)
-    assert main([src, "-o", out, "--ratio", "0.5", "-q"]) == 0  # validated by onnxruntime in float16
+    assert (
+        main([src, "-o", out, "--ratio", "0.5", "-q"]) == 0
+    )  # validated by onnxruntime in float16
     inits = initializers(out)
     assert {t.data_type for t in inits.values()} == {TensorProto.FLOAT16}
     assert list(inits["w1"].dims) == [16, HIDDEN]
     onnx.save(mlp(np.float16, widened=False), str(tmp_path / "dense.onnx"))
-    folded, dense = mlp_output(out, np.float16), mlp_output(str(tmp_path / "dense.onnx"), np.float16)
+    folded, dense = (
+        mlp_output(out, np.float16),
+        mlp_output(str(tmp_path / "dense.onnx"), np.float16),
+    )
     assert folded.dtype == np.float16
-    np.testing.assert_allclose(folded.astype(np.float32), dense.astype(np.float32), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        folded.astype(np.float32), dense.astype(np.float32), rtol=1e-2, atol=1e-2
+    )
 
 
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
 def test_bfloat16_weights_stay_bfloat16_bit_exact(tmp_path, external, monkeypatch):
-    """onnxruntime's CPU provider has no bfloat16 MatMul, so the file is checked, not run: the duplicated
-    channels merge (in float32) back to the original bfloat16 bit patterns."""
+    """onnxruntime's CPU provider has no bfloat16 MatMul, so the file is checked, not run: the
+    duplicated channels merge (in float32) back to the original bfloat16 bit patterns."""
     monkeypatch.setattr(ExternalValues, "MAP_BYTES", 0)
     src, out = str(tmp_path / "m.onnx"), str(tmp_path / "f.onnx")
-    save_external(mlp(ml_dtypes.bfloat16), src) if external else onnx.save(mlp(ml_dtypes.bfloat16), src)
+    save_external(mlp(ml_dtypes.bfloat16), src) if external else onnx.save(
+        mlp(ml_dtypes.bfloat16), src
+    )
     assert main([src, "-o", out, "--ratio", "0.5", "--no-validate", "-q"]) == 0
     folded = {t.name: t for t in onnx.load(out).graph.initializer}
     assert {t.data_type for t in folded.values()} == {TensorProto.BFLOAT16}
     for name, expected in weights(ml_dtypes.bfloat16, widened=False).items():
         got = numpy_helper.to_array(folded[name])
-        assert got.dtype == expected.dtype and np.array_equal(got.view(np.uint16), expected.view(np.uint16))
+        assert got.dtype == expected.dtype and np.array_equal(
+            got.view(np.uint16), expected.view(np.uint16)
+        )
 
 
 def test_external_data_model_folds_to_external_data(tmp_path):
-    """A conv model saved with every tensor in one data file folds (CLI) to a model with external data."""
+    """A conv model saved with every tensor in one data file folds (CLI) to a model with external
+    data."""
     inits = {}
-    nodes = [conv("c1", "input", 3, 64, inits), helper.make_node("Relu", ["c1"], ["r"]),
-             conv("output", "r", 64, 16, inits)]
+    nodes = [
+        conv("c1", "input", 3, 64, inits),
+        helper.make_node("Relu", ["c1"], ["r"]),
+        conv("output", "r", 64, 16, inits),
+    ]
     path = str(tmp_path / "ext.onnx")
-    onnx.save(make_model(nodes, inits, {"input": [1, 3, 6, 6]}, {"output": [1, 16, 6, 6]}), path,
-              save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        make_model(nodes, inits, {"input": [1, 3, 6, 6]}, {"output": [1, 16, 6, 6]}),
+        path,
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     out = str(tmp_path / "out.onnx")
     assert main([path, "-o", out, "-q"]) == 0
     assert (tmp_path / "out.onnx.data").exists()

@@ -1,6 +1,8 @@
-"""Small constants an exporter deduplicated (equal biases of unrelated layers) are unshared at load so
-their layers fold independently, and shared again on save where folding left them equal: ratio 0 writes the
-same parameter count, a real fold writes one bias per layer where the layers' clusters differ."""
+"""Small constants an exporter deduplicated (equal biases of unrelated layers) are unshared at load
+so their layers fold independently, and shared again on save where folding left them equal: ratio 0
+writes the same parameter count, a real fold writes one bias per layer where the layers' clusters
+differ."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,11 +13,15 @@ from onnxfold.cli.main import main
 
 
 def mlp_sharing_a_bias(path: str) -> str:
-    """input (N,8) -> Gemm 8->16 (+b) -> Relu -> Gemm 16->16 (+b) -> Relu -> Gemm 16->4: one bias `b` read by
-    both hidden layers, as exporters deduplicate equal initializers."""
+    """input (N,8) -> Gemm 8->16 (+b) -> Relu -> Gemm 16->16 (+b) -> Relu -> Gemm 16->4: one bias
+    `b` read by both hidden layers, as exporters deduplicate equal initializers."""
     rng = np.random.default_rng(0)
-    inits = {"w1": rng.standard_normal((16, 8)), "w2": rng.standard_normal((16, 16)),
-             "w3": rng.standard_normal((4, 16)), "b": np.linspace(-1, 1, 16)}
+    inits = {
+        "w1": rng.standard_normal((16, 8)),
+        "w2": rng.standard_normal((16, 16)),
+        "w3": rng.standard_normal((4, 16)),
+        "b": np.linspace(-1, 1, 16),
+    }
     return gemm_relu_chain(path, inits, [("w1", "b"), ("w2", "b"), ("w3", None)])
 
 

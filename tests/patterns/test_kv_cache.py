@@ -1,10 +1,11 @@
-"""KV-cache graphs: past keys/values as graph inputs, concatenated with the new keys/values along the sequence
-axis into present.* graph outputs. The KV heads fold with their cache: the declared head count of past and
-present is rewritten and the report says so.
+"""KV-cache graphs: past keys/values as graph inputs, concatenated with the new keys/values along
+the sequence axis into present.* graph outputs. The KV heads fold with their cache: the declared
+head count of past and present is rewritten and the report says so.
 
-The hand-made decoder layer below runs in every environment (CI has no optimum). The optimum-exported tiny
-LLaMA (GQA) and GPT-2 (fused QKV) tests run where optimum-onnx is installed (its own environment: it pins
-transformers<4.58)."""
+The hand-made decoder layer below runs in every environment (CI has no optimum). The
+optimum-exported tiny LLaMA (GQA) and GPT-2 (fused QKV) tests run where optimum-onnx is installed
+(its own environment: it pins transformers<4.58)."""
+
 from __future__ import annotations
 
 import json
@@ -22,52 +23,83 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 8, 4, 2, 4
 def _decoder_layer(path: str, present_is_output: bool = True, mask: bool = False) -> str:
     """x [B, S, 8] and past k/v [B, 2, P, 4] -> y [B, S, 8], present k/v [B, 2, P+S, 4].
 
-    4 query heads, 2 KV heads repeated by Unsqueeze -> Expand -> Reshape (GQA), softmax attention over the
-    cache, o_proj. No causal mask: the last position attends to every position, cached or new.
-    mask: optimum's dim names (batch_size, sequence_length, past_sequence_length) and an int64 attention_mask
-    [batch_size, "past_sequence_length + sequence_length"] added to the scores (0: -1e4), which onnxruntime
-    checks against past + seq; the GQA Reshape's batch size is then read at run time (Shape -> Gather ->
-    Concat), so its output shape is only known from the load-time shape probe."""
+    4 query heads, 2 KV heads repeated by Unsqueeze -> Expand -> Reshape (GQA), softmax attention
+    over the cache, o_proj. No causal mask: the last position attends to every position, cached or
+    new. mask: optimum's dim names (batch_size, sequence_length, past_sequence_length) and an int64
+    attention_mask [batch_size, "past_sequence_length + sequence_length"] added to the scores (0:
+    -1e4), which onnxruntime checks against past + seq; the GQA Reshape's batch size is then read at
+    run time (Shape -> Gather -> Concat), so its output shape is only known from the load-time shape
+    probe."""
     rng = np.random.default_rng(0)
     q_w, kv_w = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    inits = {"wq": rng.standard_normal((HIDDEN, q_w)), "wk": rng.standard_normal((HIDDEN, kv_w)),
-             "wv": rng.standard_normal((HIDDEN, kv_w)), "wo": rng.standard_normal((q_w, HIDDEN)) / 4,
-             "q_shape": np.array([0, 0, HEADS, HEAD_DIM]), "kv_shape": np.array([0, 0, KV_HEADS, HEAD_DIM]),
-             "rep": np.array([1, 1, HEADS // KV_HEADS, 1, 1]), "rep_shape": np.array([0, HEADS, -1, HEAD_DIM]),
-             "ax2": np.array([2]), "out_shape": np.array([0, 0, q_w])}
+    inits = {
+        "wq": rng.standard_normal((HIDDEN, q_w)),
+        "wk": rng.standard_normal((HIDDEN, kv_w)),
+        "wv": rng.standard_normal((HIDDEN, kv_w)),
+        "wo": rng.standard_normal((q_w, HIDDEN)) / 4,
+        "q_shape": np.array([0, 0, HEADS, HEAD_DIM]),
+        "kv_shape": np.array([0, 0, KV_HEADS, HEAD_DIM]),
+        "rep": np.array([1, 1, HEADS // KV_HEADS, 1, 1]),
+        "rep_shape": np.array([0, HEADS, -1, HEAD_DIM]),
+        "ax2": np.array([2]),
+        "out_shape": np.array([0, 0, q_w]),
+    }
     if mask:
-        inits.update(rep_tail=inits.pop("rep_shape")[1:], zero=np.array([0]), ax12=np.array([1, 2]),
-                     one=np.array(1.0), big=np.array(-1e4))
+        inits.update(
+            rep_tail=inits.pop("rep_shape")[1:],
+            zero=np.array([0]),
+            ax12=np.array([1, 2]),
+            one=np.array(1.0),
+            big=np.array(-1e4),
+        )
     inits = {k: v.astype(np.float32 if v.dtype.kind == "f" else np.int64) for k, v in inits.items()}
     present = ("present.key", "present.value") if present_is_output else ("cat.key", "cat.value")
-    nodes = [helper.make_node("MatMul", ["x", "wq"], ["q0"]), helper.make_node("Reshape", ["q0", "q_shape"], ["q1"]),
-             helper.make_node("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q0"]),
+        helper.make_node("Reshape", ["q0", "q_shape"], ["q1"]),
+        helper.make_node("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3]),
+    ]
     if mask:  # rep_shape = [batch, HEADS, -1, HEAD_DIM] computed at run time
-        nodes += [helper.make_node("Shape", ["x"], ["x_shape"]),
-                  helper.make_node("Gather", ["x_shape", "zero"], ["batch"], axis=0),
-                  helper.make_node("Concat", ["batch", "rep_tail"], ["rep_shape"], axis=0)]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["x_shape"]),
+            helper.make_node("Gather", ["x_shape", "zero"], ["batch"], axis=0),
+            helper.make_node("Concat", ["batch", "rep_tail"], ["rep_shape"], axis=0),
+        ]
     for name, w, cache in (("key", "wk", present[0]), ("value", "wv", present[1])):
-        nodes += [helper.make_node("MatMul", ["x", w], [f"{name}0"]),
-                  helper.make_node("Reshape", [f"{name}0", "kv_shape"], [f"{name}1"]),
-                  helper.make_node("Transpose", [f"{name}1"], [f"{name}2"], perm=[0, 2, 1, 3]),
-                  helper.make_node("Concat", [f"past.{name}", f"{name}2"], [cache], axis=2),
-                  helper.make_node("Unsqueeze", [cache, "ax2"], [f"{name}3"]),
-                  helper.make_node("Expand", [f"{name}3", "rep"], [f"{name}4"]),
-                  helper.make_node("Reshape", [f"{name}4", "rep_shape"], [f"{name}_all"])]
-    nodes += [helper.make_node("Transpose", ["key_all"], ["kt"], perm=[0, 1, 3, 2]),
-              helper.make_node("MatMul", ["q", "kt"], ["scores"])]
+        nodes += [
+            helper.make_node("MatMul", ["x", w], [f"{name}0"]),
+            helper.make_node("Reshape", [f"{name}0", "kv_shape"], [f"{name}1"]),
+            helper.make_node("Transpose", [f"{name}1"], [f"{name}2"], perm=[0, 2, 1, 3]),
+            helper.make_node("Concat", [f"past.{name}", f"{name}2"], [cache], axis=2),
+            helper.make_node("Unsqueeze", [cache, "ax2"], [f"{name}3"]),
+            helper.make_node("Expand", [f"{name}3", "rep"], [f"{name}4"]),
+            helper.make_node("Reshape", [f"{name}4", "rep_shape"], [f"{name}_all"]),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["key_all"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+    ]
     if mask:  # scores + (1 - mask) * -1e4, the mask broadcast over heads and query positions
-        nodes += [helper.make_node("Cast", ["attention_mask"], ["m0"], to=TensorProto.FLOAT),
-                  helper.make_node("Sub", ["one", "m0"], ["m1"]), helper.make_node("Mul", ["m1", "big"], ["m2"]),
-                  helper.make_node("Unsqueeze", ["m2", "ax12"], ["m3"]),
-                  helper.make_node("Add", ["scores", "m3"], ["scores_masked"])]
-    nodes += [helper.make_node("Softmax", ["scores_masked" if mask else "scores"], ["p"], axis=-1),
-              helper.make_node("MatMul", ["p", "value_all"], ["ctx"]),
-              helper.make_node("Transpose", ["ctx"], ["ctx1"], perm=[0, 2, 1, 3]),
-              helper.make_node("Reshape", ["ctx1", "out_shape"], ["ctx2"]),
-              helper.make_node("MatMul", ["ctx2", "wo"], ["y"])]
+        nodes += [
+            helper.make_node("Cast", ["attention_mask"], ["m0"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", ["one", "m0"], ["m1"]),
+            helper.make_node("Mul", ["m1", "big"], ["m2"]),
+            helper.make_node("Unsqueeze", ["m2", "ax12"], ["m3"]),
+            helper.make_node("Add", ["scores", "m3"], ["scores_masked"]),
+        ]
+    nodes += [
+        helper.make_node("Softmax", ["scores_masked" if mask else "scores"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "value_all"], ["ctx"]),
+        helper.make_node("Transpose", ["ctx"], ["ctx1"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx1", "out_shape"], ["ctx2"]),
+        helper.make_node("MatMul", ["ctx2", "wo"], ["y"]),
+    ]
     b, s, p = ("batch_size", "sequence_length", "past_sequence_length") if mask else ("B", "S", "P")
-    inputs = {"x": [b, s, HIDDEN], "past.key": [b, KV_HEADS, p, HEAD_DIM], "past.value": [b, KV_HEADS, p, HEAD_DIM]}
+    inputs = {
+        "x": [b, s, HIDDEN],
+        "past.key": [b, KV_HEADS, p, HEAD_DIM],
+        "past.value": [b, KV_HEADS, p, HEAD_DIM],
+    }
     if mask:
         inputs["attention_mask"] = (TensorProto.INT64, [b, f"{p} + {s}"])
     outputs = {"y": [b, s, HIDDEN]}
@@ -81,9 +113,13 @@ def _decoder_layer(path: str, present_is_output: bool = True, mask: bool = False
 
 def _feeds(kv_heads=KV_HEADS, past=3, seq=4, seed=0, mask=False):
     rng = np.random.default_rng(seed)
-    feeds = {"x": rng.standard_normal((2, seq, HIDDEN)).astype(np.float32),
-             **{f"past.{n}": rng.standard_normal((2, kv_heads, past, HEAD_DIM)).astype(np.float32)
-                for n in ("key", "value")}}
+    feeds = {
+        "x": rng.standard_normal((2, seq, HIDDEN)).astype(np.float32),
+        **{
+            f"past.{n}": rng.standard_normal((2, kv_heads, past, HEAD_DIM)).astype(np.float32)
+            for n in ("key", "value")
+        },
+    }
     return {**feeds, "attention_mask": np.ones((2, past + seq), np.int64)} if mask else feeds
 
 
@@ -95,20 +131,32 @@ def _declared(path: str, name: str) -> list:
 
 @pytest.mark.parametrize("mask", [False, True], ids=["static", "attention_mask"])
 def test_kv_cache_inputs_and_outputs_join_the_kv_group(tmp_path, mask):
-    """With the attention mask, the GQA Reshape's shape is observed by the load-time probe: it runs only when
-    the mask's "past_sequence_length + sequence_length" is sized as the sum of the past and new lengths."""
+    """With the attention mask, the GQA Reshape's shape is observed by the load-time probe: it runs
+    only when the mask's "past_sequence_length + sequence_length" is sized as the sum of the past
+    and new lengths."""
     groups = groups_of(_decoder_layer(str(tmp_path / "m.onnx"), mask=mask))
     (heads,) = [g for g in groups if g.foldable]
     assert heads.kind == "heads" and heads.size == KV_HEADS
-    declared = sorted(m.tensor.name for m in heads.members if m.role == "extent" and "shape[" in m.tensor.name)
-    assert declared == ["past.key.shape[1]", "past.value.shape[1]", "present.key.shape[1]", "present.value.shape[1]"]
+    declared = sorted(
+        m.tensor.name for m in heads.members if m.role == "extent" and "shape[" in m.tensor.name
+    )
+    assert declared == [
+        "past.key.shape[1]",
+        "past.value.shape[1]",
+        "present.key.shape[1]",
+        "present.value.shape[1]",
+    ]
 
 
 def test_cache_that_is_not_a_graph_output_is_declined(tmp_path):
     groups = groups_of(_decoder_layer(str(tmp_path / "m.onnx"), present_is_output=False))
     assert not any(g.foldable and g.kind == "heads" for g in groups)
     assert any("Concat" in r for g in groups for r in g.frozen)
-    assert any("concatenates channels with constants or untracked tensors" in r for g in groups for r in g.frozen)
+    assert any(
+        "concatenates channels with constants or untracked tensors" in r
+        for g in groups
+        for r in g.frozen
+    )
 
 
 def test_ratio_zero_reproduces_and_duplicated_kv_heads_fold_back_exactly(tmp_path):
@@ -136,7 +184,11 @@ def test_folded_cache_shapes_and_cached_step_matches_full_run(tmp_path):
         assert _declared(out, name)[1] == 1
     feeds = _feeds(kv_heads=1, past=0, seq=5)
     full_y = run(out, feeds)[0]
-    first = {"x": feeds["x"][:, :4], "past.key": feeds["past.key"], "past.value": feeds["past.value"]}
+    first = {
+        "x": feeds["x"][:, :4],
+        "past.key": feeds["past.key"],
+        "past.value": feeds["past.value"],
+    }
     _, k, v = run(out, first)
     assert k.shape == (2, 1, 4, HEAD_DIM)
     last_y, k, v = run(out, {"x": feeds["x"][:, 4:], "past.key": k, "past.value": v})
@@ -145,18 +197,22 @@ def test_folded_cache_shapes_and_cached_step_matches_full_run(tmp_path):
 
 
 def test_cli_folds_a_with_past_layer_end_to_end(tmp_path, capsys):
-    """The real command line on a layer with an attention mask [batch, past + seq]: heads fold with their
-    cache, validation feeds each model empty caches of its own shape and leaves out the present outputs."""
+    """The real command line on a layer with an attention mask [batch, past + seq]: heads fold with
+    their cache, validation feeds each model empty caches of its own shape and leaves out the
+    present outputs."""
     from onnxfold.cli.main import main
 
     src = _decoder_layer(str(tmp_path / "m.onnx"), mask=True)
     out, report = str(tmp_path / "f.onnx"), str(tmp_path / "r.json")
     assert main([src, "-o", out, "--ratio", "0.5", "--report", report]) == 0
     printed = capsys.readouterr().out
-    assert "KV-cache heads 2 -> 1" in printed and "not compared: present.key, present.value" in printed
+    assert (
+        "KV-cache heads 2 -> 1" in printed and "not compared: present.key, present.value" in printed
+    )
     rep = json.load(open(report))
-    assert [(g["channels"], g["kept"], g["status"]) for g in rep["groups"] if g["channels"] == KV_HEADS] == \
-        [(KV_HEADS, 1, "folded")]
+    assert [
+        (g["channels"], g["kept"], g["status"]) for g in rep["groups"] if g["channels"] == KV_HEADS
+    ] == [(KV_HEADS, 1, "folded")]
     cmp = rep["comparison"]
     assert [o["name"] for o in cmp["outputs"]] == ["y"] and 0 < cmp["outputs"][0]["max_rel"] < 10
     assert "past.key, past.value" in cmp["notes"][0] and "empty arrays" in cmp["notes"][0]
@@ -164,21 +220,26 @@ def test_cli_folds_a_with_past_layer_end_to_end(tmp_path, capsys):
         assert _declared(out, name)[1] == 1
     _, k, v = run(out, _feeds(kv_heads=1, past=3, seq=4, mask=True))
     assert k.shape == v.shape == (2, 1, 7, HEAD_DIM)
-    # --data with a non-empty dense cache: both models get zero caches (said so), the run still succeeds.
+    # --data with a non-empty dense cache: both models get zero caches (said so), the run still
+    # succeeds.
     np.savez(tmp_path / "data.npz", **_feeds(mask=True))
     assert main([src, "-o", out, "--ratio", "0.5", "--data", str(tmp_path / "data.npz"), "-q"]) == 0
     # ratio 0 reproduces: every output compared (shapes unchanged), error ~0.
     same = str(tmp_path / "same.onnx")
     assert main([src, "-o", same, "--ratio", "0", "--report", report, "-q"]) == 0
     cmp = json.load(open(report))["comparison"]
-    assert len(cmp["outputs"]) == 3 and max(o["max_rel"] for o in cmp["outputs"]) < 1e-5 and not cmp["notes"]
+    assert (
+        len(cmp["outputs"]) == 3
+        and max(o["max_rel"] for o in cmp["outputs"]) < 1e-5
+        and not cmp["notes"]
+    )
     for a, b in zip(run(same, _feeds(mask=True)), run(src, _feeds(mask=True))):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_cli_validates_a_with_past_layer_one_model_at_a_time(tmp_path, monkeypatch, capsys):
-    """Large-model validation (lean sessions, the folded one made after the dense one is freed) reads the
-    folded model's input shapes from its file and feeds it its own empty caches too."""
+    """Large-model validation (lean sessions, the folded one made after the dense one is freed)
+    reads the folded model's input shapes from its file and feeds it its own empty caches too."""
     from onnxfold.cli.main import main
 
     monkeypatch.setattr("onnxfold.pipeline.ONE_AT_A_TIME_BYTES", 0)
@@ -190,10 +251,11 @@ def test_cli_validates_a_with_past_layer_one_model_at_a_time(tmp_path, monkeypat
     assert "not compared: present.key, present.value" in cmp["notes"][1]
 
 
-# ---- optimum-onnx exports (text-generation-with-past), in an environment with optimum-onnx -----------------
+# ---- optimum-onnx exports (text-generation-with-past), in an environment with optimum-onnx ------
 def test_with_past_without_optimum_is_a_one_line_usage_error(capsys):
     try:
         import optimum.exporters.onnx  # noqa: F401
+
         pytest.skip("optimum-onnx is installed here")
     except ImportError:
         pass
@@ -206,21 +268,36 @@ def test_with_past_without_optimum_is_a_one_line_usage_error(capsys):
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def optimum_llm(request, tmp_path_factory):
-    """(path, folder, vocab, kv_heads) of a tiny random causal LM (2 layers, heads of 16) exported with past
-    by optimum-onnx: LLaMA with GQA (4 query heads, 2 KV heads), or GPT-2 (4 heads, fused QKV cut by Split)."""
+    """(path, folder, vocab, kv_heads) of a tiny random causal LM (2 layers, heads of 16) exported
+    with past by optimum-onnx: LLaMA with GQA (4 query heads, 2 KV heads), or GPT-2 (4 heads, fused
+    QKV cut by Split)."""
     pytest.importorskip("optimum.exporters.onnx")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from onnxfold.export.hf import export_hf
 
     if request.param == "llama":
-        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                       architectures=["LlamaForCausalLM"])
+        cfg = transformers.LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            architectures=["LlamaForCausalLM"],
+        )
         model_class, vocab, kv = transformers.LlamaForCausalLM, 128, 2
     else:
-        cfg = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, bos_token_id=0,
-                                      eos_token_id=0, architectures=["GPT2LMHeadModel"])
+        cfg = transformers.GPT2Config(
+            vocab_size=100,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            architectures=["GPT2LMHeadModel"],
+        )
         model_class, vocab, kv = transformers.GPT2LMHeadModel, 100, 4
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp(f"{request.param}_past")
@@ -230,15 +307,23 @@ def optimum_llm(request, tmp_path_factory):
     return path, str(folder / "hf"), vocab, kv
 
 
-def _llm_feeds(ids: np.ndarray, past: list[np.ndarray] | None, kv_heads: int, layers: int = 2) -> dict:
+def _llm_feeds(
+    ids: np.ndarray, past: list[np.ndarray] | None, kv_heads: int, layers: int = 2
+) -> dict:
     """input_ids [B, S] after `past` (2 per layer: key, value [B, kv, P, 16]; None: empty cache)."""
     b, s = ids.shape
     past = past or [np.zeros((b, kv_heads, 0, 16), np.float32)] * (2 * layers)
     p = past[0].shape[2]
-    feeds = {"input_ids": ids, "attention_mask": np.ones((b, p + s), np.int64),
-             "position_ids": np.tile(np.arange(p, p + s), (b, 1))}
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, p + s), np.int64),
+        "position_ids": np.tile(np.arange(p, p + s), (b, 1)),
+    }
     for n in range(layers):
-        feeds[f"past_key_values.{n}.key"], feeds[f"past_key_values.{n}.value"] = past[2 * n], past[2 * n + 1]
+        feeds[f"past_key_values.{n}.key"], feeds[f"past_key_values.{n}.value"] = (
+            past[2 * n],
+            past[2 * n + 1],
+        )
     return feeds
 
 
@@ -257,8 +342,10 @@ def test_optimum_kv_heads_fold_and_cached_greedy_decoding_matches_full_runs(opti
     path, _, vocab, kv = optimum_llm
     out, half = str(tmp_path / "f.onnx"), kv // 2
     result, _ = fold_to(path, out, ratio=0.5)
-    assert sorted((p.group.kind, p.group.size, p.k) for p in result.plans if p.group.kind == "heads") == \
-        [("heads", kv, half)] * 2
+    assert (
+        sorted((p.group.kind, p.group.size, p.k) for p in result.plans if p.group.kind == "heads")
+        == [("heads", kv, half)] * 2
+    )
     assert any(f"KV-cache heads {kv} -> {half}" in n for n in result.notes)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     for n in range(2):
@@ -268,7 +355,9 @@ def test_optimum_kv_heads_fold_and_cached_greedy_decoding_matches_full_runs(opti
     outs = run(out, _llm_feeds(ids, None, half))
     assert [o.shape for o in outs[1:]] == [(2, half, 5, 16)] * 4
     cached, past = ids, outs[1:]
-    for _ in range(6):  # greedy: one token at a time through the cache vs the whole sequence without cache
+    for _ in range(
+        6
+    ):  # greedy: one token at a time through the cache vs the whole sequence without cache
         nxt = outs[0][:, -1].argmax(-1)[:, None]
         full = run(out, _llm_feeds(np.concatenate([cached, nxt], 1), None, half))[0]
         cached = np.concatenate([cached, nxt], 1)
@@ -287,8 +376,9 @@ def test_export_hf_with_past_cli_lists_head_groups(optimum_llm, tmp_path, capsys
 
 
 def test_optimum_with_past_folds_and_validates_through_the_cli(optimum_llm, tmp_path, capsys):
-    """`onnxfold m.onnx --ratio 0.5` on the optimum export: random feeds size attention_mask past + seq, so the
-    shape probe runs and KV heads fold; validation compares logits on empty caches of each model's shape."""
+    """`onnxfold m.onnx --ratio 0.5` on the optimum export: random feeds size attention_mask past +
+    seq, so the shape probe runs and KV heads fold; validation compares logits on empty caches of
+    each model's shape."""
     from onnxfold.cli.main import main
 
     path, _, vocab, kv = optimum_llm
@@ -301,5 +391,8 @@ def test_optimum_with_past_folds_and_validates_through_the_cli(optimum_llm, tmp_
     assert any("not compared: present.0.key" in n for n in rep["comparison"]["notes"])
     outs = run(out, _llm_feeds(np.random.default_rng(2).integers(0, vocab, (2, 3)), None, kv // 2))
     assert [o.shape for o in outs[1:]] == [(2, kv // 2, 3, 16)] * 4
-    assert main([path, "-o", str(tmp_path / "same.onnx"), "--ratio", "0", "--report", report, "-q"]) == 0
+    assert (
+        main([path, "-o", str(tmp_path / "same.onnx"), "--ratio", "0", "--report", report, "-q"])
+        == 0
+    )
     assert max(o["max_rel"] for o in json.load(open(report))["comparison"]["outputs"]) < 1e-4

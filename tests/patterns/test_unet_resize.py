@@ -1,7 +1,9 @@
-"""U-Net decoders as torch exports them (CRAFT, segmentation nets): `F.interpolate(y, size=skip.shape[2:])`
-becomes a Resize whose `sizes` are computed at run time as Concat(Slice(Shape(y), 0, 2), Shape(skip)[2:]).
-The channel entry is y's own channel count, so the Resize passes channels through and the skip Concat lays
-both groups side by side; a size taken from another tensor's channels stays frozen."""
+"""U-Net decoders as torch exports them (CRAFT, segmentation nets): `F.interpolate(y,
+size=skip.shape[2:])` becomes a Resize whose `sizes` are computed at run time as
+Concat(Slice(Shape(y), 0, 2), Shape(skip)[2:]). The channel entry is y's own channel count, so the
+Resize passes channels through and the skip Concat lays both groups side by side; a size taken from
+another tensor's channels stays frozen."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,11 +15,19 @@ torch = pytest.importorskip("torch")
 
 
 def _export(module, path: str) -> str:
-    """Legacy export at opset 17 without constant folding (the sizes stay computed), x (n, 3, h, w)."""
+    """Legacy export, opset 17, no constant folding (the sizes stay computed), x (n, 3, h, w)."""
     axes = {"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}}
     with torch.no_grad():
-        return torch_export(module.eval(), (torch.randn(1, 3, 16, 16),), path, ["x"], ["y"], axes, opset=17,
-                            do_constant_folding=False)
+        return torch_export(
+            module.eval(),
+            (torch.randn(1, 3, 16, 16),),
+            path,
+            ["x"],
+            ["y"],
+            axes,
+            opset=17,
+            do_constant_folding=False,
+        )
 
 
 def tiny_unet(size_from_skip_channels: bool = False):
@@ -40,7 +50,11 @@ def tiny_unet(size_from_skip_channels: bool = False):
         def forward(self, x):
             skip = self.enc1(x)
             y = self.enc2(skip)
-            size = skip.shape[2:] if not size_from_skip_channels else (skip.shape[1] * 2, skip.shape[3])
+            size = (
+                skip.shape[2:]
+                if not size_from_skip_channels
+                else (skip.shape[1] * 2, skip.shape[3])
+            )
             y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             return self.head(self.dec(torch.cat([y, skip], dim=1)))
 
@@ -61,7 +75,9 @@ def test_resize_to_skip_size_folds_and_duplicates_fold_back_exactly(tmp_path):
     assert run(str(tmp_path / "f.onnx"), feeds)[0].shape == dense.shape
     assert widen_file(src, str(tmp_path / "w.onnx")) == 3
     fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
-    np.testing.assert_allclose(run(str(tmp_path / "b.onnx"), feeds)[0], dense, atol=1e-4 * np.abs(dense).max())
+    np.testing.assert_allclose(
+        run(str(tmp_path / "b.onnx"), feeds)[0], dense, atol=1e-4 * np.abs(dense).max()
+    )
 
 
 def test_resize_size_from_other_channels_stays_frozen(tmp_path):

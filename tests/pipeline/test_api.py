@@ -1,5 +1,7 @@
-"""The public API (onnxfold.fold_file, onnxfold.fold_model) on the shipped MNIST CNN: a report with smaller
-figures and a validated accuracy, the input left as it was; a fold in memory from a path or a ModelProto."""
+"""The public API (onnxfold.fold_file, onnxfold.fold_model) on the shipped MNIST CNN: a report with
+smaller figures and a validated accuracy, the input left as it was; a fold in memory from a path or
+a ModelProto."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +17,8 @@ from helpers import MNIST, MNIST_TEST, digest, feeds_for, param_count, run
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """fold_file on a copy of models/mnist_cnn.onnx (ratio 0.3, validated on models/mnist_test.npz), with
-    the input's sha256 before and after."""
+    """fold_file on a copy of models/mnist_cnn.onnx (ratio 0.3, validated on models/mnist_test.npz),
+    with the input's sha256 before and after."""
     folder = tmp_path_factory.mktemp("api")
     src, dst = str(folder / "mnist_cnn.onnx"), str(folder / "small.onnx")
     shutil.copy(MNIST, src)
@@ -27,7 +29,9 @@ def report(tmp_path_factory):
 
 def test_fold_file_returns_a_report_of_a_smaller_validated_model(report):
     result, _, _ = report
-    assert isinstance(result, onnxfold.FoldReport) and isinstance(result.result, onnxfold.FoldResult)
+    assert isinstance(result, onnxfold.FoldReport) and isinstance(
+        result.result, onnxfold.FoldResult
+    )
     assert os.path.isfile(result.output) and result.output.endswith("small.onnx")
     assert 0 < result.folded.params < result.dense.params
     assert result.folded.params == param_count(result.output)

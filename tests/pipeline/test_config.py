@@ -1,6 +1,7 @@
-"""FoldConfig.check() and ConfigError: every choice field refuses a value outside CHOICES, ranges are
-checked, and the error names the field as the library does (`multiple_of=0 ...`) or as the command line
-does (`--multiple-of 0 ...`)."""
+"""FoldConfig.check() and ConfigError: every choice field refuses a value outside CHOICES, ranges
+are checked, and the error names the field as the library does (`multiple_of=0 ...`) or as the
+command line does (`--multiple-of 0 ...`)."""
+
 from __future__ import annotations
 
 import os
@@ -22,17 +23,41 @@ def error_of(**options) -> ConfigError:
     return info.value
 
 
-@pytest.mark.parametrize("options,library,flags", [
-    ({"multiple_of": 0}, "multiple_of=0 must be a positive integer",
-     "--multiple-of 0 must be a positive integer"),
-    ({"ratio": 1.5}, "ratio=1.5 is outside [0, 1): it is the fraction of channels removed",
-     "--ratio 1.5 is outside [0, 1): it is the fraction of channels removed"),
-    ({"head_ratio": -0.25}, "head_ratio=-0.25 is outside [0, 1)", "--head-ratio -0.25 is outside [0, 1)"),
-    ({"layers": "five"}, "layers='five' is not a list of indices like 5-27 or 0,3,7",
-     "--layers five is not a list of indices like 5-27 or 0,3,7"),
-    ({"compensate": True}, "compensate needs importance act", "--compensate needs --importance act"),
-    ({"method": "merge"}, "method='merge' is not one of fold, prune", "--method merge is not one of fold, prune"),
-])
+@pytest.mark.parametrize(
+    "options,library,flags",
+    [
+        (
+            {"multiple_of": 0},
+            "multiple_of=0 must be a positive integer",
+            "--multiple-of 0 must be a positive integer",
+        ),
+        (
+            {"ratio": 1.5},
+            "ratio=1.5 is outside [0, 1): it is the fraction of channels removed",
+            "--ratio 1.5 is outside [0, 1): it is the fraction of channels removed",
+        ),
+        (
+            {"head_ratio": -0.25},
+            "head_ratio=-0.25 is outside [0, 1)",
+            "--head-ratio -0.25 is outside [0, 1)",
+        ),
+        (
+            {"layers": "five"},
+            "layers='five' is not a list of indices like 5-27 or 0,3,7",
+            "--layers five is not a list of indices like 5-27 or 0,3,7",
+        ),
+        (
+            {"compensate": True},
+            "compensate needs importance act",
+            "--compensate needs --importance act",
+        ),
+        (
+            {"method": "merge"},
+            "method='merge' is not one of fold, prune",
+            "--method merge is not one of fold, prune",
+        ),
+    ],
+)
 def test_config_error_words_fields_for_the_library_and_as_flags(options, library, flags):
     error = error_of(**options)
     assert isinstance(error, UserError)

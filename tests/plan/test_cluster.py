@@ -1,4 +1,5 @@
 """k-means (onnxfold.plan.kmeans) and array backends (onnxfold.plan.backends)."""
+
 import importlib.util
 
 import numpy as np
@@ -56,8 +57,13 @@ def test_inertia_matches_sklearn(n, d, rank, k, dup):
     ref = sklearn_cluster.KMeans(n_clusters=k, n_init=3, random_state=0).fit(x)
     res = kmeans(x, k, n_init=3)
     check_result(res, n, k, d)
-    assert res.inertia == pytest.approx(brute_inertia(x, res.labels, k)[0], rel=1e-4)  # a real partition's
-    assert res.inertia <= 1.01 * ref.inertia_, (res.inertia, ref.inertia_)  # never worse by more than 1%
+    assert res.inertia == pytest.approx(
+        brute_inertia(x, res.labels, k)[0], rel=1e-4
+    )  # a real partition's
+    assert res.inertia <= 1.01 * ref.inertia_, (
+        res.inertia,
+        ref.inertia_,
+    )  # never worse by more than 1%
 
 
 @pytest.mark.parametrize("engine", ["gram", "points"])
@@ -99,7 +105,9 @@ def test_torch_backend_equals_numpy():
         ref = kmeans(x, k, backend="numpy")
         got = kmeans(x, k, backend="torch")
         check_result(got, n, k, d)
-        assert np.array_equal(got.labels, ref.labels) or got.inertia == pytest.approx(ref.inertia, rel=1e-4)
+        assert np.array_equal(got.labels, ref.labels) or got.inertia == pytest.approx(
+            ref.inertia, rel=1e-4
+        )
         assert got.inertia == pytest.approx(ref.inertia, rel=1e-4)
 
 
@@ -130,25 +138,33 @@ def test_k_equals_one_is_the_mean():
     x = weights(50, 9, 3, seed=5)
     res = kmeans(x, 1)
     assert np.array_equal(res.labels, np.zeros(50, dtype=np.int64))
-    np.testing.assert_allclose(res.centers[0], x.astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        res.centers[0], x.astype(np.float64).mean(axis=0), rtol=1e-5, atol=1e-6
+    )
     assert res.inertia == pytest.approx(brute_inertia(x, res.labels, 1)[0], rel=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_no_empty_cluster_with_many_identical_points(seed):
     rng = np.random.default_rng(seed)
-    x = np.concatenate([np.ones((20, 5)), rng.standard_normal((6, 5)), np.zeros((4, 5))]).astype(np.float32)
+    x = np.concatenate([np.ones((20, 5)), rng.standard_normal((6, 5)), np.zeros((4, 5))]).astype(
+        np.float32
+    )
     x = x[rng.permutation(len(x))]
     for k in (len(x) - 1, len(x) - 3, 12, 9):
         for engine in ("gram", "points"):
             res = cluster._kmeans(x, k, seed=seed, engine=engine)
             check_result(res, len(x), k, 5)
-            assert res.inertia == pytest.approx(brute_inertia(x, res.labels, k)[0], rel=1e-4, abs=1e-5)
+            assert res.inertia == pytest.approx(
+                brute_inertia(x, res.labels, k)[0], rel=1e-4, abs=1e-5
+            )
 
 
 def test_fill_empty_takes_farthest_point_of_a_non_singleton_cluster():
     labels = np.array([1, 1, 3, 3, 3, 4])
-    dist = np.array([9.0, 1.0, 2.0, 5.0, 1.0, 8.0])  # point 0 is farthest, then point 5 (a singleton)
+    dist = np.array(
+        [9.0, 1.0, 2.0, 5.0, 1.0, 8.0]
+    )  # point 0 is farthest, then point 5 (a singleton)
     out = cluster._fill_empty(labels.copy(), 5, dist)
     assert np.bincount(out, minlength=5).min() == 1
     assert out[5] == 4 and set(out[[0, 3]]) == {0, 2}  # 0 and 3 moved, the singleton 5 did not
@@ -156,7 +172,9 @@ def test_fill_empty_takes_farthest_point_of_a_non_singleton_cluster():
 
 def test_lloyd_pass_that_empties_a_cluster_refills_it():
     x = np.array([[-1.0], [1.0], [-1.4], [-2.4], [1.4], [2.4], [0.1]], dtype=np.float32)
-    labels = np.array([0, 0, 1, 1, 2, 2, 3])  # centres 0, -1.9, 1.9, 0.1: cluster 0 loses both points
+    labels = np.array(
+        [0, 0, 1, 1, 2, 2, 3]
+    )  # centres 0, -1.9, 1.9, 0.1: cluster 0 loses both points
     for engine in (cluster._GramEngine, cluster._PointEngine):
         eng = engine(array_module("numpy"), x)
         st = cluster._State(eng, labels.copy(), 4)
@@ -198,7 +216,9 @@ def test_all_points_identical():
 
 def test_batched_seeding_for_large_k_on_point_engine():
     x = weights(700, 6, 3, seed=6)
-    seeds = cluster._seed(cluster._PointEngine(array_module("numpy"), x), 400, np.random.default_rng(0))
+    seeds = cluster._seed(
+        cluster._PointEngine(array_module("numpy"), x), 400, np.random.default_rng(0)
+    )
     assert len(seeds) == 400 and len(set(seeds.tolist())) == 400
 
 
@@ -255,7 +275,9 @@ def test_auto_is_numpy_without_a_gpu():
 
 def test_auto_falls_back_to_numpy_when_the_gpu_probe_fails(monkeypatch):
     monkeypatch.setattr(backends, "_cuda_driver_loads", lambda: True)
-    monkeypatch.setattr(backends, "_gpu_probe", lambda lib: (False, "RuntimeError: no kernel image"))
+    monkeypatch.setattr(
+        backends, "_gpu_probe", lambda lib: (False, "RuntimeError: no kernel image")
+    )
     assert resolve_backend("auto") == "numpy"
     monkeypatch.setattr(backends, "_gpu_probe", lambda lib: (lib == "torch", ""))
     assert resolve_backend("auto") == "torch"
@@ -310,6 +332,8 @@ def test_adapter_grouped_row_sums(name):
     want = np.zeros((9, 4))
     np.add.at(want, groups, rows)
     np.testing.assert_allclose(ops.to_numpy(acc), want, rtol=1e-5, atol=1e-5)
-    vals, rows_idx = ops.argmin0(ops.asarray(np.array([[3.0, 1.0, 2.0], [1.0, 1.0, 5.0], [1.0, 0.0, 2.0]])))
+    vals, rows_idx = ops.argmin0(
+        ops.asarray(np.array([[3.0, 1.0, 2.0], [1.0, 1.0, 5.0], [1.0, 0.0, 2.0]]))
+    )
     np.testing.assert_array_equal(ops.to_numpy(rows_idx), [1, 2, 0])
     np.testing.assert_array_equal(ops.to_numpy(vals), [1.0, 0.0, 2.0])

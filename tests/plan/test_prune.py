@@ -1,5 +1,6 @@
-"""The pruning baseline (--method prune): ratio 0 is the identity, the plans keep k channels in their order,
-and channels are scored by their feature norm."""
+"""The pruning baseline (--method prune): ratio 0 is the identity, the plans keep k channels in
+their order, and channels are scored by their feature norm."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,6 +28,7 @@ def test_prune_plans_keep_k_channels_in_order(tmp_path):
 
 def test_prune_scores_by_feature_norm():
     from onnxfold.plan.plan import prune_labels
+
     feats = np.array([[3.0, 0], [0.1, 0], [0, 2.0], [0, 0.5]])
     assert prune_labels(feats, 2).tolist() == [0, -1, 1, -1]
     assert prune_labels(np.array([[1.0, 1.0], [1.5, 0.0]]), 1, "l1").tolist() == [0, -1]

@@ -1,6 +1,7 @@
-"""choose_repair: which repair a fold uses and the reason the report gives. auto picks Fold-AR where the
-graph keeps BatchNorm statistics (the shipped MNIST CNN has 7), none where it does not (a Gemm MLP) and
-none for pruning; asking for ar on a pruned model is a usage error."""
+"""choose_repair: which repair a fold uses and the reason the report gives. auto picks Fold-AR where
+the graph keeps BatchNorm statistics (the shipped MNIST CNN has 7), none where it does not (a Gemm
+MLP) and none for pruning; asking for ar on a pruned model is a usage error."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,9 @@ def with_bn():
 def without_bn(tmp_path):
     rng = np.random.default_rng(0)
     inits = {"w1": rng.standard_normal((8, 4)), "w2": rng.standard_normal((2, 8))}
-    return load_model(gemm_relu_chain(str(tmp_path / "mlp.onnx"), inits, [("w1", None), ("w2", None)])).graph
+    return load_model(
+        gemm_relu_chain(str(tmp_path / "mlp.onnx"), inits, [("w1", None), ("w2", None)])
+    ).graph
 
 
 def test_auto_picks_fold_ar_when_the_graph_keeps_batchnorm(with_bn):

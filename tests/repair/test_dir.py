@@ -1,4 +1,6 @@
-"""Fold-DIR: the torch interpreter of ONNX graphs (torch_exec) and DeepInversion input synthesis (dir)."""
+"""Fold-DIR: the torch interpreter of ONNX graphs (torch_exec) and DeepInversion input synthesis
+(dir)."""
+
 import numpy as np
 import onnx
 import pytest
@@ -63,23 +65,57 @@ def _one_op(op, x_shape, consts=(), opset=17, **attrs) -> onnx.ModelProto:
 
 
 CASES = {
-    "conv_same_upper_s2": ("Conv", [2, 3, 9, 9], [_w(4, 3, 3, 3), _w(4)],
-                           {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+    "conv_same_upper_s2": (
+        "Conv",
+        [2, 3, 9, 9],
+        [_w(4, 3, 3, 3), _w(4)],
+        {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    ),
     "conv_same_lower": ("Conv", [1, 3, 8, 8], [_w(4, 3, 4, 4)], {"auto_pad": "SAME_LOWER"}),
     "conv_valid": ("Conv", [1, 3, 8, 8], [_w(4, 3, 3, 3)], {"auto_pad": "VALID"}),
     "conv1d_dilated_asym": ("Conv", [2, 3, 11], [_w(4, 3, 3)], {"dilations": [2], "pads": [1, 2]}),
-    "conv_grouped": ("Conv", [1, 4, 7, 7], [_w(6, 2, 3, 3), _w(6)], {"group": 2, "pads": [1, 0, 1, 0]}),
-    "convT_outpad": ("ConvTranspose", [1, 4, 5, 5], [_w(4, 3, 3, 3), _w(3)],
-                     {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]}),
-    "convT_asym_grouped": ("ConvTranspose", [1, 4, 5, 6], [_w(4, 1, 2, 3)],
-                           {"strides": [2, 1], "group": 2, "pads": [0, 1, 1, 0]}),
-    "maxpool_pad_ceil": ("MaxPool", [1, 2, 7, 7], [],
-                         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 0, 0], "ceil_mode": 1}),
-    "avgpool_excl_pad": ("AveragePool", [1, 2, 7, 7], [],
-                         {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
-    "avgpool_incl_pad": ("AveragePool", [1, 2, 7, 7], [],
-                         {"kernel_shape": [3, 2], "pads": [1, 0, 1, 1], "count_include_pad": 1}),
-    "avgpool_ceil": ("AveragePool", [1, 2, 7, 7], [], {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
+    "conv_grouped": (
+        "Conv",
+        [1, 4, 7, 7],
+        [_w(6, 2, 3, 3), _w(6)],
+        {"group": 2, "pads": [1, 0, 1, 0]},
+    ),
+    "convT_outpad": (
+        "ConvTranspose",
+        [1, 4, 5, 5],
+        [_w(4, 3, 3, 3), _w(3)],
+        {"strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+    ),
+    "convT_asym_grouped": (
+        "ConvTranspose",
+        [1, 4, 5, 6],
+        [_w(4, 1, 2, 3)],
+        {"strides": [2, 1], "group": 2, "pads": [0, 1, 1, 0]},
+    ),
+    "maxpool_pad_ceil": (
+        "MaxPool",
+        [1, 2, 7, 7],
+        [],
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 0, 0], "ceil_mode": 1},
+    ),
+    "avgpool_excl_pad": (
+        "AveragePool",
+        [1, 2, 7, 7],
+        [],
+        {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]},
+    ),
+    "avgpool_incl_pad": (
+        "AveragePool",
+        [1, 2, 7, 7],
+        [],
+        {"kernel_shape": [3, 2], "pads": [1, 0, 1, 1], "count_include_pad": 1},
+    ),
+    "avgpool_ceil": (
+        "AveragePool",
+        [1, 2, 7, 7],
+        [],
+        {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1},
+    ),
     "globalmax": ("GlobalMaxPool", [2, 3, 4, 5], [], {}),
     "instancenorm": ("InstanceNormalization", [2, 3, 4, 5], [_w(3), _w(3)], {}),
     "prelu": ("PRelu", [2, 3, 4, 4], [_w(3, 1, 1)], {}),
@@ -93,7 +129,12 @@ CASES = {
     "clip_attrs_opset6": ("Clip", [2, 5], [], {"min": -0.1, "max": 0.3, "opset": 6}),
     "softmax_opset11": ("Softmax", [2, 3, 4], [], {"axis": 1, "opset": 11}),
     "logsoftmax": ("LogSoftmax", [2, 3, 4], [], {"axis": 1}),
-    "gemm_trans_alpha": ("Gemm", [4, 3], [_w(5, 4), _w(5)], {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0}),
+    "gemm_trans_alpha": (
+        "Gemm",
+        [4, 3],
+        [_w(5, 4), _w(5)],
+        {"transA": 1, "transB": 1, "alpha": 0.5, "beta": 2.0},
+    ),
     "matmul_batched": ("MatMul", [2, 3, 4], [_w(4, 5)], {}),
     "pow": ("Pow", [2, 5], [_f32(2.0)], {}),
     "div": ("Div", [2, 5], [_w(5) + 3], {}),
@@ -109,7 +150,12 @@ CASES = {
     "squeeze_unsqueeze": ("Unsqueeze", [2, 3], [_i64(0, -1)], {}),
     "squeeze": ("Squeeze", [2, 1, 3, 1], [_i64(-1)], {}),
     "slice_neg_step": ("Slice", [5, 6], [_i64(-1, 1), _i64(-100, 5), _i64(0, 1), _i64(-2, 2)], {}),
-    "slice_opset9_attrs": ("Slice", [5, 6], [], {"starts": [1], "ends": [1000], "axes": [1], "opset": 9}),
+    "slice_opset9_attrs": (
+        "Slice",
+        [5, 6],
+        [],
+        {"starts": [1], "ends": [1000], "axes": [1], "opset": 9},
+    ),
     "gather_neg_2d": ("Gather", [5, 6], [_i64(-1, 0, 2, -2).reshape(2, 2)], {"axis": 1}),
     "tile": ("Tile", [2, 3], [_i64(2, 1)], {}),
     "expand": ("Expand", [3, 1], [_i64(2, 1, 4)], {}),
@@ -117,20 +163,60 @@ CASES = {
     "pad_edge_last_axis": ("Pad", [2, 3, 5], [_i64(0, 0, 2, 0, 0, 1)], {"mode": "edge"}),
     "pad_constant_value": ("Pad", [2, 3], [_i64(1, 0, 0, 2), _f32(1.5)], {}),
     "pad_axes_opset18": ("Pad", [2, 3, 4], [_i64(1, 2), None, _i64(-1)], {"opset": 18}),
-    "resize_nearest_half_pixel": ("Resize", [1, 2, 3, 4], [None, _f32(1, 1, 2.5, 1.5)], {"mode": "nearest"}),
-    "resize_nearest_sizes_ceil": ("Resize", [1, 2, 3, 4], [None, None, _i64(1, 2, 7, 3)],
-                                  {"mode": "nearest", "nearest_mode": "ceil",
-                                   "coordinate_transformation_mode": "asymmetric"}),
-    "resize_linear_half_pixel": ("Resize", [1, 2, 3, 4], [None, _f32(1, 1, 2, 2)], {"mode": "linear"}),
-    "resize_linear_down": ("Resize", [1, 2, 6, 8], [None, _f32(1, 1, 0.5, 0.75)], {"mode": "linear"}),
-    "resize_linear_align": ("Resize", [1, 2, 3, 4], [None, None, _i64(1, 2, 5, 7)],
-                            {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
-    "resize_linear_asym": ("Resize", [1, 2, 3, 4], [None, _f32(1, 1, 2, 3)],
-                           {"mode": "linear", "coordinate_transformation_mode": "asymmetric"}),
-    "resize_pytorch_half_pixel": ("Resize", [1, 2, 3, 4], [None, None, _i64(1, 2, 1, 6)],
-                                  {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}),
-    "resize_opset10": ("Resize", [1, 2, 3, 4], [_f32(1, 1, 2, 2)], {"mode": "nearest", "opset": 10}),
-    "upsample_opset9": ("Upsample", [1, 2, 3, 4], [_f32(1, 1, 2, 3)], {"mode": "linear", "opset": 9}),
+    "resize_nearest_half_pixel": (
+        "Resize",
+        [1, 2, 3, 4],
+        [None, _f32(1, 1, 2.5, 1.5)],
+        {"mode": "nearest"},
+    ),
+    "resize_nearest_sizes_ceil": (
+        "Resize",
+        [1, 2, 3, 4],
+        [None, None, _i64(1, 2, 7, 3)],
+        {"mode": "nearest", "nearest_mode": "ceil", "coordinate_transformation_mode": "asymmetric"},
+    ),
+    "resize_linear_half_pixel": (
+        "Resize",
+        [1, 2, 3, 4],
+        [None, _f32(1, 1, 2, 2)],
+        {"mode": "linear"},
+    ),
+    "resize_linear_down": (
+        "Resize",
+        [1, 2, 6, 8],
+        [None, _f32(1, 1, 0.5, 0.75)],
+        {"mode": "linear"},
+    ),
+    "resize_linear_align": (
+        "Resize",
+        [1, 2, 3, 4],
+        [None, None, _i64(1, 2, 5, 7)],
+        {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+    ),
+    "resize_linear_asym": (
+        "Resize",
+        [1, 2, 3, 4],
+        [None, _f32(1, 1, 2, 3)],
+        {"mode": "linear", "coordinate_transformation_mode": "asymmetric"},
+    ),
+    "resize_pytorch_half_pixel": (
+        "Resize",
+        [1, 2, 3, 4],
+        [None, None, _i64(1, 2, 1, 6)],
+        {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"},
+    ),
+    "resize_opset10": (
+        "Resize",
+        [1, 2, 3, 4],
+        [_f32(1, 1, 2, 2)],
+        {"mode": "nearest", "opset": 10},
+    ),
+    "upsample_opset9": (
+        "Upsample",
+        [1, 2, 3, 4],
+        [_f32(1, 1, 2, 3)],
+        {"mode": "linear", "opset": 9},
+    ),
 }
 
 
@@ -143,7 +229,8 @@ def test_op_matches_onnxruntime(case):
 
 
 def test_shape_subgraph_matches_onnxruntime():
-    """Dynamic flatten: Shape -> Gather -> Unsqueeze -> Concat -> Reshape, then Split, Concat, Where/Equal."""
+    """Dynamic flatten: Shape -> Gather -> Unsqueeze -> Concat -> Reshape, then Split, Concat,
+    Where/Equal."""
     nodes = [
         helper.make_node("Shape", ["x"], ["s"]),
         helper.make_node("Gather", ["s", "zero"], ["n"], axis=0),
@@ -153,14 +240,23 @@ def test_shape_subgraph_matches_onnxruntime():
         helper.make_node("Split", ["flat"], ["a", "b"], axis=1, num_outputs=2),
         helper.make_node("Equal", ["a", "a"], ["same"]),
         helper.make_node("Where", ["same", "b", "a"], ["w"]),
-        helper.make_node("ConstantOfShape", ["shape2"], ["ones"], value=numpy_helper.from_array(_f32(1.0))),
+        helper.make_node(
+            "ConstantOfShape", ["shape2"], ["ones"], value=numpy_helper.from_array(_f32(1.0))
+        ),
         helper.make_node("Range", ["r0", "r1", "r2"], ["r"]),
         helper.make_node("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
         helper.make_node("Add", ["w", "ones"], ["w1"]),
         helper.make_node("Mul", ["w1", "rf"], ["y"]),
     ]
-    inits = {"zero": _i64(0).reshape(()), "zero1": _i64(0), "minus1": _i64(-1), "shape2": _i64(2, 30),
-             "r0": _i64(0).reshape(()), "r1": _i64(60).reshape(()), "r2": _i64(2).reshape(())}
+    inits = {
+        "zero": _i64(0).reshape(()),
+        "zero1": _i64(0),
+        "minus1": _i64(-1),
+        "shape2": _i64(2, 30),
+        "r0": _i64(0).reshape(()),
+        "r1": _i64(60).reshape(()),
+        "r2": _i64(2).reshape(()),
+    }
     model = make_model(nodes, inits, {"x": ["n", 3, 4, 5]}, {"y": None}, 18, ir_version=IR)
     assert_matches_ort(model, {"x": _w(2, 3, 4, 5)})
 
@@ -183,17 +279,24 @@ def test_capture_bn_records_every_batchnorm():
     graph.capture_bn = True
     graph(torch.randn(4, 1, 28, 28))
     assert len(graph.bn_inputs) == 7
-    assert all(x.shape[:2] == (4, m.shape[0]) for x, (m, _) in zip(graph.bn_inputs.values(), graph.bn_stats.values()))
+    assert all(
+        x.shape[:2] == (4, m.shape[0])
+        for x, (m, _) in zip(graph.bn_inputs.values(), graph.bn_stats.values())
+    )
     graph.capture_bn = False
     graph(torch.randn(4, 1, 28, 28))
     assert graph.bn_inputs == {}
 
 
 def _model_with_unsupported() -> onnx.ModelProto:
-    nodes = [helper.make_node("Relu", ["x"], ["r"]),
-             helper.make_node("TopK", ["r", "k"], ["v", "i"], axis=1),
-             helper.make_node("Mystery", ["v"], ["y"], domain="com.example")]
-    return make_model(nodes, {"k": _i64(2)}, {"x": [2, 5]}, {"y": None}, domains={"com.example": 1}, ir_version=IR)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("TopK", ["r", "k"], ["v", "i"], axis=1),
+        helper.make_node("Mystery", ["v"], ["y"], domain="com.example"),
+    ]
+    return make_model(
+        nodes, {"k": _i64(2)}, {"x": [2, 5]}, {"y": None}, domains={"com.example": 1}, ir_version=IR
+    )
 
 
 def test_unsupported_ops_are_named():
@@ -224,11 +327,15 @@ def test_symbolic_spatial_dims_need_size(tmp_path):
 
 def test_dir_drops_bn_loss_tenfold():
     calls = []
-    result = synthesize_inputs(MNIST, batch=8, iters=60, lr=0.2, jitter=0, progress=lambda *a: calls.append(a))
+    result = synthesize_inputs(
+        MNIST, batch=8, iters=60, lr=0.2, jitter=0, progress=lambda *a: calls.append(a)
+    )
     assert result.inputs.shape == (8, 1, 28, 28) and result.inputs.dtype == np.float32
     assert len(result.losses) == 60 and np.isfinite(result.inputs).all()
     assert result.losses[-1] < result.losses[0] / 10
-    assert calls[0][:2] == (0, 60) and calls[-1][:2] == (59, 60) and calls[-1][2].startswith("loss ")
+    assert (
+        calls[0][:2] == (0, 60) and calls[-1][:2] == (59, 60) and calls[-1][2].startswith("loss ")
+    )
 
 
 def test_dir_is_seeded():

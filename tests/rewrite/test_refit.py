@@ -1,6 +1,8 @@
-"""Least-squares refit of folded groups' consumers (`--refit`): a pruned channel that is a scaled copy of a kept
-one is reconstructed exactly (Gemm, MatMul and 1x1 Conv consumers); on random weights the refit lowers the
-output error on held-out inputs; duplicated channels stay exact; it needs calibration inputs."""
+"""Least-squares refit of folded groups' consumers (`--refit`): a pruned channel that is a scaled
+copy of a kept one is reconstructed exactly (Gemm, MatMul and 1x1 Conv consumers); on random weights
+the refit lowers the output error on held-out inputs; duplicated channels stay exact; it needs
+calibration inputs."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,8 +20,9 @@ HIDDEN = 12
 
 
 def _scaled_copies(rng, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Producer (HIDDEN, width): the last 4 rows are 0.2 x the first 4 (after Relu their channels are 0.2 x
-    the first ones, and with their consumer columns x 0.3 L2 pruning drops them); consumer (out=width, HIDDEN)."""
+    """Producer (HIDDEN, width): the last 4 rows are 0.2 x the first 4 (after Relu their channels
+    are 0.2 x the first ones, and with their consumer columns x 0.3 L2 pruning drops them); consumer
+    (out=width, HIDDEN)."""
     w1 = rng.standard_normal((HIDDEN, width)).astype(np.float32)
     w1[-4:] = 0.2 * w1[:4]
     w2 = rng.standard_normal((width, HIDDEN)).astype(np.float32)
@@ -34,19 +37,36 @@ def mlp_gemm(path: str) -> str:
 
 def mlp_matmul(path: str) -> str:
     w1, w2 = _scaled_copies(np.random.default_rng(1), 6)
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
     _save(path, nodes, {"w1": w1.T.copy(), "w2": w2.T.copy()}, ["N", "L", 6], ["N", "L", 6])
     return path
 
 
 def conv_1x1(path: str) -> str:
     w1, w2 = _scaled_copies(np.random.default_rng(2), 3)
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Conv", ["r", "w2", "b2"], ["y"])]
-    w1 = np.repeat(w1[:, :, None, None], 9, axis=2).reshape(HIDDEN, 3, 3, 3) * np.linspace(0.5, 1.5, 9).reshape(1, 1, 3, 3)
-    _save(path, nodes, {"w1": w1.astype(np.float32), "w2": w2[:, :, None, None].copy(),
-                        "b2": np.full(3, 0.1, np.float32)}, ["N", 3, 6, 6], ["N", 3, 6, 6])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"]),
+    ]
+    w1 = np.repeat(w1[:, :, None, None], 9, axis=2).reshape(HIDDEN, 3, 3, 3) * np.linspace(
+        0.5, 1.5, 9
+    ).reshape(1, 1, 3, 3)
+    _save(
+        path,
+        nodes,
+        {
+            "w1": w1.astype(np.float32),
+            "w2": w2[:, :, None, None].copy(),
+            "b2": np.full(3, 0.1, np.float32),
+        },
+        ["N", 3, 6, 6],
+        ["N", 3, 6, 6],
+    )
     return path
 
 
@@ -55,21 +75,30 @@ def _save(path, nodes, inits, x_shape, y_shape) -> None:
 
 
 def _inputs(path: str, count: int, seed: int) -> dict:
-    shape = [d.dim_value or (count if i == 0 else 5) for i, d in
-             enumerate(onnx.load(path).graph.input[0].type.tensor_type.shape.dim)]
-    return {"x" if onnx.load(path).graph.input[0].name == "x" else "input":
-            np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+    shape = [
+        d.dim_value or (count if i == 0 else 5)
+        for i, d in enumerate(onnx.load(path).graph.input[0].type.tensor_type.shape.dim)
+    ]
+    return {
+        "x" if onnx.load(path).graph.input[0].name == "x" else "input": np.random.default_rng(seed)
+        .standard_normal(shape)
+        .astype(np.float32)
+    }
 
 
 @pytest.mark.parametrize("build", [mlp_gemm, mlp_matmul, conv_1x1])
 def test_pruned_scaled_copies_are_refitted_exactly(tmp_path, build, monkeypatch):
-    monkeypatch.setattr("onnxfold.rewrite.refit.RIDGE", 1e-7)  # exact data: no shrinkage toward the pruned weights
+    monkeypatch.setattr(
+        "onnxfold.rewrite.refit.RIDGE", 1e-7
+    )  # exact data: no shrinkage toward the pruned weights
     src = build(str(tmp_path / "m.onnx"))
     calib, held_out = _inputs(src, 32, 0), _inputs(src, 4, 1)
     (dense,) = run(src, held_out)
     plain, refit = str(tmp_path / "p.onnx"), str(tmp_path / "r.onnx")
     fold_to(src, plain, ratio=4 / HIDDEN, method="prune", repair="none")
-    result, _ = fold_to(src, refit, calib=calib, ratio=4 / HIDDEN, method="prune", repair="none", refit=True)
+    result, _ = fold_to(
+        src, refit, calib=calib, ratio=4 / HIDDEN, method="prune", repair="none", refit=True
+    )
     assert param_count(refit) < param_count(src)
     assert np.abs(run(plain, held_out)[0] - dense).max() > 0.1  # pruning alone loses the copies
     np.testing.assert_allclose(run(refit, held_out)[0], dense, atol=2e-3 * np.abs(dense).max())
@@ -78,9 +107,14 @@ def test_pruned_scaled_copies_are_refitted_exactly(tmp_path, build, monkeypatch)
 
 def test_refit_lowers_held_out_error_on_random_weights(tmp_path):
     rng = np.random.default_rng(3)
-    inits = {"w1": rng.standard_normal((24, 8)).astype(np.float32), "w2": rng.standard_normal((16, 24)).astype(np.float32),
-             "w3": rng.standard_normal((4, 16)).astype(np.float32)}
-    src = gemm_relu_chain(str(tmp_path / "m.onnx"), inits, [("w1", None), ("w2", None), ("w3", None)])
+    inits = {
+        "w1": rng.standard_normal((24, 8)).astype(np.float32),
+        "w2": rng.standard_normal((16, 24)).astype(np.float32),
+        "w3": rng.standard_normal((4, 16)).astype(np.float32),
+    }
+    src = gemm_relu_chain(
+        str(tmp_path / "m.onnx"), inits, [("w1", None), ("w2", None), ("w3", None)]
+    )
     calib, held_out = _inputs(src, 256, 0), _inputs(src, 64, 1)
     (dense,) = run(src, held_out)
     errors = {}
@@ -88,12 +122,17 @@ def test_refit_lowers_held_out_error_on_random_weights(tmp_path):
         out = str(tmp_path / f"f{refit}.onnx")
         fold_to(src, out, calib=calib if refit else None, ratio=0.5, repair="none", refit=refit)
         errors[refit] = float(np.sqrt(np.mean((run(out, held_out)[0] - dense) ** 2)))
-    assert errors[True] < 0.85 * errors[False]  # measured: 0.75 (half of every hidden layer removed)
+    assert (
+        errors[True] < 0.85 * errors[False]
+    )  # measured: 0.75 (half of every hidden layer removed)
 
 
 def test_duplicated_channels_stay_exact(tmp_path):
     rng = np.random.default_rng(4)
-    inits = {"w1": rng.standard_normal((6, 5)).astype(np.float32), "w2": rng.standard_normal((3, 6)).astype(np.float32)}
+    inits = {
+        "w1": rng.standard_normal((6, 5)).astype(np.float32),
+        "w2": rng.standard_normal((3, 6)).astype(np.float32),
+    }
     small = gemm_relu_chain(str(tmp_path / "s.onnx"), inits, [("w1", None), ("w2", None)])
     src = str(tmp_path / "m.onnx")
     assert widen_file(small, src) == 1
@@ -117,7 +156,10 @@ def test_solve_recovers_an_affine_map_and_shrinks_to_the_prior():
 
 def test_cli_refit_without_calibration_is_one_error_line(tmp_path):
     src = mlp_gemm(str(tmp_path / "m.onnx"))
-    proc = subprocess.run([sys.executable, "-m", "onnxfold", src, "--refit", "-o", str(tmp_path / "o.onnx")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "onnxfold", src, "--refit", "-o", str(tmp_path / "o.onnx")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert "--refit needs calibration inputs" in proc.stderr and "Traceback" not in proc.stderr
