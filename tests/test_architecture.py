@@ -1,5 +1,6 @@
-"""The engine's shape: stages import only stages below them, and no module imports itself back through
-others (not even through an import inside a function). Read from the source with `ast`."""
+"""The engine's shape: stages import only stages below them, and no module imports itself back
+through others (not even through an import inside a function). Read from the source with `ast`."""
+
 from __future__ import annotations
 
 import ast
@@ -29,7 +30,8 @@ RANKS = {
 
 
 def engine_modules() -> dict[str, str]:
-    """Dotted name -> path of every module of the installed package (cli/ and patterns/ mapped in)."""
+    """Dotted name -> path of every module of the installed package (cli/ and patterns/ mapped
+    in)."""
     found = {}
     for folder, dotted in FOLDERS.items():
         base = os.path.join(ROOT, folder)
@@ -39,7 +41,9 @@ def engine_modules() -> dict[str, str]:
             prefix = dotted if rel == "." else f"{dotted}.{rel.replace(os.sep, '.')}"
             for f in files:
                 if f.endswith(".py"):
-                    found[prefix if f == "__init__.py" else f"{prefix}.{f[:-3]}"] = os.path.join(here, f)
+                    found[prefix if f == "__init__.py" else f"{prefix}.{f[:-3]}"] = os.path.join(
+                        here, f
+                    )
     return found
 
 
@@ -53,7 +57,7 @@ def imports(name: str, path: str, known: dict[str, str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parts + ([base] if base else []))
             targets = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
@@ -63,7 +67,9 @@ def imports(name: str, path: str, known: dict[str, str]) -> set[str]:
                 target = target.rpartition(".")[0]
             if target and target != name:
                 out.add(target)
-    return {t for t in out if not name.startswith(t + ".")}  # a submodule's package runs first anyway
+    return {
+        t for t in out if not name.startswith(t + ".")
+    }  # a submodule's package runs first anyway
 
 
 def rank(module: str) -> int:
@@ -79,12 +85,18 @@ def graph() -> dict[str, set[str]]:
 
 def test_every_engine_module_has_a_rank():
     assert all(rank(m) >= 0 for m in engine_modules())
-    assert "onnxfold.pipeline" in engine_modules() and "onnxfold.patterns.linear" in engine_modules()
+    assert (
+        "onnxfold.pipeline" in engine_modules() and "onnxfold.patterns.linear" in engine_modules()
+    )
 
 
 def test_no_stage_imports_a_stage_above_it():
-    upward = sorted(f"{m} (rank {rank(m)}) imports {d} (rank {rank(d)})"
-                    for m, deps in graph().items() for d in deps if rank(d) > rank(m))
+    upward = sorted(
+        f"{m} (rank {rank(m)}) imports {d} (rank {rank(d)})"
+        for m, deps in graph().items()
+        for d in deps
+        if rank(d) > rank(m)
+    )
     assert not upward, "\n".join(upward)
 
 
@@ -97,7 +109,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in sorted(g[m]):
             if state.get(d) == 1:
-                cycles.append(" -> ".join(path[path.index(d):] + [d]))
+                cycles.append(" -> ".join(path[path.index(d) :] + [d]))
             elif d not in state:
                 visit(d, path + [d])
         state[m] = 2
@@ -114,4 +126,6 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     src.write_text("from ..pipeline import fold_graph\n")
     known = {**engine_modules(), "onnxfold.runtime.bad": str(src)}
     deps = imports("onnxfold.runtime.bad", str(src), known)
-    assert deps == {"onnxfold.pipeline"} and rank("onnxfold.pipeline") > rank("onnxfold.runtime.bad")
+    assert deps == {"onnxfold.pipeline"} and rank("onnxfold.pipeline") > rank(
+        "onnxfold.runtime.bad"
+    )
