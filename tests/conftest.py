@@ -4,7 +4,6 @@ rule that raises is a bug: discovery stops with RuleBug instead of freezing the 
 import os
 
 import pytest
-
 import zoo
 
 os.environ["ONNXFOLD_STRICT_RULES"] = "1"

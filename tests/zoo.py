@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from helpers import quiet
 from torch import nn
 
 from benchmarks.resnet18 import BasicBlock  # the same block the ResNet18 benchmark builds
-from helpers import quiet
 
 MODES = ("legacy_fused", "legacy_bn", "dynamo")
 OPSET_LEGACY = 17

@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
 from helpers import MNIST, MNIST_TEST, digest, make_model, save_model
+
 from onnxfold.cli.main import main
 
 

@@ -7,8 +7,8 @@ import csv
 import json
 
 import pytest
-
 from helpers import MNIST, MNIST_CALIB, MNIST_TEST
+
 from onnxfold.cli.main import main
 
 

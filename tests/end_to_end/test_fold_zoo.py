@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
 from helpers import assert_widen_and_fold_back, feeds_for, fold_to, param_count, run
 from zoo import ARCHS, MODES
 

@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import fold_to, run, widen_file
 
 pytestmark = pytest.mark.slow

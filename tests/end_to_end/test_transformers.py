@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import (
     export_tokens,
     fold_to,
@@ -19,6 +18,7 @@ from helpers import (
     token_module,
     widen_file,
 )
+
 from onnxfold.model.load import load_model
 
 torch = pytest.importorskip("torch")

@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from helpers import run
 from zoo import ARCHS, MODES, UNFUSABLE_BN, build, exported, has_batchnorm
 

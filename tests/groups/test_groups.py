@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import pytest
+from helpers import fold_to, groups_of
 
 from benchmarks.resnet18 import export_resnet18
-from helpers import fold_to, groups_of
 from onnxfold.plan.budget import clusters_for
 
 

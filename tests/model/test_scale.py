@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from helpers import conv, digest, feeds_for, make_model, run
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import conv, digest, feeds_for, make_model, run
 from onnxfold.cli.main import main
 from onnxfold.model.external import ExternalValues, peek
 from onnxfold.model.load import load_model

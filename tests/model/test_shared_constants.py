@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-
 from helpers import feeds_for, gemm_relu_chain, param_count, run
+
 from onnxfold.cli.main import main
 
 

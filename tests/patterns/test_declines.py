@@ -15,9 +15,9 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import conv, feeds_for, fold_to, groups_of, make_model, rand, run, save_model
 from onnx import TensorProto, helper
 
-from helpers import conv, feeds_for, fold_to, groups_of, make_model, rand, run, save_model
 from onnxfold.errors import RuleBug
 from onnxfold.groups.layout import MEAN
 from onnxfold.patterns import RULES

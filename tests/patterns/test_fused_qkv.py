@@ -9,8 +9,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
-
 from helpers import (
     export_tokens,
     fold_to,
@@ -23,6 +21,7 @@ from helpers import (
     token_module,
     widen_file,
 )
+from onnx import helper, numpy_helper
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -13,9 +13,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
-
 from helpers import fold_to, groups_of, make_model, run, widen_file
+from onnx import TensorProto, helper
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 8, 4, 2, 4
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
-
 from helpers import (
     assert_widen_and_fold_back,
     conv,
@@ -19,6 +17,7 @@ from helpers import (
     run,
     save_model,
 )
+from onnx import helper, numpy_helper
 
 RNG = np.random.default_rng(0)
 

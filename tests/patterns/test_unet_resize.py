@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import fold_to, groups_of, param_count, run, torch_export, widen_file
 
 torch = pytest.importorskip("torch")

@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from helpers import MNIST, MNIST_TEST, digest, feeds_for, param_count, run
 
 import onnxfold
-from helpers import MNIST, MNIST_TEST, digest, feeds_for, param_count, run
 
 
 @pytest.fixture(scope="module")

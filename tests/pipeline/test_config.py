@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import MNIST
 
 import onnxfold
-from helpers import MNIST
 from onnxfold.cli.main import main
 from onnxfold.config import CHOICES, ConfigError, FoldConfig
 from onnxfold.errors import UserError

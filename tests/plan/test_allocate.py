@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import (
     MNIST,
     feeds_for,
@@ -16,6 +15,7 @@ from helpers import (
     param_count,
     run,
 )
+
 from onnxfold.plan.budget import ParamModel, ward_merge_costs
 
 

@@ -5,11 +5,11 @@ import importlib.util
 import numpy as np
 import pytest
 
+from onnxfold.errors import UserError
 from onnxfold.plan import backends
 from onnxfold.plan import kmeans as cluster
 from onnxfold.plan.backends import BackendUnavailable, array_module, resolve_backend
 from onnxfold.plan.kmeans import KMeansResult, kmeans
-from onnxfold.errors import UserError
 
 
 def weights(n, d, rank, dup=0, seed=0):

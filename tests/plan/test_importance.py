@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from helpers import TOKEN_MLP_VOCAB as VOCAB
 from helpers import (
     export_tokens,
@@ -20,6 +19,7 @@ from helpers import (
     token_mlp,
     token_module,
 )
+
 from onnxfold.config import FoldConfig
 from onnxfold.errors import UserError
 from onnxfold.model.load import load_model

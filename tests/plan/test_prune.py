@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-
 from helpers import MNIST, feeds_for, fold_to, run
 
 

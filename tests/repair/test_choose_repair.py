@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import MNIST, fold_to, gemm_relu_chain
+
 from onnxfold.errors import UserError
 from onnxfold.model.load import load_model
 from onnxfold.repair import CHOICES, REPAIRS, choose_repair

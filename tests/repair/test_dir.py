@@ -5,11 +5,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import MNIST, feeds_for, make_model, run
 from onnx import TensorProto, helper, numpy_helper
 
-from helpers import MNIST, feeds_for, make_model, run
-from onnxfold.repair.dir import synthesize_inputs
 from onnxfold.errors import UserError
+from onnxfold.repair.dir import synthesize_inputs
 from onnxfold.repair.torch_exec import TorchGraph, unsupported_ops
 
 IR = 9  # onnxruntime reads IR versions up to 13; onnx 1.23 writes 14 by default

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from helpers import MNIST, make_model, save_model
 from onnx import helper, numpy_helper
 
-from helpers import MNIST, make_model, save_model
 from onnxfold.cli.main import main
 from onnxfold.config import FoldConfig
-from onnxfold.pipeline import fold_graph
 from onnxfold.model.load import load_model
 from onnxfold.model.save import to_proto
+from onnxfold.pipeline import fold_graph
 
 RNG = np.random.default_rng(0)
 

@@ -15,8 +15,6 @@ import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
-from onnx import helper
-
 from helpers import (
     export_tokens,
     feeds_for,
@@ -27,19 +25,19 @@ from helpers import (
     token_module,
     widen_file,
 )
+from onnx import helper
+
 from onnxfold.cli.main import main
 from onnxfold.config import FoldConfig
-from onnxfold.pipeline import fold_graph
-from onnxfold.rewrite.merge import forget_shapes
 from onnxfold.groups.discover import discover
 from onnxfold.groups.group import Group
 from onnxfold.groups.layout import MEAN, Member
 from onnxfold.model.load import load_model
-from onnxfold.plan.plan import FoldPlan
-from onnxfold.rewrite.merge import apply_plans
-from onnxfold.repair.data import channel_map, repair_with_data
-from onnxfold.rewrite.merge import folded_feeds
 from onnxfold.model.save import to_proto
+from onnxfold.pipeline import fold_graph
+from onnxfold.plan.plan import FoldPlan
+from onnxfold.repair.data import channel_map, repair_with_data
+from onnxfold.rewrite.merge import apply_plans, folded_feeds, forget_shapes
 
 HIDDEN, HEADS, HEAD_DIM, MLP = 16, 4, 4, 24
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
-
 from helpers import fold_to, make_model, param_count, run, save_model
+from onnx import TensorProto, helper
 
 CONSTANT, LIVE = 4, 8
 
@@ -136,8 +135,8 @@ def test_fold_mean_correction_restores_the_output_mean(build, tmp_path):
     """fold + --compensate: the consumer's output mean, measured again on the folded model, is set
     back to the dense model's on the measurement inputs (exactly, the consumer being linear);
     without it, it moves."""
-    from onnxfold.runtime.tokens import synthetic_token_feeds
     from onnxfold.model.load import load_model
+    from onnxfold.runtime.tokens import synthetic_token_feeds
 
     src, feeds = build(str(tmp_path / "m.onnx"))
     calib = None if "ids" in feeds else feeds

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from helpers import fold_to, gemm_relu_chain, make_model, param_count, run, save_model, widen_file
 from onnx import helper
 
-from helpers import fold_to, gemm_relu_chain, make_model, param_count, run, save_model, widen_file
 from onnxfold.rewrite.refit import solve
 
 HIDDEN = 12

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
-
 from helpers import TOKEN_MLP_VOCAB as VOCAB
 from helpers import counting_lm, token_mlp
+
 from onnxfold.model.load import load_model
 from onnxfold.runtime.tokens import generated_token_feeds, synthetic_token_feeds
 
