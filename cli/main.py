@@ -12,8 +12,8 @@ import os
 import signal
 import sys
 
-from onnxfold.config import CHOICES, DEFAULTS, ConfigError
-from onnxfold.errors import UserError
+from onnxfold.config import CHOICES, DEFAULTS
+from onnxfold.errors import ConfigError, UserError
 from onnxfold.sweep import DEFAULT_METHODS, METHODS
 
 from . import commands

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .errors import UserError
+from .errors import ConfigError
 from .plan.backends import VALID_BACKENDS
 from .plan.budget import Budget, parse_layers
 from .plan.importance import IMPORTANCES
@@ -23,32 +23,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "importance": tuple(IMPORTANCES),
     "backend": VALID_BACKENDS,
 }
-
-
-class ConfigError(UserError):
-    """A configuration value the fold cannot take. `field` names it (a FoldConfig field, or `calib`
-    / `data` / `output` of fold_file), `value` is what was given (None: the field is missing or a
-    switch), and `problem` may name other fields as {name}. str() words it for library users
-    (`ratio=1.5 is outside ...`), words(as_flags=True) for the command line (`--ratio 1.5 is outside
-    ...`)."""
-
-    def __init__(self, field: str, value, problem: str):
-        self.field, self.value, self.problem = field, value, problem
-        super().__init__(self.words())
-
-    def words(self, as_flags: bool = False) -> str:
-        """The message, naming fields as flags (--multiple-of) or as they are (multiple_of)."""
-
-        def name(field: str) -> str:
-            return "--" + field.replace("_", "-") if as_flags else field
-
-        value = (
-            ""
-            if self.value is None or self.value is True
-            else (f" {self.value}" if as_flags else f"={self.value!r}")
-        )
-        names = {f: name(f) for f in (*FIELDS, "calib", "data", "output")}
-        return f"{name(self.field)}{value} {self.problem.format(**names)}"
 
 
 @dataclass
@@ -92,8 +66,9 @@ class FoldConfig:
                 raise ConfigError(
                     name, value, "is outside [0, 1): it is the fraction of channels removed"
                 )
-        if self.multiple_of < 1:
-            raise ConfigError("multiple_of", self.multiple_of, "must be a positive integer")
+        for name in ("multiple_of", "dir_batch", "dir_iters"):
+            if getattr(self, name) < 1:
+                raise ConfigError(name, getattr(self, name), "must be a positive integer")
         if self.layers is not None:
             try:
                 parse_layers(self.layers)

@@ -15,7 +15,7 @@ import os
 import tempfile
 import warnings
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 
 OPSET = 18
 
@@ -61,7 +61,7 @@ def export_hf(model_dir: str, output: str, opset: int = OPSET, with_past: bool =
                 f"{model_dir}: torch.onnx cannot export it with transformers "
                 f"{transformers.__version__} "
                 f"({str(e).splitlines()[0][:120]}); this export is tested with transformers 5.x, "
-                f"--with-past with optimum-onnx"
+                f"the export with past with optimum-onnx"
             ) from None
         if causal and _tied(model):
             tmp_path = _retie_embeddings(tmp_path, os.path.join(tmp, "retied"))
@@ -135,9 +135,11 @@ def export_with_past(model_dir: str, output: str, opset: int = OPSET) -> str:
     try:
         from optimum.exporters.onnx import main_export
     except ImportError:
-        raise UserError(
-            "--with-past needs optimum-onnx, which pins transformers<4.58: install it in its own "
-            'environment (pip install "onnxfold[optimum]")'
+        raise ConfigError(
+            "with_past",
+            None,
+            "needs optimum-onnx, which pins transformers<4.58: install it in "
+            'its own environment (pip install "onnxfold[optimum]")',
         ) from None
     _check_folder(model_dir)
     import onnx

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import UserError, log
+from ..errors import ConfigError, literal, log
 from ..groups.group import Group
 from ..runtime.session import session_with_outputs
 from ..runtime.stats import stats_of
@@ -177,7 +177,9 @@ def importance_from_random_tokens(
             log.info("random token ids of length %d rejected (%s); trying shorter", length, e)
             error, length = e, length // 4
     first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    raise UserError(
-        f"--importance act: the model does not run on random token ids ({first}); give --calib "
-        "FILE.npz"
+    raise ConfigError(
+        "importance",
+        "act",
+        f"without {{calib}}: the model does not run on random token ids "
+        f"({literal(first)}); give {{calib}} FILE.npz",
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import UserError
+from ..errors import ConfigError
 from ..model.ops import CONV_OPS, WEIGHT_AXES, conv_groups
 from ..plan.plan import FoldPlan, cluster_reduce
 from .base import Repair, RepairSettings
@@ -30,9 +30,10 @@ class FoldAR(Repair):
     @classmethod
     def resolve(cls, graph: gs.Graph, method: str) -> tuple[type[Repair], str]:
         if method == "prune":
-            raise UserError(
-                "--repair ar applies to folding (merged channels); pruning keeps channels as they "
-                "are"
+            raise ConfigError(
+                "repair",
+                "ar",
+                "applies to folding (merged channels); {method} prune keeps channels as they are",
             )
         if not has_bn_statistics(graph):
             return Repair, (

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError, literal
 from ..model.load import load_model
 from ..runtime.feeds import declared_input_specs
 from .data import DataRepair
@@ -124,10 +124,9 @@ def synthesize_inputs(
 
 
 def _check_settings(batch: int, iters: int, lr: float) -> None:
-    if batch < 1 or iters < 1:
-        raise UserError(
-            f"Fold-DIR needs --dir-batch >= 1 and --dir-iters >= 1, got {batch} and {iters}"
-        )
+    for field, value in (("dir_batch", batch), ("dir_iters", iters)):
+        if value < 1:
+            raise ConfigError(field, value, "must be at least 1 (Fold-DIR)")
     if not lr > 0:
         raise UserError(f"Fold-DIR learning rate lr={lr} must be > 0")
 
@@ -142,10 +141,12 @@ def _import_torch():
 
 def _require_bn(model: onnx.ModelProto, path: str) -> None:
     if not any(n.op_type == "BatchNormalization" for n in model.graph.node):
-        raise UserError(
-            f"{path}: Fold-DIR needs BatchNormalization statistics, and the graph has none (BN "
-            "fused by "
-            "the exporter? export with do_constant_folding=False); use --repair ar or --repair data"
+        raise ConfigError(
+            "repair",
+            "dir",
+            f"needs BatchNormalization statistics, and {literal(path)} has none "
+            "(BN fused by the exporter? export with do_constant_folding=False); use {repair} ar "
+            "or {repair} data",
         )
 
 
@@ -161,10 +162,11 @@ def _input_shape(
             f"{v.name} ({onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()})"
             for v in inputs
         )
-        raise UserError(
-            f"{path}: Fold-DIR synthesises exactly one float input, the model has "
-            f"{found or 'none'}; "
-            "use --repair ar or --repair data"
+        raise ConfigError(
+            "repair",
+            "dir",
+            f"synthesises exactly one float input, {literal(path)} has "
+            f"{literal(found) or 'none'}; use {{repair}} ar or {{repair}} data",
         )
     dims = [
         d.dim_value if d.HasField("dim_value") else None
@@ -183,14 +185,18 @@ def _fill_dims(dims: list, batch: int, size, name: str) -> tuple[int, ...]:
     spatial = dims[2:]
     if size is not None:
         if len(size) != len(spatial):
-            raise UserError(
-                f"Fold-DIR: --dir-size gives {len(size)} extents, input '{name}' {shown} has "
-                f"{len(spatial)} spatial dims"
+            raise ConfigError(
+                "dir_size",
+                size[0],
+                f"gives {len(size)} extents, input '{literal(name)}' {shown} "
+                f"has {len(spatial)} spatial dims",
             )
         spatial = list(size)
     if any(d is None for d in spatial):
-        raise UserError(
-            f"Fold-DIR: input '{name}' {shown} has symbolic spatial dims; give them with --dir-size"
+        raise ConfigError(
+            "dir_size",
+            None,
+            f"is needed: Fold-DIR's input '{literal(name)}' {shown} has symbolic spatial dims",
         )
     return (batch if dims[0] is None else dims[0], dims[1], *spatial)
 

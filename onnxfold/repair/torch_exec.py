@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError, literal
 
 try:
     import torch
@@ -289,9 +289,11 @@ def resize(i, a, legacy=False):
     else:
         x, scales, sizes = i[0], _arg(i, 2), _arg(i, 3)
     if a.get("mode", "nearest") not in ("nearest", "linear") or "axes" in a:
-        raise UserError(
-            f"Fold-DIR cannot run Resize mode {a.get('mode')} (or with axes) in torch; "
-            "use --repair ar or --repair data"
+        raise ConfigError(
+            "repair",
+            "dir",
+            f"cannot run Resize mode {a.get('mode')} (or with axes) in torch; "
+            "use {repair} ar or {repair} data",
         )
     if sizes is not None and sizes.numel():
         outs = _ints(sizes)
@@ -455,9 +457,11 @@ class TorchGraph(torch.nn.Module):
         super().__init__()
         missing = unsupported_ops(model)
         if missing:
-            raise UserError(
-                f"Fold-DIR cannot run op(s) {', '.join(missing)} in torch; "
-                "use --repair ar or --repair data"
+            raise ConfigError(
+                "repair",
+                "dir",
+                f"cannot run op(s) {literal(', '.join(missing))} in torch; "
+                "use {repair} ar or {repair} data",
             )
         self.capture_bn, self.bn_inputs, self.bn_stats = False, {}, {}
         self._consts: dict[str, str] = {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..errors import UserError
+from ..errors import ConfigError, literal
 from .session import session_with_outputs
 
 SYNTHETIC_SEQUENCES = 8
@@ -68,10 +68,12 @@ def synthetic_token_feeds(
     feeds = {}
     for t in graph.inputs:
         if t.dtype is None or np.dtype(t.dtype).kind not in "iu" or len(t.shape or ()) != 2:
-            raise UserError(
-                f"--importance act without --calib works on token models only: input '{t.name}' "
-                f"({t.dtype}, shape {t.shape}) is not a (batch, sequence) integer input; "
-                "give --calib FILE.npz"
+            raise ConfigError(
+                "importance",
+                "act",
+                "without {calib} works on token models only: input "
+                f"'{literal(t.name)}' ({t.dtype}, shape {literal(str(t.shape))}) is not a "
+                "(batch, sequence) integer input; give {calib} FILE.npz",
             )
         rows = _embedding_rows(t)
         if rows is not None:

@@ -69,8 +69,9 @@ def test_act_at_ratio_zero_reproduces(tmp_path):
 
 def test_float_inputs_need_calibration(tmp_path):
     src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
-    with pytest.raises(UserError, match="--calib"):
+    with pytest.raises(UserError, match="importance='act' without calib works on token") as e:
         fold_to(src, str(tmp_path / "f.onnx"), ratio=0.25, importance="act")
+    assert e.value.words(as_flags=True).startswith("--importance act without --calib works")
     loaded = load_model(src)
     calib = {"input": np.random.default_rng(0).standard_normal((16, 12)).astype(np.float32)}
     result = fold_graph(
