@@ -45,3 +45,17 @@ def test_readme_fold_command_runs(tmp_path):
     acc = re.search(r"accuracy\s+([\d.]+)%\s+([\d.]+)%", proc.stdout)
     assert acc and float(acc.group(1)) > 95.0 and float(acc.group(2)) > 50.0
     assert (tmp_path / "models" / "mnist_cnn.folded.onnx").exists()
+
+
+def test_readme_python_example_runs(tmp_path):
+    """The README's library example (fold_file) runs as written, from a folder holding models/."""
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
+    assert len(blocks) == 1 and "onnxfold.fold_file(" in blocks[0]
+    shutil.copytree(os.path.join(ROOT, "models"), tmp_path / "models")
+    proc = subprocess.run(
+        [sys.executable, "-c", blocks[0]], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    dense, arrow, folded, accuracy = proc.stdout.split()
+    assert arrow == "->" and int(folded) < int(dense) and 0.5 < float(accuracy) <= 1.0
+    assert (tmp_path / "small.onnx").exists()
