@@ -1,6 +1,6 @@
 """Fold time (end to end) and onnxruntime latency for ResNet18 at ImageNet width (11.7 M params).
 
-Usage: python benchmarks/bench_fold_resnet18.py [--runs 5] [--ratio 0.5]
+Usage: python -m benchmarks.bench_fold_resnet18 [--runs 5] [--ratio 0.5]
 Prints a markdown table and writes it to benchmarks/results/resnet18.md.
 """
 from __future__ import annotations
@@ -8,16 +8,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 
 import numpy as np
+import onnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fold_to, median_of, param_count, save_table  # noqa: E402
-from resnet18 import export_resnet18  # noqa: E402
-
-from onnxfold import validate  # noqa: E402
+from benchmarks.common import fold_to, median_of, param_count, save_table
+from benchmarks.resnet18 import export_resnet18
+from onnxfold.check.count import count_macs
+from onnxfold.check.latency import latency_ms
+from onnxfold.runtime.session import session
 
 
 def bench(bn: bool, runs: int, ratio: float, tmp: str) -> list[str]:
@@ -25,9 +25,9 @@ def bench(bn: bool, runs: int, ratio: float, tmp: str) -> list[str]:
     dst = os.path.join(tmp, "folded.onnx")
     times = [fold_to(src, dst, ratio=ratio) for _ in range(runs)]
     feeds = {"input": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
-    dense, folded = validate.session(src), validate.session(dst)
-    lat = validate.latency_ms([dense, folded], feeds, budget_s=10.0, min_rounds=20)
-    macs = [validate.count_macs(__import__("onnx").load(p), feeds) for p in (src, dst)]
+    dense, folded = session(src), session(dst)
+    lat = latency_ms([dense, folded], feeds, budget_s=10.0, min_rounds=20)
+    macs = [count_macs(onnx.load(p), feeds) for p in (src, dst)]
     p0, p1 = param_count(src), param_count(dst)
     step = {k: median_of([t[k] for t in times]) for k in ("load", "fold", "save", "total")}
     return [f"| {'BN kept' if bn else 'BN fused'} | {times[0]['repair']} | {p0 / 1e6:.2f} M -> {p1 / 1e6:.2f} M | "

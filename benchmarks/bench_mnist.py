@@ -1,21 +1,18 @@
 """Accuracy of the shipped MNIST CNN, dense vs folded, at several ratios, with --repair ar and none.
 
-Usage: python benchmarks/bench_mnist.py [--ratios 0.25,0.5]
+Usage: python -m benchmarks.bench_mnist [--ratios 0.25,0.5]
 Prints a markdown table and writes it to benchmarks/results/mnist.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import fold_to, param_count, save_table  # noqa: E402
-
-from onnxfold import validate  # noqa: E402
+from benchmarks.common import fold_to, param_count, save_table
+from onnxfold.runtime.session import session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "models", "mnist_cnn.onnx")
@@ -23,7 +20,7 @@ TEST = os.path.join(ROOT, "models", "mnist_test.npz")
 
 
 def accuracy(path: str, x: np.ndarray, y: np.ndarray) -> float:
-    logits = validate.session(path).run(None, {"input": x})[0]
+    logits = session(path).run(None, {"input": x})[0]
     return float(np.mean(logits.argmax(1) == y))
 
 
@@ -41,8 +38,8 @@ def main() -> None:
         for ratio in [float(r) for r in args.ratios.split(",")]:
             for repair in ("ar", "none"):
                 dst = os.path.join(tmp, "f.onnx")
-                fold_to(MODEL, dst, ratio=ratio, repair=repair)
-                acc, params = accuracy(dst, x, y), param_count(dst)
+                params = fold_to(MODEL, dst, ratio=ratio, repair=repair)["params"]
+                acc = accuracy(dst, x, y)
                 lines.append(f"| {ratio} | {100 * (1 - params / dense_params):.1f}% | {repair} | "
                              f"{100 * acc:.2f}% | {100 * (acc - dense_acc):+.2f} pts |")
                 print(lines[-1], flush=True)
