@@ -1,4 +1,4 @@
-"""onnxfold.cluster.kmeans against scikit-learn's KMeans on weight-like matrices (time and inertia).
+"""onnxfold.plan.kmeans.kmeans against scikit-learn's KMeans on weight-like matrices (time and inertia).
 
 Matrices are seeded random low-rank-plus-noise float32 (rank min(n, d) / 8): conv-like features
 (64x576, 256x2304, 512x4608), an MLP-like 3072x768 and a Llama-MLP-like 11008x4096, at k = n/2
@@ -9,7 +9,7 @@ per fit), so by default the 11008 rows time only a sample of sklearn's seeding a
 bound on its time (seeding alone), and compare the inertia with onnxfold's own Lloyd-only mode
 (sklearn's algorithm: greedy k-means++ then Lloyd), marked '*'. --sklearn-full runs sklearn for real.
 
-Usage: python benchmarks/bench_kmeans.py [--quick] [--sklearn-full] [--n-init 3] [--backend numpy]
+Usage: python -m benchmarks.bench_kmeans [--quick] [--sklearn-full] [--n-init 3] [--backend numpy]
 """
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from onnxfold import cluster  # noqa: E402
+from onnxfold.plan import kmeans
 
 CASES = [  # (name, n, d, k)
     ("conv 64x576", 64, 576, 32),
@@ -79,13 +77,13 @@ def sklearn_seeding_lower_bound(x: np.ndarray, k: int, n_init: int) -> float:
 def run_case(name, n, d, k, args) -> dict:
     x = weights(n, d)
     repeats = 1 if n >= BIG else args.repeats
-    ours_s, ours = timed(lambda: cluster.kmeans(x, k, n_init=args.n_init, backend=args.backend), repeats)
+    ours_s, ours = timed(lambda: kmeans.kmeans(x, k, n_init=args.n_init, backend=args.backend), repeats)
     row = {"name": name, "n": n, "d": d, "k": k, "ours_s": ours_s, "ours_inertia": ours.inertia, "mark": ""}
     if n < BIG or args.sklearn_full:
         row["sk_s"], row["sk_inertia"] = sklearn_fit(x, k, args.n_init)
     else:
         row["sk_s"] = sklearn_seeding_lower_bound(x, k, args.n_init)
-        lloyd = cluster._kmeans(x, k, n_init=args.n_init, backend=args.backend, refine=False)
+        lloyd = kmeans._kmeans(x, k, n_init=args.n_init, backend=args.backend, refine=False)
         row["sk_inertia"], row["mark"] = lloyd.inertia, "*"
     return row
 

@@ -1,15 +1,15 @@
 """Accuracy vs parameter sparsity on the shipped MNIST CNN for every method (fold+none, fold+ar, fold+dir,
 fold+data with 64 calibration digits, magnitude pruning, fold+dir+refit and fold+data+refit: the same with
 `--refit`), each fold method also with `--allocate`
-(FoldOptions(allocate=True): per-group ratios by Ward clustering cost under the uniform ratio's parameter
+(FoldConfig(allocate=True): per-group ratios by Ward clustering cost under the uniform ratio's parameter
 budget), through `onnxfold.sweep.run_sweep` (what `onnxfold sweep` runs; the CLI sweep has no --allocate).
 
-fold+data and fold+dir use the paired REPAIR of onnxfold/repair_data.py: BN statistics of the folded model on
+fold+data and fold+dir use the paired REPAIR of onnxfold/repair/data.py: BN statistics of the folded model on
 the calibration inputs, corrected by the dense model's running-vs-calibration offsets. fold+dir synthesises its
 inputs once (deep inversion, --dir-batch / --dir-iters, as `onnxfold sweep` does) and shares them between the
 uniform and allocated runs.
 
-Usage: python benchmarks/bench_mnist_sweep.py [--ratios 0.1,0.2,...] [--methods fold+none,...] [--no-allocate]
+Usage: python -m benchmarks.bench_mnist_sweep [--ratios 0.1,0.2,...] [--methods fold+none,...] [--no-allocate]
                                               [--dir-batch 32] [--dir-iters 200]
 Writes benchmarks/results/mnist_sweep.{csv,json,png,md}.
 """
@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from onnxfold import sweep as sw
-from onnxfold import validate
+from onnxfold.runtime.feeds import match_inputs, read_npz
+from onnxfold.runtime.session import session
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -40,13 +41,13 @@ def run(ratios: list[float], methods: list[str], allocate: bool, dir_batch: int,
         seed: int) -> tuple[list[sw.SweepRow], float]:
     """Dense row first, then every (method, ratio), then every (method+alloc, ratio) for the fold methods;
     also the seconds spent synthesising the Fold-DIR inputs."""
-    dense = validate.session(MODEL)
-    feeds_data, labels = validate.read_npz(DATA)
-    feeds = validate.match_inputs(feeds_data, dense, DATA)
-    calib = validate.match_inputs(validate.read_npz(CALIB)[0], dense, CALIB)
+    dense = session(MODEL)
+    feeds_data, labels = read_npz(DATA)
+    feeds = match_inputs(feeds_data, dense, DATA)
+    calib = match_inputs(read_npz(CALIB)[0], dense, CALIB)
     synth, dir_s = None, 0.0
     if any(sw.METHODS[m][1] == "dir" for m in methods):
-        from onnxfold.dir import synthesize_inputs
+        from onnxfold.repair.dir import synthesize_inputs
         t0 = time.perf_counter()
         res = synthesize_inputs(MODEL, batch=dir_batch, iters=dir_iters, seed=seed)
         dir_s = time.perf_counter() - t0
@@ -154,7 +155,7 @@ def main() -> None:
     sw.write_json(prefix + ".json", rows)
     plot(prefix + ".png", rows, "mnist_cnn.onnx: uniform ratio (solid) vs --allocate (dashed)")
     import onnxruntime
-    cmd = "python benchmarks/bench_mnist_sweep.py" + "".join(f" {a}" for a in sys.argv[1:])
+    cmd = "python -m benchmarks.bench_mnist_sweep" + "".join(f" {a}" for a in sys.argv[1:])
     header = [f"`{cmd}` ({seconds:.0f} s, of which Fold-DIR synthesis {dir_s:.0f} s): {platform.machine()}, "
               f"{os.cpu_count()} cores, onnxruntime {onnxruntime.__version__} CPU. fold+dir: {args.dir_batch} "
               f"deep-inversion inputs, {args.dir_iters} steps, synthesised once; fold+data: the 64 digits of "

