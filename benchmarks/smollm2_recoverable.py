@@ -7,10 +7,10 @@ channels leave at the down projection's output (energy of X_drop W_drop on held-
 what remains after the best repair of each kind, fitted on the other half of the tokens:
 `mean` (the dropped channels' mean as a bias: --compensate), `partner` (each dropped channel regressed on its
 most correlated kept channel: the best any merge into one kept channel can do), `ls` (ridge least squares on
-all kept channels: onnxfold.refit.solve, ridge 0.1, shrunk toward 0). Fractions < 1 = error recovered.
+all kept channels: onnxfold.rewrite.refit.solve, ridge 0.1, shrunk toward 0). Fractions < 1 = error recovered.
 
-Usage: python benchmarks/smollm2_recoverable.py [--layers 2,10,20] [--ratio 0.362] [--sequences 32]
-Needs what benchmarks/smollm2.py needs. Writes benchmarks/results/smollm2_recoverable.md.
+Usage: python -m benchmarks.smollm2_recoverable [--layers 2,10,20] [--ratio 0.362] [--sequences 32]
+Needs what benchmarks.smollm2 needs. Writes benchmarks/results/smollm2_recoverable.md.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def news_tokens(folder: str, sequences: int, length: int = 128) -> np.ndarray:
 
 def recoverable(h: np.ndarray, weights: np.ndarray, ratio: float) -> dict[str, float]:
     """h (tokens, n) activations, weights (n, out): error fractions left by each repair on held-out tokens."""
-    from onnxfold.refit import solve
+    from onnxfold.rewrite.refit import solve
     h = h.astype(np.float64)
     train, test = h[: len(h) // 2], h[len(h) // 2:]
     norms = np.linalg.norm(weights, axis=1)
@@ -67,13 +67,10 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.362, help="fraction of MLP channels dropped (0.362: 20%% of params)")
     p.add_argument("--sequences", type=int, default=32, help="128-token sequences (half fit, half held out)")
     args = p.parse_args()
-    sys.path.insert(0, HERE)
-    import smollm2
+    from benchmarks import smollm2
+    from onnxfold import discover, load_model
     from onnxfold.export.hf import export_hf
-    from onnxfold.groups import discover
-    from onnxfold.importance import consumer_of
-    from onnxfold.load import load_model
-    from onnxfold.repair_data import session_with_outputs
+    from onnxfold.runtime.session import session_with_outputs
 
     os.makedirs(smollm2.CACHE, exist_ok=True)
     folder = smollm2.model_folder()
@@ -81,20 +78,21 @@ def main() -> None:
     if not os.path.isfile(dense):
         export_hf(folder, dense)
     loaded = load_model(dense)
-    mlps = [(g, c) for g in discover(loaded.graph, loaded.opset)
-            if g.foldable and g.kind == "channels" and (c := consumer_of(g)) is not None]
+    # each MLP group's consumer (the down projection): its node, weight member and activation axis
+    mlps = [g.consumer for g in discover(loaded.graph, loaded.opset)
+            if g.foldable and g.kind == "channels" and g.consumer is not None]
     chosen = [mlps[int(i)] for i in args.layers.split(",")]
-    names = [c[0].inputs[0].name for _, c in chosen]
+    names = [c.node.inputs[0].name for c in chosen]
     outs = session_with_outputs(gs.export_onnx(loaded.graph), names).run(
         names, {"input_ids": news_tokens(folder, args.sequences)})
     lines = [f"SmolLM2-135M, down projections, {args.ratio:.1%} of the MLP channels dropped by `--importance act` "
              f"(20% of all parameters at 0.362), {args.sequences} x 128 tokens of the Lee news corpus (half to "
              f"fit, half held out). Error left at the down projection's output, as a fraction of plain pruning's. "
-             f"Produced by `python benchmarks/smollm2_recoverable.py {' '.join(sys.argv[1:])}`.", "",
+             f"Produced by `python -m benchmarks.smollm2_recoverable {' '.join(sys.argv[1:])}`.", "",
              "| MLP | dropped share of output energy | mean (--compensate) | best kept partner (a merge) | "
              "least squares (--refit) | median abs corr. with partner |", "|---|---|---|---|---|---|"]
-    for i, ((_, (node, m, _)), h) in zip(args.layers.split(","), zip(chosen, outs)):
-        r = recoverable(h.reshape(-1, h.shape[-1]), np.asarray(m.tensor.values), args.ratio)
+    for i, (consumer, h) in zip(args.layers.split(","), zip(chosen, outs)):
+        r = recoverable(h.reshape(-1, h.shape[-1]), np.asarray(consumer.member.tensor.values), args.ratio)
         lines.append(f"| {i} | {r['share']:.3f} | {r['mean']:.3f} | {r['partner']:.3f} | {r['ls']:.3f} | "
                      f"{r['median_corr']:.3f} |")
         print(lines[-1], flush=True)
