@@ -12,7 +12,7 @@ Each fold runs as a child process (`onnxfold MODEL -o OUT --ratio R --report JSO
 from wait4(2) for that child alone, its per-step times and peak RSS after each step from the report.
 Random weights have no redundancy, so output errors say nothing about folding quality; this measures cost.
 
-Usage: python benchmarks/llama7b.py [--dtypes fp32,fp16] [--layers 2] [--ratio 0.2] [--workdir DIR] [--keep]
+Usage: python -m benchmarks.llama7b [--dtypes fp32,fp16] [--layers 2] [--ratio 0.2] [--workdir DIR] [--keep]
 Needs: torch, transformers; ~8 GB free RAM for the export and 3x the model size free disk in --workdir.
 Writes benchmarks/results/llama7b.md (and llama7b.json next to it).
 """
@@ -32,6 +32,7 @@ import warnings
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
               num_key_value_heads=8, max_position_embeddings=4096)
@@ -46,7 +47,7 @@ def build(path: str, dtype: str, layers: int) -> None:
     import torch
     import transformers
 
-    from onnxfold.export import _Wrapper
+    from onnxfold.export.hf import _Wrapper
 
     config = transformers.LlamaConfig(num_hidden_layers=layers, **CONFIG)
     config._attn_implementation = "eager"
@@ -102,9 +103,10 @@ def one_data_file(src: str, dst: str) -> None:
 
 
 def run_child(cmd: list[str]) -> tuple[float, int, int]:
-    """Run cmd; returns (wall seconds, exit code, peak RSS bytes of that child)."""
+    """Run cmd from the repository root (python -m benchmarks.llama7b / -m onnxfold); returns (wall seconds,
+    exit code, peak RSS bytes of that child)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - start, proc.returncode, usage.ru_maxrss * 1024
@@ -127,8 +129,8 @@ def measure(workdir: str, dtype: str, layers: int, ratio: float) -> list[dict]:
     """Build (child process), inspect, then fold with and without validation (child processes, timed and
     measured); returns one row per fold."""
     model = os.path.join(workdir, f"llama7b_{layers}l_{dtype}.onnx")
-    build_s, rc, build_rss = run_child([sys.executable, __file__, "--build", model, "--dtype", dtype,
-                                        "--layers", str(layers)])
+    build_s, rc, build_rss = run_child([sys.executable, "-m", "benchmarks.llama7b", "--build", model,
+                                        "--dtype", dtype, "--layers", str(layers)])
     if rc:
         raise SystemExit(f"export failed ({rc})")
     inspect_s, rc, inspect_rss = run_child([sys.executable, "-m", "onnxfold", "inspect", model, "--json",
@@ -167,7 +169,7 @@ def extrapolate(row: dict) -> dict:
     validating with the bytes. Peak RSS: the larger of the fold step's (its clustering working set, the same
     for any depth, plus the merged weights of every layer, held until they are written) and the validation
     step's (one onnxruntime session, scaling with the bytes)."""
-    layers, steps, scale = row["layers"], row["steps"], FULL_LAYERS / row["layers"]
+    steps, scale = row["steps"], FULL_LAYERS / row["layers"]
     bytes32 = embed_bytes(row) + (row["file_bytes"] - embed_bytes(row)) * scale
     fold32 = steps["fold"]["seconds"] * scale
     io32 = (steps["load"]["seconds"] + steps["write_and_validate"]["seconds"]) * bytes32 / row["file_bytes"]
@@ -201,7 +203,7 @@ def table(rows: list[dict], ratio: float) -> list[str]:
     lines = [f"LLaMA-7B-shaped model (hidden 4096, intermediate 11008, 32 heads, 8 KV heads, vocab 32000), random "
              f"weights, {rows[0]['layers']} decoder layers, external data; `onnxfold MODEL -o OUT --ratio {ratio}` "
              f"(k-means: default 3 restarts, numpy backend), 2 CPU cores, no GPU. Peak RSS: the onnxfold process "
-             f"alone (wait4). Produced by `python benchmarks/llama7b.py`.", "",
+             f"alone (wait4). Produced by `python -m benchmarks.llama7b`.", "",
              "| weights | file | foldable groups: heads / MLP | params dense -> folded | clustering s, layer 0 / 1 "
              "| load s | fold s | write + validate s | total s | peak RSS | peak / file | weight type in -> out |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -252,6 +254,7 @@ def main() -> None:
     if args.table_only:
         rows = json.load(open(os.path.join(RESULTS, "llama7b.json")))
         return write_table(rows, rows[0]["ratio"])
+    args.workdir = os.path.abspath(args.workdir)  # the children run from the repository root
     os.makedirs(args.workdir, exist_ok=True)
     rows = []
     for dtype in args.dtypes.split(","):
