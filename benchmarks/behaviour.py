@@ -1,13 +1,14 @@
-"""Behaviour snapshot: fold a fixed set of models with many flag combinations through the command line and
-print the sha256 of every written file, so a refactor can show it changed nothing.
+"""Behaviour snapshot: fold a fixed set of models with many flag combinations through the command
+line and print the sha256 of every written file, so a refactor can show it changed nothing.
 
-    python -m benchmarks.behaviour MODELS_DIR > after.txt    # MODELS_DIR: where the inputs are built once
+    # MODELS_DIR: where the inputs are built once
+    python -m benchmarks.behaviour MODELS_DIR > after.txt
     diff before.txt after.txt
 
-The input models are built once into MODELS_DIR (tiny zoo CNNs in three export modes, a tiny LLaMA with
-GQA, the shipped MNIST CNN) and reused, so two versions of onnxfold fold byte-identical inputs. Each line:
-`case  sha256-of-output` (or `case  exit N: first stderr line`).
-"""
+The input models are built once into MODELS_DIR (tiny zoo CNNs in three export modes, a tiny LLaMA
+with GQA, the shipped MNIST CNN) and reused, so two versions of onnxfold fold byte-identical inputs.
+Each line: `case  sha256-of-output` (or `case  exit N: first stderr line`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,10 +33,36 @@ MNIST_CASES = {
     "data": ["--repair", "data", "--calib", MNIST_CALIB, "--ratio", "0.3"],
     "dir": ["--repair", "dir", "--dir-iters", "4", "--dir-batch", "4", "--ratio", "0.3"],
     "act": ["--importance", "act", "--calib", MNIST_CALIB, "--ratio", "0.3"],
-    "act-prune-comp": ["--importance", "act", "--compensate", "--calib", MNIST_CALIB, "--method", "prune"],
-    "act-fold-comp": ["--importance", "act", "--compensate", "--calib", MNIST_CALIB, "--ratio", "0.3"],
+    "act-prune-comp": [
+        "--importance",
+        "act",
+        "--compensate",
+        "--calib",
+        MNIST_CALIB,
+        "--method",
+        "prune",
+    ],
+    "act-fold-comp": [
+        "--importance",
+        "act",
+        "--compensate",
+        "--calib",
+        MNIST_CALIB,
+        "--ratio",
+        "0.3",
+    ],
     "refit-data": ["--refit", "--repair", "data", "--calib", MNIST_CALIB, "--ratio", "0.4"],
-    "refit-dir": ["--refit", "--repair", "dir", "--dir-iters", "4", "--dir-batch", "4", "--ratio", "0.4"],
+    "refit-dir": [
+        "--refit",
+        "--repair",
+        "dir",
+        "--dir-iters",
+        "4",
+        "--dir-batch",
+        "4",
+        "--ratio",
+        "0.4",
+    ],
     "multiple-exclude": ["--multiple-of", "4", "--exclude", "conv2", "--ratio", "0.5"],
     "layers": ["--layers", "0", "--ratio", "0.5", "--seed", "3"],
 }
@@ -44,7 +71,16 @@ ZOO_MODES = ("legacy_fused", "legacy_bn", "dynamo")
 LLAMA_CASES = {
     "uniform": ["--ratio", "0.5"],
     "heads-mlp": ["--head-ratio", "0.5", "--mlp-ratio", "0.25", "--layers", "1"],
-    "act-prune": ["--importance", "act", "--method", "prune", "--mlp-ratio", "0.3", "--head-ratio", "0"],
+    "act-prune": [
+        "--importance",
+        "act",
+        "--method",
+        "prune",
+        "--mlp-ratio",
+        "0.3",
+        "--head-ratio",
+        "0",
+    ],
     "act-fold-comp": ["--importance", "act", "--compensate", "--ratio", "0.3"],
 }
 
@@ -80,8 +116,15 @@ def _export_llama(path: str) -> None:
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -92,12 +135,21 @@ def _export_llama(path: str) -> None:
             self.m = m
 
         def forward(self, ids):
-            return self.m(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            return self.m(
+                input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False
+            ).logits
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        torch.onnx.export(Logits(model), (torch.randint(0, 128, (1, 8)),), path, dynamo=False, opset_version=18,
-                          input_names=["input_ids"], output_names=["logits"],
-                          dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}})
+        torch.onnx.export(
+            Logits(model),
+            (torch.randint(0, 128, (1, 8)),),
+            path,
+            dynamo=False,
+            opset_version=18,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}},
+        )
 
 
 def cases(paths: dict[str, str]) -> list[tuple[str, str, list[str]]]:
@@ -110,14 +162,20 @@ def cases(paths: dict[str, str]) -> list[tuple[str, str, list[str]]]:
             calib = paths["mlp_calib" if arch == "mlp" else "zoo_calib"]
             out.append((f"{arch}-{mode}/data", path, ["--repair", "data", "--calib", calib]))
             if arch != "mlp" and mode == "legacy_bn":
-                out.append((f"{arch}-{mode}/refit", path, ["--refit", "--calib", paths["zoo_calib"],
-                                                           "--repair", "none"]))
+                out.append(
+                    (
+                        f"{arch}-{mode}/refit",
+                        path,
+                        ["--refit", "--calib", paths["zoo_calib"], "--repair", "none"],
+                    )
+                )
     out += [(f"llama/{name}", paths["llama"], flags) for name, flags in LLAMA_CASES.items()]
     return out
 
 
 def run_case(src: str, flags: list[str], out_dir: str, name: str) -> str:
-    """Fold `src` with `flags` through the CLI; the sha256 of the written file(s), or the failure."""
+    """Fold `src` with `flags` through the CLI; the sha256 of the written file(s), or the
+    failure."""
     from onnxfold.cli.main import main
 
     dst = os.path.join(out_dir, name.replace("/", "__") + ".onnx")
@@ -125,7 +183,8 @@ def run_case(src: str, flags: list[str], out_dir: str, name: str) -> str:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main([src, "-o", dst, "--no-validate", "-q", *flags])
     if code != 0:
-        return f"exit {code}: {err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ''}"
+        lines = err.getvalue().strip().splitlines()
+        return f"exit {code}: {lines[-1] if lines else ''}"
     digest = hashlib.sha256()
     for path in (dst, dst + ".data"):
         if os.path.exists(path):

@@ -3,6 +3,7 @@
 Usage: python -m benchmarks.bench_fold_resnet18 [--runs 5] [--ratio 0.5]
 Prints a markdown table and writes it to benchmarks/results/resnet18.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,14 @@ def bench(bn: bool, runs: int, ratio: float, tmp: str) -> list[str]:
     macs = [count_macs(onnx.load(p), feeds) for p in (src, dst)]
     p0, p1 = param_count(src), param_count(dst)
     step = {k: median_of([t[k] for t in times]) for k in ("load", "fold", "save", "total")}
-    return [f"| {'BN kept' if bn else 'BN fused'} | {times[0]['repair']} | {p0 / 1e6:.2f} M -> {p1 / 1e6:.2f} M | "
-            f"{macs[0] / 1e9:.2f} G -> {macs[1] / 1e9:.2f} G | {step['load']:.2f} | {step['fold']:.2f} | "
-            f"{step['save']:.2f} | **{step['total']:.2f}** | {lat[0]:.1f} / {lat[1]:.1f} | **{lat[0] / lat[1]:.2f}x** |"]
+    return [
+        f"| {'BN kept' if bn else 'BN fused'} | {times[0]['repair']} | {p0 / 1e6:.2f} M -> "
+        f"{p1 / 1e6:.2f} M | "
+        f"{macs[0] / 1e9:.2f} G -> {macs[1] / 1e9:.2f} G | {step['load']:.2f} | {step['fold']:.2f} "
+        "| "
+        f"{step['save']:.2f} | **{step['total']:.2f}** | {lat[0]:.1f} / {lat[1]:.1f} | "
+        f"**{lat[0] / lat[1]:.2f}x** |"
+    ]
 
 
 def main() -> None:
@@ -40,11 +46,17 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--ratio", type=float, default=0.5)
     args = p.parse_args()
-    lines = [f"ResNet18 (ImageNet width, random weights), ratio {args.ratio}, median of {args.runs} folds; "
-             f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; latency: onnxruntime CPU, "
-             f"batch 1, interleaved runs, medians.", "",
-             "| export | repair | params | MACs | load s | fold s | save s | end-to-end s | latency ms dense / folded | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"ResNet18 (ImageNet width, random weights), ratio {args.ratio}, median of {args.runs} "
+        "folds; "
+        f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}; latency: "
+        "onnxruntime CPU, "
+        f"batch 1, interleaved runs, medians.",
+        "",
+        "| export | repair | params | MACs | load s | fold s | save s | end-to-end s | latency ms "
+        "dense / folded | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for bn in (True, False):
             lines += bench(bn, args.runs, args.ratio, tmp)

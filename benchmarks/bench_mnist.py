@@ -3,6 +3,7 @@
 Usage: python -m benchmarks.bench_mnist [--ratios 0.25,0.5]
 Prints a markdown table and writes it to benchmarks/results/mnist.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,17 +32,23 @@ def main() -> None:
     data = np.load(TEST)
     x, y = data["input"], data["labels"]
     dense_acc, dense_params = accuracy(MODEL, x, y), param_count(MODEL)
-    lines = [f"Shipped MNIST CNN ({dense_params} params), 1000 held-out digits. Dense accuracy "
-             f"{100 * dense_acc:.2f}%.", "",
-             "| channel ratio | params removed | repair | accuracy | vs dense |", "|---|---|---|---|---|"]
+    lines = [
+        f"Shipped MNIST CNN ({dense_params} params), 1000 held-out digits. Dense accuracy "
+        f"{100 * dense_acc:.2f}%.",
+        "",
+        "| channel ratio | params removed | repair | accuracy | vs dense |",
+        "|---|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in [float(r) for r in args.ratios.split(",")]:
             for repair in ("ar", "none"):
                 dst = os.path.join(tmp, "f.onnx")
                 params = fold_to(MODEL, dst, ratio=ratio, repair=repair)["params"]
                 acc = accuracy(dst, x, y)
-                lines.append(f"| {ratio} | {100 * (1 - params / dense_params):.1f}% | {repair} | "
-                             f"{100 * acc:.2f}% | {100 * (acc - dense_acc):+.2f} pts |")
+                lines.append(
+                    f"| {ratio} | {100 * (1 - params / dense_params):.1f}% | {repair} | "
+                    f"{100 * acc:.2f}% | {100 * (acc - dense_acc):+.2f} pts |"
+                )
                 print(lines[-1], flush=True)
     print(f"wrote {save_table('mnist.md', lines)}")
 

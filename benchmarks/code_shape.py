@@ -3,9 +3,9 @@ import cycles, and the distribution of function sizes.
 
     python -m benchmarks.code_shape [ROOT]     # ROOT: a checkout (default: this one)
 
-Imports are read with `ast` (module level and inside functions alike); `cli/` and `patterns/` count as
-`onnxfold.cli` and `onnxfold.patterns`, as they install.
-"""
+Imports are read with `ast` (module level and inside functions alike); `cli/` and `patterns/` count
+as `onnxfold.cli` and `onnxfold.patterns`, as they install."""
+
 from __future__ import annotations
 
 import ast
@@ -46,7 +46,7 @@ def imports_of(name: str, path: str, known: dict[str, str]) -> set[str]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             targets = [f"{base}.{a.name}" for a in node.names] + [base]
         for t in targets:
             while t and t not in known:
@@ -59,12 +59,16 @@ def imports_of(name: str, path: str, known: dict[str, str]) -> set[str]:
 def function_sizes(path: str) -> list[int]:
     """Line counts of every function and method in the file."""
     tree = ast.parse(open(path).read())
-    return [n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return [
+        n.end_lineno - n.lineno + 1
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
 
 
 def longest_chain(graph: dict[str, set[str]]) -> list[str]:
     """The longest import path (cycles cut where they close)."""
+
     @lru_cache(maxsize=None)
     def chain(name: str, seen: frozenset) -> tuple[str, ...]:
         best: tuple[str, ...] = ()
@@ -73,6 +77,7 @@ def longest_chain(graph: dict[str, set[str]]) -> list[str]:
                 sub = chain(dep, seen | {dep})
                 best = max(best, sub, key=len)
         return (name,) + best
+
     return list(max((chain(m, frozenset({m})) for m in graph), key=len))
 
 
@@ -100,6 +105,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                     break
             if len(comp) > 1:
                 out.append(sorted(comp))
+
     for v in graph:
         if v not in index:
             visit(v)
@@ -113,12 +119,17 @@ def main(argv: list[str]) -> int:
     print(f"modules: {len(known)}, lines: {sum(len(open(p).readlines()) for p in known.values())}")
     for name in sorted(known):
         print(f"  {name:<40} {len(open(known[name]).readlines()):>5}")
-    chain = longest_chain({k: v for k, v in graph.items() if not k.endswith("__init__") and "__main__" not in k})
+    chain = longest_chain(
+        {k: v for k, v in graph.items() if not k.endswith("__init__") and "__main__" not in k}
+    )
     print(f"longest import chain ({len(chain)} modules): {' -> '.join(chain)}")
     print(f"import cycles: {cycles(graph) or 'none'}")
     sizes = sorted(s for p in known.values() for s in function_sizes(p))
     p90 = sizes[int(0.9 * (len(sizes) - 1))]
-    print(f"functions: {len(sizes)}, lines median {statistics.median(sizes):.0f}, p90 {p90}, max {sizes[-1]}")
+    print(
+        f"functions: {len(sizes)}, lines median {statistics.median(sizes):.0f}, p90 {p90}, max "
+        f"{sizes[-1]}"
+    )
     return 0
 
 

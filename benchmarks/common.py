@@ -1,5 +1,6 @@
-"""Shared helpers for the benchmark scripts: fold a file in-process through onnxfold's public API, count and
-time things."""
+"""Shared helpers for the benchmark scripts: fold a file in-process through onnxfold's public API,
+count and time things."""
+
 from __future__ import annotations
 
 import os
@@ -13,16 +14,22 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def fold_to(src: str, dst: str, **options) -> dict:
-    """onnxfold.fold_file(src, dst, FoldConfig(**options), validate=False): load, fold and write (checked,
-    not validated). Returns the seconds of each step (load, fold, save) and of the whole call (total), the
-    number of groups folded, the repair used and the folded model's parameters."""
+    """onnxfold.fold_file(src, dst, FoldConfig(**options), validate=False): load, fold and write
+    (checked, not validated). Returns the seconds of each step (load, fold, save) and of the whole
+    call (total), the number of groups folded, the repair used and the folded model's parameters."""
     t0 = time.perf_counter()
     report = fold_file(src, dst, FoldConfig(**options), validate=False)
     total = time.perf_counter() - t0
     steps = report.steps
-    return {"load": steps["load"].seconds, "fold": steps["fold"].seconds,
-            "save": steps["write_and_validate"].seconds, "total": total, "groups": len(report.result.plans),
-            "repair": report.result.repair, "params": report.folded.params}
+    return {
+        "load": steps["load"].seconds,
+        "fold": steps["fold"].seconds,
+        "save": steps["write_and_validate"].seconds,
+        "total": total,
+        "groups": len(report.result.plans),
+        "repair": report.result.repair,
+        "params": report.folded.params,
+    }
 
 
 def median_of(values: list[float]) -> float:
@@ -38,5 +45,6 @@ def save_table(name: str, lines: list[str]) -> str:
 
 
 def param_count(path: str) -> int:
-    """Float parameters of the model file at `path`, as onnxfold counts them (external data not read)."""
+    """Float parameters of the model file at `path`, as onnxfold counts them (external data not
+    read)."""
     return count_params_file(path)

@@ -1,21 +1,23 @@
-"""Fold a LLaMA-7B-shaped model (random weights, 2 decoder layers) stored with external data: time per layer,
-total time, and peak memory of the `onnxfold` process against the model's file size; fp32 and fp16.
+"""Fold a LLaMA-7B-shaped model (random weights, 2 decoder layers) stored with external data: time
+per layer, total time, and peak memory of the `onnxfold` process against the model's file size; fp32
+and fp16.
 
-The model is transformers' LlamaForCausalLM with LLaMA-7B's widths (hidden 4096, intermediate 11008, 32
-query heads of 128; 8 KV heads, i.e. GQA as in the 7B-class successors; vocab 32000) but `--layers` decoder
-layers, exported by torch.onnx's legacy exporter exactly as `onnxfold export hf` does (opset 18, no KV
-cache), then rewritten with all weights in one page-aligned `.onnx.data` file (the exporter writes one file
-per tensor). fp16: the torch model is cast to float16 before export (RMSNorm/softmax upcasts stay in the
-graph), so every initializer is float16.
+The model is transformers' LlamaForCausalLM with LLaMA-7B's widths (hidden 4096, intermediate 11008,
+32 query heads of 128; 8 KV heads, i.e. GQA as in the 7B-class successors; vocab 32000) but
+`--layers` decoder layers, exported by torch.onnx's legacy exporter exactly as `onnxfold export hf`
+does (opset 18, no KV cache), then rewritten with all weights in one page-aligned `.onnx.data` file
+(the exporter writes one file per tensor). fp16: the torch model is cast to float16 before export
+(RMSNorm/softmax upcasts stay in the graph), so every initializer is float16.
 
-Each fold runs as a child process (`onnxfold MODEL -o OUT --ratio R --report JSON -q`); its peak RSS comes
-from wait4(2) for that child alone, its per-step times and peak RSS after each step from the report.
-Random weights have no redundancy, so output errors say nothing about folding quality; this measures cost.
+Each fold runs as a child process (`onnxfold MODEL -o OUT --ratio R --report JSON -q`); its peak RSS
+comes from wait4(2) for that child alone, its per-step times and peak RSS after each step from the
+report. Random weights have no redundancy, so output errors say nothing about folding quality; this
+measures cost.
 
-Usage: python -m benchmarks.llama7b [--dtypes fp32,fp16] [--layers 2] [--ratio 0.2] [--workdir DIR] [--keep]
-Needs: torch, transformers; ~8 GB free RAM for the export and 3x the model size free disk in --workdir.
-Writes benchmarks/results/llama7b.md (and llama7b.json next to it).
-"""
+Usage: python -m benchmarks.llama7b [--dtypes fp32,fp16] [--layers 2] [--ratio 0.2] [--workdir DIR]
+[--keep] Needs: torch, transformers; ~8 GB free RAM for the export and 3x the model size free disk
+in --workdir. Writes benchmarks/results/llama7b.md (and llama7b.json next to it)."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +36,14 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
-CONFIG = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-              num_key_value_heads=8, max_position_embeddings=4096)
+CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=4096,
+)
 FULL_LAYERS = 32
 ALIGN = 4096
 
@@ -60,18 +68,29 @@ def build(path: str, dtype: str, layers: int) -> None:
     os.makedirs(raw)
     with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(_Wrapper(model, True), (torch.randint(0, 100, (1, 8)),), os.path.join(raw, "m.onnx"),
-                          dynamo=False, opset_version=18, input_names=["input_ids"], output_names=["logits"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                        "logits": {0: "batch", 1: "sequence"}}, external_data=True)
+        torch.onnx.export(
+            _Wrapper(model, True),
+            (torch.randint(0, 100, (1, 8)),),
+            os.path.join(raw, "m.onnx"),
+            dynamo=False,
+            opset_version=18,
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "logits": {0: "batch", 1: "sequence"},
+            },
+            external_data=True,
+        )
     del model
     one_data_file(os.path.join(raw, "m.onnx"), path)
     shutil.rmtree(raw)
 
 
 def one_data_file(src: str, dst: str) -> None:
-    """Copy a model to `dst` with every initializer over 1 KiB in one page-aligned `dst`.data, streaming
-    tensor by tensor (the exporter writes one file per tensor over 2 GB, and everything inline below)."""
+    """Copy a model to `dst` with every initializer over 1 KiB in one page-aligned `dst`.data,
+    streaming tensor by tensor (the exporter writes one file per tensor over 2 GB, and everything
+    inline below)."""
     import onnx
 
     model = onnx.load(src, load_external_data=False)
@@ -87,7 +106,11 @@ def one_data_file(src: str, dst: str) -> None:
                 info = {e.key: e.value for e in t.external_data}
                 with open(os.path.join(base, info["location"]), "rb") as f:
                     f.seek(int(info.get("offset", 0)))
-                    left = int(info["length"]) if "length" in info else os.fstat(f.fileno()).st_size - f.tell()
+                    left = (
+                        int(info["length"])
+                        if "length" in info
+                        else os.fstat(f.fileno()).st_size - f.tell()
+                    )
                     while left:
                         chunk = f.read(min(left, 64 << 20))
                         out.write(chunk)
@@ -97,14 +120,18 @@ def one_data_file(src: str, dst: str) -> None:
                 t.ClearField("raw_data")
                 t.data_location = onnx.TensorProto.EXTERNAL
             del t.external_data[:]
-            for key, value in (("location", name), ("offset", offset), ("length", out.tell() - offset)):
+            for key, value in (
+                ("location", name),
+                ("offset", offset),
+                ("length", out.tell() - offset),
+            ):
                 t.external_data.add(key=key, value=str(value))
     onnx.save(model, dst)
 
 
 def run_child(cmd: list[str]) -> tuple[float, int, int]:
-    """Run cmd from the repository root (python -m benchmarks.llama7b / -m onnxfold); returns (wall seconds,
-    exit code, peak RSS bytes of that child)."""
+    """Run cmd from the repository root (python -m benchmarks.llama7b / -m onnxfold); returns (wall
+    seconds, exit code, peak RSS bytes of that child)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -121,64 +148,135 @@ def weight_types(path: str) -> list[str]:
     import onnx
 
     model = onnx.load(path, load_external_data=False)
-    return sorted({onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer
-                   if np.prod(t.dims, dtype=np.int64) >= 1 << 16})
+    return sorted(
+        {
+            onnx.TensorProto.DataType.Name(t.data_type)
+            for t in model.graph.initializer
+            if np.prod(t.dims, dtype=np.int64) >= 1 << 16
+        }
+    )
 
 
 def measure(workdir: str, dtype: str, layers: int, ratio: float) -> list[dict]:
-    """Build (child process), inspect, then fold with and without validation (child processes, timed and
-    measured); returns one row per fold."""
+    """Build (child process), inspect, then fold with and without validation (child processes, timed
+    and measured); returns one row per fold."""
     model = os.path.join(workdir, f"llama7b_{layers}l_{dtype}.onnx")
-    build_s, rc, build_rss = run_child([sys.executable, "-m", "benchmarks.llama7b", "--build", model,
-                                        "--dtype", dtype, "--layers", str(layers)])
+    build_s, rc, build_rss = run_child(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.llama7b",
+            "--build",
+            model,
+            "--dtype",
+            dtype,
+            "--layers",
+            str(layers),
+        ]
+    )
     if rc:
         raise SystemExit(f"export failed ({rc})")
-    inspect_s, rc, inspect_rss = run_child([sys.executable, "-m", "onnxfold", "inspect", model, "--json",
-                                            model + ".groups.json"])
+    inspect_s, rc, inspect_rss = run_child(
+        [sys.executable, "-m", "onnxfold", "inspect", model, "--json", model + ".groups.json"]
+    )
     groups = json.load(open(model + ".groups.json"))["groups"]
-    found = {"heads": sum(g["foldable"] and g["channels"] == CONFIG["num_key_value_heads"] for g in groups),
-             "mlp": sum(g["foldable"] and g["channels"] == CONFIG["intermediate_size"] for g in groups),
-             "all": sum(g["foldable"] for g in groups)}
+    found = {
+        "heads": sum(
+            g["foldable"] and g["channels"] == CONFIG["num_key_value_heads"] for g in groups
+        ),
+        "mlp": sum(g["foldable"] and g["channels"] == CONFIG["intermediate_size"] for g in groups),
+        "all": sum(g["foldable"] for g in groups),
+    }
     rows = []
     for validate in (True, False):
-        out = os.path.join(workdir, f"llama7b_{layers}l_{dtype}{'' if validate else '_nv'}.folded.onnx")
-        cmd = [sys.executable, "-m", "onnxfold", model, "-o", out, "--ratio", str(ratio), "--report",
-               out + ".json", "-q"] + ([] if validate else ["--no-validate"])
+        out = os.path.join(
+            workdir, f"llama7b_{layers}l_{dtype}{'' if validate else '_nv'}.folded.onnx"
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "onnxfold",
+            model,
+            "-o",
+            out,
+            "--ratio",
+            str(ratio),
+            "--report",
+            out + ".json",
+            "-q",
+        ] + ([] if validate else ["--no-validate"])
         fold_s, rc, fold_rss = run_child(cmd)
         if rc:
             raise SystemExit(f"onnxfold failed ({rc})")
         rep = json.load(open(out + ".json"))
-        rows.append({
-            "dtype": dtype, "validate": validate, "layers": layers, "ratio": ratio, "file_bytes": data_bytes(model),
-            "folded_bytes": data_bytes(out), "build_s": build_s, "build_peak_rss": build_rss,
-            "inspect_s": inspect_s, "inspect_peak_rss": inspect_rss, "foldable": found,
-            "wall_s": fold_s, "peak_rss": fold_rss, "steps": rep["steps"], "fold_seconds": rep["fold_seconds"],
-            "groups": [{"name": r["name"], "channels": r["channels"], "kept": r["kept"], "seconds": r["seconds"]}
-                       for r in rep["groups"] if r["seconds"] is not None],
-            "params": [rep["dense"]["params"], rep["folded"]["params"]],
-            "latency_ms": [rep["dense"]["latency_ms"], rep["folded"]["latency_ms"]],
-            "errors": [[o["name"], o["max_rel"], o["mean_rel"], o["top1_agreement"]]
-                       for o in (rep["comparison"] or {}).get("outputs", [])],
-            "types_in": weight_types(model), "types_out": weight_types(out)})
+        rows.append(
+            {
+                "dtype": dtype,
+                "validate": validate,
+                "layers": layers,
+                "ratio": ratio,
+                "file_bytes": data_bytes(model),
+                "folded_bytes": data_bytes(out),
+                "build_s": build_s,
+                "build_peak_rss": build_rss,
+                "inspect_s": inspect_s,
+                "inspect_peak_rss": inspect_rss,
+                "foldable": found,
+                "wall_s": fold_s,
+                "peak_rss": fold_rss,
+                "steps": rep["steps"],
+                "fold_seconds": rep["fold_seconds"],
+                "groups": [
+                    {
+                        "name": r["name"],
+                        "channels": r["channels"],
+                        "kept": r["kept"],
+                        "seconds": r["seconds"],
+                    }
+                    for r in rep["groups"]
+                    if r["seconds"] is not None
+                ],
+                "params": [rep["dense"]["params"], rep["folded"]["params"]],
+                "latency_ms": [rep["dense"]["latency_ms"], rep["folded"]["latency_ms"]],
+                "errors": [
+                    [o["name"], o["max_rel"], o["mean_rel"], o["top1_agreement"]]
+                    for o in (rep["comparison"] or {}).get("outputs", [])
+                ],
+                "types_in": weight_types(model),
+                "types_out": weight_types(out),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def extrapolate(row: dict) -> dict:
-    """Figures for FULL_LAYERS layers. Times: folding scales with the layer count; reading, writing and
-    validating with the bytes. Peak RSS: the larger of the fold step's (its clustering working set, the same
-    for any depth, plus the merged weights of every layer, held until they are written) and the validation
-    step's (one onnxruntime session, scaling with the bytes)."""
+    """Figures for FULL_LAYERS layers. Times: folding scales with the layer count; reading, writing
+    and validating with the bytes. Peak RSS: the larger of the fold step's (its clustering working
+    set, the same for any depth, plus the merged weights of every layer, held until they are
+    written) and the validation step's (one onnxruntime session, scaling with the bytes)."""
     steps, scale = row["steps"], FULL_LAYERS / row["layers"]
     bytes32 = embed_bytes(row) + (row["file_bytes"] - embed_bytes(row)) * scale
     fold32 = steps["fold"]["seconds"] * scale
-    io32 = (steps["load"]["seconds"] + steps["write_and_validate"]["seconds"]) * bytes32 / row["file_bytes"]
+    io32 = (
+        (steps["load"]["seconds"] + steps["write_and_validate"]["seconds"])
+        * bytes32
+        / row["file_bytes"]
+    )
     merged = row["folded_bytes"] - embed_bytes(row)
     peak_fold = steps["fold"]["peak_rss_bytes"] + merged * (scale - 1)
     peak_write = steps["write_and_validate"]["peak_rss_bytes"]
-    peak_validate = peak_write * bytes32 / row["file_bytes"] if peak_write > steps["fold"]["peak_rss_bytes"] else 0
-    return {"file_bytes": bytes32, "fold_s": fold32, "total_s": fold32 + io32 + steps["metrics"]["seconds"],
-            "peak_rss": max(peak_fold, peak_validate)}
+    peak_validate = (
+        peak_write * bytes32 / row["file_bytes"]
+        if peak_write > steps["fold"]["peak_rss_bytes"]
+        else 0
+    )
+    return {
+        "file_bytes": bytes32,
+        "fold_s": fold32,
+        "total_s": fold32 + io32 + steps["metrics"]["seconds"],
+        "peak_rss": max(peak_fold, peak_validate),
+    }
 
 
 def embed_bytes(row: dict) -> int:
@@ -200,41 +298,81 @@ def gb(n: float) -> str:
 def table(rows: list[dict], ratio: float) -> list[str]:
     """The markdown results: cost, memory per step, 32-layer extrapolation, output error."""
     name = lambda r: f"{r['dtype']}{'' if r['validate'] else ', --no-validate'}"  # noqa: E731
-    lines = [f"LLaMA-7B-shaped model (hidden 4096, intermediate 11008, 32 heads, 8 KV heads, vocab 32000), random "
-             f"weights, {rows[0]['layers']} decoder layers, external data; `onnxfold MODEL -o OUT --ratio {ratio}` "
-             f"(k-means: default 3 restarts, numpy backend), 2 CPU cores, no GPU. Peak RSS: the onnxfold process "
-             f"alone (wait4). Produced by `python -m benchmarks.llama7b`.", "",
-             "| weights | file | foldable groups: heads / MLP | params dense -> folded | clustering s, layer 0 / 1 "
-             "| load s | fold s | write + validate s | total s | peak RSS | peak / file | weight type in -> out |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "LLaMA-7B-shaped model (hidden 4096, intermediate 11008, 32 heads, 8 KV heads, vocab "
+        "32000), random "
+        f"weights, {rows[0]['layers']} decoder layers, external data; `onnxfold MODEL -o OUT "
+        f"--ratio {ratio}` "
+        "(k-means: default 3 restarts, numpy backend), 2 CPU cores, no GPU. Peak RSS: the "
+        "onnxfold process "
+        f"alone (wait4). Produced by `python -m benchmarks.llama7b`.",
+        "",
+        "| weights | file | foldable groups: heads / MLP | params dense -> folded | clustering s, "
+        "layer 0 / 1 "
+        "| load s | fold s | write + validate s | total s | peak RSS | peak / file | weight type "
+        "in -> out |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         st = r["steps"]
         lines.append(
-            f"| {name(r)} | {gb(r['file_bytes'])} | {r['foldable']['heads']} / {r['foldable']['mlp']} "
-            f"(of {r['foldable']['all']}) | {r['params'][0] / 1e6:.0f} M -> {r['params'][1] / 1e6:.0f} M | "
+            f"| {name(r)} | {gb(r['file_bytes'])} | {r['foldable']['heads']} / "
+            f"{r['foldable']['mlp']} "
+            f"(of {r['foldable']['all']}) | {r['params'][0] / 1e6:.0f} M -> "
+            f"{r['params'][1] / 1e6:.0f} M | "
             f"{' / '.join(f'{t:.0f}' for t in layer_times(r))} | {st['load']['seconds']:.0f} | "
-            f"{st['fold']['seconds']:.0f} | {st['write_and_validate']['seconds']:.0f} | {r['wall_s']:.0f} | "
+            f"{st['fold']['seconds']:.0f} | {st['write_and_validate']['seconds']:.0f} | "
+            f"{r['wall_s']:.0f} | "
             f"{gb(r['peak_rss'])} | **{r['peak_rss'] / r['file_bytes']:.2f}x** | "
-            f"{', '.join(r['types_in'])} -> {', '.join(r['types_out'])} |")
-    lines += ["", "Peak RSS of the onnxfold process after each step (the maximum so far):", "",
-              "| run | load | fold | write + validate | metrics |", "|---|---|---|---|---|"]
+            f"{', '.join(r['types_in'])} -> {', '.join(r['types_out'])} |"
+        )
+    lines += [
+        "",
+        "Peak RSS of the onnxfold process after each step (the maximum so far):",
+        "",
+        "| run | load | fold | write + validate | metrics |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {name(r)} | " + " | ".join(gb(r["steps"][k]["peak_rss_bytes"]) for k in
-                                                    ("load", "fold", "write_and_validate", "metrics")) + " |")
-    lines += ["", f"Extrapolated to {FULL_LAYERS} layers (folding time scales with the layers; reading, writing "
-              "and validating with the bytes; peak RSS: see `extrapolate`):", "",
-              "| run | file | fold s | total s | peak RSS | peak / file |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name(r)} | "
+            + " | ".join(
+                gb(r["steps"][k]["peak_rss_bytes"])
+                for k in ("load", "fold", "write_and_validate", "metrics")
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        f"Extrapolated to {FULL_LAYERS} layers (folding time scales with the layers; reading, "
+        "writing "
+        "and validating with the bytes; peak RSS: see `extrapolate`):",
+        "",
+        "| run | file | fold s | total s | peak RSS | peak / file |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         x = extrapolate(r)
-        lines.append(f"| {name(r)} | {gb(x['file_bytes'])} | {x['fold_s']:.0f} | {x['total_s']:.0f} | "
-                     f"{gb(x['peak_rss'])} | {x['peak_rss'] / x['file_bytes']:.2f}x |")
-    lines += ["", "Output error of the folded model on 8 random sequences of 64 tokens (random weights: not a "
-              "quality figure), latency of one sequence (dense and folded timed one after the other):", "",
-              "| weights | output | max rel | mean rel | latency ms dense / folded |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name(r)} | {gb(x['file_bytes'])} | {x['fold_s']:.0f} | {x['total_s']:.0f} | "
+            f"{gb(x['peak_rss'])} | {x['peak_rss'] / x['file_bytes']:.2f}x |"
+        )
+    lines += [
+        "",
+        "Output error of the folded model on 8 random sequences of 64 tokens (random weights: not "
+        "a "
+        "quality figure), latency of one sequence (dense and folded timed one after the other):",
+        "",
+        "| weights | output | max rel | mean rel | latency ms dense / folded |",
+        "|---|---|---|---|---|",
+    ]
     for r in (r for r in rows if r["validate"]):
         for out_name, mx, mean, _ in r["errors"]:
             lat = r["latency_ms"]
-            lines.append(f"| {r['dtype']} | {out_name} | {mx:.3g} | {mean:.3g} | {lat[0]:.0f} / {lat[1]:.0f} |")
+            lines.append(
+                f"| {r['dtype']} | {out_name} | {mx:.3g} | {mean:.3g} | {lat[0]:.0f} / "
+                f"{lat[1]:.0f} |"
+            )
     return lines
 
 
@@ -247,7 +385,9 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the built and folded models")
     p.add_argument("--build", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
-    p.add_argument("--table-only", action="store_true", help="rewrite the .md from results/llama7b.json")
+    p.add_argument(
+        "--table-only", action="store_true", help="rewrite the .md from results/llama7b.json"
+    )
     args = p.parse_args()
     if args.build:
         return build(args.build, args.dtype, args.layers)

