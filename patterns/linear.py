@@ -9,6 +9,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxfold.groups.layout import MEAN, SUM
+from onnxfold.model.ops import WEIGHT_AXES, conv_groups, weight_axes
 
 from .common import Discovery, const_value, freeze_all, out_rank, pass_through, where
 
@@ -20,9 +21,9 @@ def conv(node: gs.Node, d: Discovery) -> None:
     if wv is None or wv.ndim < 3:
         return freeze_all(node, d, f"{where(node)} has a non-constant weight")
     lx = _expect_axis(node, d, lx, 1, repeat_ok=False)
-    group = int(node.attrs.get("group", 1))
+    group = conv_groups(node)
     if group == 1:
-        return _dense_producer(node, d, lx, w, bias, in_axis=1, out_axis=0)
+        return _dense_producer(node, d, lx, w, bias, *WEIGHT_AXES[node.op])
     if wv.shape[1] == 1 and wv.shape[0] == group and (lx is None or lx.extent == group):
         return _depthwise(node, d, lx, w, bias)
     freeze_all(node, d, f"{where(node)} is a grouped convolution (group={group}), not folded")
@@ -32,10 +33,10 @@ def conv_transpose(node: gs.Node, d: Discovery) -> None:
     x, w = node.inputs[0], node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     lx, wv = d.layout(x), const_value(w)
-    if wv is None or int(node.attrs.get("group", 1)) != 1:
+    if wv is None or conv_groups(node) != 1:
         return freeze_all(node, d, f"{where(node)} has a non-constant weight or groups")
     lx = _expect_axis(node, d, lx, 1, repeat_ok=False)
-    _dense_producer(node, d, lx, w, bias, in_axis=0, out_axis=1)
+    _dense_producer(node, d, lx, w, bias, *WEIGHT_AXES[node.op])
 
 
 def _expect_axis(node, d: Discovery, layout, axis: int | None, repeat_ok: bool = True):
@@ -84,8 +85,7 @@ def gemm(node: gs.Node, d: Discovery) -> None:
     if bv is None or int(node.attrs.get("transA", 0)) or bv.ndim != 2:
         return freeze_all(node, d, f"{where(node)} has a non-constant or transposed operand")
     la = _expect_axis(node, d, la, 1)
-    trans_b = int(node.attrs.get("transB", 0))
-    in_axis, out_axis = (1, 0) if trans_b else (0, 1)
+    in_axis, out_axis = weight_axes(node)  # transB decides
     d.add_members(la, b, in_axis, SUM)
     out = d.produce(node.outputs[0], bv.shape[out_axis], 1, 2)
     d.add_members(out, b, out_axis, MEAN)
@@ -116,10 +116,11 @@ def matmul(node: gs.Node, d: Discovery) -> None:
             node, d, f"{where(node)} multiplies by a constant that is not a 2-D weight"
         )
     la = _expect_axis(node, d, la, None)
-    d.add_members(la, b, 0, SUM)
+    in_axis, out_axis = weight_axes(node)
+    d.add_members(la, b, in_axis, SUM)
     rank = out_rank(node, la.rank if la else 2)
-    out = d.produce(node.outputs[0], bv.shape[1], rank - 1, rank)
-    d.add_members(out, b, 1, MEAN)
+    out = d.produce(node.outputs[0], bv.shape[out_axis], rank - 1, rank)
+    d.add_members(out, b, out_axis, MEAN)
 
 
 def batched_matmul(node: gs.Node, d: Discovery) -> None:
