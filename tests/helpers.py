@@ -342,6 +342,23 @@ def quiet():
             lg.setLevel(lvl)
 
 
+def tiny_llama_config(**overrides):
+    """The tests' tiny transformers LLaMA config: 2 layers, hidden 64, MLP 96, 4 query heads sharing
+    2 KV heads (GQA), vocabulary 128, 64 positions; `overrides` replace or add fields."""
+    import transformers
+
+    values = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaConfig(**{**values, **overrides})
+
+
 def token_module(model, output: str = "logits", **kwargs):
     """A torch module ids -> getattr(model(input_ids=ids, attention_mask=ones, **kwargs), output): a
     transformers model as a one-input, one-output module to export."""

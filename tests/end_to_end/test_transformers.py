@@ -14,6 +14,7 @@ from helpers import (
     groups_of,
     param_count,
     run,
+    tiny_llama_config,
     token_ids,
     token_module,
     widen_file,
@@ -27,15 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module", params=["legacy", "dynamo"])
 def llama(request, tmp_path_factory):
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    cfg = tiny_llama_config()
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from helpers import fold_to, groups_of, make_model, run, widen_file
+from helpers import fold_to, groups_of, make_model, run, tiny_llama_config, widen_file
 from onnx import TensorProto, helper
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 8, 4, 2, 4
@@ -276,16 +276,7 @@ def optimum_llm(request, tmp_path_factory):
     from onnxfold.export.hf import export_hf
 
     if request.param == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            architectures=["LlamaForCausalLM"],
-        )
+        cfg = tiny_llama_config(architectures=["LlamaForCausalLM"])
         model_class, vocab, kv = transformers.LlamaForCausalLM, 128, 2
     else:
         cfg = transformers.GPT2Config(

@@ -15,6 +15,7 @@ from helpers import (
     fold_to,
     mlp_with_duplicated_group,
     run,
+    tiny_llama_config,
     token_ids,
     token_mlp,
     token_module,
@@ -120,15 +121,7 @@ def test_heads_and_mlps_are_all_scored_and_prune(arch, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     if arch == "llama":
-        cfg = transformers.LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-        )
+        cfg = tiny_llama_config(max_position_embeddings=32)
     else:
         cfg = transformers.GPT2Config(
             vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32
