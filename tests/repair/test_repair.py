@@ -8,11 +8,8 @@ import onnx
 from helpers import MNIST, make_model, save_model
 from onnx import helper, numpy_helper
 
+from onnxfold import FoldConfig, fold_model
 from onnxfold.cli.main import main
-from onnxfold.config import FoldConfig
-from onnxfold.model.load import load_model
-from onnxfold.model.save import to_proto
-from onnxfold.pipeline import fold_graph
 
 RNG = np.random.default_rng(0)
 
@@ -47,16 +44,9 @@ def test_repair_with_data_sets_bn_statistics_to_measured_values(tmp_path):
     the same sample's dense statistics sit from the dense running statistics (cluster averages)."""
     src = bn_model(str(tmp_path / "bn.onnx"))
     calib = {"input": (3.0 + 2.0 * RNG.standard_normal((40, 4, 5, 5))).astype(np.float32)}
-    loaded = load_model(src)
-    result = fold_graph(
-        loaded.graph,
-        loaded.opset,
-        FoldConfig(ratio=0.5, repair="data"),
-        calib=calib,
-        dense_path=src,
-    )
+    result = fold_model(src, FoldConfig(ratio=0.5, repair="data"), calib=calib)
     assert result.plans and "BatchNorm" in result.notes[0]
-    model = to_proto(loaded.graph, loaded.opset)
+    model = result.to_proto()
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")

@@ -28,13 +28,11 @@ from helpers import (
 from onnx import helper
 
 from onnxfold.cli.main import main
-from onnxfold.config import FoldConfig
 from onnxfold.groups.discover import discover
 from onnxfold.groups.group import Group
 from onnxfold.groups.layout import MEAN, Member
 from onnxfold.model.load import load_model
 from onnxfold.model.save import to_proto
-from onnxfold.pipeline import fold_graph
 from onnxfold.plan.plan import FoldPlan
 from onnxfold.repair.data import channel_map, repair_with_data
 from onnxfold.rewrite.merge import apply_plans, folded_feeds, forget_shapes
@@ -141,16 +139,7 @@ CASES = {"mha": dict(kv_heads=HEADS, past=False), "gqa-cache": dict(kv_heads=2, 
 
 
 def fold_with_data(src: str, dst: str, calib: dict, **options):
-    loaded = load_model(src)
-    result = fold_graph(
-        loaded.graph,
-        loaded.opset,
-        FoldConfig(repair="data", **options),
-        calib=calib,
-        dense_path=src,
-    )
-    onnx.save(to_proto(loaded.graph, loaded.opset), dst)
-    return result
+    return fold_to(src, dst, calib, repair="data", **options)[0]
 
 
 @pytest.mark.parametrize("case", CASES)
