@@ -9,9 +9,10 @@ import sys
 
 from onnxfold.config import FIELDS, FoldConfig
 from onnxfold.errors import UserError
+from onnxfold.files import FoldReport, Reporter, check_data_files, fold_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
-from onnxfold.pipeline import FoldReport, Reporter, calibration_inputs, check_data_files, fold_file
+from onnxfold.pipeline import calibration_inputs
 from onnxfold.runtime.feeds import match_inputs, read_npz
 from onnxfold.runtime.session import session
 

@@ -6,8 +6,9 @@ import dataclasses
 import json
 
 from onnxfold.check.count import ModelFigures
+from onnxfold.files import FoldReport
 from onnxfold.groups.group import Group
-from onnxfold.pipeline import FoldReport, FoldResult
+from onnxfold.pipeline import FoldResult
 
 MAX_GROUP_LINES = 24
 

@@ -20,10 +20,11 @@ if all(_os.path.isfile(_os.path.join(_root, d, "__init__.py")) for d in ("cli", 
 
 from .config import FoldConfig  # noqa: E402 - after the path set-up above
 from .errors import UserError  # noqa: E402
+from .files import FoldReport, fold_file  # noqa: E402
 from .groups.discover import discover  # noqa: E402
 from .groups.group import Group  # noqa: E402
 from .model.load import LoadedModel, load_model  # noqa: E402
-from .pipeline import FoldReport, FoldResult, fold_file, fold_graph, fold_model  # noqa: E402
+from .pipeline import FoldResult, fold_graph, fold_model  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [

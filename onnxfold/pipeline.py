@@ -4,15 +4,12 @@
     -> rewrite (merge, compensate)
     -> repair -> rewrite (refit) -> [fold_file: save atomically, check against the dense model]
 
-fold_graph folds a gs.Graph in place; fold_model folds a model in memory; fold_file reads a file,
-folds it, validates and writes the result, and returns everything the report shows. The CLI, sweep,
-the benchmarks and the tests all go through these."""
+fold_graph folds a gs.Graph in place; fold_model folds a model in memory; files.fold_file does the
+whole job on files. The CLI, sweep, the benchmarks and the tests all go through these."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,14 +18,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .check.compare import ONE_AT_A_TIME_BYTES, FeedSource, Validation, validate_files
-from .check.count import ModelFigures, figures
 from .config import ConfigError, FoldConfig
-from .errors import UserError
 from .groups.discover import apply_excludes, discover, kv_cache_notes
 from .groups.group import Group
 from .model.load import LoadedModel, load_model
-from .model.save import check_data_target, save_graph, to_proto
+from .model.save import to_proto
 from .plan.backends import resolve_backend
 from .plan.budget import units_to_keep
 from .plan.features import weighted_features
@@ -43,10 +37,9 @@ from .rewrite.compensate import (
 )
 from .rewrite.merge import apply_plans, folded_feeds, forget_shapes, sync_depthwise_groups
 from .rewrite.refit import plan_refits, refit_consumers
-from .runtime.feeds import match_inputs, read_npz
+from .runtime.feeds import match_inputs
 from .runtime.session import session
 from .runtime.stats import sample_count
-from .runtime.tokens import token_id_limits
 
 
 @dataclass
@@ -225,7 +218,7 @@ def calibration_inputs(
     """The calibration feeds a fold of the model at `dense_path` uses: the user's `arrays` (read
     from `arrays_path`), matched to the model's inputs, when the repair, --importance act or --refit
     reads them; else inputs the repair synthesises (Fold-DIR); else None."""
-    source = _calibration_source(config, arrays)
+    source = calibration_source(config, arrays)
     if source == "user":
         return match_inputs(arrays, session(dense_path), arrays_path)
     if source == "synthesised":
@@ -235,7 +228,7 @@ def calibration_inputs(
     return None
 
 
-def _calibration_source(config: FoldConfig, arrays) -> str | None:
+def calibration_source(config: FoldConfig, arrays) -> str | None:
     """'user' when the fold reads the user's calibration arrays, 'synthesised' when the repair makes
     its own inputs instead, None when nothing reads calibration inputs."""
     repair = REPAIRS.get(config.repair, Repair)
@@ -263,192 +256,3 @@ def fold_model(
     result = fold_graph(loaded.graph, loaded.opset, config, progress, calib, loaded.path)
     result.model = loaded
     return result
-
-
-@dataclass
-class StepCost:
-    """Wall time (s) of one step of fold_file and the process's peak RSS (bytes) after it."""
-
-    seconds: float
-    peak_rss_bytes: int
-
-
-@dataclass
-class FoldReport:
-    """Everything fold_file did: the fold, where it wrote, the dense and folded figures, the
-    validation (None with validate=False) and the cost of each step (load, fold, write_and_validate,
-    metrics)."""
-
-    input: str
-    output: str
-    config: FoldConfig
-    result: FoldResult
-    dense: ModelFigures
-    folded: ModelFigures
-    validation: Validation | None
-    steps: dict[str, StepCost]
-
-
-class Reporter:
-    """What fold_file shows while it works; this one shows nothing. step(name) is a context manager
-    around one step; counter(label) gives a callable (i, total, text) for per-item progress, or
-    None."""
-
-    def step(self, name: str):
-        return contextlib.nullcontext()
-
-    def counter(self, label: str):
-        return None
-
-
-def default_output(path: str) -> str:
-    """INPUT.folded.onnx beside the input."""
-    base = path[:-5] if path.lower().endswith(".onnx") else path
-    return base + ".folded.onnx"
-
-
-def fold_file(
-    input: str,
-    output: str | None = None,
-    config: FoldConfig | None = None,
-    *,
-    calib: str | None = None,
-    data: str | None = None,
-    validate: bool = True,
-    reporter: Reporter | None = None,
-) -> FoldReport:
-    """Fold the model file `input` into `output` (default INPUT.folded.onnx), written atomically
-    after onnx.checker and (validate) onnxruntime accepted it; the input is never modified. `calib`:
-    an .npz of calibration inputs; `data`: an .npz of validation inputs with optional labels
-    (default: random inputs). UserError (one line) for bad input, before any work where it can be
-    known."""
-    config, reporter = config or FoldConfig(), reporter or Reporter()
-    config.check()
-    output = output or default_output(input)
-    check_paths(input, output, data, calib)
-    data_arrays = read_npz(data) if data else None
-    calib_arrays = _read_calib(config, calib)
-    steps: dict[str, StepCost] = {}
-    with reporter.step("loading"), _measured(steps, "load"):
-        # External-data weights stay on disk until used, unless a step exports the graph to run it.
-        lazy = (
-            not REPAIRS.get(config.repair, Repair).needs_calibration and config.importance != "act"
-        )
-        loaded = load_model(input, lazy=lazy)
-        check_data_target(output, loaded.data_files)
-    with reporter.step("folding"), _measured(steps, "fold"):
-        result = _fold_loaded(loaded, config, calib_arrays, calib, reporter)
-    validator = _Validator(
-        input,
-        FeedSource(
-            *(data_arrays or (None, None)), data, config.seed, token_id_limits(loaded.graph)
-        ),
-        loaded.file_bytes,
-    )
-    with reporter.step("validating and writing"), _measured(steps, "write_and_validate"):
-        skeleton, size = save_graph(
-            loaded.graph,
-            loaded.opset,
-            output,
-            loaded.external_data,
-            validator if validate else None,
-            loaded.data_files,
-        )
-    checked = validator.result
-    with _measured(steps, "metrics"):
-        feeds, latency = (checked.feeds, checked.latency_ms) if checked else (None, (None, None))
-        dense = figures(loaded.skeleton, loaded.file_bytes, feeds, latency[0])
-        folded = figures(skeleton, size, feeds, latency[1])
-    if validator.one_at_a_time and validate:
-        result.notes.append(
-            f"input over {ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models validated one "
-            f"after the other (latencies timed separately, not interleaved)"
-        )
-    return FoldReport(input, output, config, result, dense, folded, checked, steps)
-
-
-def _fold_loaded(
-    loaded: LoadedModel,
-    config: FoldConfig,
-    calib_arrays,
-    calib_path: str | None,
-    reporter: Reporter,
-) -> FoldResult:
-    """fold_graph on a loaded file, with its calibration inputs (synthesised in a step of its
-    own)."""
-    synthesised = _calibration_source(config, calib_arrays) == "synthesised"
-    with (
-        reporter.step("synthesising calibration inputs (Fold-DIR)")
-        if synthesised
-        else contextlib.nullcontext()
-    ):
-        feeds = calibration_inputs(
-            config, loaded.path, calib_arrays, calib_path, reporter.counter("deep inversion step")
-        )
-    counter = reporter.counter("clustering group")
-    result = fold_graph(loaded.graph, loaded.opset, config, counter, feeds, loaded.path)
-    getattr(counter, "done", lambda: None)()
-    return result
-
-
-class _Validator:
-    """save_graph's check on the written file before it is renamed into place: compares it with the
-    dense model at `dense_path` on `source`'s inputs (one model at a time when the dense files reach
-    ONE_AT_A_TIME_BYTES); keeps the Validation in `result`."""
-
-    def __init__(self, dense_path: str, source: FeedSource, dense_bytes: int):
-        self.dense_path, self.source = dense_path, source
-        self.one_at_a_time = dense_bytes >= ONE_AT_A_TIME_BYTES
-        self.result: Validation | None = None
-
-    def __call__(self, folded_path: str) -> None:
-        self.result = validate_files(self.dense_path, folded_path, self.source, self.one_at_a_time)
-
-
-@contextlib.contextmanager
-def _measured(steps: dict[str, StepCost], name: str):
-    """Record the block's wall time and the process's peak RSS so far as steps[name]."""
-    start = time.perf_counter()
-    yield
-    steps[name] = StepCost(
-        time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    )
-
-
-def _read_calib(config: FoldConfig, path: str | None) -> dict[str, np.ndarray] | None:
-    """The arrays of the calibration file, after checking that the chosen methods have the inputs
-    they need."""
-    repair = REPAIRS.get(config.repair, Repair)
-    if repair.reads_calib and not path:
-        raise ConfigError(
-            "repair", config.repair, "needs {calib} FILE.npz (a few dozen representative inputs)"
-        )
-    if config.refit and not path and not repair.synthesizes:
-        raise ConfigError(
-            "refit",
-            None,
-            "needs calibration inputs: {calib} FILE.npz, or {repair} dir (synthesised)",
-        )
-    return read_npz(path)[0] if path else None
-
-
-def check_paths(src: str, out: str, data: str | None = None, calib: str | None = None) -> None:
-    """UserError when the output would replace the input or cannot be written, or a data file is
-    missing."""
-    if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
-        raise UserError(
-            f"output {out} is the input file; onnxfold never overwrites its input (use -o)"
-        )
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"{out}: output directory '{out_dir}' does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"{out}: cannot write into '{out_dir}'")
-    check_data_files(data, calib)
-
-
-def check_data_files(*paths: str | None) -> None:
-    """UserError for the first path given that is not a file."""
-    for path in paths:
-        if path is not None and not os.path.isfile(path):
-            raise UserError(f"{path}: no such data file")

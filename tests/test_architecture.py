@@ -21,6 +21,7 @@ RANKS = {
     "onnxfold.check": 7,
     "onnxfold.config": 8,
     "onnxfold.pipeline": 9,
+    "onnxfold.files": 10,
     "onnxfold.sweep": 10,
     "onnxfold.export": 10,
     "onnxfold.cli": 11,

@@ -241,7 +241,7 @@ def test_cli_validates_a_with_past_layer_one_model_at_a_time(tmp_path, monkeypat
     reads the folded model's input shapes from its file and feeds it its own empty caches too."""
     from onnxfold.cli.main import main
 
-    monkeypatch.setattr("onnxfold.pipeline.ONE_AT_A_TIME_BYTES", 0)
+    monkeypatch.setattr("onnxfold.files.ONE_AT_A_TIME_BYTES", 0)
     src, report = _decoder_layer(str(tmp_path / "m.onnx"), mask=True), str(tmp_path / "r.json")
     assert main([src, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5", "--report", report]) == 0
     assert "validated one after the other" in capsys.readouterr().out
