@@ -30,9 +30,8 @@ def fold_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="onnxfold",
         description="Fold an ONNX model: cluster similar channels and merge them, "
-        "data-free. Writes INPUT.folded.onnx and prints a before/after report. "
-        "Also: `onnxfold inspect INPUT.onnx` lists the channel groups found; `onnxfold sweep "
-        "INPUT.onnx --data "
+        "data-free. Writes INPUT.folded.onnx and prints a before/after report. Also: `onnxfold "
+        "inspect INPUT.onnx` lists the channel groups found; `onnxfold sweep INPUT.onnx --data "
         "test.npz` compares methods across ratios.",
     )
     p.add_argument("input", help="the .onnx model to fold (never modified)")
@@ -102,27 +101,23 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
         choices=CHOICES["importance"],
         default=DEFAULTS.importance,
         help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib "
-        "inputs "
-        "or, for token models, data-free on text a causal LM generates itself (random token ids "
-        "for "
-        "other token models); prune keeps the highest, fold clusters the weighted features "
+        "inputs or, for token models, data-free on text a causal LM generates itself (random token "
+        "ids for other token models); prune keeps the highest, fold clusters the weighted features "
         "(default: weight)",
     )
     p.add_argument(
         "--compensate",
         action="store_true",
         help="with --importance act: restore each folded group's next-layer output mean with a "
-        "bias "
-        "(prune: the dropped channels' mean contribution, FLAP-style; fold: measured again on the "
-        "folded model); helps LLMs, see README",
+        "bias (prune: the dropped channels' mean contribution, FLAP-style; fold: measured again on "
+        "the folded model); helps LLMs, see README",
     )
     p.add_argument(
         "--refit",
         action="store_true",
         help="after merging (and repair): re-solve by least squares the weights of each layer that "
-        "reads "
-        "folded channels (1x1 Conv, Gemm, MatMul) so its output matches the dense model's on the "
-        "calibration inputs (--calib, or --repair dir's synthetic ones)",
+        "reads folded channels (1x1 Conv, Gemm, MatMul) so its output matches the dense model's on "
+        "the calibration inputs (--calib, or --repair dir's synthetic ones)",
     )
     p.add_argument(
         "--method",
@@ -158,10 +153,8 @@ def _repair_flags(p: argparse.ArgumentParser) -> None:
         choices=CHOICES["repair"],
         default=DEFAULTS.repair,
         help="repair after merging: ar (Fold-AR, data-free, needs BatchNorm statistics); data "
-        "(REPAIR: "
-        "reset statistics on --calib inputs); dir (data-free: inputs synthesised from BN "
-        "statistics, "
-        "then REPAIR; needs torch); none. auto picks ar when BN statistics exist",
+        "(REPAIR: reset statistics on --calib inputs); dir (data-free: inputs synthesised from BN "
+        "statistics, then REPAIR; needs torch); none. auto picks ar when BN statistics exist",
     )
     p.add_argument(
         "--calib",
@@ -224,8 +217,7 @@ def sweep_parser() -> argparse.ArgumentParser:
         choices=CHOICES["importance"],
         default=DEFAULTS.importance,
         help="act: every method scores channels by activation x next-layer weight norm, measured "
-        "on "
-        "--calib (token models: data-free, see onnxfold --help)",
+        "on --calib (token models: data-free, see onnxfold --help)",
     )
     p.add_argument(
         "--methods",
@@ -276,10 +268,8 @@ def export_parser() -> argparse.ArgumentParser:
         prog="onnxfold export",
         description="Export a model to ONNX for folding. `onnxfold export hf "
         "MODEL_DIR -o model.onnx`: a local Hugging Face folder (causal LMs and encoders), "
-        "torch.onnx "
-        "legacy exporter, opset 18, no KV cache (--with-past: with KV cache, through "
-        "optimum-onnx). Needs "
-        "torch and transformers.",
+        "torch.onnx legacy exporter, opset 18, no KV cache (--with-past: with KV cache, through "
+        "optimum-onnx). Needs torch and transformers.",
     )
     p.add_argument("source", choices=("hf",), help="hf: a Hugging Face model folder")
     p.add_argument("model_dir", help="folder with config.json and the weights")

@@ -178,8 +178,7 @@ def own_feeds(
     fed = "zeros for both models" if zeroed else "empty arrays of each model's own shape"
     notes = [
         f"inputs {_listed(changed)} have other shapes in the folded model "
-        f"({_change_text(changed)}): "
-        f"fed {fed}"
+        f"({_change_text(changed)}): fed {fed}"
         + (f" (non-empty: {_listed(zeroed)})" if zeroed and len(zeroed) < len(changed) else "")
     ]
     return d_feeds, f_feeds, notes

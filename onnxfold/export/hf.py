@@ -59,9 +59,8 @@ def export_hf(model_dir: str, output: str, opset: int = OPSET, with_past: bool =
         except RuntimeError as e:
             raise UserError(
                 f"{model_dir}: torch.onnx cannot export it with transformers "
-                f"{transformers.__version__} "
-                f"({str(e).splitlines()[0][:120]}); this export is tested with transformers 5.x, "
-                f"the export with past with optimum-onnx"
+                f"{transformers.__version__} ({str(e).splitlines()[0][:120]}); this export is "
+                "tested with transformers 5.x, the export with past with optimum-onnx"
             ) from None
         if causal and _tied(model):
             tmp_path = _retie_embeddings(tmp_path, os.path.join(tmp, "retied"))

@@ -150,8 +150,7 @@ def _check_external(proto: onnx.ModelProto, path: str, base: str) -> None:
         if ref.offset + ref.length > os.path.getsize(ref.file):
             raise UserError(
                 f"{path}: external-data file '{ref.location}' is shorter than tensor '{t.name}' "
-                "needs "
-                f"(truncated copy?)"
+                "needs (truncated copy?)"
             )
 
 

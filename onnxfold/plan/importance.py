@@ -79,8 +79,7 @@ class ActivationImportance(WeightImportance):
     def note(self, scores: Scores, groups: list[Group]) -> str | None:
         return (
             f"importance: activation x consumer weight norm for {len(scores.scores)} of "
-            f"{len(groups)} "
-            f"foldable groups being folded ({scores.source}); the rest by weights"
+            f"{len(groups)} foldable groups being folded ({scores.source}); the rest by weights"
         )
 
 

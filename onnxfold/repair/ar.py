@@ -38,8 +38,7 @@ class FoldAR(Repair):
         if not has_bn_statistics(graph):
             return Repair, (
                 "--repair ar asked, but the graph has no BatchNormalization statistics (BN fused "
-                "by "
-                "the exporter?)"
+                "by the exporter?)"
             )
         return cls, "requested with --repair ar"
 
@@ -59,8 +58,7 @@ class FoldAR(Repair):
             )
         return Repair, (
             "no BatchNormalization statistics in the graph (BN fused by the exporter?): no "
-            "data-free "
-            "repair applies"
+            "data-free repair applies"
         )
 
     def before_discovery(self, graph: gs.Graph, ratio: float) -> None:

@@ -72,8 +72,7 @@ def repair_with_data(
         waves = reset_bn_statistics(graph, bns, folded, offsets)
         return (
             f"reset the statistics of {len(bns)} BatchNorm layers in {waves} passes over "
-            f"{sample_count(feeds)} samples "
-            f"(paired with the dense model's running statistics)"
+            f"{sample_count(feeds)} samples (paired with the dense model's running statistics)"
         )
     waves, rescaled = match_producer_statistics(
         graph, folded_producers(graph, plans), feeds, dense_path, folded
