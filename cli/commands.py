@@ -8,7 +8,7 @@ import os
 import sys
 
 from onnxfold.config import FIELDS, FoldConfig
-from onnxfold.errors import UserError
+from onnxfold.errors import ConfigError, UserError
 from onnxfold.files import FoldReport, Reporter, check_data_files, fold_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
@@ -18,6 +18,11 @@ from onnxfold.runtime.session import session
 
 from . import report
 from .progress import Progress, Step
+
+
+def in_flags(error: UserError) -> str:
+    """A library error as the command line says it: configuration fields named as flags."""
+    return error.words(as_flags=True) if isinstance(error, ConfigError) else str(error)
 
 
 def config_from(args: argparse.Namespace) -> FoldConfig:
@@ -228,7 +233,7 @@ def _synthetic(args, methods: list[str]):
             return calibration_inputs(config, args.input, None)
     except UserError as e:
         for method in methods:
-            _say_skip(method, str(e))
+            _say_skip(method, in_flags(e))
         return None
 
 

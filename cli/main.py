@@ -13,7 +13,7 @@ import signal
 import sys
 
 from onnxfold.config import CHOICES, DEFAULTS
-from onnxfold.errors import ConfigError, UserError
+from onnxfold.errors import UserError
 from onnxfold.sweep import DEFAULT_METHODS, METHODS
 
 from . import commands
@@ -301,11 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "fold" and not os.path.exists("fold"):
             argv = argv[1:]
         return commands.fold(fold_parser().parse_args(argv))
-    except ConfigError as e:
-        print(f"onnxfold: error: {e.words(as_flags=True)}", file=sys.stderr)
-        return 2
     except UserError as e:
-        print(f"onnxfold: error: {e}", file=sys.stderr)
+        print(f"onnxfold: error: {commands.in_flags(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("onnxfold: interrupted", file=sys.stderr)

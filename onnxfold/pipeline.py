@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .config import ConfigError, FoldConfig
+from .config import FoldConfig
+from .errors import ConfigError
 from .groups.discover import apply_excludes, discover, kv_cache_notes
 from .groups.group import Group
 from .model.load import LoadedModel, load_model

@@ -129,16 +129,7 @@ def test_head_and_mlp_ratios_and_layer_selection(llama, tmp_path):
 def test_export_hf_folder_then_fold(tmp_path, capsys):
     from onnxfold.cli.main import main
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        architectures=["LlamaForCausalLM"],
-    )
+    cfg = tiny_llama_config(num_hidden_layers=1, architectures=["LlamaForCausalLM"])
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(tmp_path / "hf"))
     out = str(tmp_path / "m.onnx")
@@ -154,16 +145,8 @@ def test_export_hf_keeps_tied_lm_head_as_one_table(tmp_path):
     model's parameters."""
     from onnxfold.export.hf import export_hf
 
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        architectures=["LlamaForCausalLM"],
-        tie_word_embeddings=True,
+    cfg = tiny_llama_config(
+        num_hidden_layers=1, architectures=["LlamaForCausalLM"], tie_word_embeddings=True
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
