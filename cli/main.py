@@ -16,7 +16,7 @@ from onnxfold.config import CHOICES, DEFAULTS
 from onnxfold.errors import UserError
 from onnxfold.sweep import DEFAULT_METHODS, METHODS
 
-from . import commands
+from . import commands, inspect
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     _show_log(debug)
     try:
         if argv and argv[0] == "inspect":
-            return commands.inspect(inspect_parser().parse_args(argv[1:]))
+            return inspect.inspect(inspect_parser().parse_args(argv[1:]))
         if argv and argv[0] == "export":
             return commands.export(export_parser().parse_args(argv[1:]))
         if argv and argv[0] == "sweep":
