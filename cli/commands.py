@@ -8,7 +8,7 @@ import os
 import sys
 
 from onnxfold.config import FIELDS, FoldConfig
-from onnxfold.errors import ConfigError, UserError
+from onnxfold.errors import UserError, WordedError
 from onnxfold.files import FoldReport, Reporter, check_data_files, fold_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
@@ -22,7 +22,7 @@ from .progress import Progress, Step
 
 def in_flags(error: UserError) -> str:
     """A library error as the command line says it: configuration fields named as flags."""
-    return error.words(as_flags=True) if isinstance(error, ConfigError) else str(error)
+    return error.words(as_flags=True) if isinstance(error, WordedError) else str(error)
 
 
 def config_from(args: argparse.Namespace) -> FoldConfig:
@@ -91,7 +91,8 @@ def _print_report(args, folded: FoldReport) -> None:
         say(f"validation on {comparison.source}:")
         for note in comparison.notes:
             say(f"  {note}")
-    say(report.format_table(folded.dense, folded.folded, comparison))
+    timing = folded.validation.timing if folded.validation else None
+    say(report.format_table(folded.dense, folded.folded, comparison, timing))
     print(report.summary_line(folded.output, folded.dense, folded.folded, comparison))
 
 

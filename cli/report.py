@@ -61,8 +61,9 @@ def format_groups(rows: list[dict], limit: int = MAX_GROUP_LINES) -> str:
     return "\n".join(lines)
 
 
-def format_table(dense: ModelFigures, folded: ModelFigures, comparison) -> str:
-    """Before/after table of size, compute, latency, and quality figures."""
+def format_table(dense: ModelFigures, folded: ModelFigures, comparison, timing=None) -> str:
+    """Before/after table of size, compute, latency (check.latency.Timing, None: not measured),
+    and quality figures."""
     rows = [
         (
             "parameters",
@@ -78,14 +79,13 @@ def format_table(dense: ModelFigures, folded: ModelFigures, comparison) -> str:
             _change(dense.file_bytes, folded.file_bytes),
         ),
     ]
-    if dense.latency_ms is not None:
-        speed = dense.latency_ms / folded.latency_ms if folded.latency_ms else None
+    if timing is not None:
         rows.append(
             (
-                "latency (median, batch 1)",
-                f"{dense.latency_ms:.3f} ms",
-                f"{folded.latency_ms:.3f} ms",
-                f"{speed:.2f}x faster" if speed else "",
+                f"latency (median, batch {timing.batch})",
+                f"{timing.ms[0]:.3f} ms",
+                f"{timing.ms[1]:.3f} ms",
+                timing.speed_text(),
             )
         )
     if comparison is not None:
@@ -133,7 +133,7 @@ def _quality_rows(cmp) -> list[tuple[str, str, str, str]]:
                 f"'{out.name}' error max/mean",
                 "",
                 f"{out.max_rel:.3g}/{out.mean_rel:.3g}",
-                "relative",
+                "of max |dense|",
             )
         )
         if out.top1_agreement is not None:

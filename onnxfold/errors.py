@@ -14,7 +14,20 @@ class UserError(Exception):
     """Bad input or usage: the message says what is wrong and how to fix it."""
 
 
-class ConfigError(UserError):
+class WordedError(UserError):
+    """A UserError whose `template` names fields as {name}: str() names them as they are (data,
+    no_validate), words(as_flags=True) as the command line's flags (--data, --no-validate)."""
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.words())
+
+    def words(self, as_flags: bool = False) -> str:
+        """The message, naming fields as flags or as they are."""
+        return self.template.format_map(_FieldNames(as_flags))
+
+
+class ConfigError(WordedError):
     """A choice the fold cannot take. `field` names it (a FoldConfig field such as `ratio`, or
     `calib` / `data` / `output` of fold_file), `value` is what was given (None: missing, or a
     switch), and `problem` may name other fields as {name}. str() words it for library users
@@ -23,7 +36,7 @@ class ConfigError(UserError):
 
     def __init__(self, field: str, value, problem: str):
         self.field, self.value, self.problem = field, value, problem
-        super().__init__(self.words())
+        UserError.__init__(self, self.words())
 
     def words(self, as_flags: bool = False) -> str:
         """The message, naming fields as flags (--multiple-of) or as they are (multiple_of)."""

@@ -21,8 +21,8 @@ from .model.load import LoadedModel, load_model
 from .model.save import check_data_target, save_graph
 from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
 from .repair import REPAIRS, Repair
-from .runtime.feeds import read_npz
-from .runtime.tokens import token_id_limits
+from .runtime.feeds import check_arrays, graph_input_specs, read_npz
+from .runtime.tokens import input_values, token_id_limits
 
 
 @dataclass
@@ -96,12 +96,21 @@ def fold_file(
         )
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
+        specs = graph_input_specs(loaded.graph)
+        if data_arrays:
+            check_arrays(*data_arrays, specs, data)
+        if calib_arrays:
+            check_arrays(calib_arrays, None, specs, calib)
     with reporter.step("folding"), _measured(steps, "fold"):
         result = _fold_loaded(loaded, config, calib_arrays, calib, reporter)
     validator = _Validator(
         input,
         FeedSource(
-            *(data_arrays or (None, None)), data, config.seed, token_id_limits(loaded.graph)
+            *(data_arrays or (None, None)),
+            data,
+            config.seed,
+            token_id_limits(loaded.graph),
+            input_values(loaded.graph),
         ),
         loaded.file_bytes,
     )
@@ -116,7 +125,7 @@ def fold_file(
         )
     checked = validator.result
     with _measured(steps, "metrics"):
-        feeds, latency = (checked.feeds, checked.latency_ms) if checked else (None, (None, None))
+        feeds, latency = (checked.feeds, checked.timing.ms) if checked else (None, (None, None))
         dense = figures(loaded.skeleton, loaded.file_bytes, feeds, latency[0])
         folded = figures(skeleton, size, feeds, latency[1])
     if validator.one_at_a_time and validate:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import UserError
+from ..errors import UserError, WordedError, literal
 from ..runtime.feeds import (
+    OTHER_DIM,
     InputSpec,
     declared_input_specs,
     dim_terms,
@@ -26,16 +27,21 @@ from ..runtime.feeds import (
     random_feeds,
 )
 from ..runtime.session import session
-from ..runtime.stats import run_batched
-from .latency import latency_ms
+from ..runtime.stats import batch_axes, run_batched
+from .latency import Timing, time_sessions
 
+RANDOM = "random samples"
+SAMPLES = 8
+# random feeds' (batch, other symbolic dims) sizes, tried in turn until the dense model runs: longer
+# inputs (reflect padding needs them), then one size for every dim (unnamed dims that must agree)
+RANDOM_SIZES = ((SAMPLES, OTHER_DIM), (SAMPLES, 4 * OTHER_DIM), (4 * OTHER_DIM, 4 * OTHER_DIM))
 ONE_AT_A_TIME_BYTES = 1 << 30  # dense models from this size: one onnxruntime session at a time
 
 
 @dataclass
 class OutputError:
-    """Error of one output: max |f-d| / max |d|, mean |f-d| / mean |d|, top-1 agreement for
-    logits."""
+    """Error of one output, both figures relative to the dense output's largest magnitude (so mean
+    <= max): max |f-d| / max |d|, mean |f-d| / max |d|; top-1 agreement for logits."""
 
     name: str
     max_rel: float
@@ -62,30 +68,46 @@ def compare(
     labels: np.ndarray | None,
     source: str,
     folded_feeds: dict[str, np.ndarray] | None = None,
+    d_out: list[np.ndarray] | None = None,
 ) -> Comparison:
     """Output errors, top-1 agreement and (with labels) accuracy of both models on the same feeds
     (or on `folded_feeds`, the folded model's own where its declared inputs changed; see
-    own_feeds)."""
-    d_out = run_dense(dense, feeds, source)
+    own_feeds). `d_out`: the dense outputs on feeds, when already run."""
+    d_out = run_dense(dense, feeds, source) if d_out is None else d_out
     f_out = run_batched(folded, feeds if folded_feeds is None else folded_feeds)
     skip = changed_shapes(output_specs(dense), output_specs(folded))
-    return compare_outputs(
-        [o.name for o in dense.get_outputs()], d_out, f_out, labels, source, skip
-    )
+    names, samples = [o.name for o in dense.get_outputs()], batch_axes(dense).samples(feeds)
+    return compare_outputs(names, d_out, f_out, labels, source, skip, samples)
 
 
 def run_dense(
     dense: ort.InferenceSession, feeds: dict[str, np.ndarray], source: str
 ) -> list[np.ndarray]:
-    """run_batched on the input model; a model that cannot run on these feeds is a user error."""
+    """run_batched on the input model. onnxruntime refusing these feeds is a UserError that says
+    whose inputs they were: random ones the tool made from the declared shapes (the model may need
+    real values or sizes) or the user's data file."""
     try:
         return run_batched(dense, feeds)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"onnxruntime cannot run the input model on {source} ({first}); pass --data with "
-            f"real inputs, or --no-validate"
-        ) from None
+    except ort_errors() as e:
+        text = str(e).strip()
+        first = text.splitlines()[0][:200] if text else type(e).__name__
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+        if RANDOM in source:
+            raise WordedError(
+                literal(
+                    f"the input model does not run on the random inputs made from its declared "
+                    f"input shapes ({shapes}): {first}"
+                )
+                + "; give real inputs with {data} FILE.npz, or skip validation with {no_validate}"
+            ) from None
+        raise UserError(f"the input model does not run on {source} ({shapes}): {first}") from None
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """The exception types onnxruntime raises for inputs it refuses."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.RuntimeException, state.NotImplemented)
 
 
 def compare_outputs(
@@ -95,12 +117,14 @@ def compare_outputs(
     labels: np.ndarray | None,
     source: str,
     skip: dict[str, tuple[list, list]] | None = None,
+    samples: int = 1,
 ) -> Comparison:
-    """Comparison of dense outputs d_out and folded outputs f_out (same order as names). Outputs in
+    """Comparison of dense outputs d_out and folded outputs f_out (same order as names) over
+    `samples` samples; accuracy counts every labelled sample. Outputs in
     `skip` (name -> declared dense and folded shapes: folding changed them, e.g. present KV caches
     with fewer heads) are left out of the errors and named in a note."""
     skip = skip or {}
-    cmp = Comparison(len(d_out[0]) if d_out and d_out[0].ndim else 1, source)
+    cmp = Comparison(samples, source)
     pairs = [(name, d, f) for name, d, f in zip(names, d_out, f_out) if name not in skip]
     for name, d, f in pairs:
         cmp.outputs.append(_output_error(name, d, f))
@@ -110,9 +134,15 @@ def compare_outputs(
         )
     logits = next(((d, f) for _, d, f in pairs if _is_logits(d)), None)
     if labels is not None and logits is not None:
-        n = min(len(labels), len(logits[0]))
-        cmp.accuracy_dense = float(np.mean(logits[0][:n].argmax(1) == labels[:n]))
-        cmp.accuracy_folded = float(np.mean(logits[1][:n].argmax(1) == labels[:n]))
+        if len(logits[0]) != len(labels):
+            raise RuntimeError(
+                f"{len(labels)} labels but {len(logits[0])} rows of logits: the label check at "
+                f"reading missed this"
+            )
+        cmp.accuracy_dense = float(np.mean(logits[0].argmax(1) == labels))
+        cmp.accuracy_folded = float(np.mean(logits[1].argmax(1) == labels))
+    elif labels is not None:
+        cmp.notes.append("labels given, but no output is a (samples, classes) array: no accuracy")
     return cmp
 
 
@@ -202,31 +232,51 @@ def _shape_text(shape: list) -> str:
 class FeedSource:
     """Where validation inputs come from: arrays read from an .npz file (`data`, optional `labels`,
     `path` for messages), or, without data, 8 seeded random samples (integer inputs that index an
-    embedding table kept below its rows: `id_limits`, input name -> rows)."""
+    embedding table kept below its rows: `id_limits`, input name -> rows; inputs whose one value
+    the graph tells: `values`, see runtime.tokens.input_values)."""
 
     data: dict[str, np.ndarray] | None = None
     labels: np.ndarray | None = None
     path: str | None = None
     seed: int = 0
     id_limits: dict[str, int] | None = None
+    values: dict[str, int] | None = None
 
-    def feeds(self, dense: ort.InferenceSession, dims: dict[str, int] | None = None):
+    def feeds(
+        self,
+        dense: ort.InferenceSession,
+        dims: dict[str, int] | None = None,
+        sizes: tuple[int, int] = (SAMPLES, OTHER_DIM),
+    ):
         """(feeds for the dense model, labels or None, a description of the inputs); `dims` forces
-        symbolic dims of random feeds (.npz data is taken as it is)."""
+        symbolic dims of random feeds, `sizes` gives their batch size and the size of their other
+        symbolic dims (.npz data is taken as it is)."""
         if self.data is not None:
             feeds = match_inputs(self.data, dense, self.path)
-            return feeds, self.labels, f"{self.path} ({len(next(iter(feeds.values())))} samples)"
-        feeds = random_feeds(dense, seed=self.seed, dims=dims, id_limits=self.id_limits)
-        return feeds, None, f"8 random samples (seed {self.seed})"
+            count = batch_axes(dense).samples(feeds)
+            return feeds, self.labels, f"{self.path} ({count} samples)"
+        feeds = random_feeds(
+            dense,
+            samples=sizes[0],
+            seed=self.seed,
+            other_dim=sizes[1],
+            dims=dims,
+            id_limits=self.id_limits,
+            values=self.values,
+        )
+        shapes = "; ".join(f"{k} {list(v.shape)}" for k, v in list(feeds.items())[:3])
+        more = f"; +{len(feeds) - 3} more inputs" if len(feeds) > 3 else ""
+        return feeds, None, f"{sizes[0]} {RANDOM} (seed {self.seed}: {shapes}{more})"
 
 
 @dataclass
 class Validation:
-    """What validating a written model measured: the comparison, median latency of one sample (ms)
-    of the dense and the folded model, and the dense model's feeds (for counting MACs)."""
+    """What validating a written model measured: the comparison, the timing of one batch of the
+    dense and the folded model (Timing.ms: [dense, folded]), and the dense model's feeds (for
+    counting MACs)."""
 
     comparison: Comparison
-    latency_ms: tuple[float, float]
+    timing: Timing
     feeds: dict[str, np.ndarray]
 
 
@@ -245,25 +295,41 @@ def validate_files(
     d_specs = input_specs(dense)
     f_specs = declared_input_specs(folded_path) if folded is None else input_specs(folded)
     dims = empty_dims(d_specs, f_specs)
-    feeds, labels, described = source.feeds(dense, dims or None)
-    d_feeds, f_feeds, notes = own_feeds(d_specs, f_specs, feeds)
+    d_feeds, f_feeds, labels, described, notes, d_out = _feeds_that_run(
+        dense, source, d_specs, f_specs, dims
+    )
     if folded is not None:
-        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds)
+        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out)
         cmp.notes[:0] = notes
-        d_ms, f_ms = latency_ms([dense, folded], [d_feeds, f_feeds])
-        return Validation(cmp, (d_ms, f_ms), d_feeds)
+        return Validation(cmp, time_sessions([dense, folded], [d_feeds, f_feeds]), d_feeds)
     names, d_outputs = [o.name for o in dense.get_outputs()], output_specs(dense)
-    d_out, d_ms = run_dense(dense, d_feeds, described), latency_ms([dense], d_feeds)[0]
+    samples = batch_axes(dense).samples(d_feeds)
+    d_time = time_sessions([dense], d_feeds)
     del dense
     gc.collect()
     folded = session(folded_path, lean=True)
-    f_out, f_ms = run_batched(folded, f_feeds), latency_ms([folded], f_feeds)[0]
+    f_out, f_time = run_batched(folded, f_feeds), time_sessions([folded], f_feeds)
     skip = changed_shapes(d_outputs, output_specs(folded))
     del folded
     gc.collect()
-    cmp = compare_outputs(names, d_out, f_out, labels, described, skip)
+    cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples)
     cmp.notes[:0] = notes
-    return Validation(cmp, (d_ms, f_ms), d_feeds)
+    return Validation(cmp, Timing(d_time.ms + f_time.ms, d_time.batch), d_feeds)
+
+
+def _feeds_that_run(dense, source: FeedSource, d_specs, f_specs, dims: dict[str, int]):
+    """(dense feeds, folded feeds, labels, description, notes, dense outputs) for the first feeds
+    the dense model runs: the user's data, or random feeds sized by each of RANDOM_SIZES in turn;
+    the first failure is raised."""
+    first_error = None
+    for sizes in RANDOM_SIZES[:1] if source.data is not None else RANDOM_SIZES:
+        feeds, labels, described = source.feeds(dense, dims or None, sizes)
+        d_feeds, f_feeds, notes = own_feeds(d_specs, f_specs, feeds)
+        try:
+            return d_feeds, f_feeds, labels, described, notes, run_dense(dense, d_feeds, described)
+        except UserError as e:
+            first_error = first_error or e
+    raise first_error
 
 
 def _is_logits(a: np.ndarray) -> bool:
@@ -275,6 +341,6 @@ def _output_error(name: str, d: np.ndarray, f: np.ndarray) -> OutputError:
         raise RuntimeError(f"output '{name}' changed shape from {d.shape} to {f.shape}")
     d64, diff = d.astype(np.float64), np.abs(f.astype(np.float64) - d.astype(np.float64))
     max_rel = float(diff.max() / max(np.abs(d64).max(), 1e-12)) if d.size else 0.0
-    mean_rel = float(diff.mean() / max(np.abs(d64).mean(), 1e-12)) if d.size else 0.0
+    mean_rel = float(diff.mean() / max(np.abs(d64).max(), 1e-12)) if d.size else 0.0
     top1 = float(np.mean(d.argmax(1) == f.argmax(1))) if _is_logits(d) else None
     return OutputError(name, max_rel, mean_rel, top1)

@@ -1,7 +1,7 @@
 """Normalise a freshly imported graph so every exporter's output looks alike to the rules: Constant
 and Identity nodes become constants, constant-only subgraphs are evaluated, shared shape vectors and
 small constants get one copy per reader (and are shared again on saving when folding left them
-equal)."""
+equal). Each step covers the bodies of If/Loop/Scan nodes as well (`graphs_of`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,26 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import log
+from ..runtime.session import quiet_onnxruntime
 from .external import np_dtype
+
+
+def graphs_of(graph: gs.Graph) -> list[gs.Graph]:
+    """`graph` and every subgraph nested in it (If branches, Loop and Scan bodies)."""
+    return [graph, *graph.subgraphs(recursive=True)]
 
 
 def constants_from_nodes(graph: gs.Graph) -> None:
     """Turn Constant nodes (paddle2onnx style) and Identity nodes forwarding a constant into plain
-    constants.
+    constants, in the graph and its subgraphs.
 
-    Consumers are rewired to a gs.Constant; graph outputs are left untouched."""
+    Consumers are rewired to a gs.Constant; graph (and subgraph) outputs are left untouched."""
+    for g in graphs_of(graph):
+        _constants_from_nodes(g)
+    graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _constants_from_nodes(graph: gs.Graph) -> None:
     for node in list(graph.nodes):
         const = _constant_of(node)
         if const is None or node.outputs[0] in graph.outputs:
@@ -27,7 +39,6 @@ def constants_from_nodes(graph: gs.Graph) -> None:
                 if t is out:
                     consumer.inputs[i] = const
         node.outputs.clear()
-    graph.cleanup(remove_unused_graph_inputs=False)
 
 
 _SCALAR_ATTRS = {
@@ -63,11 +74,12 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
     Shape ops are left alone (fold_shapes=False): a shape computed at run time follows folded
     channels. Nodes reading an embedding table that a Gather reads too (a tied LM head's Transpose)
     stay: folding them would store a second copy of the table."""
-    if not any(n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs) for n in graph.nodes):
+    nodes = [n for g in graphs_of(graph) for n in g.nodes]
+    if not any(n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs) for n in nodes):
         return
     held = [
         (n, i, t)
-        for n in graph.nodes
+        for n in nodes
         for i, t in enumerate(n.inputs)
         if isinstance(t, gs.Constant)
         and n.op != "Gather"
@@ -79,6 +91,7 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
     }
     for node, i, t in held:  # a producer-less Variable is not constant to fold_constants
         node.inputs[i] = stand_ins[t.name]
+    quiet_onnxruntime()  # fold_constants runs onnxruntime sessions of its own
     try:
         graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=max_bytes)
     except Exception as e:  # noqa: BLE001 - folding is an optimisation; the graph stays as it was
@@ -95,37 +108,43 @@ def unshare_shape_concats(graph: gs.Graph) -> None:
     """A shape vector built by Concat and read by several Reshape/Expand nodes gets one Concat per
     reader, so a channel count baked into one of its pieces can be rewritten for that reader
     alone."""
-    names = set(graph.tensors())
-    for node in list(graph.nodes):
-        if node.op not in SHAPE_CONSUMERS or len(node.inputs) < 2 or not node.inputs[-1].inputs:
-            continue
-        index = 1 if node.op != "Resize" else len(node.inputs) - 1
-        shape = node.inputs[index]
-        cat = shape.inputs[0] if shape.inputs else None
-        if cat is None or cat.op != "Concat" or len(shape.outputs) < 2 or shape.outputs[0] is node:
-            continue
-        copy = gs.Variable(
-            _fresh_name(f"{shape.name}_copy", names), dtype=shape.dtype, shape=shape.shape
-        )
-        graph.nodes.append(
-            gs.Node(
-                "Concat",
-                _fresh_name(f"{cat.name}_copy", names),
-                dict(cat.attrs),
-                list(cat.inputs),
-                [copy],
-            )
-        )
-        node.inputs[index] = copy
+    names = _all_names(graph)
+    for g in graphs_of(graph):
+        for node in list(g.nodes):
+            _own_shape_concat(g, node, names)
     graph.toposort()
+
+
+def _own_shape_concat(graph: gs.Graph, node: gs.Node, names: set[str]) -> None:
+    """Give `node` (a Reshape/Expand/Resize of `graph`) its own copy of a shared shape Concat."""
+    if node.op not in SHAPE_CONSUMERS or len(node.inputs) < 2 or not node.inputs[-1].inputs:
+        return
+    index = 1 if node.op != "Resize" else len(node.inputs) - 1
+    shape = node.inputs[index]
+    cat = shape.inputs[0] if shape.inputs else None
+    if cat is None or cat.op != "Concat" or len(shape.outputs) < 2 or shape.outputs[0] is node:
+        return
+    copy = gs.Variable(
+        _fresh_name(f"{shape.name}_copy", names), dtype=shape.dtype, shape=shape.shape
+    )
+    graph.nodes.append(
+        gs.Node(
+            "Concat",
+            _fresh_name(f"{cat.name}_copy", names),
+            dict(cat.attrs),
+            list(cat.inputs),
+            [copy],
+        )
+    )
+    node.inputs[index] = copy
 
 
 def unshare_small_constants(graph: gs.Graph, max_size: int = 64) -> None:
     """Give every node its own copy of small shared constants (see _unshareable), so rewriting one
     is local and layers that merely share equal values are not coupled."""
     seen: set[int] = set()
-    names = set(graph.tensors())
-    for node in graph.nodes:
+    names = _all_names(graph)
+    for node in (n for g in graphs_of(graph) for n in g.nodes):
         for i, t in enumerate(node.inputs):
             if not _unshareable(node, t, max_size):
                 continue
@@ -140,7 +159,7 @@ def reshare_unchanged_copies(graph: gs.Graph) -> None:
     """Undo unshare_small_constants where folding left a copy equal to its original (same shape,
     dtype and values): the written model shares it again, so an unfolded layer costs no extra
     parameters."""
-    for node in graph.nodes:
+    for node in (n for g in graphs_of(graph) for n in g.nodes):
         for i, t in enumerate(node.inputs):
             original = getattr(t, "onnxfold_original", None)
             if original is None or t.shape != original.shape:
@@ -170,6 +189,11 @@ def _unshareable(node: gs.Node, t: gs.Tensor, max_size: int) -> bool:
 def _dtype_kind(dtype) -> str:
     """numpy kind of a gs dtype (a numpy dtype, or an ONNX type number for types numpy lacks)."""
     return np_dtype(dtype).kind if isinstance(dtype, int) else np.dtype(dtype).kind
+
+
+def _all_names(graph: gs.Graph) -> set[str]:
+    """Names of every tensor of the graph and its subgraphs."""
+    return {name for g in graphs_of(graph) for name in g.tensors()}
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:

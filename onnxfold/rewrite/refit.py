@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 from ..model.ops import is_pointwise, weight_out_axis
 from ..plan.plan import FoldPlan
 from ..runtime.session import session_with_outputs
-from ..runtime.stats import batches, sample_count
+from ..runtime.stats import batch_axes, run_chunks
 from .compensate import Compensation, apply_compensation, folded_like_outputs
 
 MAX_ROWS = 32768  # sample rows (pixels x images, tokens) kept per consumer
@@ -151,10 +151,9 @@ def _row_choice(seed: int):
 
 def _activations(sess, name: str, axis: int, feeds: dict, rows) -> np.ndarray:
     """The tensor `name` over all feeds as sample rows (rows, channels), the rows `rows` picks."""
-    total = sample_count(feeds)
+    total = batch_axes(sess).samples(feeds)
     parts = []
-    for start, batch in batches(feeds):
-        out = sess.run([name], batch)[0]
+    for start, (out,) in run_chunks(sess, feeds, [name]):
         parts.append(_rows_of(out, axis, total, start, rows))
     return np.concatenate(parts).astype(np.float64)
 
@@ -173,10 +172,10 @@ def _dense_targets(
     over feeds."""
     out_names = sorted({r.node.inputs[0].name for r in refits})
     sess = session_with_outputs(onnx.load(dense_path), out_names)
-    total = sample_count(feeds)
+    total = batch_axes(sess).samples(feeds)
     found: dict[int, list[np.ndarray]] = {i: [] for i in range(len(refits))}
-    for start, batch in batches(feeds):
-        outs = dict(zip(out_names, sess.run(out_names, batch)))
+    for start, chunk in run_chunks(sess, feeds, out_names):
+        outs = dict(zip(out_names, chunk))
         for i, refit in enumerate(refits):
             x = _rows_of(outs[refit.node.inputs[0].name], refit.axis, total, start, rows).astype(
                 np.float32

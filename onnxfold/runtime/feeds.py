@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import UserError
+from .stats import input_batch_axes
 
 LABEL_KEYS = ("labels", "label", "y", "targets")
 OTHER_DIM = 64  # random inputs: symbolic dims after the first (image sides, sequence length)
@@ -48,12 +49,13 @@ def random_feeds(
     int_high: int = 100,
     dims: dict[str, int] | None = None,
     id_limits: dict[str, int] | None = None,
+    values: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded random inputs following the graph's input specs (a session, or InputSpecs). Symbolic
     dims are sized by `symbolic_sizes` (a name first at axis 0: `samples`, others `other_dim`, sums
     of names summed, `dims` forced); integer inputs are drawn from [0, int_high) (1: all zeros,
     valid ids), or from fewer values where `id_limits` (input name -> embedding rows) says the table
-    is smaller."""
+    is smaller; an input named in `values` holds that one value everywhere."""
     specs = input_specs(sess) if hasattr(sess, "get_inputs") else list(sess)
     sizes = symbolic_sizes(specs, samples, other_dim, dims)
     rng = np.random.default_rng(seed)
@@ -61,7 +63,9 @@ def random_feeds(
     for inp in specs:
         shape = [_dim_size(d, i, sizes, samples, other_dim) for i, d in enumerate(inp.shape)]
         dtype = ORT_TYPES.get(inp.type, np.float32)
-        if np.issubdtype(dtype, np.floating):
+        if inp.name in (values or {}):
+            feeds[inp.name] = np.full(shape, values[inp.name], dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
             high = (
@@ -123,6 +127,19 @@ def _dim_size(d, axis: int, sizes: dict[str, int], samples: int, other_dim: int)
     return samples if axis == 0 else other_dim
 
 
+def graph_input_specs(graph) -> list[InputSpec]:
+    """InputSpecs of an onnx-graphsurgeon graph's inputs (dims: ints, names or None)."""
+    names = {np.dtype(v): k for k, v in ORT_TYPES.items()}
+    return [
+        InputSpec(
+            t.name,
+            [d if isinstance(d, (int, str)) else None for d in (t.shape or [])],
+            names.get(np.dtype(t.dtype) if t.dtype is not None else None, "tensor(float)"),
+        )
+        for t in graph.inputs
+    ]
+
+
 def input_specs(sess: ort.InferenceSession) -> list[InputSpec]:
     return [InputSpec(i.name, list(i.shape), i.type) for i in sess.get_inputs()]
 
@@ -166,15 +183,68 @@ def read_npz(path: str) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
 
 
 def match_inputs(
-    data: dict[str, np.ndarray], sess: ort.InferenceSession, path: str
+    data: dict[str, np.ndarray], sess: ort.InferenceSession | Sequence[InputSpec], path: str
 ) -> dict[str, np.ndarray]:
-    """Map .npz arrays to the model's inputs (by name, or the single array of a one-input model),
-    cast."""
-    names = [i.name for i in sess.get_inputs()]
+    """Map .npz arrays to the model's inputs (a session's, or InputSpecs; by name, or the single
+    array of a one-input model), cast to the declared types."""
+    specs = input_specs(sess) if hasattr(sess, "get_inputs") else list(sess)
+    names = [i.name for i in specs]
     if len(names) == 1 and names[0] not in data and len(data) == 1:
         data = {names[0]: next(iter(data.values()))}
     missing = [n for n in names if n not in data]
     if missing:
         raise UserError(f"{path}: no array for model input(s) {missing}; found keys {sorted(data)}")
-    types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}
+    types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in specs}
     return {n: data[n].astype(types[n], copy=False) for n in names}
+
+
+def check_arrays(
+    data: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    specs: Sequence[InputSpec],
+    path: str,
+) -> int:
+    """The number of samples in `data` (arrays matched to `specs`, see match_inputs), after
+    checking them against the declared shapes: the same rank, every fixed dim off the batch axis
+    equal, the same sample count in every batched input, at least one sample, and `labels` (if
+    any) one integer per sample. UserError (one line naming `path`) otherwise."""
+    arrays = match_inputs(data, specs, path)
+    axes = input_batch_axes(specs)
+    counts = {}
+    for spec in specs:
+        a, axis = arrays[spec.name], axes.inputs.get(spec.name)
+        if a.ndim != len(spec.shape):
+            raise UserError(
+                f"{path}: '{spec.name}' has shape {list(a.shape)}, but the model declares "
+                f"{_declared(spec.shape)} ({len(spec.shape)} dims)"
+            )
+        for i, (got, want) in enumerate(zip(a.shape, spec.shape)):
+            if i != axis and isinstance(want, int) and want > 0 and got != want:
+                raise UserError(
+                    f"{path}: '{spec.name}' has shape {list(a.shape)}, but the model declares "
+                    f"{_declared(spec.shape)} (axis {i} must be {want})"
+                )
+        if axis is not None:
+            counts[spec.name] = a.shape[axis]
+    if len(set(counts.values())) > 1:
+        raise UserError(f"{path}: inputs hold different numbers of samples: {counts}")
+    samples = next(iter(counts.values()), 1)
+    if samples == 0:
+        raise UserError(f"{path}: holds 0 samples")
+    if labels is not None:
+        _check_labels(labels, samples, path)
+    return samples
+
+
+def _check_labels(labels: np.ndarray, samples: int, path: str) -> None:
+    if labels.ndim != 1 or len(labels) != samples:
+        raise UserError(
+            f"{path}: labels have shape {list(labels.shape)}, but the inputs hold {samples} "
+            f"samples: give one class index per sample"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) and not np.all(np.mod(labels, 1) == 0):
+        raise UserError(f"{path}: labels must be class indices (integers), not {labels.dtype}")
+
+
+def _declared(shape: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -17,14 +17,31 @@ PROVIDERS = ["CPUExecutionProvider"]
 # larger models reach statistics sessions through a temporary file: SmolLM2 --importance act peak
 # 3.3 -> 2.2 GB
 SESSION_VIA_FILE_BYTES = 1 << 26
+# onnxruntime's own log lines (optimizer warnings, kernel errors in ANSI colour) stay silent: its
+# errors reach the caller as exceptions, which onnxfold words itself.
+QUIET = 4
+
+
+def quiet_onnxruntime() -> None:
+    """Silence onnxruntime's process-wide logger (graph optimizer warnings, also from sessions that
+    onnx-graphsurgeon's constant folding makes)."""
+    ort.set_default_logger_severity(QUIET)
+
+
+def _options() -> ort.SessionOptions:
+    """Session options every session starts from: onnxruntime's logging silenced, for the session
+    and for the process-wide logger its graph optimizers write to."""
+    quiet_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = QUIET
+    return opts
 
 
 def session(model: str | bytes, lean: bool = False) -> ort.InferenceSession:
     """A session of a model file (or serialised model) with default (full) graph optimisations; the
     same options for every model compared. lean (large models): no pre-packed weight copies, no
     memory arena or pattern kept between runs, so the session holds little more than the weights."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = _options()
     # No busy-waiting thread pools: two interleaved sessions would otherwise steal each other's
     # cores.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -46,8 +63,7 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     model.graph.output.extend(
         onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing
     )
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = _options()
     opts.add_session_config_entry("session.disable_prepacking", "1")
     if sum(len(t.raw_data) for t in model.graph.initializer) < SESSION_VIA_FILE_BYTES:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=PROVIDERS)
@@ -68,8 +84,7 @@ def probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A session that runs `model` exactly as written (no graph optimisation) and frees each
     intermediate as soon as it is used, nodes run in priority order (a weight made at run time
     exists only while read)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 4
+    opts = _options()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED

@@ -1,36 +1,118 @@
-"""Batched onnxruntime runs over feeds {input name: (N, ...)} and per-channel statistics of their
-outputs."""
+"""Batched onnxruntime runs over feeds of many samples, and per-channel statistics of their outputs.
+
+Where the samples lie is read from the session's declared shapes (`batch_axes`): the batch axis of
+each input and output (axis 0 usually; axis 1 of a recurrent state [2, batch, hidden]), inputs with
+no batch axis (0-d inputs, fixed-size states) fed whole to every run, and a static batch size that
+every run must take exactly (the last partial run padded with copies of the last sample, whose
+outputs are dropped again)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
-import onnxruntime as ort
 
 BATCH = 64
 
 
+@dataclass(frozen=True)
+class BatchAxes:
+    """Where a session's samples lie: the batch axis of each input and output by name (None: not
+    batched, fed whole / returned once per run) and the static batch size every run takes (None:
+    any)."""
+
+    inputs: dict[str, int | None]
+    outputs: dict[str, int | None]
+    static: int | None
+    splittable: bool = True  # False: unnamed batch dims, which other inputs may share unseen
+
+    def samples(self, feeds: dict[str, np.ndarray]) -> int:
+        """N, the number of samples in feeds (1 when no input is batched)."""
+        for name, axis in self.inputs.items():
+            if axis is not None and name in feeds:
+                return int(np.shape(feeds[name])[axis])
+        return 1
+
+
+def batch_axes(sess) -> BatchAxes:
+    """BatchAxes of an onnxruntime session (see input_batch_axes)."""
+    return input_batch_axes(sess.get_inputs(), sess.get_outputs())
+
+
+def input_batch_axes(inputs, outputs=()) -> BatchAxes:
+    """BatchAxes from declared input and output specs (objects with .name and .shape: ints, dim
+    names or None).
+
+    The batch dim is the dim name most inputs carry at axis 0; each input and output is batched
+    along the first axis carrying that name. With no name at axis 0, inputs and outputs whose axis 0
+    is unnamed (None) are batched there, and the samples are never split over runs (an unnamed
+    dim elsewhere may have to match); with static axis-0 sizes only, the first input's size B is
+    the static batch, and the inputs and outputs whose axis 0 is B are batched. 0-d inputs are
+    never batched."""
+    ins = [(i.name, list(i.shape)) for i in inputs]
+    outs = [(o.name, list(o.shape)) for o in outputs]
+    firsts = [shape[0] for _, shape in ins if shape]
+    named = Counter(d for d in firsts if isinstance(d, str))
+    if named:
+        name = named.most_common(1)[0][0]
+        return BatchAxes(_axes_of(ins, name), _axes_of(outs, name), None)
+    if None in firsts or any(not isinstance(d, int) or d <= 0 for d in firsts):
+        return BatchAxes(_axis0_if(ins, None), _axis0_if(outs, None), None, splittable=False)
+    if not firsts:
+        return BatchAxes(dict.fromkeys(n for n, _ in ins), dict.fromkeys(n for n, _ in outs), None)
+    static = firsts[0]
+    return BatchAxes(_axis0_if(ins, static), _axis0_if(outs, static), static)
+
+
+def _axes_of(specs: list[tuple[str, list]], dim: str) -> dict[str, int | None]:
+    return {n: next((i for i, d in enumerate(shape) if d == dim), None) for n, shape in specs}
+
+
+def _axis0_if(specs: list[tuple[str, list]], first) -> dict[str, int | None]:
+    return {n: 0 if shape and shape[0] == first else None for n, shape in specs}
+
+
 def sample_count(feeds: dict[str, np.ndarray]) -> int:
-    """N of feeds {input name: (N, ...)}."""
-    return len(next(iter(feeds.values())))
+    """N of feeds {input name: (N, ...)} (the first input's axis 0; see BatchAxes.samples for a
+    session's own axes)."""
+    first = np.shape(next(iter(feeds.values())))
+    return int(first[0]) if first else 1
 
 
-def batches(
-    feeds: dict[str, np.ndarray], size: int = BATCH
-) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(first sample index, feeds of samples start .. start + size - 1) over all samples, the last
-    batch possibly smaller."""
-    for start in range(0, sample_count(feeds), size):
-        yield start, {k: v[start : start + size] for k, v in feeds.items()}
+def run_chunks(
+    sess, feeds: dict[str, np.ndarray], names: list[str] | None = None, size: int = BATCH
+) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """(first sample index, outputs `names` (default all) of the samples from there) for runs of at
+    most `size` samples, or of exactly the static batch size (the last run padded, its padding
+    dropped from batched outputs). Unbatched inputs go whole into every run."""
+    axes = batch_axes(sess)
+    names = names or [o.name for o in sess.get_outputs()]
+    total = axes.samples(feeds)
+    step = axes.static or (size if axes.splittable else max(total, 1))
+    for start in range(0, max(total, 1), step):
+        real = min(step, total - start)
+        take = np.minimum(np.arange(start, start + (step if axes.static else real)), total - 1)
+        batch = {
+            k: v if axes.inputs.get(k) is None else np.take(v, take, axes.inputs[k])
+            for k, v in feeds.items()
+        }
+        outs = sess.run(names, batch)
+        yield start, [_first(o, axes.outputs.get(n), real) for n, o in zip(names, outs)]
+
+
+def _first(out: np.ndarray, axis: int | None, count: int) -> np.ndarray:
+    if axis is None or out.ndim <= axis or out.shape[axis] == count:
+        return out
+    return np.take(out, np.arange(count), axis)
 
 
 def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-channel (mean (C,), var (C,)) of each output `names[i]` along `axes[i]` of session `sess`
-    over `feeds` (input name -> (N, ...)), run BATCH samples at a time."""
+    over `feeds` (input name -> (N, ...)), run BATCH samples at a time (see run_chunks)."""
     sums: list = [None] * len(names)
-    for _, batch in batches(feeds):
-        outs = sess.run(names, batch)
+    for _, outs in run_chunks(sess, feeds, names):
         for i, (out, axis) in enumerate(zip(outs, axes)):
             moved = np.moveaxis(out.astype(np.float64), axis, 0).reshape(out.shape[axis], -1)
             part = np.array(
@@ -40,16 +122,26 @@ def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.nd
     return [(s[1] / s[0], np.maximum(s[2] / s[0] - np.square(s[1] / s[0]), 0.0)) for s in sums]
 
 
-def run_batched(
-    sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 64
-) -> list[np.ndarray]:
-    """Run in chunks along the first axis (the declared batch size when static); outputs
-    concatenated."""
-    first = sess.get_inputs()[0].shape[0]
-    step = first if isinstance(first, int) and first > 0 else batch
-    total = len(next(iter(feeds.values())))
-    chunks = [
-        sess.run(None, {k: v[i : i + step] for k, v in feeds.items()})
-        for i in range(0, total - step + 1 if total >= step else 1, step)
+def run_batched(sess, feeds: dict[str, np.ndarray], batch: int = BATCH) -> list[np.ndarray]:
+    """All outputs of `sess` over every sample of feeds, run in chunks (run_chunks) and joined
+    along each output's batch axis; an output with no batch axis is the last run's."""
+    axes = batch_axes(sess)
+    names = [o.name for o in sess.get_outputs()]
+    chunks = [outs for _, outs in run_chunks(sess, feeds, names, batch)]
+    return [
+        np.concatenate(parts, axes.outputs[n])
+        if axes.outputs.get(n) is not None and len(parts) > 1
+        else parts[-1]
+        for n, parts in zip(names, zip(*chunks))
     ]
-    return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+def one_batch(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The smallest feeds `sess` runs: one sample, or the static batch size (repeating the last
+    sample when feeds hold fewer); unbatched inputs whole."""
+    axes = batch_axes(sess)
+    take = np.minimum(np.arange(axes.static or 1), max(axes.samples(feeds) - 1, 0))
+    return {
+        k: v if axes.inputs.get(k) is None else np.take(v, take, axes.inputs[k])
+        for k, v in feeds.items()
+    }

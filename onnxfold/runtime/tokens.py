@@ -106,3 +106,36 @@ def _embedding_rows(t: gs.Variable) -> int | None:
         ):
             return int(node.inputs[0].shape[0])
     return None
+
+
+PASS_THROUGH = ("Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Gather", "Flatten")
+
+
+def input_values(graph: gs.Graph) -> dict[str, int]:
+    """Input name -> the one value random feeds should hold, read from the graph: an integer input
+    compared by Equal with a constant (a sample rate choosing a branch: the first such constant), or
+    an integer input named like a mask (all ones: attend everywhere)."""
+    values = {}
+    for t in graph.inputs:
+        if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.integer):
+            continue
+        found = _compared_constant(t, depth=4)
+        if found is not None:
+            values[t.name] = found
+        elif "mask" in t.name.lower():
+            values[t.name] = 1
+    return values
+
+
+def _compared_constant(t: gs.Tensor, depth: int) -> int | None:
+    """The constant scalar an Equal compares `t` with, through up to `depth` shape-only ops."""
+    for node in t.outputs:
+        if node.op == "Equal":
+            other = next((x for x in node.inputs if x is not t), None)
+            if isinstance(other, gs.Constant) and other.values.size == 1:
+                return int(np.asarray(other.values).reshape(-1)[0])
+        elif node.op in PASS_THROUGH and node.inputs[0] is t and depth > 0:
+            found = _compared_constant(node.outputs[0], depth - 1)
+            if found is not None:
+                return found
+    return None
