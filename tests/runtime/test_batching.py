@@ -97,3 +97,21 @@ def test_data_that_does_not_fit_the_declared_inputs_is_one_line(arrays, labels, 
 def test_data_that_fits_gives_its_sample_count():
     arrays = {"x": np.zeros((5, 3, 8, 8), np.float32), "sr": np.array(16000)}
     assert check_arrays(arrays, np.arange(5), SPECS, "d.npz") == 5
+
+
+def test_calibration_runs_on_a_model_with_external_data(tmp_path):
+    """Statistics sessions of a graph loaded with external data (dynamo exports write one): the
+    weights read from the data file travel inline (was: onnxruntime 'Missing location')."""
+    import onnx
+    from helpers import mlp_with_duplicated_group
+
+    from onnxfold import FoldConfig, fold_file
+
+    src = mlp_with_duplicated_group(str(tmp_path / "inline.onnx"))
+    ext = str(tmp_path / "external.onnx")
+    onnx.save_model(onnx.load(src), ext, save_as_external_data=True, location="w.data")
+    calib = str(tmp_path / "calib.npz")
+    np.savez(calib, input=rand(40, 12, seed=5))
+    for options in ({"refit": True}, {"repair": "data"}, {"importance": "act"}):
+        report = fold_file(ext, str(tmp_path / "out.onnx"), FoldConfig(**options), calib=calib)
+        assert report.folded.params < report.dense.params
