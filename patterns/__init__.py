@@ -5,7 +5,7 @@ what the op does with channels: produce a new group, pass channels through, coup
 member slices, or freeze groups with a reason. Ops without a rule are boundaries (their tensors'
 groups are frozen)."""
 
-from . import elementwise, linear, norm, reshape, shape_ops, split
+from . import control_flow, elementwise, linear, norm, recurrent, reshape, shape_ops, split
 
 RULES = {
     **linear.RULES,
@@ -14,6 +14,8 @@ RULES = {
     **shape_ops.RULES,
     **reshape.RULES,
     **split.RULES,
+    **recurrent.RULES,
+    **control_flow.RULES,
 }
 
 __all__ = ["RULES"]

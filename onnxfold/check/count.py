@@ -11,40 +11,81 @@ import numpy as np
 import onnx
 
 from ..errors import log
+from ..model.ops import RECURRENT_GATES
 
 
 @dataclass
 class ModelFigures:
-    """A model's size and speed: parameters, MACs per sample (None: shapes unknown or not
-    validated), file bytes (model plus external data), median latency of one sample in ms (None: not
+    """A model's size and speed: parameters, MACs per sample (None: not counted, `macs_note` says
+    why), file bytes (model plus external data), median latency of one sample in ms (None: not
     validated)."""
 
     params: int
     macs: int | None
     file_bytes: int
     latency_ms: float | None
+    macs_note: str | None = None  # why `macs` is None
 
 
 def figures(
     skeleton: onnx.ModelProto, file_bytes: int, feeds: dict | None, latency_ms: float | None
 ) -> ModelFigures:
     """ModelFigures counted on a model without its weight data; MACs need `feeds` (input sizes)."""
-    macs = count_macs(skeleton, feeds) if feeds is not None else None
-    return ModelFigures(count_params(skeleton), macs, file_bytes, latency_ms)
+    if feeds is None:
+        macs, note = None, "not counted: input sizes unknown (the model was not run)"
+    else:
+        macs, note = macs_with_reason(skeleton, feeds)
+    return ModelFigures(count_params(skeleton), macs, file_bytes, latency_ms, note)
+
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+}
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements of floating-point initializers and Constant-node tensors."""
-    float_types = {
-        onnx.TensorProto.FLOAT,
-        onnx.TensorProto.FLOAT16,
-        onnx.TensorProto.DOUBLE,
-        onnx.TensorProto.BFLOAT16,
-    }
-    tensors = list(model.graph.initializer) + [
-        a.t for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR
+    """Elements of floating-point initializers and Constant-node tensors, in the main graph and in
+    the bodies of If/Loop/Scan nodes. A tensor of one name, shape and type stored in several scopes
+    (a weight both branches of an If read, written into each) counts once."""
+    seen: set[tuple] = set()
+    total = 0
+    for graph in all_graphs(model.graph):
+        for key, t in _float_tensors(graph):
+            if key not in seen:
+                seen.add(key)
+                total += int(np.prod(t.dims))
+    return total
+
+
+def all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """`graph` and every graph nested in its nodes' attributes (If branches, Loop/Scan bodies)."""
+    out = [graph]
+    for node in graph.node:
+        for body in _bodies(node):
+            out += all_graphs(body)
+    return out
+
+
+def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH] + [
+        g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs
     ]
-    return sum(int(np.prod(t.dims)) for t in tensors if t.data_type in float_types)
+
+
+def _float_tensors(graph: onnx.GraphProto):
+    """(name, dims, type), tensor of each floating-point initializer and Constant-node tensor."""
+    tensors = [(t.name, t) for t in graph.initializer] + [
+        (n.output[0], a.t)
+        for n in graph.node
+        for a in n.attribute
+        if a.type == onnx.AttributeProto.TENSOR
+    ]
+    for name, t in tensors:
+        if t.data_type in FLOAT_TYPES:
+            yield (name, tuple(t.dims), t.data_type), t
 
 
 def count_params_file(path: str) -> int:
@@ -53,37 +94,103 @@ def count_params_file(path: str) -> int:
 
 
 def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | None:
-    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul for one sample; None if shapes are
-    unknown. The feeds' sizes fill the model's symbolic input dims; its fixed dims stay (a folded
-    model's KV heads)."""
-    shaped = _with_input_shapes(model, {k: (1,) + v.shape[1:] for k, v in feeds.items()})
+    """Multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul and LSTM/GRU/RNN for one sample; None
+    if shapes are unknown (macs_with_reason says why). The feeds' sizes fill the model's symbolic
+    input dims; its fixed dims stay (a folded model's KV heads)."""
+    return macs_with_reason(model, feeds)[0]
+
+
+def macs_with_reason(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray]
+) -> tuple[int | None, str | None]:
+    """(MACs for one sample, None) or (None, why they could not be counted). An If counts its
+    costlier branch, a Scan its body once per scanned step; a Loop is not counted."""
+    sized = _with_input_shapes(model, {k: (1,) + v.shape[1:] for k, v in feeds.items()})
     try:
-        shaped = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
+        shaped = onnx.shape_inference.infer_shapes(sized, data_prop=True)
     except Exception as e:  # noqa: BLE001 - MACs are informative only
         log.info("MACs not counted: shape inference failed (%s)", e)
-        return None
-    total = _total_macs(shaped)
+        return None, f"not counted: onnx shape inference failed ({str(e).splitlines()[0][:120]})"
+    total, why = _total_macs(shaped)
     # e.g. LLaMA's RoPE slices: onnxruntime's symbolic shape inference resolves them
     if total is None:
-        total = _total_macs(
-            _symbolic_shapes(
-                _with_input_shapes(model, {k: (1,) + v.shape[1:] for k, v in feeds.items()})
-            )
-        )
-    return total
+        symbolic = _symbolic_shapes(sized)
+        if symbolic is not None:
+            total, why = _total_macs(symbolic)
+    if why is not None:
+        log.info("MACs %s", why)
+    return total, why
 
 
-def _total_macs(shaped: onnx.ModelProto | None) -> int | None:
-    if shaped is None:
-        return None
+class _NotCounted(Exception):
+    """MACs cannot be counted; the message says why."""
+
+
+def _total_macs(shaped: onnx.ModelProto) -> tuple[int | None, str | None]:
     shapes = _known_shapes(shaped)
-    total = 0
-    for node in shaped.graph.node:
-        macs = _node_macs(node, shapes)
-        if macs is None:
-            return None
-        total += macs
-    return total
+    try:
+        return _graph_macs(shaped.graph, shapes), None
+    except _NotCounted as e:
+        return None, f"not counted: {e}"
+
+
+def _graph_macs(graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> int:
+    return sum(_node_macs(node, shapes) for node in graph.node)
+
+
+def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """MACs of one node (0 for ops that multiply no weights); raises _NotCounted."""
+    if _bodies(node):
+        return _control_flow_macs(node, shapes)
+    if node.op_type in RECURRENT_GATES:
+        return _recurrent_macs(node, shapes)
+    if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        return 0
+    out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
+    x = shapes.get(node.input[0])
+    if not out or not w or not x or len(x) < 2 or len(w) < 2:
+        raise _NotCounted(f"shapes around {node.op_type} '{node.name}' are unknown")
+    if node.op_type == "Conv":
+        return int(np.prod(out)) * int(np.prod(w[1:]))
+    if node.op_type == "ConvTranspose":
+        return int(np.prod(x)) * int(np.prod(w[1:]))
+    trans_a = any(a.name == "transA" and a.i for a in node.attribute)
+    k = x[-2] if trans_a else x[-1]
+    return int(np.prod(out)) * int(k)
+
+
+def _recurrent_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """LSTM/GRU/RNN: every step of every direction multiplies the input by W and the hidden
+    state by R: sequence x batch x (|W| + |R|)."""
+    x, w, r = (shapes.get(name) for name in node.input[:3])
+    if not x or len(x) != 3 or not w or not r:
+        raise _NotCounted(f"shapes around {node.op_type} '{node.name}' are unknown")
+    return x[0] * x[1] * (int(np.prod(w)) + int(np.prod(r)))
+
+
+def _control_flow_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """If: its costlier branch (which one runs is known only at run time); Scan: its body once per
+    step; Loop: not counted."""
+    bodies = _bodies(node)
+    if node.op_type == "If":
+        return max(_graph_macs(body, shapes) for body in bodies)
+    if node.op_type == "Scan":
+        return _scan_steps(node, shapes) * _graph_macs(bodies[0], shapes)
+    raise _NotCounted(
+        f"{node.op_type} '{node.name}' runs its body a number of times known only at run time"
+    )
+
+
+def _scan_steps(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """Steps of a Scan: the extent of its first scanned input along its scan axis."""
+    attrs = {a.name: a for a in node.attribute}
+    count = attrs["num_scan_inputs"].i
+    first = node.input[len(node.input) - count]
+    axes = list(attrs["scan_input_axes"].ints) if "scan_input_axes" in attrs else [0]
+    shape = shapes.get(first)
+    if not shape:
+        raise _NotCounted(f"the scanned input of Scan '{node.name}' has an unknown shape")
+    return shape[axes[0]]
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -122,25 +229,16 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx
 
 
 def _known_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
-    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
-    for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = [d.dim_value for d in dims]
+    """name -> static shape of every tensor whose shape is fully known, in every graph of the
+    model (a value without a shape is left out, not taken for a scalar)."""
+    shapes = {}
+    for graph in all_graphs(model.graph):
+        shapes.update({t.name: list(t.dims) for t in graph.initializer})
+        for n in graph.node:
+            shapes.update({n.output[0]: list(a.t.dims) for a in n.attribute if a.name == "value"})
+        for vi in [*graph.value_info, *graph.input, *graph.output]:
+            tensor = vi.type.tensor_type
+            dims = tensor.shape.dim
+            if tensor.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+                shapes[vi.name] = [d.dim_value for d in dims]
     return shapes
-
-
-def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int | None:
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        return 0
-    out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
-    x = shapes.get(node.input[0])
-    if not out or not w or not x or len(x) < 2 or len(w) < 2:
-        return None
-    if node.op_type == "Conv":
-        return int(np.prod(out)) * int(np.prod(w[1:]))
-    if node.op_type == "ConvTranspose":
-        return int(np.prod(x)) * int(np.prod(w[1:]))
-    trans_a = any(a.name == "transA" and a.i for a in node.attribute)
-    k = x[-2] if trans_a else x[-1]
-    return int(np.prod(out)) * int(k)

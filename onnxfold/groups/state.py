@@ -7,6 +7,8 @@ discover.py runs them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -42,6 +44,20 @@ class Discovery:
         self.pieces: dict[int, tuple[int, int]] = {}  # group cut by split() -> its two pieces
         # graph outputs that are KV caches of tracked heads (kv_cache.py)
         self.kv_outputs: set[str] = set()
+        # runs the rules over a graph (set by discover; control-flow rules walk their bodies)
+        self.walk: Callable[[gs.Graph], None] = lambda graph: None
+        # names of the tensors declared by the graphs walked so far (layouts are keyed by name)
+        self.declared: set[str] = set()
+
+    def declare(self, graph: gs.Graph) -> list[str]:
+        """Record the tensor names `graph` declares (its inputs and node outputs; nested bodies
+        declare theirs when walked); returns those a graph walked before declared too (sibling
+        branches reusing a name), whose layouts a walk would confuse."""
+        names = [t.name for t in graph.inputs]
+        names += [t.name for n in graph.nodes for t in n.outputs if t.name]
+        clashes = sorted({n for n in names if n in self.declared})
+        self.declared.update(names)
+        return clashes
 
     # ---- union-find -----------------------------------------------------------------------------
     def new_group(self, size: int, tensor: gs.Tensor | None = None) -> int:
@@ -326,6 +342,25 @@ def _rescaled(m: Member, factor: int) -> Member:
 
 def _with_gid(m: Member, gid: int) -> Member:
     return Member(m.tensor, m.axis, m.role, gid, m.offset, m.repeat, m.tag)
+
+
+def bodies(node: gs.Node) -> list[tuple[str, gs.Graph]]:
+    """(attribute name, graph) of each body of a control-flow node (If branches, then_branch
+    first; Loop/Scan body); empty for other nodes."""
+    found = [(k, v) for k, v in node.attrs.items() if isinstance(v, gs.Graph)]
+    return sorted(found, key=lambda item: item[0] != "then_branch")
+
+
+def captured(body: gs.Graph) -> list[gs.Tensor]:
+    """Tensors the nodes of `body` (and of bodies nested in it) read: the values it captures from
+    the enclosing graphs, and its own."""
+    return [
+        t
+        for g in [body, *body.subgraphs(recursive=True)]
+        for n in g.nodes
+        for t in n.inputs
+        if t is not None and t.name
+    ]
 
 
 def rank_of(tensor: gs.Tensor) -> int | None:

@@ -12,6 +12,10 @@ import onnx_graphsurgeon as gs
 WEIGHT_AXES = {"Conv": (1, 0), "ConvTranspose": (0, 1), "MatMul": (0, 1)}
 CONV_OPS = ("Conv", "ConvTranspose")
 BIAS_INPUT = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}  # input index of the bias (MatMul has none)
+# recurrent layers: gates per hidden unit; W (num_directions, gates * hidden, input_size) reads the
+# input's channels (its last axis) along RECURRENT_W_INPUT_AXIS
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+RECURRENT_W_INPUT_AXIS = 2
 
 
 def weight_axes(node: gs.Node) -> tuple[int, int] | None:

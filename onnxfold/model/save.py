@@ -20,6 +20,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from ..errors import UserError
 from .external import NOT_LOADED, ExternalValues, all_constants, check_skeleton, skeleton_of
 from .normalize import reshare_unchanged_copies
+from .scopes import hoist_initializers
 
 TWO_GB = 2**31 - 2**20
 INLINE_BYTES = 1024  # tensors up to this size stay in the .onnx file (shape vectors, scalars)
@@ -32,6 +33,7 @@ def to_proto(graph: gs.Graph, opset: int) -> onnx.ModelProto:
     seeing)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph)
+    hoist_initializers(model.graph)  # a weight several bodies read is stored once
     if model.ByteSize() < TWO_GB:
         model = onnx.shape_inference.infer_shapes(
             model, check_type=True, strict_mode=True, data_prop=True

@@ -58,18 +58,24 @@ def _merge_slice(values: np.ndarray, m: Member, plan: FoldPlan) -> np.ndarray:
 
 
 def sync_depthwise_groups(graph: gs.Graph) -> None:
-    """A depthwise Conv (weight (C, 1, kh, kw)) keeps group == C after its channels changed."""
-    for node in graph.nodes:
-        if is_depthwise(node):
-            node.attrs["group"] = int(node.inputs[1].shape[0])
+    """A depthwise Conv (weight (C, 1, kh, kw)) keeps group == C after its channels changed, in
+    the graph and in the bodies of its If/Loop/Scan nodes."""
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for node in g.nodes:
+            if is_depthwise(node):
+                node.attrs["group"] = int(node.inputs[1].shape[0])
 
 
 def forget_shapes(graph: gs.Graph) -> None:
-    """Drop inferred shapes of intermediate tensors (they may be stale); save re-infers them."""
-    keep = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
-    for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Variable) and tensor.name not in keep:
-            tensor.shape = None
+    """Drop inferred shapes of intermediate tensors (they may be stale), in the graph and in the
+    bodies of its If/Loop/Scan nodes; save re-infers them. Graph inputs and outputs keep theirs, and
+    so do body inputs and outputs (boundaries: discovery never folds channels across them)."""
+    graphs = [graph, *graph.subgraphs(recursive=True)]
+    keep = {id(t) for g in graphs for t in [*g.inputs, *g.outputs]}
+    for g in graphs:
+        for tensor in g.tensors().values():
+            if isinstance(tensor, gs.Variable) and id(tensor) not in keep:
+                tensor.shape = None
 
 
 def folded_feeds(plans: list[FoldPlan], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
