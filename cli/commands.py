@@ -8,12 +8,12 @@ import os
 import sys
 
 from onnxfold.config import FIELDS, FoldConfig
-from onnxfold.errors import UserError, WordedError
-from onnxfold.files import FoldReport, Reporter, check_data_files, fold_file
+from onnxfold.errors import UserError, WordedError, worded
+from onnxfold.files import FoldReport, Reporter, check_data_files, check_writable, fold_file
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 from onnxfold.pipeline import calibration_inputs
-from onnxfold.runtime.feeds import match_inputs, read_npz
+from onnxfold.runtime.feeds import check_arrays, input_specs, match_inputs, read_npz
 from onnxfold.runtime.session import session
 
 from . import report
@@ -48,6 +48,8 @@ class TerminalReporter(Reporter):
 def fold(args: argparse.Namespace) -> int:
     """Fold, validate with onnxruntime, write atomically, and report."""
     config = config_from(args)
+    if args.report:
+        check_writable(args.report, "--report")
     folded = fold_file(
         args.input,
         args.output,
@@ -72,7 +74,8 @@ def _print_report(args, folded: FoldReport) -> None:
     say(f"onnxfold: {folded.input} -> {folded.output}")
     say(
         f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
-        f"| ratio {config.ratio}{' allocated by Ward error' if config.allocate else ''}"
+        f"| {_ratio_text(config, result.groups)}"
+        f"{' allocated by Ward error' if config.allocate else ''}"
         f"{' | importance: activations' if config.importance == 'act' else ''} | k-means on "
         f"{result.backend} "
         f"| fold time {result.seconds:.2f} s"
@@ -82,10 +85,10 @@ def _print_report(args, folded: FoldReport) -> None:
         say(f"  {note}")
     if not args.quiet:
         say(report.format_groups(report.group_rows(result)))
-    if not folded_groups:
+    if result.nothing_folded:
         say(
-            "nothing could be folded: every group is frozen or too small (see the reasons above); "
-            "the output is an unchanged copy"
+            f"nothing was folded: {worded(result.nothing_folded, as_flags=True)}; the output is "
+            f"{'a copy of the input' if folded.copied else 'the input model, re-serialised'}"
         )
     if comparison is not None:
         say(f"validation on {comparison.source}:")
@@ -94,6 +97,21 @@ def _print_report(args, folded: FoldReport) -> None:
     timing = folded.validation.timing if folded.validation else None
     say(report.format_table(folded.dense, folded.folded, comparison, timing))
     print(report.summary_line(folded.output, folded.dense, folded.folded, comparison))
+
+
+def _ratio_text(config: FoldConfig, groups) -> str:
+    """The ratios in effect for the kinds of group the graph has: 'ratio 0.5', or per kind when
+    --head-ratio / --mlp-ratio make them differ."""
+    ratios = {
+        "heads": config.ratio if config.head_ratio is None else config.head_ratio,
+        "channels": config.ratio if config.mlp_ratio is None else config.mlp_ratio,
+    }
+    present = {kind: r for kind, r in ratios.items() if any(g.kind == kind for g in groups)}
+    if len(set(present.values())) == 1:
+        return f"ratio {next(iter(present.values()))}"
+    if not present:
+        return f"ratio {config.ratio}"
+    return "ratio: " + ", ".join(f"{kind} {r}" for kind, r in present.items())
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -106,11 +124,22 @@ def sweep(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(sw.METHODS)}")
     check_data_files(args.data, args.calib)
+    FoldConfig(seed=args.seed).check()
+    prefix = (
+        args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"
+    )
+    for suffix in (".csv", ".json") + ((".png",) if not args.no_plot else ()):
+        check_writable(prefix + suffix, "sweep output")
     load_model(args.input)
     dense = session(args.input)
     feeds_data, labels = read_npz(args.data)
+    check_arrays(feeds_data, labels, input_specs(dense), args.data)
     feeds = match_inputs(feeds_data, dense, args.data)
-    calib = match_inputs(read_npz(args.calib)[0], dense, args.calib) if args.calib else None
+    calib = None
+    if args.calib:
+        calib = read_npz(args.calib)[0]
+        check_arrays(calib, None, input_specs(dense), args.calib)
+        calib = match_inputs(calib, dense, args.calib)
     data_methods = [m for m in methods if sw.METHODS[m][1] == "data"]
     if calib is None:
         for method in data_methods:
@@ -136,9 +165,6 @@ def sweep(args: argparse.Namespace) -> int:
     )
     progress.done()
     print(sw.format_rows(rows))
-    prefix = (
-        args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"
-    )
     sw.write_csv(prefix + ".csv", rows)
     sw.write_json(prefix + ".json", rows)
     written = [prefix + ".csv", prefix + ".json"]

@@ -66,9 +66,13 @@ class FoldConfig:
                 raise ConfigError(
                     name, value, "is outside [0, 1): it is the fraction of channels removed"
                 )
-        for name in ("multiple_of", "dir_batch", "dir_iters"):
+        for name in ("multiple_of", "dir_batch", "dir_iters", "n_init"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be a positive integer")
+        if self.dir_size is not None and self.dir_size < 1:
+            raise ConfigError("dir_size", self.dir_size, "must be a positive integer")
+        if self.seed < 0:
+            raise ConfigError("seed", self.seed, "must be 0 or a positive integer")
         if self.layers is not None:
             try:
                 parse_layers(self.layers)

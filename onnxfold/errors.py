@@ -24,7 +24,12 @@ class WordedError(UserError):
 
     def words(self, as_flags: bool = False) -> str:
         """The message, naming fields as flags or as they are."""
-        return self.template.format_map(_FieldNames(as_flags))
+        return worded(self.template, as_flags)
+
+
+def worded(template: str, as_flags: bool = False) -> str:
+    """`template` with each {field} named as it is (multiple_of) or as a flag (--multiple-of)."""
+    return template.format_map(_FieldNames(as_flags))
 
 
 class ConfigError(WordedError):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ from .check.count import ModelFigures, figures
 from .config import FoldConfig
 from .errors import ConfigError, UserError
 from .model.load import LoadedModel, load_model
-from .model.save import check_data_target, save_graph
+from .model.save import check_data_target, copy_atomic, save_graph
 from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
 from .repair import REPAIRS, Repair
 from .runtime.feeds import check_arrays, graph_input_specs, read_npz
@@ -37,7 +38,7 @@ class StepCost:
 class FoldReport:
     """Everything fold_file did: the fold, where it wrote, the dense and folded figures, the
     validation (None with validate=False) and the cost of each step (load, fold, write_and_validate,
-    metrics)."""
+    metrics); `copied`: nothing was folded, the output is a byte copy of the input."""
 
     input: str
     output: str
@@ -47,6 +48,7 @@ class FoldReport:
     folded: ModelFigures
     validation: Validation | None
     steps: dict[str, StepCost]
+    copied: bool = False  # nothing was folded and the output is a byte copy of the input
 
 
 class Reporter:
@@ -114,15 +116,17 @@ def fold_file(
         ),
         loaded.file_bytes,
     )
+    copied = not result.plans and not loaded.external_data
+    if not result.plans and loaded.external_data:  # unchanged: a graph no repair has touched
+        loaded = load_model(input, lazy=True)
     with reporter.step("validating and writing"), _measured(steps, "write_and_validate"):
-        skeleton, size = save_graph(
-            loaded.graph,
-            loaded.opset,
-            output,
-            loaded.external_data,
-            validator if validate else None,
-            loaded.data_files,
-        )
+        check = validator if validate else None
+        if copied:
+            skeleton, size = loaded.skeleton, copy_atomic(input, output, check)
+        else:
+            skeleton, size = save_graph(
+                loaded.graph, loaded.opset, output, loaded.external_data, check, loaded.data_files
+            )
     checked = validator.result
     with _measured(steps, "metrics"):
         feeds, latency = (checked.feeds, checked.timing.ms) if checked else (None, (None, None))
@@ -133,7 +137,7 @@ def fold_file(
             f"input over {ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models validated one "
             f"after the other (latencies timed separately, not interleaved)"
         )
-    return FoldReport(input, output, config, result, dense, folded, checked, steps)
+    return FoldReport(input, output, config, result, dense, folded, checked, steps, copied)
 
 
 def _fold_loaded(
@@ -205,15 +209,28 @@ def check_paths(src: str, out: str, data: str | None = None, calib: str | None =
     """UserError when the output would replace the input or cannot be written, or a data file is
     missing."""
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
-        raise UserError(
-            f"output {out} is the input file; onnxfold never overwrites its input (use -o)"
+        raise ConfigError(
+            "output", out, "is the input file; onnxfold never overwrites its input (name another)"
         )
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"{out}: output directory '{out_dir}' does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"{out}: cannot write into '{out_dir}'")
+    check_writable(out, "output")
     check_data_files(data, calib)
+
+
+def check_writable(path: str, what: str) -> None:
+    """UserError (naming the file as `what`) when `path` cannot be written as a file: it is a
+    directory, its directory is missing, or a file cannot be created there (read-only, /proc);
+    probed by creating and removing a temporary file beside it."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a directory; name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{what} {path}: directory '{folder}' does not exist")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".onnxfold-probe-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write into '{folder}' ({e.strerror})") from None
 
 
 def check_data_files(*paths: str | None) -> None:

@@ -19,13 +19,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .config import FoldConfig
-from .errors import ConfigError
+from .errors import ConfigError, log
 from .groups.discover import apply_excludes, discover, kv_cache_notes
 from .groups.group import Group
 from .model.load import LoadedModel, load_model
 from .model.save import to_proto
 from .plan.backends import resolve_backend
-from .plan.budget import units_to_keep
+from .plan.budget import parse_layers, units_to_keep
 from .plan.features import weighted_features
 from .plan.importance import IMPORTANCES, Scores
 from .plan.plan import Clustering, FoldPlan, plan_group
@@ -56,6 +56,8 @@ class FoldResult:
     backend: str
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # when no plan removes a unit: why, naming options as {field} (errors.worded words it)
+    nothing_folded: str | None = None
     group_seconds: dict[int, float] = field(default_factory=dict)
     model: LoadedModel | None = None
 
@@ -90,8 +92,12 @@ def fold_graph(
         calib = repair.calibration(dense_path)
     repair.before_discovery(graph, config.ratio)
     groups = discover(graph, opset)
-    apply_excludes(groups, list(config.exclude))
+    unmatched = apply_excludes(groups, list(config.exclude))
     planned = _plan(graph, groups, config, backend, repair, calib, progress)
+    for pattern in unmatched:
+        log.warning("exclude pattern '%s' matches no group's tensors", pattern)
+    for warning in _layer_warnings(groups, config.layers):
+        log.warning(warning)
     refits, compensated = _merge(graph, planned, config)
     result = FoldResult(groups, planned.plans, repair.name, repair.why, backend)
     result.group_seconds = planned.seconds
@@ -99,8 +105,69 @@ def fold_graph(
     result.notes += _repair_and_refit(
         graph, planned.plans, repair, refits, calib, dense_path, config
     )
+    if not planned.plans:
+        result.nothing_folded = nothing_folded_cause(groups, config, planned.ratios, planned.keep)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def nothing_folded_cause(
+    groups: list[Group], config: FoldConfig, ratios: dict[int, float], keep: dict[int, int]
+) -> str:
+    """Why no group lost a unit, naming the options as {field}: no groups, all frozen (how many by
+    {exclude}), a zero ratio, {layers} outside the groups, or a budget ({multiple_of}, a small
+    ratio) that keeps every group whole. `ratios`/`keep`: gid -> ratio / units kept of the foldable
+    groups."""
+    foldable = [g for g in groups if g.foldable]
+    if not groups:
+        return "no channel groups were found in the graph"
+    if not foldable:
+        excluded = sum(1 for g in groups if any(r.startswith("excluded by") for r in g.frozen))
+        by_exclude = f" ({excluded} of them by {{exclude}})" if excluded else ""
+        return f"all {len(groups)} groups are frozen{by_exclude}; see the reasons above"
+    if all(ratios.get(g.gid, 0) == 0 for g in foldable):
+        if config.layers and any(
+            r for r in (config.ratio, config.head_ratio, config.mlp_ratio) if r
+        ):
+            return (
+                f"{{layers}} {config.layers} selects none of the {len(foldable)} foldable groups "
+                f"(indices count each kind's groups from 0: {_kind_counts(foldable)})"
+            )
+        return "the ratio is 0 for every foldable group: nothing is removed"
+    largest = max(g.size for g in foldable if ratios.get(g.gid, 0) > 0)
+    if config.multiple_of > 1:
+        return (
+            f"{{multiple_of}} {config.multiple_of} keeps every group whole (the largest group "
+            f"being folded has {largest} units)"
+        )
+    return f"the ratio removes less than one unit from every group (the largest has {largest})"
+
+
+def _kind_counts(groups: list[Group]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(_counts(groups).items()))
+
+
+def _layer_warnings(groups: list[Group], layers: str | None) -> list[str]:
+    """A warning when the layers option names indices beyond every kind's foldable groups."""
+    if not layers:
+        return []
+    foldable = [g for g in groups if g.foldable]
+    most = max((n for n in _counts(foldable).values()), default=0)
+    beyond = sorted(i for i in parse_layers(layers) if i >= most)
+    if not beyond:
+        return []
+    shown = ", ".join(map(str, beyond[:5])) + (" ..." if len(beyond) > 5 else "")
+    return [
+        f"layers {layers}: indices {shown} are beyond the graph's foldable groups "
+        f"({_kind_counts(foldable) or 'none'})"
+    ]
+
+
+def _counts(groups: list[Group]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for g in groups:
+        kinds[g.kind] = kinds.get(g.kind, 0) + 1
+    return kinds
 
 
 @dataclass
@@ -111,6 +178,8 @@ class _Planned:
     seconds: dict[int, float]
     scores: Scores
     notes: list[str]
+    ratios: dict[int, float]
+    keep: dict[int, int]
 
 
 def _plan(
@@ -130,7 +199,8 @@ def _plan(
     scores = importance.measure(graph, folding, calib, config.seed)
     how = config.clustering(backend)
     plans, seconds = _plan_all(todo, keep, how, repair, scores.scores, progress)
-    return _Planned(plans, seconds, scores, list(filter(None, [importance.note(scores, folding)])))
+    notes = list(filter(None, [importance.note(scores, folding)]))
+    return _Planned(plans, seconds, scores, notes, ratios, keep)
 
 
 def _merge(graph: gs.Graph, planned: _Planned, config: FoldConfig) -> tuple[list, list[str]]:

@@ -61,6 +61,12 @@ def write_atomic(model: onnx.ModelProto, path: str, external: bool, check=None) 
     return _atomic(path, write, check)
 
 
+def copy_atomic(src: str, path: str, check: Callable[[str], None] | None = None) -> int:
+    """Copy the model file `src` (no external data) to `path` atomically, check(tmp_model) before
+    the rename; returns the bytes written."""
+    return _atomic(path, lambda tmp_model: shutil.copyfile(src, tmp_model), check, False)
+
+
 def save_graph(
     graph: gs.Graph,
     opset: int,

@@ -75,6 +75,56 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
             assert digest(keep) == before, f"{name}: input modified"
 
 
+def user_mistakes(tmp_path):
+    """(name, argv, words the one error line must hold) for mistakes that once ended in exit 1 or
+    in silent nonsense."""
+    good = str(tmp_path / "good.onnx")
+    shutil.copy(MNIST, good)
+    x = np.load(MNIST_TEST)["input"]
+    arrays = {
+        "wrong_size": {"input": np.zeros((4, 1, 32, 32), np.float32)},
+        "wrong_rank": {"input": np.zeros((4, 28, 28), np.float32)},
+        "no_samples": {"input": x[:0]},
+        "short_labels": {"input": x[:10], "labels": np.zeros(7, np.int64)},
+        "wrong_key": {"pixels": x[:4], "other": x[:4]},
+    }
+    for name, content in arrays.items():
+        np.savez(tmp_path / f"{name}.npz", **content)
+    npz = {name: str(tmp_path / f"{name}.npz") for name in arrays}
+    missing = str(tmp_path / "missing" / "x")
+    return [
+        ("negative seed", [good, "--seed", "-1"], "--seed -1 must be 0 or a positive integer"),
+        ("output is a directory", [good, "-o", str(tmp_path)], "is a directory; name a file"),
+        ("output under /proc", [good, "-o", "/proc/out.onnx"], "cannot write into '/proc'"),
+        ("report dir missing", [good, "--report", missing + ".json"], "does not exist"),
+        ("report under /proc", [good, "--report", "/proc/r.json"], "cannot write into '/proc'"),
+        ("sweep prefix dir missing", ["sweep", good, "--data", MNIST_TEST, "-o", missing], "exist"),
+        ("sweep negative seed", ["sweep", good, "--data", MNIST_TEST, "--seed", "-2"], "--seed -2"),
+        (
+            "calib of another size",
+            [good, "--repair", "data", "--calib", npz["wrong_size"]],
+            "has shape [4, 1, 32, 32], but the model declares [batch, 1, 28, 28] (axis 2 must",
+        ),
+        ("data of another rank", [good, "--data", npz["wrong_rank"]], "(4 dims)"),
+        ("data with 0 samples", [good, "--data", npz["no_samples"]], "holds 0 samples"),
+        ("labels too short", [good, "--data", npz["short_labels"]], "labels have shape [7]"),
+        ("unknown npz keys", [good, "--data", npz["wrong_key"]], "no array for model input(s)"),
+        ("sweep labels too short", ["sweep", good, "--data", npz["short_labels"]], "labels have"),
+    ]
+
+
+def test_user_mistakes_exit_2_with_the_reason_and_write_nothing(tmp_path, capsys):
+    cases = user_mistakes(tmp_path)
+    listing = sorted(os.listdir(tmp_path))
+    for name, argv, words in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+        assert len(err.splitlines()) == 1 and err.startswith("onnxfold: error:"), f"{name}: {err!r}"
+        assert words in err, f"{name}: {err!r}"
+        assert sorted(os.listdir(tmp_path)) == listing, f"{name}: wrote files"
+
+
 def test_fold_writes_validated_model_and_report(model, tmp_path, capsys):
     before = digest(model)
     report = tmp_path / "r.json"
@@ -94,12 +144,29 @@ def test_fold_writes_validated_model_and_report(model, tmp_path, capsys):
     )
 
 
-def test_nothing_foldable_exits_0_and_says_so(model, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "flags,cause",
+    [
+        (["--exclude", "*"], "all 6 groups are frozen (6 of them by --exclude); see the reasons"),
+        (["--ratio", "0"], "the ratio is 0 for every foldable group: nothing is removed"),
+        (["--layers", "40-41"], "--layers 40-41 selects none of the 5 foldable groups"),
+        (["--multiple-of", "1000"], "--multiple-of 1000 keeps every group whole"),
+    ],
+)
+def test_nothing_folded_names_its_cause_and_copies_the_input(model, tmp_path, capsys, flags, cause):
     out_path = str(tmp_path / "o.onnx")
-    assert main([model, "-o", out_path, "--exclude", "*", "--no-validate"]) == 0
+    assert main([model, "-o", out_path, "--no-validate", *flags]) == 0
     out = capsys.readouterr().out
-    assert "nothing could be folded" in out
-    assert os.path.exists(out_path)
+    assert f"nothing was folded: {cause}" in out and "the output is a copy of the input" in out
+    assert open(out_path, "rb").read() == open(model, "rb").read()
+
+
+def test_options_that_select_nothing_warn(model, tmp_path, capsys):
+    out_path = str(tmp_path / "o.onnx")
+    assert main([model, "-o", out_path, "--exclude", "no_such_tensor", "--layers", "0,9"]) == 0
+    err = capsys.readouterr().err
+    assert "exclude pattern 'no_such_tensor' matches no group's tensors" in err
+    assert "layers 0,9: indices 9 are beyond the graph's foldable groups (5 channels)" in err
 
 
 def test_inspect_lists_groups_and_reasons(model, capsys):
