@@ -5,12 +5,14 @@ equal). Each step covers the bodies of If/Loop/Scan nodes as well (`graphs_of`).
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import log
 from ..runtime.session import quiet_onnxruntime
-from .external import np_dtype
+from .external import all_constants, np_dtype
 
 
 def graphs_of(graph: gs.Graph) -> list[gs.Graph]:
@@ -92,13 +94,32 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
     for node, i, t in held:  # a producer-less Variable is not constant to fold_constants
         node.inputs[i] = stand_ins[t.name]
     quiet_onnxruntime()  # fold_constants runs onnxruntime sessions of its own
+    folded_before = {id(c) for c in all_constants(graph)}
     try:
         graph.fold_constants(fold_shapes=False, error_ok=True, size_threshold=max_bytes)
     except Exception as e:  # noqa: BLE001 - folding is an optimisation; the graph stays as it was
         log.info("constant folding failed, the graph stays as it was: %s", e)
     for node, i, t in held:
         node.inputs[i] = t
+    share_equal_results(graph, folded_before)
     graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def share_equal_results(graph: gs.Graph, before: set[int], min_size: int = 1024) -> None:
+    """Folding evaluates each body on its own: two branches that derive a weight from the same
+    captured constant (an LSTM's gate-reordered W in both branches of an If) get one copy each.
+    Bodies' nodes reading equal folded results (same dtype, shape and values, over `min_size`
+    elements; ids not in `before`, the constants that existed before folding) read one copy."""
+    seen: dict[tuple, gs.Constant] = {}
+    for node in (n for g in graphs_of(graph)[1:] for n in g.nodes):
+        for i, t in enumerate(node.inputs):
+            if not isinstance(t, gs.Constant) or id(t) in before:
+                continue
+            values = np.asarray(t.values)
+            if values.size <= min_size:
+                continue
+            key = (values.dtype.str, values.shape, hashlib.sha256(values.tobytes()).hexdigest())
+            node.inputs[i] = seen.setdefault(key, t)
 
 
 SHAPE_CONSUMERS = ("Reshape", "Expand", "Resize")
