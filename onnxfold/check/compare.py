@@ -256,7 +256,7 @@ class FeedSource:
             count = batch_axes(dense).samples(feeds)
             return feeds, self.labels, f"{self.path} ({count} samples)"
         feeds = random_feeds(
-            dense,
+            _unfixed_batch(dense),
             samples=sizes[0],
             seed=self.seed,
             other_dim=sizes[1],
@@ -266,7 +266,8 @@ class FeedSource:
         )
         shapes = "; ".join(f"{k} {list(v.shape)}" for k, v in list(feeds.items())[:3])
         more = f"; +{len(feeds) - 3} more inputs" if len(feeds) > 3 else ""
-        return feeds, None, f"{sizes[0]} {RANDOM} (seed {self.seed}: {shapes}{more})"
+        count = batch_axes(dense).samples(feeds)
+        return feeds, None, f"{count} {RANDOM} (seed {self.seed}: {shapes}{more})"
 
 
 @dataclass
@@ -315,6 +316,20 @@ def validate_files(
     cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples)
     cmp.notes[:0] = notes
     return Validation(cmp, Timing(d_time.ms + f_time.ms, d_time.batch), d_feeds)
+
+
+def _unfixed_batch(dense: ort.InferenceSession) -> list[InputSpec]:
+    """The session's input specs with a static batch size made symbolic, so random feeds hold
+    several batches' worth of samples (run_chunks runs them one static batch at a time)."""
+    specs, axes = input_specs(dense), batch_axes(dense)
+    if axes.static is None:
+        return specs
+    return [
+        InputSpec(
+            s.name, ["batch", *s.shape[1:]] if axes.inputs.get(s.name) == 0 else s.shape, s.type
+        )
+        for s in specs
+    ]
 
 
 def _feeds_that_run(dense, source: FeedSource, d_specs, f_specs, dims: dict[str, int]):

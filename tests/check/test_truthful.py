@@ -91,3 +91,15 @@ def test_a_model_refusing_random_inputs_is_not_called_broken(tmp_path):
     )
     with pytest.raises(UserError, match=r"^the input model does not run on d.npz \(x \[8, 64\]\)"):
         run_dense(sess, feeds, "d.npz")
+
+
+def test_a_static_batch_of_2_validates_on_several_batches(tmp_path):
+    from onnxfold.check.compare import validate_files
+
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)]
+    model = make_model(nodes, {"w": rand(3, 4)}, {"x": [2, 4]}, {"y": [2, 3]})
+    path = save_model(model, tmp_path / "b2.onnx")
+    checked = validate_files(path, path, FeedSource())
+    assert checked.comparison.samples == 8 and checked.timing.batch == 2
+    assert checked.comparison.outputs[0].max_rel == 0.0
+    assert checked.comparison.source.startswith("8 random samples (seed 0: x [8, 4])")
