@@ -1,0 +1,127 @@
+"""Parameters and MACs (onnxfold.check.count) of models with control flow and recurrent layers:
+weights inside If/Loop/Scan bodies are counted (once per name, shape and type), LSTM/GRU/RNN
+multiply-accumulates are counted, and MACs that cannot be counted come with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from helpers import make_model, rand
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxfold.check.count import count_params, figures, macs_with_reason
+
+node = helper.make_node
+
+
+def _body(name: str, nodes: list, output: str, inits: dict | None = None, inputs=()):
+    tensors = [numpy_helper.from_array(v, k) for k, v in (inits or {}).items()]
+    out = [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)]
+    return helper.make_graph(nodes, name, list(inputs), out, tensors)
+
+
+def if_model(then_out: int, else_out: int, shared: bool) -> onnx.ModelProto:
+    """x (N, 4, 6, 6), sel [1] -> If(sel > 0): conv 4 -> then_out | conv 4 -> else_out (1x1).
+    shared: both branches also store one weight 'k' (4 x 4 x 1 x 1) under the same name, as
+    onnx-graphsurgeon writes a weight both read."""
+    branches = []
+    for tag, cout in (("t", then_out), ("e", else_out)):
+        inits = {f"{tag}.w": rand(cout, 4, 1, 1)}
+        nodes = [node("Conv", ["x", f"{tag}.w"], [f"{tag}.y"])]
+        if shared:
+            inits["k"] = rand(4, 4, 1, 1)
+            nodes = [
+                node("Conv", ["x", "k"], [f"{tag}.k"]),
+                node("Conv", [f"{tag}.k", f"{tag}.w"], [f"{tag}.y"]),
+            ]
+        branches.append(_body(tag, nodes, f"{tag}.y", inits))
+    nodes = [
+        node("Greater", ["sel", "zero"], ["cond"]),
+        node("If", ["cond"], ["y"], name="if", then_branch=branches[0], else_branch=branches[1]),
+    ]
+    inputs = {"x": ["N", 4, 6, 6], "sel": [1]}
+    return make_model(nodes, {"zero": np.zeros(1, np.float32)}, inputs, {"y": None})
+
+
+def feeds() -> dict:
+    return {"x": np.zeros((3, 4, 6, 6), np.float32), "sel": np.ones(1, np.float32)}
+
+
+def test_weights_inside_branches_are_counted_once_per_name():
+    assert count_params(if_model(8, 2, shared=False)) == 8 * 4 + 2 * 4 + 1
+    assert count_params(if_model(8, 2, shared=True)) == 8 * 4 + 2 * 4 + 16 + 1
+
+
+def test_constant_nodes_inside_a_loop_body_are_counted():
+    value = numpy_helper.from_array(rand(4, 4, 1, 1), "k")
+    body_nodes = [
+        node("Identity", ["c"], ["c_out"]),
+        node("Constant", [], ["k"], value=value),
+        node("Conv", ["v", "k"], ["v_out"]),
+    ]
+    body = helper.make_graph(
+        body_nodes,
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, [1, 4, 6, 6]),
+        ],
+        [
+            helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 4, 6, 6]),
+        ],
+    )
+    inits = {"trips": np.array(2, np.int64), "go": np.array(True)}
+    nodes = [node("Loop", ["trips", "go", "x"], ["y"], name="loop", body=body)]
+    model = make_model(nodes, inits, {"x": [1, 4, 6, 6]}, {"y": [1, 4, 6, 6]})
+    assert count_params(model) == 16
+    assert macs_with_reason(model, {"x": np.zeros((1, 4, 6, 6), np.float32)}) == (
+        None,
+        "not counted: Loop 'loop' runs its body a number of times known only at run time",
+    )
+
+
+def test_an_if_counts_its_costlier_branch():
+    macs, why = macs_with_reason(if_model(8, 2, shared=False), feeds())
+    assert (macs, why) == (6 * 6 * 8 * 4, None)
+
+
+def recurrent_model(op: str, gates: int, dirs: int) -> onnx.ModelProto:
+    """x (N, T=5, 6) -> Transpose -> (T, N, 6) -> `op` (hidden 3, `dirs` directions)."""
+    inits = {
+        "W": rand(dirs, gates * 3, 6),
+        "R": rand(dirs, gates * 3, 3),
+        "B": rand(dirs, 2 * gates * 3),
+    }
+    direction = "bidirectional" if dirs == 2 else "forward"
+    nodes = [
+        node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+        node(op, ["t", "W", "R", "B"], ["y"], hidden_size=3, direction=direction),
+    ]
+    return make_model(nodes, inits, {"x": ["N", 5, 6]}, {"y": [5, dirs, "N", 3]})
+
+
+def test_recurrent_layers_count_their_input_and_recurrent_products():
+    """Per sample: every step of every direction multiplies by W and R: T x (|W| + |R|)."""
+    x = {"x": np.zeros((2, 5, 6), np.float32)}
+    for op, gates in (("LSTM", 4), ("GRU", 3), ("RNN", 1)):
+        for dirs in (1, 2):
+            macs, why = macs_with_reason(recurrent_model(op, gates, dirs), x)
+            assert (macs, why) == (5 * dirs * gates * 3 * (6 + 3), None), (op, dirs)
+
+
+def test_macs_not_counted_say_why():
+    model = make_model(
+        [node("MatMul", ["x", "w"], ["y"], name="mm")],
+        {},
+        {"x": ["N", 4], "w": ["K", "M"]},
+        {"y": None},
+    )
+    assert macs_with_reason(model, {"x": np.zeros((2, 4), np.float32)}) == (
+        None,
+        "not counted: shapes around MatMul 'mm' are unknown",
+    )
+    unrun = figures(if_model(8, 2, shared=False), 100, None, None)
+    assert unrun.macs is None
+    assert unrun.macs_note == "not counted: input sizes unknown (the model was not run)"
