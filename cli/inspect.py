@@ -1,53 +1,152 @@
-"""`onnxfold inspect`: list a model's channel groups, their members and why frozen ones cannot
-fold."""
+"""`onnxfold inspect`: list the channel groups of one or more models, their members and why frozen
+ones cannot fold (--summary: freeze reasons counted by cause)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
+import textwrap
+from collections import Counter
 
+from onnxfold.errors import UserError
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
 from . import report
 
+TENSORS_SHOWN = 8
+_QUOTED = re.compile(r"'[^']*'")  # a node or tensor name inside a reason
+_NUMBER = re.compile(r"\b\d+\b")
+_BARE_PARENS = re.compile(r"\(\s*\w*\s*\)")  # "(matches 'x')" once the name is gone
+_SPACE_BEFORE_MARK = re.compile(r" ([:;,.])")
+
 
 def inspect(args: argparse.Namespace) -> int:
-    """Print every group (channels, members) and every frozen group's tensors with the reason."""
-    loaded = load_model(args.input)
-    groups = discover(loaded.graph, loaded.opset)
-    foldable = [g for g in groups if g.foldable]
-    print(
-        f"{args.input}: {len(groups)} channel groups, {len(foldable)} foldable, opset "
-        f"{loaded.opset}"
-    )
-    for i, g in enumerate(groups):
-        state = (
-            "foldable"
-            if g.foldable
-            else ("frozen" if g.frozen else "not foldable (single channel)")
-        )
-        print(f"\ngroup {i}: {g.size} channels, {state}")
-        for reason in g.frozen:
-            print(f"  reason: {reason}")
-        print(
-            f"  tensors: {', '.join(g.tensors[:8])}"
-            + (f" (+{len(g.tensors) - 8})" if len(g.tensors) > 8 else "")
-        )
-        for m in g.members:
-            extra = f" offset {m.offset}" * bool(m.offset) + f" x{m.repeat}" * (m.repeat > 1)
-            print(
-                f"  member: {m.tensor.name}[axis {m.axis}] "
-                f"{m.role}{' ' + m.tag if m.tag else ''}{extra}"
-            )
+    """Print every model's groups (or only their counts); --json: one document for all files."""
+    _check_paths(args.input)
+    documents = []
+    for i, path in enumerate(args.input):
+        if i:
+            print()
+        documents.append(_inspect_file(path, args.summary))
     if args.json:
-        report.write_json(
-            args.json, {"input": args.input, "groups": [_group_json(g) for g in groups]}
-        )
+        report.write_json(args.json, documents[0] if len(documents) == 1 else documents)
     return 0
 
 
-def _group_json(g) -> dict:
+def _check_paths(paths: list[str]) -> None:
+    """A missing file or a directory among `paths` fails before any model is read."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise UserError(f"{path}: is a directory, expected an .onnx file")
+        if not os.path.exists(path):
+            raise UserError(f"{path}: no such file")
+
+
+def _inspect_file(path: str, summary: bool) -> dict:
+    """Print one model's header, freeze causes and (unless `summary`) its groups; returns its JSON
+    document."""
+    loaded = load_model(path)
+    groups = discover(loaded.graph, loaded.opset)
+    names = group_names(groups)
+    frozen = sum(1 for g in groups if g.frozen)
+    foldable = sum(1 for g in groups if g.foldable)
+    print(
+        f"{path}: {len(groups)} channel groups, {foldable} foldable, {frozen} frozen, opset "
+        f"{loaded.opset}"
+    )
+    print(_wrap(frozen_summary(groups), "  "))
+    if not summary:
+        for i, (g, name) in enumerate(zip(groups, names)):
+            print(f"\n{_group_text(i, g, name)}")
+    return {"input": path, "groups": [_group_json(g, n) for g, n in zip(groups, names)]}
+
+
+def cause(reason: str) -> str:
+    """What a freeze reason says without the names, numbers and quotes that differ between groups:
+    "Reshape '/m/Reshape_3' is not understood" -> "Reshape is not understood"."""
+    text = " ".join(_BARE_PARENS.sub("", _NUMBER.sub("N", _QUOTED.sub("", reason))).split())
+    return _SPACE_BEFORE_MARK.sub(r"\1", text).strip(" :;,") or reason
+
+
+def frozen_summary(groups) -> str:
+    """ "12 groups frozen: 7 graph output, 3 Reshape is not understood, ...": frozen groups counted
+    by the causes of their reasons, most frequent first (a group counts once per cause)."""
+    frozen = [g for g in groups if g.frozen]
+    if not frozen:
+        return "no group frozen"
+    counts = Counter(c for g in frozen for c in {cause(r) for r in g.frozen})
+    causes = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    noun = "group" if len(frozen) == 1 else "groups"
+    return f"{len(frozen)} {noun} frozen: " + ", ".join(f"{n} {c}" for c, n in causes)
+
+
+def group_names(groups) -> list[str]:
+    """One name per group, unique and deterministic: its first tensor; where groups share it, the
+    first tensor only that group carries, in parentheses; any name still shared gets #1, #2, ... in
+    graph order."""
+    first = [g.describe() for g in groups]
+    shared = Counter(first)
+    names = [
+        _with_own_tensor(g, [h for h, f in zip(groups, first) if f == name and h is not g])
+        if shared[name] > 1
+        else name
+        for g, name in zip(groups, first)
+    ]
+    return _numbered(names)
+
+
+def _with_own_tensor(group, rivals) -> str:
+    """The group's name with the first tensor none of `rivals` carries, if it has one."""
+    taken = {t for h in rivals for t in h.tensors}
+    own = next((t for t in group.tensors[1:] if t not in taken), None)
+    return f"{group.describe()} ({own})" if own else group.describe()
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """`names` with every repeated one suffixed #1, #2, ... in order."""
+    total, seen, out = Counter(names), Counter(), []
+    for name in names:
+        seen[name] += 1
+        out.append(f"{name} #{seen[name]}" if total[name] > 1 else name)
+    return out
+
+
+def _group_text(i: int, g, name: str) -> str:
+    """The lines of one group: header, reasons (wrapped at word boundaries), tensors, members."""
+    state = (
+        "foldable" if g.foldable else ("frozen" if g.frozen else "not foldable (single channel)")
+    )
+    lines = [f"group {i}: {name}, {g.size} channels, {state}"]
+    lines += [_wrap(f"reason: {reason}", "  ", "          ") for reason in g.frozen]
+    more = len(g.tensors) - TENSORS_SHOWN
+    shown = ", ".join(g.tensors[:TENSORS_SHOWN]) + (f" (+{more})" if more > 0 else "")
+    lines.append(_wrap(f"tensors: {shown}", "  ", "           "))
+    for m in g.members:
+        extra = f" offset {m.offset}" * bool(m.offset) + f" x{m.repeat}" * (m.repeat > 1)
+        tag = f" {m.tag}" if m.tag else ""
+        lines.append(f"  member: {m.tensor.name}[axis {m.axis}] {m.role}{tag}{extra}")
+    return "\n".join(lines)
+
+
+def _wrap(text: str, indent: str, hanging: str | None = None) -> str:
+    """`text` wrapped to the terminal at spaces only: a name is never cut."""
+    width = max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+    return textwrap.fill(
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=hanging if hanging is not None else indent + "  ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _group_json(g, name: str) -> dict:
     return {
+        "name": name,
         "channels": g.size,
         "foldable": g.foldable,
         "frozen_reasons": g.frozen,

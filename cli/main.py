@@ -1,22 +1,27 @@
-"""`onnxfold INPUT.onnx [-o OUTPUT.onnx] [options]` folds a model; `onnxfold inspect INPUT.onnx`
-lists groups.
+"""`onnxfold INPUT.onnx [-o OUTPUT.onnx] [options]` folds a model; `onnxfold inspect`, `sweep` and
+`export` do the rest (COMMANDS).
 
 Exit codes: 0 success (also when nothing could be folded), 2 bad input or usage (one line, no
-traceback), 1 internal error."""
+traceback), 1 internal error.
+
+Start-up: a command's module, and onnx, onnxruntime or torch with it, is imported only once its
+arguments are parsed, so `--help` and `--version` load none of them (tests/test_startup.py)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
 import sys
+import textwrap
+from collections.abc import Callable
+from typing import NamedTuple
 
+from onnxfold import __version__
 from onnxfold.config import CHOICES, DEFAULTS
 from onnxfold.errors import UserError
-from onnxfold.sweep import DEFAULT_METHODS, METHODS
-
-from . import commands, inspect
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,11 +34,16 @@ class _Parser(argparse.ArgumentParser):
 def fold_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="onnxfold",
-        description="Fold an ONNX model: cluster similar channels and merge them, "
-        "data-free. Writes INPUT.folded.onnx and prints a before/after report. Also: `onnxfold "
-        "inspect INPUT.onnx` lists the channel groups found; `onnxfold sweep INPUT.onnx --data "
-        "test.npz` compares methods across ratios.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Fold an ONNX model: cluster similar channels and merge them, data-free. Writes "
+            "INPUT.folded.onnx and prints a before/after report.",
+            78,
+        )
+        + "\n\n"
+        + command_list(),
     )
+    p.add_argument("--version", action="version", version=f"onnxfold {__version__}")
     p.add_argument("input", help="the .onnx model to fold (never modified)")
     p.add_argument(
         "-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)"
@@ -182,16 +192,28 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
 def inspect_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="onnxfold inspect",
-        description="List every channel group of a model: members, channel "
-        "count, and for frozen groups the reason they cannot be folded.",
+        description="List every channel group of each model: members, channel count, and for "
+        "frozen groups the reason they cannot be folded; first, the frozen groups counted by "
+        "cause.",
     )
-    p.add_argument("input", help="the .onnx model to inspect")
-    p.add_argument("--json", metavar="OUT.json", help="also write the groups as JSON")
+    p.add_argument("input", nargs="+", help="the .onnx models to inspect")
+    p.add_argument(
+        "--summary",
+        action="store_true",
+        help="only the counts: groups, foldable, frozen by cause",
+    )
+    p.add_argument(
+        "--json",
+        metavar="OUT.json",
+        help="also write the groups as JSON (several models: a list, one entry per model)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return p
 
 
 def sweep_parser() -> argparse.ArgumentParser:
+    from onnxfold.sweep import DEFAULT_METHODS, METHODS  # onnxruntime: only for this command
+
     p = _Parser(
         prog="onnxfold sweep",
         description="Accuracy against parameter sparsity for every method "
@@ -286,23 +308,76 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Command(NamedTuple):
+    """A subcommand: how it is called, what it does, its parser, and its code as "module:function"
+    of this package (imported only when the command runs)."""
+
+    usage: str
+    summary: str
+    parser: Callable[[], argparse.ArgumentParser]
+    run: str
+
+
+COMMANDS = {
+    "fold": Command(
+        "[fold] INPUT.onnx [options]",
+        "fold a model (the options below)",
+        fold_parser,
+        "commands:fold",
+    ),
+    "inspect": Command(
+        "inspect INPUT.onnx ...",
+        "list channel groups and why frozen ones cannot fold",
+        inspect_parser,
+        "inspect:inspect",
+    ),
+    "sweep": Command(
+        "sweep INPUT.onnx --data FILE",
+        "accuracy against sparsity, every method and ratio",
+        sweep_parser,
+        "commands:sweep",
+    ),
+    "export": Command(
+        "export hf MODEL_DIR -o OUT",
+        "export a Hugging Face model to ONNX",
+        export_parser,
+        "commands:export",
+    ),
+}
+
+
+def command_list() -> str:
+    """The commands block of `onnxfold --help`, one line per entry of COMMANDS."""
+    width = max(len(c.usage) for c in COMMANDS.values()) + len("onnxfold ")
+    lines = [f"  {'onnxfold ' + c.usage:<{width}}  {c.summary}" for c in COMMANDS.values()]
+    return "commands (each has its own --help):\n" + "\n".join(lines)
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """(command name, its arguments): a first word naming a command selects it (`fold` only when no
+    file of that name exists); anything else is the fold command's arguments."""
+    if argv and argv[0] in COMMANDS and (argv[0] != "fold" or not os.path.exists("fold")):
+        return argv[0], argv[1:]
+    return "fold", argv
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Parse `argv` for command `name`, then import and run its code."""
+    command = COMMANDS[name]
+    args = command.parser().parse_args(argv)
+    module, _, function = command.run.partition(":")
+    return getattr(importlib.import_module(f".{module}", __package__), function)(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     _show_log(debug)
     try:
-        if argv and argv[0] == "inspect":
-            return inspect.inspect(inspect_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "export":
-            return commands.export(export_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "sweep":
-            return commands.sweep(sweep_parser().parse_args(argv[1:]))
-        if argv and argv[0] == "fold" and not os.path.exists("fold"):
-            argv = argv[1:]
-        return commands.fold(fold_parser().parse_args(argv))
+        return run_command(*split_command(argv))
     except UserError as e:
-        print(f"onnxfold: error: {commands.in_flags(e)}", file=sys.stderr)
+        print(f"onnxfold: error: {_in_flags(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("onnxfold: interrupted", file=sys.stderr)
@@ -316,6 +391,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+
+
+def _in_flags(error: UserError) -> str:
+    """commands.in_flags, imported only for library errors: a usage error stays cheap."""
+    if type(error) is UserError:
+        return str(error)
+    from .commands import in_flags
+
+    return in_flags(error)
 
 
 def _show_log(debug: bool) -> None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..groups.group import Group
-from ..groups.layout import EXTENT
-from .features import group_features
+if TYPE_CHECKING:  # config imports Budget from here: groups/ (onnx-graphsurgeon) loads on use
+    from ..groups.group import Group
 
 # beyond this the (n, n) distance matrix is too large: the group keeps its ratio
 MAX_WARD_CHANNELS = 16384
@@ -41,6 +41,8 @@ class Budget:
 
 def units_to_keep(groups: list[Group], budget: Budget) -> tuple[dict[int, float], dict[int, int]]:
     """(gid -> ratio, gid -> units kept) for the foldable `groups`."""
+    from .features import group_features
+
     ratios = group_ratios(groups, budget)
     keep = {g.gid: units_kept(g, ratios[g.gid], budget.multiple_of) for g in groups}
     # priced on plain weight features: importance-scaled ones made early layers look free
@@ -103,6 +105,8 @@ class ParamModel:
     """Exact parameter count of the groups' constant tensors for any per-group channel counts."""
 
     def __init__(self, groups: list[Group]):
+        from ..groups.layout import EXTENT
+
         self.tensors: dict[int, tuple[int, dict[int, int], list[tuple[int, int, int, int]]]] = {}
         for g in groups:
             for m in g.members:
@@ -187,6 +191,8 @@ def allocate(
 
 def _relative_error_steps(group: Group, rows: np.ndarray, cap: int) -> np.ndarray:
     """Cost of each successive merge (cap,): Ward cost / feature mass x number of weight members."""
+    from ..groups.layout import EXTENT
+
     merges = ward_merge_costs(rows)[:cap]
     mass = float(np.sum(np.square(rows, dtype=np.float64))) or 1.0
     members = (

@@ -16,21 +16,18 @@ removal, activation-aware pruning much better; generated text is better still
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..errors import ConfigError, literal, log
-from ..groups.group import Group
-from ..runtime.session import session_with_outputs
 from ..runtime.stats import stats_of
-from ..runtime.tokens import (
-    SYNTHETIC_LENGTH,
-    SYNTHETIC_SEQUENCES,
-    generated_token_feeds,
-    logits_output,
-    synthetic_token_feeds,
-)
+
+# config imports IMPORTANCES from here: onnx, onnxruntime and onnx-graphsurgeon load on use
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+    from ..groups.group import Group
 
 
 @dataclass
@@ -115,6 +112,10 @@ def channel_importance(
 def statistics_session(graph: gs.Graph, groups: list[Group]):
     """One lean onnxruntime session of the graph with every group's consumer activation as an extra
     output (it also serves the model's own outputs, e.g. for generating calibration text)."""
+    import onnx_graphsurgeon as gs
+
+    from ..runtime.session import session_with_outputs
+
     names = sorted({g.consumer.node.inputs[0].name for g in groups if g.consumer is not None})
     return session_with_outputs(gs.export_onnx(graph), names)
 
@@ -141,6 +142,8 @@ def importance_data_free(graph: gs.Graph, groups: list[Group], seed: int = 0) ->
     sampled from the model from a random first token (as LLM-QAT does), activations much closer to
     real text than random ids. Other token models (encoders), or a model that cannot generate, use
     random token ids. One onnxruntime session serves generation and statistics."""
+    from ..runtime.tokens import generated_token_feeds, logits_output, synthetic_token_feeds
+
     synthetic_token_feeds(graph, seed, 1, 1)  # UserError for models without token inputs
     if all(g.consumer is None for g in groups):
         return Scores(source="no observable consumer")
@@ -165,6 +168,8 @@ def importance_from_random_tokens(
 ) -> Scores:
     """channel_importance on synthetic_token_feeds: SYNTHETIC_LENGTH tokens per sequence, or shorter
     ones (same token count) when the model rejects that length (a small position table)."""
+    from ..runtime.tokens import SYNTHETIC_LENGTH, SYNTHETIC_SEQUENCES, synthetic_token_feeds
+
     length, error = SYNTHETIC_LENGTH, None
     while length >= 8:
         feeds = synthetic_token_feeds(

@@ -7,11 +7,14 @@ Input: a Group, its feature rows (n, d) (features.py) and k. Output: FoldPlan(la
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..groups.group import Group
 from .kmeans import kmeans
+
+if TYPE_CHECKING:  # config imports this module for METHODS: onnx-graphsurgeon stays unloaded
+    from ..groups.group import Group
 
 # fold: k-means + merge; prune: keep the largest-norm (or most important) channels
 METHODS = ("fold", "prune")

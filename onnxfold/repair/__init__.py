@@ -1,18 +1,45 @@
 """Stage 4: repair what merging loses (DESIGN §1.4). One Repair subclass per method (base.py),
 listed once in REPAIRS; `auto` picks Fold-AR when the graph keeps BatchNorm statistics, else
-none."""
+none.
+
+REPAIRS imports the repair modules (and onnx, onnxruntime with them) on first use, so that config
+and `onnxfold --help` can read CHOICES without loading them."""
 
 from __future__ import annotations
 
-import onnx_graphsurgeon as gs
+import functools
+import importlib
+from typing import TYPE_CHECKING
 
-from .ar import FoldAR
 from .base import Repair, RepairSettings
-from .data import DataRepair
-from .dir import DirRepair
 
-REPAIRS: dict[str, type[Repair]] = {r.name: r for r in (FoldAR, Repair, DataRepair, DirRepair)}
-CHOICES = ("auto", *REPAIRS)
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
+
+# --repair name -> (module of this package, Repair subclass): the registry, in the order shown
+_REGISTRY = {
+    "ar": ("ar", "FoldAR"),
+    "none": ("base", "Repair"),
+    "data": ("data", "DataRepair"),
+    "dir": ("dir", "DirRepair"),
+}
+CHOICES = ("auto", *_REGISTRY)
+
+
+@functools.cache
+def _classes() -> dict[str, type[Repair]]:
+    """REPAIRS, its modules imported once."""
+    return {
+        key: getattr(importlib.import_module(f".{module}", __name__), cls)
+        for key, (module, cls) in _REGISTRY.items()
+    }
+
+
+def __getattr__(name: str):
+    """REPAIRS: name -> Repair subclass, loaded on first use (PEP 562)."""
+    if name == "REPAIRS":
+        return _classes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def choose_repair(
@@ -23,9 +50,11 @@ def choose_repair(
 ) -> Repair:
     """The Repair for --repair `requested` (auto or a name in REPAIRS) on `graph` folded by
     `method`; its `name` and `why` go into the report."""
+    from .ar import FoldAR
+
     cls, why = (
         FoldAR.auto(graph, method)
         if requested == "auto"
-        else REPAIRS[requested].resolve(graph, method)
+        else _classes()[requested].resolve(graph, method)
     )
     return cls(why, settings)
