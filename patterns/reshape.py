@@ -42,11 +42,10 @@ def reshape(node: gs.Node, d: Discovery) -> None:
         if target is None or post_in is None or not is_known(extent)
         else _channel_axis_after_reshape(target[: len(target) - keep], extent, post_in)
     )
+    if found is None and target is not None and post_in is not None and is_known(extent):
+        return _merge_leading(node, d, lx, target, keep, extent * post_in)
     if found is None:
-        shape_in = list(x.shape) if x.shape is not None else "?"
-        return freeze_all(
-            node, d, f"{where(node)} reshapes the channel axis {shape_in} -> {target}"
-        )
+        return _declined(node, d, target)
     axis, post_out = found
     if post_in % post_out == 0:  # channels kept or merged with trailing axes
         spread = post_in // post_out
@@ -54,6 +53,32 @@ def reshape(node: gs.Node, d: Discovery) -> None:
             node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread
         )
     _split_channels(node, d, lx, axis, len(target), post_out // post_in)
+
+
+def _declined(node, d: Discovery, target) -> None:
+    x = node.inputs[0]
+    shape_in = list(x.shape) if x.shape is not None else "?"
+    freeze_all(node, d, f"{where(node)} reshapes the channel axis {shape_in} -> {target}")
+
+
+def _merge_leading(node, d: Discovery, lx: Layout, target: list, keep: int, inner: int) -> None:
+    """The channel axis merged with the static axes just before it (and possibly with trailing
+    ones), e.g. an LSTM's (directions, hidden) -> directions * hidden: the output axis holds the
+    input's channel layout once per index of those leading axes, so its parts repeat that many
+    times. `inner`: entries of the channel axis and the trailing axes merged with it."""
+    x, dims = node.inputs[0], target[: len(target) - keep]
+    post_in = inner // dim_of(x, lx.axis)
+    for start in range(lx.axis - 1, -1, -1):
+        lead = static_product(x, start, lx.axis)
+        if lead is None:
+            break
+        found = _channel_axis_after_reshape(dims, lead * dim_of(x, lx.axis), post_in)
+        if found is not None and post_in % found[1] == 0:
+            axis, post_out = found
+            spread = post_in // post_out
+            merged = Layout(axis, len(target), lx.parts * lead, lx.repeat * spread)
+            return _reshape_result(node, d, merged, axis, lx.repeat * spread)
+    _declined(node, d, target)
 
 
 def _common_suffix(shape_in, shape_out, axis: int) -> int:

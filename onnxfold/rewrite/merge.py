@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..groups.layout import EXTENT, MEAN, DeclaredDim, Member
-from ..model.ops import is_depthwise
+from ..model.ops import RECURRENT_GATES, is_depthwise
 from ..plan.plan import FoldPlan, cluster_reduce
 
 
@@ -58,12 +58,15 @@ def _merge_slice(values: np.ndarray, m: Member, plan: FoldPlan) -> np.ndarray:
 
 
 def sync_depthwise_groups(graph: gs.Graph) -> None:
-    """A depthwise Conv (weight (C, 1, kh, kw)) keeps group == C after its channels changed, in
-    the graph and in the bodies of its If/Loop/Scan nodes."""
+    """Attributes that restate a weight's shape follow it after channels changed, in the graph and
+    in the bodies of its If/Loop/Scan nodes: a depthwise Conv (weight (C, 1, kh, kw)) keeps group
+    == C, an LSTM/GRU/RNN keeps hidden_size == the last dim of its recurrent weight R."""
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for node in g.nodes:
             if is_depthwise(node):
                 node.attrs["group"] = int(node.inputs[1].shape[0])
+            elif node.op in RECURRENT_GATES and isinstance(node.inputs[2], gs.Constant):
+                node.attrs["hidden_size"] = int(node.inputs[2].shape[-1])
 
 
 def forget_shapes(graph: gs.Graph) -> None:

@@ -159,6 +159,18 @@ def reshape_channels_regrouped(inits):
     return model, "c1.w", "Reshape 'rs' reshapes the channel axis "
 
 
+def reshape_leading_merge_then_split(inits):
+    """(1, 2, 8) -> (1, 4, 4): the 8 channels merged with the axis before them, then cut into rows
+    of 4 that do not hold whole copies."""
+    inits.update(w1=rand(6, 8), shape=np.array([0, 4, 4], np.int64))
+    nodes = [
+        node("MatMul", ["x", "w1"], ["h"]),
+        node("Reshape", ["h", "shape"], ["y"], name="rs"),
+    ]
+    model = make_model(nodes, inits, {"x": [1, 2, 6]}, {"y": [1, 4, 4]})
+    return model, "w1", "Reshape 'rs' reshapes the channel axis [1, 2, 8] -> [1, 4, 4]"
+
+
 def reshape_expand_one_channel(inits):
     """Expand of a one-channel map over 8 channels."""
     inits["shape"] = np.array([1, 8, 6, 6], np.int64)
@@ -218,6 +230,7 @@ CASES = [
     shape_ops_reduce_over_channels,
     shape_ops_concat_with_constant,
     reshape_channels_regrouped,
+    reshape_leading_merge_then_split,
     reshape_expand_one_channel,
     split_equal_pieces_opset11,
     split_unequal_pieces,

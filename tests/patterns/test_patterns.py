@@ -284,3 +284,23 @@ def test_untracked_operand_broadcast_over_channels_keeps_group(tmp_path):
     path = save(build(nodes, inits, ["N", 3, 5, 5], ["N", 2, 5, 5], opset=17), tmp_path)
     assert [g.size for g in groups_of(path) if g.foldable] == [6]
     assert_widen_and_fold_back(path, tmp_path)
+
+
+def test_reshape_merging_leading_axes_repeats_the_channels(tmp_path):
+    """(N, 2, 8) -> (N, 16): the channel axis merged with the static axis before it (an LSTM's
+    directions x hidden) holds the 8 channels twice; the consumer's columns 0-7 and 8-15 follow
+    them."""
+    inits = {"w1": w(6, 8), "shape": np.array([0, -1], np.int64), "w2": w(16, 3)}
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w2"], ["output"]),
+    ]
+    path = save(build(nodes, inits, ["N", 2, 6], ["N", 3]), tmp_path)
+    (group,) = [g for g in groups_of(path) if g.foldable]
+    assert sorted((m.offset, m.repeat) for m in group.members if m.tensor.name == "w2") == [
+        (0, 1),
+        (8, 1),
+    ]
+    assert_widen_and_fold_back(path, tmp_path)
