@@ -44,9 +44,9 @@ def hoist_initializers(graph: onnx.GraphProto) -> None:
 
 
 def _computed_names(graph: onnx.GraphProto, bodies: list[onnx.GraphProto]) -> set[str]:
-    """Names of values computed by nodes or taken as graph inputs, in every scope (initializers
-    listed as graph inputs, as older exporters write them, excluded)."""
-    stored = {t.name for g in [graph, *bodies] for t in g.initializer}
+    """Names of values computed by nodes or taken as inputs, in every scope (the main graph's
+    initializers listed as its inputs, as older exporters write them, excluded)."""
+    stored = {t.name for t in graph.initializer}
     names = {o for g in [graph, *bodies] for n in g.node for o in n.output}
-    names |= {i.name for g in [graph, *bodies] for i in g.input if i.name not in stored}
-    return names
+    names |= {i.name for i in graph.input if i.name not in stored}
+    return names | {i.name for g in bodies for i in g.input}

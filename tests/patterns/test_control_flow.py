@@ -331,3 +331,40 @@ def test_parameters_inside_branches_are_counted(builder, tmp_path):
     half = str(tmp_path / "half.onnx")
     fold_to(src, half, ratio=0.5)
     assert 0 < param_count(half) < param_count(src)
+
+
+def test_a_weight_both_branches_read_is_written_once(tmp_path):
+    """onnx-graphsurgeon writes a constant into every body reading it; the saved model holds it
+    once, in the main graph (model/scopes.py), and still runs both branches."""
+    src = if_sharing_weights(tmp_path)
+    _, proto = fold_to(src, str(tmp_path / "f.onnx"), ratio=0.5)
+    (if_node,) = [n for n in proto.graph.node if n.op_type == "If"]
+    assert all(len(a.g.initializer) == 0 for a in if_node.attribute)
+    names = [t.name for t in proto.graph.initializer]
+    assert {"a.w", "b.w"} <= set(names) and len(names) == len(set(names))
+    assert all(y.shape == (2, 2, 6, 6) for y in both_branches(str(tmp_path / "f.onnx")))
+
+
+def test_an_initializer_named_like_a_body_input_stays_in_its_body():
+    """A body initializer that a body input of the same name would shadow is not moved."""
+    from onnxfold.model.scopes import hoist_initializers
+
+    k = numpy_helper.from_array(np.ones(1, np.float32), "k")
+    body = helper.make_graph(
+        [node("Identity", ["k"], ["y"])], "body", [_out("k", [1])], [_out("y", [1])], [k]
+    )
+    shared = numpy_helper.from_array(np.ones(1, np.float32), "s")
+    other = helper.make_graph([node("Identity", ["s"], ["z"])], "other", [], [_out("z")], [shared])
+    graph = helper.make_graph(
+        [
+            node("Scan", ["x"], ["o"], body=body, num_scan_inputs=1),
+            node("If", ["c"], ["w"], then_branch=other, else_branch=other),
+        ],
+        "g",
+        [],
+        [],
+    )
+    hoist_initializers(graph)
+    scan, branch = graph.node[0].attribute[0].g, graph.node[1].attribute[0].g
+    assert [t.name for t in graph.initializer] == ["s"] and not branch.initializer
+    assert [t.name for t in scan.initializer] == ["k"]
