@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.stats import batch_axes, one_batch
+from ..runtime.stats import one_batch, smallest_batch
 
 
 @dataclass
@@ -62,7 +62,7 @@ def time_sessions(
     if len(sessions) > 1:
         ratios = np.array(times[0]) / np.maximum(np.array(times[1]), 1e-9)
         spread = (float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75)))
-    batch = batch_axes(sessions[0]).static or 1
+    batch = smallest_batch(sessions[0], each[0])
     return Timing([statistics.median(t) for t in times], batch, spread)
 
 

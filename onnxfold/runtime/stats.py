@@ -99,11 +99,13 @@ def run_chunks(
             for k, v in feeds.items()
         }
         outs = sess.run(names, batch)
-        yield start, [_first(o, axes.outputs.get(n), real) for n, o in zip(names, outs)]
+        if axes.static and real < step:  # drop the padding's outputs
+            outs = [_first(o, axes.outputs.get(n), real) for n, o in zip(names, outs)]
+        yield start, outs
 
 
 def _first(out: np.ndarray, axis: int | None, count: int) -> np.ndarray:
-    if axis is None or out.ndim <= axis or out.shape[axis] == count:
+    if axis is None or out.ndim <= axis or out.shape[axis] <= count:
         return out
     return np.take(out, np.arange(count), axis)
 
@@ -136,10 +138,19 @@ def run_batched(sess, feeds: dict[str, np.ndarray], batch: int = BATCH) -> list[
     ]
 
 
+def smallest_batch(sess, feeds: dict[str, np.ndarray]) -> int:
+    """Samples in one_batch(sess, feeds)."""
+    axes = batch_axes(sess)
+    return axes.static or (1 if axes.splittable else axes.samples(feeds))
+
+
 def one_batch(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The smallest feeds `sess` runs: one sample, or the static batch size (repeating the last
-    sample when feeds hold fewer); unbatched inputs whole."""
+    sample when feeds hold fewer); unbatched inputs whole; all of feeds when the batch dims are
+    unnamed (not splittable)."""
     axes = batch_axes(sess)
+    if not axes.splittable:
+        return feeds
     take = np.minimum(np.arange(axes.static or 1), max(axes.samples(feeds) - 1, 0))
     return {
         k: v if axes.inputs.get(k) is None else np.take(v, take, axes.inputs[k])

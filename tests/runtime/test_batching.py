@@ -115,3 +115,14 @@ def test_calibration_runs_on_a_model_with_external_data(tmp_path):
     for options in ({"refit": True}, {"repair": "data"}, {"importance": "act"}):
         report = fold_file(ext, str(tmp_path / "out.onnx"), FoldConfig(**options), calib=calib)
         assert report.folded.params < report.dense.params
+
+
+def test_the_smallest_batch_of_unnamed_batch_dims_is_all_samples(tmp_path):
+    from onnxfold.runtime.stats import smallest_batch
+
+    nodes = [helper.make_node("Add", ["x", "s"], ["y"])]
+    model = make_model(nodes, {}, {"x": [None, 4], "s": [1, None, 4]}, {"y": [1, None, 4]})
+    sess = session(save_model(model, tmp_path / "unnamed.onnx"))
+    feeds = {"x": rand(6, 4), "s": rand(1, 6, 4, seed=2)}
+    assert one_batch(sess, feeds) is feeds and smallest_batch(sess, feeds) == 6
+    sess.run(None, one_batch(sess, feeds))
