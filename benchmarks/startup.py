@@ -1,8 +1,9 @@
 """Start-up cost of the command line: wall-clock time of whole processes, median of N runs.
 
-Usage: python -m benchmarks.startup [--runs 5] [--model R18.onnx]
+Usage: python -m benchmarks.startup [--runs 5] [--model R18.onnx] [--no-script]
 Times `python -c pass`, `python -m onnxfold --help`, `--version` and a full-width ResNet18 fold
-(ratio 0.5, --no-validate), and the same through the `onnxfold` console script when installed.
+(ratio 0.5, --no-validate), run from this checkout, and the same through the `onnxfold` console
+script when installed (--no-script: not; it runs the installed onnxfold, maybe another checkout).
 Prints a markdown table: median seconds and the ratio against `python -c pass`.
 """
 
@@ -40,7 +41,7 @@ def console_script() -> str | None:
     return here if os.path.isfile(here) else shutil.which("onnxfold")
 
 
-def cases(model: str, out: str) -> list[tuple[str, list[str]]]:
+def cases(model: str, out: str, script: bool = True) -> list[tuple[str, list[str]]]:
     """(label, argv) of every process timed."""
     fold = [model, "-o", out, "--ratio", "0.5", "--no-validate", "-q"]
     py = [sys.executable]
@@ -50,7 +51,7 @@ def cases(model: str, out: str) -> list[tuple[str, list[str]]]:
         ("python -m onnxfold --version", py + ["-m", "onnxfold", "--version"]),
         ("python -m onnxfold R18 --ratio 0.5 --no-validate", py + ["-m", "onnxfold"] + fold),
     ]
-    script = console_script()
+    script = console_script() if script else None
     if script:
         rows += [
             ("onnxfold --help", [script, "--help"]),
@@ -60,7 +61,7 @@ def cases(model: str, out: str) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def table(model: str, out: str, runs: int) -> list[str]:
+def table(model: str, out: str, runs: int, script: bool = True) -> list[str]:
     """The markdown table, one row per process."""
     lines = [
         f"Process wall-clock time, median of {runs}; {os.cpu_count()} cores, "
@@ -70,7 +71,7 @@ def table(model: str, out: str, runs: int) -> list[str]:
         "|---|---|---|",
     ]
     base = None
-    for label, argv in cases(model, out):
+    for label, argv in cases(model, out, script):
         seconds, code = wall(argv, runs)
         base = base or seconds
         failed = f" (exit {code})" if code else ""
@@ -83,6 +84,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--model", help="a full-width ResNet18 .onnx (default: exported afresh)")
+    p.add_argument("--no-script", action="store_true", help="skip the console script")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -90,7 +92,8 @@ def main() -> None:
             from benchmarks.resnet18 import export_resnet18
 
             model = export_resnet18(os.path.join(tmp, "r18.onnx"), bn=True)
-        print("\n".join(table(model, os.path.join(tmp, "r18.folded.onnx"), args.runs)))
+        out = os.path.join(tmp, "r18.folded.onnx")
+        print("\n".join(table(model, out, args.runs, not args.no_script)))
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ class NumpyOps(_Ops):
 
     def rows(self, a, idx):
         """a[idx] for a device index array idx (m,) -> (m, ...)."""
-        return a[idx]
+        return self.xp.take(a, idx, axis=0)
 
     def row_sqnorms(self, a):
         """(m, d) -> (m,) squared row norms."""
@@ -232,10 +232,23 @@ class NumpyOps(_Ops):
         for s in np.flatnonzero(sizes > _RAGGED_MAX):  # big groups: contiguous row sums
             acc[groups[starts[s]]] += rows[starts[s] : starts[s] + sizes[s]].sum(axis=0)
         small = np.flatnonzero(sizes <= _RAGGED_MAX)
-        # small groups: r-th member of each at once
-        for r in range(int(sizes[small].max(initial=0))):
-            small = small[sizes[small] > r]
-            acc[groups[starts[small]]] += rows[starts[small] + r]
+        if len(small):
+            self._add_runs(acc, rows, groups[starts[small]], starts[small], sizes[small])
+
+    def _add_runs(self, acc, rows, dest, starts, sizes) -> None:
+        """acc[dest[i]] += rows[starts[i] + r] for r < sizes[i], one row after the other, the r-th
+        rows of all runs at once: the same additions in the same order as adding into acc row by
+        row, in one (runs, width) array. Runs go longest first, so those still going at row r are a
+        prefix, and their r-th rows are gathered together, r by r, in one take."""
+        order = np.argsort(-sizes, kind="stable")
+        dest, starts, sizes = dest[order], starts[order], sizes[order]
+        steps = np.arange(int(sizes[0]))[:, None]
+        live = np.count_nonzero(steps < sizes[None, :], axis=1)  # runs going at row r
+        taken = self.rows(rows, self.index((starts[None, :] + steps)[steps < sizes[None, :]]))
+        total = acc[dest] + taken[: len(dest)]
+        for r, at in enumerate(np.cumsum(live)[:-1], start=1):
+            total[: live[r]] += taken[at : at + live[r]]
+        acc[dest] = total
 
 
 class CupyOps(NumpyOps):
