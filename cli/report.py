@@ -112,7 +112,9 @@ def summary_line(output: str, dense: ModelFigures, folded: ModelFigures, compari
             line + f", accuracy {100 * comparison.accuracy_dense:.2f}% -> "
             f"{100 * comparison.accuracy_folded:.2f}%"
         )
-    worst = max(o.max_rel for o in comparison.outputs) if comparison.outputs else 0.0
+    if not comparison.outputs:
+        return line + ", no output compared (see the notes above)"
+    worst = max(o.max_rel for o in comparison.outputs)
     return line + f", max relative output error {worst:.3g}"
 
 

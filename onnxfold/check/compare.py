@@ -28,6 +28,7 @@ from ..runtime.feeds import (
 )
 from ..runtime.session import session
 from ..runtime.stats import batch_axes, run_batched
+from ..runtime.tokens import InputValue
 from .latency import Timing, time_sessions
 
 RANDOM = "random samples"
@@ -149,13 +150,20 @@ def compare_outputs(
 def changed_shapes(
     dense: Sequence[InputSpec], folded: Sequence[InputSpec]
 ) -> dict[str, tuple[list, list]]:
-    """name -> (dense shape, folded shape) of the inputs or outputs whose declared shapes differ."""
+    """name -> (dense shape, folded shape) of the inputs or outputs whose declared shapes differ: in
+    rank or in a fixed size (a dim left unnamed in one and named in the other is no change)."""
     shapes = {s.name: s.shape for s in folded}
     return {
         s.name: (s.shape, shapes[s.name])
         for s in dense
-        if s.name in shapes and shapes[s.name] != s.shape
+        if s.name in shapes and _differ(s.shape, shapes[s.name])
     }
+
+
+def _differ(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return True
+    return any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, b))
 
 
 def empty_dims(dense: Sequence[InputSpec], folded: Sequence[InputSpec]) -> dict[str, int]:
@@ -240,7 +248,7 @@ class FeedSource:
     path: str | None = None
     seed: int = 0
     id_limits: dict[str, int] | None = None
-    values: dict[str, int] | None = None
+    values: dict[str, InputValue] | None = None
 
     def feeds(
         self,
@@ -262,10 +270,11 @@ class FeedSource:
             other_dim=sizes[1],
             dims=dims,
             id_limits=self.id_limits,
-            values=self.values,
+            values={k: v.value for k, v in (self.values or {}).items()},
         )
         shapes = "; ".join(f"{k} {list(v.shape)}" for k, v in list(feeds.items())[:3])
         more = f"; +{len(feeds) - 3} more inputs" if len(feeds) > 3 else ""
+        more += "".join(f"; {k} = {v.value} ({v.why})" for k, v in (self.values or {}).items())
         count = batch_axes(dense).samples(feeds)
         return feeds, None, f"{count} {RANDOM} (seed {self.seed}: {shapes}{more})"
 

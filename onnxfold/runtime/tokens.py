@@ -4,6 +4,8 @@ first tokens, as LLM-QAT does)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -111,19 +113,28 @@ def _embedding_rows(t: gs.Variable) -> int | None:
 PASS_THROUGH = ("Reshape", "Squeeze", "Unsqueeze", "Cast", "Identity", "Gather", "Flatten")
 
 
-def input_values(graph: gs.Graph) -> dict[str, int]:
+class InputValue(NamedTuple):
+    """The one value random feeds give an input, and why (for the report)."""
+
+    value: int
+    why: str
+
+
+def input_values(graph: gs.Graph) -> dict[str, InputValue]:
     """Input name -> the one value random feeds should hold, read from the graph: an integer input
-    compared by Equal with a constant (a sample rate choosing a branch: the first such constant), or
-    an integer input named like a mask (all ones: attend everywhere)."""
+    compared by Equal with a constant (a sample rate choosing a branch: the first such constant;
+    other values take other paths, which random feeds then do not run), or an integer input named
+    like a mask (all ones: attend everywhere)."""
     values = {}
     for t in graph.inputs:
         if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.integer):
             continue
         found = _compared_constant(t, depth=4)
         if found is not None:
-            values[t.name] = found
+            why = "the value the graph's Equal tests; other values' paths not run"
+            values[t.name] = InputValue(found, why)
         elif "mask" in t.name.lower():
-            values[t.name] = 1
+            values[t.name] = InputValue(1, "a mask: attend everywhere")
     return values
 
 
