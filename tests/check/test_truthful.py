@@ -104,3 +104,12 @@ def test_a_static_batch_of_2_validates_on_several_batches(tmp_path):
     assert checked.comparison.samples == 8 and checked.timing.batch == 2
     assert checked.comparison.outputs[0].max_rel == 0.0
     assert checked.comparison.source.startswith("8 random samples (seed 0: x [8, 4])")
+
+
+def test_a_dim_that_only_gained_a_name_is_no_shape_change():
+    from onnxfold.check.compare import changed_shapes
+    from onnxfold.runtime.feeds import InputSpec
+
+    dense = [InputSpec("y", [None, 1], "tensor(float)"), InputSpec("k", ["b", 4, 8], "")]
+    folded = [InputSpec("y", ["unk__54", 1], "tensor(float)"), InputSpec("k", ["b", 2, 8], "")]
+    assert changed_shapes(dense, folded) == {"k": (["b", 4, 8], ["b", 2, 8])}
