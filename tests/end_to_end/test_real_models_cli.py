@@ -17,10 +17,7 @@ MODELS, _NOTES = find_models(os.environ.get("ONNXFOLD_REAL_MODELS_DIR"))
 
 # Temporary: models the command line crashes on (an engine bug each). strict, so each flips to
 # XPASS (a failure) once fixed and must then be removed from here.
-ENGINE_BUGS = {
-    "silero_vad/data/silero_vad.onnx": "validation batches the dense outputs along the wrong "
-    "axis (stateN [2, batch, 128]): IndexError in runtime/stats.py",
-}
+ENGINE_BUGS: dict[str, str] = {}  # model name -> the bug (none known)
 
 
 def _param(model):
