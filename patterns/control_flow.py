@@ -44,8 +44,7 @@ def _walk_body(node: gs.Node, d: Discovery, label: str, body: gs.Graph) -> None:
     for t in body.outputs:
         d.freeze(
             d.layout(t),
-            f"{where(node)} returns it from its {label} as '{t.name}' "
-            "(control-flow outputs are boundaries)",
+            f"{where(node)} returns it from its {label}: control-flow outputs are boundaries",
         )
 
 

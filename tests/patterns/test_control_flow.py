@@ -160,8 +160,8 @@ def test_branch_outputs_are_boundaries_with_the_reason(tmp_path):
     ]
     assert not out.foldable
     assert out.frozen == [
-        "If 'if' returns it from its then_branch as 't_out' (control-flow outputs are boundaries)",
-        "If 'if' returns it from its else_branch as 'e_out' (control-flow outputs are boundaries)",
+        "If 'if' returns it from its then_branch: control-flow outputs are boundaries",
+        "If 'if' returns it from its else_branch: control-flow outputs are boundaries",
     ]
 
 
@@ -291,7 +291,7 @@ def test_scan_input_and_captured_channels_reaching_a_scan_output_are_boundaries(
         "Scan 'scan' scans it or carries it as scan state (scan inputs are not followed)"
     ]
     assert by_size[3].frozen == [
-        "Scan 'scan' returns it from its body as 'y' (control-flow outputs are boundaries)"
+        "Scan 'scan' returns it from its body: control-flow outputs are boundaries"
     ]
     result, _ = fold_to(path, str(tmp_path / "f.onnx"), ratio=0.5)
     assert result.plans == []
