@@ -72,8 +72,8 @@ def cause(reason: str) -> str:
 
 
 def frozen_summary(groups) -> str:
-    """ "12 groups frozen: 7 graph output, 3 Reshape is not understood, ...": frozen groups counted
-    by the causes of their reasons, most frequent first (a group counts once per cause)."""
+    """Frozen groups counted by the causes of their reasons, most frequent first, a group once per
+    cause: "12 groups frozen: 7 graph output, 3 Reshape is not understood, ..."."""
     frozen = [g for g in groups if g.frozen]
     if not frozen:
         return "no group frozen"
