@@ -129,15 +129,24 @@ def _dim_size(d, axis: int, sizes: dict[str, int], samples: int, other_dim: int)
 
 def graph_input_specs(graph) -> list[InputSpec]:
     """InputSpecs of an onnx-graphsurgeon graph's inputs (dims: ints, names or None)."""
-    names = {np.dtype(v): k for k, v in ORT_TYPES.items()}
     return [
         InputSpec(
             t.name,
             [d if isinstance(d, (int, str)) else None for d in (t.shape or [])],
-            names.get(np.dtype(t.dtype) if t.dtype is not None else None, "tensor(float)"),
+            _type_name(t.dtype),
         )
         for t in graph.inputs
     ]
+
+
+def _type_name(dtype) -> str:
+    """onnxruntime's name of a numpy dtype ("tensor(float)"); types numpy lacks (bfloat16, given
+    as an onnx type number) by their onnx name."""
+    names = {np.dtype(v): k for k, v in ORT_TYPES.items()}
+    try:
+        return names.get(np.dtype(dtype), "tensor(float)")
+    except TypeError:
+        return f"tensor({onnx.TensorProto.DataType.Name(int(dtype)).lower()})"
 
 
 def input_specs(sess: ort.InferenceSession) -> list[InputSpec]:
