@@ -127,7 +127,7 @@ def input_values(graph: gs.Graph) -> dict[str, InputValue]:
     like a mask (all ones: attend everywhere)."""
     values = {}
     for t in graph.inputs:
-        if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.integer):
+        if not _integer(t.dtype):
             continue
         found = _compared_constant(t, depth=4)
         if found is not None:
@@ -136,6 +136,14 @@ def input_values(graph: gs.Graph) -> dict[str, InputValue]:
         elif "mask" in t.name.lower():
             values[t.name] = InputValue(1, "a mask: attend everywhere")
     return values
+
+
+def _integer(dtype) -> bool:
+    """True for a numpy integer dtype (False for None and for onnx type numbers numpy lacks)."""
+    try:
+        return dtype is not None and np.issubdtype(np.dtype(dtype), np.integer)
+    except TypeError:
+        return False
 
 
 def _compared_constant(t: gs.Tensor, depth: int) -> int | None:
