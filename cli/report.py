@@ -95,6 +95,9 @@ def format_table(dense: ModelFigures, folded: ModelFigures, comparison, timing=N
         f"  {'':<{width}}  {'dense':>12}  {'folded':>12}  change",
     ]
     lines += [f"  {a:<{width}}  {b:>12}  {c:>12}  {d}" for a, b, c, d in rows]
+    note = dense.macs_note if dense.macs is None else folded.macs_note
+    if note and (dense.macs is None or folded.macs is None):
+        lines.append(f"  MACs {note}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ import onnx
 
 from ..errors import log
 from ..model.ops import RECURRENT_GATES
+from ..runtime.feeds import proto_input_specs
+from ..runtime.stats import input_batch_axes
 
 
 @dataclass
@@ -31,11 +33,27 @@ def figures(
     skeleton: onnx.ModelProto, file_bytes: int, feeds: dict | None, latency_ms: float | None
 ) -> ModelFigures:
     """ModelFigures counted on a model without its weight data; MACs need `feeds` (input sizes)."""
+    feeds = feeds if feeds is not None else _declared_feeds(skeleton)
     if feeds is None:
         macs, note = None, "not counted: input sizes unknown (the model was not run)"
     else:
         macs, note = macs_with_reason(skeleton, feeds)
     return ModelFigures(count_params(skeleton), macs, file_bytes, latency_ms, note)
+
+
+def _declared_feeds(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
+    """Stand-in feeds of one sample (no memory: broadcast views) when every declared input dim off
+    the batch axis is fixed; None otherwise."""
+    specs = proto_input_specs(model.graph)
+    axes = input_batch_axes(specs)
+    shapes = {}
+    for spec in specs:
+        axis = axes.inputs.get(spec.name)
+        shape = [1 if i == axis else d for i, d in enumerate(spec.shape)]
+        if not all(isinstance(d, int) and d > 0 for d in shape):
+            return None
+        shapes[spec.name] = np.broadcast_to(np.zeros((), np.float32), shape)
+    return shapes
 
 
 FLOAT_TYPES = {
@@ -105,7 +123,11 @@ def macs_with_reason(
 ) -> tuple[int | None, str | None]:
     """(MACs for one sample, None) or (None, why they could not be counted). An If counts its
     costlier branch, a Scan its body once per scanned step; a Loop is not counted."""
-    sized = _with_input_shapes(model, {k: (1,) + v.shape[1:] for k, v in feeds.items()})
+    axes = input_batch_axes(proto_input_specs(model.graph))
+    per_run = axes.static or 1
+    sized = _with_input_shapes(
+        model, {k: _one_run(v, axes.inputs.get(k), per_run) for k, v in feeds.items()}
+    )
     try:
         shaped = onnx.shape_inference.infer_shapes(sized, data_prop=True)
     except Exception as e:  # noqa: BLE001 - MACs are informative only
@@ -119,7 +141,15 @@ def macs_with_reason(
             total, why = _total_macs(symbolic)
     if why is not None:
         log.info("MACs %s", why)
-    return total, why
+    return (total // per_run if total is not None else None), why
+
+
+def _one_run(a: np.ndarray, axis: int | None, per_run: int) -> tuple[int, ...]:
+    """The shape of `a` with its batch axis (if any) holding one run's samples."""
+    shape = list(a.shape)
+    if axis is not None and axis < len(shape):
+        shape[axis] = per_run
+    return tuple(shape)
 
 
 class _NotCounted(Exception):

@@ -160,7 +160,11 @@ def output_specs(sess: ort.InferenceSession) -> list[InputSpec]:
 def declared_input_specs(path: str) -> list[InputSpec]:
     """The graph inputs (not initializers) declared in the model file, as a session would list them;
     no external weight data is read."""
-    graph = onnx.load(path, load_external_data=False).graph
+    return proto_input_specs(onnx.load(path, load_external_data=False).graph)
+
+
+def proto_input_specs(graph: onnx.GraphProto) -> list[InputSpec]:
+    """The inputs (not initializers) a GraphProto declares, as InputSpecs."""
     weights = {t.name for t in graph.initializer}
     specs = []
     for v in (v for v in graph.input if v.name not in weights):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from helpers import make_model, rand
+from helpers import feeds_for, make_model, rand
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold.check.count import count_params, figures, macs_with_reason
@@ -122,6 +122,20 @@ def test_macs_not_counted_say_why():
         None,
         "not counted: shapes around MatMul 'mm' are unknown",
     )
-    unrun = figures(if_model(8, 2, shared=False), 100, None, None)
+    unrun = figures(model, 100, None, None)  # the K x M weight input: sizes unknown
     assert unrun.macs is None
     assert unrun.macs_note == "not counted: input sizes unknown (the model was not run)"
+    fixed = if_model(8, 2, shared=False)  # fixed sizes off the batch axis: counted unrun
+    assert figures(fixed, 100, None, None).macs == macs_with_reason(fixed, feeds_for(fixed))[0]
+
+
+def test_macs_are_per_sample_with_a_static_batch_and_scalar_inputs():
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["g"], transB=1),
+        helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["g", "kf"], ["y"]),
+    ]
+    inputs = {"x": [2, 4], "k": (TensorProto.INT64, [])}
+    model = make_model(nodes, {"w": rand(3, 4)}, inputs, {"y": [2, 3]})
+    feeds = {"x": np.zeros((8, 4), np.float32), "k": np.array(2)}
+    assert macs_with_reason(model, feeds) == (12, None)
