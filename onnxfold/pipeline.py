@@ -23,6 +23,7 @@ from .errors import ConfigError, log
 from .groups.discover import apply_excludes, discover, kv_cache_notes
 from .groups.group import Group
 from .model.load import LoadedModel, load_model
+from .model.ops import depthwise_convs
 from .model.save import to_proto
 from .plan.backends import resolve_backend
 from .plan.budget import parse_layers, units_to_keep
@@ -210,8 +211,9 @@ def _merge(graph: gs.Graph, planned: _Planned, config: FoldConfig) -> tuple[list
     compensation = plan_compensation(plans, means) if means and config.method == "prune" else []
     pending = plan_mean_correction(plans, means) if means and config.method == "fold" else []
     refits = plan_refits(plans) if config.refit else []
+    depthwise = depthwise_convs(graph)
     apply_plans(plans)
-    sync_depthwise_groups(graph)
+    sync_depthwise_groups(graph, depthwise)
     # measured on the folded graph, which must be runnable (depthwise groups synced) first
     if pending:
         compensation = mean_correction(graph, plans, pending, planned.scores.feeds)

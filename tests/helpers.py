@@ -30,6 +30,7 @@ from onnxfold.groups.discover import discover
 from onnxfold.groups.group import Group
 from onnxfold.groups.layout import EXTENT, MEAN
 from onnxfold.model.load import load_model
+from onnxfold.model.ops import depthwise_convs
 from onnxfold.model.save import to_proto
 from onnxfold.rewrite.merge import forget_shapes, sync_depthwise_groups
 
@@ -273,6 +274,7 @@ def widen_file(src: str, dst: str) -> int:
     """
     loaded = load_model(src)
     groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    depthwise = depthwise_convs(loaded.graph)
     by_tensor: dict[int, list] = {}
     for g in groups:
         for m in g.members:
@@ -280,7 +282,7 @@ def widen_file(src: str, dst: str) -> int:
     for items in by_tensor.values():
         tensor = items[0][0].tensor
         tensor.values = _widen_tensor(np.asarray(tensor.values), items)
-    sync_depthwise_groups(loaded.graph)
+    sync_depthwise_groups(loaded.graph, depthwise)
     forget_shapes(loaded.graph)
     onnx.save(to_proto(loaded.graph, loaded.opset), dst)
     return len(groups)

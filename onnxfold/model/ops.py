@@ -72,14 +72,24 @@ def conv_groups(node: gs.Node) -> int:
 
 
 def is_depthwise(node: gs.Node) -> bool:
-    """A grouped Conv whose constant weight (C, 1, ...) has one input channel per group."""
+    """A Conv with group C and a constant weight (C, 1, ...): one input and one output channel
+    per group (a channel multiplier of 2, weight (2C, 1, ...), is not depthwise)."""
     return (
         node.op == "Conv"
         and conv_groups(node) > 1
         and len(node.inputs) > 1
         and isinstance(node.inputs[1], gs.Constant)
         and node.inputs[1].shape[1] == 1
+        and node.inputs[1].shape[0] == conv_groups(node)
     )
+
+
+def depthwise_convs(graph: gs.Graph) -> list[gs.Node]:
+    """The depthwise Convs of `graph` and of its If/Loop/Scan bodies; take them before weights
+    change, for rewrite.merge.sync_depthwise_groups after."""
+    return [
+        n for g in [graph, *graph.subgraphs(recursive=True)] for n in g.nodes if is_depthwise(n)
+    ]
 
 
 def is_pointwise(node: gs.Node) -> bool:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..groups.layout import EXTENT, MEAN, DeclaredDim, Member
-from ..model.ops import RECURRENT_GATES, is_depthwise
+from ..model.ops import RECURRENT_GATES
 from ..plan.plan import FoldPlan, cluster_reduce
 
 
@@ -57,15 +57,16 @@ def _merge_slice(values: np.ndarray, m: Member, plan: FoldPlan) -> np.ndarray:
     return np.moveaxis(joined, 0, m.axis)
 
 
-def sync_depthwise_groups(graph: gs.Graph) -> None:
+def sync_depthwise_groups(graph: gs.Graph, depthwise: list[gs.Node]) -> None:
     """Attributes that restate a weight's shape follow it after channels changed, in the graph and
-    in the bodies of its If/Loop/Scan nodes: a depthwise Conv (weight (C, 1, kh, kw)) keeps group
-    == C, an LSTM/GRU/RNN keeps hidden_size == the last dim of its recurrent weight R."""
+    in the bodies of its If/Loop/Scan nodes: each Conv of `depthwise` (model.ops.depthwise_convs,
+    taken before the change) keeps group == its weight's rows, an LSTM/GRU/RNN keeps hidden_size ==
+    the last dim of its recurrent weight R."""
+    for node in depthwise:
+        node.attrs["group"] = int(node.inputs[1].shape[0])
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for node in g.nodes:
-            if is_depthwise(node):
-                node.attrs["group"] = int(node.inputs[1].shape[0])
-            elif node.op in RECURRENT_GATES and isinstance(node.inputs[2], gs.Constant):
+            if node.op in RECURRENT_GATES and isinstance(node.inputs[2], gs.Constant):
                 node.attrs["hidden_size"] = int(node.inputs[2].shape[-1])
 
 

@@ -47,14 +47,10 @@ _NO_BIAS = "dynamo optimize=False Conv without bias: its bias is Expand(0, Shape
 _NO_BIAS += "left at the dense width after folding (ratio 0.5 model does not run)"
 _ATTN_RESHAPE = "attention output Reshape to (b, s, Shape(x)[2]) keeps the dense width after "
 _ATTN_RESHAPE += "heads fold (legacy, dynamic batch): InferenceError when saving"
-_DW_MULTIPLIER = "Conv(C, 2C, groups=C) (depthwise, multiplier 2) taken for depthwise: "
-_DW_MULTIPLIER += "group set to 2C even at ratio 0"
 ENGINE_BUGS: dict[int, str] = {
     3: _NO_BIAS,
     21: _NO_BIAS,
     46: _ATTN_RESHAPE,
-    180: _DW_MULTIPLIER + " (outputs change silently)",
-    243: _DW_MULTIPLIER + " (the model no longer runs)",
 }
 
 OUTCOMES: dict[int, str] = {}  # seed -> outcome kind, for the decline-rate check
