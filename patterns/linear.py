@@ -60,6 +60,13 @@ def _dense_producer(
     out = d.produce(node.outputs[0], wv.shape[out_axis], 1, rank)
     d.add_members(out, w, out_axis, MEAN)
     d.add_members(out, bias, 0, MEAN)
+    _freeze_computed_bias(node, d, out, bias)
+
+
+def _freeze_computed_bias(node, d: Discovery, out, bias) -> None:
+    """A bias computed at run time keeps its own size: the output channels cannot fold."""
+    if bias is not None and const_value(bias) is None:
+        d.freeze(out, f"{where(node)} has a bias computed at run time ('{bias.name}')")
 
 
 def _depthwise(node, d: Discovery, lx, w, bias) -> None:
@@ -76,6 +83,7 @@ def _depthwise(node, d: Discovery, lx, w, bias) -> None:
         pass_through(node, d, lx)
     d.add_members(lx, w, 0, MEAN)
     d.add_members(lx, bias, 0, MEAN)
+    _freeze_computed_bias(node, d, lx, bias)
 
 
 def gemm(node: gs.Node, d: Discovery) -> None:

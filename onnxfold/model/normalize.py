@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import log
@@ -77,6 +78,8 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
     channels. Nodes reading an embedding table that a Gather reads too (a tied LM head's Transpose)
     stay: folding them would store a second copy of the table."""
     nodes = [n for g in graphs_of(graph) for n in g.nodes]
+    for node in nodes:
+        _cast_like_to_cast(node)
     if not any(n.inputs and all(isinstance(t, gs.Constant) for t in n.inputs) for n in nodes):
         return
     held = [
@@ -103,6 +106,26 @@ def fold_constant_subgraphs(graph: gs.Graph, max_bytes: int = 1 << 20) -> None:
         node.inputs[i] = t
     share_equal_results(graph, folded_before)
     graph.cleanup(remove_unused_graph_inputs=False)
+
+
+def _cast_like_to_cast(node: gs.Node) -> None:
+    """CastLike(constant, x) with x's type known becomes Cast(constant, to=that type), which
+    constant folding can evaluate (dynamo writes a Conv's missing bias as Expand(CastLike(0, x),
+    Shape(W)[:1]): folded to a constant, it follows W's channels)."""
+    if (
+        node.op != "CastLike"
+        or len(node.inputs) != 2
+        or not isinstance(node.inputs[0], gs.Constant)
+    ):
+        return
+    like = node.inputs[1].dtype
+    try:
+        to = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(like)) if like is not None else None
+    except TypeError:
+        to = None
+    if to is None:
+        return
+    node.op, node.attrs, node.inputs = "Cast", {"to": int(to)}, [node.inputs[0]]
 
 
 def share_equal_results(graph: gs.Graph, before: set[int], min_size: int = 1024) -> None:

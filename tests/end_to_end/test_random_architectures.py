@@ -43,14 +43,7 @@ else:
 
 # Temporary: seeds that fail because of an engine bug (see the harness report). strict, so each
 # flips to XPASS (a failure) once the bug is fixed and must then be removed from here.
-_NO_BIAS = "dynamo optimize=False Conv without bias: its bias is Expand(0, Shape(W)[:1]), "
-_NO_BIAS += "left at the dense width after folding (ratio 0.5 model does not run)"
-_ATTN_RESHAPE = "attention output Reshape to (b, s, Shape(x)[2]) keeps the dense width after "
-_ATTN_RESHAPE += "heads fold (legacy, dynamic batch): InferenceError when saving"
 ENGINE_BUGS: dict[int, str] = {
-    3: _NO_BIAS,
-    21: _NO_BIAS,
-    46: _ATTN_RESHAPE,
 }
 
 OUTCOMES: dict[int, str] = {}  # seed -> outcome kind, for the decline-rate check

@@ -57,6 +57,14 @@ def linear_dynamic_weight(inits):
     return model, "c1.w", "Conv 'c2' has a non-constant weight"
 
 
+def linear_computed_bias(inits):
+    """Conv whose bias is computed at run time (here: a graph input)."""
+    mid = [node("Relu", ["c1"], ["r"]), node("Conv", ["r", "w2", "b"], ["output"], name="c2")]
+    inits.update(w2=rand(2, 8, 1, 1))
+    model = _image(mid, inits, [1, 2, 6, 6], extra_inputs={"b": [2]})
+    return model, "w2", "Conv 'c2' has a bias computed at run time ('b')"
+
+
 def elementwise_different_axes(inits):
     """Add of two conv outputs, one transposed so its channels lie on axis 2 (all dims 8)."""
     mid = [
@@ -221,6 +229,7 @@ def split_slice_with_dynamic_starts(inits):
 CASES = [
     linear_matmul_3d,
     linear_dynamic_weight,
+    linear_computed_bias,
     elementwise_different_axes,
     elementwise_dynamic_clip_bound,
     elementwise_untracked_operand,
