@@ -11,6 +11,7 @@ import textwrap
 from collections import Counter
 
 from onnxfold.errors import UserError
+from onnxfold.files import check_writable
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
@@ -26,6 +27,8 @@ _SPACE_BEFORE_MARK = re.compile(r" ([:;,.])")
 def inspect(args: argparse.Namespace) -> int:
     """Print every model's groups (or only their counts); --json: one document for all files."""
     _check_paths(args.input)
+    if args.json:
+        check_writable(args.json, "--json")
     documents = []
     for i, path in enumerate(args.input):
         if i:
@@ -50,7 +53,7 @@ def _inspect_file(path: str, summary: bool) -> dict:
     document."""
     loaded = load_model(path)
     groups = discover(loaded.graph, loaded.opset)
-    names = group_names(groups)
+    names = report.group_names(groups)
     frozen = sum(1 for g in groups if g.frozen)
     foldable = sum(1 for g in groups if g.foldable)
     print(
@@ -81,37 +84,6 @@ def frozen_summary(groups) -> str:
     causes = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     noun = "group" if len(frozen) == 1 else "groups"
     return f"{len(frozen)} {noun} frozen: " + ", ".join(f"{n} {c}" for c, n in causes)
-
-
-def group_names(groups) -> list[str]:
-    """One name per group, unique and deterministic: its first tensor; where groups share it, the
-    first tensor only that group carries, in parentheses; any name still shared gets #1, #2, ... in
-    graph order."""
-    first = [g.describe() for g in groups]
-    shared = Counter(first)
-    names = [
-        _with_own_tensor(g, [h for h, f in zip(groups, first) if f == name and h is not g])
-        if shared[name] > 1
-        else name
-        for g, name in zip(groups, first)
-    ]
-    return _numbered(names)
-
-
-def _with_own_tensor(group, rivals) -> str:
-    """The group's name with the first tensor none of `rivals` carries, if it has one."""
-    taken = {t for h in rivals for t in h.tensors}
-    own = next((t for t in group.tensors[1:] if t not in taken), None)
-    return f"{group.describe()} ({own})" if own else group.describe()
-
-
-def _numbered(names: list[str]) -> list[str]:
-    """`names` with every repeated one suffixed #1, #2, ... in order."""
-    total, seen, out = Counter(names), Counter(), []
-    for name in names:
-        seen[name] += 1
-        out.append(f"{name} #{seen[name]}" if total[name] > 1 else name)
-    return out
 
 
 def _group_text(i: int, g, name: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 
 from onnxfold.check.count import ModelFigures
 from onnxfold.files import FoldReport
@@ -23,11 +24,44 @@ def human(n: float | None, unit: str = "") -> str:
 
 
 def group_rows(result: FoldResult) -> list[dict]:
-    """One dict per group: name, channels, kept, status (folded / unchanged / frozen: reason)."""
-    return [_group_row(g, result) for g in result.groups]
+    """One dict per group: name (unique), channels, kept, status (folded / unchanged / frozen:
+    reason)."""
+    names = group_names(result.groups)
+    return [_group_row(g, result, name) for g, name in zip(result.groups, names)]
 
 
-def _group_row(g: Group, result: FoldResult) -> dict:
+def group_names(groups) -> list[str]:
+    """One name per group, unique and deterministic: its first tensor; where groups share it, the
+    first tensor only that group carries, in parentheses; any name still shared gets #1, #2, ... in
+    graph order."""
+    first = [g.describe() for g in groups]
+    shared = Counter(first)
+    names = [
+        _with_own_tensor(g, [h for h, f in zip(groups, first) if f == name and h is not g])
+        if shared[name] > 1
+        else name
+        for g, name in zip(groups, first)
+    ]
+    return _numbered(names)
+
+
+def _with_own_tensor(group, rivals) -> str:
+    """The group's name with the first tensor none of `rivals` carries, if it has one."""
+    taken = {t for h in rivals for t in h.tensors}
+    own = next((t for t in group.tensors[1:] if t not in taken), None)
+    return f"{group.describe()} ({own})" if own else group.describe()
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """`names` with every repeated one suffixed #1, #2, ... in order."""
+    total, seen, out = Counter(names), Counter(), []
+    for name in names:
+        seen[name] += 1
+        out.append(f"{name} #{seen[name]}" if total[name] > 1 else name)
+    return out
+
+
+def _group_row(g: Group, result: FoldResult, name: str) -> dict:
     kept = result.kept(g)
     if g.frozen:
         status = (
@@ -40,7 +74,7 @@ def _group_row(g: Group, result: FoldResult) -> dict:
     else:
         status = "folded" if kept < g.size else "unchanged"
     return {
-        "name": g.describe(),
+        "name": name,
         "channels": g.size,
         "kept": kept,
         "members": len(g.members),
@@ -53,12 +87,21 @@ def format_groups(rows: list[dict], limit: int = MAX_GROUP_LINES) -> str:
     lines = [f"  {'channels':>8} {'kept':>6}  {'members':>7}  group / status"]
     for r in rows[:limit]:
         lines.append(
-            f"  {r['channels']:>8} {r['kept']:>6}  {r['members']:>7}  {r['name'][:56]}  "
-            f"[{r['status'][:90]}]"
+            f"  {r['channels']:>8} {r['kept']:>6}  {r['members']:>7}  {clip(r['name'], 56)}  "
+            f"[{clip(r['status'], 90)}]"
         )
     if len(rows) > limit:
         lines.append(f"  ... {len(rows) - limit} more groups (see --report)")
     return "\n".join(lines)
+
+
+def clip(text: str, width: int) -> str:
+    """`text` cut to `width` characters at a word (or path) boundary, marked with an ellipsis."""
+    if len(text) <= width:
+        return text
+    cut = text[: width - 1]
+    at = max(cut.rfind(" "), cut.rfind("/"), cut.rfind(";"))
+    return (cut[:at] if at > width // 2 else cut).rstrip(" ;,") + "…"
 
 
 def format_table(dense: ModelFigures, folded: ModelFigures, comparison, timing=None) -> str:

@@ -12,8 +12,9 @@ import pytest
 from helpers import MNIST, conv, make_model, save_model
 from onnx import helper
 
-from onnxfold.cli.inspect import _group_text, cause, frozen_summary, group_names
+from onnxfold.cli.inspect import _group_text, cause, frozen_summary
 from onnxfold.cli.main import main
+from onnxfold.cli.report import clip, group_names
 
 
 @pytest.fixture
@@ -100,3 +101,15 @@ def test_long_reasons_wrap_between_words(monkeypatch):
     text = _group_text(0, group, "g")
     assert all(word in text.split() for word in reason.split())  # every word whole
     assert all(len(line) <= 60 or " " not in line.strip() for line in text.splitlines())
+
+
+def test_table_cells_are_cut_at_a_boundary_with_an_ellipsis():
+    assert clip("short", 10) == "short"
+    assert clip("frozen: Reshape '/a/b' reshapes the channel axis", 30) == "frozen: Reshape '/a/b'…"
+    path = "/encoder/layer.0/attention/self/Reshape_output_0"
+    assert clip(path, 30) == "/encoder/layer.0/attention…"
+
+
+def test_inspect_json_into_a_missing_directory_fails_before_reading(tmp_path, capsys):
+    assert main(["inspect", MNIST, "--json", str(tmp_path / "no" / "x.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
