@@ -197,6 +197,29 @@ def check_skeleton(skeleton: onnx.ModelProto) -> None:
     onnx.checker.check_model(light)
 
 
+def export_in_memory(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx(graph) whose weights travel inline: a tensor read from an external data file
+    keeps the EXTERNAL mark from its import, without a location, which neither onnxruntime nor the
+    checker accepts."""
+    model = gs.export_onnx(graph)
+    inline_read_tensors(model.graph)
+    return model
+
+
+def inline_read_tensors(graph: onnx.GraphProto) -> None:
+    """Mark inline every tensor of `graph` and its bodies that is marked external but has no
+    location (its data is in hand)."""
+    for t in graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data:
+            t.data_location = onnx.TensorProto.DEFAULT
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                inline_read_tensors(attr.g)
+            for body in attr.graphs:
+                inline_read_tensors(body)
+
+
 def all_tensors(proto: onnx.ModelProto):
     yield from proto.graph.initializer
     for node in proto.graph.node:

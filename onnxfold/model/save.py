@@ -18,7 +18,14 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..errors import UserError
-from .external import NOT_LOADED, ExternalValues, all_constants, check_skeleton, skeleton_of
+from .external import (
+    NOT_LOADED,
+    ExternalValues,
+    all_constants,
+    check_skeleton,
+    export_in_memory,
+    skeleton_of,
+)
 from .normalize import reshare_unchanged_copies
 from .scopes import hoist_initializers
 
@@ -32,7 +39,7 @@ def to_proto(graph: gs.Graph, opset: int) -> onnx.ModelProto:
     """gs.Graph -> ModelProto with shapes re-inferred (strictly: a shape error is a bug worth
     seeing)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph)
+    model = export_in_memory(graph)
     hoist_initializers(model.graph)  # a weight several bodies read is stored once
     if model.ByteSize() < TWO_GB:
         model = onnx.shape_inference.infer_shapes(

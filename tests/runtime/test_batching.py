@@ -126,3 +126,19 @@ def test_the_smallest_batch_of_unnamed_batch_dims_is_all_samples(tmp_path):
     feeds = {"x": rand(6, 4), "s": rand(1, 6, 4, seed=2)}
     assert one_batch(sess, feeds) is feeds and smallest_batch(sess, feeds) == 6
     sess.run(None, one_batch(sess, feeds))
+
+
+def test_a_model_read_with_external_data_exports_inline_in_memory(tmp_path):
+    """fold_model(...).to_proto() of a model read with external data is a valid in-memory model
+    (was: tensors still marked external, with no location)."""
+    import onnx
+    from helpers import mlp_with_duplicated_group
+
+    from onnxfold import FoldConfig, fold_model
+
+    src = mlp_with_duplicated_group(str(tmp_path / "inline.onnx"))
+    ext = str(tmp_path / "external.onnx")
+    onnx.save_model(onnx.load(src), ext, save_as_external_data=True, location="w.data")
+    proto = fold_model(ext, FoldConfig(ratio=0.5)).to_proto()
+    onnx.checker.check_model(proto)
+    assert session(proto.SerializeToString()).run(None, {"input": rand(3, 12)})[0].shape == (3, 4)
