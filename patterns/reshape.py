@@ -3,10 +3,13 @@
 A Reshape keeps the channel axis, merges it with trailing axes (flatten: each channel becomes
 several entries), or splits it (hidden -> heads x head_dim: each head becomes one unit of the
 group). Shape vectors that bake a channel count (constants, or constant pieces of a Concat) become
-members so merging rewrites them."""
+members so merging rewrites them. Entries read at run time from the shape of a tensor that folds
+otherwise (torch's `y.reshape(b, n, d)` and `x.view(b, n, h, d // h)` with `b, n, d = x.shape`)
+become ComputedEntry members: folding replaces the read by the right size."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxfold.groups.layout import EXTENT, Layout
@@ -49,9 +52,7 @@ def reshape(node: gs.Node, d: Discovery) -> None:
     axis, post_out = found
     if post_in % post_out == 0:  # channels kept or merged with trailing axes
         spread = post_in // post_out
-        return _reshape_result(
-            node, d, lx.moved(axis, len(target), lx.repeat * spread), axis, lx.repeat * spread
-        )
+        return _reshape_result(node, d, lx.moved(axis, len(target), lx.repeat * spread), axis)
     _split_channels(node, d, lx, axis, len(target), post_out // post_in)
 
 
@@ -77,7 +78,7 @@ def _merge_leading(node, d: Discovery, lx: Layout, target: list, keep: int, inne
             axis, post_out = found
             spread = post_in // post_out
             merged = Layout(axis, len(target), lx.parts * lead, lx.repeat * spread)
-            return _reshape_result(node, d, merged, axis, lx.repeat * spread)
+            return _reshape_result(node, d, merged, axis)
     _declined(node, d, target)
 
 
@@ -104,9 +105,9 @@ def _split_channels(node, d: Discovery, lx: Layout, axis: int, rank: int, cover:
     if cover % lx.repeat == 0:
         unit = d.coarsen(lx, cover // lx.repeat, where(node))
         if unit is not None:
-            _reshape_result(node, d, unit.moved(axis, rank, 1), axis, 1)
+            _reshape_result(node, d, unit.moved(axis, rank, 1), axis)
     elif lx.repeat % cover == 0:
-        _reshape_result(node, d, lx.moved(axis, rank, lx.repeat // cover), axis, lx.repeat // cover)
+        _reshape_result(node, d, lx.moved(axis, rank, lx.repeat // cover), axis)
     else:
         freeze_all(node, d, f"{where(node)} splits channels unevenly")
 
@@ -202,22 +203,179 @@ def _channel_axis_after_reshape(dims: list, extent: int, post_in: int) -> tuple[
     return None
 
 
-def _reshape_result(node, d: Discovery, layout: Layout, index: int, repeat: int) -> None:
-    """Record the shape constant's entry holding the channel extent (unless it is -1 or 0) as a
+def _reshape_result(node, d: Discovery, layout: Layout, index: int) -> None:
+    """Record the shape vector's entry holding the channel extent (unless it is -1 or 0) as a
     member."""
-    _extent_member(d, layout, node.inputs[1], index, repeat)
-    d.set_layout(node.outputs[0], layout)
+    if _extent_member(node, d, layout, node.inputs[1], index):
+        _pin_fixed_entries(node, d, index)
+        d.set_layout(node.outputs[0], layout)
 
 
-def _extent_member(d: Discovery, layout: Layout, shape: gs.Tensor, index: int, repeat: int) -> None:
-    """If entry `index` of a shape vector is a baked channel count (a constant, or a constant piece
-    of a Concat), record it so merging rewrites it; entries computed from Shape ops follow by
-    themselves."""
+def _extent_member(
+    node: gs.Node, d: Discovery, layout: Layout, shape: gs.Tensor, index: int
+) -> bool:
+    """If entry `index` of a shape vector (the channel axis of `layout`, each channel
+    layout.repeat entries) is a baked channel count (a constant, or a constant piece of a Concat),
+    record it so merging rewrites it. An entry read at run time from a tensor's shape
+    must follow the folded channels too (see _read_entry). Returns False when the node declined
+    (its groups are frozen)."""
     const, local = _shape_entry(shape, index)
-    if const is not None and const_value(const)[local] > 1:
-        d.add_members(
-            layout.moved(layout.axis, layout.rank, 1), const, local, EXTENT, repeat=repeat
-        )
+    if const is not None:
+        if const_value(const)[local] > 1:
+            _add_extent(d, layout, const, local)
+        return True
+    entries = _shape_reads(shape)
+    if entries is None:
+        return True
+    index -= layout.rank - len(entries)  # an Expand shape may be shorter (right-aligned)
+    entry = entries[index] if 0 <= index < len(entries) else None
+    return not isinstance(entry, tuple) or _read_entry(node, d, layout, shape, index, *entry)
+
+
+def _read_entry(
+    node: gs.Node,
+    d: Discovery,
+    layout: Layout,
+    shape: gs.Tensor,
+    index: int,
+    source: gs.Tensor,
+    axis: int,
+) -> bool:
+    """Entry `index` of `shape` (the channel axis of `layout`) is `source`.shape[axis] at run time.
+    Folding keeps it right when `source` holds the same channels there (it shrinks alike). Else a
+    1-entry piece of a Concat holding the static channel extent (torch's `y.reshape(b, n, d)` with
+    `b, n, d = x.shape`) becomes a ComputedEntry member, rewritten to the folded extent (and written
+    as well when `source`'s own channels there fold). A read that cannot be rewritten (a whole
+    Shape(source), torch's reshape(x.shape)) couples `source`'s channels on that axis when they are
+    laid out alike, else the node declines."""
+    ls = d.layout(source)
+    same = ls is not None and ls.axis == axis and ls.repeat == layout.repeat
+    if same and _roots(d, ls) == _roots(d, layout):
+        return True
+    value = dim_of(source, axis)
+    if value == 1 and node.op == "Expand":  # broadcasts: any channel count
+        return True
+    piece = _computed_piece(node, shape, index)
+    if value == layout.extent and piece is not None:
+        entry = ComputedEntry(*piece, value)
+        _add_extent(d, layout, entry, 0)
+        if ls is not None and ls.axis == axis:
+            _add_extent(d, ls, ComputedEntry(*piece, ls.extent, written=entry), 0)
+        return True
+    if same and [p.size for p in ls.parts] == [p.size for p in layout.parts]:
+        return d.unify(layout, ls, f"{where(node)} takes its shape from '{source.name}'")
+    freeze_all(
+        node,
+        d,
+        f"{where(node)} takes its channel count from '{source.name}'.shape[{axis}] "
+        "at run time, which does not follow the folded channels",
+    )
+    return False
+
+
+def _add_extent(d: Discovery, layout: Layout, tensor: gs.Constant, entry: int) -> None:
+    d.add_members(
+        layout.moved(layout.axis, layout.rank, 1), tensor, entry, EXTENT, repeat=layout.repeat
+    )
+
+
+def _roots(d: Discovery, layout: Layout) -> list[tuple[int, int]]:
+    return [(d.find(p.gid), p.size) for p in layout.parts]
+
+
+def _shape_reads(shape: gs.Tensor) -> list | None:
+    """The entries of a shape vector (shape_entries), also when it is Shape(t) itself (torch's
+    y.reshape(x.shape), x.expand_as(y))."""
+    node = shape.inputs[0] if shape.inputs else None
+    if node is None or node.op != "Shape" or node.inputs[0].shape is None:
+        return shape_entries(shape)
+    source = node.inputs[0]
+    rank = len(source.shape)
+    start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+    return [(source, i) for i in range(rank)[slice(start, end)]]
+
+
+def _computed_piece(node: gs.Node, shape: gs.Tensor, index: int) -> tuple[gs.Node, int] | None:
+    """(Concat, input slot) when entry `index` of `shape` is a whole 1-entry piece of the Concat
+    making it, read by `node` alone (so the piece can be replaced for this node)."""
+    return next(((cat, slot) for pos, cat, slot in _pieces(node, shape) if pos == index), None)
+
+
+def _pieces(node: gs.Node, shape: gs.Tensor) -> list[tuple[int, gs.Node, int]]:
+    """(entry, Concat, input slot) of each 1-entry piece computed at run time of the Concat making
+    `shape`, when `node` alone reads it; empty otherwise."""
+    cat = shape.inputs[0] if shape.inputs else None
+    if cat is None or cat.op != "Concat" or any(o is not node for o in shape.outputs):
+        return []
+    found, pos = [], 0
+    for slot, piece in enumerate(cat.inputs):
+        size = _vector_length(piece)
+        if size is None:
+            return []
+        if size == 1 and const_value(piece) is None:
+            found.append((pos, cat, slot))
+        pos += size
+    return found
+
+
+def _pin_fixed_entries(node: gs.Node, d: Discovery, index: int) -> None:
+    """A Reshape target's entries other than the channel entry `index` keep their dense sizes when
+    channels fold. A piece computed at run time from a tracked tensor's channel count (torch's
+    `q.view(b, n, h, d // h)` with `b, n, d = x.shape`, x folded by another group) would change
+    with that group: it becomes a ComputedEntry member of the group, replaced by its dense size
+    when the group folds."""
+    dims = _reshape_dims(node)
+    for pos, cat, slot in _pieces(node, node.inputs[1]) if dims is not None else []:
+        if pos == index or pos >= len(dims) or not is_known(dims[pos]):
+            continue
+        for source, axes in _dims_read(cat.inputs[slot]):
+            ls = d.layout(source)
+            if ls is not None and (axes is None or ls.axis in axes):
+                _add_extent(d, ls, ComputedEntry(cat, slot, ls.extent, written=dims[pos]), 0)
+
+
+def _dims_read(t: gs.Tensor, depth: int = 0) -> list[tuple[gs.Tensor, list[int] | None]]:
+    """(tensor, dims; None: any) of each Shape a computed value reads, through any ops."""
+    node = t.inputs[0] if t.inputs else None
+    if node is None or depth > 16:
+        return []
+    if node.op == "Shape":
+        source, rank = node.inputs[0], len(node.inputs[0].shape or ())
+        start, end = int(node.attrs.get("start", 0)), int(node.attrs.get("end", rank))
+        return [(source, list(range(rank))[start:end] if rank else None)]
+    if node.op == "Gather" and node.inputs[0].inputs and node.inputs[0].inputs[0].op == "Shape":
+        found, idx = _dims_read(node.inputs[0], depth + 1), const_value(node.inputs[1])
+        axes = found[0][1] if len(found) == 1 else None
+        if axes is None or idx is None or not all(-len(axes) <= i < len(axes) for i in idx.flat):
+            return found
+        return [(found[0][0], [axes[int(i)] for i in idx.flat])]
+    return [r for i in node.inputs if isinstance(i, gs.Variable) for r in _dims_read(i, depth + 1)]
+
+
+class ComputedEntry(gs.Constant):
+    """A 1-entry piece of a Concat-built shape vector computed at run time from tensors' shapes.
+    As a member it holds a channel extent (`probe`, a 1-entry int64 vector that merging rewrites
+    like a shape constant); when that changes, the piece is replaced in the Concat by a constant:
+    the new extent, or `written` (a size that must not change, or another ComputedEntry's value).
+    An unchanged value leaves the graph as it is."""
+
+    def __init__(self, concat: gs.Node, slot: int, probe: int, written=None):
+        name = f"{concat.outputs[0].name}_entry{slot}"
+        super().__init__(name, np.array([probe], np.int64))
+        self.concat, self.slot, self.original, self.written = concat, slot, probe, written
+
+    @property
+    def values(self) -> np.ndarray:
+        return self._values
+
+    @values.setter
+    def values(self, values) -> None:
+        self._values = np.asarray(values, np.int64).reshape(1)
+        if int(self._values[0]) == self.original:
+            return
+        new = self.written if self.written is not None else self._values
+        new = np.asarray(new.values if isinstance(new, ComputedEntry) else new, np.int64)
+        self.concat.inputs[self.slot] = gs.Constant(self.name, new.reshape(1).copy())
 
 
 def _vector_length(t: gs.Tensor) -> int | None:
@@ -263,8 +421,8 @@ def expand(node: gs.Node, d: Discovery) -> None:
     if lx.extent == 1:
         return freeze_all(node, d, f"{where(node)} may broadcast a single channel")
     out = lx.moved(lx.axis + rank - lx.rank, rank)
-    _extent_member(d, out, node.inputs[1], out.axis, out.repeat)
-    d.set_layout(node.outputs[0], out)
+    if _extent_member(node, d, out, node.inputs[1], out.axis):
+        d.set_layout(node.outputs[0], out)
 
 
 RULES = {"Reshape": reshape, "Expand": expand}
