@@ -48,6 +48,8 @@ class TerminalReporter(Reporter):
 def fold(args: argparse.Namespace) -> int:
     """Fold, validate with onnxruntime, write atomically, and report."""
     config = config_from(args)
+    if args.fail_on and args.no_validate:
+        raise UserError("--fail-on needs validation: drop --no-validate")
     if args.report:
         check_writable(args.report, "--report")
     folded = fold_file(
@@ -62,6 +64,24 @@ def fold(args: argparse.Namespace) -> int:
     _print_report(args, folded)
     if args.report:
         report.write_json(args.report, report.payload(folded))
+    return _verdict_exit(args.fail_on, folded)
+
+
+FAILING = {"degraded": ("degraded", "broken"), "broken": ("broken",)}
+
+
+def _verdict_exit(fail_on: str | None, folded: FoldReport) -> int:
+    """3 (with one line on stderr) when the verdict is as bad as --fail-on names, else 0."""
+    if fail_on is None:
+        return 0
+    comparison = folded.validation.comparison
+    if comparison.verdict in FAILING[fail_on]:
+        print(
+            f"onnxfold: verdict {comparison.verdict} ({comparison.verdict_why}): exit 3 as "
+            f"--fail-on {fail_on} asks; {folded.output} was written",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 
@@ -91,6 +111,7 @@ def _print_report(args, folded: FoldReport) -> None:
             f"{'a copy of the input' if folded.copied else 'the input model, re-serialised'}"
         )
     if comparison is not None:
+        say(f"verdict: {comparison.verdict.upper()} ({comparison.verdict_why})")
         say(f"validation on {comparison.source}:")
         for note in comparison.notes:
             say(f"  {note}")

@@ -2,7 +2,7 @@
 `export` do the rest (COMMANDS).
 
 Exit codes: 0 success (also when nothing could be folded), 2 bad input or usage (one line, no
-traceback), 1 internal error.
+traceback), 3 the verdict reached --fail-on, 1 internal error.
 
 Start-up: a command's module, and onnx, onnxruntime or torch with it, is imported only once its
 arguments are parsed, so `--help` and `--version` load none of them (tests/test_startup.py)."""
@@ -185,6 +185,11 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
         "--no-validate", action="store_true", help="skip the onnxruntime comparison and timing"
     )
     p.add_argument("--report", metavar="OUT.json", help="write the full report as JSON")
+    p.add_argument(
+        "--fail-on",
+        choices=("degraded", "broken"),
+        help="exit 3 when the verdict is this bad or worse (the folded model is still written)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
 

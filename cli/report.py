@@ -188,6 +188,25 @@ def _quality_rows(cmp) -> list[tuple[str, str, str, str]]:
             rows.append(
                 (f"'{out.name}' top-1 agreement", "", f"{100 * out.top1_agreement:.1f}%", "")
             )
+    for fid in cmp.fidelity:
+        rows += _fidelity_rows(fid)
+    return rows
+
+
+_AGREEMENT = {"sequence": "per-position agreement", "map": "mask IoU (> 0.5)"}
+
+
+def _fidelity_rows(fid) -> list[tuple[str, str, str, str]]:
+    """Relative L2 error and cosine of one output, and the figure its kind adds."""
+    rows = [(f"'{fid.name}' rel. L2 / cosine", "", f"{fid.rel_l2:.3g}/{fid.cosine:.4f}", "")]
+    if fid.top5 is not None:
+        rows.append((f"'{fid.name}' top-5 agreement", "", f"{100 * fid.top5:.1f}%", ""))
+    if fid.kind in _AGREEMENT and fid.agreement is not None:
+        rows.append((f"'{fid.name}' {_AGREEMENT[fid.kind]}", "", f"{100 * fid.agreement:.1f}%", ""))
+    if fid.worst_slice is not None:
+        axis, index, rel = fid.worst_slice
+        where = f"axis {axis} #{index}"
+        rows.append((f"'{fid.name}' worst slice rel. L2", "", f"{rel:.3g}", where))
     return rows
 
 
@@ -205,7 +224,11 @@ def payload(folded: FoldReport) -> dict:
     rows = group_rows(result)
     for row, g in zip(rows, result.groups):
         row["seconds"] = result.group_seconds.get(g.gid)
+    comparison = folded.validation.comparison if folded.validation else None
     return {
+        "verdict": comparison.verdict if comparison else "unverified",
+        "verdict_why": comparison.verdict_why if comparison else "not validated",
+        "fidelity": comparison.fidelity if comparison else [],
         "input": folded.input,
         "output": folded.output,
         "options": folded.config,

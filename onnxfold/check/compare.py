@@ -29,6 +29,7 @@ from ..runtime.feeds import (
 from ..runtime.session import session
 from ..runtime.stats import batch_axes, run_batched
 from ..runtime.tokens import InputValue
+from .fidelity import OutputFidelity, output_fidelity, verdict
 from .latency import Timing, time_sessions
 
 RANDOM = "random samples"
@@ -60,6 +61,9 @@ class Comparison:
     accuracy_dense: float | None = None
     accuracy_folded: float | None = None
     notes: list[str] = field(default_factory=list)
+    fidelity: list[OutputFidelity] = field(default_factory=list)
+    verdict: str = "unverified"  # ok / degraded / broken / unverified (check.fidelity.verdict)
+    verdict_why: str = ""
 
 
 def compare(
@@ -144,6 +148,9 @@ def compare_outputs(
         cmp.accuracy_folded = float(np.mean(logits[1].argmax(1) == labels))
     elif labels is not None:
         cmp.notes.append("labels given, but no output is a (samples, classes) array: no accuracy")
+    cmp.fidelity = [output_fidelity(name, d, f) for name, d, f in pairs]
+    accuracy = None if cmp.accuracy_dense is None else (cmp.accuracy_dense, cmp.accuracy_folded)
+    cmp.verdict, cmp.verdict_why = verdict(cmp.fidelity, RANDOM in source, accuracy)
     return cmp
 
 

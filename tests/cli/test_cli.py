@@ -215,3 +215,20 @@ def test_model_that_cannot_run_on_generated_inputs_asks_for_data(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--data" in err
     assert not os.path.exists(tmp_path / "o.onnx")
+
+
+def test_verdict_in_report_and_fail_on_exits_3(model, tmp_path, capsys):
+    out_path, report = str(tmp_path / "o.onnx"), tmp_path / "r.json"
+    argv = [model, "-o", out_path, "--data", MNIST_TEST, "--report", str(report)]
+    assert main([*argv, "--ratio", "0.25", "--fail-on", "degraded"]) == 3
+    captured = capsys.readouterr()
+    assert "verdict: DEGRADED (worst" in captured.out
+    assert "exit 3 as --fail-on degraded asks" in captured.err and os.path.exists(out_path)
+    payload = json.loads(report.read_text())
+    assert payload["verdict"] == "degraded" and payload["fidelity"][0]["kind"] == "logits"
+    assert main([*argv, "--ratio", "0.25", "--fail-on", "broken"]) == 0
+    assert main([model, "-o", out_path, "--ratio", "0.25"]) == 0
+    assert "verdict: UNVERIFIED (random inputs only" in capsys.readouterr().out
+    os.remove(out_path)
+    assert main([model, "-o", out_path, "--no-validate", "--fail-on", "broken"]) == 2
+    assert not os.path.exists(out_path)

@@ -1,0 +1,142 @@
+"""What the folded model still does, per output and as one verdict.
+
+Per output (dense d, folded f, samples on axis 0): relative L2 error ||f - d|| / ||d|| and cosine
+similarity over all entries, plus what the output's shape says it is:
+- class logits (samples, classes): top-1 (and top-5) agreement with the dense argmax;
+- sequence logits (samples, positions, classes over SLICE_MAX: a language model's next tokens, a
+  text recogniser's characters): per-position argmax agreement;
+- probability maps (values in [0, 1], 3 or more dims): IoU of the maps thresholded at 0.5 (when
+  either map has a positive entry; else the relative error governs);
+- otherwise, when a short axis holds different quantities (a detector's (..., 6) boxes and scores,
+  a feature map's channels), the worst relative L2 error over its slices, so a small-magnitude
+  slice is not drowned by a large one.
+
+The verdict (ok / degraded / broken, or unverified on random inputs only) comes from THRESHOLDS,
+applied to each output's governing figure: its agreement where it has one, else the worst slice's
+relative error, else the whole output's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# governing figure -> (degraded, broken) limits: relative error at or above them, agreement and
+# accuracy ratio below them
+THRESHOLDS = {
+    "agreement": (0.95, 0.5),  # top-1 / next-token agreement, mask IoU: lower is worse
+    "rel_l2": (0.1, 0.5),  # relative L2 error (worst slice or whole output): higher is worse
+    "accuracy_ratio": (0.95, 0.8),  # folded / dense accuracy with labels: lower is worse
+}
+SLICE_MAX = 64  # an axis this short (after the samples) may hold different quantities
+MASK_LEVEL = 0.5
+VERDICTS = ("ok", "degraded", "broken", "unverified")
+
+
+@dataclass
+class OutputFidelity:
+    """One output's figures: relative L2 error, cosine similarity, what its shape says it is
+    (`kind`: logits, sequence, map, sliced or values), the agreement that kind has (top-1,
+    per-position argmax, mask IoU; None otherwise), top-5 agreement of logits with over 5
+    classes, and the worst slice (axis, index, relative L2 error) of sliced outputs."""
+
+    name: str
+    rel_l2: float
+    cosine: float
+    kind: str
+    agreement: float | None = None
+    top5: float | None = None
+    worst_slice: tuple[int, int, float] | None = None
+
+    def governing(self) -> tuple[str, float]:
+        """(figure name, value) the verdict reads for this output."""
+        if self.agreement is not None:
+            return "agreement", self.agreement
+        if self.worst_slice is not None:
+            return "rel_l2", max(self.worst_slice[2], self.rel_l2)
+        return "rel_l2", self.rel_l2
+
+
+def output_fidelity(name: str, d: np.ndarray, f: np.ndarray) -> OutputFidelity:
+    """OutputFidelity of folded output f against dense output d (same shape)."""
+    d64, f64 = d.astype(np.float64).ravel(), f.astype(np.float64).ravel()
+    norm = float(np.linalg.norm(d64))
+    rel = float(np.linalg.norm(f64 - d64) / norm) if norm > 0 else float(np.linalg.norm(f64) > 0)
+    both = norm * float(np.linalg.norm(f64))
+    cosine = float(d64 @ f64 / both) if both > 0 else float(norm == np.linalg.norm(f64))
+    out = OutputFidelity(name, rel, cosine, "values")
+    if not np.issubdtype(d.dtype, np.floating) or d.size == 0:
+        return out
+    if d.ndim == 2 and d.shape[1] > 1:
+        out.kind, out.agreement = "logits", _top_k(d, f, 1)
+        out.top5 = _top_k(d, f, 5) if d.shape[1] > 5 else None
+    elif d.ndim == 3 and d.shape[2] > SLICE_MAX:
+        out.kind, out.agreement = "sequence", float(np.mean(d.argmax(-1) == f.argmax(-1)))
+    elif d.ndim >= 3 and d.min() >= 0 and d.max() <= 1:
+        out.kind, out.agreement = "map", _iou(d >= MASK_LEVEL, f >= MASK_LEVEL)
+    else:
+        worst = _worst_slice(d, f)
+        if worst is not None:
+            out.kind, out.worst_slice = "sliced", worst
+    return out
+
+
+def _top_k(d: np.ndarray, f: np.ndarray, k: int) -> float:
+    """Share of samples whose folded top-1 class is among the dense top-k (k=1: the same)."""
+    best = f.argmax(1)
+    top = np.argsort(-d, axis=1)[:, :k]
+    return float(np.mean((top == best[:, None]).any(1)))
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float | None:
+    """IoU of two boolean maps; None when both are empty (nothing to agree on)."""
+    union = np.count_nonzero(a | b)
+    return float(np.count_nonzero(a & b) / union) if union else None
+
+
+def _worst_slice(d: np.ndarray, f: np.ndarray) -> tuple[int, int, float] | None:
+    """(axis, index, relative L2 error) of the worst slice along the last short axis after the
+    samples (the last axis, else axis 1); None without one."""
+    axes = [a for a in (d.ndim - 1, 1) if 0 < a < d.ndim and 1 < d.shape[a] <= SLICE_MAX]
+    if not axes:
+        return None
+    axis = axes[0]
+    dm = np.moveaxis(d.astype(np.float64), axis, 0).reshape(d.shape[axis], -1)
+    fm = np.moveaxis(f.astype(np.float64), axis, 0).reshape(d.shape[axis], -1)
+    norms = np.linalg.norm(dm, axis=1)
+    errors = np.linalg.norm(fm - dm, axis=1)
+    rel = np.where(norms > 0, errors / np.maximum(norms, 1e-300), (errors > 0).astype(float))
+    i = int(np.argmax(rel))
+    return axis, i, float(rel[i])
+
+
+def verdict(
+    outputs: list[OutputFidelity],
+    random_inputs: bool,
+    accuracy: tuple[float, float] | None = None,
+) -> tuple[str, str]:
+    """(verdict, why): the worst grade over the outputs' governing figures and, with labels, the
+    accuracy ratio; 'unverified' when the inputs were random (the grade is still said in why)."""
+    graded = [
+        (_grade(*o.governing()), f"'{o.name}' {_figure_text(*o.governing())}") for o in outputs
+    ]
+    if accuracy is not None and accuracy[0] > 0:
+        ratio = accuracy[1] / accuracy[0]
+        graded.append((_grade("accuracy_ratio", ratio), f"accuracy {ratio:.3f}x dense"))
+    if not graded:
+        return "unverified", "no output was compared"
+    grade, why = max(graded, key=lambda g: VERDICTS.index(g[0]))
+    if random_inputs:
+        return "unverified", f"random inputs only (on them: {grade}, worst {why})"
+    return grade, f"worst {why}"
+
+
+def _grade(figure: str, value: float) -> str:
+    degraded, broken = THRESHOLDS[figure]
+    if figure == "rel_l2":
+        return "broken" if value >= broken else "degraded" if value >= degraded else "ok"
+    return "broken" if value < broken else "degraded" if value < degraded else "ok"
+
+
+def _figure_text(figure: str, value: float) -> str:
+    return f"agreement {value:.3f}" if figure == "agreement" else f"relative L2 error {value:.3g}"

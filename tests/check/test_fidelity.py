@@ -1,0 +1,60 @@
+"""Fidelity by what an output is (onnxfold.check.fidelity): a collapsed small-magnitude slice is
+seen beside large coordinates, class logits and sequences are judged by argmax agreement,
+probability maps by mask IoU, and the verdict follows the stated thresholds (unverified on random
+inputs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxfold.check.fidelity import THRESHOLDS, output_fidelity, verdict
+
+RNG = np.random.default_rng(0)
+
+
+def test_collapsed_scores_beside_coordinates_are_broken():
+    dense = np.concatenate(
+        [RNG.uniform(0, 400, (1, 500, 4)), RNG.uniform(0, 1, (1, 500, 2))], axis=2
+    ).astype(np.float32)
+    folded = dense.copy()
+    folded[..., 4:] = 0.01  # the scores collapse; boxes untouched
+    fid = output_fidelity("output", dense, folded)
+    assert fid.rel_l2 < 0.01 and fid.kind == "sliced"
+    axis, index, rel = fid.worst_slice
+    assert axis == 2 and index in (4, 5) and rel > 0.9
+    assert verdict([fid], random_inputs=False)[0] == "broken"
+
+
+def test_logits_are_judged_by_agreement():
+    dense = RNG.standard_normal((200, 10)).astype(np.float32)
+    folded = dense.copy()
+    folded[:20] = np.roll(folded[:20], 1, axis=1)  # 10% of samples change class
+    fid = output_fidelity("logits", dense, folded)
+    assert fid.kind == "logits" and fid.agreement == pytest.approx(0.9, abs=0.02)
+    assert fid.top5 is not None and fid.top5 >= fid.agreement
+    grade, why = verdict([fid], random_inputs=False)
+    assert grade == "degraded" and why.startswith("worst 'logits' agreement 0.9")
+    assert verdict([fid], random_inputs=True)[0] == "unverified"
+
+
+def test_sequences_and_maps():
+    tokens = RNG.standard_normal((2, 7, 100)).astype(np.float32)
+    assert output_fidelity("lm", tokens, tokens).agreement == 1.0
+    mask = np.zeros((1, 1, 8, 8), np.float32)
+    mask[..., 2:6, 2:6] = 0.9
+    fid = output_fidelity("map", mask, np.zeros_like(mask))
+    assert fid.kind == "map" and fid.agreement == 0.0
+    assert verdict([fid], random_inputs=False)[0] == "broken"
+    empty = output_fidelity("map", np.zeros_like(mask), np.zeros_like(mask))
+    assert empty.agreement is None and empty.governing() == ("rel_l2", 0.0)
+
+
+@pytest.mark.parametrize(
+    "accuracy,grade",
+    [((0.99, 0.98), "ok"), ((0.99, 0.93), "degraded"), ((0.99, 0.7), "broken")],
+)
+def test_accuracy_ratio_grades_with_labels(accuracy, grade):
+    same = output_fidelity("logits", np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32))
+    assert verdict([same], False, accuracy)[0] == grade
+    assert THRESHOLDS["accuracy_ratio"] == (0.95, 0.8)
