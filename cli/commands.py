@@ -4,6 +4,7 @@ nothing and computes nothing itself: it calls the library and renders the result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -52,6 +53,11 @@ def fold(args: argparse.Namespace) -> int:
         raise UserError("--fail-on needs validation: drop --no-validate")
     if args.report:
         check_writable(args.report, "--report")
+    searched = _search(args, config) if args.target else None
+    if searched is not None and searched.best is None:
+        return 3
+    if searched is not None:
+        config = dataclasses.replace(config, ratio=searched.best.ratio)
     folded = fold_file(
         args.input,
         args.output,
@@ -63,8 +69,36 @@ def fold(args: argparse.Namespace) -> int:
     )
     _print_report(args, folded)
     if args.report:
-        report.write_json(args.report, report.payload(folded))
+        payload = report.payload(folded)
+        payload["search"] = searched
+        report.write_json(args.report, payload)
     return _verdict_exit(args.fail_on, folded)
+
+
+def _search(args: argparse.Namespace, config: FoldConfig):
+    """The --target search (onnxfold.search), its frontier printed; None-best: said on stderr."""
+    from onnxfold.check.count import count_params_file
+    from onnxfold.search import Target, format_frontier, search_file
+
+    target = Target.parse(args.target)
+    if not args.data:
+        raise UserError("--target needs --data FILE.npz: the target is measured on real inputs")
+    if args.no_validate:
+        raise UserError("--target needs validation: drop --no-validate")
+    progress = Progress("trying", not args.quiet, delay=0.0)
+    searched = search_file(args.input, config, target, args.data, args.calib, progress)
+    progress.done()
+    if not args.quiet:
+        print(f"search for {target} on {args.data} ({searched.seconds:.1f} s):")
+        print(format_frontier(searched, count_params_file(args.input)))
+    if searched.best is None:
+        first = searched.frontier[0]
+        print(
+            f"onnxfold: no ratio tried meets {target} (the smallest, {first.ratio:.3f}, gives "
+            f"{first.value:.4f}); nothing written",
+            file=sys.stderr,
+        )
+    return searched
 
 
 FAILING = {"degraded": ("degraded", "broken"), "broken": ("broken",)}

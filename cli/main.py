@@ -64,6 +64,13 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         help=f"fraction of channels removed per group, in [0, 1) (default {DEFAULTS.ratio})",
     )
     p.add_argument(
+        "--target",
+        metavar="METRIC=VALUE",
+        help="fold as far as the fidelity on --data still meets this: cos=0.99 (lowest output "
+        "cosine), top1=0.98 (logit argmax agreement), acc=0.97 (accuracy ratio, needs labels) or "
+        "error=0.05 (highest relative L2 error); the ratio is searched, --ratio ignored",
+    )
+    p.add_argument(
         "--head-ratio",
         type=float,
         metavar="R",

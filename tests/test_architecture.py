@@ -23,6 +23,7 @@ RANKS = {
     "onnxfold.pipeline": 9,
     "onnxfold.files": 10,
     "onnxfold.sweep": 10,
+    "onnxfold.search": 10,
     "onnxfold.export": 10,
     "onnxfold.cli": 11,
     "onnxfold.__main__": 12,

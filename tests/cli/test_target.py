@@ -1,0 +1,62 @@
+"""--target: the largest ratio whose fidelity on --data meets a limit (onnxfold.search), the
+frontier it walked printed and stored; a target no ratio meets writes nothing and exits 3; bad
+targets are exit 2 before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from helpers import MNIST, MNIST_TEST
+
+from onnxfold.cli.main import main
+from onnxfold.search import Target
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "m.onnx"
+    shutil.copy(MNIST, path)
+    return str(path)
+
+
+def test_target_folds_as_far_as_the_limit_holds(model, tmp_path, capsys):
+    out, report = str(tmp_path / "o.onnx"), str(tmp_path / "r.json")
+    argv = [model, "-o", out, "--data", MNIST_TEST, "--target", "acc=0.97", "--report", report]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "search for acc=0.97 on" in text and "met" in text and "missed" in text
+    search = json.load(open(report))["search"]
+    met = [c for c in search["frontier"] if c["met"]]
+    assert search["best"]["ratio"] == max(c["ratio"] for c in met) > 0
+    assert all(c["value"] >= 0.97 for c in met)
+    assert all(not c["met"] for c in search["frontier"] if c["ratio"] > search["best"]["ratio"])
+    accuracy = json.load(open(report))["comparison"]
+    assert accuracy["accuracy_folded"] / accuracy["accuracy_dense"] >= 0.97
+
+
+def test_a_target_no_ratio_meets_writes_nothing_and_exits_3(model, tmp_path, capsys):
+    out = str(tmp_path / "o.onnx")
+    assert main([model, "-o", out, "--data", MNIST_TEST, "--target", "error=0"]) == 3
+    assert "no ratio tried meets error=0" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize(
+    "flags,reason",
+    [
+        (["--target", "cosine=0.9", "--data", MNIST_TEST], "expected METRIC=VALUE"),
+        (["--target", "cos=high", "--data", MNIST_TEST], "expected METRIC=VALUE"),
+        (["--target", "cos=0.99"], "--target needs --data FILE.npz"),
+    ],
+)
+def test_bad_targets_are_exit_2(model, tmp_path, capsys, flags, reason):
+    assert main([model, "-o", str(tmp_path / "o.onnx"), *flags]) == 2
+    assert reason in capsys.readouterr().err
+
+
+def test_target_directions():
+    assert Target.parse("cos=0.99").met(0.995) and not Target.parse("cos=0.99").met(0.98)
+    assert Target.parse("error=0.05").met(0.01) and not Target.parse("error=0.05").met(0.1)
