@@ -256,6 +256,7 @@ class FeedSource:
     seed: int = 0
     id_limits: dict[str, int] | None = None
     values: dict[str, InputValue] | None = None
+    described: str | None = None  # what `data` is (image folders, text), instead of path + count
 
     def feeds(
         self,
@@ -269,7 +270,7 @@ class FeedSource:
         if self.data is not None:
             feeds = match_inputs(self.data, dense, self.path)
             count = batch_axes(dense).samples(feeds)
-            return feeds, self.labels, f"{self.path} ({count} samples)"
+            return feeds, self.labels, self.described or f"{self.path} ({count} samples)"
         feeds = random_feeds(
             _unfixed_batch(dense),
             samples=sizes[0],
