@@ -80,15 +80,19 @@ def synthetic_token_feeds(
         rows = _embedding_rows(t)
         if rows is not None:
             feeds[t.name] = rng.integers(0, rows, (count, length)).astype(t.dtype)
-        elif "mask" in t.name.lower():
-            feeds[t.name] = np.ones((count, length), t.dtype)
-        elif "position" in t.name.lower():
-            feeds[t.name] = np.broadcast_to(
-                np.arange(length, dtype=t.dtype), (count, length)
-            ).copy()
         else:
-            feeds[t.name] = np.zeros((count, length), t.dtype)
+            feeds[t.name] = companion_tokens(t.name, t.dtype, count, length)
     return feeds
+
+
+def companion_tokens(name: str, dtype, count: int, length: int) -> np.ndarray:
+    """(count, length) values of a token model's input beside the ids: ones for a mask, 0..L-1 for
+    positions, zeros otherwise (token type ids)."""
+    if "mask" in name.lower():
+        return np.ones((count, length), dtype)
+    if "position" in name.lower():
+        return np.broadcast_to(np.arange(length, dtype=dtype), (count, length)).copy()
+    return np.zeros((count, length), dtype)
 
 
 def token_id_limits(graph: gs.Graph) -> dict[str, int]:
