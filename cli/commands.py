@@ -14,7 +14,8 @@ from onnxfold.files import FoldReport, Reporter, check_data_files, check_writabl
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 from onnxfold.pipeline import calibration_inputs
-from onnxfold.runtime.feeds import check_arrays, input_specs, match_inputs, read_npz
+from onnxfold.runtime.feeds import check_arrays, input_specs, match_inputs
+from onnxfold.runtime.inputs import InputOptions, read_inputs, unlabelled, warn_if_same
 from onnxfold.runtime.session import session
 
 from . import report
@@ -31,6 +32,22 @@ def config_from(args: argparse.Namespace) -> FoldConfig:
     values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     values["exclude"] = tuple(values.get("exclude", ()))
     return FoldConfig(**values)
+
+
+def input_options(args: argparse.Namespace) -> InputOptions:
+    """The InputOptions the image and text flags describe (--image-size, --tokenizer, ...)."""
+    return InputOptions(
+        image_size=args.image_size,
+        layout=args.layout,
+        channel_order=args.channel_order,
+        pixel_range=args.pixel_range,
+        mean=args.mean,
+        std=args.std,
+        resize=args.resize,
+        labels_from_folders=args.labels_from_folders,
+        tokenizer=args.tokenizer,
+        seq_len=args.seq_len,
+    )
 
 
 class TerminalReporter(Reporter):
@@ -66,6 +83,7 @@ def fold(args: argparse.Namespace) -> int:
         data=args.data,
         validate=not args.no_validate,
         reporter=TerminalReporter(args.quiet),
+        inputs=input_options(args),
     )
     _print_report(args, folded)
     if args.report:
@@ -178,7 +196,9 @@ def sweep(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in sw.METHODS]
     if unknown:
         raise UserError(f"--methods: unknown {unknown}; choose from {', '.join(sw.METHODS)}")
-    check_data_files(args.data, args.calib)
+    options = input_options(args)
+    check_data_files(args.data, inputs=options)
+    check_data_files(args.calib, inputs=unlabelled(options))
     FoldConfig(seed=args.seed).check()
     prefix = (
         args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"
@@ -187,14 +207,19 @@ def sweep(args: argparse.Namespace) -> int:
         check_writable(prefix + suffix, "sweep output")
     load_model(args.input)
     dense = session(args.input)
-    feeds_data, labels = read_npz(args.data)
-    check_arrays(feeds_data, labels, input_specs(dense), args.data)
-    feeds = match_inputs(feeds_data, dense, args.data)
+    specs = input_specs(dense)
+    data_in = read_inputs(args.data, specs, options)
+    check_arrays(data_in.arrays, data_in.labels, specs, args.data)
+    feeds, labels = match_inputs(data_in.arrays, dense, args.data), data_in.labels
+    calib_in = read_inputs(args.calib, specs, unlabelled(options)) if args.calib else None
     calib = None
-    if args.calib:
-        calib = read_npz(args.calib)[0]
-        check_arrays(calib, None, input_specs(dense), args.calib)
-        calib = match_inputs(calib, dense, args.calib)
+    if calib_in:
+        check_arrays(calib_in.arrays, None, specs, args.calib)
+        calib = match_inputs(calib_in.arrays, dense, args.calib)
+    warn_if_same(args.data, data_in, args.calib, calib_in)
+    for what, found in (("evaluation", data_in), ("calibration", calib_in)):
+        if found and found.description:
+            print(f"{what} inputs: {found.description}", file=sys.stderr)
     data_methods = [m for m in methods if sw.METHODS[m][1] == "data"]
     if calib is None:
         for method in data_methods:

@@ -175,8 +175,9 @@ def _repair_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--calib",
-        metavar="FILE.npz",
-        help="calibration inputs for --repair data (a few dozen samples)",
+        metavar="FILE.npz|DIR|TEXT",
+        help="calibration inputs for --repair data (a few dozen samples): an .npz, a folder of "
+        "images or a text file (see --data)",
     )
     _dir_flags(p, "--repair dir")
 
@@ -185,9 +186,11 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     """What is validated, written and reported."""
     p.add_argument(
         "--data",
-        metavar="FILE.npz",
-        help="validation inputs (keys = input names) and optional 'labels'",
+        metavar="FILE.npz|DIR|TEXT",
+        help="validation inputs: an .npz (keys = input names, optional 'labels'), a folder of "
+        "images, or a text file (with --tokenizer)",
     )
+    _input_flags(p)
     p.add_argument(
         "--no-validate", action="store_true", help="skip the onnxruntime comparison and timing"
     )
@@ -199,6 +202,64 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary line")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
+def _input_flags(p: argparse.ArgumentParser) -> None:
+    """How image folders and text files given to --data / --calib become arrays
+    (runtime.inputs.InputOptions; unset: inferred from the model's input)."""
+    g = p.add_argument_group("image folders and text files for --data / --calib")
+    g.add_argument(
+        "--image-size",
+        type=_image_size,
+        metavar="N|HxW",
+        help="image height and width where the model's are symbolic (default 224)",
+    )
+    g.add_argument(
+        "--layout", choices=("NCHW", "NHWC"), help="default: from the input's channel axis"
+    )
+    g.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB")
+    g.add_argument(
+        "--pixel-range",
+        choices=("0-1", "0-255"),
+        help="float inputs: pixels scaled to [0, 1] (default) or raw 0..255; uint8 inputs: raw",
+    )
+    g.add_argument("--mean", type=_floats, metavar="M[,M,M]", help="subtracted per channel")
+    g.add_argument("--std", type=_floats, metavar="S[,S,S]", help="divided per channel")
+    g.add_argument(
+        "--resize",
+        choices=("crop", "stretch"),
+        default="crop",
+        help="crop: centre crop to the input's aspect, then resize (default); stretch: resize",
+    )
+    g.add_argument(
+        "--labels-from-folders",
+        action="store_true",
+        help="labels: images in sub-folders, class index = sorted sub-folder name's index",
+    )
+    g.add_argument(
+        "--tokenizer",
+        metavar="DIR|tokenizer.json",
+        help="tokenizes a text file for token models (the tokenizers package)",
+    )
+    g.add_argument(
+        "--seq-len", type=int, metavar="N", help="tokens per text sequence (default 128)"
+    )
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """'224' -> (224, 224); '480x640' -> (480, 640) (height x width)."""
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        return (int(parts[0]), int(parts[-1]))
+    raise argparse.ArgumentTypeError(f"{text!r} is not N or HxW (positive integers)")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.485,0.456,0.406' -> (0.485, 0.456, 0.406)."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers") from None
 
 
 def inspect_parser() -> argparse.ArgumentParser:
@@ -234,11 +295,17 @@ def sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="the .onnx model")
     p.add_argument(
-        "--data", required=True, metavar="FILE.npz", help="evaluation inputs and optional 'labels'"
+        "--data",
+        required=True,
+        metavar="FILE.npz|DIR|TEXT",
+        help="evaluation inputs and optional 'labels' (an .npz, a folder of images, a text file)",
     )
     p.add_argument(
-        "--calib", metavar="FILE.npz", help="calibration inputs for fold+data (skipped without)"
+        "--calib",
+        metavar="FILE.npz|DIR|TEXT",
+        help="calibration inputs for fold+data (skipped without)",
     )
+    _input_flags(p)
     p.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5", help="comma-separated channel ratios")
     p.add_argument(
         "--allocate",

@@ -12,8 +12,6 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from .check.compare import ONE_AT_A_TIME_BYTES, FeedSource, Validation, validate_files
 from .check.count import ModelFigures, figures
 from .config import FoldConfig
@@ -22,7 +20,18 @@ from .model.load import LoadedModel, load_model
 from .model.save import check_data_target, copy_atomic, save_graph
 from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
 from .repair import REPAIRS, Repair
-from .runtime.feeds import check_arrays, graph_input_specs, read_npz
+from .runtime.feeds import check_arrays, graph_input_specs
+from .runtime.inputs import (
+    InputOptions,
+    Inputs,
+    check_source,
+    check_token_ids,
+    input_kind,
+    needs_specs,
+    read_inputs,
+    unlabelled,
+    warn_if_same,
+)
 from .runtime.tokens import input_values, token_id_limits
 
 
@@ -78,18 +87,20 @@ def fold_file(
     data: str | None = None,
     validate: bool = True,
     reporter: Reporter | None = None,
+    inputs: InputOptions | None = None,
 ) -> FoldReport:
     """Fold the model file `input` into `output` (default INPUT.folded.onnx), written atomically
     after onnx.checker and (validate) onnxruntime accepted it; the input is never modified. `calib`:
-    an .npz of calibration inputs; `data`: an .npz of validation inputs with optional labels
-    (default: random inputs). UserError (one line) for bad input, before any work where it can be
-    known."""
+    calibration inputs; `data`: validation inputs with optional labels (default: random inputs);
+    each an .npz, a folder of images or a text file (read as `inputs` say, see runtime.inputs).
+    UserError (one line) for bad input, before any folding."""
     config, reporter = config or FoldConfig(), reporter or Reporter()
     config.check()
     output = output or default_output(input)
-    check_paths(input, output, data, calib)
-    data_arrays = read_npz(data) if data else None
-    calib_arrays = _read_calib(config, calib)
+    check_paths(input, output, data, calib, inputs)
+    data_in = read_inputs(data, None, inputs) if data and not needs_specs(data) else None
+    _check_calib(config, calib)
+    calib_in = read_inputs(calib, None) if calib and not needs_specs(calib) else None
     steps: dict[str, StepCost] = {}
     with reporter.step("loading"), _measured(steps, "load"):
         # External-data weights stay on disk until used, unless a step exports the graph to run it.
@@ -99,20 +110,28 @@ def fold_file(
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
         specs = graph_input_specs(loaded.graph)
-        if data_arrays:
-            check_arrays(*data_arrays, specs, data)
-        if calib_arrays:
-            check_arrays(calib_arrays, None, specs, calib)
+        data_in = data_in or _read_for(data, specs, inputs, loaded)
+        calib_in = calib_in or _read_for(calib, specs, unlabelled(inputs), loaded)
+        if data_in:
+            check_arrays(data_in.arrays, data_in.labels, specs, data)
+        if calib_in:
+            check_arrays(calib_in.arrays, None, specs, calib)
+        warn_if_same(data, data_in, calib, calib_in)
+    calib_arrays = calib_in.arrays if calib_in else None
     with reporter.step("folding"), _measured(steps, "fold"):
         result = _fold_loaded(loaded, config, calib_arrays, calib, reporter)
+    if calib_in and calib_in.description:
+        result.notes.append(f"calibration inputs: {calib_in.description}")
     validator = _Validator(
         input,
         FeedSource(
-            *(data_arrays or (None, None)),
+            data_in.arrays if data_in else None,
+            data_in.labels if data_in else None,
             data,
             config.seed,
             token_id_limits(loaded.graph),
             input_values(loaded.graph),
+            described=data_in.description if data_in else None,
         ),
         loaded.file_bytes,
     )
@@ -188,9 +207,21 @@ def _measured(steps: dict[str, StepCost], name: str):
     )
 
 
-def _read_calib(config: FoldConfig, path: str | None) -> dict[str, np.ndarray] | None:
-    """The arrays of the calibration file, after checking that the chosen methods have the inputs
-    they need."""
+def _read_for(
+    path: str | None, specs, options: InputOptions | None, loaded: LoadedModel
+) -> Inputs | None:
+    """The inputs at `path` that need the model's input specs (image folders, text files), with
+    text token ids checked against the model's embedding tables."""
+    if not path:
+        return None
+    found = read_inputs(path, specs, options)
+    if input_kind(path) == "text":
+        check_token_ids(found.arrays, token_id_limits(loaded.graph), path)
+    return found
+
+
+def _check_calib(config: FoldConfig, path: str | None) -> None:
+    """Check that the chosen methods have the calibration inputs they need."""
     repair = REPAIRS.get(config.repair, Repair)
     if repair.reads_calib and not path:
         raise ConfigError(
@@ -202,18 +233,24 @@ def _read_calib(config: FoldConfig, path: str | None) -> dict[str, np.ndarray] |
             None,
             "needs calibration inputs: {calib} FILE.npz, or {repair} dir (synthesised)",
         )
-    return read_npz(path)[0] if path else None
 
 
-def check_paths(src: str, out: str, data: str | None = None, calib: str | None = None) -> None:
-    """UserError when the output would replace the input or cannot be written, or a data file is
-    missing."""
+def check_paths(
+    src: str,
+    out: str,
+    data: str | None = None,
+    calib: str | None = None,
+    inputs: InputOptions | None = None,
+) -> None:
+    """UserError when the output would replace the input or cannot be written, or a data source is
+    missing or unusable (runtime.inputs.check_source)."""
     if os.path.exists(out) and os.path.exists(src) and os.path.samefile(src, out):
         raise ConfigError(
             "output", out, "is the input file; onnxfold never overwrites its input (name another)"
         )
     check_writable(out, "output")
-    check_data_files(data, calib)
+    check_data_files(data, inputs=inputs)
+    check_data_files(calib, inputs=unlabelled(inputs))
 
 
 def check_writable(path: str, what: str) -> None:
@@ -233,8 +270,9 @@ def check_writable(path: str, what: str) -> None:
         raise UserError(f"{what} {path}: cannot write into '{folder}' ({e.strerror})") from None
 
 
-def check_data_files(*paths: str | None) -> None:
-    """UserError for the first path given that is not a file."""
+def check_data_files(*paths: str | None, inputs: InputOptions | None = None) -> None:
+    """UserError for the first path given that is missing or unusable as inputs (a folder without
+    images, a text file without --tokenizer)."""
     for path in paths:
-        if path is not None and not os.path.isfile(path):
-            raise UserError(f"{path}: no such data file")
+        if path is not None:
+            check_source(path, inputs)
