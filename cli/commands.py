@@ -89,6 +89,7 @@ def fold(args: argparse.Namespace) -> int:
     if args.report:
         payload = report.payload(folded)
         payload["search"] = searched
+        payload["inputs"] = folded.inputs
         report.write_json(args.report, payload)
     return _verdict_exit(args.fail_on, folded)
 

@@ -10,7 +10,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .check.compare import ONE_AT_A_TIME_BYTES, FeedSource, Validation, validate_files
 from .check.count import ModelFigures, figures
@@ -47,7 +47,9 @@ class StepCost:
 class FoldReport:
     """Everything fold_file did: the fold, where it wrote, the dense and folded figures, the
     validation (None with validate=False) and the cost of each step (load, fold, write_and_validate,
-    metrics); `copied`: nothing was folded, the output is a byte copy of the input."""
+    metrics); `copied`: nothing was folded, the output is a byte copy of the input; `inputs`: what
+    the --data ("data") and --calib ("calib") inputs given were (a description, or the .npz
+    path)."""
 
     input: str
     output: str
@@ -58,6 +60,7 @@ class FoldReport:
     validation: Validation | None
     steps: dict[str, StepCost]
     copied: bool = False  # nothing was folded and the output is a byte copy of the input
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 class Reporter:
@@ -156,7 +159,11 @@ def fold_file(
             f"input over {ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models validated one "
             f"after the other (latencies timed separately, not interleaved)"
         )
-    return FoldReport(input, output, config, result, dense, folded, checked, steps, copied)
+    given = {"data": (data, data_in), "calib": (calib, calib_in)}
+    described = {k: found.description or path for k, (path, found) in given.items() if path}
+    return FoldReport(
+        input, output, config, result, dense, folded, checked, steps, copied, described
+    )
 
 
 def _fold_loaded(

@@ -4,6 +4,7 @@ folding; the same inputs for both warn."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -51,10 +52,12 @@ def mnist(tmp_path):
 def test_fold_on_image_folders_states_them(mnist, tmp_path, capsys):
     data, calib = photos(tmp_path / "eval", 4), photos(tmp_path / "calib", 3)
     argv = [mnist, "--data", data, "--calib", calib, "--repair", "data", "--ratio", "0.25"]
-    assert main(argv) == 0
+    assert main(argv + ["--report", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert f"validation on 4 images from {data}/ resized to 28x28 (centre crop), NCHW grey" in out
     assert f"calibration inputs: 3 images from {calib}/ resized to 28x28" in out
+    inputs = json.loads((tmp_path / "r.json").read_text())["inputs"]
+    assert inputs["data"].startswith("4 images") and inputs["calib"].startswith("3 images")
 
 
 def test_fold_nhwc_model_on_images(tmp_path, capsys):
@@ -66,10 +69,11 @@ def test_fold_nhwc_model_on_images(tmp_path, capsys):
     assert "2 images from" in out and "6x6 (stretched), NHWC RGB, scaled to [0, 1], minus" in out
 
 
-def tokenizer_json(tmp_path) -> str:
-    """A WordLevel tokenizer.json for the words of `words()` (ids below token_mlp's 128 rows)."""
+def tokenizer_json(tmp_path, first: int = 1) -> str:
+    """A WordLevel tokenizer.json for the words of `words()` (ids from `first`: below token_mlp's
+    128 rows by default)."""
     tokenizers = pytest.importorskip("tokenizers")
-    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(set(words().split())))}}
+    vocab = {"[UNK]": 0, **{w: i + first for i, w in enumerate(sorted(set(words().split())))}}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
@@ -115,6 +119,9 @@ def bad_sources(tmp_path, mnist) -> list[tuple[str, list[str], str]]:
     good = photos(tmp_path / "good", 2)
     tokens = token_mlp(str(tmp_path / "tok.onnx"))
     tok = tokenizer_json(tmp_path)
+    (tmp_path / "big").mkdir()
+    big = tokenizer_json(tmp_path / "big", first=200)
+    short = ["--seq-len", "8"]
     return [
         ("missing folder", [mnist, "--data", str(tmp_path / "nope")], "no such data file or"),
         ("no images", [mnist, "--data", str(tmp_path / "empty")], "empty: no images"),
@@ -126,6 +133,11 @@ def bad_sources(tmp_path, mnist) -> list[tuple[str, list[str], str]]:
         ("image size clash", [mnist, "--data", good, "--image-size", "32"], "disagrees with"),
         ("bad image size", [mnist, "--data", good, "--image-size", "big"], "is not N or HxW"),
         ("too few tokens", [tokens, "--data", str(text), "--tokenizer", tok], "fewer than one"),
+        (
+            "ids past the table",
+            [tokens, "--data", str(text), "--tokenizer", big] + short,
+            "128 rows",
+        ),
     ]
 
 
