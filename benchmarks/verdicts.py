@@ -180,7 +180,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in filter(None, cases):
             lines += run_case(case, ratios, tmp)
-    print(save_table("verdicts", ["## Verdict against the task metric", "", *lines]))
+    print(save_table("verdicts.md", ["## Verdict against the task metric", "", *lines]))
 
 
 if __name__ == "__main__":
