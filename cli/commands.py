@@ -47,6 +47,7 @@ def input_options(args: argparse.Namespace) -> InputOptions:
         labels_from_folders=args.labels_from_folders,
         tokenizer=args.tokenizer,
         seq_len=args.seq_len,
+        max_samples=args.max_samples,
     )
 
 

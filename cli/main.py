@@ -95,6 +95,13 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         "per group where clustering loses least (Ward error of each group's weights; data-free)",
     )
     p.add_argument(
+        "--measure",
+        action="store_true",
+        help="remove the same number of parameters, but spread per group where the measured "
+        "output deviation is lowest (each group folded alone at a few ratios on --calib inputs, "
+        "Fold-DIR's with --repair dir, else random inputs); slower, not with --allocate",
+    )
+    p.add_argument(
         "--multiple-of",
         type=int,
         default=DEFAULTS.multiple_of,
@@ -243,6 +250,12 @@ def _input_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--seq-len", type=int, metavar="N", help="tokens per text sequence (default 128)"
+    )
+    g.add_argument(
+        "--max-samples",
+        type=int,
+        metavar="N",
+        help="at most N images (the first by name) or text sequences (default: all)",
     )
 
 

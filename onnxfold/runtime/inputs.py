@@ -40,7 +40,8 @@ class InputOptions:
     pixel_range: "0-1" (pixel / 255) | "0-255"; mean / std: per channel (or one value), applied
     after pixel_range; resize: "crop" (centre crop to the target's aspect, then resize) |
     "stretch"; labels_from_folders: class index = sorted sub-folder name's index; tokenizer: a
-    tokenizer.json or a folder holding one; seq_len: tokens per sequence."""
+    tokenizer.json or a folder holding one; seq_len: tokens per sequence; max_samples: at most
+    this many images (the first by name) or sequences (the first in the text)."""
 
     image_size: tuple[int, int] | None = None
     layout: str | None = None
@@ -52,6 +53,7 @@ class InputOptions:
     labels_from_folders: bool = False
     tokenizer: str | None = None
     seq_len: int | None = None
+    max_samples: int | None = None
 
 
 def unlabelled(options: InputOptions | None) -> InputOptions:
@@ -86,6 +88,9 @@ def check_source(path: str, options: InputOptions | None = None) -> None:
     """UserError (one line) for what can be told without the model: a missing path, a folder
     without images, a text file without a tokenizer or with a missing one."""
     options = options or InputOptions()
+    for flag, value in (("--max-samples", options.max_samples), ("--seq-len", options.seq_len)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be 1 or more")
     if not os.path.exists(path):
         raise UserError(f"{path}: no such data file or folder")
     kind = input_kind(path)
@@ -199,7 +204,8 @@ def _image_size(hw: list, asked: tuple[int, int] | None, spec: InputSpec, path: 
 def read_images(folder: str, specs: Sequence[InputSpec], options: InputOptions) -> Inputs:
     """Every image under `folder` as one batch for the model's image input: (n, C, H, W) or
     (n, H, W, C), normalised as `options` say; labels from sub-folders when asked."""
-    files = image_files(folder, options.labels_from_folders)
+    found = image_files(folder, options.labels_from_folders)
+    files = found[: options.max_samples]
     target = image_layout(specs, options, folder)
     raw = _pixel_range(target, options, folder)
     batch = np.stack([_decode(folder, f, target, options) for f, _ in files])  # (n, H, W, C)
@@ -210,6 +216,8 @@ def read_images(folder: str, specs: Sequence[InputSpec], options: InputOptions) 
     x = _normalised(batch, target, options, raw)
     labels, classes = _folder_labels(files) if options.labels_from_folders else (None, [])
     text = _image_description(len(files), folder, target, options, raw, classes)
+    if len(files) < len(found):
+        text += f" (the first {len(files)} of {len(found)} by name, --max-samples)"
     return Inputs({target.name: np.ascontiguousarray(x)}, labels, text)
 
 
@@ -336,7 +344,8 @@ def read_text(path: str, specs: Sequence[InputSpec], options: InputOptions) -> I
         raise UserError(
             f"{path}: {len(tokens)} tokens, fewer than one sequence of {length} (--seq-len)"
         )
-    count = len(tokens) // length
+    whole = len(tokens) // length
+    count = min(whole, options.max_samples or whole)
     ids = np.asarray(tokens[: count * length], np.int64).reshape(count, length)
     arrays = {}
     for spec in specs:
@@ -349,7 +358,7 @@ def read_text(path: str, specs: Sequence[InputSpec], options: InputOptions) -> I
     left = len(tokens) - count * length
     text = (
         f"{count} sequences of {length} tokens from {path} ({len(tokens)} tokens by {tok_path}"
-        f"{f', last {left} dropped' if left else ''}){'; ' + others if others else ''}"
+        f"{f', last {left} unused' if left else ''}){'; ' + others if others else ''}"
     )
     return Inputs(arrays, None, text)
 

@@ -132,6 +132,7 @@ def bad_sources(tmp_path, mnist) -> list[tuple[str, list[str], str]]:
         ("calib folder missing", [mnist, "--calib", str(tmp_path / "nope")], "no such data file"),
         ("image size clash", [mnist, "--data", good, "--image-size", "32"], "disagrees with"),
         ("bad image size", [mnist, "--data", good, "--image-size", "big"], "is not N or HxW"),
+        ("no samples", [mnist, "--data", good, "--max-samples", "0"], "must be 1 or more"),
         ("too few tokens", [tokens, "--data", str(text), "--tokenizer", tok], "fewer than one"),
         (
             "ids past the table",

@@ -42,6 +42,8 @@ def test_folder_fills_the_nchw_input_sorted_by_name_scaled_to_unit(tmp_path):
     y = scaled.arrays["x"]
     assert np.allclose(y[0, 2], 1) and np.allclose(y[0, 0], -2)  # red is last in BGR
     assert "minus mean (0.5), divided by std (0.25, 0.5, 0.5)" in scaled.description
+    one = read_inputs(folder, NCHW, InputOptions(max_samples=1))
+    assert one.arrays["x"].shape == (1, 3, 4, 4) and "(the first 1 of 2 by name" in one.description
 
 
 def test_nhwc_symbolic_sides_grey_and_uint8_inputs(tmp_path):
@@ -94,6 +96,8 @@ def test_text_becomes_sequences_with_companion_inputs(tmp_path):
     assert (a["attention_mask"] == 1).all() and (a["token_type_ids"] == 0).all()
     assert a["position_ids"].tolist() == [[0, 1, 2, 3]] * 3
     assert found.description.startswith(f"3 sequences of 4 tokens from {text} (12 tokens by {tok}")
+    first = read_inputs(str(text), specs, InputOptions(tokenizer=tok, seq_len=4, max_samples=2))
+    assert first.arrays["position_ids"].shape == (2, 4) and "last 4 unused" in first.description
     fixed = [InputSpec("ids", [1, 5], "tensor(int32)")]
     ids = read_inputs(str(text), fixed, InputOptions(tokenizer=tok)).arrays["ids"]
     assert ids.shape == (2, 5) and ids.dtype == np.int32  # the declared length wins
