@@ -15,7 +15,13 @@ from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 from onnxfold.pipeline import calibration_inputs
 from onnxfold.runtime.feeds import check_arrays, input_specs, match_inputs
-from onnxfold.runtime.inputs import InputOptions, read_inputs, unlabelled, warn_if_same
+from onnxfold.runtime.inputs import (
+    InputOptions,
+    input_kind,
+    read_inputs,
+    unlabelled,
+    warn_if_same,
+)
 from onnxfold.runtime.session import session
 
 from . import report
@@ -103,6 +109,9 @@ def _search(args: argparse.Namespace, config: FoldConfig):
     target = Target.parse(args.target)
     if not args.data:
         raise UserError("--target needs --data FILE.npz: the target is measured on real inputs")
+    for flag, path in (("--data", args.data), ("--calib", args.calib)):
+        if path and input_kind(path) != "npz":
+            raise UserError(f"--target reads {flag} as an .npz only (for now); {path} is not one")
     if args.no_validate:
         raise UserError("--target needs validation: drop --no-validate")
     progress = Progress("trying", not args.quiet, delay=0.0)

@@ -133,6 +133,7 @@ def bad_sources(tmp_path, mnist) -> list[tuple[str, list[str], str]]:
         ("image size clash", [mnist, "--data", good, "--image-size", "32"], "disagrees with"),
         ("bad image size", [mnist, "--data", good, "--image-size", "big"], "is not N or HxW"),
         ("no samples", [mnist, "--data", good, "--max-samples", "0"], "must be 1 or more"),
+        ("target on a folder", [mnist, "--data", good, "--target", "cos=0.9"], "as an .npz only"),
         ("too few tokens", [tokens, "--data", str(text), "--tokenizer", tok], "fewer than one"),
         (
             "ids past the table",
