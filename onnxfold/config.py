@@ -44,6 +44,9 @@ class FoldConfig:
     layers: str | None = None  # "5-27" or "0,3,7": fold only the i-th group of each kind
     # spread the same parameter budget over groups by Ward clustering cost
     allocate: bool = False
+    # spread the same parameter budget by deviation measured on calibration inputs, each group
+    # folded alone at a few ratios (plan.sensitivity)
+    measure: bool = False
     # weight: features as they are; act: scaled by activation-aware importance
     importance: str = "weight"
     # with act: restore each consumer's dense output mean with a bias
@@ -80,6 +83,10 @@ class FoldConfig:
                 raise ConfigError(
                     "layers", self.layers, "is not a list of indices like 5-27 or 0,3,7"
                 ) from None
+        if self.measure and self.allocate:
+            raise ConfigError(
+                "measure", True, "and {allocate} are two ways to spread the budget; choose one"
+            )
         if self.compensate and self.importance != "act":
             raise ConfigError(
                 "compensate",

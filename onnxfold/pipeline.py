@@ -9,6 +9,7 @@ whole job on files. The CLI, sweep, the benchmarks and the tests all go through 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -26,10 +27,17 @@ from .model.load import LoadedModel, load_model
 from .model.ops import depthwise_convs
 from .model.save import to_proto
 from .plan.backends import resolve_backend
-from .plan.budget import parse_layers, units_to_keep
+from .plan.budget import Budget, ParamModel, group_ratios, parse_layers, units_kept, units_to_keep
 from .plan.features import weighted_features
 from .plan.importance import IMPORTANCES, Scores
 from .plan.plan import Clustering, FoldPlan, plan_group
+from .plan.sensitivity import (
+    Point,
+    Sensitivity,
+    allocate_measured,
+    measured_ratios,
+    relative_deviation,
+)
 from .repair import REPAIRS, Repair, choose_repair
 from .rewrite.compensate import (
     apply_compensation,
@@ -39,9 +47,21 @@ from .rewrite.compensate import (
 )
 from .rewrite.merge import apply_plans, folded_feeds, forget_shapes, sync_depthwise_groups
 from .rewrite.refit import plan_refits, refit_consumers
-from .runtime.feeds import match_inputs
+from .runtime.feeds import match_inputs, random_feeds
 from .runtime.session import session
-from .runtime.stats import sample_count
+from .runtime.stats import run_batched, sample_count
+from .runtime.tokens import token_id_limits
+
+MEASURE_SAMPLES = 32  # random calibration inputs drawn for --measure when there are none
+
+
+class CalibrationFeeds(dict):
+    """Calibration feeds {input name: (N, ...)} that say where they came from: `source` is "user"
+    (the user's arrays) or "synthesised" (the repair's, Fold-DIR)."""
+
+    def __init__(self, feeds: dict[str, np.ndarray], source: str):
+        super().__init__(feeds)
+        self.source = source
 
 
 @dataclass
@@ -79,22 +99,32 @@ def fold_graph(
     progress=None,
     calib: dict[str, np.ndarray] | None = None,
     dense_path: str | None = None,
+    keep: dict[int, int] | None = None,
 ) -> FoldResult:
     """Fold `graph` in place according to `config`; returns what was done.
 
-    `calib` (input name -> (N, ...) arrays) feeds --importance act, --refit and the data repairs;
-    Fold-DIR synthesises its own when it is None. `dense_path` (the unfolded model) is needed by the
-    data repairs and refit. `progress(i, total, label)` is called before each group is planned."""
+    `calib` (input name -> (N, ...) arrays) feeds --importance act, --refit, the data repairs and
+    --measure; Fold-DIR synthesises its own when it is None. `dense_path` (the unfolded model) is
+    needed by the data repairs, refit and --measure. `progress(i, total, label)` is called before
+    each group is planned. `keep` (gid -> units kept; a foldable group it does not name stays
+    whole) replaces the budget of `config`: discover() numbers the groups of a given graph the same
+    way every time, so the gids of one load of a model hold for another."""
     config.check()
     start = time.perf_counter()
     backend = resolve_backend(config.backend)
     repair = choose_repair(config.repair, graph, config.method, config.repair_settings())
+    source = getattr(calib, "source", "given")
     if calib is None and repair.synthesizes and dense_path is not None:
-        calib = repair.calibration(dense_path)
+        calib, source = repair.calibration(dense_path), "synthesised"
     repair.before_discovery(graph, config.ratio)
     groups = discover(graph, opset)
     unmatched = apply_excludes(groups, list(config.exclude))
-    planned = _plan(graph, groups, config, backend, repair, calib, progress)
+    budget, measured = config.budget(), []
+    if keep is not None:
+        budget = dataclasses.replace(budget, fixed_keep=keep)
+    elif config.measure:
+        budget, measured = _measured_budget(graph, groups, config, calib, source, dense_path)
+    planned = _plan(graph, groups, config, backend, repair, calib, progress, budget)
     for pattern in unmatched:
         log.warning("exclude pattern '%s' matches no group's tensors", pattern)
     for warning in _layer_warnings(groups, config.layers):
@@ -102,7 +132,7 @@ def fold_graph(
     refits, compensated = _merge(graph, planned, config)
     result = FoldResult(groups, planned.plans, repair.name, repair.why, backend)
     result.group_seconds = planned.seconds
-    result.notes += kv_cache_notes(planned.plans) + planned.notes + compensated
+    result.notes += measured + kv_cache_notes(planned.plans) + planned.notes + compensated
     result.notes += _repair_and_refit(
         graph, planned.plans, repair, refits, calib, dense_path, config
     )
@@ -191,10 +221,12 @@ def _plan(
     repair: Repair,
     calib: dict[str, np.ndarray] | None,
     progress=None,
+    budget: Budget | None = None,
 ) -> _Planned:
-    """Stage 2: units kept per group, importance of the groups being folded, one plan per group."""
+    """Stage 2: units kept per group (`budget`, default the configuration's), importance of the
+    groups being folded, one plan per group."""
     todo = [g for g in groups if g.foldable]
-    ratios, keep = units_to_keep(todo, config.budget())
+    ratios, keep = units_to_keep(todo, budget or config.budget())
     folding = [g for g in todo if ratios[g.gid] > 0]
     importance = IMPORTANCES[config.importance]()
     scores = importance.measure(graph, folding, calib, config.seed)
@@ -202,6 +234,85 @@ def _plan(
     plans, seconds = _plan_all(todo, keep, how, repair, scores.scores, progress)
     notes = list(filter(None, [importance.note(scores, folding)]))
     return _Planned(plans, seconds, scores, notes, ratios, keep)
+
+
+def _measured_budget(
+    graph: gs.Graph,
+    groups: list[Group],
+    config: FoldConfig,
+    calib: dict[str, np.ndarray] | None,
+    source: str,
+    dense_path: str | None,
+) -> tuple[Budget, list[str]]:
+    """--measure: the budget whose per-group counts spend the uniform ratios' parameters where the
+    measured deviation is lowest (plan.sensitivity), and the report note saying on what inputs."""
+    budget = config.budget()
+    todo = [g for g in groups if g.foldable]
+    ratios = group_ratios(todo, budget)
+    if not any(ratios[g.gid] > 0 for g in todo):
+        return budget, []
+    if dense_path is None:
+        raise ConfigError("measure", True, "needs the unfolded model's file to fold each group")
+    feeds = calib
+    if feeds is None:
+        limits = token_id_limits(graph)
+        feeds = random_feeds(
+            session(dense_path), MEASURE_SAMPLES, config.seed, id_limits=limits or None
+        )
+        source = "random"
+    sensitivity = measure_sensitivity(dense_path, config, todo, ratios, feeds, source, calib)
+    keep = allocate_measured(todo, ratios, sensitivity, budget.multiple_of)
+    note = (
+        f"measured allocation: {len(sensitivity.points)} groups x {sensitivity.ratio_count()} "
+        f"ratios on {sensitivity.samples} calibration inputs ({source}), "
+        f"{sensitivity.seconds:.0f} s"
+    )
+    return dataclasses.replace(budget, fixed_keep=keep), [note]
+
+
+def measure_sensitivity(
+    dense_path: str,
+    config: FoldConfig,
+    groups: list[Group],
+    ratios: dict[int, float],
+    feeds: dict[str, np.ndarray],
+    source: str = "given",
+    calib: dict[str, np.ndarray] | None = None,
+) -> Sensitivity:
+    """Fold each of the foldable `groups` whose ratio (gid -> ratio) is above 0 ALONE at the
+    ratios of plan.sensitivity.measured_ratios: each fold starts from a fresh load of the model at
+    `dense_path`, planned, merged and repaired as `config` says (its measure off), and its
+    outputs on `feeds` (input name -> (N, ...), described by `source`) are compared with the dense
+    ones (plan.sensitivity.relative_deviation). `calib`: the calibration inputs each fold reads
+    (repairs, --importance act, --refit), as the whole fold does."""
+    start = time.perf_counter()
+    single = dataclasses.replace(config, measure=False)
+    dense = run_batched(session(dense_path), feeds)
+    params = ParamModel(groups)
+    whole = {g.gid: g.size for g in groups}
+    names = {g.gid: g.describe() for g in groups}
+    found = Sensitivity(samples=sample_count(feeds), source=source)
+    for g in (g for g in groups if ratios[g.gid] > 0):
+        counts = {units_kept(g, r, config.multiple_of): r for r in measured_ratios(ratios[g.gid])}
+        points = []
+        for kept, ratio in sorted(counts.items(), reverse=True):
+            if kept >= g.size:
+                continue
+            loaded = load_model(dense_path)
+            result = fold_graph(
+                loaded.graph, loaded.opset, single, None, calib, dense_path, {g.gid: kept}
+            )
+            if any(names.get(h.gid) != h.describe() for h in result.groups if h.gid in names):
+                raise RuntimeError("groups were numbered differently in two loads of the model")
+            folded = run_batched(
+                session(to_proto(loaded.graph, loaded.opset).SerializeToString()), feeds
+            )
+            saved = params.count(whole) - params.count({**whole, g.gid: kept})
+            points.append(Point(ratio, kept, saved, relative_deviation(dense, folded)))
+        if points:
+            found.points[g.gid] = points
+    found.seconds = time.perf_counter() - start
+    return found
 
 
 def _merge(graph: gs.Graph, planned: _Planned, config: FoldConfig) -> tuple[list, list[str]]:
@@ -293,21 +404,26 @@ def calibration_inputs(
     reads them; else inputs the repair synthesises (Fold-DIR); else None."""
     source = calibration_source(config, arrays)
     if source == "user":
-        return match_inputs(arrays, session(dense_path), arrays_path)
+        return CalibrationFeeds(match_inputs(arrays, session(dense_path), arrays_path), "user")
     if source == "synthesised":
-        return REPAIRS[config.repair]("", config.repair_settings()).calibration(
+        feeds = REPAIRS[config.repair]("", config.repair_settings()).calibration(
             dense_path, progress
         )
+        return None if feeds is None else CalibrationFeeds(feeds, "synthesised")
     return None
 
 
 def calibration_source(config: FoldConfig, arrays) -> str | None:
     """'user' when the fold reads the user's calibration arrays, 'synthesised' when the repair makes
-    its own inputs instead, None when nothing reads calibration inputs."""
+    its own inputs instead, 'random' when only --measure reads them and fold_graph draws random
+    inputs for it, None when nothing reads calibration inputs."""
     repair = REPAIRS.get(config.repair, Repair)
-    if arrays is not None and (repair.reads_calib or config.importance == "act" or config.refit):
+    reads = repair.reads_calib or config.importance == "act" or config.refit or config.measure
+    if arrays is not None and reads:
         return "user"
-    return "synthesised" if repair.synthesizes else None
+    if repair.synthesizes:
+        return "synthesised"
+    return "random" if config.measure else None
 
 
 def fold_model(

@@ -29,7 +29,10 @@ class Budget:
     """What to remove: `ratio` of every group's units, or `head_ratio` / `mlp_ratio` for
     attention-head groups / all others; only the i-th foldable group of each kind for i in `layers`
     ("5-27", "0,3,7"); channel counts rounded up to a multiple of `multiple_of`; `allocate`: the
-    same parameters removed, spread by Ward error."""
+    same parameters removed, spread by Ward error; `fixed_keep` (gid -> units kept), when given,
+    decides every group's count instead: a foldable group it does not name keeps all its units
+    (measured allocation and single-group folds; gids are discover()'s, deterministic for a given
+    graph)."""
 
     ratio: float = 0.5
     head_ratio: float | None = None
@@ -37,12 +40,16 @@ class Budget:
     layers: str | None = None
     multiple_of: int = 1
     allocate: bool = False
+    fixed_keep: dict[int, int] | None = None
 
 
 def units_to_keep(groups: list[Group], budget: Budget) -> tuple[dict[int, float], dict[int, int]]:
     """(gid -> ratio, gid -> units kept) for the foldable `groups`."""
     from .features import group_features
 
+    if budget.fixed_keep is not None:
+        keep = {g.gid: min(g.size, max(1, budget.fixed_keep.get(g.gid, g.size))) for g in groups}
+        return {g.gid: 1.0 - keep[g.gid] / g.size for g in groups}, keep
     ratios = group_ratios(groups, budget)
     keep = {g.gid: units_kept(g, ratios[g.gid], budget.multiple_of) for g in groups}
     # priced on plain weight features: importance-scaled ones made early layers look free

@@ -1,0 +1,132 @@
+"""Measured allocation (--measure): spend the uniform ratio's parameter budget where the measured
+output deviation per parameter saved is lowest.
+
+The measurements (pipeline.measure_sensitivity) fold each foldable group ALONE, from the unfolded
+graph, at the ratios of `measured_ratios`, with the configuration's method and repair, and record
+the deviation of the folded model's outputs on calibration feeds: the relative L2 error
+||y - y0|| / ||y0|| of each floating-point output over all samples, SUMMED over the outputs (the
+allocation adds deviations of groups, so it adds those of outputs too; with one output it is that
+output's relative error). This module only decides from them: the deviation of a fold is taken as
+the sum of its groups' deviations (an additive approximation), each group's curve piecewise-linear
+between its measured points and 0 at ratio 0; its lower convex hull is spent cheapest-first per
+parameter saved (the optimum of the separable problem on the hulls) until as many parameters are
+removed as the uniform ratios would remove. No group loses more than its largest measured ratio."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .budget import ParamModel, units_kept
+
+if TYPE_CHECKING:
+    from ..groups.group import Group
+
+RATIOS = (0.25, 0.5, 0.75)  # each group is folded alone at these ratios
+WORST = 1e9  # the deviation counted for an output that is not finite or changed shape
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured single-group fold: the ratio asked, the units kept, the parameters saved (the
+    group folded alone), the output deviation on the calibration feeds."""
+
+    ratio: float
+    kept: int
+    saved: float
+    deviation: float
+
+
+@dataclass
+class Sensitivity:
+    """gid -> the measured points of each group (ascending ratio), on `samples` calibration samples
+    described by `source` (user, synthesised, random, given), measured in `seconds`."""
+
+    points: dict[int, list[Point]] = field(default_factory=dict)
+    samples: int = 0
+    source: str = ""
+    seconds: float = 0.0
+
+    def ratio_count(self) -> int:
+        """The most points measured for one group."""
+        return max((len(p) for p in self.points.values()), default=0)
+
+
+def measured_ratios(ratio: float) -> tuple[float, ...]:
+    """The ratios a group whose uniform ratio is `ratio` is measured at: RATIOS, and `ratio` itself
+    when it is larger (so the uniform budget stays reachable)."""
+    return RATIOS + ((ratio,) if ratio > RATIOS[-1] else ())
+
+
+def relative_deviation(dense: list[np.ndarray], folded: list[np.ndarray]) -> float:
+    """Sum over the floating-point outputs (all outputs when none is) of ||y - y0|| / ||y0||."""
+    real = np.inexact
+    pairs = [(d, f) for d, f in zip(dense, folded) if np.issubdtype(np.asarray(d).dtype, real)]
+    total = 0.0
+    for d, f in pairs or list(zip(dense, folded)):
+        d64, f64 = np.asarray(d, np.float64), np.asarray(f, np.float64)
+        if d64.shape != f64.shape:
+            return WORST
+        total += float(np.linalg.norm(f64 - d64) / max(np.linalg.norm(d64), 1e-12))
+    return min(total, WORST) if np.isfinite(total) else WORST
+
+
+def allocate_measured(
+    groups: list[Group],
+    ratios: dict[int, float],
+    sensitivity: Sensitivity,
+    multiple_of: int = 1,
+) -> dict[int, int]:
+    """Units to keep per foldable group (gid -> k) removing at least the parameters the uniform
+    `ratios` (gid -> ratio, 0: the group stays whole) would, with the least summed measured
+    deviation (see the module's docstring). A group with a ratio but no measured point keeps its
+    uniform count. Counts are rounded up to `multiple_of` afterwards, as --allocate does."""
+    keep = {g.gid: units_kept(g, ratios[g.gid], multiple_of) for g in groups}
+    pool = [g for g in groups if ratios[g.gid] > 0 and sensitivity.points.get(g.gid)]
+    if not pool:
+        return keep
+    model = ParamModel(groups)
+    target = model.count(keep)
+    saved = model.unit_savings(keep)
+    gids, prices = [], []
+    for g in pool:
+        for units, slope in _hull_steps(g, sensitivity.points[g.gid]):
+            gids += [g.gid] * units
+            prices += [slope / max(saved.get(g.gid, 0.0), 1e-12)] * units
+    order = np.asarray(gids, np.int64)[np.argsort(np.asarray(prices), kind="stable")]
+    start = {**keep, **{g.gid: g.size for g in pool}}
+
+    def keep_after(steps: int) -> dict[int, int]:
+        counts = np.bincount(order[:steps], minlength=max(start) + 1)
+        return {**start, **{g.gid: g.size - int(counts[g.gid]) for g in pool}}
+
+    # smallest number of cheapest unit steps leaving no more parameters than uniform
+    lo, hi = 0, len(order)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if model.count(keep_after(mid)) > target else (lo, mid)
+    chosen = keep_after(lo)
+    return {g.gid: units_kept(g, 1.0 - chosen[g.gid] / g.size, multiple_of) for g in groups}
+
+
+def _hull_steps(group: Group, points: list[Point]) -> list[tuple[int, float]]:
+    """(units removed, deviation per unit) of each segment of the lower convex hull of the group's
+    curve (0, 0), (units removed, deviation) ...: slopes ascending, so taking segments by price
+    keeps each group's segments in order."""
+    curve = sorted({(0, 0.0)} | {(group.size - p.kept, p.deviation) for p in points})
+    hull: list[tuple[int, float]] = []
+    for x, y in curve:
+        if hull and hull[-1][0] == x:  # the same count measured twice: keep the lower
+            if y >= hull[-1][1]:
+                continue
+            hull.pop()
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], (x, y)) <= 0:
+            hull.pop()
+        hull.append((x, y))
+    return [(x1 - x0, (y1 - y0) / (x1 - x0)) for (x0, y0), (x1, y1) in zip(hull, hull[1:])]
+
+
+def _cross(o, a, b) -> float:
+    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])

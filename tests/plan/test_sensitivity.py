@@ -1,0 +1,111 @@
+"""--measure: each group folded alone at a few ratios, the budget spent where the measured output
+deviation per parameter saved is lowest; duplicates go first, the uniform budget is met, ratio 0
+changes nothing, and the report says on which inputs it was measured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import (
+    MNIST,
+    MNIST_CALIB,
+    feeds_for,
+    fold_to,
+    groups_of,
+    mlp_with_duplicated_group,
+    param_count,
+    run,
+)
+
+from onnxfold.config import FoldConfig
+from onnxfold.errors import ConfigError
+from onnxfold.pipeline import calibration_inputs, calibration_source, fold_model
+from onnxfold.plan.budget import ParamModel, units_kept
+from onnxfold.plan.sensitivity import Point, Sensitivity, allocate_measured
+
+
+def mnist_calib() -> dict:
+    return {"input": np.load(MNIST_CALIB)["input"][:16]}
+
+
+def test_duplicated_channels_are_cut_before_distinct_ones(tmp_path):
+    src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
+    dst = str(tmp_path / "m.onnx")
+    spread, _ = fold_to(src, dst, ratio=0.25, repair="none", measure=True)
+    kept = [spread.kept(g) for g in spread.groups if g.foldable]
+    assert 16 <= kept[0] < 24 and kept[1] == 32  # uniform: 24, 24
+    feeds = feeds_for(src)
+    assert np.abs(run(dst, feeds)[0] - run(src, feeds)[0]).max() < 1e-4
+
+
+def test_the_uniform_parameter_budget_is_met_within_one_unit_per_group(tmp_path):
+    calib = mnist_calib()
+    uniform, _ = fold_to(MNIST, str(tmp_path / "u.onnx"), calib, ratio=0.5, repair="none")
+    measured, _ = fold_to(
+        MNIST, str(tmp_path / "m.onnx"), calib, ratio=0.5, repair="none", measure=True
+    )
+    kept = {g.gid: measured.kept(g) for g in measured.groups if g.foldable}
+    assert kept != {g.gid: uniform.kept(g) for g in uniform.groups if g.foldable}
+    left = param_count(str(tmp_path / "m.onnx"))
+    assert left <= param_count(str(tmp_path / "u.onnx"))
+    # giving any group one unit back would miss the budget: no more removed than needed
+    model = ParamModel([g for g in measured.groups if g.foldable])
+    slack = max(model.unit_savings(kept).values())
+    assert param_count(str(tmp_path / "u.onnx")) - left <= slack
+
+
+def test_allocation_follows_the_convex_hull_of_the_measured_curve():
+    """Group a's curve is cheap up to half its units then steep, group b's moderate all along: a's
+    cheap half goes first, the rest of the budget from b, never a's steep part."""
+    groups = [g for g in groups_of(MNIST) if g.foldable]
+    a, b = groups[3], groups[2]  # 32 units each; b saves twice the parameters per unit
+    ratios = {g.gid: 0.0 for g in groups} | {a.gid: 0.25, b.gid: 0.5}
+    found = Sensitivity(
+        {
+            a.gid: [Point(0.5, 16, 0, 0.01), Point(0.75, 8, 0, 5.0)],
+            b.gid: [Point(0.25, 24, 0, 0.2), Point(0.5, 16, 0, 0.4), Point(0.75, 8, 0, 0.6)],
+        }
+    )
+    keep = allocate_measured(groups, ratios, found)
+    assert keep[a.gid] == 16 and 16 < keep[b.gid] < 32
+    assert all(keep[g.gid] == g.size for g in groups if g not in (a, b))
+    model = ParamModel(groups)
+    uniform = {g.gid: units_kept(g, ratios[g.gid]) for g in groups}
+    assert model.count(keep) <= model.count(uniform)
+
+
+def test_measure_with_allocate_is_a_config_error():
+    with pytest.raises(ConfigError) as err:
+        FoldConfig(measure=True, allocate=True).check()
+    assert str(err.value) == "measure and allocate are two ways to spread the budget; choose one"
+    assert err.value.words(as_flags=True) == (
+        "--measure and --allocate are two ways to spread the budget; choose one"
+    )
+
+
+def test_measure_at_ratio_zero_reproduces_the_model(tmp_path):
+    result, proto = fold_to(MNIST, str(tmp_path / "z.onnx"), ratio=0.0, measure=True)
+    assert result.plans == [] and not any("measured" in n for n in result.notes)
+    feeds = feeds_for(MNIST)
+    np.testing.assert_array_equal(run(proto, feeds)[0], run(MNIST, feeds)[0])
+
+
+def test_the_note_names_the_inputs_measured_on(tmp_path):
+    src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
+    config = FoldConfig(ratio=0.25, repair="none", measure=True)
+    drawn = fold_model(src, config)
+    assert any(
+        n.startswith("measured allocation: 2 groups x 3 ratios on 32 calibration inputs (random)")
+        for n in drawn.notes
+    ), drawn.notes
+    arrays = {"input": np.random.default_rng(0).standard_normal((5, 12)).astype(np.float32)}
+    assert calibration_source(config, arrays) == "user"
+    assert calibration_source(config, None) == "random"
+    calib = calibration_inputs(config, src, arrays, "calib.npz")
+    given = fold_model(src, config, calib=calib)
+    assert any("on 5 calibration inputs (user)" in n for n in given.notes), given.notes
+
+
+def test_discover_numbers_the_groups_the_same_way_in_every_load():
+    first, second = groups_of(MNIST), groups_of(MNIST)
+    assert [(g.gid, g.describe()) for g in first] == [(g.gid, g.describe()) for g in second]
