@@ -30,6 +30,7 @@ THRESHOLDS = {
 }
 SLICE_MAX = 64  # an axis this short (after the samples) may hold different quantities
 MASK_LEVEL = 0.5
+PROB_SLACK = 1e-5  # a float32 sigmoid reaches 1.0000001
 VERDICTS = ("ok", "degraded", "broken", "unverified")
 
 
@@ -72,7 +73,7 @@ def output_fidelity(name: str, d: np.ndarray, f: np.ndarray) -> OutputFidelity:
         out.top5 = _top_k(d, f, 5) if d.shape[1] > 5 else None
     elif d.ndim == 3 and d.shape[2] > SLICE_MAX:
         out.kind, out.agreement = "sequence", float(np.mean(d.argmax(-1) == f.argmax(-1)))
-    elif d.ndim >= 3 and d.min() >= 0 and d.max() <= 1:
+    elif d.ndim >= 3 and d.min() >= -PROB_SLACK and d.max() <= 1 + PROB_SLACK:
         out.kind, out.agreement = "map", _iou(d >= MASK_LEVEL, f >= MASK_LEVEL)
     else:
         worst = _worst_slice(d, f)
