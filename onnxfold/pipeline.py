@@ -100,6 +100,7 @@ def fold_graph(
     calib: dict[str, np.ndarray] | None = None,
     dense_path: str | None = None,
     keep: dict[int, int] | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> FoldResult:
     """Fold `graph` in place according to `config`; returns what was done.
 
@@ -108,22 +109,19 @@ def fold_graph(
     needed by the data repairs, refit and --measure. `progress(i, total, label)` is called before
     each group is planned. `keep` (gid -> units kept; a foldable group it does not name stays
     whole) replaces the budget of `config`: discover() numbers the groups of a given graph the same
-    way every time, so the gids of one load of a model hold for another."""
+    way every time, so the gids of one load of a model hold for another. `sensitivity`: with
+    --measure, measurements to allocate from instead of measuring (model_sensitivity)."""
     config.check()
     start = time.perf_counter()
     backend = resolve_backend(config.backend)
-    repair = choose_repair(config.repair, graph, config.method, config.repair_settings())
-    source = getattr(calib, "source", "given")
-    if calib is None and repair.synthesizes and dense_path is not None:
-        calib, source = repair.calibration(dense_path), "synthesised"
-    repair.before_discovery(graph, config.ratio)
-    groups = discover(graph, opset)
-    unmatched = apply_excludes(groups, list(config.exclude))
+    repair, calib, source, groups, unmatched = _discovered(graph, opset, config, calib, dense_path)
     budget, measured = config.budget(), []
     if keep is not None:
         budget = dataclasses.replace(budget, fixed_keep=keep)
     elif config.measure:
-        budget, measured = _measured_budget(graph, groups, config, calib, source, dense_path)
+        budget, measured = _measured_budget(
+            graph, groups, config, calib, source, dense_path, sensitivity
+        )
     planned = _plan(graph, groups, config, backend, repair, calib, progress, budget)
     for pattern in unmatched:
         log.warning("exclude pattern '%s' matches no group's tensors", pattern)
@@ -140,6 +138,19 @@ def fold_graph(
         result.nothing_folded = nothing_folded_cause(groups, config, planned.ratios, planned.keep)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _discovered(graph: gs.Graph, opset: int, config: FoldConfig, calib, dense_path: str | None):
+    """Stage 1: (the repair, the calibration feeds (Fold-DIR's when none were given), where they
+    came from, the groups found, the --exclude patterns that matched none)."""
+    repair = choose_repair(config.repair, graph, config.method, config.repair_settings())
+    source = getattr(calib, "source", "given")
+    if calib is None and repair.synthesizes and dense_path is not None:
+        calib, source = repair.calibration(dense_path), "synthesised"
+    repair.before_discovery(graph, config.ratio)
+    groups = discover(graph, opset)
+    unmatched = apply_excludes(groups, list(config.exclude))
+    return repair, calib, source, groups, unmatched
 
 
 def nothing_folded_cause(
@@ -243,14 +254,30 @@ def _measured_budget(
     calib: dict[str, np.ndarray] | None,
     source: str,
     dense_path: str | None,
+    sensitivity: Sensitivity | None = None,
 ) -> tuple[Budget, list[str]]:
     """--measure: the budget whose per-group counts spend the uniform ratios' parameters where the
-    measured deviation is lowest (plan.sensitivity), and the report note saying on what inputs."""
+    measured deviation is lowest (plan.sensitivity; `sensitivity` when given, else measured now),
+    and the report note saying on what inputs."""
     budget = config.budget()
     todo = [g for g in groups if g.foldable]
     ratios = group_ratios(todo, budget)
     if not any(ratios[g.gid] > 0 for g in todo):
         return budget, []
+    reused = sensitivity is not None
+    if sensitivity is None:
+        sensitivity = _sensitivity(graph, todo, config, ratios, calib, source, dense_path)
+    keep = allocate_measured(todo, ratios, sensitivity, budget.multiple_of)
+    note = (
+        f"measured allocation: {len(sensitivity.points)} groups x {sensitivity.ratio_count()} "
+        f"ratios on {sensitivity.samples} calibration inputs ({sensitivity.source}), "
+        f"{sensitivity.seconds:.0f} s{' (measured once, reused)' if reused else ''}"
+    )
+    return dataclasses.replace(budget, fixed_keep=keep), [note]
+
+
+def _sensitivity(graph, todo, config, ratios, calib, source, dense_path) -> Sensitivity:
+    """measure_sensitivity on `calib`, or on MEASURE_SAMPLES random inputs when there are none."""
     if dense_path is None:
         raise ConfigError("measure", True, "needs the unfolded model's file to fold each group")
     feeds = calib
@@ -260,14 +287,21 @@ def _measured_budget(
             session(dense_path), MEASURE_SAMPLES, config.seed, id_limits=limits or None
         )
         source = "random"
-    sensitivity = measure_sensitivity(dense_path, config, todo, ratios, feeds, source, calib)
-    keep = allocate_measured(todo, ratios, sensitivity, budget.multiple_of)
-    note = (
-        f"measured allocation: {len(sensitivity.points)} groups x {sensitivity.ratio_count()} "
-        f"ratios on {sensitivity.samples} calibration inputs ({source}), "
-        f"{sensitivity.seconds:.0f} s"
-    )
-    return dataclasses.replace(budget, fixed_keep=keep), [note]
+    return measure_sensitivity(dense_path, config, todo, ratios, feeds, source, calib)
+
+
+def model_sensitivity(
+    path: str, config: FoldConfig, calib: dict[str, np.ndarray] | None = None
+) -> Sensitivity:
+    """The measurements --measure makes on the model file at `path` with `config` (its ratios
+    decide which groups and ratios are measured), to pass to fold_model(sensitivity=) for any ratio
+    up to config's: a fold at a smaller ratio allocates from the points it would have measured."""
+    loaded = load_model(path)
+    graph = loaded.graph
+    _, calib, source, groups, _ = _discovered(graph, loaded.opset, config, calib, loaded.path)
+    todo = [g for g in groups if g.foldable]
+    ratios = group_ratios(todo, config.budget())
+    return _sensitivity(graph, todo, config, ratios, calib, source, loaded.path)
 
 
 def measure_sensitivity(
@@ -293,7 +327,9 @@ def measure_sensitivity(
     names = {g.gid: g.describe() for g in groups}
     found = Sensitivity(samples=sample_count(feeds), source=source)
     for g in (g for g in groups if ratios[g.gid] > 0):
-        counts = {units_kept(g, r, config.multiple_of): r for r in measured_ratios(ratios[g.gid])}
+        counts: dict[int, float] = {}  # units kept -> the smallest ratio keeping them
+        for r in measured_ratios(ratios[g.gid]):
+            counts.setdefault(units_kept(g, r, config.multiple_of), r)
         points = []
         for kept, ratio in sorted(counts.items(), reverse=True):
             if kept >= g.size:
@@ -431,17 +467,21 @@ def fold_model(
     config: FoldConfig | None = None,
     calib: dict[str, np.ndarray] | None = None,
     progress=None,
+    sensitivity: Sensitivity | None = None,
 ) -> FoldResult:
     """Fold a model in memory: a LoadedModel, the path of an .onnx file, or a ModelProto (written to
     a temporary file for the data repairs to run it). `calib`: calibration feeds {input name: (N,
-    ...)}. The result's `model` holds the folded graph; `result.to_proto()` gives the ModelProto."""
+    ...)}; `sensitivity`: --measure's measurements made once (model_sensitivity). The result's
+    `model` holds the folded graph; `result.to_proto()` gives the ModelProto."""
     config = config or FoldConfig()
     if isinstance(model, onnx.ModelProto):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.onnx")
             onnx.save_model(model, path, save_as_external_data=model.ByteSize() >= 2**31 - 2**20)
-            return fold_model(load_model(path), config, calib, progress)
+            return fold_model(load_model(path), config, calib, progress, sensitivity)
     loaded = load_model(model) if isinstance(model, str) else model
-    result = fold_graph(loaded.graph, loaded.opset, config, progress, calib, loaded.path)
+    result = fold_graph(
+        loaded.graph, loaded.opset, config, progress, calib, loaded.path, None, sensitivity
+    )
     result.model = loaded
     return result

@@ -5,8 +5,10 @@ similarity over the outputs, at least the value), `top1` (the lowest argmax agre
 sequence logits, at least), `acc` (folded / dense accuracy with labels, at least), `error` (the
 highest relative L2 error, at most). search_ratio folds the model at a ratio, measures the figure
 on the evaluation feeds and bisects: the ratio is the one knob searched (each group folded by the
-same ratio, with the configured method, repair and allocation); fidelity is assumed to fall as the
-ratio grows, and every candidate measured is kept as the frontier walked."""
+same ratio, with the configured method, repair and allocation; with --measure the groups'
+sensitivity is measured once, for the largest ratio, and each candidate spends its ratio's
+parameter budget by it); fidelity is assumed to fall as the ratio grows, and every candidate
+measured is kept as the frontier walked."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .check.compare import Comparison, compare
 from .check.count import count_params
 from .config import FoldConfig
 from .errors import UserError
-from .pipeline import calibration_inputs, fold_model
+from .pipeline import calibration_inputs, fold_model, model_sensitivity
 from .runtime.feeds import check_arrays, declared_input_specs, match_inputs, read_npz
 from .runtime.session import session
 from .runtime.stats import input_batch_axes
@@ -119,13 +121,18 @@ def search_ratio(
     start = time.perf_counter()
     dense = session(path)
     measured: dict[float, Candidate] = {}
+    sensitivity = None
+    if config.measure:  # measured once, for the largest ratio: every candidate allocates from it
+        if progress:
+            progress(0, STEPS + 1, "measuring each group's sensitivity")
+        sensitivity = model_sensitivity(path, dataclasses.replace(config, ratio=MAX_RATIO), calib)
 
     def measure(ratio: float) -> Candidate:
         if progress:
             progress(len(measured), STEPS + 1, f"ratio {ratio:.3f}")
         if ratio not in measured:
             measured[ratio] = _candidate(
-                path, config, ratio, target, dense, feeds, labels, source, calib
+                path, config, ratio, target, dense, feeds, labels, source, calib, sensitivity
             )
         return measured[ratio]
 
@@ -143,8 +150,12 @@ def search_ratio(
     return SearchResult(target, frontier, best, time.perf_counter() - start)
 
 
-def _candidate(path, config, ratio, target, dense, feeds, labels, source, calib) -> Candidate:
-    result = fold_model(path, dataclasses.replace(config, ratio=ratio), calib=calib)
+def _candidate(
+    path, config, ratio, target, dense, feeds, labels, source, calib, sensitivity=None
+) -> Candidate:
+    result = fold_model(
+        path, dataclasses.replace(config, ratio=ratio), calib=calib, sensitivity=sensitivity
+    )
     proto = result.to_proto()
     folded = session(proto.SerializeToString())
     cmp = compare(dense, folded, feeds, labels, source)

@@ -84,7 +84,17 @@ def allocate_measured(
     deviation (see the module's docstring). A group with a ratio but no measured point keeps its
     uniform count. Counts are rounded up to `multiple_of` afterwards, as --allocate does."""
     keep = {g.gid: units_kept(g, ratios[g.gid], multiple_of) for g in groups}
-    pool = [g for g in groups if ratios[g.gid] > 0 and sensitivity.points.get(g.gid)]
+    # the points a measurement at these ratios would have made (a Sensitivity measured for a
+    # larger ratio serves every smaller one: the --target search)
+    points = {
+        g.gid: [
+            p
+            for p in sensitivity.points.get(g.gid, [])
+            if p.ratio <= max(measured_ratios(ratios[g.gid])) + 1e-9
+        ]
+        for g in groups
+    }
+    pool = [g for g in groups if ratios[g.gid] > 0 and points[g.gid]]
     if not pool:
         return keep
     model = ParamModel(groups)
@@ -92,7 +102,7 @@ def allocate_measured(
     saved = model.unit_savings(keep)
     gids, prices = [], []
     for g in pool:
-        for units, slope in _hull_steps(g, sensitivity.points[g.gid]):
+        for units, slope in _hull_steps(g, points[g.gid]):
             gids += [g.gid] * units
             prices += [slope / max(saved.get(g.gid, 0.0), 1e-12)] * units
     order = np.asarray(gids, np.int64)[np.argsort(np.asarray(prices), kind="stable")]

@@ -4,6 +4,8 @@ changes nothing, and the report says on which inputs it was measured."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from helpers import (
@@ -19,7 +21,12 @@ from helpers import (
 
 from onnxfold.config import FoldConfig
 from onnxfold.errors import ConfigError
-from onnxfold.pipeline import calibration_inputs, calibration_source, fold_model
+from onnxfold.pipeline import (
+    calibration_inputs,
+    calibration_source,
+    fold_model,
+    model_sensitivity,
+)
 from onnxfold.plan.budget import ParamModel, units_kept
 from onnxfold.plan.sensitivity import Point, Sensitivity, allocate_measured
 
@@ -109,3 +116,32 @@ def test_the_note_names_the_inputs_measured_on(tmp_path):
 def test_discover_numbers_the_groups_the_same_way_in_every_load():
     first, second = groups_of(MNIST), groups_of(MNIST)
     assert [(g.gid, g.describe()) for g in first] == [(g.gid, g.describe()) for g in second]
+
+
+def test_a_sensitivity_measured_once_serves_every_smaller_ratio():
+    """The --target search measures once for its largest ratio; a candidate allocating from those
+    measurements keeps what a fold measuring for its own ratio keeps."""
+    calib = mnist_calib()
+    config = FoldConfig(ratio=0.3, repair="none", measure=True)
+    once = model_sensitivity(MNIST, dataclasses.replace(config, ratio=0.9), calib)
+    assert once.ratio_count() == 4 and once.source == "given" and once.samples == 16
+    reused = fold_model(MNIST, config, calib, sensitivity=once)
+    direct = fold_model(MNIST, config, calib)
+    assert [reused.kept(g) for g in reused.groups] == [direct.kept(g) for g in direct.groups]
+    assert any(n.endswith("(measured once, reused)") for n in reused.notes), reused.notes
+
+
+def test_the_target_search_measures_once(tmp_path, monkeypatch):
+    import onnxfold.search as search
+
+    calls = []
+    measure = search.model_sensitivity
+    monkeypatch.setattr(
+        search, "model_sensitivity", lambda *a, **k: calls.append(1) or measure(*a, **k)
+    )
+    src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
+    feeds = feeds_for(src, batch=8)
+    config = FoldConfig(repair="none", measure=True)
+    found = search.search_ratio(src, config, search.Target("error", 0.05), feeds, None, "x")
+    assert calls == [1] and len(found.frontier) > 2
+    assert found.best is not None and found.best.ratio >= 0.2  # the duplicated half is free
