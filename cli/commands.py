@@ -17,7 +17,6 @@ from onnxfold.pipeline import calibration_inputs
 from onnxfold.runtime.feeds import check_arrays, input_specs, match_inputs
 from onnxfold.runtime.inputs import (
     InputOptions,
-    input_kind,
     read_inputs,
     unlabelled,
     warn_if_same,
@@ -91,6 +90,7 @@ def fold(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         reporter=TerminalReporter(args.quiet),
         inputs=input_options(args),
+        sensitivity=searched.sensitivity if searched is not None else None,
     )
     _print_report(args, folded)
     if args.report:
@@ -108,14 +108,13 @@ def _search(args: argparse.Namespace, config: FoldConfig):
 
     target = Target.parse(args.target)
     if not args.data:
-        raise UserError("--target needs --data FILE.npz: the target is measured on real inputs")
-    for flag, path in (("--data", args.data), ("--calib", args.calib)):
-        if path and input_kind(path) != "npz":
-            raise UserError(f"--target reads {flag} as an .npz only (for now); {path} is not one")
+        raise UserError("--target needs --data: the target is measured on real inputs")
     if args.no_validate:
         raise UserError("--target needs validation: drop --no-validate")
     progress = Progress("trying", not args.quiet, delay=0.0)
-    searched = search_file(args.input, config, target, args.data, args.calib, progress)
+    searched = search_file(
+        args.input, config, target, args.data, args.calib, progress, input_options(args)
+    )
     progress.done()
     if not args.quiet:
         print(f"search for {target} on {args.data} ({searched.seconds:.1f} s):")

@@ -19,6 +19,7 @@ from .errors import ConfigError, UserError
 from .model.load import LoadedModel, load_model
 from .model.save import check_data_target, copy_atomic, save_graph
 from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
+from .plan.sensitivity import Sensitivity
 from .repair import REPAIRS, Repair
 from .runtime.feeds import check_arrays, graph_input_specs
 from .runtime.inputs import (
@@ -91,12 +92,14 @@ def fold_file(
     validate: bool = True,
     reporter: Reporter | None = None,
     inputs: InputOptions | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> FoldReport:
     """Fold the model file `input` into `output` (default INPUT.folded.onnx), written atomically
     after onnx.checker and (validate) onnxruntime accepted it; the input is never modified. `calib`:
     calibration inputs; `data`: validation inputs with optional labels (default: random inputs);
     each an .npz, a folder of images or a text file (read as `inputs` say, see runtime.inputs).
-    UserError (one line) for bad input, before any folding."""
+    `sensitivity`: with --measure, measurements to allocate from (search.SearchResult's) instead
+    of measuring again. UserError (one line) for bad input, before any folding."""
     config, reporter = config or FoldConfig(), reporter or Reporter()
     config.check()
     output = output or default_output(input)
@@ -122,7 +125,7 @@ def fold_file(
         warn_if_same(data, data_in, calib, calib_in)
     calib_arrays = calib_in.arrays if calib_in else None
     with reporter.step("folding"), _measured(steps, "fold"):
-        result = _fold_loaded(loaded, config, calib_arrays, calib, reporter)
+        result = _fold_loaded(loaded, config, calib_arrays, calib, reporter, sensitivity)
     if calib_in and calib_in.description:
         result.notes.append(f"calibration inputs: {calib_in.description}")
     validator = _Validator(
@@ -172,6 +175,7 @@ def _fold_loaded(
     calib_arrays,
     calib_path: str | None,
     reporter: Reporter,
+    sensitivity: Sensitivity | None = None,
 ) -> FoldResult:
     """fold_graph on a loaded file, with its calibration inputs (synthesised in a step of its
     own)."""
@@ -185,7 +189,9 @@ def _fold_loaded(
             config, loaded.path, calib_arrays, calib_path, reporter.counter("deep inversion step")
         )
     counter = reporter.counter("clustering group")
-    result = fold_graph(loaded.graph, loaded.opset, config, counter, feeds, loaded.path)
+    result = fold_graph(
+        loaded.graph, loaded.opset, config, counter, feeds, loaded.path, sensitivity=sensitivity
+    )
     getattr(counter, "done", lambda: None)()
     return result
 

@@ -23,7 +23,9 @@ from .check.count import count_params
 from .config import FoldConfig
 from .errors import UserError
 from .pipeline import calibration_inputs, fold_model, model_sensitivity
-from .runtime.feeds import check_arrays, declared_input_specs, match_inputs, read_npz
+from .plan.sensitivity import Sensitivity
+from .runtime.feeds import check_arrays, declared_input_specs, match_inputs
+from .runtime.inputs import InputOptions, read_inputs, unlabelled
 from .runtime.session import session
 from .runtime.stats import input_batch_axes
 
@@ -103,6 +105,7 @@ class SearchResult:
     frontier: list[Candidate]
     best: Candidate | None
     seconds: float
+    sensitivity: Sensitivity | None = None  # with --measure: measured once, for MAX_RATIO
 
 
 def search_ratio(
@@ -147,7 +150,7 @@ def search_ratio(
             else:
                 high = mid
     frontier = [measured[r] for r in sorted(measured)]
-    return SearchResult(target, frontier, best, time.perf_counter() - start)
+    return SearchResult(target, frontier, best, time.perf_counter() - start, sensitivity)
 
 
 def _candidate(
@@ -182,20 +185,23 @@ def search_file(
     data: str,
     calib: str | None = None,
     progress=None,
+    inputs: InputOptions | None = None,
 ) -> SearchResult:
-    """search_ratio on the model file `path` with the evaluation arrays of the .npz `data` (and
-    calibration arrays of `calib` when the configuration reads them), checked against the
-    model's declared inputs first (UserError)."""
+    """search_ratio on the model file `path` with the evaluation inputs at `data` (and calibration
+    inputs at `calib` when the configuration reads them): .npz files, image folders or text,
+    read as `inputs` say (runtime.inputs), checked against the model's declared inputs first
+    (UserError)."""
     specs = declared_input_specs(path)
-    arrays, labels = read_npz(data)
-    check_arrays(arrays, labels, specs, data)
-    feeds = match_inputs(arrays, specs, data)
-    calib_arrays = read_npz(calib)[0] if calib else None
+    evaluation = read_inputs(data, specs, inputs)
+    check_arrays(evaluation.arrays, evaluation.labels, specs, data)
+    feeds = match_inputs(evaluation.arrays, specs, data)
+    calib_arrays = read_inputs(calib, specs, unlabelled(inputs)).arrays if calib else None
     if calib_arrays is not None:
         check_arrays(calib_arrays, None, specs, calib)
     # user arrays matched to the inputs, or Fold-DIR's synthesised once for every candidate
     calib_feeds = calibration_inputs(config, path, calib_arrays, calib)
     count = input_batch_axes(specs).samples(feeds)
+    source = evaluation.description or f"{data} ({count} samples)"
     return search_ratio(
-        path, config, target, feeds, labels, f"{data} ({count} samples)", calib_feeds, progress
+        path, config, target, feeds, evaluation.labels, source, calib_feeds, progress
     )

@@ -108,6 +108,14 @@ def test_sweep_reads_image_folders(mnist, tmp_path, capsys):
     assert "evaluation inputs: 3 images from" in capsys.readouterr().err
 
 
+def test_target_searches_on_an_image_folder(mnist, tmp_path, capsys):
+    data = photos(tmp_path / "eval", 4)
+    argv = [mnist, "-o", str(tmp_path / "o.onnx"), "--data", data, "--target", "cos=0.9"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"search for cos=0.9 on {data}" in out and "met" in out
+
+
 def bad_sources(tmp_path, mnist) -> list[tuple[str, list[str], str]]:
     """(name, argv, words of the one error line) for every kind of bad image or text input."""
     (tmp_path / "empty").mkdir()
@@ -133,7 +141,6 @@ def bad_sources(tmp_path, mnist) -> list[tuple[str, list[str], str]]:
         ("image size clash", [mnist, "--data", good, "--image-size", "32"], "disagrees with"),
         ("bad image size", [mnist, "--data", good, "--image-size", "big"], "is not N or HxW"),
         ("no samples", [mnist, "--data", good, "--max-samples", "0"], "must be 1 or more"),
-        ("target on a folder", [mnist, "--data", good, "--target", "cos=0.9"], "as an .npz only"),
         ("too few tokens", [tokens, "--data", str(text), "--tokenizer", tok], "fewer than one"),
         (
             "ids past the table",

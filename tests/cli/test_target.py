@@ -49,7 +49,7 @@ def test_a_target_no_ratio_meets_writes_nothing_and_exits_3(model, tmp_path, cap
     [
         (["--target", "cosine=0.9", "--data", MNIST_TEST], "expected METRIC=VALUE"),
         (["--target", "cos=high", "--data", MNIST_TEST], "expected METRIC=VALUE"),
-        (["--target", "cos=0.99"], "--target needs --data FILE.npz"),
+        (["--target", "cos=0.99"], "--target needs --data: the target is measured"),
     ],
 )
 def test_bad_targets_are_exit_2(model, tmp_path, capsys, flags, reason):
