@@ -4,7 +4,8 @@ Per output (dense d, folded f, samples on axis 0): relative L2 error ||f - d|| /
 similarity over all entries, plus what the output's shape says it is:
 - class logits (samples, classes): top-1 (and top-5) agreement with the dense argmax;
 - sequence logits (samples, positions, classes over SLICE_MAX: a language model's next tokens, a
-  text recogniser's characters): per-position argmax agreement;
+  text recogniser's characters): per-position argmax agreement, over the positions where either
+  model predicts something other than the dense model's most frequent class (a CTC blank);
 - probability maps (values in [0, 1], 3 or more dims): IoU of the maps thresholded at 0.5 (when
   either map has a positive entry; else the relative error governs);
 - otherwise, when a short axis holds different quantities (a detector's (..., 6) boxes and scores,
@@ -72,7 +73,7 @@ def output_fidelity(name: str, d: np.ndarray, f: np.ndarray) -> OutputFidelity:
         out.kind, out.agreement = "logits", _top_k(d, f, 1)
         out.top5 = _top_k(d, f, 5) if d.shape[1] > 5 else None
     elif d.ndim == 3 and d.shape[2] > SLICE_MAX:
-        out.kind, out.agreement = "sequence", float(np.mean(d.argmax(-1) == f.argmax(-1)))
+        out.kind, out.agreement = "sequence", _content_agreement(d.argmax(-1), f.argmax(-1))
     elif d.ndim >= 3 and d.min() >= -PROB_SLACK and d.max() <= 1 + PROB_SLACK:
         out.kind, out.agreement = "map", _iou(d >= MASK_LEVEL, f >= MASK_LEVEL)
     else:
@@ -87,6 +88,15 @@ def _top_k(d: np.ndarray, f: np.ndarray, k: int) -> float:
     best = f.argmax(1)
     top = np.argsort(-d, axis=1)[:, :k]
     return float(np.mean((top == best[:, None]).any(1)))
+
+
+def _content_agreement(d: np.ndarray, f: np.ndarray) -> float:
+    """Share of positions where the argmaxes d and f (same shape) agree, counting only positions
+    where either is not the dense model's most frequent class (a CTC blank, padding): a sequence of
+    blanks would otherwise agree a lot while every decoded string differs."""
+    values, counts = np.unique(d, return_counts=True)
+    content = (d != values[np.argmax(counts)]) | (f != values[np.argmax(counts)])
+    return float(np.mean(d[content] == f[content])) if content.any() else 1.0
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float | None:

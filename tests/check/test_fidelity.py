@@ -41,6 +41,12 @@ def test_logits_are_judged_by_agreement():
 def test_sequences_and_maps():
     tokens = RNG.standard_normal((2, 7, 100)).astype(np.float32)
     assert output_fidelity("lm", tokens, tokens).agreement == 1.0
+    ctc = np.zeros((1, 10, 100), np.float32)
+    ctc[0, :, 0] = 1  # blank everywhere ...
+    ctc[0, [2, 6], 0], ctc[0, 2, 7], ctc[0, 6, 9] = 0, 1, 1  # ... but two characters
+    lost = ctc.copy()
+    lost[0, [2, 6], 0], lost[0, 2, 7], lost[0, 6, 9] = 1, 0, 0  # the folded model reads blanks only
+    assert output_fidelity("ctc", ctc, lost).agreement == 0.0  # not 0.8: blanks do not count
     mask = np.zeros((1, 1, 8, 8), np.float32)
     mask[..., 2:6, 2:6] = 1.0000001  # float32 sigmoids overshoot 1 by an ulp
     fid = output_fidelity("map", mask, np.zeros_like(mask))
