@@ -21,7 +21,7 @@ from .model.save import check_data_target, copy_atomic, save_graph
 from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
 from .plan.sensitivity import Sensitivity
 from .repair import REPAIRS, Repair
-from .runtime.feeds import check_arrays, graph_input_specs
+from .runtime.feeds import check_arrays, proto_input_specs
 from .runtime.inputs import (
     InputOptions,
     Inputs,
@@ -115,7 +115,7 @@ def fold_file(
         )
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
-        specs = graph_input_specs(loaded.graph)
+        specs = proto_input_specs(loaded.skeleton.graph)  # the inputs as the file declares them
         data_in = data_in or _read_for(data, specs, inputs, loaded)
         calib_in = calib_in or _read_for(calib, specs, unlabelled(inputs), loaded)
         if data_in:

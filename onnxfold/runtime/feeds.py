@@ -127,28 +127,6 @@ def _dim_size(d, axis: int, sizes: dict[str, int], samples: int, other_dim: int)
     return samples if axis == 0 else other_dim
 
 
-def graph_input_specs(graph) -> list[InputSpec]:
-    """InputSpecs of an onnx-graphsurgeon graph's inputs (dims: ints, names or None)."""
-    return [
-        InputSpec(
-            t.name,
-            [d if isinstance(d, (int, str)) else None for d in (t.shape or [])],
-            _type_name(t.dtype),
-        )
-        for t in graph.inputs
-    ]
-
-
-def _type_name(dtype) -> str:
-    """onnxruntime's name of a numpy dtype ("tensor(float)"); types numpy lacks (bfloat16, given
-    as an onnx type number) by their onnx name."""
-    names = {np.dtype(v): k for k, v in ORT_TYPES.items()}
-    try:
-        return names.get(np.dtype(dtype), "tensor(float)")
-    except TypeError:
-        return f"tensor({onnx.TensorProto.DataType.Name(int(dtype)).lower()})"
-
-
 def input_specs(sess: ort.InferenceSession) -> list[InputSpec]:
     return [InputSpec(i.name, list(i.shape), i.type) for i in sess.get_inputs()]
 
