@@ -118,7 +118,8 @@ def attach_weights(graph: gs.Graph, base: str, weights: dict[str, np.ndarray], l
         elif _location(values.tensor) == NOT_LOADED:
             c._values, c.data_location = weights[values.tensor.name], None
         else:
-            c._values = ExternalValues(values.tensor, base)
+            # exported in memory, the data travels inline; save.py writes external data itself
+            c._values, c.data_location = ExternalValues(values.tensor, base), None
             if not lazy:
                 c.values  # noqa: B018 - maps (large) or reads (small) the data now
 
@@ -195,29 +196,6 @@ def check_skeleton(skeleton: onnx.ModelProto) -> None:
             t.data_location = onnx.TensorProto.DEFAULT
             t.dims.append(0)
     onnx.checker.check_model(light)
-
-
-def export_in_memory(graph: gs.Graph) -> onnx.ModelProto:
-    """gs.export_onnx(graph) whose weights travel inline: a tensor read from an external data file
-    keeps the EXTERNAL mark from its import, without a location, which neither onnxruntime nor the
-    checker accepts."""
-    model = gs.export_onnx(graph)
-    inline_read_tensors(model.graph)
-    return model
-
-
-def inline_read_tensors(graph: onnx.GraphProto) -> None:
-    """Mark inline every tensor of `graph` and its bodies that is marked external but has no
-    location (its data is in hand)."""
-    for t in graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data:
-            t.data_location = onnx.TensorProto.DEFAULT
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                inline_read_tensors(attr.g)
-            for body in attr.graphs:
-                inline_read_tensors(body)
 
 
 def all_tensors(proto: onnx.ModelProto):

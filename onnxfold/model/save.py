@@ -23,7 +23,6 @@ from .external import (
     ExternalValues,
     all_constants,
     check_skeleton,
-    export_in_memory,
     skeleton_of,
 )
 from .normalize import reshare_unchanged_copies
@@ -39,7 +38,7 @@ def to_proto(graph: gs.Graph, opset: int) -> onnx.ModelProto:
     """gs.Graph -> ModelProto with shapes re-inferred (strictly: a shape error is a bug worth
     seeing)."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = export_in_memory(graph)
+    model = gs.export_onnx(graph)
     hoist_initializers(model.graph)  # a weight several bodies read is stored once
     if model.ByteSize() < TWO_GB:
         model = onnx.shape_inference.infer_shapes(

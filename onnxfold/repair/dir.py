@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from ..errors import ConfigError, UserError, literal
-from ..model.external import export_in_memory
 from ..model.load import load_model
 from ..runtime.feeds import declared_input_specs
 from .data import DataRepair
@@ -106,7 +106,7 @@ def synthesize_inputs(
     torch = _import_torch()
     from .torch_exec import TorchGraph  # torch is optional: imported only when DIR runs
 
-    model = export_in_memory(load_model(model_path).graph)
+    model = gs.export_onnx(load_model(model_path).graph)
     _require_bn(model, model_path)
     shape = _input_shape(model, batch, size, model_path)
     graph = TorchGraph(model).eval()

@@ -59,9 +59,6 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
     # shapes observed at load time (fixed sample sizes) must not reach onnxruntime: it would fold
     # Shape ops
     del model.graph.value_info[:]
-    for t in model.graph.initializer:  # exported from a graph loaded with external data: data in
-        if t.data_location == onnx.TensorProto.EXTERNAL and not t.external_data:  # hand, no file
-            t.data_location = onnx.TensorProto.DEFAULT
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(
         onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing
