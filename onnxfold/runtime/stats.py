@@ -35,6 +35,16 @@ class BatchAxes:
                 return int(np.shape(feeds[name])[axis])
         return 1
 
+    def take(self, feeds: dict[str, np.ndarray], start: int, count: int) -> dict[str, np.ndarray]:
+        """Samples start .. start + count - 1 of every batched input (past the last sample: the
+        last one again, padding a static batch); unbatched inputs whole."""
+        last = max(self.samples(feeds) - 1, 0)
+        rows = np.minimum(np.arange(start, start + count), last)
+        return {
+            k: v if self.inputs.get(k) is None else np.take(v, rows, self.inputs[k])
+            for k, v in feeds.items()
+        }
+
 
 def batch_axes(sess) -> BatchAxes:
     """BatchAxes of an onnxruntime session (see input_batch_axes)."""
@@ -93,11 +103,7 @@ def run_chunks(
     step = axes.static or (size if axes.splittable else max(total, 1))
     for start in range(0, max(total, 1), step):
         real = min(step, total - start)
-        take = np.minimum(np.arange(start, start + (step if axes.static else real)), total - 1)
-        batch = {
-            k: v if axes.inputs.get(k) is None else np.take(v, take, axes.inputs[k])
-            for k, v in feeds.items()
-        }
+        batch = axes.take(feeds, start, step if axes.static else real)
         outs = sess.run(names, batch)
         if axes.static and real < step:  # drop the padding's outputs
             outs = [_first(o, axes.outputs.get(n), real) for n, o in zip(names, outs)]
@@ -151,8 +157,4 @@ def one_batch(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     axes = batch_axes(sess)
     if not axes.splittable:
         return feeds
-    take = np.minimum(np.arange(axes.static or 1), max(axes.samples(feeds) - 1, 0))
-    return {
-        k: v if axes.inputs.get(k) is None else np.take(v, take, axes.inputs[k])
-        for k, v in feeds.items()
-    }
+    return axes.take(feeds, 0, axes.static or 1)
