@@ -209,7 +209,7 @@ def sweep(args: argparse.Namespace) -> int:
     options = input_options(args)
     check_data_files(args.data, inputs=options)
     check_data_files(args.calib, inputs=unlabelled(options))
-    FoldConfig(seed=args.seed).check()
+    FoldConfig(seed=args.seed, allocate=args.allocate, measure=args.measure).check()
     prefix = (
         args.output or (args.input[:-5] if args.input.endswith(".onnx") else args.input) + ".sweep"
     )
@@ -249,6 +249,7 @@ def sweep(args: argparse.Namespace) -> int:
         calib,
         synth,
         progress,
+        args.measure,
         seed=args.seed,
         allocate=args.allocate,
         importance=args.importance,
@@ -259,7 +260,7 @@ def sweep(args: argparse.Namespace) -> int:
     sw.write_json(prefix + ".json", rows)
     written = [prefix + ".csv", prefix + ".json"]
     if not args.no_plot:
-        sw.plot(prefix + ".png", rows, os.path.basename(args.input))
+        sw.plot(prefix + ".png", rows, os.path.basename(args.input), args.x_axis)
         written.append(prefix + ".png")
     print("wrote " + ", ".join(written))
     return 0

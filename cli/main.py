@@ -302,7 +302,7 @@ def sweep_parser() -> argparse.ArgumentParser:
 
     p = _Parser(
         prog="onnxfold sweep",
-        description="Accuracy against parameter sparsity for every method "
+        description="Accuracy against parameter, MACs and latency reduction for every method "
         "(fold+none, fold+ar, fold+dir, fold+data, prune) at every ratio; writes CSV, JSON and a "
         "PNG.",
     )
@@ -325,6 +325,19 @@ def sweep_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every fold method with --allocate (per-group ratios "
         "by Ward error, same parameter budget)",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="every method with --measure (per-group ratios by deviation measured on --calib, "
+        "or on random inputs without it; measured once per method, for the largest ratio)",
+    )
+    p.add_argument(
+        "--x-axis",
+        choices=("params", "macs", "latency"),
+        default="params",
+        help="the figure's x-axis: parameter sparsity, MACs reduction at the --data inputs' size, "
+        "or latency reduction on onnxruntime CPU (the table shows all three)",
     )
     p.add_argument(
         "--importance",

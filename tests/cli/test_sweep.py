@@ -234,3 +234,63 @@ def test_sweep_refit_matches_the_fold_command_and_helps(tmp_path, capsys):
     with open(report) as f:
         assert refit == pytest.approx(json.load(f)["comparison"]["accuracy_folded"], abs=0.002)
     capsys.readouterr()
+
+
+def test_sweep_with_measure_matches_the_fold_command(tmp_path, capsys):
+    """`sweep --measure --calib` spends each ratio's budget by measured sensitivity, measured once
+    for the largest ratio: at that ratio it gives what `onnxfold --measure --calib` gives, and its
+    table and CSV carry the MACs and latency reductions."""
+    prefix = str(tmp_path / "sw")
+    assert (
+        main(
+            [
+                "sweep",
+                MNIST,
+                "--data",
+                MNIST_TEST,
+                "--calib",
+                MNIST_CALIB,
+                "--ratios",
+                "0.2,0.4",
+                "--methods",
+                "fold+none",
+                "--measure",
+                "--x-axis",
+                "macs",
+                "-o",
+                prefix,
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "MACs" in out and "latency" in out
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    assert "measured allocation" in rows[2]["note"]
+    macs = [float(r["macs_reduction"]) for r in rows]
+    assert macs[0] == 0.0 and 0 < macs[1] < macs[2] < 1
+    assert all(float(r["latency_reduction"]) == float(r["latency_reduction"]) for r in rows)
+    report = str(tmp_path / "r.json")
+    args = [MNIST, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.4", "--measure"]
+    args += ["--repair", "none", "--calib", MNIST_CALIB, "--data", MNIST_TEST, "--report", report]
+    assert main(args + ["-q"]) == 0
+    with open(report) as f:
+        folded = json.load(f)
+    assert float(rows[2]["metric"]) == pytest.approx(
+        folded["comparison"]["accuracy_folded"], abs=0.002
+    )
+    assert float(rows[2]["sparsity"]) == pytest.approx(
+        1 - folded["folded"]["params"] / folded["dense"]["params"], abs=1e-9
+    )
+
+
+def test_sweep_refuses_measure_with_allocate(tmp_path, capsys):
+    """--measure and --allocate are two ways to spread the budget: exit 2 with the reason, before
+    any work, nothing written."""
+    prefix = str(tmp_path / "sw")
+    args = ["sweep", MNIST, "--data", MNIST_TEST, "--measure", "--allocate", "-o", prefix]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--measure" in err and "--allocate" in err and "choose one" in err
+    assert not list(tmp_path.iterdir())
