@@ -102,11 +102,20 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         "Fold-DIR's with --repair dir, else random inputs); slower, not with --allocate",
     )
     p.add_argument(
+        "--budget",
+        dest="cost",
+        choices=CHOICES["cost"],
+        default=DEFAULTS.cost,
+        help="what --allocate / --measure spend: params (default), macs (multiply-accumulates at "
+        "the input size) or latency (onnxruntime CPU time per layer, counts rounded up to a "
+        "multiple of 4)",
+    )
+    p.add_argument(
         "--multiple-of",
         type=int,
         default=DEFAULTS.multiple_of,
         metavar="N",
-        help="round kept channel counts up to a multiple of N",
+        help="round kept channel counts up to a multiple of N (default 1; 4 with --budget latency)",
     )
     p.add_argument(
         "--exclude",

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 
 from .errors import ConfigError
 from .plan.backends import VALID_BACKENDS
-from .plan.budget import Budget, parse_layers
+from .plan.budget import BUDGETS, DEFAULT_MULTIPLE, Budget, parse_layers
 from .plan.importance import IMPORTANCES
 from .plan.plan import METHODS, PRUNE_NORMS, Clustering
 from .repair import CHOICES as REPAIR_CHOICES
@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "repair": REPAIR_CHOICES,
     "importance": tuple(IMPORTANCES),
     "backend": VALID_BACKENDS,
+    "cost": BUDGETS,
 }
 
 
@@ -30,7 +31,8 @@ class FoldConfig:
     """What to fold and how. ratio: fraction of channels removed per group, in [0, 1)."""
 
     ratio: float = 0.5
-    multiple_of: int = 1
+    # round kept channel counts up to a multiple; None: the budget's (plan.budget.DEFAULT_MULTIPLE)
+    multiple_of: int | None = None
     exclude: tuple[str, ...] = ()
     repair: str = "auto"
     backend: str = "auto"
@@ -47,6 +49,11 @@ class FoldConfig:
     # spread the same parameter budget by deviation measured on calibration inputs, each group
     # folded alone at a few ratios (plan.sensitivity)
     measure: bool = False
+    # what --allocate / --measure spend (the command line's --budget): params, macs (multiply-
+    # accumulates at the model's input size) or latency (onnxruntime CPU time per layer); the
+    # uniform ratio removes the same share of every group whatever is counted. Not named `budget`:
+    # budget() is the plan's Budget
+    cost: str = "params"
     # weight: features as they are; act: scaled by activation-aware importance
     importance: str = "weight"
     # with act: restore each consumer's dense output mean with a bias
@@ -70,7 +77,7 @@ class FoldConfig:
                     name, value, "is outside [0, 1): it is the fraction of channels removed"
                 )
         for name in ("multiple_of", "dir_batch", "dir_iters", "n_init"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(name, getattr(self, name), "must be a positive integer")
         if self.dir_size is not None and self.dir_size < 1:
             raise ConfigError("dir_size", self.dir_size, "must be a positive integer")
@@ -101,9 +108,14 @@ class FoldConfig:
             self.head_ratio,
             self.mlp_ratio,
             self.layers,
-            self.multiple_of,
+            self.channel_multiple(),
             self.allocate,
         )
+
+    def channel_multiple(self) -> int:
+        """The multiple kept channel counts are rounded up to: multiple_of, else the budget's
+        default (plan.budget.DEFAULT_MULTIPLE)."""
+        return DEFAULT_MULTIPLE[self.cost] if self.multiple_of is None else self.multiple_of
 
     def clustering(self, backend: str) -> Clustering:
         """The part that says how channels are chosen (`backend`: the resolved k-means backend)."""

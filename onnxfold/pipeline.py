@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .check.cost import measure_costs
 from .config import FoldConfig
 from .errors import ConfigError, log
 from .groups.discover import apply_excludes, discover, kv_cache_notes
@@ -118,10 +119,13 @@ def fold_graph(
     budget, measured = config.budget(), []
     if keep is not None:
         budget = dataclasses.replace(budget, fixed_keep=keep)
-    elif config.measure:
-        budget, measured = _measured_budget(
-            graph, groups, config, calib, source, dense_path, sensitivity
+    else:
+        budget, measured = _costed_budget(graph, config, calib, source, dense_path, budget)
+    if keep is None and config.measure:
+        budget, note = _measured_budget(
+            graph, groups, config, calib, source, dense_path, sensitivity, budget
         )
+        measured += note
     planned = _plan(graph, groups, config, backend, repair, calib, progress, budget)
     for pattern in unmatched:
         log.warning("exclude pattern '%s' matches no group's tensors", pattern)
@@ -177,10 +181,11 @@ def nothing_folded_cause(
             )
         return "the ratio is 0 for every foldable group: nothing is removed"
     largest = max(g.size for g in foldable if ratios.get(g.gid, 0) > 0)
-    if config.multiple_of > 1:
+    multiple = config.channel_multiple()
+    if multiple > 1:
         return (
-            f"{{multiple_of}} {config.multiple_of} keeps every group whole (the largest group "
-            f"being folded has {largest} units)"
+            f"{{multiple_of}} {multiple} keeps every group whole (the largest group being folded "
+            f"has {largest} units)"
         )
     return f"the ratio removes less than one unit from every group (the largest has {largest})"
 
@@ -255,11 +260,13 @@ def _measured_budget(
     source: str,
     dense_path: str | None,
     sensitivity: Sensitivity | None = None,
+    budget: Budget | None = None,
 ) -> tuple[Budget, list[str]]:
-    """--measure: the budget whose per-group counts spend the uniform ratios' parameters where the
-    measured deviation is lowest (plan.sensitivity; `sensitivity` when given, else measured now),
-    and the report note saying on what inputs."""
-    budget = config.budget()
+    """--measure: `budget` (default the configuration's) with per-group counts that spend the
+    uniform ratios' parameters (or budget.per_element's cost) where the measured deviation is
+    lowest (plan.sensitivity; `sensitivity` when given, else measured now), and the report note
+    saying on what inputs."""
+    budget = budget or config.budget()
     todo = [g for g in groups if g.foldable]
     ratios = group_ratios(todo, budget)
     if not any(ratios[g.gid] > 0 for g in todo):
@@ -267,13 +274,52 @@ def _measured_budget(
     reused = sensitivity is not None
     if sensitivity is None:
         sensitivity = _sensitivity(graph, todo, config, ratios, calib, source, dense_path)
-    keep = allocate_measured(todo, ratios, sensitivity, budget.multiple_of)
+    keep = allocate_measured(todo, ratios, sensitivity, budget.multiple_of, budget.per_element)
     note = (
         f"measured allocation: {len(sensitivity.points)} groups x {sensitivity.ratio_count()} "
         f"ratios on {sensitivity.samples} calibration inputs ({sensitivity.source}), "
         f"{sensitivity.seconds:.0f} s{' (measured once, reused)' if reused else ''}"
     )
     return dataclasses.replace(budget, fixed_keep=keep), [note]
+
+
+def _costed_budget(
+    graph: gs.Graph,
+    config: FoldConfig,
+    calib: dict[str, np.ndarray] | None,
+    source: str,
+    dense_path: str | None,
+    budget: Budget,
+) -> tuple[Budget, list[str]]:
+    """--budget: `budget` with the per-element costs --allocate / --measure spend (check.cost,
+    measured on the dense model at one sample of `calib`, else random inputs), and the report note
+    saying which budget and what it was measured on."""
+    rounded = (
+        f"; channel counts rounded up to a multiple of {budget.multiple_of} (the {config.cost} "
+        "budget's default, --multiple-of N to change)"
+        if config.multiple_of is None and budget.multiple_of > 1
+        else ""
+    )
+    if not (config.allocate or config.measure):
+        if config.cost == "params":
+            return budget, []
+        return budget, [
+            f"budget {config.cost}: the uniform ratio removes the same share of every group "
+            f"whatever is counted (--allocate or --measure spend it per group){rounded}"
+        ]
+    if config.cost == "params":
+        return budget, ["budget params: the allocation spends parameters"]
+    dense = _dense_proto(graph, dense_path, weights=config.cost == "latency")
+    costs = measure_costs(config.cost, dense, calib, source, config.seed)
+    return dataclasses.replace(budget, per_element=costs.per_element), [costs.note() + rounded]
+
+
+def _dense_proto(graph: gs.Graph, dense_path: str | None, weights: bool) -> onnx.ModelProto:
+    """The unfolded model as a proto: read from `dense_path` (without external weight data unless
+    `weights`), else exported from `graph` (not yet folded)."""
+    if dense_path is None:
+        return gs.export_onnx(graph)
+    return onnx.load(dense_path, load_external_data=weights)
 
 
 def _sensitivity(graph, todo, config, ratios, calib, source, dense_path) -> Sensitivity:
@@ -329,7 +375,7 @@ def measure_sensitivity(
     for g in (g for g in groups if ratios[g.gid] > 0):
         counts: dict[int, float] = {}  # units kept -> the smallest ratio keeping them
         for r in measured_ratios(ratios[g.gid]):
-            counts.setdefault(units_kept(g, r, config.multiple_of), r)
+            counts.setdefault(units_kept(g, r, config.channel_multiple()), r)
         points = []
         for kept, ratio in sorted(counts.items(), reverse=True):
             if kept >= g.size:

@@ -7,7 +7,12 @@ clustering of its feature rows: the sum of the m cheapest Ward merges is the squ
 - m)-cluster partition, divided by the features' squared norm (the fraction of weight mass the group
 loses). Merges of all groups are taken cheapest-first, per parameter saved, until the budget is
 spent: the optimum of a separable convex problem, so a layer whose channels are all distinct keeps
-them and a redundant one gives more."""
+them and a redundant one gives more.
+
+What the budget counts (Budget.per_element, BUDGETS): parameters (ParamModel), or any cost linear in
+each weight tensor's elements (CostModel): multiply-accumulates at the model's input size, or
+measured time. The per-element costs are measured above plan/ (check.cost) and arrive here as plain
+data: tensor name -> cost of one element."""
 
 from __future__ import annotations
 
@@ -22,6 +27,13 @@ if TYPE_CHECKING:  # config imports Budget from here: groups/ (onnx-graphsurgeon
 
 # beyond this the (n, n) distance matrix is too large: the group keeps its ratio
 MAX_WARD_CHANNELS = 16384
+# what --allocate / --measure spend: parameters, multiply-accumulates, onnxruntime CPU time
+BUDGETS = ("params", "macs", "latency")
+# channel counts are rounded up to this multiple unless --multiple-of says otherwise. latency: 4,
+# the smallest multiple that gave back the speed odd counts cost (benchmarks/results/budgets.md:
+# EfficientNet-Lite0 at --ratio 0.1 --allocate ran 1.59x slower than dense with the counts as
+# allocated, 0.99x / 0.99x / 0.98x rounded to 4 / 8 / 16; onnxruntime CPU, 2 cores)
+DEFAULT_MULTIPLE = {"params": 1, "macs": 1, "latency": 4}
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,8 @@ class Budget:
     same parameters removed, spread by Ward error; `fixed_keep` (gid -> units kept), when given,
     decides every group's count instead: a foldable group it does not name keeps all its units
     (measured allocation and single-group folds; gids are discover()'s, deterministic for a given
-    graph)."""
+    graph); `per_element` (weight tensor name -> cost of one of its elements, e.g. MACs per sample),
+    when given, is what the allocation spends instead of parameters (CostModel)."""
 
     ratio: float = 0.5
     head_ratio: float | None = None
@@ -41,6 +54,7 @@ class Budget:
     multiple_of: int = 1
     allocate: bool = False
     fixed_keep: dict[int, int] | None = None
+    per_element: dict[str, float] | None = None
 
 
 def units_to_keep(groups: list[Group], budget: Budget) -> tuple[dict[int, float], dict[int, int]]:
@@ -55,7 +69,11 @@ def units_to_keep(groups: list[Group], budget: Budget) -> tuple[dict[int, float]
     # priced on plain weight features: importance-scaled ones made early layers look free
     if budget.allocate:
         keep = allocate(
-            groups, ratios, group_features, lambda g, r: units_kept(g, r, budget.multiple_of)
+            groups,
+            ratios,
+            group_features,
+            lambda g, r: units_kept(g, r, budget.multiple_of),
+            per_element=budget.per_element,
         )
         keep = {
             g.gid: units_kept(g, 1.0 - keep[g.gid] / g.size, budget.multiple_of) for g in groups
@@ -121,9 +139,13 @@ class ParamModel:
                     continue
                 shape = np.shape(m.tensor.values)
                 elements, lengths, slices = self.tensors.setdefault(
-                    id(m.tensor), (int(np.prod(shape)), dict(enumerate(shape)), [])
+                    id(m.tensor), (self._elements(m.tensor, shape), dict(enumerate(shape)), [])
                 )
                 slices.append((m.axis, g.gid, g.size, m.repeat))
+
+    def _elements(self, tensor, shape: tuple[int, ...]):
+        """What the whole tensor counts for: its elements."""
+        return int(np.prod(shape))
 
     def _axis_lengths(self, lengths, slices, keep):
         now = dict(lengths)
@@ -150,15 +172,37 @@ class ParamModel:
         return saved
 
 
+class CostModel(ParamModel):
+    """ParamModel's count with each tensor's elements weighted by `per_element` (tensor name ->
+    cost of one element: MACs per sample, microseconds ...); a tensor it does not name costs 0 (a
+    bias or BatchNorm vector). count(keep) is the cost left, unit_savings(keep) the cost of one
+    more unit of each group: exact for any cost linear in each tensor's elements."""
+
+    def __init__(self, groups: list[Group], per_element: dict[str, float]):
+        self.per_element = per_element
+        super().__init__(groups)
+
+    def _elements(self, tensor, shape: tuple[int, ...]):
+        """The tensor's elements x the cost of one."""
+        return float(np.prod(shape)) * self.per_element.get(tensor.name, 0.0)
+
+
+def cost_model(groups: list[Group], per_element: dict[str, float] | None) -> ParamModel:
+    """The model of what a budget counts: parameters (`per_element` None) or CostModel."""
+    return ParamModel(groups) if per_element is None else CostModel(groups, per_element)
+
+
 def allocate(
     groups: list[Group],
     ratios: dict[int, float],
     features,
     clusters,
     max_ratio: float | None = None,
+    per_element: dict[str, float] | None = None,
 ) -> dict[int, int]:
     """Units to keep per group (gid -> k) removing as many parameters as `ratios` would, spread by
-    cost.
+    cost (`per_element`: tensor name -> cost of one element; then that cost is spent instead of
+    parameters, see CostModel).
 
     groups: foldable groups; ratios: gid -> uniform ratio (0 keeps the group out of the budget);
     features(group) -> (n, d) rows; clusters(group, ratio) -> k. A group's cost of losing m units is
@@ -174,7 +218,7 @@ def allocate(
         return keep
     if max_ratio is None:
         max_ratio = min(0.9, max(0.5, 2 * max(ratios[g.gid] for g in pool)))
-    model = ParamModel(groups)
+    model = cost_model(groups, per_element)
     target = model.count(keep)
     curves = {
         g.gid: _relative_error_steps(g, features(g), g.size - clusters(g, max_ratio)) for g in pool

@@ -10,7 +10,9 @@ output's relative error). This module only decides from them: the deviation of a
 the sum of its groups' deviations (an additive approximation), each group's curve piecewise-linear
 between its measured points and 0 at ratio 0; its lower convex hull is spent cheapest-first per
 parameter saved (the optimum of the separable problem on the hulls) until as many parameters are
-removed as the uniform ratios would remove. No group loses more than its largest measured ratio."""
+removed as the uniform ratios would remove. No group loses more than its largest measured ratio.
+With per-element costs (plan.budget.CostModel: MACs, time) that cost is spent instead of
+parameters."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .budget import ParamModel, units_kept
+from .budget import cost_model, units_kept
 
 if TYPE_CHECKING:
     from ..groups.group import Group
@@ -78,11 +80,13 @@ def allocate_measured(
     ratios: dict[int, float],
     sensitivity: Sensitivity,
     multiple_of: int = 1,
+    per_element: dict[str, float] | None = None,
 ) -> dict[int, int]:
     """Units to keep per foldable group (gid -> k) removing at least the parameters the uniform
     `ratios` (gid -> ratio, 0: the group stays whole) would, with the least summed measured
     deviation (see the module's docstring). A group with a ratio but no measured point keeps its
-    uniform count. Counts are rounded up to `multiple_of` afterwards, as --allocate does."""
+    uniform count. Counts are rounded up to `multiple_of` afterwards, as --allocate does.
+    `per_element` (tensor name -> cost of one element): spend that cost instead of parameters."""
     keep = {g.gid: units_kept(g, ratios[g.gid], multiple_of) for g in groups}
     # the points a measurement at these ratios would have made (a Sensitivity measured for a
     # larger ratio serves every smaller one: the --target search)
@@ -97,7 +101,7 @@ def allocate_measured(
     pool = [g for g in groups if ratios[g.gid] > 0 and points[g.gid]]
     if not pool:
         return keep
-    model = ParamModel(groups)
+    model = cost_model(groups, per_element)
     target = model.count(keep)
     saved = model.unit_savings(keep)
     gids, prices = [], []
