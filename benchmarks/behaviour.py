@@ -179,6 +179,9 @@ def run_case(src: str, flags: list[str], out_dir: str, name: str) -> str:
     from onnxfold.cli.main import main
 
     dst = os.path.join(out_dir, name.replace("/", "__") + ".onnx")
+    # the cases were recorded when the fold's default ratio was 0.5 (it is searched now)
+    if not {"--ratio", "--target", "--head-ratio", "--mlp-ratio"} & set(flags):
+        flags = [*flags, "--ratio", "0.5"]
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main([src, "-o", dst, "--no-validate", "-q", *flags])

@@ -8,9 +8,17 @@ import dataclasses
 import os
 import sys
 
-from onnxfold.config import FIELDS, FoldConfig
+from onnxfold.config import DEFAULTS, FIELDS, FoldConfig
 from onnxfold.errors import UserError, WordedError, worded
-from onnxfold.files import FoldReport, Reporter, check_data_files, check_writable, fold_file
+from onnxfold.files import (
+    FoldReport,
+    Reporter,
+    check_data_files,
+    check_fold_request,
+    check_writable,
+    default_output,
+    fold_file,
+)
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 from onnxfold.pipeline import calibration_inputs
@@ -36,7 +44,17 @@ def config_from(args: argparse.Namespace) -> FoldConfig:
     """The FoldConfig the parsed flags describe (flags named like its fields)."""
     values = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     values["exclude"] = tuple(values.get("exclude", ()))
+    if values.get("ratio") is None:  # searched (default_search) or the kinds' own ratios
+        values["ratio"] = DEFAULTS.ratio
     return FoldConfig(**values)
+
+
+def default_search(args: argparse.Namespace) -> bool:
+    """True when the fold was given no ratio of any kind and no target: it searches the largest
+    ratio graded ok (search.DEFAULT_TARGET)."""
+    return args.target is None and all(
+        getattr(args, name, None) is None for name in ("ratio", "head_ratio", "mlp_ratio")
+    )
 
 
 def input_options(args: argparse.Namespace) -> InputOptions:
@@ -76,7 +94,11 @@ def fold(args: argparse.Namespace) -> int:
         raise UserError("--fail-on needs validation: drop --no-validate")
     if args.report:
         check_writable(args.report, "--report")
-    searched = _search(args, config) if args.target else None
+    searched = None
+    if args.target or default_search(args):
+        output = args.output or default_output(args.input)
+        check_fold_request(args.input, output, config, args.data, args.calib, input_options(args))
+        searched = _search(args, config)
     if searched is not None and searched.best is None:
         return 3
     if searched is not None:
@@ -104,26 +126,44 @@ def fold(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace, config: FoldConfig):
     """The --target search (onnxfold.search), its frontier printed; None-best: said on stderr."""
     from onnxfold.check.count import count_params_file
-    from onnxfold.search import Target, format_frontier, search_file
+    from onnxfold.search import (
+        DEFAULT_TARGET,
+        TARGET_METRICS,
+        Target,
+        format_frontier,
+        search_file,
+    )
 
-    target = Target.parse(args.target)
-    if not args.data:
-        raise UserError("--target needs --data: the target is measured on real inputs")
-    if args.no_validate:
-        raise UserError("--target needs validation: drop --no-validate")
+    if args.target is None:  # the default: neither --ratio nor --target
+        target = DEFAULT_TARGET
+        if args.no_validate:
+            raise UserError(
+                "without --ratio the ratio is searched on validation runs (--target ok): give "
+                "--ratio R with --no-validate"
+            )
+    else:
+        target = Target.parse(args.target)
+        if not args.data:
+            raise UserError("--target needs --data: the target is measured on real inputs")
+        if args.no_validate:
+            raise UserError("--target needs validation: drop --no-validate")
     progress = Progress("trying", not args.quiet, delay=0.0)
     searched = search_file(
         args.input, config, target, args.data, args.calib, progress, input_options(args)
     )
     progress.done()
     if not args.quiet:
-        print(f"search for {target} on {args.data} ({searched.seconds:.1f} s):")
+        where = args.data or "random inputs (give --data for a verified verdict)"
+        what = f"{target}: {TARGET_METRICS['ok'][0]}" if target.metric == "ok" else target
+        print(f"search for {what} on {where} ({searched.seconds:.1f} s):")
         print(format_frontier(searched, count_params_file(args.input)))
     if searched.best is None:
         first = searched.frontier[0]
+        gives = first.why if target.metric == "ok" else f"{first.value:.4f}"
+        hint = "; give --ratio R to fold anyway" if args.target is None else ""
         print(
             f"onnxfold: no ratio tried meets {target} (the smallest, {first.ratio:.3f}, gives "
-            f"{first.value:.4f}); nothing written",
+            f"{gives}); nothing written{hint}",
             file=sys.stderr,
         )
     return searched

@@ -60,15 +60,17 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ratio",
         type=float,
-        default=DEFAULTS.ratio,
-        help=f"fraction of channels removed per group, in [0, 1) (default {DEFAULTS.ratio})",
+        help="fraction of channels removed per group, in [0, 1) (default: the largest ratio "
+        "graded ok, searched as --target ok does; with --head-ratio or --mlp-ratio alone: "
+        f"{DEFAULTS.ratio})",
     )
     p.add_argument(
         "--target",
         metavar="METRIC=VALUE",
         help="fold as far as the fidelity on --data still meets this: cos=0.99 (lowest output "
-        "cosine), top1=0.98 (logit argmax agreement), acc=0.97 (accuracy ratio, needs labels) or "
-        "error=0.05 (highest relative L2 error); the ratio is searched, --ratio ignored",
+        "cosine), top1=0.98 (logit argmax agreement), acc=0.97 (accuracy ratio, needs labels), "
+        "error=0.05 (highest relative L2 error), or ok (the verdict's grade stays ok; the default "
+        "without --ratio, then also on random inputs); the ratio is searched, --ratio ignored",
     )
     p.add_argument(
         "--head-ratio",

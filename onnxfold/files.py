@@ -11,6 +11,7 @@ import resource
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .check.compare import ONE_AT_A_TIME_BYTES, FeedSource, Validation, validate_files
 from .check.count import ModelFigures, figures
@@ -34,6 +35,9 @@ from .runtime.inputs import (
     warn_if_same,
 )
 from .runtime.tokens import input_values, token_id_limits
+
+if TYPE_CHECKING:
+    import onnx_graphsurgeon as gs
 
 
 @dataclass
@@ -101,11 +105,9 @@ def fold_file(
     `sensitivity`: with --measure, measurements to allocate from (search.SearchResult's) instead
     of measuring again. UserError (one line) for bad input, before any folding."""
     config, reporter = config or FoldConfig(), reporter or Reporter()
-    config.check()
     output = output or default_output(input)
-    check_paths(input, output, data, calib, inputs)
+    check_fold_request(input, output, config, data, calib, inputs)
     data_in = read_inputs(data, None, inputs) if data and not needs_specs(data) else None
-    _check_calib(config, calib)
     calib_in = read_inputs(calib, None) if calib and not needs_specs(calib) else None
     steps: dict[str, StepCost] = {}
     with reporter.step("loading"), _measured(steps, "load"):
@@ -116,8 +118,8 @@ def fold_file(
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
         specs = proto_input_specs(loaded.skeleton.graph)  # the inputs as the file declares them
-        data_in = data_in or _read_for(data, specs, inputs, loaded)
-        calib_in = calib_in or _read_for(calib, specs, unlabelled(inputs), loaded)
+        data_in = data_in or read_for_model(data, specs, inputs, loaded.graph)
+        calib_in = calib_in or read_for_model(calib, specs, unlabelled(inputs), loaded.graph)
         if data_in:
             check_arrays(data_in.arrays, data_in.labels, specs, data)
         if calib_in:
@@ -220,17 +222,32 @@ def _measured(steps: dict[str, StepCost], name: str):
     )
 
 
-def _read_for(
-    path: str | None, specs, options: InputOptions | None, loaded: LoadedModel
+def read_for_model(
+    path: str | None, specs, options: InputOptions | None, graph: gs.Graph
 ) -> Inputs | None:
-    """The inputs at `path` that need the model's input specs (image folders, text files), with
-    text token ids checked against the model's embedding tables."""
+    """The inputs at `path` read for the model whose declared inputs are `specs` and whose graph is
+    `graph`, with text token ids checked against the model's embedding tables (UserError)."""
     if not path:
         return None
     found = read_inputs(path, specs, options)
     if input_kind(path) == "text":
-        check_token_ids(found.arrays, token_id_limits(loaded.graph), path)
+        check_token_ids(found.arrays, token_id_limits(graph), path)
     return found
+
+
+def check_fold_request(
+    input: str,
+    output: str,
+    config: FoldConfig,
+    data: str | None = None,
+    calib: str | None = None,
+    inputs: InputOptions | None = None,
+) -> None:
+    """UserError (one line) for what a fold of `input` into `output` would fail on before it
+    reads the model: the configuration, the paths (check_paths), missing calibration inputs."""
+    config.check()
+    check_paths(input, output, data, calib, inputs)
+    _check_calib(config, calib)
 
 
 def _check_calib(config: FoldConfig, path: str | None) -> None:

@@ -3,31 +3,39 @@
 A Target names one figure of check.fidelity / check.compare and a limit: `cos` (the lowest cosine
 similarity over the outputs, at least the value), `top1` (the lowest argmax agreement of class or
 sequence logits, at least), `acc` (folded / dense accuracy with labels, at least), `error` (the
-highest relative L2 error, at most). search_ratio folds the model at a ratio, measures the figure
-on the evaluation feeds and bisects: the ratio is the one knob searched (each group folded by the
-same ratio, with the configured method, repair and allocation; with --measure the groups'
-sensitivity is measured once, for the largest ratio, and each candidate spends its ratio's
-parameter budget by it); fidelity is assumed to fall as the ratio grows, and every candidate
-measured is kept as the frontier walked."""
+highest relative L2 error, at most), or `ok`: the verdict's grade is ok (check.fidelity's
+THRESHOLDS), the default target of a fold given neither a ratio nor a target (DEFAULT_TARGET).
+
+search_ratio folds the model at a ratio, measures the figure on the evaluation inputs (exactly as
+the written model is validated: check.compare.validate_files) and bisects: the ratio is the one
+knob searched (each group folded by the same ratio, with the configured method, repair and
+allocation; with --measure the groups' sensitivity is measured once, for the largest ratio, and
+each candidate spends its ratio's budget by it); fidelity is assumed to fall as the ratio grows,
+and every candidate measured is kept as the frontier walked."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
-from .check.compare import Comparison, compare
+from .check.compare import Comparison, FeedSource, validate_files
 from .check.count import count_params
+from .check.fidelity import THRESHOLDS, verdict
 from .config import FoldConfig
 from .errors import UserError
+from .files import read_for_model
+from .model.load import load_model
 from .pipeline import calibration_inputs, fold_model, model_sensitivity
 from .plan.sensitivity import Sensitivity
-from .runtime.feeds import check_arrays, declared_input_specs, match_inputs
-from .runtime.inputs import InputOptions, read_inputs, unlabelled
-from .runtime.session import session
-from .runtime.stats import input_batch_axes
+from .runtime.feeds import check_arrays, declared_input_specs
+from .runtime.inputs import InputOptions, unlabelled
+from .runtime.tokens import input_values, token_id_limits
 
 # metric -> (what it reads, True: higher is better)
 TARGET_METRICS = {
@@ -35,6 +43,11 @@ TARGET_METRICS = {
     "top1": ("the lowest argmax agreement of class or sequence logits", True),
     "acc": ("folded / dense accuracy (needs labels)", True),
     "error": ("the highest relative L2 error over the outputs", False),
+    "ok": (
+        f"the verdict's grade is ok (agreement >= {THRESHOLDS['agreement'][0]}, relative L2 error "
+        f"< {THRESHOLDS['rel_l2'][0]}, accuracy >= {THRESHOLDS['accuracy_ratio'][0]}x dense)",
+        True,
+    ),
 }
 MAX_RATIO = 0.9  # the largest ratio tried
 STEPS = 6  # bisection steps after the first try at MAX_RATIO: resolution MAX_RATIO / 64
@@ -49,15 +62,21 @@ class Target:
 
     @classmethod
     def parse(cls, text: str) -> Target:
-        """'cos=0.99' -> Target('cos', 0.99); UserError naming the metrics otherwise."""
+        """'cos=0.99' -> Target('cos', 0.99), 'ok' -> Target('ok', 1.0); UserError naming the
+        metrics otherwise."""
+        if text.strip() == "ok":
+            return cls("ok", 1.0)
         name, _, number = text.partition("=")
         try:
             value = float(number)
         except ValueError:
             value = None
         if name.strip() not in TARGET_METRICS or value is None or not np.isfinite(value):
-            choices = ", ".join(f"{m} ({what})" for m, (what, _) in TARGET_METRICS.items())
-            raise UserError(f"--target {text!r}: expected METRIC=VALUE, METRIC one of {choices}")
+            choices = ", ".join(
+                f"{m}=VALUE ({what})" if m != "ok" else f"ok ({what})"
+                for m, (what, _) in TARGET_METRICS.items()
+            )
+            raise UserError(f"--target {text!r}: expected METRIC=VALUE or ok; {choices}")
         return cls(name.strip(), value)
 
     def measure(self, cmp: Comparison) -> float:
@@ -73,6 +92,10 @@ class Target:
             return min(found)
         if not cmp.fidelity:
             raise UserError("--target: no output could be compared")
+        if self.metric == "ok":
+            accuracy = (cmp.accuracy_dense, cmp.accuracy_folded)
+            grade, _ = verdict(cmp.fidelity, False, None if None in accuracy else accuracy)
+            return float(grade == "ok")
         if self.metric == "cos":
             return min(f.cosine for f in cmp.fidelity)
         return max(f.rel_l2 for f in cmp.fidelity)
@@ -81,19 +104,23 @@ class Target:
         return value >= self.value if TARGET_METRICS[self.metric][1] else value <= self.value
 
     def __str__(self) -> str:
-        return f"{self.metric}={self.value:g}"
+        return "ok" if self.metric == "ok" else f"{self.metric}={self.value:g}"
+
+
+DEFAULT_TARGET = Target("ok", 1.0)  # a fold given neither a ratio nor a target
 
 
 @dataclass
 class Candidate:
     """One fold the search measured: its ratio, parameters, the target's figure, the verdict, and
-    whether the target was met."""
+    whether the target was met, and the verdict's reason."""
 
     ratio: float
     params: int
     value: float
     verdict: str
     met: bool
+    why: str = ""
 
 
 @dataclass
@@ -112,17 +139,15 @@ def search_ratio(
     path: str,
     config: FoldConfig,
     target: Target,
-    feeds: dict[str, np.ndarray],
-    labels: np.ndarray | None,
-    source: str,
+    source: FeedSource,
     calib: dict[str, np.ndarray] | None = None,
     progress=None,
 ) -> SearchResult:
     """Bisect the ratio of `config` for the largest one whose fold of the model at `path` meets
-    `target` on `feeds` (input name -> (N, ...), described by `source`; `labels` (N,) or None).
-    `progress(i, total, text)` is called before each candidate."""
+    `target` on the inputs of `source` (the user's arrays and labels, or seeded random inputs),
+    compared as the written model's validation compares them. `calib`: calibration feeds (input
+    name -> (N, ...)). `progress(i, total, text)` is called before each candidate."""
     start = time.perf_counter()
-    dense = session(path)
     measured: dict[float, Candidate] = {}
     sensitivity = None
     if config.measure:  # measured once, for the largest ratio: every candidate allocates from it
@@ -134,9 +159,7 @@ def search_ratio(
         if progress:
             progress(len(measured), STEPS + 1, f"ratio {ratio:.3f}")
         if ratio not in measured:
-            measured[ratio] = _candidate(
-                path, config, ratio, target, dense, feeds, labels, source, calib, sensitivity
-            )
+            measured[ratio] = _candidate(path, config, ratio, target, source, calib, sensitivity)
         return measured[ratio]
 
     low, high, best = 0.0, MAX_RATIO, None
@@ -153,27 +176,33 @@ def search_ratio(
     return SearchResult(target, frontier, best, time.perf_counter() - start, sensitivity)
 
 
-def _candidate(
-    path, config, ratio, target, dense, feeds, labels, source, calib, sensitivity=None
-) -> Candidate:
+def _candidate(path, config, ratio, target, source, calib, sensitivity=None) -> Candidate:
     result = fold_model(
         path, dataclasses.replace(config, ratio=ratio), calib=calib, sensitivity=sensitivity
     )
     proto = result.to_proto()
-    folded = session(proto.SerializeToString())
-    cmp = compare(dense, folded, feeds, labels, source)
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = os.path.join(tmp, "folded.onnx")
+        onnx.save_model(proto, folded, save_as_external_data=proto.ByteSize() >= 2**31 - 2**20)
+        cmp = validate_files(path, folded, source, timed=False).comparison
     value = target.measure(cmp)
-    return Candidate(ratio, count_params(proto), value, cmp.verdict, target.met(value))
+    return Candidate(
+        ratio, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why
+    )
 
 
 def format_frontier(result: SearchResult, dense_params: int) -> str:
-    """The candidates as a terminal table: ratio, parameters removed, the figure, met or not."""
-    lines = [f"  {'ratio':>6}  {'params':>8}  {result.target.metric:>8}  verdict    target"]
+    """The candidates as a terminal table: ratio, parameters removed, the figure, met or not, and
+    the verdict's reason."""
+    name = "grade" if result.target.metric == "ok" else result.target.metric
+    lines = [f"  {'ratio':>6}  {'params':>8}  {name:>8}  verdict     target  why"]
     for c in result.frontier:
         removed = f"{100 * (1 - c.params / dense_params):.1f}%"
         mark = "met" if c.met else "missed"
+        value = ("ok" if c.met else "not ok") if name == "grade" else f"{c.value:.4f}"
         lines.append(
-            f"  {c.ratio:>6.3f}  {'-' + removed:>8}  {c.value:>8.4f}  {c.verdict:<9}  {mark}"
+            f"  {c.ratio:>6.3f}  {'-' + removed:>8}  {value:>8}  {c.verdict:<10}  {mark:<6}  "
+            f"{c.why}"
         )
     return "\n".join(lines)
 
@@ -182,26 +211,33 @@ def search_file(
     path: str,
     config: FoldConfig,
     target: Target,
-    data: str,
+    data: str | None,
     calib: str | None = None,
     progress=None,
     inputs: InputOptions | None = None,
 ) -> SearchResult:
-    """search_ratio on the model file `path` with the evaluation inputs at `data` (and calibration
-    inputs at `calib` when the configuration reads them): .npz files, image folders or text,
-    read as `inputs` say (runtime.inputs), checked against the model's declared inputs first
-    (UserError)."""
+    """search_ratio on the model file `path` with the evaluation inputs at `data` (None: the
+    seeded random inputs validation would use) and calibration inputs at `calib` when the
+    configuration reads them: .npz files, image folders or text, read as `inputs` say
+    (runtime.inputs), checked against the model's declared inputs first (UserError)."""
+    graph = load_model(path, lazy=True).graph  # UserError for a file that is not a model
     specs = declared_input_specs(path)
-    evaluation = read_inputs(data, specs, inputs)
-    check_arrays(evaluation.arrays, evaluation.labels, specs, data)
-    feeds = match_inputs(evaluation.arrays, specs, data)
-    calib_arrays = read_inputs(calib, specs, unlabelled(inputs)).arrays if calib else None
+    evaluation = read_for_model(data, specs, inputs, graph)
+    if evaluation is not None:
+        check_arrays(evaluation.arrays, evaluation.labels, specs, data)
+    calibration = read_for_model(calib, specs, unlabelled(inputs), graph)
+    calib_arrays = calibration.arrays if calibration else None
     if calib_arrays is not None:
         check_arrays(calib_arrays, None, specs, calib)
     # user arrays matched to the inputs, or Fold-DIR's synthesised once for every candidate
     calib_feeds = calibration_inputs(config, path, calib_arrays, calib)
-    count = input_batch_axes(specs).samples(feeds)
-    source = evaluation.description or f"{data} ({count} samples)"
-    return search_ratio(
-        path, config, target, feeds, evaluation.labels, source, calib_feeds, progress
+    source = FeedSource(
+        evaluation.arrays if evaluation else None,
+        evaluation.labels if evaluation else None,
+        data,
+        config.seed,
+        token_id_limits(graph),
+        input_values(graph),
+        described=evaluation.description if evaluation else None,
     )
+    return search_ratio(path, config, target, source, calib_feeds, progress)

@@ -294,14 +294,19 @@ class Validation:
     counting MACs)."""
 
     comparison: Comparison
-    timing: Timing
+    timing: Timing | None
     feeds: dict[str, np.ndarray]
 
 
 def validate_files(
-    dense_path: str, folded_path: str, source: FeedSource, one_at_a_time: bool = False
+    dense_path: str,
+    folded_path: str,
+    source: FeedSource,
+    one_at_a_time: bool = False,
+    timed: bool = True,
 ) -> Validation:
-    """Compare two model files on the feeds `source` gives for the dense model.
+    """Compare two model files on the feeds `source` gives for the dense model (timed: also time
+    one batch of each; otherwise Validation.timing is None).
 
     When folding changed declared input shapes (KV caches), random feeds get the dims of
     `empty_dims` forced, and own_feeds gives each model inputs of its own shapes. one_at_a_time
@@ -319,20 +324,23 @@ def validate_files(
     if folded is not None:
         cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out)
         cmp.notes[:0] = notes
-        return Validation(cmp, time_sessions([dense, folded], [d_feeds, f_feeds]), d_feeds)
+        timing = time_sessions([dense, folded], [d_feeds, f_feeds]) if timed else None
+        return Validation(cmp, timing, d_feeds)
     names, d_outputs = [o.name for o in dense.get_outputs()], output_specs(dense)
     samples = batch_axes(dense).samples(d_feeds)
-    d_time = time_sessions([dense], d_feeds)
+    d_time = time_sessions([dense], d_feeds) if timed else None
     del dense
     gc.collect()
     folded = session(folded_path, lean=True)
-    f_out, f_time = run_batched(folded, f_feeds), time_sessions([folded], f_feeds)
+    f_out = run_batched(folded, f_feeds)
+    f_time = time_sessions([folded], f_feeds) if timed else None
     skip = changed_shapes(d_outputs, output_specs(folded))
     del folded
     gc.collect()
     cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples)
     cmp.notes[:0] = notes
-    return Validation(cmp, Timing(d_time.ms + f_time.ms, d_time.batch), d_feeds)
+    timing = Timing(d_time.ms + f_time.ms, d_time.batch) if timed else None
+    return Validation(cmp, timing, d_feeds)
 
 
 def _unfixed_batch(dense: ort.InferenceSession) -> list[InputSpec]:

@@ -155,7 +155,8 @@ def test_fold_writes_validated_model_and_report(model, tmp_path, capsys):
 )
 def test_nothing_folded_names_its_cause_and_copies_the_input(model, tmp_path, capsys, flags, cause):
     out_path = str(tmp_path / "o.onnx")
-    assert main([model, "-o", out_path, "--no-validate", *flags]) == 0
+    ratio = [] if "--ratio" in flags else ["--ratio", "0.5"]
+    assert main([model, "-o", out_path, "--no-validate", *ratio, *flags]) == 0
     out = capsys.readouterr().out
     assert f"nothing was folded: {cause}" in out and "the output is a copy of the input" in out
     assert open(out_path, "rb").read() == open(model, "rb").read()
@@ -178,7 +179,8 @@ def test_inspect_lists_groups_and_reasons(model, capsys):
 def test_python_dash_m_runs(model, tmp_path):
     out_path = str(tmp_path / "o.onnx")
     proc = subprocess.run(
-        [sys.executable, "-m", "onnxfold", model, "-o", out_path, "--no-validate", "-q"],
+        [sys.executable, "-m", "onnxfold", model, "-o", out_path, "--ratio", "0.5"]
+        + ["--no-validate", "-q"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -60,3 +60,39 @@ def test_bad_targets_are_exit_2(model, tmp_path, capsys, flags, reason):
 def test_target_directions():
     assert Target.parse("cos=0.99").met(0.995) and not Target.parse("cos=0.99").met(0.98)
     assert Target.parse("error=0.05").met(0.01) and not Target.parse("error=0.05").met(0.1)
+    assert Target.parse("ok") == Target("ok", 1.0) and Target.parse("ok").met(1.0)
+    assert not Target.parse("ok").met(0.0)
+
+
+def test_without_a_ratio_the_largest_ratio_graded_ok_is_searched(model, tmp_path, capsys):
+    """No --ratio, no --target: the ratio is searched for the verdict's grade ok on --data, and
+    the written model's own verdict is ok; every larger ratio tried was not."""
+    out, report = str(tmp_path / "o.onnx"), str(tmp_path / "r.json")
+    assert main([model, "-o", out, "--data", MNIST_TEST, "--report", report]) == 0
+    assert "search for ok: the verdict's grade is ok" in capsys.readouterr().out
+    written = json.load(open(report))
+    search = written["search"]
+    best = search["best"]["ratio"]
+    assert written["verdict"] == "ok" and 0 < best < 0.9
+    assert all(c["met"] == (c["ratio"] <= best) for c in search["frontier"])
+    accuracy = written["comparison"]
+    assert accuracy["accuracy_folded"] / accuracy["accuracy_dense"] >= 0.95
+
+
+def test_without_a_ratio_or_data_the_search_runs_on_random_inputs_unverified(
+    model, tmp_path, capsys
+):
+    out, report = str(tmp_path / "o.onnx"), str(tmp_path / "r.json")
+    assert main([model, "-o", out, "--report", report]) == 0
+    text = capsys.readouterr().out
+    assert "on random inputs (give --data for a verified verdict)" in text
+    written = json.load(open(report))
+    assert written["verdict"] == "unverified" and "on them: ok" in written["verdict_why"]
+    assert 0 < written["search"]["best"]["ratio"] < 0.9
+
+
+def test_without_a_ratio_no_validate_is_exit_2(model, tmp_path, capsys):
+    out = str(tmp_path / "o.onnx")
+    assert main([model, "-o", out, "--no-validate"]) == 2
+    assert "give --ratio R with --no-validate" in capsys.readouterr().err
+    assert not os.path.exists(out)

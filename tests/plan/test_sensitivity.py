@@ -19,6 +19,7 @@ from helpers import (
     run,
 )
 
+from onnxfold.check.compare import FeedSource
 from onnxfold.config import FoldConfig
 from onnxfold.errors import ConfigError
 from onnxfold.pipeline import (
@@ -142,6 +143,7 @@ def test_the_target_search_measures_once(tmp_path, monkeypatch):
     src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
     feeds = feeds_for(src, batch=8)
     config = FoldConfig(repair="none", measure=True)
-    found = search.search_ratio(src, config, search.Target("error", 0.05), feeds, None, "x")
+    source = FeedSource(feeds, path=src)
+    found = search.search_ratio(src, config, search.Target("error", 0.05), source)
     assert calls == [1] and len(found.frontier) > 2
     assert found.best is not None and found.best.ratio >= 0.2  # the duplicated half is free
