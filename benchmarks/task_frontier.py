@@ -1,0 +1,673 @@
+"""Task frontiers on real graphs we did not write: the task metric (relative to the dense model,
+1.0 = dense) against the MACs reduction, for onnxfold's methods and onnxsim's structured pruning.
+
+Protocol. For each model (benchmarks.tasks: loaders, held-out splits and metrics), evaluation inputs
+are disjoint from the 32 calibration inputs (64 calibration sequences for SmolLM2; the split is
+printed in each result file). Methods, each at a grid of channel ratios, each data-free ("free":
+no calibration input; `repair="auto"`, which is Fold-AR where the graph keeps BatchNorm statistics
+and nothing otherwise) and with calibration ("calib": `repair="data"` for the fold methods, the
+calibration feeds as `calib=`; prune-act reads its activations from them):
+- `fold`: FoldConfig(ratio=r), one ratio in every group;
+- `fold-alloc`: FoldConfig(ratio=r, allocate=True);
+- `fold-measure`: FoldConfig(ratio=r, measure=True), the groups' sensitivity measured ONCE per model
+  and calibration setting at the largest ratio (onnxfold.pipeline.model_sensitivity, as the --target
+  search does; data-free it measures on 32 random inputs) and reused for every ratio;
+- `prune-act`: FoldConfig(ratio=r, method="prune", importance="act");
+- `onnxsim`: onnxsim 0.8.1's `apply_structured_pruning` (L2, data-free) and, with calibration,
+  `apply_structured_wanda_pruning` (calibration feeds in batches of 8), at sparsity = r. A call that
+  raises or prunes nothing is recorded as such.
+For every point: parameters and MACs (onnxfold.check.count at the real evaluation input size, one
+sample), onnxruntime CPU latency of one sample (median over interleaved dense/folded runs in the
+same process; "speed-up" = dense median / folded median), the task metric on the evaluation
+inputs, and onnxfold's verdict (onnxfold.check.compare.compare on the evaluation inputs, or a
+fixed-size subset of them where the task runs samples one by one). The summary takes, for each
+method, the point with the largest MACs reduction (parameter reduction for SmolLM2) whose task
+metric is >= 99% and >= 95% of dense.
+
+SmolLM2-135M runs `fold`, `fold-alloc` and `prune-act` only, at 10% and 20% of all parameters
+removed (channel ratio solved by benchmarks.smollm2.channel_ratio_for over the MLPs of layers 1-28,
+heads kept, the configuration of results/smollm2.md), 16 evaluation windows of 512 tokens.
+
+Results are cached row by row in benchmarks/.cache/frontier/<model>.json (a rerun skips the
+points already measured; --fresh drops them) and written to benchmarks/results/frontier_<model>.md
+and .png after every point, and the combined benchmarks/results/frontier.md at the end.
+
+Usage: python -m benchmarks.task_frontier [--models efficientnet_lite0,ppocr_det,...]
+           [--methods fold,fold-alloc,fold-measure,prune-act,onnxsim] [--calib free,calib]
+           [--ratios 0.02,0.05,...] [--rounds 15] [--fresh [--keep-sensitivity]]
+           [--summary-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import time
+import traceback
+
+import numpy as np
+import onnx
+
+from benchmarks.tasks import CACHE, ROOT, TASKS, Task
+
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+STORE = os.path.join(CACHE, "frontier")
+METHODS = ["fold", "fold-alloc", "fold-measure", "prune-act", "onnxsim"]
+SETTINGS = ["free", "calib"]
+LABEL = {
+    "fold": "fold (uniform)",
+    "fold-alloc": "fold --allocate",
+    "fold-measure": "fold --measure",
+    "prune-act": "prune --importance act",
+    "onnxsim": "onnxsim structured",
+}
+SMOL_SCOPE = dict(head_ratio=0.0, layers="1-28")
+
+
+# measuring ---------------------------------------------------------------------------------------
+
+
+def latency(dense, folded, feeds: dict, rounds: int) -> tuple[float, float]:
+    """(dense ms, folded ms): medians of interleaved single runs after 2 warm-ups each: at least
+    `rounds`, more (up to 400) for fast models, about 3 s of dense runs in all."""
+    for _ in range(2):
+        t = time.perf_counter()
+        dense.run(None, feeds)
+        once = time.perf_counter() - t
+        folded.run(None, feeds)
+    rounds = int(min(400, max(rounds, 3.0 / max(once, 1e-4))))
+    d, f = [], []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        dense.run(None, feeds)
+        d.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        folded.run(None, feeds)
+        f.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(d)), 1e3 * float(np.median(f))
+
+
+def macs(model: onnx.ModelProto, feeds: dict) -> int | None:
+    """onnxfold.check.count.count_macs at the feeds' size; where onnx shape inference leaves a
+    MatMul's shapes unknown (the PP-OCR cls graph), the same per-node count on the shapes
+    onnxruntime observes when it runs one sample (observed_macs)."""
+    from onnxfold.check.count import count_macs
+
+    n = count_macs(model, feeds)
+    return n if n is not None else observed_macs(model, feeds)
+
+
+def observed_macs(model: onnx.ModelProto, feeds: dict) -> int | None:
+    """MACs per sample counted by onnxfold.check.count's per-node rule on the shapes of every
+    main-graph tensor as onnxruntime produces them on `feeds` (one sample); needs the weights."""
+    import onnxruntime as ort
+
+    from onnxfold.check.count import _node_macs, _NotCounted
+
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return None
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    known = {o.name for o in m.graph.output}
+    names = [o for n in m.graph.node for o in n.output if o and o not in known]
+    m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, feeds)
+    except Exception:  # noqa: BLE001 - MACs stay unknown
+        return None
+    shapes = {t.name: list(t.dims) for t in m.graph.initializer}
+    for n in m.graph.node:
+        shapes.update({n.output[0]: list(a.t.dims) for a in n.attribute if a.name == "value"})
+    shapes.update({o.name: list(np.shape(v)) for o, v in zip(sess.get_outputs(), outs)})
+    shapes.update({k: list(np.shape(v)) for k, v in feeds.items()})
+    try:
+        return sum(_node_macs(n, shapes) for n in m.graph.node)
+    except _NotCounted:
+        return None
+
+
+def config_for(method: str, setting: str, ratio: float, task: Task):
+    from onnxfold import FoldConfig
+
+    options: dict = {}
+    if method == "fold-alloc":
+        options["allocate"] = True
+    elif method == "fold-measure":
+        options["measure"] = True
+    elif method == "prune-act":
+        options.update(method="prune", importance="act")
+    if setting == "calib" and method != "prune-act":
+        options["repair"] = "data"
+    if task.budget == "params":
+        options.update(SMOL_SCOPE)
+    return FoldConfig(ratio=ratio, **options)
+
+
+def calibration(config, task: Task, setting: str):
+    """The calibration feeds a fold reads (onnxfold.pipeline.calibration_inputs), or None."""
+    from onnxfold.pipeline import calibration_inputs
+
+    if setting == "free":
+        return None
+    return calibration_inputs(config, task.path, task.calib)
+
+
+class Frontier:
+    """One model's measured points, cached in STORE/<key>.json."""
+
+    def __init__(self, task: Task, rounds: int, fresh: bool, keep_sensitivity: bool = False):
+        self.task, self.rounds = task, rounds
+        os.makedirs(STORE, exist_ok=True)
+        self.file = os.path.join(STORE, f"{task.key}.json")
+        self.data = {"rows": [], "sensitivity": {}, "channel_ratio": {}}
+        if os.path.exists(self.file):
+            with open(self.file) as f:
+                cached = json.load(f)
+            if not fresh:
+                self.data = cached
+            elif keep_sensitivity:
+                self.data["sensitivity"] = cached.get("sensitivity", {})
+        if fresh and not keep_sensitivity:
+            for setting in SETTINGS:
+                stale = os.path.join(STORE, f"{task.key}_sensitivity_{setting}.pkl")
+                if os.path.exists(stale):
+                    os.remove(stale)
+        self.done = {(r["method"], r["setting"], r["ratio"]) for r in self.data["rows"]}
+        self._sensitivity: dict = {}
+        self._dense_sess = None
+
+    def save(self) -> None:
+        with open(self.file, "w") as f:
+            json.dump(self.data, f, indent=1)
+
+    # dense ---------------------------------------------------------------------------------------
+    def dense(self):
+        from onnxfold.check.count import count_params
+        from onnxfold.runtime.session import session
+
+        if self._dense_sess is None:
+            t = self.task
+            self._dense_sess = session(t.path)
+            skeleton = onnx.load(t.path, load_external_data=False)
+            start = time.perf_counter()
+            self._dense_out = t.evaluate(t.path)
+            seconds = time.perf_counter() - start
+            self._dense_verdict_out = None
+            d = self.data.setdefault("dense", {})
+            d.update(
+                params=count_params(skeleton),
+                macs=macs(skeleton, t.sample_feeds),
+                eval_seconds=seconds,
+                split=t.split,
+                metric_name=t.metric_name,
+            )
+            dense_figures = t.metric(self._dense_out, self._dense_out)
+            d["figures"] = {k: v for k, v in dense_figures.items() if k != "task"}
+            self.save()
+        return self._dense_sess
+
+    # one point -----------------------------------------------------------------------------------
+    def point(self, method: str, setting: str, ratio: float) -> dict | None:
+        if (method, setting, ratio) in self.done:
+            return None
+        self.dense()
+        row = {"method": method, "setting": setting, "ratio": ratio}
+        start = time.perf_counter()
+        try:
+            if method == "onnxsim":
+                proto, note = self._onnxsim(setting, ratio)
+                row["note"] = note
+                row["repair"] = "-"
+            else:
+                proto, result = self._fold(method, setting, ratio)
+                row["repair"] = result.repair
+                if result.nothing_folded:
+                    row["note"] = "nothing folded: " + result.nothing_folded
+            row["fold_seconds"] = time.perf_counter() - start
+            if proto is not None:
+                row.update(self._measure(proto))
+        except Exception as e:  # noqa: BLE001 - a failing point is a result
+            text = str(e).strip().splitlines()
+            row["error"] = f"{type(e).__name__}: {text[0][:300] if text else ''}"
+            row["traceback"] = traceback.format_exc()[-4000:]
+            row["fold_seconds"] = time.perf_counter() - start
+        self.data["rows"].append(row)
+        self.done.add((method, setting, ratio))
+        self.save()
+        return row
+
+    def _channel_ratio(self, target: float) -> float:
+        from benchmarks.smollm2 import channel_ratio_for
+
+        key = str(target)
+        if key not in self.data["channel_ratio"]:
+            ratio, removed = channel_ratio_for(self.task.path, target, **SMOL_SCOPE)
+            self.data["channel_ratio"][key] = [ratio, removed]
+            self.save()
+        return self.data["channel_ratio"][key][0]
+
+    def _fold(self, method: str, setting: str, ratio: float):
+        from onnxfold.pipeline import fold_model
+
+        channel = self._channel_ratio(ratio) if self.task.budget == "params" else ratio
+        config = config_for(method, setting, channel, self.task)
+        calib = calibration(config, self.task, setting)
+        sensitivity = None
+        if method == "fold-measure":
+            sensitivity = self._measured(setting, config, calib)
+        result = fold_model(self.task.path, config, calib=calib, sensitivity=sensitivity)
+        return result.to_proto(), result
+
+    def _measured(self, setting: str, config, calib):
+        """model_sensitivity at the largest ratio of the grid, once per calibration setting
+        (pickled beside the JSON)."""
+        from onnxfold.pipeline import model_sensitivity
+
+        if setting in self._sensitivity:
+            return self._sensitivity[setting]
+        path = os.path.join(STORE, f"{self.task.key}_sensitivity_{setting}.pkl")
+        top = max(self.task.ratios)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                sens = pickle.load(f)
+        else:
+            start = time.perf_counter()
+            sens = model_sensitivity(self.task.path, dataclasses.replace(config, ratio=top), calib)
+            self.data["sensitivity"][setting] = {
+                "seconds": time.perf_counter() - start,
+                "ratio": top,
+            }
+            self.save()
+            try:
+                with open(path, "wb") as f:
+                    pickle.dump(sens, f)
+            except Exception:  # noqa: BLE001 - caching is optional
+                os.remove(path)
+        self._sensitivity[setting] = sens
+        return sens
+
+    def _onnxsim(self, setting: str, ratio: float):
+        from onnxsim import pruning
+
+        model = onnx.load(self.task.path)
+        if setting == "free":
+            out = pruning.apply_structured_pruning(model, sparsity=ratio, importance_norm="l2")
+            note = "apply_structured_pruning (L2)"
+        else:
+            if not hasattr(pruning, "apply_structured_wanda_pruning"):
+                return None, "onnxsim has no apply_structured_wanda_pruning"
+            name, x = next(iter(self.task.calib.items()))
+            batches = [{name: x[i : i + 8]} for i in range(0, len(x), 8)]
+            out = pruning.apply_structured_wanda_pruning(
+                model, calibration_data=batches, sparsity=ratio
+            )
+            note = "apply_structured_wanda_pruning"
+        from onnxfold.check.count import count_params
+
+        if count_params(out) >= self.data["dense"]["params"]:
+            return None, f"onnxsim: prunes 0 channels ({note})"
+        return out, note
+
+    def _measure(self, proto: onnx.ModelProto) -> dict:
+        from onnxfold.check.compare import compare
+        from onnxfold.check.count import count_params
+        from onnxfold.runtime.session import session
+
+        t, dense = self.task, self.data["dense"]
+        blob = proto.SerializeToString()
+        folded = session(blob)
+        params, m = count_params(proto), macs(proto, t.sample_feeds)
+        d_ms, f_ms = latency(self._dense_sess, folded, t.sample_feeds, self.rounds)
+        start = time.perf_counter()
+        figures = t.metric(self._dense_out, t.evaluate(blob))
+        eval_s = time.perf_counter() - start
+        cmp = compare(self._dense_sess, folded, t.verdict_feeds, None, "evaluation inputs")
+        return {
+            "params": params,
+            "macs": m,
+            "params_red": 1 - params / dense["params"],
+            "macs_red": (1 - m / dense["macs"]) if m and dense["macs"] else None,
+            "dense_ms": d_ms,
+            "folded_ms": f_ms,
+            "speedup": d_ms / f_ms,
+            "figures": figures,
+            "verdict": cmp.verdict,
+            "verdict_why": cmp.verdict_why,
+            "eval_seconds": eval_s,
+        }
+
+
+# writing -----------------------------------------------------------------------------------------
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _ok(row: dict) -> bool:
+    return "figures" in row and row["figures"].get("task") is not None
+
+
+def best(rows: list[dict], threshold: float, by: str) -> dict | None:
+    """The row with the largest `by` reduction whose task metric is >= threshold."""
+    meeting = [r for r in rows if _ok(r) and r["figures"]["task"] >= threshold and r.get(by)]
+    return max(meeting, key=lambda r: r[by]) if meeting else None
+
+
+def _point(r: dict | None, by: str) -> str:
+    if r is None:
+        return "none"
+    return (
+        f"MACs -{_pct(r['macs_red'])[:-1]}%, params -{_pct(r['params_red'])[:-1]}%, "
+        f"{r['speedup']:.2f}x speed (r={r['ratio']:g}, {r['figures']['task']:.3f})"
+    ).replace("--", "-")
+
+
+def _order(r: dict) -> tuple:
+    return (METHODS.index(r["method"]), SETTINGS.index(r["setting"]), r["ratio"])
+
+
+def model_markdown(task: Task, data: dict) -> list[str]:
+    d = data.get("dense", {})
+    rows = sorted(data["rows"], key=_order)
+    by = "params_red" if task.budget == "params" else "macs_red"
+    figs = ", ".join(f"{k} {v:.4g}" for k, v in d.get("figures", {}).items())
+    extra = task.extra_names
+    lines = [
+        f"# Task frontier: {task.title}",
+        "",
+        f"Model: `{os.path.relpath(task.path, ROOT) if task.path.startswith(ROOT) else task.path}`"
+        f", {d.get('params', 0) / 1e6:.2f} M parameters, "
+        f"{(d.get('macs') or 0) / 1e6:.1f} M MACs per sample at the evaluation size"
+        + (f"; dense {figs}" if figs else "")
+        + ".",
+        "",
+        f"Inputs: {task.split}.",
+        "",
+        f"Task metric: {task.metric_name} (1.0 = dense). Latency: one sample, onnxruntime CPU, "
+        "median of interleaved dense/folded runs in the same process; speed-up = dense / folded "
+        "(2 shared CPU cores: differences under ~10% are noise). Verdict: onnxfold.check.compare "
+        "on the evaluation inputs. free = no calibration input (repair auto); calib = the "
+        "calibration inputs (fold: --repair data; prune-act: activations; onnxsim: Wanda).",
+        "",
+    ]
+    sens = data.get("sensitivity", {})
+    if sens:
+        lines += [
+            "fold --measure: sensitivity measured once per setting at ratio "
+            + ", ".join(f"{k}: {v['ratio']:g} in {v['seconds']:.0f} s" for k, v in sens.items())
+            + ".",
+            "",
+        ]
+    if data.get("channel_ratio"):
+        lines += [
+            "Parameter targets -> channel ratio over the MLPs of layers 1-28 (heads kept): "
+            + ", ".join(f"{k}: {v[0]:.3f}" for k, v in data["channel_ratio"].items())
+            + ".",
+            "",
+        ]
+    head = "| method | calib | ratio | params | MACs | speed-up | task |"
+    head += "".join(f" {e} |" for e in extra) + " verdict | fold s | note |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ratio = f"{r['ratio']:g}" + (" params" if task.budget == "params" else "")
+        if not _ok(r):
+            why = r.get("error") or r.get("note") or "?"
+            lines.append(
+                f"| {LABEL[r['method']]} | {r['setting']} | {ratio} | - | - | - | - |"
+                + " - |" * len(extra)
+                + f" - | {r.get('fold_seconds', 0):.0f} | {why} |"
+            )
+            continue
+        f = r["figures"]
+        lines.append(
+            f"| {LABEL[r['method']]} | {r['setting']} | {ratio} | -{_pct(r['params_red'])} | "
+            f"-{_pct(r['macs_red'])} | {r['speedup']:.2f}x | {f['task']:.3f} |"
+            + "".join(f" {f.get(e, float('nan')):.3f} |" for e in extra)
+            + f" {r['verdict']} | {r['fold_seconds']:.0f} | {r.get('note', '') or ''} |"
+        )
+    lines += ["", "## Best point at >= 99% and >= 95% of dense", ""]
+    lines += ["| method | calib | >= 99% | >= 95% |", "|---|---|---|---|"]
+    for m in METHODS:
+        for s in SETTINGS:
+            sel = [r for r in rows if r["method"] == m and r["setting"] == s]
+            if not sel:
+                continue
+            lines.append(
+                f"| {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
+                f"{_point(best(sel, 0.95, by), by)} |"
+            )
+    lines += ["", *comparison(rows, by), ""]
+    return lines
+
+
+def comparison(rows: list[dict], by: str) -> list[str]:
+    """onnxfold's best against onnxsim's, per calibration setting, at 99% / 95% and point by
+    point (is every onnxsim point dominated by an onnxfold point: >= reduction and >= metric?)."""
+    out = []
+    for s in SETTINGS:
+        ours = [r for r in rows if r["setting"] == s and r["method"] != "onnxsim" and _ok(r)]
+        sim = [r for r in rows if r["setting"] == s and r["method"] == "onnxsim"]
+        if not sim:
+            continue
+        sim_ok = [r for r in sim if _ok(r)]
+        parts = []
+        for thr in (0.99, 0.95):
+            a, b = best(ours, thr, by), best(sim_ok, thr, by)
+            av, bv = (a[by] if a else None), (b[by] if b else None)
+            wins = av is not None and (bv is None or av > bv)
+            parts.append(
+                f"at >= {thr:.0%}: onnxfold -{_pct(av)} vs onnxsim -{_pct(bv)} "
+                f"({'onnxfold ahead' if wins else 'onnxfold NOT ahead'})".replace("--", "-")
+            )
+        dominated = [
+            r
+            for r in sim_ok
+            if any(o[by] >= r[by] and o["figures"]["task"] >= r["figures"]["task"] for o in ours)
+        ]
+        not_run = [r for r in sim if not _ok(r)]
+        why = (not_run[0].get("note") or not_run[0].get("error")) if not_run else ""
+        parts.append(
+            f"onnxsim points beaten (an onnxfold point with at least its reduction and metric): "
+            f"{len(dominated)} of {len(sim_ok)}"
+            + (f"; {len(not_run)} onnxsim points gave no model: {why}" if not_run else "")
+        )
+        out.append(f"- {s}: " + "; ".join(parts) + ".")
+    return out
+
+
+def plot(task: Task, data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = "params_red" if task.budget == "params" else "macs_red"
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C7"]))
+    for m in METHODS:
+        for s in SETTINGS:
+            pts = sorted(
+                (100 * r[by], r["figures"]["task"])
+                for r in data["rows"]
+                if r["method"] == m and r["setting"] == s and _ok(r) and r.get(by) is not None
+            )
+            if not pts:
+                continue
+            xs, ys = zip(*([(0.0, 1.0)] + pts))
+            ax.plot(
+                xs,
+                ys,
+                "o-" if s == "calib" else "s--",
+                color=colors[m],
+                ms=3,
+                label=f"{LABEL[m]}, {s}",
+            )
+    for y in (0.99, 0.95):
+        ax.axhline(y, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("parameter reduction (%)" if by == "params_red" else "MACs reduction (%)")
+    ax.set_ylabel(f"task metric / dense ({task.metric_name})"[:70])
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{task.title}: task metric vs reduction")
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_model(task: Task, data: dict) -> None:
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f"frontier_{task.key}.md"), "w") as f:
+        f.write("\n".join(model_markdown(task, data)) + "\n")
+    if any(_ok(r) for r in data["rows"]):
+        plot(task, data, os.path.join(RESULTS, f"frontier_{task.key}.png"))
+
+
+def combined(keys: list[str]) -> list[str]:
+    """The summary over every model with cached results."""
+    lines = [
+        "# Task frontiers on real models: summary",
+        "",
+        "Written by `python -m benchmarks.task_frontier` from the per-model results "
+        "(`frontier_<model>.md`, protocol in the script's docstring). Each cell: the largest MACs "
+        "reduction (SmolLM2: parameter reduction) whose task metric is at least 99% / 95% of "
+        "dense, with that point's parameter reduction and speed-up.",
+        "",
+        "| model | method | calib | >= 99% | >= 95% |",
+        "|---|---|---|---|---|",
+    ]
+    targets = ["", "## The issue's targets", ""]
+    for key in keys:
+        path = os.path.join(STORE, f"{key}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        title = TITLES.get(key, key)
+        by = "params_red" if key == "smollm2" else "macs_red"
+        rows = sorted(data["rows"], key=_order)
+        for m in METHODS:
+            for s in SETTINGS:
+                sel = [r for r in rows if r["method"] == m and r["setting"] == s]
+                if sel:
+                    lines.append(
+                        f"| {title} | {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
+                        f"{_point(best(sel, 0.95, by), by)} |"
+                    )
+        targets += target_lines(title, key, rows)
+    return lines + targets
+
+
+def target_lines(title: str, key: str, rows: list[dict]) -> list[str]:
+    ours = [r for r in rows if r["method"] != "onnxsim" and _ok(r)]
+    if key == "smollm2":
+        out = []
+        for s, limit in (("calib", 1.5), ("free", 2.0)):
+            at = [r for r in ours if r["setting"] == s and abs(r["ratio"] - 0.2) < 1e-9]
+            if not at:
+                continue
+            b = min(at, key=lambda r: r["figures"]["x dense ppl"])
+            x = b["figures"]["x dense ppl"]
+            out.append(
+                f"- {title}, {s}, 20% fewer parameters: best {x:.2f}x dense perplexity "
+                f"({LABEL[b['method']]}); target <= {limit}x: {'met' if x <= limit else 'NOT met'}."
+            )
+        return out
+    out = []
+    cal = [r for r in ours if r["setting"] == "calib" and r["figures"]["task"] >= 0.95]
+    hit = [r for r in cal if (r["macs_red"] or 0) >= 0.2 and r["speedup"] >= 1.2]
+    if cal:
+        b = max(cal, key=lambda r: r["macs_red"] or 0)
+        fast = max(cal, key=lambda r: r["speedup"])
+        out.append(
+            f"- {title}, 32 calibration inputs, >= 95%: most MACs removed -{_pct(b['macs_red'])} "
+            f"({LABEL[b['method']]}, {b['speedup']:.2f}x), fastest {fast['speedup']:.2f}x "
+            f"(-{_pct(fast['macs_red'])} MACs); target >= 20% fewer MACs and >= 1.2x faster: "
+            + ("met (" + LABEL[hit[0]["method"]] + f" r={hit[0]['ratio']:g})" if hit else "NOT met")
+            + "."
+        )
+    free = [r for r in ours if r["setting"] == "free" and r["figures"]["task"] >= 0.95]
+    if free or cal:
+        b = max(free, key=lambda r: r["macs_red"] or 0) if free else None
+        red = b["macs_red"] if b else 0.0
+        out.append(
+            f"- {title}, data-free, >= 95%: most MACs removed -{_pct(red)}"
+            + (f" ({LABEL[b['method']]})" if b else "")
+            + f"; target >= 10%: {'met' if red >= 0.1 else 'NOT met'}."
+        )
+    return [o.replace("--", "-") for o in out]
+
+
+TITLES = {
+    "efficientnet_lite0": "EfficientNet-Lite0",
+    "ppocr_det": "PP-OCRv4 det",
+    "ppocr_rec": "PP-OCRv4 rec",
+    "ppocr_cls": "PP-OCR mobile v2 cls",
+    "craft": "CRAFT",
+    "minilm": "all-MiniLM-L6-v2",
+    "smollm2": "SmolLM2-135M",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", default=",".join(TASKS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--calib", default=",".join(SETTINGS), help="free, calib or both")
+    p.add_argument("--ratios", default=None, help="override the model's grid")
+    p.add_argument("--rounds", type=int, default=15, help="fewest latency runs per point")
+    p.add_argument("--windows", type=int, default=16, help="SmolLM2 evaluation windows")
+    p.add_argument("--fresh", action="store_true", help="drop cached points first")
+    p.add_argument(
+        "--keep-sensitivity",
+        action="store_true",
+        help="with --fresh: keep the pickled --measure sensitivities",
+    )
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    keys = args.models.split(",")
+    if not args.summary_only:
+        for key in keys:
+            start = time.perf_counter()
+            task = TASKS[key](args.windows) if key == "smollm2" else TASKS[key]()
+            frontier = Frontier(task, args.rounds, args.fresh, args.keep_sensitivity)
+            ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else task.ratios
+            methods = [m for m in args.methods.split(",") if not task.methods or m in task.methods]
+            frontier.dense()
+            print(f"== {task.title}: dense {frontier.data['dense']}", flush=True)
+            for m in methods:
+                for s in args.calib.split(","):
+                    for r in ratios:
+                        row = frontier.point(m, s, r)
+                        if row is None:
+                            continue
+                        fig = row.get("figures", {})
+                        print(
+                            f"{key} {m} {s} {r:g}: "
+                            + (
+                                f"params -{_pct(row['params_red'])} MACs -{_pct(row['macs_red'])} "
+                                f"{row['speedup']:.2f}x task {fig['task']:.3f} {row['verdict']} "
+                                if _ok(row)
+                                else f"{row.get('error') or row.get('note')} "
+                            )
+                            + f"({row['fold_seconds']:.0f} s)",
+                            flush=True,
+                        )
+                        write_model(task, frontier.data)
+            write_model(task, frontier.data)
+            print(f"== {task.title}: {time.perf_counter() - start:.0f} s", flush=True)
+    with open(os.path.join(RESULTS, "frontier.md"), "w") as f:
+        f.write("\n".join(combined(list(TASKS))) + "\n")
+
+
+if __name__ == "__main__":
+    main()
