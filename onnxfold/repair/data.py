@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..groups.layout import MEAN, Member
+from ..model.load import load_model
 from ..model.ops import BIAS_INPUT, output_channel_axis, weight_out_axis
 from ..plan.plan import FoldPlan
 from ..rewrite.merge import folded_feeds
@@ -110,7 +111,9 @@ def dense_bn_offsets(
     The folded model sees the same sample, so its statistics err the same way: adding the shift and
     applying the ratio (a paired, control-variate estimate) cancels most of the noise of a few dozen
     samples."""
-    dense = gs.import_onnx(onnx.load(dense_path))
+    # loaded as the folded graph was (Constant nodes made constants: paddle2onnx writes BN
+    # statistics as Constant nodes, which a plain import leaves as variables, unpaired)
+    dense = load_model(dense_path).graph
     by_output = {
         n.outputs[0].name: n
         for n in dense.nodes
