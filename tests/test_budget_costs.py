@@ -113,7 +113,7 @@ def test_macs_budget_takes_more_from_the_high_resolution_layer(cnn_path):
     assert removed["macs"] >= removed["uniform"] > 0
     assert removed["macs"] > removed["params"]
     assert any(n.startswith("budget macs: the allocation spends multiply") for n in macs.notes)
-    assert any("input x=(1, 4, 32, 32) (random inputs)" in n for n in macs.notes), macs.notes
+    assert any("measured at x=(1, 4, 32, 32) (random inputs)" in n for n in macs.notes), macs.notes
 
 
 def test_params_budget_says_so_and_keeps_the_allocation(cnn_path):
@@ -138,7 +138,7 @@ def test_latency_budget_gives_a_valid_rounded_model_and_its_note(cnn_path):
     assert y.shape == (1, 4, SIDE // 8, SIDE // 8) and np.isfinite(y).all()
     assert result.plans and all(p.k % 4 == 0 for p in result.plans if p.group.kind == "channels")
     (note,) = [n for n in result.notes if n.startswith("budget latency")]
-    assert f"median of {PROFILE_RUNS} runs" in note and "input x=(1, 4, 32, 32)" in note
+    assert f"median of {PROFILE_RUNS} runs" in note and "measured at x=(1, 4, 32, 32)" in note
     assert "rounded up to a multiple of 4 (the latency budget's default" in note
 
 

@@ -8,7 +8,8 @@ size, so a per-element cost turns "parameters" into "multiply-accumulates" or "t
   position, a Gemm / MatMul weight once per row of its input (per token).
 - latency: median microseconds of each of those layers in onnxruntime's CPU profile
   (SessionOptions.enable_profiling, graph optimisations off so the profiled nodes are the graph's
-  own), one run of one sample (or the declared static batch).
+  own, one thread), one run of one sample (or the declared static batch). Times are measured: two
+  folds of one model may allocate a little differently.
 
 Weights are found through Transpose / Cast / Reshape / DequantizeLinear ... chains; bias and
 BatchNorm vectors and layers that multiply two activations (attention scores) cost nothing here:
@@ -52,7 +53,11 @@ PASS_THROUGH = (
     "Unsqueeze",
     "DequantizeLinear",
 )
-PROFILE_RUNS = 15  # profiled runs; each layer's median time is kept
+PROFILE_RUNS = 20  # profiled runs; each layer's median time is kept
+# one intra-op thread: layer times that other processes on the machine disturb less (EfficientNet-
+# Lite0 on a loaded 2-core machine: the whole profile's time varied 9-21 ms over 3 sessions with
+# the default threads, 24-25 ms with one)
+THREADS = 1
 TWO_GB = 2**31 - 2**20
 
 
@@ -70,8 +75,8 @@ class Costs:
         """The fold report's line: which budget and what it was measured on."""
         what = {
             "macs": "multiply-accumulates per sample",
-            "latency": f"onnxruntime CPU time per layer (profiled, graph optimisations off, "
-            f"median of {PROFILE_RUNS} runs)",
+            "latency": f"onnxruntime CPU time per layer (profiled on one thread, graph "
+            f"optimisations off, median of {PROFILE_RUNS} runs)",
         }[self.kind]
         return (
             f"budget {self.kind}: the allocation spends {what} of {len(self.per_element)} weight "
@@ -98,7 +103,7 @@ def measure_costs(
             f"the {kind} budget found no layer multiplying a stored weight (Conv, Gemm, MatMul, "
             "LSTM/GRU/RNN); use the params budget"
         )
-    return Costs(kind, per_element, f"input {shapes} ({source} inputs)")
+    return Costs(kind, per_element, f"{shapes} ({source} inputs)")
 
 
 def one_run_feeds(
@@ -225,6 +230,7 @@ def profile_nodes(
         opts.log_severity_level = 4
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.intra_op_num_threads = THREADS
         opts.enable_profiling = True
         opts.profile_file_prefix = os.path.join(tmp, "profile")
         sess = ort.InferenceSession(_serialised(model, tmp), opts, providers=PROVIDERS)
