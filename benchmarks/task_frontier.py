@@ -90,6 +90,20 @@ def latency(dense, folded, feeds: dict, rounds: int) -> tuple[float, float]:
     return 1e3 * float(np.median(d)), 1e3 * float(np.median(f))
 
 
+def engine_commit() -> str:
+    """HEAD's short hash, '+dirty' when onnxfold/ has uncommitted changes (the engine changes
+    under a long run: each model's file says which engine measured it)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (
+        "+dirty" if git("status", "--porcelain", "onnxfold") else ""
+    )
+
+
 def macs(model: onnx.ModelProto, feeds: dict) -> int | None:
     """onnxfold.check.count.count_macs at the feeds' size; where onnx shape inference leaves a
     MatMul's shapes unknown (the PP-OCR cls graph), the same per-node count on the shapes
@@ -202,6 +216,7 @@ class Frontier:
             self._dense_verdict_out = None
             d = self.data.setdefault("dense", {})
             d.update(
+                commit=engine_commit(),
                 params=count_params(skeleton),
                 macs=macs(skeleton, t.sample_feeds),
                 eval_seconds=seconds,
@@ -328,7 +343,18 @@ class Frontier:
         start = time.perf_counter()
         figures = t.metric(self._dense_out, t.evaluate(blob))
         eval_s = time.perf_counter() - start
-        cmp = compare(self._dense_sess, folded, t.verdict_feeds, None, "evaluation inputs")
+        if self._dense_verdict_out is None:
+            from onnxfold.check.compare import run_dense
+
+            self._dense_verdict_out = run_dense(self._dense_sess, t.verdict_feeds, "evaluation")
+        cmp = compare(
+            self._dense_sess,
+            folded,
+            t.verdict_feeds,
+            None,
+            "evaluation inputs",
+            d_out=self._dense_verdict_out,
+        )
         return {
             "params": params,
             "macs": m,
@@ -374,6 +400,11 @@ def _order(r: dict) -> tuple:
     return (METHODS.index(r["method"]), SETTINGS.index(r["setting"]), r["ratio"])
 
 
+def verdict_size(task: Task) -> str:
+    x = next(iter(task.verdict_feeds.values()))
+    return f"{x.shape[0]} samples of shape {list(x.shape[1:])}"
+
+
 def model_markdown(task: Task, data: dict) -> list[str]:
     d = data.get("dense", {})
     rows = sorted(data["rows"], key=_order)
@@ -391,11 +422,15 @@ def model_markdown(task: Task, data: dict) -> list[str]:
         "",
         f"Inputs: {task.split}.",
         "",
+        f"Engine: onnxfold at commit {d.get('commit', '?')} (when the dense model was first "
+        "measured; points are cached, a rerun adds only the missing ones).",
+        "",
         f"Task metric: {task.metric_name} (1.0 = dense). Latency: one sample, onnxruntime CPU, "
         "median of interleaved dense/folded runs in the same process; speed-up = dense / folded "
         "(2 shared CPU cores: differences under ~10% are noise). Verdict: onnxfold.check.compare "
-        "on the evaluation inputs. free = no calibration input (repair auto); calib = the "
-        "calibration inputs (fold: --repair data; prune-act: activations; onnxsim: Wanda).",
+        f"on {verdict_size(task)} of the evaluation inputs. free = no calibration input "
+        "(repair auto); calib = the calibration inputs (fold: --repair data; prune-act: "
+        "activations; onnxsim: Wanda).",
         "",
     ]
     sens = data.get("sensitivity", {})
@@ -463,9 +498,11 @@ def comparison(rows: list[dict], by: str) -> list[str]:
             a, b = best(ours, thr, by), best(sim_ok, thr, by)
             av, bv = (a[by] if a else None), (b[by] if b else None)
             wins = av is not None and (bv is None or av > bv)
+            sim_text = "no point" if bv is None else f"-{_pct(bv)}"
+            ours_text = "no point" if av is None else f"-{_pct(av)}"
             parts.append(
-                f"at >= {thr:.0%}: onnxfold -{_pct(av)} vs onnxsim -{_pct(bv)} "
-                f"({'onnxfold ahead' if wins else 'onnxfold NOT ahead'})".replace("--", "-")
+                f"at >= {thr:.0%}: onnxfold {ours_text} vs onnxsim {sim_text} "
+                f"({'onnxfold ahead' if wins else 'onnxfold NOT ahead'})"
             )
         dominated = [
             r
