@@ -52,7 +52,7 @@ from .rewrite.refit import plan_refits, refit_consumers
 from .runtime.feeds import match_inputs, random_feeds
 from .runtime.session import session
 from .runtime.stats import run_batched, sample_count
-from .runtime.tokens import generated_token_feeds, logits_output, token_id_limits
+from .runtime.tokens import generated_token_feeds, input_values, logits_output, token_id_limits
 
 MEASURE_SAMPLES = 32  # random calibration inputs drawn for --measure when there are none
 
@@ -311,7 +311,8 @@ def _costed_budget(
     if config.cost == "params":
         return budget, ["budget params: the allocation spends parameters"]
     dense = _dense_proto(graph, dense_path, weights=config.cost == "latency")
-    costs = measure_costs(config.cost, dense, calib, source, config.seed)
+    random = {"id_limits": token_id_limits(graph) or None, "values": input_values(graph)}
+    costs = measure_costs(config.cost, dense, calib, source, config.seed, random)
     return dataclasses.replace(budget, per_element=costs.per_element), [costs.note() + rounded]
 
 

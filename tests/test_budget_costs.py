@@ -199,3 +199,30 @@ def test_a_model_without_weighted_layers_fails_with_the_reason():
     model = make_model(nodes, {"b": rand(8)}, {"x": [1, 8]}, {"y": [1, 8]})
     with pytest.raises(UserError, match=r"the latency budget found no layer multiplying a stored"):
         measure_costs("latency", model, None)
+
+
+def test_latency_budget_draws_token_ids_the_embedding_has():
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"]),
+        helper.make_node("MatMul", ["e", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    inits = {"table": rand(10, 8, seed=1), "w1": rand(8, 16, seed=2), "w2": rand(16, 8, seed=3)}
+    ids = (onnx.TensorProto.INT64, [1, "seq"])
+    model = make_model(nodes, inits, {"ids": ids}, {"y": [1, "seq", 8]})
+    result = fold_model(model, FoldConfig(ratio=0.25, allocate=True, cost="latency"))
+    assert result.plans
+    (note,) = [n for n in result.notes if n.startswith("budget latency")]
+    assert "measured at ids=(1, 64) (random inputs)" in note
+
+
+def test_a_model_that_fails_on_the_profiled_inputs_says_why():
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"])]
+    nodes.append(helper.make_node("MatMul", ["e", "w"], ["y"]))
+    inits = {"table": rand(10, 8), "w": rand(8, 4)}
+    ids = (onnx.TensorProto.INT64, [1, 6])
+    model = make_model(nodes, inits, {"ids": ids}, {"y": [1, 6, 4]})
+    too_large = {"ids": np.full((1, 6), 50, np.int64)}
+    with pytest.raises(UserError, match=r"the latency budget could not run the model to profile"):
+        measure_costs("latency", model, too_large)

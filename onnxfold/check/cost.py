@@ -90,12 +90,14 @@ def measure_costs(
     feeds: dict[str, np.ndarray] | None,
     source: str = "given",
     seed: int = 0,
+    random: dict | None = None,
 ) -> Costs:
     """Costs of `kind` ("macs": `model` may be a skeleton without weight data; "latency": with its
     weights) at one run of `feeds` (input name -> (N, ...); None: random inputs of the declared
-    shapes, symbolic dims sized as runtime.feeds.random_feeds does). `source` says where the feeds
-    came from (user, synthesised, given)."""
-    one, source = one_run_feeds(model, feeds, source, seed)
+    shapes, symbolic dims sized as runtime.feeds.random_feeds does, `random` its further keyword
+    arguments: id_limits, values). `source` says where the feeds came from (user, synthesised,
+    given)."""
+    one, source = one_run_feeds(model, feeds, source, seed, random)
     shapes = ", ".join(f"{k}={tuple(np.shape(v))}" for k, v in one.items())
     per_element = mac_costs(model, one) if kind == "macs" else latency_costs(model, one)
     if not per_element:
@@ -107,14 +109,19 @@ def measure_costs(
 
 
 def one_run_feeds(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray] | None, source: str, seed: int
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray] | None,
+    source: str,
+    seed: int,
+    random: dict | None = None,
 ) -> tuple[dict[str, np.ndarray], str]:
     """(feeds of one run: the first sample, or the static batch, of `feeds`; or one random sample
-    when `feeds` is None, its source "random")."""
+    when `feeds` is None (random_feeds with the keyword arguments `random`), its source
+    "random")."""
     specs = proto_input_specs(model.graph)
     axes = input_batch_axes(specs)
     if feeds is None:
-        feeds, source = random_feeds(specs, 1, seed), "random"
+        feeds, source = random_feeds(specs, 1, seed, **(random or {})), "random"
     return axes.take(dict(feeds), 0, axes.static or 1), source
 
 
@@ -206,7 +213,13 @@ def latency_costs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     named.CopyFrom(model)
     _name_nodes(named.graph)
     layers = weighted_layers(named.graph)
-    times = profile_nodes(named, feeds, PROFILE_RUNS)
+    try:
+        times = profile_nodes(named, feeds, PROFILE_RUNS)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common base
+        raise UserError(
+            f"the latency budget could not run the model to profile it ({str(e).splitlines()[0]}); "
+            "give calibration inputs it runs on, or use another budget"
+        ) from None
     return _per_element(layers, [times.get(node.name, 0.0) for node, _ in layers], 1)
 
 
