@@ -21,7 +21,7 @@ from .model.load import LoadedModel, load_model
 from .model.save import check_data_target, copy_atomic, save_graph
 from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
 from .plan.sensitivity import Sensitivity
-from .repair import REPAIRS, Repair
+from .repair import REPAIRS, Repair, resolved_name
 from .runtime.feeds import check_arrays, proto_input_specs
 from .runtime.inputs import (
     InputOptions,
@@ -113,7 +113,10 @@ def fold_file(
     with reporter.step("loading"), _measured(steps, "load"):
         # External-data weights stay on disk until used, unless a step exports the graph to run it.
         lazy = (
-            not REPAIRS.get(config.repair, Repair).needs_calibration and config.importance != "act"
+            not REPAIRS.get(
+                resolved_name(config.repair, config.method, calib is not None), Repair
+            ).needs_calibration
+            and config.importance != "act"
         )
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)

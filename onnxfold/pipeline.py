@@ -39,7 +39,7 @@ from .plan.sensitivity import (
     measured_ratios,
     relative_deviation,
 )
-from .repair import REPAIRS, Repair, choose_repair
+from .repair import REPAIRS, Repair, choose_repair, resolved_name
 from .repair.ar import has_bn_statistics
 from .rewrite.compensate import (
     apply_compensation,
@@ -148,8 +148,11 @@ def fold_graph(
 def _discovered(graph: gs.Graph, opset: int, config: FoldConfig, calib, dense_path: str | None):
     """Stage 1: (the repair, the calibration feeds (Fold-DIR's when none were given), where they
     came from, the groups found, the --exclude patterns that matched none)."""
-    repair = choose_repair(config.repair, graph, config.method, config.repair_settings())
     source = getattr(calib, "source", "given")
+    calibrated = calib is not None and source != "synthesised"
+    repair = choose_repair(
+        config.repair, graph, config.method, config.repair_settings(), calibrated
+    )
     if calib is None and repair.synthesizes and dense_path is not None:
         calib, source = repair.calibration(dense_path), "synthesised"
     repair.before_discovery(graph, config.ratio)
@@ -526,7 +529,8 @@ def calibration_source(config: FoldConfig, arrays) -> str | None:
     """'user' when the fold reads the user's calibration arrays, 'synthesised' when the repair makes
     its own inputs instead, 'data-free' when only --measure reads them and fold_graph makes its own
     for it (data_free_feeds), None when nothing reads calibration inputs."""
-    repair = REPAIRS.get(config.repair, Repair)
+    name = resolved_name(config.repair, config.method, arrays is not None)
+    repair = REPAIRS.get(name, Repair)
     reads = repair.reads_calib or config.importance == "act" or config.refit or config.measure
     if arrays is not None and reads:
         return "user"

@@ -1,6 +1,6 @@
 """Stage 4: repair what merging loses (DESIGN §1.4). One Repair subclass per method (base.py),
-listed once in REPAIRS; `auto` picks Fold-AR when the graph keeps BatchNorm statistics, else
-none.
+listed once in REPAIRS; `auto` picks REPAIR on the user's calibration inputs when a fold is given
+them, else Fold-AR when the graph keeps BatchNorm statistics, else none.
 
 REPAIRS imports the repair modules (and onnx, onnxruntime with them) on first use, so that config
 and `onnxfold --help` can read CHOICES without loading them."""
@@ -42,16 +42,28 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def resolved_name(requested: str, method: str, calibrated: bool) -> str:
+    """The repair --repair `requested` names before the graph is read: 'auto' for a fold
+    (`method` fold) given the user's calibration inputs (`calibrated`) is 'data' (REPAIR on them);
+    any other request stands (auto is resolved on the graph by choose_repair)."""
+    return "data" if requested == "auto" and method == "fold" and calibrated else requested
+
+
 def choose_repair(
     requested: str,
     graph: gs.Graph,
     method: str = "fold",
     settings: RepairSettings = RepairSettings(),
+    calibrated: bool = False,
 ) -> Repair:
     """The Repair for --repair `requested` (auto or a name in REPAIRS) on `graph` folded by
-    `method`; its `name` and `why` go into the report."""
+    `method`, `calibrated`: the user gave calibration inputs; its `name` and `why` go into the
+    report."""
     from .ar import FoldAR
 
+    if resolved_name(requested, method, calibrated) != requested:
+        why = "--repair auto with calibration inputs: REPAIR re-estimates statistics on them"
+        return _classes()["data"](why, settings)
     cls, why = (
         FoldAR.auto(graph, method)
         if requested == "auto"

@@ -1,6 +1,7 @@
-"""choose_repair: which repair a fold uses and the reason the report gives. auto picks Fold-AR where
-the graph keeps BatchNorm statistics (the shipped MNIST CNN has 7), none where it does not (a Gemm
-MLP) and none for pruning; asking for ar on a pruned model is a usage error."""
+"""choose_repair: which repair a fold uses and the reason the report gives. auto picks REPAIR when
+a fold is given calibration inputs, else Fold-AR where the graph keeps BatchNorm statistics (the
+shipped MNIST CNN has 7), none where it does not (a Gemm MLP) and none for pruning; asking for ar on
+a pruned model is a usage error."""
 
 from __future__ import annotations
 
@@ -69,3 +70,29 @@ def test_the_fold_reports_the_choice_and_its_reason(tmp_path):
     assert result.repair == "ar" and "keeps BatchNormalization statistics" in result.repair_why
     pruned, _ = fold_to(MNIST, str(tmp_path / "p.onnx"), ratio=0.3, method="prune")
     assert pruned.repair == "none" and "pruning keeps" in pruned.repair_why
+
+
+def test_auto_with_calibration_inputs_is_repair_for_folds_only(with_bn, without_bn):
+    for graph in (with_bn, without_bn):
+        chosen = choose_repair("auto", graph, "fold", calibrated=True)
+        assert chosen.name == "data" and "--repair auto with calibration inputs" in chosen.why
+    assert choose_repair("auto", with_bn, "prune", calibrated=True).name == "none"
+    assert choose_repair("ar", with_bn, "fold", calibrated=True).name == "ar"
+
+
+def test_a_fold_given_calib_under_auto_is_the_repair_data_fold(tmp_path):
+    """`onnxfold --calib` (repair auto) writes the model `--repair data --calib` writes, and says
+    why in the report."""
+    from helpers import MNIST_CALIB
+
+    from onnxfold import FoldConfig, fold_file
+
+    written = []
+    for repair in ("auto", "data"):
+        out = str(tmp_path / f"{repair}.onnx")
+        folded = fold_file(
+            MNIST, out, FoldConfig(ratio=0.3, repair=repair), calib=MNIST_CALIB, validate=False
+        )
+        written.append(open(out, "rb").read())
+    assert written[0] == written[1]
+    assert folded.result.repair == "data"
