@@ -34,7 +34,8 @@ and .png after every point, and the combined benchmarks/results/frontier.md at t
 
 Usage: python -m benchmarks.task_frontier [--models efficientnet_lite0,ppocr_det,...]
            [--methods fold,fold-alloc,fold-measure,prune-act,onnxsim] [--calib free,calib]
-           [--ratios 0.02,0.05,...] [--rounds 15] [--fresh [--keep-sensitivity]]
+           [--ratios 0.02,0.05,...] [--skip fold-measure:calib] [--rounds 15]
+           [--fresh [--keep-sensitivity]]
            [--summary-only]
 """
 
@@ -72,13 +73,13 @@ SMOL_SCOPE = dict(head_ratio=0.0, layers="1-28")
 
 def latency(dense, folded, feeds: dict, rounds: int) -> tuple[float, float]:
     """(dense ms, folded ms): medians of interleaved single runs after 2 warm-ups each: at least
-    `rounds`, more (up to 400) for fast models, about 3 s of dense runs in all."""
+    `rounds`, more (up to 400) for fast models, about 1.5 s of dense runs in all."""
     for _ in range(2):
         t = time.perf_counter()
         dense.run(None, feeds)
         once = time.perf_counter() - t
         folded.run(None, feeds)
-    rounds = int(min(400, max(rounds, 3.0 / max(once, 1e-4))))
+    rounds = int(min(400, max(rounds, 1.5 / max(once, 1e-4))))
     d, f = [], []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -391,9 +392,14 @@ def _point(r: dict | None, by: str) -> str:
     if r is None:
         return "none"
     return (
-        f"MACs -{_pct(r['macs_red'])[:-1]}%, params -{_pct(r['params_red'])[:-1]}%, "
+        f"MACs {_red(r['macs_red'])}, params {_red(r['params_red'])}, "
         f"{r['speedup']:.2f}x speed (r={r['ratio']:g}, {r['figures']['task']:.3f})"
-    ).replace("--", "-")
+    )
+
+
+def _red(v) -> str:
+    """A reduction as a signed change: 0.123 -> '-12.3%', -0.01 -> '+1.0%'."""
+    return "-" if v is None else f"{-100 * v:+.1f}%"
 
 
 def _order(r: dict) -> tuple:
@@ -463,11 +469,19 @@ def model_markdown(task: Task, data: dict) -> list[str]:
             continue
         f = r["figures"]
         lines.append(
-            f"| {LABEL[r['method']]} | {r['setting']} | {ratio} | -{_pct(r['params_red'])} | "
-            f"-{_pct(r['macs_red'])} | {r['speedup']:.2f}x | {f['task']:.3f} |"
+            f"| {LABEL[r['method']]} | {r['setting']} | {ratio} | {_red(r['params_red'])} | "
+            f"{_red(r['macs_red'])} | {r['speedup']:.2f}x | {f['task']:.3f} |"
             + "".join(f" {f.get(e, float('nan')):.3f} |" for e in extra)
             + f" {r['verdict']} | {r['fold_seconds']:.0f} | {r.get('note', '') or ''} |"
         )
+    missing = [
+        f"{LABEL[m]} {s}"
+        for m in (task.methods or METHODS)
+        for s in SETTINGS
+        if not any(r["method"] == m and r["setting"] == s for r in rows)
+    ]
+    if missing:
+        lines += ["", "Not run: " + ", ".join(missing) + " (see benchmarks/README.md)."]
     lines += ["", "## Best point at >= 99% and >= 95% of dense", ""]
     lines += ["| method | calib | >= 99% | >= 95% |", "|---|---|---|---|"]
     for m in METHODS:
@@ -498,8 +512,8 @@ def comparison(rows: list[dict], by: str) -> list[str]:
             a, b = best(ours, thr, by), best(sim_ok, thr, by)
             av, bv = (a[by] if a else None), (b[by] if b else None)
             wins = av is not None and (bv is None or av > bv)
-            sim_text = "no point" if bv is None else f"-{_pct(bv)}"
-            ours_text = "no point" if av is None else f"-{_pct(av)}"
+            sim_text = "no point" if bv is None else _red(bv)
+            ours_text = "no point" if av is None else _red(av)
             parts.append(
                 f"at >= {thr:.0%}: onnxfold {ours_text} vs onnxsim {sim_text} "
                 f"({'onnxfold ahead' if wins else 'onnxfold NOT ahead'})"
@@ -624,9 +638,9 @@ def target_lines(title: str, key: str, rows: list[dict]) -> list[str]:
         b = max(cal, key=lambda r: r["macs_red"] or 0)
         fast = max(cal, key=lambda r: r["speedup"])
         out.append(
-            f"- {title}, 32 calibration inputs, >= 95%: most MACs removed -{_pct(b['macs_red'])} "
+            f"- {title}, 32 calibration inputs, >= 95%: most MACs removed {_red(b['macs_red'])} "
             f"({LABEL[b['method']]}, {b['speedup']:.2f}x), fastest {fast['speedup']:.2f}x "
-            f"(-{_pct(fast['macs_red'])} MACs); target >= 20% fewer MACs and >= 1.2x faster: "
+            f"({_red(fast['macs_red'])} MACs); target >= 20% fewer MACs and >= 1.2x faster: "
             + ("met (" + LABEL[hit[0]["method"]] + f" r={hit[0]['ratio']:g})" if hit else "NOT met")
             + "."
         )
@@ -635,11 +649,11 @@ def target_lines(title: str, key: str, rows: list[dict]) -> list[str]:
         b = max(free, key=lambda r: r["macs_red"] or 0) if free else None
         red = b["macs_red"] if b else 0.0
         out.append(
-            f"- {title}, data-free, >= 95%: most MACs removed -{_pct(red)}"
+            f"- {title}, data-free, >= 95%: most MACs removed {_red(red)}"
             + (f" ({LABEL[b['method']]})" if b else "")
             + f"; target >= 10%: {'met' if red >= 0.1 else 'NOT met'}."
         )
-    return [o.replace("--", "-") for o in out]
+    return out
 
 
 TITLES = {
@@ -661,6 +675,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--calib", default=",".join(SETTINGS), help="free, calib or both")
     p.add_argument("--ratios", default=None, help="override the model's grid")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="method:setting pairs not run, e.g. fold-measure:calib (recorded as skipped)",
+    )
     p.add_argument("--rounds", type=int, default=15, help="fewest latency runs per point")
     p.add_argument("--windows", type=int, default=16, help="SmolLM2 evaluation windows")
     p.add_argument("--fresh", action="store_true", help="drop cached points first")
@@ -681,8 +700,12 @@ def main(argv: list[str] | None = None) -> None:
             methods = [m for m in args.methods.split(",") if not task.methods or m in task.methods]
             frontier.dense()
             print(f"== {task.title}: dense {frontier.data['dense']}", flush=True)
+            skip = {tuple(x.split(":")) for x in args.skip.split(",") if x}
             for m in methods:
                 for s in args.calib.split(","):
+                    if (m, s) in skip:
+                        print(f"{key} {m} {s}: skipped (--skip)", flush=True)
+                        continue
                     for r in ratios:
                         row = frontier.point(m, s, r)
                         if row is None:
@@ -702,6 +725,12 @@ def main(argv: list[str] | None = None) -> None:
                         write_model(task, frontier.data)
             write_model(task, frontier.data)
             print(f"== {task.title}: {time.perf_counter() - start:.0f} s", flush=True)
+    else:  # rewrite every model's file from its cached points
+        for key in keys:
+            if os.path.exists(os.path.join(STORE, f"{key}.json")):
+                task = TASKS[key](args.windows) if key == "smollm2" else TASKS[key]()
+                with open(os.path.join(STORE, f"{key}.json")) as f:
+                    write_model(task, json.load(f))
     with open(os.path.join(RESULTS, "frontier.md"), "w") as f:
         f.write("\n".join(combined(list(TASKS))) + "\n")
 
