@@ -382,18 +382,21 @@ def _ok(row: dict) -> bool:
     return "figures" in row and row["figures"].get("task") is not None
 
 
-def best(rows: list[dict], threshold: float, by: str) -> dict | None:
-    """The row with the largest `by` reduction whose task metric is >= threshold."""
-    meeting = [r for r in rows if _ok(r) and r["figures"]["task"] >= threshold and r.get(by)]
+def best(rows: list[dict], threshold: float, by: str, figure: str = "task") -> dict | None:
+    """The row with the largest `by` reduction whose `figure` (the task metric) is >=
+    threshold."""
+    meeting = [
+        r for r in rows if _ok(r) and r["figures"].get(figure, -1) >= threshold and r.get(by)
+    ]
     return max(meeting, key=lambda r: r[by]) if meeting else None
 
 
-def _point(r: dict | None, by: str) -> str:
+def _point(r: dict | None, by: str, figure: str = "task") -> str:
     if r is None:
         return "none"
     return (
         f"MACs {_red(r['macs_red'])}, params {_red(r['params_red'])}, "
-        f"{r['speedup']:.2f}x speed (r={r['ratio']:g}, {r['figures']['task']:.3f})"
+        f"{r['speedup']:.2f}x speed (r={r['ratio']:g}, {r['figures'][figure]:.3f})"
     )
 
 
@@ -428,8 +431,9 @@ def model_markdown(task: Task, data: dict) -> list[str]:
         "",
         f"Inputs: {task.split}.",
         "",
-        f"Engine: onnxfold at commit {d.get('commit', '?')} (when the dense model was first "
-        "measured; points are cached, a rerun adds only the missing ones).",
+        f"Engine: onnxfold at commit {d.get('commit', '?')} when the last run of this model "
+        "began (points are cached across runs, a rerun adds only the missing ones; the engine "
+        "was being changed by others during the session).",
         "",
         f"Task metric: {task.metric_name} (1.0 = dense). Latency: one sample, onnxruntime CPU, "
         "median of interleaved dense/folded runs in the same process; speed-up = dense / folded "
@@ -493,6 +497,22 @@ def model_markdown(task: Task, data: dict) -> list[str]:
                 f"| {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
                 f"{_point(best(sel, 0.95, by), by)} |"
             )
+    for figure in task.also_summarise:
+        lines += [
+            "",
+            f"The same on `{figure}` instead of the task metric:",
+            "",
+            "| method | calib | >= 0.99 | >= 0.95 |",
+            "|---|---|---|---|",
+        ]
+        for m in METHODS:
+            for s in SETTINGS:
+                sel = [r for r in rows if r["method"] == m and r["setting"] == s]
+                if sel:
+                    lines.append(
+                        f"| {LABEL[m]} | {s} | {_point(best(sel, 0.99, by, figure), by, figure)} "
+                        f"| {_point(best(sel, 0.95, by, figure), by, figure)} |"
+                    )
     lines += ["", *comparison(rows, by), ""]
     return lines
 
