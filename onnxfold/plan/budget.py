@@ -30,9 +30,10 @@ MAX_WARD_CHANNELS = 16384
 # what --allocate / --measure spend: parameters, multiply-accumulates, onnxruntime CPU time
 BUDGETS = ("params", "macs", "latency")
 # channel counts are rounded up to this multiple unless --multiple-of says otherwise. latency: 4,
-# the smallest multiple that gave back the speed odd counts cost (benchmarks/results/budgets.md:
-# EfficientNet-Lite0 at --ratio 0.1 --allocate ran 1.59x slower than dense with the counts as
-# allocated, 0.99x / 0.99x / 0.98x rounded to 4 / 8 / 16; onnxruntime CPU, 2 cores)
+# the smallest multiple that gave back the speed uneven counts cost (benchmarks/results/budgets.md,
+# EfficientNet-Lite0 --ratio 0.1 --allocate --budget latency, onnxruntime CPU, folded / dense time:
+# counts as allocated 1.72x, multiple 2 1.36x, 4 0.94x, 8 0.90x, 16 0.88x; 8 and 16 are within the
+# noise of 4, repeats of one timing differ by 5%, and 16 removes half the MACs: 3.7% against 7.8%)
 DEFAULT_MULTIPLE = {"params": 1, "macs": 1, "latency": 4}
 
 
