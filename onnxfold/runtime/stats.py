@@ -132,16 +132,30 @@ def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.nd
 
 def run_batched(sess, feeds: dict[str, np.ndarray], batch: int = BATCH) -> list[np.ndarray]:
     """All outputs of `sess` over every sample of feeds, run in chunks (run_chunks) and joined
-    along each output's batch axis; an output with no batch axis is the last run's."""
+    along each output's batch axis. An output whose declared dims do not name the batch
+    (paddle2onnx names every dynamic dim apart: input [p2o.DynamicDimension.0, ...], output
+    [p2o.DynamicDimension.2, ...]) is joined along axis 0 when its first dim held exactly each
+    run's samples; otherwise it does not follow the samples and the last run's is returned."""
     axes = batch_axes(sess)
     names = [o.name for o in sess.get_outputs()]
-    chunks = [outs for _, outs in run_chunks(sess, feeds, names, batch)]
-    return [
-        np.concatenate(parts, axes.outputs[n])
-        if axes.outputs.get(n) is not None and len(parts) > 1
-        else parts[-1]
-        for n, parts in zip(names, zip(*chunks))
-    ]
+    runs = list(run_chunks(sess, feeds, names, batch))
+    total = axes.samples(feeds)
+    counts = [b - a for a, b in zip([s for s, _ in runs], [s for s, _ in runs[1:]] + [total])]
+    joined = []
+    for i, name in enumerate(names):
+        parts = [outs[i] for _, outs in runs]
+        axis = axes.outputs.get(name)
+        if axis is None and len(parts) > 1 and _follows_samples(parts, counts):
+            axis = 0
+        joined.append(
+            np.concatenate(parts, axis) if axis is not None and len(parts) > 1 else parts[-1]
+        )
+    return joined
+
+
+def _follows_samples(parts: list[np.ndarray], counts: list[int]) -> bool:
+    """True when the first dim of each run's output is that run's number of samples."""
+    return all(np.ndim(p) >= 1 and np.shape(p)[0] == n for p, n in zip(parts, counts))
 
 
 def smallest_batch(sess, feeds: dict[str, np.ndarray]) -> int:

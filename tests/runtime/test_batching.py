@@ -142,3 +142,34 @@ def test_a_model_read_with_external_data_exports_inline_in_memory(tmp_path):
     proto = fold_model(ext, FoldConfig(ratio=0.5)).to_proto()
     onnx.checker.check_model(proto)
     assert session(proto.SerializeToString()).run(None, {"input": rand(3, 12)})[0].shape == (3, 4)
+
+
+def test_outputs_whose_dims_are_named_apart_from_the_inputs_keep_every_sample(tmp_path):
+    """paddle2onnx names every dynamic dim apart (input [p2o.DynamicDimension.0, ...], output
+    [p2o.DynamicDimension.2, ...]): the output still holds one row per sample, so every run's rows
+    are joined; an output that does not follow the samples is the last run's, as before."""
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxfold.runtime.stats import BATCH
+
+    w = np.arange(12, dtype=np.float32).reshape(4, 3)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+            helper.make_node("ReduceSum", ["y"], ["total"], keepdims=0),
+        ],
+        "apart",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["p2o.Dim.0", 4])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["p2o.Dim.2", 3]),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+        ],
+        [numpy_helper.from_array(w, "w")],
+    )
+    path = str(tmp_path / "apart.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    x = np.random.default_rng(0).standard_normal((BATCH * 2 + 5, 4)).astype(np.float32)
+    y, total = run_batched(session(path), {"x": x})
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5)
+    np.testing.assert_allclose(total, (x[BATCH * 2 :] @ w).sum(), rtol=1e-4)
