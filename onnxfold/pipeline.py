@@ -300,19 +300,20 @@ def _costed_budget(
     saying which budget and what it was measured on."""
     rounded = (
         f"; channel counts rounded up to a multiple of {budget.multiple_of} (the {config.cost} "
-        "budget's default, --multiple-of N to change)"
+        "budget's default: onnxruntime's CPU kernels run other counts slower; --multiple-of 1 "
+        "keeps exact counts)"
         if config.multiple_of is None and budget.multiple_of > 1
         else ""
     )
     if not (config.allocate or config.measure):
         if config.cost == "params":
-            return budget, []
+            return budget, [f"budget params{rounded}"] if rounded else []
         return budget, [
             f"budget {config.cost}: the uniform ratio removes the same share of every group "
             f"whatever is counted (--allocate or --measure spend it per group){rounded}"
         ]
     if config.cost == "params":
-        return budget, ["budget params: the allocation spends parameters"]
+        return budget, [f"budget params: the allocation spends parameters{rounded}"]
     dense = _dense_proto(graph, dense_path, weights=config.cost == "latency")
     random = {"id_limits": token_id_limits(graph) or None, "values": input_values(graph)}
     costs = measure_costs(config.cost, dense, calib, source, config.seed, random)

@@ -258,7 +258,9 @@ def groups_of(path, strict: bool | None = None) -> list[Group]:
 
 def fold_to(src: str, dst: str, calib: dict | None = None, **options):
     """Fold `src` into `dst` with FoldConfig(**options) (and `calib` feeds); returns (FoldResult,
-    folded ModelProto)."""
+    folded ModelProto). Rules are tested one unit at a time: multiple_of is 1 unless given (the
+    product's default rounds channel counts up to 4, tests/test_budget_costs.py)."""
+    options.setdefault("multiple_of", 1)
     result = fold_model(src, FoldConfig(**options), calib=calib)
     proto = result.to_proto()
     onnx.save(proto, dst)

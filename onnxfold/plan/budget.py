@@ -29,12 +29,13 @@ if TYPE_CHECKING:  # config imports Budget from here: groups/ (onnx-graphsurgeon
 MAX_WARD_CHANNELS = 16384
 # what --allocate / --measure spend: parameters, multiply-accumulates, onnxruntime CPU time
 BUDGETS = ("params", "macs", "latency")
-# channel counts are rounded up to this multiple unless --multiple-of says otherwise. latency: 4,
-# the smallest multiple that gave back the speed uneven counts cost (benchmarks/results/budgets.md,
-# EfficientNet-Lite0 --ratio 0.1 --allocate --budget latency, onnxruntime CPU, folded / dense time:
-# counts as allocated 1.72x, multiple 2 1.36x, 4 0.94x, 8 0.90x, 16 0.88x; 8 and 16 are within the
-# noise of 4, repeats of one timing differ by 5%, and 16 removes half the MACs: 3.7% against 7.8%)
-DEFAULT_MULTIPLE = {"params": 1, "macs": 1, "latency": 4}
+# channel counts are rounded up to this multiple unless --multiple-of says otherwise: 4, the
+# smallest multiple that gave back the speed uneven counts cost on onnxruntime's CPU kernels
+# (benchmarks/results/budgets.md, EfficientNet-Lite0 --ratio 0.1 --allocate --budget latency,
+# folded / dense time: counts as allocated 1.72x, multiple 2 1.36x, 4 0.94x, 8 0.90x, 16 0.88x;
+# 8 and 16 are within the noise of 4, repeats of one timing differ by 5%, and 16 removes half the
+# MACs). The uniform fold at 0.1 there: 1.70x slower with exact counts, 1.16x faster rounded to 4.
+DEFAULT_MULTIPLE = {"params": 4, "macs": 4, "latency": 4}
 
 
 @dataclass(frozen=True)

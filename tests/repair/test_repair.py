@@ -45,7 +45,7 @@ def test_repair_with_data_sets_bn_statistics_to_measured_values(tmp_path):
     src = bn_model(str(tmp_path / "bn.onnx"))
     calib = {"input": (3.0 + 2.0 * RNG.standard_normal((40, 4, 5, 5))).astype(np.float32)}
     result = fold_model(src, FoldConfig(ratio=0.5, repair="data"), calib=calib)
-    assert result.plans and "BatchNorm" in result.notes[0]
+    assert result.plans and any("BatchNorm" in n for n in result.notes)
     model = result.to_proto()
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
