@@ -160,8 +160,12 @@ def fold_file(
     checked = validator.result
     with _measured(steps, "metrics"):
         feeds, latency = (checked.feeds, checked.timing.ms) if checked else (None, (None, None))
-        dense = figures(loaded.skeleton, loaded.file_bytes, feeds, latency[0])
-        folded = figures(skeleton, size, feeds, latency[1])
+        # MACs inference cannot count are counted on a run of the files, when they are small
+        small = loaded.file_bytes < ONE_AT_A_TIME_BYTES
+        dense = figures(
+            loaded.skeleton, loaded.file_bytes, feeds, latency[0], input if small else None
+        )
+        folded = figures(skeleton, size, feeds, latency[1], output if small else None)
     if validator.one_at_a_time and validate:
         result.notes.append(
             f"input over {ONE_AT_A_TIME_BYTES >> 30} GiB: dense and folded models validated one "

@@ -1,5 +1,7 @@
 """Size and compute of a model: parameters (float initializer elements) and multiply-accumulates per
-sample. Both are counted on a model without its weight data (a skeleton): only dims are read."""
+sample. Both are counted on a model without its weight data (a skeleton): only dims are read, and
+tensor shapes come from onnx's shape inference, else onnxruntime's symbolic inference, else (when
+the model file is given and both leave a layer's shapes unknown) from running it once."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import onnx
 from ..errors import log
 from ..model.ops import RECURRENT_GATES
 from ..runtime.feeds import proto_input_specs
+from ..runtime.session import session_with_outputs
 from ..runtime.stats import input_batch_axes
 
 
@@ -30,14 +33,19 @@ class ModelFigures:
 
 
 def figures(
-    skeleton: onnx.ModelProto, file_bytes: int, feeds: dict | None, latency_ms: float | None
+    skeleton: onnx.ModelProto,
+    file_bytes: int,
+    feeds: dict | None,
+    latency_ms: float | None,
+    runnable: str | None = None,
 ) -> ModelFigures:
-    """ModelFigures counted on a model without its weight data; MACs need `feeds` (input sizes)."""
+    """ModelFigures counted on a model without its weight data; MACs need `feeds` (input sizes).
+    `runnable`: the model's file, run once on `feeds` when inference leaves shapes unknown."""
     feeds = feeds if feeds is not None else _declared_feeds(skeleton)
     if feeds is None:
         macs, note = None, "not counted: input sizes unknown (the model was not run)"
     else:
-        macs, note = macs_with_reason(skeleton, feeds)
+        macs, note = macs_with_reason(skeleton, feeds, runnable)
     return ModelFigures(count_params(skeleton), macs, file_bytes, latency_ms, note)
 
 
@@ -119,10 +127,12 @@ def count_macs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> int | No
 
 
 def macs_with_reason(
-    model: onnx.ModelProto, feeds: dict[str, np.ndarray]
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], runnable: str | None = None
 ) -> tuple[int | None, str | None]:
     """(MACs for one sample, None) or (None, why they could not be counted). An If counts its
-    costlier branch, a Scan its body once per scanned step; a Loop is not counted."""
+    costlier branch, a Scan its body once per scanned step; a Loop is not counted. `runnable`: the
+    file of `model` with its weights, run once on one run of `feeds` for the shapes inference
+    leaves unknown (paddle2onnx's shape arithmetic through Cast)."""
     axes = input_batch_axes(proto_input_specs(model.graph))
     per_run = axes.static or 1
     sized = _with_input_shapes(
@@ -139,6 +149,10 @@ def macs_with_reason(
         symbolic = _symbolic_shapes(sized)
         if symbolic is not None:
             total, why = _total_macs(symbolic)
+    if total is None and runnable is not None:
+        observed = _observed_shapes(runnable, axes.take(feeds, 0, per_run))
+        if observed:
+            total, why = _total_macs(shaped, observed)
     if why is not None:
         log.info("MACs %s", why)
     return (total // per_run if total is not None else None), why
@@ -156,8 +170,10 @@ class _NotCounted(Exception):
     """MACs cannot be counted; the message says why."""
 
 
-def _total_macs(shaped: onnx.ModelProto) -> tuple[int | None, str | None]:
-    shapes = _known_shapes(shaped)
+def _total_macs(
+    shaped: onnx.ModelProto, observed: dict[str, list[int]] | None = None
+) -> tuple[int | None, str | None]:
+    shapes = {**_known_shapes(shaped), **(observed or {})}
     try:
         return _graph_macs(shaped.graph, shapes), None
     except _NotCounted as e:
@@ -221,6 +237,21 @@ def _scan_steps(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     if not shape:
         raise _NotCounted(f"the scanned input of Scan '{node.name}' has an unknown shape")
     return shape[axes[0]]
+
+
+def _observed_shapes(path: str, feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Shape of every main-graph node output of the model at `path` when onnxruntime runs it on
+    `feeds` ({} when it does not run)."""
+    model = onnx.load(path)
+    names = [o for n in model.graph.node for o in n.output if o]
+    try:
+        sess = session_with_outputs(model, names)
+        wanted = [o.name for o in sess.get_outputs()]
+        outs = sess.run(wanted, feeds)
+    except Exception as e:  # noqa: BLE001 - MACs are informative only
+        log.info("MACs: running the model for its shapes failed (%s)", e)
+        return {}
+    return {name: list(np.shape(out)) for name, out in zip(wanted, outs)}
 
 
 def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:

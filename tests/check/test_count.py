@@ -139,3 +139,28 @@ def test_macs_are_per_sample_with_a_static_batch_and_scalar_inputs():
     model = make_model(nodes, {"w": rand(3, 4)}, inputs, {"y": [2, 3]})
     feeds = {"x": np.zeros((8, 4), np.float32), "k": np.array(2)}
     assert macs_with_reason(model, feeds) == (12, None)
+
+
+def test_shapes_inference_leaves_unknown_are_observed_by_running_the_file(tmp_path, monkeypatch):
+    """When neither onnx's nor onnxruntime's shape inference gives a layer's shapes (PP-OCR's cls
+    classifier: a Reshape fed by shape arithmetic through Cast), MACs are counted on the shapes a
+    run of the model file gives; without the file they stay n/a, with the reason."""
+    import onnxfold.check.count as count
+
+    w = numpy_helper.from_array(np.ones((8, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    monkeypatch.setattr(count.onnx.shape_inference, "infer_shapes", lambda m, **k: m)
+    monkeypatch.setattr(count, "_symbolic_shapes", lambda m: None)
+    feeds = {"x": np.zeros((5, 8), np.float32)}
+    macs, why = macs_with_reason(model, feeds)
+    assert macs is None and "shapes around MatMul" in why
+    assert figures(model, 0, feeds, None, runnable=path).macs == 8 * 3
