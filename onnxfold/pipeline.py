@@ -316,7 +316,7 @@ def _costed_budget(
         return budget, [f"budget params: the allocation spends parameters{rounded}"]
     dense = _dense_proto(graph, dense_path, weights=config.cost == "latency")
     random = {"id_limits": token_id_limits(graph) or None, "values": input_values(graph)}
-    costs = measure_costs(config.cost, dense, calib, source, config.seed, random)
+    costs = measure_costs(config.cost, dense, calib, source, config.seed, random, dense_path)
     return dataclasses.replace(budget, per_element=costs.per_element), [costs.note() + rounded]
 
 

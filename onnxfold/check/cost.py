@@ -37,6 +37,7 @@ from .count import (
     _known_shapes,
     _node_macs,
     _NotCounted,
+    _observed_shapes,
     _symbolic_shapes,
     _with_input_shapes,
 )
@@ -91,15 +92,16 @@ def measure_costs(
     source: str = "given",
     seed: int = 0,
     random: dict | None = None,
+    runnable: str | None = None,
 ) -> Costs:
     """Costs of `kind` ("macs": `model` may be a skeleton without weight data; "latency": with its
     weights) at one run of `feeds` (input name -> (N, ...); None: random inputs of the declared
     shapes, symbolic dims sized as runtime.feeds.random_feeds does, `random` its further keyword
     arguments: id_limits, values). `source` says where the feeds came from (user, synthesised,
-    given)."""
+    given). `runnable`: the model's file, run once for shapes inference leaves unknown (macs)."""
     one, source = one_run_feeds(model, feeds, source, seed, random)
     shapes = ", ".join(f"{k}={tuple(np.shape(v))}" for k, v in one.items())
-    per_element = mac_costs(model, one) if kind == "macs" else latency_costs(model, one)
+    per_element = mac_costs(model, one, runnable) if kind == "macs" else latency_costs(model, one)
     if not per_element:
         raise UserError(
             f"the {kind} budget found no layer multiplying a stored weight (Conv, Gemm, MatMul, "
@@ -125,17 +127,29 @@ def one_run_feeds(
     return axes.take(dict(feeds), 0, axes.static or 1), source
 
 
-def mac_costs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+def mac_costs(
+    model: onnx.ModelProto, feeds: dict[str, np.ndarray], runnable: str | None = None
+) -> dict[str, float]:
     """Weight tensor name -> multiply-accumulates per sample per element, at the shapes of `feeds`
-    (one run: input name -> (static batch or 1, ...)). UserError when a weighted layer's shapes
-    cannot be inferred."""
+    (one run: input name -> (static batch or 1, ...)); `runnable` (the model's file) is run once
+    for the shapes inference leaves unknown. UserError when a weighted layer's shapes cannot be
+    found."""
     per_run = input_batch_axes(proto_input_specs(model.graph)).static or 1
     sized = _with_input_shapes(model, {k: np.shape(v) for k, v in feeds.items()})
     layers = weighted_layers(model.graph)
     why = "onnx shape inference failed"
+    tried = []
     for shaped in _shaped(sized):
+        tried.append(shaped)
         try:
             return _per_element(layers, _layer_macs(layers, _known_shapes(shaped)), per_run)
+        except _NotCounted as e:
+            why = str(e)
+    observed = _observed_shapes(runnable, feeds) if runnable else {}
+    if observed:
+        known = {**_known_shapes(tried[0] if tried else sized), **observed}
+        try:
+            return _per_element(layers, _layer_macs(layers, known), per_run)
         except _NotCounted as e:
             why = str(e)
     raise UserError(

@@ -241,8 +241,10 @@ def _scan_steps(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
 
 def _observed_shapes(path: str, feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
     """Shape of every main-graph node output of the model at `path` when onnxruntime runs it on
-    `feeds` ({} when it does not run)."""
-    model = onnx.load(path)
+    `feeds` ({} when it does not run, and for models with external data: large ones)."""
+    model = onnx.load(path, load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        return {}
     names = [o for n in model.graph.node for o in n.output if o]
     try:
         sess = session_with_outputs(model, names)
