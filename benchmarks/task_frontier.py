@@ -546,7 +546,11 @@ def comparison(rows: list[dict], by: str) -> list[str]:
             ours_text = "no point" if av is None else _red(av)
             parts.append(
                 f"at >= {thr:.0%}: onnxfold {ours_text} vs onnxsim {sim_text} "
-                f"({'onnxfold ahead' if wins else 'onnxfold NOT ahead'})"
+                + (
+                    "(neither reaches it)"
+                    if av is None and bv is None
+                    else f"({'onnxfold ahead' if wins else 'onnxfold NOT ahead'})"
+                )
             )
         dominated = [
             r
