@@ -667,7 +667,10 @@ def target_lines(title: str, key: str, rows: list[dict]) -> list[str]:
         return out
     out = []
     cal = [r for r in ours if r["setting"] == "calib" and r["figures"]["task"] >= 0.95]
-    hit = [r for r in cal if (r["macs_red"] or 0) >= 0.2 and r["speedup"] >= 1.2]
+    hit = sorted(
+        (r for r in cal if (r["macs_red"] or 0) >= 0.2 and r["speedup"] >= 1.2),
+        key=lambda r: -r["macs_red"],
+    )
     if cal:
         b = max(cal, key=lambda r: r["macs_red"] or 0)
         fast = max(cal, key=lambda r: r["speedup"])
