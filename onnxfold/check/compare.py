@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from ..errors import UserError, WordedError, literal
@@ -74,15 +75,49 @@ def compare(
     source: str,
     folded_feeds: dict[str, np.ndarray] | None = None,
     d_out: list[np.ndarray] | None = None,
+    features: frozenset[str] = frozenset(),
 ) -> Comparison:
     """Output errors, top-1 agreement and (with labels) accuracy of both models on the same feeds
     (or on `folded_feeds`, the folded model's own where its declared inputs changed; see
-    own_feeds). `d_out`: the dense outputs on feeds, when already run."""
+    own_feeds). `d_out`: the dense outputs on feeds, when already run; `features`: outputs that
+    hold features, not class scores (feature_outputs)."""
     d_out = run_dense(dense, feeds, source) if d_out is None else d_out
     f_out = run_batched(folded, feeds if folded_feeds is None else folded_feeds)
     skip = changed_shapes(output_specs(dense), output_specs(folded))
     names, samples = [o.name for o in dense.get_outputs()], batch_axes(dense).samples(feeds)
-    return compare_outputs(names, d_out, f_out, labels, source, skip, samples)
+    return compare_outputs(names, d_out, f_out, labels, source, skip, samples, features)
+
+
+# ops whose result is features (normalised hidden states, pooled embeddings), never class scores
+FEATURE_OPS = frozenset(
+    {
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "RMSNormalization",
+        "LpNormalization",
+        "ReduceMean",
+    }
+)
+# ops that keep what their input holds
+PASS_OPS = frozenset(
+    {"Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"}
+)
+
+
+def feature_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Names of the graph outputs computed by a normalisation or pooling op (FEATURE_OPS, through
+    reshaping ops): hidden states and embeddings, whose last axis is not a class axis."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    found = set()
+    for out in model.graph.output:
+        node = producers.get(out.name)
+        while node is not None and node.op_type in PASS_OPS and node.input:
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type in FEATURE_OPS:
+            found.add(out.name)
+    return frozenset(found)
 
 
 def run_dense(
@@ -123,11 +158,13 @@ def compare_outputs(
     source: str,
     skip: dict[str, tuple[list, list]] | None = None,
     samples: int = 1,
+    features: frozenset[str] = frozenset(),
 ) -> Comparison:
     """Comparison of dense outputs d_out and folded outputs f_out (same order as names) over
     `samples` samples; accuracy counts every labelled sample. Outputs in
     `skip` (name -> declared dense and folded shapes: folding changed them, e.g. present KV caches
-    with fewer heads) are left out of the errors and named in a note."""
+    with fewer heads) are left out of the errors and named in a note; outputs in `features`
+    (feature_outputs) are never read as class scores."""
     skip = skip or {}
     cmp = Comparison(samples, source)
     pairs = [(name, d, f) for name, d, f in zip(names, d_out, f_out) if name not in skip]
@@ -137,7 +174,7 @@ def compare_outputs(
         cmp.notes.append(
             f"not compared: {_listed(skip)}, whose shapes folding changed ({_change_text(skip)})"
         )
-    logits = next(((d, f) for _, d, f in pairs if _is_logits(d)), None)
+    logits = next(((d, f) for n, d, f in pairs if _is_logits(d) and n not in features), None)
     if labels is not None and logits is not None:
         if len(logits[0]) != len(labels):
             raise RuntimeError(
@@ -148,7 +185,7 @@ def compare_outputs(
         cmp.accuracy_folded = float(np.mean(logits[1].argmax(1) == labels))
     elif labels is not None:
         cmp.notes.append("labels given, but no output is a (samples, classes) array: no accuracy")
-    cmp.fidelity = [output_fidelity(name, d, f) for name, d, f in pairs]
+    cmp.fidelity = [output_fidelity(name, d, f, name in features) for name, d, f in pairs]
     accuracy = None if cmp.accuracy_dense is None else (cmp.accuracy_dense, cmp.accuracy_folded)
     cmp.verdict, cmp.verdict_why = verdict(cmp.fidelity, RANDOM in source, accuracy)
     return cmp
@@ -321,8 +358,9 @@ def validate_files(
     d_feeds, f_feeds, labels, described, notes, d_out = _feeds_that_run(
         dense, source, d_specs, f_specs, dims
     )
+    features = feature_outputs(onnx.load(dense_path, load_external_data=False))
     if folded is not None:
-        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out)
+        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out, features)
         cmp.notes[:0] = notes
         timing = time_sessions([dense, folded], [d_feeds, f_feeds]) if timed else None
         return Validation(cmp, timing, d_feeds)
@@ -337,7 +375,7 @@ def validate_files(
     skip = changed_shapes(d_outputs, output_specs(folded))
     del folded
     gc.collect()
-    cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples)
+    cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples, features)
     cmp.notes[:0] = notes
     timing = Timing(d_time.ms + f_time.ms, d_time.batch) if timed else None
     return Validation(cmp, timing, d_feeds)

@@ -59,8 +59,12 @@ class OutputFidelity:
         return "rel_l2", self.rel_l2
 
 
-def output_fidelity(name: str, d: np.ndarray, f: np.ndarray) -> OutputFidelity:
-    """OutputFidelity of folded output f against dense output d (same shape)."""
+def output_fidelity(
+    name: str, d: np.ndarray, f: np.ndarray, features: bool = False
+) -> OutputFidelity:
+    """OutputFidelity of folded output f against dense output d (same shape). `features`: the
+    graph computes the output with a normalisation or pooling op (an embedding, hidden states), so
+    its last axis holds features, not class scores: no argmax agreement is read from it."""
     d64, f64 = d.astype(np.float64).ravel(), f.astype(np.float64).ravel()
     norm = float(np.linalg.norm(d64))
     rel = float(np.linalg.norm(f64 - d64) / norm) if norm > 0 else float(np.linalg.norm(f64) > 0)
@@ -69,10 +73,10 @@ def output_fidelity(name: str, d: np.ndarray, f: np.ndarray) -> OutputFidelity:
     out = OutputFidelity(name, rel, cosine, "values")
     if not np.issubdtype(d.dtype, np.floating) or d.size == 0:
         return out
-    if d.ndim == 2 and d.shape[1] > 1:
+    if not features and d.ndim == 2 and d.shape[1] > 1:
         out.kind, out.agreement = "logits", _top_k(d, f, 1)
         out.top5 = _top_k(d, f, 5) if d.shape[1] > 5 else None
-    elif d.ndim == 3 and d.shape[2] > SLICE_MAX:
+    elif not features and d.ndim == 3 and d.shape[2] > SLICE_MAX:
         out.kind, out.agreement = "sequence", _content_agreement(d.argmax(-1), f.argmax(-1))
     elif d.ndim >= 3 and d.min() >= -PROB_SLACK and d.max() <= 1 + PROB_SLACK:
         out.kind, out.agreement = "map", _iou(d >= MASK_LEVEL, f >= MASK_LEVEL)

@@ -64,3 +64,52 @@ def test_accuracy_ratio_grades_with_labels(accuracy, grade):
     same = output_fidelity("logits", np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32))
     assert verdict([same], False, accuracy)[0] == grade
     assert THRESHOLDS["accuracy_ratio"] == (0.95, 0.8)
+
+
+def _head_model(path: str, head: str, scale: float = 1.0) -> str:
+    """x (batch, 8, 16) -> MatMul (16 -> 100) -> `head` (LayerNormalization or Softmax), an
+    output whose last axis is long: hidden states or class scores per position."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((scale * rng.standard_normal((16, 100))).astype(np.float32), "w")
+    ]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
+    if head == "LayerNormalization":
+        inits += [
+            numpy_helper.from_array(np.ones(100, np.float32), "g"),
+            numpy_helper.from_array(np.zeros(100, np.float32), "b"),
+        ]
+        nodes.append(helper.make_node(head, ["h", "g", "b"], ["out"], axis=-1))
+    else:
+        nodes.append(helper.make_node(head, ["h"], ["out"], axis=-1))
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 8, 100])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("head,kind", [("LayerNormalization", "sliced"), ("Softmax", "sequence")])
+def test_hidden_states_are_not_read_as_class_scores(tmp_path, head, kind):
+    """A (batch, positions, 100) output computed by a normalisation (hidden states, embeddings)
+    is compared as values (worst position), never by argmax agreement; the same shape out of a
+    Softmax is class scores per position."""
+    import onnx
+
+    from onnxfold.check.compare import FeedSource, feature_outputs, validate_files
+
+    dense = _head_model(str(tmp_path / "d.onnx"), head)
+    other = _head_model(str(tmp_path / "f.onnx"), head, scale=1.01)
+    assert feature_outputs(onnx.load(dense)) == (
+        frozenset({"out"}) if head == "LayerNormalization" else frozenset()
+    )
+    (found,) = validate_files(dense, other, FeedSource(), timed=False).comparison.fidelity
+    assert found.kind == kind
+    assert (found.agreement is None) == (kind == "sliced")
