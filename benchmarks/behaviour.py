@@ -179,9 +179,12 @@ def run_case(src: str, flags: list[str], out_dir: str, name: str) -> str:
     from onnxfold.cli.main import main
 
     dst = os.path.join(out_dir, name.replace("/", "__") + ".onnx")
-    # the cases were recorded when the fold's default ratio was 0.5 (it is searched now)
+    # the cases were recorded when the fold's default ratio was 0.5 (it is searched now) and
+    # channel counts were kept exact (they are rounded up to 4 now)
     if not {"--ratio", "--target", "--head-ratio", "--mlp-ratio"} & set(flags):
         flags = [*flags, "--ratio", "0.5"]
+    if "--multiple-of" not in flags:
+        flags = [*flags, "--multiple-of", "1"]
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main([src, "-o", dst, "--no-validate", "-q", *flags])
