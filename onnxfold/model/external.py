@@ -15,6 +15,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from ..errors import UserError
+from .ort_ops import checkable
 
 INLINE_MAX = 1024
 NOT_LOADED = "(not loaded)"
@@ -186,8 +187,9 @@ def _location(t: onnx.TensorProto) -> str:
 
 
 def check_skeleton(skeleton: onnx.ModelProto) -> None:
-    """onnx.checker on a model without its large tensors (they become empty, so no data is read);
-    raises onnx.checker.ValidationError."""
+    """onnx.checker on a model without its large tensors (they become empty, so no data is read),
+    onnxruntime-only ops left to onnxruntime (ort_ops.checkable); raises
+    onnx.checker.ValidationError."""
     light = onnx.ModelProto()
     light.CopyFrom(skeleton)
     for t in light.graph.initializer:
@@ -195,7 +197,7 @@ def check_skeleton(skeleton: onnx.ModelProto) -> None:
             del t.external_data[:], t.dims[:]
             t.data_location = onnx.TensorProto.DEFAULT
             t.dims.append(0)
-    onnx.checker.check_model(light)
+    onnx.checker.check_model(checkable(light))
 
 
 def all_tensors(proto: onnx.ModelProto):

@@ -26,6 +26,7 @@ from .external import (
     skeleton_of,
 )
 from .normalize import reshare_unchanged_copies
+from .ort_ops import checkable, ort_only_nodes
 from .scopes import hoist_initializers
 
 TWO_GB = 2**31 - 2**20
@@ -250,7 +251,7 @@ def _atomic(
         tmp_model = os.path.join(tmp, name)
         write(tmp_model)
         if full_check:
-            onnx.checker.check_model(tmp_model, full_check=True)
+            _check_file(tmp_model)
         if check is not None:
             check(tmp_model)
         written = list(os.listdir(tmp))
@@ -260,3 +261,17 @@ def _atomic(
         return size
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_file(path: str) -> None:
+    """onnx.checker with full_check on the model file at `path` (no external data is loaded); a
+    model with onnxruntime-only ops (ort_ops) is checked as ort_ops.checkable's copy, which the
+    shape inference of full_check cannot follow past those ops: it is checked without it, and
+    onnxruntime validates the ops."""
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError:
+        model = onnx.load(path, load_external_data=False)
+        if not ort_only_nodes(model):
+            raise
+        onnx.checker.check_model(checkable(model))

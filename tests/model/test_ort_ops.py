@@ -1,0 +1,71 @@
+"""Graphs with ops onnxruntime registers but onnx does not define (onnxruntime-genai's and the
+transformers optimizer's SimplifiedLayerNormalization in the default domain) load, fold and save:
+the checker checks the rest, onnxruntime runs them; an op nobody registers is still bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxfold import FoldConfig, fold_file
+from onnxfold.errors import UserError
+from onnxfold.model.load import load_model
+from onnxfold.model.ort_ops import checkable, ort_only_nodes
+from onnxfold.runtime.session import session
+
+
+def mlp_then(path: str, op: str, domain: str = "") -> str:
+    """x (b, 8) -> MatMul 8->16 -> Relu -> MatMul 16->6 -> `op`(scale) -> y (b, 6); opset 17."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.standard_normal((8, 16)),
+        "w2": rng.standard_normal((16, 6)),
+        "g": np.ones(6),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["o"]),
+        helper.make_node(op, ["o", "g"], ["y"], axis=-1, epsilon=1e-5, domain=domain),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), path)
+    return path
+
+
+def test_an_onnxruntime_op_in_the_default_domain_loads_folds_and_saves(tmp_path):
+    src = mlp_then(str(tmp_path / "sln.onnx"), "SimplifiedLayerNormalization")
+    with pytest.raises(onnx.checker.ValidationError, match="No Op registered"):
+        onnx.checker.check_model(onnx.load(src))
+    out = str(tmp_path / "out.onnx")
+    report = fold_file(src, out, FoldConfig(ratio=0.5, multiple_of=1, repair="none"))
+    assert report.folded.params < report.dense.params
+    written = onnx.load(out)
+    (norm,) = [n for n in written.graph.node if n.op_type == "SimplifiedLayerNormalization"]
+    assert norm.domain == ""  # only the checker's copy is re-domained
+    x = np.random.default_rng(1).standard_normal((4, 8)).astype(np.float32)
+    assert session(out).run(None, {"x": x})[0].shape == (4, 6)
+
+
+def test_the_checker_still_checks_the_rest_of_the_graph(tmp_path):
+    model = onnx.load(mlp_then(str(tmp_path / "sln.onnx"), "SimplifiedLayerNormalization"))
+    assert [n.op_type for n in ort_only_nodes(model)] == ["SimplifiedLayerNormalization"]
+    onnx.checker.check_model(checkable(model))
+    model.graph.node[0].input[1] = "missing"
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(checkable(model))
+
+
+def test_an_op_nobody_registers_is_still_not_a_valid_model(tmp_path):
+    src = mlp_then(str(tmp_path / "bad.onnx"), "NoSuchNormalization")
+    with pytest.raises(UserError, match="not a valid ONNX model"):
+        load_model(src)
