@@ -1,5 +1,6 @@
 """Normalisations: per-channel ones pass channels through (their vectors are members); those that
-mix channels (Softmax, LayerNorm or LpNorm over the channel axis, GroupNorm) are boundaries."""
+mix channels (Softmax, LayerNorm, RMSNorm or LpNorm over the channel axis, GroupNorm) are
+boundaries."""
 
 from __future__ import annotations
 
@@ -81,6 +82,10 @@ RULES = {
     "LogSoftmax": softmax,
     "Hardmax": softmax,
     "LayerNormalization": layer_norm,
+    # RMSNorm: onnxruntime's default-domain op (onnxruntime-genai, the transformers optimizer) and
+    # ai.onnx opset 23's; the same axis rule as LayerNormalization (DESIGN §3)
+    "SimplifiedLayerNormalization": layer_norm,
+    "RMSNormalization": layer_norm,
     "LpNormalization": lp_norm,
     "GroupNormalization": group_norm,
 }

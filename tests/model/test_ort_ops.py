@@ -69,3 +69,28 @@ def test_an_op_nobody_registers_is_still_not_a_valid_model(tmp_path):
     src = mlp_then(str(tmp_path / "bad.onnx"), "NoSuchNormalization")
     with pytest.raises(UserError, match="not a valid ONNX model"):
         load_model(src)
+
+
+@pytest.mark.parametrize("op", ["SimplifiedLayerNormalization", "RMSNormalization"])
+def test_rms_norms_over_the_channels_are_boundaries_and_the_mlp_before_folds_exactly(tmp_path, op):
+    """RMSNorm (onnxruntime's default-domain SimplifiedLayerNormalization, opset 23's
+    RMSNormalization) normalises across the channels it reads: their group is frozen with the
+    reason, the MLP before it folds, and widening it by duplicated channels folds back exactly."""
+    from helpers import assert_widen_and_fold_back, groups_of
+
+    src = mlp_then(str(tmp_path / "m.onnx"), op)
+    if op == "RMSNormalization":  # ai.onnx opset 23
+        model = onnx.load(src)
+        model.opset_import[0].version = 23
+        model.ir_version = 10
+        try:
+            session(model.SerializeToString())
+        except Exception:  # noqa: BLE001 - an onnxruntime without opset 23
+            pytest.skip("this onnxruntime does not run opset 23's RMSNormalization")
+        onnx.save(model, src)
+    groups = groups_of(src)
+    frozen = [g for g in groups if not g.foldable]
+    reasons = [r for g in frozen for r in g.frozen]
+    assert any(f"{op} " in r and "normalises across channels" in r for r in reasons), reasons
+    assert [g.size for g in groups if g.foldable] == [16]
+    assert_widen_and_fold_back(src, tmp_path)
