@@ -3,9 +3,19 @@
 A rule receives the node and the Discovery state, reads its inputs' channel layouts, and records
 what the op does with channels: produce a new group, pass channels through, couple groups, add
 member slices, or freeze groups with a reason. Ops without a rule are boundaries (their tensors'
-groups are frozen)."""
+groups are frozen). Ops of the default domain are keyed by their type, others by "domain:type"."""
 
-from . import control_flow, elementwise, linear, norm, recurrent, reshape, shape_ops, split
+from . import (
+    contrib,
+    control_flow,
+    elementwise,
+    linear,
+    norm,
+    recurrent,
+    reshape,
+    shape_ops,
+    split,
+)
 
 RULES = {
     **linear.RULES,
@@ -16,6 +26,7 @@ RULES = {
     **split.RULES,
     **recurrent.RULES,
     **control_flow.RULES,
+    **contrib.RULES,  # keyed "domain:op"
 }
 
 __all__ = ["RULES"]

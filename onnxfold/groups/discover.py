@@ -55,7 +55,8 @@ def _walk(graph: gs.Graph, d: Discovery, dynamic: set[str], strict: bool) -> Non
 
 
 def _apply_rule(node: gs.Node, d: Discovery, strict: bool) -> None:
-    rule = RULES.get(node.op) if node.domain in ("", "ai.onnx", None) else None
+    default = node.domain in ("", "ai.onnx", None)
+    rule = RULES.get(node.op if default else f"{node.domain}:{node.op}")
     if rule is None:
         return _unknown(node, d, "is not understood")
     try:
