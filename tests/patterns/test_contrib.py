@@ -61,3 +61,47 @@ def test_a_contrib_op_without_a_rule_is_a_boundary(tmp_path):
     assert not any(g.foldable and g.size == 16 for g in groups)
     reasons = [r for g in groups for r in g.frozen]
     assert any("BiasSoftmax" in r and "not understood" in r for r in reasons), reasons
+
+
+@pytest.mark.parametrize("op", ["SkipSimplifiedLayerNormalization", "SkipLayerNormalization"])
+def test_skip_layer_norms_couple_the_residual_and_are_boundaries(tmp_path, op):
+    """input + skip couples the MLP's output channels with the residual branch's (one group, with
+    both weights), which the normalisation over the channels freezes with the reason; the MLP's
+    hidden channels fold, exactly when widened and folded back; the sum output carries the group."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.standard_normal((8, 16)),
+        "w2": rng.standard_normal((16, 6)),
+        "w3": rng.standard_normal((8, 6)),
+        "gamma": np.ones(6),
+    }
+    norm_inputs = ["o", "r", "gamma"] + (["beta"] if op == "SkipLayerNormalization" else [])
+    if op == "SkipLayerNormalization":
+        inits["beta"] = np.zeros(6)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("MatMul", ["a", "w2"], ["o"]),
+        helper.make_node("MatMul", ["x", "w3"], ["r"]),
+        helper.make_node(
+            op, norm_inputs, ["y", "", "", "sum"], domain="com.microsoft", epsilon=1e-5
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "skip",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6]),
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["b", 6]),
+        ],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    src = str(tmp_path / "skip.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), src)
+    groups = groups_of(src)
+    assert [g.size for g in groups if g.foldable] == [16]
+    (residual,) = [g for g in groups if {"w2", "w3"} <= {m.tensor.name for m in g.members}]
+    assert any(f"{op} " in r and "normalises across channels" in r for r in residual.frozen)
+    assert_widen_and_fold_back(src, tmp_path)
