@@ -145,6 +145,7 @@ def export_with_past(model_dir: str, output: str, opset: int = OPSET) -> str:
 
     target_dir = os.path.dirname(os.path.abspath(output))
     with tempfile.TemporaryDirectory(dir=target_dir) as tmp:
+        model_dir = with_legacy_rope(model_dir, os.path.join(tmp, "source"))
         try:
             with (
                 warnings.catch_warnings(),
@@ -171,6 +172,32 @@ def export_with_past(model_dir: str, output: str, opset: int = OPSET) -> str:
             os.replace(os.path.join(tmp, data), os.path.join(target_dir, data))
         os.replace(os.path.join(tmp, "out.onnx"), output)
     return "logits"
+
+
+def with_legacy_rope(model_dir: str, scratch: str) -> str:
+    """The folder to read `model_dir` from with transformers < 4.58 (optimum-onnx's): transformers
+    5.x saves the rotary settings as `rope_parameters` ({"rope_theta": ..., "rope_type": ...}),
+    which 4.57 does not read: it silently takes rope_theta 10000 (SmolLM2 needs 100000: a wrong
+    model, 69.5% top-1 agreement). When config.json has rope_parameters and no rope_theta, returns
+    `scratch`, a folder of links to the model's files with config.json rewritten to carry
+    rope_theta (and rope_scaling for other rope types); otherwise `model_dir` itself."""
+    import json
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope or "rope_theta" in config:
+        return model_dir
+    os.makedirs(scratch)
+    for name in os.listdir(model_dir):
+        if name != "config.json":
+            os.symlink(os.path.abspath(os.path.join(model_dir, name)), os.path.join(scratch, name))
+    config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    with open(os.path.join(scratch, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return scratch
 
 
 def _save(model, path: str, data: str) -> bool:
