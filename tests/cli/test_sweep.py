@@ -12,88 +12,44 @@ from helpers import MNIST, MNIST_CALIB, MNIST_TEST
 from onnxfold.cli.main import main
 
 
+def sweep_rows(tmp_path, *flags: str) -> list[dict]:
+    """The CSV rows `onnxfold sweep MNIST --data MNIST_TEST *flags` writes (it must exit 0)."""
+    prefix = str(tmp_path / "sw")
+    assert main(["sweep", MNIST, "--data", MNIST_TEST, *flags, "-o", prefix]) == 0
+    with open(prefix + ".csv") as f:
+        return list(csv.DictReader(f))
+
+
+def fold_report(tmp_path, *flags: str) -> dict:
+    """The --report JSON of `onnxfold MNIST *flags --data MNIST_TEST` (it must exit 0)."""
+    report = str(tmp_path / "r.json")
+    out = str(tmp_path / "f.onnx")
+    assert main([MNIST, "-o", out, *flags, "--data", MNIST_TEST, "--report", report, "-q"]) == 0
+    with open(report) as f:
+        return json.load(f)
+
+
 def test_sweep_writes_table_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    prefix = str(tmp_path / "sw")
-    assert (
-        main(
-            [
-                "sweep",
-                MNIST,
-                "--data",
-                MNIST_TEST,
-                "--ratios",
-                "0.1,0.3",
-                "--methods",
-                "fold+none,fold+ar,prune",
-                "-o",
-                prefix,
-            ]
-        )
-        == 0
-    )
+    rows = sweep_rows(tmp_path, "--ratios", "0.1,0.3", "--methods", "fold+none,fold+ar,prune")
     out = capsys.readouterr().out
     assert "accuracy" in out and "prune" in out
-    with open(prefix + ".csv") as f:
-        rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["dense"] + ["fold+none"] * 2 + ["fold+ar"] * 2 + [
         "prune"
     ] * 2
     sparsity = [float(r["sparsity"]) for r in rows[1:3]]
     assert 0 < sparsity[0] < sparsity[1] < 1
     assert all(0.0 <= float(r["metric"]) <= 1.0 for r in rows)
-    with open(prefix + ".png", "rb") as f:
+    with open(str(tmp_path / "sw") + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sweep_with_allocate_matches_the_fold_command(tmp_path, capsys):
     """`sweep --allocate` runs the fold methods with --allocate: same sparsity and accuracy as
     `onnxfold --allocate`."""
-    prefix = str(tmp_path / "sw")
-    assert (
-        main(
-            [
-                "sweep",
-                MNIST,
-                "--data",
-                MNIST_TEST,
-                "--ratios",
-                "0.3",
-                "--methods",
-                "fold+none",
-                "--allocate",
-                "--no-plot",
-                "-o",
-                prefix,
-            ]
-        )
-        == 0
-    )
-    with open(prefix + ".csv") as f:
-        row = list(csv.DictReader(f))[1]
-    report = str(tmp_path / "r.json")
-    assert (
-        main(
-            [
-                MNIST,
-                "-o",
-                str(tmp_path / "f.onnx"),
-                "--ratio",
-                "0.3",
-                "--allocate",
-                "--repair",
-                "none",
-                "--data",
-                MNIST_TEST,
-                "--report",
-                report,
-                "-q",
-            ]
-        )
-        == 0
-    )
-    with open(report) as f:
-        folded = json.load(f)
+    flags = ("--ratios", "0.3", "--methods", "fold+none", "--allocate", "--no-plot")
+    row = sweep_rows(tmp_path, *flags)[1]
+    folded = fold_report(tmp_path, "--ratio", "0.3", "--allocate", "--repair", "none")
     capsys.readouterr()
     assert float(row["metric"]) == pytest.approx(folded["comparison"]["accuracy_folded"], abs=0.002)
     assert float(row["sparsity"]) == pytest.approx(
@@ -105,77 +61,23 @@ def test_sweep_with_importance_act_matches_the_fold_command(tmp_path, capsys):
     """`sweep --importance act --calib` scores channels on the calibration inputs: prune gives what
     `onnxfold --method prune --importance act --calib` gives (and differs from weight-norm pruning).
     """
-    prefix = str(tmp_path / "sw")
-    assert (
-        main(
-            [
-                "sweep",
-                MNIST,
-                "--data",
-                MNIST_TEST,
-                "--calib",
-                MNIST_CALIB,
-                "--ratios",
-                "0.3",
-                "--methods",
-                "prune",
-                "--importance",
-                "act",
-                "--no-plot",
-                "-o",
-                prefix,
-            ]
-        )
-        == 0
+    flags = ("--ratios", "0.3", "--methods", "prune", "--no-plot")
+    act = float(
+        sweep_rows(tmp_path, "--calib", MNIST_CALIB, *flags, "--importance", "act")[1]["metric"]
     )
-    with open(prefix + ".csv") as f:
-        act = float(list(csv.DictReader(f))[1]["metric"])
-    report = str(tmp_path / "r.json")
-    assert (
-        main(
-            [
-                MNIST,
-                "-o",
-                str(tmp_path / "f.onnx"),
-                "--ratio",
-                "0.3",
-                "--method",
-                "prune",
-                "--importance",
-                "act",
-                "--calib",
-                MNIST_CALIB,
-                "--data",
-                MNIST_TEST,
-                "--report",
-                report,
-                "-q",
-            ]
-        )
-        == 0
+    folded = fold_report(
+        tmp_path,
+        "--ratio",
+        "0.3",
+        "--method",
+        "prune",
+        "--importance",
+        "act",
+        "--calib",
+        MNIST_CALIB,
     )
-    with open(report) as f:
-        assert act == pytest.approx(json.load(f)["comparison"]["accuracy_folded"], abs=0.002)
-    assert (
-        main(
-            [
-                "sweep",
-                MNIST,
-                "--data",
-                MNIST_TEST,
-                "--ratios",
-                "0.3",
-                "--methods",
-                "prune",
-                "--no-plot",
-                "-o",
-                prefix,
-            ]
-        )
-        == 0
-    )
-    with open(prefix + ".csv") as f:
-        assert float(list(csv.DictReader(f))[1]["metric"]) != act
+    assert act == pytest.approx(folded["comparison"]["accuracy_folded"], abs=0.002)
+    assert float(sweep_rows(tmp_path, *flags)[1]["metric"]) != act
     capsys.readouterr()
 
 
@@ -183,56 +85,14 @@ def test_sweep_refit_matches_the_fold_command_and_helps(tmp_path, capsys):
     """`fold+data+refit` is `onnxfold --repair data --refit --calib`; on the shipped CNN at ratio
     0.5 the least-squares refit of the Gemm/1x1 consumers raises accuracy over REPAIR alone
     (measured: 83.8% -> 89.2%)."""
-    prefix = str(tmp_path / "sw")
-    assert (
-        main(
-            [
-                "sweep",
-                MNIST,
-                "--data",
-                MNIST_TEST,
-                "--calib",
-                MNIST_CALIB,
-                "--ratios",
-                "0.5",
-                "--methods",
-                "fold+data,fold+data+refit",
-                "--no-plot",
-                "-o",
-                prefix,
-            ]
-        )
-        == 0
-    )
-    with open(prefix + ".csv") as f:
-        rows = list(csv.DictReader(f))
+    methods = ("--methods", "fold+data,fold+data+refit", "--no-plot")
+    rows = sweep_rows(tmp_path, "--calib", MNIST_CALIB, "--ratios", "0.5", *methods)
     data, refit = float(rows[1]["metric"]), float(rows[2]["metric"])
     assert "refit:" in rows[2]["note"] and refit > data + 0.02
-    report = str(tmp_path / "r.json")
-    assert (
-        main(
-            [
-                MNIST,
-                "-o",
-                str(tmp_path / "f.onnx"),
-                "--ratio",
-                "0.5",
-                "--repair",
-                "data",
-                "--refit",
-                "--calib",
-                MNIST_CALIB,
-                "--data",
-                MNIST_TEST,
-                "--report",
-                report,
-                "-q",
-            ]
-        )
-        == 0
+    folded = fold_report(
+        tmp_path, "--ratio", "0.5", "--repair", "data", "--refit", "--calib", MNIST_CALIB
     )
-    with open(report) as f:
-        assert refit == pytest.approx(json.load(f)["comparison"]["accuracy_folded"], abs=0.002)
+    assert refit == pytest.approx(folded["comparison"]["accuracy_folded"], abs=0.002)
     capsys.readouterr()
 
 
@@ -240,43 +100,17 @@ def test_sweep_with_measure_matches_the_fold_command(tmp_path, capsys):
     """`sweep --measure --calib` spends each ratio's budget by measured sensitivity, measured once
     for the largest ratio: at that ratio it gives what `onnxfold --measure --calib` gives, and its
     table and CSV carry the MACs and latency reductions."""
-    prefix = str(tmp_path / "sw")
-    assert (
-        main(
-            [
-                "sweep",
-                MNIST,
-                "--data",
-                MNIST_TEST,
-                "--calib",
-                MNIST_CALIB,
-                "--ratios",
-                "0.2,0.4",
-                "--methods",
-                "fold+none",
-                "--measure",
-                "--x-axis",
-                "macs",
-                "-o",
-                prefix,
-            ]
-        )
-        == 0
-    )
+    flags = ("--calib", MNIST_CALIB, "--ratios", "0.2,0.4", "--methods", "fold+none")
+    rows = sweep_rows(tmp_path, *flags, "--measure", "--x-axis", "macs")
     out = capsys.readouterr().out
     assert "MACs" in out and "latency" in out
-    with open(prefix + ".csv") as f:
-        rows = list(csv.DictReader(f))
     assert "measured allocation" in rows[2]["note"]
     macs = [float(r["macs_reduction"]) for r in rows]
     assert macs[0] == 0.0 and 0 < macs[1] < macs[2] < 1
     assert all(float(r["latency_reduction"]) == float(r["latency_reduction"]) for r in rows)
-    report = str(tmp_path / "r.json")
-    args = [MNIST, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.4", "--measure"]
-    args += ["--repair", "none", "--calib", MNIST_CALIB, "--data", MNIST_TEST, "--report", report]
-    assert main(args + ["-q"]) == 0
-    with open(report) as f:
-        folded = json.load(f)
+    folded = fold_report(
+        tmp_path, "--ratio", "0.4", "--measure", "--repair", "none", "--calib", MNIST_CALIB
+    )
     assert float(rows[2]["metric"]) == pytest.approx(
         folded["comparison"]["accuracy_folded"], abs=0.002
     )
