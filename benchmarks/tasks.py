@@ -184,19 +184,11 @@ def _lines(count: int, seed: int, size=(320, 48), words: int = 3) -> np.ndarray:
 
 
 def ppocr_rec() -> Task:
-    import onnx
+    from benchmarks.verdicts import ctc_decoder
 
     path = os.path.join(_ocr_dir(), "ch_PP-OCRv4_rec_infer.onnx")
-    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-    chars = ["<blank>"] + meta["character"].splitlines() + [" "]
+    decode = ctc_decoder(path)
     evals, calib = _lines(96, 1), _lines(32, 101)
-
-    def decode(probs: np.ndarray) -> list[str]:
-        out = []
-        for ids in probs.argmax(-1):
-            kept = [i for j, i in enumerate(ids) if i and (j == 0 or i != ids[j - 1])]
-            out.append("".join(chars[i] for i in kept if i < len(chars)))
-        return out
 
     def metric(d, f) -> dict:
         return {"task": float(np.mean([a == b for a, b in zip(decode(d), decode(f))]))}

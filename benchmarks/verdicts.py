@@ -111,15 +111,13 @@ def ppocr_det(folder: str) -> Case:
     return Case("PP-OCRv4 det", path, feeds, None, mask_iou, "text-mask IoU")
 
 
-def ppocr_rec(folder: str) -> Case:
+def ctc_decoder(path: str) -> Callable[[np.ndarray], list[str]]:
+    """decode(probs (N, T, classes)) -> N strings: greedy CTC with the character list a PP-OCR
+    recogniser at `path` stores in its metadata (class 0 the blank, the last a space)."""
     import onnx
 
-    path = os.path.join(folder, "ch_PP-OCRv4_rec_infer.onnx")
     meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
     chars = ["<blank>"] + meta["character"].splitlines() + [" "]
-    rng = np.random.default_rng(1)
-    lines = [_render(t, (320, 48), 28, (4, 6)) for t in _sentences(rng, 48, 3)]
-    x = ((np.stack(lines) - 0.5) / 0.5).transpose(0, 3, 1, 2).astype(np.float32)
 
     def decode(probs: np.ndarray) -> list[str]:
         out = []
@@ -127,6 +125,16 @@ def ppocr_rec(folder: str) -> Case:
             kept = [i for j, i in enumerate(ids) if i and (j == 0 or i != ids[j - 1])]
             out.append("".join(chars[i] for i in kept if i < len(chars)))
         return out
+
+    return decode
+
+
+def ppocr_rec(folder: str) -> Case:
+    path = os.path.join(folder, "ch_PP-OCRv4_rec_infer.onnx")
+    decode = ctc_decoder(path)
+    rng = np.random.default_rng(1)
+    lines = [_render(t, (320, 48), 28, (4, 6)) for t in _sentences(rng, 48, 3)]
+    x = ((np.stack(lines) - 0.5) / 0.5).transpose(0, 3, 1, 2).astype(np.float32)
 
     def strings_kept(dense, folded) -> float:
         return float(np.mean([a == b for a, b in zip(decode(dense[0]), decode(folded[0]))]))
