@@ -498,15 +498,11 @@ def model_markdown(task: Task, data: dict) -> list[str]:
         lines += ["", "Not run: " + ", ".join(missing) + " (see benchmarks/README.md)."]
     lines += ["", "## Best point at >= 99% and >= 95% of dense", ""]
     lines += ["| method | calib | >= 99% | >= 95% |", "|---|---|---|---|"]
-    for m in METHODS:
-        for s in SETTINGS:
-            sel = [r for r in rows if r["method"] == m and r["setting"] == s]
-            if not sel:
-                continue
-            lines.append(
-                f"| {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
-                f"{_point(best(sel, 0.95, by), by)} |"
-            )
+    for m, s, sel in by_method(rows):
+        lines.append(
+            f"| {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
+            f"{_point(best(sel, 0.95, by), by)} |"
+        )
     for figure in task.also_summarise:
         lines += [
             "",
@@ -515,16 +511,22 @@ def model_markdown(task: Task, data: dict) -> list[str]:
             "| method | calib | >= 0.99 | >= 0.95 |",
             "|---|---|---|---|",
         ]
-        for m in METHODS:
-            for s in SETTINGS:
-                sel = [r for r in rows if r["method"] == m and r["setting"] == s]
-                if sel:
-                    lines.append(
-                        f"| {LABEL[m]} | {s} | {_point(best(sel, 0.99, by, figure), by, figure)} "
-                        f"| {_point(best(sel, 0.95, by, figure), by, figure)} |"
-                    )
+        for m, s, sel in by_method(rows):
+            lines.append(
+                f"| {LABEL[m]} | {s} | {_point(best(sel, 0.99, by, figure), by, figure)} "
+                f"| {_point(best(sel, 0.95, by, figure), by, figure)} |"
+            )
     lines += ["", *comparison(rows, by), ""]
     return lines
+
+
+def by_method(rows: list[dict]):
+    """(method, setting, its rows) for every method and setting that has rows, in table order."""
+    for m in METHODS:
+        for s in SETTINGS:
+            sel = [r for r in rows if r["method"] == m and r["setting"] == s]
+            if sel:
+                yield m, s, sel
 
 
 def comparison(rows: list[dict], by: str) -> list[str]:
@@ -638,14 +640,11 @@ def combined(keys: list[str]) -> list[str]:
         title = TITLES.get(key, key)
         by = "params_red" if key == "smollm2" else "macs_red"
         rows = sorted(data["rows"], key=_order)
-        for m in METHODS:
-            for s in SETTINGS:
-                sel = [r for r in rows if r["method"] == m and r["setting"] == s]
-                if sel:
-                    lines.append(
-                        f"| {title} | {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
-                        f"{_point(best(sel, 0.95, by), by)} |"
-                    )
+        for m, s, sel in by_method(rows):
+            lines.append(
+                f"| {title} | {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
+                f"{_point(best(sel, 0.95, by), by)} |"
+            )
         targets += target_lines(title, key, rows)
     return lines + targets
 
