@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from helpers import make_model, rand, save_model
+from onnx import helper
 
 from onnxfold import FoldConfig, fold_file
 from onnxfold.errors import UserError
@@ -18,28 +19,16 @@ from onnxfold.runtime.session import session
 
 def mlp_then(path: str, op: str, domain: str = "") -> str:
     """x (b, 8) -> MatMul 8->16 -> Relu -> MatMul 16->6 -> `op`(scale) -> y (b, 6); opset 17."""
-    rng = np.random.default_rng(0)
-    inits = {
-        "w1": rng.standard_normal((8, 16)),
-        "w2": rng.standard_normal((16, 6)),
-        "g": np.ones(6),
-    }
+    inits = {"w1": rand(8, 16, scale=1.0), "w2": rand(16, 6, seed=1), "g": np.ones(6, np.float32)}
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"]),
         helper.make_node("Relu", ["h"], ["r"]),
         helper.make_node("MatMul", ["r", "w2"], ["o"]),
         helper.make_node(op, ["o", "g"], ["y"], axis=-1, epsilon=1e-5, domain=domain),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), path)
-    return path
+    domains = {domain: 1} if domain else None
+    model = make_model(nodes, inits, {"x": ["b", 8]}, {"y": ["b", 6]}, domains=domains)
+    return save_model(model, path, check=False)  # onnx.checker does not know the op
 
 
 def test_an_onnxruntime_op_in_the_default_domain_loads_folds_and_saves(tmp_path):

@@ -8,17 +8,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import assert_widen_and_fold_back, groups_of
-from onnx import TensorProto, helper, numpy_helper
+from helpers import assert_widen_and_fold_back, groups_of, make_model, rand, save_model
+from onnx import helper
 
 
 def mlp_with(path: str, op: str, with_bias: bool) -> str:
     """x (b, 8) -> MatMul 8->16 -> com.microsoft `op` (bias (16,) if with_bias) -> MatMul 16->6."""
-    rng = np.random.default_rng(0)
-    inits = {"w1": rng.standard_normal((8, 16)), "w2": rng.standard_normal((16, 6))}
+    inits = {"w1": rand(8, 16, scale=1.0), "w2": rand(16, 6, seed=1, scale=1.0)}
     inputs = ["h"]
     if with_bias:
-        inits["bias"] = rng.standard_normal(16)
+        inits["bias"] = rand(16, seed=2, scale=1.0)
         inputs.append("bias")
     attrs = {"alpha": 1.702} if op == "QuickGelu" else {}
     nodes = [
@@ -26,16 +25,8 @@ def mlp_with(path: str, op: str, with_bias: bool) -> str:
         helper.make_node(op, inputs, ["a"], domain="com.microsoft", **attrs),
         helper.make_node("MatMul", ["a", "w2"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), path)
-    return path
+    model = make_model(nodes, inits, {"x": ["b", 8]}, {"y": ["b", 6]}, domains={"com.microsoft": 1})
+    return save_model(model, path, check=False)
 
 
 @pytest.mark.parametrize(
@@ -68,16 +59,15 @@ def test_skip_layer_norms_couple_the_residual_and_are_boundaries(tmp_path, op):
     """input + skip couples the MLP's output channels with the residual branch's (one group, with
     both weights), which the normalisation over the channels freezes with the reason; the MLP's
     hidden channels fold, exactly when widened and folded back; the sum output carries the group."""
-    rng = np.random.default_rng(0)
     inits = {
-        "w1": rng.standard_normal((8, 16)),
-        "w2": rng.standard_normal((16, 6)),
-        "w3": rng.standard_normal((8, 6)),
-        "gamma": np.ones(6),
+        "w1": rand(8, 16, scale=1.0),
+        "w2": rand(16, 6, seed=1, scale=1.0),
+        "w3": rand(8, 6, seed=2, scale=1.0),
+        "gamma": np.ones(6, np.float32),
     }
     norm_inputs = ["o", "r", "gamma"] + (["beta"] if op == "SkipLayerNormalization" else [])
     if op == "SkipLayerNormalization":
-        inits["beta"] = np.zeros(6)
+        inits["beta"] = np.zeros(6, np.float32)
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"]),
         helper.make_node("Relu", ["h"], ["a"]),
@@ -87,19 +77,9 @@ def test_skip_layer_norms_couple_the_residual_and_are_boundaries(tmp_path, op):
             op, norm_inputs, ["y", "", "", "sum"], domain="com.microsoft", epsilon=1e-5
         ),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "skip",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 6]),
-            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["b", 6]),
-        ],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
-    )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    src = str(tmp_path / "skip.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=9), src)
+    outputs = {"y": ["b", 6], "sum": ["b", 6]}
+    model = make_model(nodes, inits, {"x": ["b", 8]}, outputs, domains={"com.microsoft": 1})
+    src = save_model(model, tmp_path / "skip.onnx", check=False)
     groups = groups_of(src)
     assert [g.size for g in groups if g.foldable] == [16]
     (residual,) = [g for g in groups if {"w2", "w3"} <= {m.tensor.name for m in g.members}]
