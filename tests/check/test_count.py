@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from helpers import feeds_for, make_model, rand
+from helpers import feeds_for, make_model, rand, save_model
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxfold.check.count import count_params, figures, macs_with_reason
@@ -147,17 +147,10 @@ def test_shapes_inference_leaves_unknown_are_observed_by_running_the_file(tmp_pa
     run of the model file gives; without the file they stay n/a, with the reason."""
     import onnxfold.check.count as count
 
-    w = numpy_helper.from_array(np.ones((8, 3), np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    path = str(tmp_path / "m.onnx")
-    onnx.save(model, path)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "w"], ["y"])]
+    inits = {"w": np.ones((8, 3), np.float32)}
+    model = make_model(nodes, inits, {"x": ["n", 8]}, {"y": ["n", 3]}, opset=13)
+    path = save_model(model, tmp_path / "m.onnx")
     monkeypatch.setattr(count.onnx.shape_inference, "infer_shapes", lambda m, **k: m)
     monkeypatch.setattr(count, "_symbolic_shapes", lambda m: None)
     feeds = {"x": np.zeros((5, 8), np.float32)}

@@ -69,30 +69,18 @@ def test_accuracy_ratio_grades_with_labels(accuracy, grade):
 def _head_model(path: str, head: str, scale: float = 1.0) -> str:
     """x (batch, 8, 16) -> MatMul (16 -> 100) -> `head` (LayerNormalization or Softmax), an
     output whose last axis is long: hidden states or class scores per position."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from helpers import make_model, rand, save_model
+    from onnx import helper
 
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array((scale * rng.standard_normal((16, 100))).astype(np.float32), "w")
-    ]
+    inits = {"w": rand(16, 100, scale=scale)}
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"])]
     if head == "LayerNormalization":
-        inits += [
-            numpy_helper.from_array(np.ones(100, np.float32), "g"),
-            numpy_helper.from_array(np.zeros(100, np.float32), "b"),
-        ]
+        inits.update(g=np.ones(100, np.float32), b=np.zeros(100, np.float32))
         nodes.append(helper.make_node(head, ["h", "g", "b"], ["out"], axis=-1))
     else:
         nodes.append(helper.make_node(head, ["h"], ["out"], axis=-1))
-    graph = helper.make_graph(
-        nodes,
-        "head",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8, 16])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 8, 100])],
-        inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = make_model(nodes, inits, {"x": ["batch", 8, 16]}, {"out": ["batch", 8, 100]})
+    save_model(model, path)
     return path
 
 

@@ -153,14 +153,13 @@ def tiny_causal_lm(path: str, vocab: int = 40, hidden: int = 16, mlp: int = 24) 
     """input_ids (batch, seq) -> Gather(embedding) -> MatMul -> Relu -> MatMul -> logits (batch,
     seq, vocab): the smallest graph onnxfold reads as a causal LM (its logits' last axis is the
     embedding table's rows)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from helpers import make_model, rand, save_model
+    from onnx import TensorProto, helper
 
-    rng = np.random.default_rng(0)
-    weights = {
-        "embed": rng.standard_normal((vocab, hidden)),
-        "w1": rng.standard_normal((hidden, mlp)) / 4,
-        "w2": rng.standard_normal((mlp, vocab)) / 4,
+    inits = {
+        "embed": rand(vocab, hidden, scale=1.0),
+        "w1": rand(hidden, mlp, seed=1, scale=0.25),
+        "w2": rand(mlp, vocab, seed=2, scale=0.25),
     }
     nodes = [
         helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
@@ -168,14 +167,8 @@ def tiny_causal_lm(path: str, vocab: int = 40, hidden: int = 16, mlp: int = 24) 
         helper.make_node("Relu", ["a"], ["r"]),
         helper.make_node("MatMul", ["r", "w2"], ["logits"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "lm",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])],
-        [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    inputs = {"input_ids": (TensorProto.INT64, ["batch", "seq"])}
+    save_model(make_model(nodes, inits, inputs, {"logits": ["batch", "seq", vocab]}), path)
     return path
 
 

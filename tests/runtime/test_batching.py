@@ -148,27 +148,16 @@ def test_outputs_whose_dims_are_named_apart_from_the_inputs_keep_every_sample(tm
     """paddle2onnx names every dynamic dim apart (input [p2o.DynamicDimension.0, ...], output
     [p2o.DynamicDimension.2, ...]): the output still holds one row per sample, so every run's rows
     are joined; an output that does not follow the samples is the last run's, as before."""
-    import onnx
-    from onnx import numpy_helper
-
     from onnxfold.runtime.stats import BATCH
 
     w = np.arange(12, dtype=np.float32).reshape(4, 3)
-    graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "w"], ["y"]),
-            helper.make_node("ReduceSum", ["y"], ["total"], keepdims=0),
-        ],
-        "apart",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["p2o.Dim.0", 4])],
-        [
-            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["p2o.Dim.2", 3]),
-            helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
-        ],
-        [numpy_helper.from_array(w, "w")],
-    )
-    path = str(tmp_path / "apart.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["y"]),
+        helper.make_node("ReduceSum", ["y"], ["total"], keepdims=0),
+    ]
+    outputs = {"y": ["p2o.Dim.2", 3], "total": []}
+    model = make_model(nodes, {"w": w}, {"x": ["p2o.Dim.0", 4]}, outputs, opset=13)
+    path = save_model(model, tmp_path / "apart.onnx")
     x = np.random.default_rng(0).standard_normal((BATCH * 2 + 5, 4)).astype(np.float32)
     y, total = run_batched(session(path), {"x": x})
     np.testing.assert_allclose(y, x @ w, rtol=1e-5)
