@@ -21,7 +21,7 @@ from .model.load import LoadedModel, load_model
 from .model.save import check_data_target, copy_atomic, save_graph
 from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
 from .plan.sensitivity import Sensitivity
-from .repair import REPAIRS, Repair, resolved_name
+from .repair import repair_class
 from .runtime.feeds import check_arrays, proto_input_specs
 from .runtime.inputs import (
     InputOptions,
@@ -112,12 +112,8 @@ def fold_file(
     steps: dict[str, StepCost] = {}
     with reporter.step("loading"), _measured(steps, "load"):
         # External-data weights stay on disk until used, unless a step exports the graph to run it.
-        lazy = (
-            not REPAIRS.get(
-                resolved_name(config.repair, config.method, calib is not None), Repair
-            ).needs_calibration
-            and config.importance != "act"
-        )
+        repair = repair_class(config.repair, config.method, calib is not None)
+        lazy = not repair.needs_calibration and config.importance != "act"
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
         specs = proto_input_specs(loaded.skeleton.graph)  # the inputs as the file declares them
@@ -259,7 +255,7 @@ def check_fold_request(
 
 def _check_calib(config: FoldConfig, path: str | None) -> None:
     """Check that the chosen methods have the calibration inputs they need."""
-    repair = REPAIRS.get(config.repair, Repair)
+    repair = repair_class(config.repair, config.method, path is not None)
     if repair.reads_calib and not path:
         raise ConfigError(
             "repair", config.repair, "needs {calib} FILE.npz (a few dozen representative inputs)"

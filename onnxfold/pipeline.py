@@ -26,7 +26,7 @@ from .groups.discover import apply_excludes, discover, kv_cache_notes
 from .groups.group import Group
 from .model.load import LoadedModel, load_model
 from .model.ops import depthwise_convs
-from .model.save import to_proto
+from .model.save import save_scratch, to_proto
 from .plan.backends import resolve_backend
 from .plan.budget import Budget, ParamModel, group_ratios, parse_layers, units_kept, units_to_keep
 from .plan.features import weighted_features
@@ -39,7 +39,7 @@ from .plan.sensitivity import (
     measured_ratios,
     relative_deviation,
 )
-from .repair import REPAIRS, Repair, choose_repair, resolved_name
+from .repair import REPAIRS, Repair, choose_repair, repair_class
 from .repair.ar import has_bn_statistics
 from .rewrite.compensate import (
     apply_compensation,
@@ -530,8 +530,7 @@ def calibration_source(config: FoldConfig, arrays) -> str | None:
     """'user' when the fold reads the user's calibration arrays, 'synthesised' when the repair makes
     its own inputs instead, 'data-free' when only --measure reads them and fold_graph makes its own
     for it (data_free_feeds), None when nothing reads calibration inputs."""
-    name = resolved_name(config.repair, config.method, arrays is not None)
-    repair = REPAIRS.get(name, Repair)
+    repair = repair_class(config.repair, config.method, arrays is not None)
     reads = repair.reads_calib or config.importance == "act" or config.refit or config.measure
     if arrays is not None and reads:
         return "user"
@@ -554,8 +553,7 @@ def fold_model(
     config = config or FoldConfig()
     if isinstance(model, onnx.ModelProto):
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=model.ByteSize() >= 2**31 - 2**20)
+            path = save_scratch(model, os.path.join(tmp, "model.onnx"))
             return fold_model(load_model(path), config, calib, progress, sensitivity)
     loaded = load_model(model) if isinstance(model, str) else model
     result = fold_graph(

@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from .check.compare import Comparison, FeedSource, validate_files
 from .check.count import count_params
@@ -31,6 +30,7 @@ from .config import FoldConfig
 from .errors import UserError
 from .files import read_for_model
 from .model.load import load_model
+from .model.save import save_scratch
 from .pipeline import calibration_inputs, fold_model, model_sensitivity
 from .plan.sensitivity import Sensitivity
 from .runtime.feeds import check_arrays, declared_input_specs
@@ -182,8 +182,7 @@ def _candidate(path, config, ratio, target, source, calib, sensitivity=None) -> 
     )
     proto = result.to_proto()
     with tempfile.TemporaryDirectory() as tmp:
-        folded = os.path.join(tmp, "folded.onnx")
-        onnx.save_model(proto, folded, save_as_external_data=proto.ByteSize() >= 2**31 - 2**20)
+        folded = save_scratch(proto, os.path.join(tmp, "folded.onnx"))
         cmp = validate_files(path, folded, source, timed=False).comparison
     value = target.measure(cmp)
     return Candidate(

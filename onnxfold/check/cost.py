@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from ..errors import UserError, log
 from ..model.ops import RECURRENT_GATES
+from ..model.save import TWO_GB, save_scratch
 from ..runtime.feeds import proto_input_specs, random_feeds
 from ..runtime.session import PROVIDERS, quiet_onnxruntime
 from ..runtime.stats import input_batch_axes
@@ -59,7 +60,6 @@ PROFILE_RUNS = 20  # profiled runs; each layer's median time is kept
 # Lite0 on a loaded 2-core machine: the whole profile's time varied 9-21 ms over 3 sessions with
 # the default threads, 24-25 ms with one)
 THREADS = 1
-TWO_GB = 2**31 - 2**20
 
 
 @dataclass(frozen=True)
@@ -273,9 +273,7 @@ def _serialised(model: onnx.ModelProto, folder: str) -> str | bytes:
     it."""
     if model.ByteSize() < TWO_GB:
         return model.SerializeToString()
-    path = os.path.join(folder, "model.onnx")
-    onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-    return path
+    return save_scratch(model, os.path.join(folder, "model.onnx"))
 
 
 def _kernel_medians(events: list[dict]) -> dict[str, float]:

@@ -48,6 +48,18 @@ def to_proto(graph: gs.Graph, opset: int) -> onnx.ModelProto:
     return model
 
 
+def save_scratch(model: onnx.ModelProto, path: str) -> str:
+    """Save `model` at `path` to be read back by onnxruntime or onnx (a temporary copy: no checker,
+    no atomic rename), its tensors in `path`.data when protobuf cannot hold them; returns path."""
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=model.ByteSize() >= TWO_GB,
+        location=os.path.basename(path) + ".data",
+    )
+    return path
+
+
 def write_atomic(model: onnx.ModelProto, path: str, external: bool, check=None) -> int:
     """Write `model` to `path` (plus `path`.data when external); `check(tmp_path)` runs before the
     rename.

@@ -49,6 +49,12 @@ def resolved_name(requested: str, method: str, calibrated: bool) -> str:
     return "data" if requested == "auto" and method == "fold" and calibrated else requested
 
 
+def repair_class(requested: str, method: str, calibrated: bool) -> type[Repair]:
+    """The Repair class --repair `requested` stands for before the graph is read (resolved_name;
+    'auto' is the base Repair until choose_repair resolves it on the graph)."""
+    return _classes().get(resolved_name(requested, method, calibrated), Repair)
+
+
 def choose_repair(
     requested: str,
     graph: gs.Graph,
