@@ -6,6 +6,7 @@ member slices, or freeze groups with a reason. Ops without a rule are boundaries
 groups are frozen). Ops of the default domain are keyed by their type, others by "domain:type"."""
 
 from . import (
+    attention,
     contrib,
     control_flow,
     elementwise,
@@ -27,6 +28,7 @@ RULES = {
     **recurrent.RULES,
     **control_flow.RULES,
     **contrib.RULES,  # keyed "domain:op"
+    **attention.RULES,
 }
 
 __all__ = ["RULES"]

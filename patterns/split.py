@@ -32,9 +32,9 @@ def split(node: gs.Node, d: Discovery) -> None:
     if refined is None:
         return
     for i, out in enumerate(node.outputs):
-        piece = _piece(refined, bounds[i], bounds[i + 1], rank_of(out) or lx.rank)
-        d.set_layout(out, piece)
-        d.add_members(piece, node.inputs[1], i, EXTENT)
+        part = piece(refined, bounds[i], bounds[i + 1], rank_of(out) or lx.rank)
+        d.set_layout(out, part)
+        d.add_members(part, node.inputs[1], i, EXTENT)
 
 
 def _split_sizes(node: gs.Node, d: Discovery, lx: Layout) -> list[int] | None:
@@ -110,13 +110,13 @@ def slice_(node: gs.Node, d: Discovery) -> None:
     refined = d.split(lx, [b for b in (start, stop) if 0 < b < lx.extent], where(node))
     if refined is None:
         return
-    d.set_layout(node.outputs[0], _piece(refined, start, stop, rank_of(node.outputs[0]) or lx.rank))
-    d.add_members(_piece(refined, 0, start, lx.rank), node.inputs[1], j, EXTENT)
+    d.set_layout(node.outputs[0], piece(refined, start, stop, rank_of(node.outputs[0]) or lx.rank))
+    d.add_members(piece(refined, 0, start, lx.rank), node.inputs[1], j, EXTENT)
     if end <= lx.extent:
-        d.add_members(_piece(refined, 0, stop, lx.rank), node.inputs[2], j, EXTENT)
+        d.add_members(piece(refined, 0, stop, lx.rank), node.inputs[2], j, EXTENT)
 
 
-def _piece(layout: Layout, begin: int, end: int, rank: int) -> Layout | None:
+def piece(layout: Layout, begin: int, end: int, rank: int) -> Layout | None:
     """The parts of `layout` lying within entries [begin, end) (cut there already), or None when
     empty."""
     parts = tuple(

@@ -264,15 +264,16 @@ class Discovery:
         role: str,
         tag: str = "",
         repeat: int = 1,
+        offset: int = 0,
     ) -> None:
         """`tensor` follows `layout`'s channels along `axis` (each channel `repeat` x layout.repeat
-        entries)."""
+        entries), from entry `offset` on (a packed q|k|v bias: k's channels start after q's)."""
         if layout is None or not isinstance(tensor, gs.Constant):
             return
         layout = self.refresh(layout)
         rep = layout.repeat * repeat
         for start, p in zip(layout.starts(), layout.parts):
-            member = Member(tensor, axis, role, p.gid, start * rep, rep, tag)
+            member = Member(tensor, axis, role, p.gid, offset + start * rep, rep, tag)
             self.recorded.append((member, self.scale[p.gid]))
 
     # ---- results --------------------------------------------------------------------------------
