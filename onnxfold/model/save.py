@@ -286,4 +286,16 @@ def _check_file(path: str) -> None:
         model = onnx.load(path, load_external_data=False)
         if not ort_only_nodes(model):
             raise
-        onnx.checker.check_model(checkable(model))
+        _check_beside(checkable(model), path)
+
+
+def _check_beside(model: onnx.ModelProto, path: str) -> None:
+    """onnx.checker on `model` saved for the check beside the model file `path`, so that its
+    external-data locations resolve as the file's do (in memory they resolve against the current
+    directory); the copy is removed after."""
+    copy = os.path.join(os.path.dirname(path), ".checkable-" + os.path.basename(path))
+    onnx.save_model(model, copy)
+    try:
+        onnx.checker.check_model(copy)
+    finally:
+        os.remove(copy)

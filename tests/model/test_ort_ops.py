@@ -17,9 +17,14 @@ from onnxfold.model.ort_ops import checkable, ort_only_nodes
 from onnxfold.runtime.session import session
 
 
-def mlp_then(path: str, op: str, domain: str = "") -> str:
-    """x (b, 8) -> MatMul 8->16 -> Relu -> MatMul 16->6 -> `op`(scale) -> y (b, 6); opset 17."""
-    inits = {"w1": rand(8, 16, scale=1.0), "w2": rand(16, 6, seed=1), "g": np.ones(6, np.float32)}
+def mlp_then(path: str, op: str, domain: str = "", hidden: int = 16) -> str:
+    """x (b, 8) -> MatMul 8->hidden -> Relu -> MatMul hidden->6 -> `op`(scale) -> y (b, 6);
+    opset 17."""
+    inits = {
+        "w1": rand(8, hidden, scale=1.0),
+        "w2": rand(hidden, 6, seed=1),
+        "g": np.ones(6, np.float32),
+    }
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"]),
         helper.make_node("Relu", ["h"], ["r"]),
@@ -83,3 +88,26 @@ def test_rms_norms_over_the_channels_are_boundaries_and_the_mlp_before_folds_exa
     assert any(f"{op} " in r and "normalises across channels" in r for r in reasons), reasons
     assert [g.size for g in groups if g.foldable] == [16]
     assert_widen_and_fold_back(src, tmp_path)
+
+
+def test_with_external_data_the_checker_finds_the_data_beside_the_written_file(tmp_path):
+    """A model with an onnxruntime-only op and external data (onnxruntime-genai's folders) saves:
+    the checker's re-domained copy resolves the data file beside the written model, whatever the
+    current directory (it looked in the current directory before)."""
+    model = onnx.load(
+        mlp_then(str(tmp_path / "sln.onnx"), "SimplifiedLayerNormalization", hidden=128)
+    )
+    src = str(tmp_path / "ext.onnx")
+    onnx.save_model(model, src, save_as_external_data=True, size_threshold=0, location="ext.data")
+    out = str(tmp_path / "out" / "folded.onnx")
+    (tmp_path / "out").mkdir()
+    report = fold_file(src, out, FoldConfig(ratio=0.5, multiple_of=1, repair="none"))
+    assert report.folded.params < report.dense.params
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "folded.onnx",
+        "folded.onnx.data",
+    ]
+    assert any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(out, load_external_data=False).graph.initializer
+    )
