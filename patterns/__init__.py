@@ -12,6 +12,7 @@ from . import (
     elementwise,
     linear,
     norm,
+    quant,
     recurrent,
     reshape,
     shape_ops,
@@ -28,6 +29,7 @@ RULES = {
     **recurrent.RULES,
     **control_flow.RULES,
     **contrib.RULES,  # keyed "domain:op"
+    **quant.RULES,
     **attention.RULES,
 }
 

@@ -116,19 +116,27 @@ def _bias_members(node, d: Discovery, out, bias) -> None:
 
 def matmul(node: gs.Node, d: Discovery) -> None:
     a, b = node.inputs[0], node.inputs[1]
-    la, bv = d.layout(a), const_value(b)
+    bv = const_value(b)
     if bv is None and const_value(a) is None:
         return batched_matmul(node, d)
     if bv is None or bv.ndim != 2:
         return freeze_all(
             node, d, f"{where(node)} multiplies by a constant that is not a 2-D weight"
         )
-    la = _expect_axis(node, d, la, None)
-    in_axis, out_axis = weight_axes(node)
-    d.add_members(la, b, in_axis, SUM)
+    dense_matmul(node, d, b)
+
+
+def dense_matmul(node: gs.Node, d: Discovery, w: gs.Constant, bias=None) -> None:
+    """Activation (..., K) times constant `w` (K, N) (a MatMul's weight, or a quantized weight's
+    float view), plus an optional `bias` (N,) -> output (..., N): the input's channels are a
+    consumer member of w's axis 0; the output is a new group with w's axis 1 and the bias."""
+    la = _expect_axis(node, d, d.layout(node.inputs[0]), None)
+    d.add_members(la, w, 0, SUM)
     rank = out_rank(node, la.rank if la else 2)
-    out = d.produce(node.outputs[0], bv.shape[out_axis], rank - 1, rank)
-    d.add_members(out, b, out_axis, MEAN)
+    out = d.produce(node.outputs[0], w.shape[1], rank - 1, rank)
+    d.add_members(out, w, 1, MEAN)
+    if bias is not None:
+        _bias_members(node, d, out, bias)
 
 
 def batched_matmul(node: gs.Node, d: Discovery) -> None:

@@ -1,0 +1,174 @@
+"""Quantized weights (patterns/quant.py): MatMulNBits folds through its float view (outputs with B
+rows, scales, zero points and bias; inputs by dequantise -> merge -> requantise), exactly at k = n
+and when widened by duplicated channels and folded back; GatherBlockQuantized is a boundary and
+QOperator layers are declined, each with its reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import (
+    assert_widen_and_fold_back,
+    feeds_for,
+    fold_to,
+    groups_of,
+    make_model,
+    param_count,
+    rand,
+    run,
+    save_model,
+)
+from onnx import TensorProto, helper
+from onnxruntime.quantization.matmul_nbits_quantizer import (
+    quantize_matmul_4bits,
+    quantize_matmul_8bits,
+)
+
+from onnxfold.model.load import load_model
+from onnxfold.patterns.quant import NBitsWeight, pack, unpack
+
+MS = "com.microsoft"
+
+
+def nbits(w: np.ndarray, bits: int, block: int, symmetric: bool) -> dict[str, np.ndarray]:
+    """onnxruntime's own blockwise quantizer: float w (K, N) -> {"B": uint8 (N, blocks, blob),
+    "scales": (N, blocks), "zero_points": uint8 packed (asymmetric only)}."""
+    k, n = w.shape
+    blocks, per = -(-k // block), 8 // bits
+    packed = np.zeros((n, blocks, block * bits // 8), np.uint8)
+    zero = np.zeros((n, -(-blocks // per)), np.uint8)
+    scales = np.zeros((n, blocks), np.float32)
+    padded = np.pad(w, [(0, blocks * block - k), (0, 0)])
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, padded, scales, zero, block, n, k, symmetric)
+    out = {"B": packed, "scales": scales}
+    if not symmetric:
+        out["zero_points"] = zero
+    return out
+
+
+def nbits_node(name: str, x: str, y: str, w, inits: dict, bits=4, block=16, sym=False, bias=None):
+    """A MatMulNBits `name` computing x @ w (w (K, N) float, quantized by onnxruntime), its
+    initializers added to `inits` as name.B, name.scales, [name.zero_points], [name.bias]."""
+    q = nbits(w, bits, block, sym)
+    inputs = [x] + [f"{name}.{k}" for k in q]
+    inits.update({f"{name}.{k}": v for k, v in q.items()})
+    if bias is not None:
+        inputs += [""] * (5 - len(inputs)) + [f"{name}.bias"]
+        inits[f"{name}.bias"] = bias
+    k, n = w.shape
+    attrs = dict(K=k, N=n, bits=bits, block_size=block)
+    return helper.make_node("MatMulNBits", inputs, [y], name=name, domain=MS, **attrs)
+
+
+def nbits_mlp(path, sizes=(24, 32, 6), bits=4, sym=False, bias=False, block=16) -> str:
+    """x (b, sizes[0]) -> MatMulNBits -> Relu -> MatMulNBits -> y (b, sizes[2])."""
+    inits: dict = {}
+    a, h, o = sizes
+    b1 = rand(h, seed=3) if bias else None
+    nodes = [
+        nbits_node("up", "x", "h", rand(a, h, scale=1.0), inits, bits, block, sym, b1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        nbits_node("down", "r", "y", rand(h, o, seed=1, scale=1.0), inits, bits, block, sym),
+    ]
+    model = make_model(nodes, inits, {"x": ["b", a]}, {"y": ["b", o]}, domains={MS: 1})
+    return save_model(model, path, check=False)
+
+
+def test_pack_and_unpack_are_inverse_low_bits_first():
+    codes = np.array([[1, 2, 3, 15, 7]])
+    packed = pack(codes, 4)
+    assert packed.tolist() == [[0x21, 0xF3, 0x07]]
+    assert unpack(packed, 4, 5).tolist() == codes.tolist()
+    assert unpack(pack(np.array([[3, 0, 1, 2, 1]]), 2), 2, 5).tolist() == [[3, 0, 1, 2, 1]]
+
+
+@pytest.mark.parametrize("bits,sym", [(4, False), (4, True), (8, False), (8, True)])
+def test_the_float_view_is_what_onnxruntime_computes(tmp_path, bits, sym):
+    """x @ view.values equals onnxruntime's MatMulNBits output (K = 24: a padded last block), and
+    assigning the view its own values writes back the same bytes."""
+    src = nbits_mlp(tmp_path / "m.onnx", bits=bits, sym=sym)
+    loaded = load_model(src)
+    up = next(n for n in loaded.graph.nodes if n.name == "up")
+    view = NBitsWeight(up)
+    feeds = feeds_for(src)
+    h = run(_with_output(src, "h", tmp_path), feeds)[1]
+    np.testing.assert_allclose(feeds["x"] @ view.values, h, atol=1e-5, rtol=0)
+    before = [np.asarray(t.values).copy() for t in up.inputs[1:]]
+    view.values = view.values
+    for old, t in zip(before, up.inputs[1:]):
+        assert np.array_equal(old, np.asarray(t.values)), t.name
+
+
+def _with_output(src: str, name: str, tmp_path) -> str:
+    model = onnx.load(src)
+    model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return save_model(model, tmp_path / "with_output.onnx", check=False)
+
+
+@pytest.mark.parametrize("sym,bias", [(False, False), (True, False), (False, True)])
+def test_hidden_channels_fold_with_b_rows_scales_zero_points_and_bias(tmp_path, sym, bias):
+    src = nbits_mlp(tmp_path / "m.onnx", sym=sym, bias=bias)
+    foldable = [g for g in groups_of(src) if g.foldable]
+    assert [g.size for g in foldable] == [32]
+    members = {(m.tensor.name, m.axis, m.role) for m in foldable[0].members}
+    want = {("up.B", 1, "mean"), ("down.B", 0, "sum")} | (
+        {("up.bias", 0, "mean")} if bias else set()
+    )
+    assert members == want
+    assert_widen_and_fold_back(src, tmp_path)
+
+
+def test_folding_with_as_many_clusters_as_channels_gives_the_same_bytes(tmp_path):
+    src = nbits_mlp(tmp_path / "m.onnx")
+    _, proto = fold_to(src, str(tmp_path / "same.onnx"), ratio=0.0)
+    original = {t.name: t.raw_data for t in onnx.load(src).graph.initializer}
+    assert {t.name: t.raw_data for t in proto.graph.initializer} == original
+
+
+def float_mlp(path, w_up: np.ndarray, w_down: np.ndarray) -> str:
+    """nbits_mlp's graph with float MatMuls of weights w_up (24, 32) and w_down (32, 6)."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w_up"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w_down"], ["y"]),
+    ]
+    inits = {"w_up": w_up, "w_down": w_down}
+    return save_model(make_model(nodes, inits, {"x": ["b", 24]}, {"y": ["b", 6]}), path)
+
+
+def test_requantising_a_fold_costs_less_than_quantising_the_model(tmp_path):
+    """At ratio 0.5 the int4 model keeps 16 of 32 hidden channels (N of 'up' and K of 'down'
+    rewritten, K = 16: one block); its outputs differ from folding its dequantised float weights
+    the same way by less than quantising the float model to int4 changed them."""
+    src = nbits_mlp(tmp_path / "m.onnx")
+    loaded = load_model(src)
+    views = {n.name: NBitsWeight(n).values for n in loaded.graph.nodes if n.op == "MatMulNBits"}
+    dense = float_mlp(tmp_path / "f.onnx", views["up"], views["down"])
+    original = float_mlp(
+        tmp_path / "o.onnx", rand(24, 32, scale=1.0), rand(32, 6, seed=1, scale=1.0)
+    )
+    _, proto = fold_to(src, str(tmp_path / "q.onnx"), ratio=0.5)
+    fold_to(dense, str(tmp_path / "fq.onnx"), ratio=0.5)
+    attrs = {n.name: {a.name: a.i for a in n.attribute} for n in proto.graph.node}
+    assert attrs["up"]["N"] == 16 and attrs["down"]["K"] == 16
+    feeds = feeds_for(src)
+    (folded,), (reference,) = run(proto, feeds), run(str(tmp_path / "fq.onnx"), feeds)
+    quantising = np.abs(run(src, feeds)[0] - run(original, feeds)[0]).max()
+    assert 0 < np.abs(folded - reference).max() < quantising
+    assert param_count(str(tmp_path / "q.onnx")) < param_count(src)
+
+
+def test_act_order_g_idx_is_declined_with_the_reason(tmp_path):
+    src = nbits_mlp(tmp_path / "m.onnx")
+    model = onnx.load(src)
+    down = next(n for n in model.graph.node if n.name == "down")
+    down.input.append("g_idx")
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array((np.arange(32) // 16).astype(np.int32), "g_idx")
+    )
+    onnx.save(model, src)
+    (group,) = [g for g in groups_of(src) if g.size == 32]
+    assert not group.foldable
+    assert any("MatMulNBits 'down' has an act-order g_idx" in r for r in group.frozen), group.frozen
