@@ -74,15 +74,17 @@ FLOAT_TYPES = {
 
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of floating-point initializers and Constant-node tensors, in the main graph and in
-    the bodies of If/Loop/Scan nodes. A tensor of one name, shape and type stored in several scopes
-    (a weight both branches of an If read, written into each) counts once."""
+    the bodies of If/Loop/Scan nodes, and the logical elements of quantized weights (QUANTIZED:
+    K x N for a MatMulNBits B, whatever its packing; the scales and zero points are not counted). A
+    tensor of one name, shape and type stored in several scopes (a weight both branches of an If
+    read, written into each) counts once."""
     seen: set[tuple] = set()
     total = 0
     for graph in all_graphs(model.graph):
-        for key, t in _float_tensors(graph):
+        for key, count in _parameters(graph):
             if key not in seen:
                 seen.add(key)
-                total += int(np.prod(t.dims))
+                total += count
     return total
 
 
@@ -101,17 +103,63 @@ def _bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
     ]
 
 
-def _float_tensors(graph: onnx.GraphProto):
-    """(name, dims, type), tensor of each floating-point initializer and Constant-node tensor."""
-    tensors = [(t.name, t) for t in graph.initializer] + [
-        (n.output[0], a.t)
-        for n in graph.node
-        for a in n.attribute
-        if a.type == onnx.AttributeProto.TENSOR
-    ]
-    for name, t in tensors:
-        if t.data_type in FLOAT_TYPES:
-            yield (name, tuple(t.dims), t.data_type), t
+# quantized layers: op -> (inputs holding integer weights, inputs holding scales and zero points)
+QUANTIZED = {
+    "MatMulNBits": ((1,), (2, 3)),
+    "GatherBlockQuantized": ((0,), (2, 3)),
+    "DequantizeLinear": ((0,), (1, 2)),
+    "QuantizeLinear": ((), (1, 2)),
+    "QLinearConv": ((3, 8), (1, 2, 4, 5, 6, 7)),
+    "QLinearMatMul": ((0, 3), (1, 2, 4, 5, 6, 7)),
+    "MatMulInteger": ((0, 1), (2, 3)),
+    "ConvInteger": ((1,), (2, 3)),
+}
+
+
+def _parameters(graph: onnx.GraphProto):
+    """((name, dims, type), elements) of each floating-point initializer and Constant-node tensor
+    that is not a quantization scale, and of each integer initializer a quantized layer reads as
+    its weight (logical elements: a packed MatMulNBits B counts K x N)."""
+    tensors = {t.name: t for t in graph.initializer}
+    tensors.update(
+        {
+            n.output[0]: a.t
+            for n in graph.node
+            for a in n.attribute
+            if a.type == onnx.AttributeProto.TENSOR
+        }
+    )
+    weights, scales = _quantized_inputs(graph)
+    for name, t in tensors.items():
+        key = (name, tuple(t.dims), t.data_type)
+        if name in weights:
+            yield key, weights[name]
+        elif t.data_type in FLOAT_TYPES and name not in scales:
+            yield key, int(np.prod(t.dims))
+
+
+def _quantized_inputs(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str]]:
+    """({name: logical elements} of the weights quantized layers read, names of their scales and
+    zero points)."""
+    stored = {t.name: t for t in graph.initializer}
+    weights, scales = {}, set()
+    for node in graph.node:
+        slots, meta = QUANTIZED.get(node.op_type, ((), ()))
+        scales.update(node.input[i] for i in meta if i < len(node.input))
+        for i in (i for i in slots if i < len(node.input) and node.input[i] in stored):
+            weights[node.input[i]] = _logical_elements(node, stored[node.input[i]])
+    return weights, scales
+
+
+def _logical_elements(node: onnx.NodeProto, t: onnx.TensorProto) -> int:
+    """Weights a quantized layer's stored tensor `t` holds: K x N for MatMulNBits, 8 / bits per
+    byte for a GatherBlockQuantized table packed in uint8, else one per element."""
+    attrs = {a.name: a.i for a in node.attribute if a.type == onnx.AttributeProto.INT}
+    if node.op_type == "MatMulNBits":
+        return attrs["K"] * attrs["N"]
+    if node.op_type == "GatherBlockQuantized" and t.data_type == onnx.TensorProto.UINT8:
+        return int(np.prod(t.dims)) * (8 // attrs.get("bits", 4))
+    return int(np.prod(t.dims))
 
 
 def count_params_file(path: str) -> int:
@@ -190,18 +238,40 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
         return _control_flow_macs(node, shapes)
     if node.op_type in RECURRENT_GATES:
         return _recurrent_macs(node, shapes)
-    if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if node.op_type == "MatMulNBits":
+        return _nbits_macs(node, shapes)
+    op, xi, wi = WEIGHTED_OPS.get(node.op_type, (None, 0, 1))
+    if op is None:
         return 0
-    out, w = shapes.get(node.output[0]), shapes.get(node.input[1])
-    x = shapes.get(node.input[0])
+    out, w = shapes.get(node.output[0]), shapes.get(node.input[wi])
+    x = shapes.get(node.input[xi])
     if not out or not w or not x or len(x) < 2 or len(w) < 2:
         raise _NotCounted(f"shapes around {node.op_type} '{node.name}' are unknown")
-    if node.op_type == "Conv":
+    if op == "Conv":
         return int(np.prod(out)) * int(np.prod(w[1:]))
-    if node.op_type == "ConvTranspose":
+    if op == "ConvTranspose":
         return int(np.prod(x)) * int(np.prod(w[1:]))
     trans_a = any(a.name == "transA" and a.i for a in node.attribute)
     k = x[-2] if trans_a else x[-1]
+    return int(np.prod(out)) * int(k)
+
+
+# layers multiplying by a weight: op -> (the float op it computes, input of x, input of the weight)
+WEIGHTED_OPS = {
+    **{op: (op, 0, 1) for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")},
+    "QLinearConv": ("Conv", 0, 3),
+    "ConvInteger": ("Conv", 0, 1),
+    "QLinearMatMul": ("MatMul", 0, 3),
+    "MatMulInteger": ("MatMul", 0, 1),
+}
+
+
+def _nbits_macs(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
+    """MatMulNBits: a MatMul by its K x N weight, however it is packed."""
+    out = shapes.get(node.output[0])
+    if not out:
+        raise _NotCounted(f"shapes around {node.op_type} '{node.name}' are unknown")
+    k = next(a.i for a in node.attribute if a.name == "K")
     return int(np.prod(out)) * int(k)
 
 

@@ -157,3 +157,41 @@ def test_shapes_inference_leaves_unknown_are_observed_by_running_the_file(tmp_pa
     macs, why = macs_with_reason(model, feeds)
     assert macs is None and "shapes around MatMul" in why
     assert figures(model, 0, feeds, None, runnable=path).macs == 8 * 3
+
+
+def _quantized_layers() -> onnx.ModelProto:
+    """x (n, 32) -> MatMulNBits (K 32, N 8, 4 bits, blocks of 16, zero points, bias (8,)) ->
+    DequantizeLinear'd int8 weight (8, 5) per channel -> MatMul -> y (n, 5)."""
+    inits = {
+        "B": np.zeros((8, 2, 8), np.uint8),
+        "scales": np.ones(16, np.float32),
+        "zp": np.full(8, 0x88, np.uint8),
+        "bias": np.zeros(8, np.float32),
+        "q": np.ones((8, 5), np.int8),
+        "q.scale": np.ones(5, np.float32),
+        "q.zp": np.zeros(5, np.int8),
+    }
+    nodes = [
+        helper.make_node(
+            "MatMulNBits",
+            ["x", "B", "scales", "zp", "", "bias"],
+            ["h"],
+            domain="com.microsoft",
+            K=32,
+            N=8,
+            bits=4,
+            block_size=16,
+        ),
+        helper.make_node("DequantizeLinear", ["q", "q.scale", "q.zp"], ["w"], axis=1),
+        helper.make_node("MatMul", ["h", "w"], ["y"]),
+    ]
+    return make_model(nodes, inits, {"x": ["n", 32]}, {"y": ["n", 5]}, domains={"com.microsoft": 1})
+
+
+def test_quantized_weights_count_their_logical_elements_and_macs():
+    """A MatMulNBits B counts K x N (its packing, scales and zero points are not parameters), a
+    DequantizeLinear'd weight its elements (its scale and zero point are not), a float bias as
+    before; MACs count MatMulNBits as a MatMul by its K x N weight."""
+    model = _quantized_layers()
+    assert count_params(model) == 32 * 8 + 8 + 8 * 5
+    assert macs_with_reason(model, {"x": np.zeros((3, 32), np.float32)}) == (32 * 8 + 8 * 5, None)
