@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnxfold.groups.state import Discovery
 from onnxfold.model.external import peek
 
-from .common import freeze_all, out_rank, where
+from .common import const_value, freeze_all, out_rank, pass_through, where
 from .linear import dense_matmul
 
 DOMAIN = "com.microsoft"
@@ -243,6 +243,23 @@ def matmul_nbits(node: gs.Node, d: Discovery) -> None:
     dense_matmul(node, d, NBitsWeight(node), optional_input(node, 5))
 
 
+# ---- QDQ -----------------------------------------------------------------------------------------
+def qdq_activation(node: gs.Node, d: Discovery) -> None:
+    """QuantizeLinear / DequantizeLinear of an activation: one scale (and zero point) for the
+    whole tensor passes channels through; per-channel or blocked scales are declined."""
+    layout = d.layout(node.inputs[0])
+    if layout is None:
+        return
+    params = [const_value(t) for t in node.inputs[1:3] if t is not None and t.name]
+    if any(p is None for p in params):
+        return freeze_all(node, d, f"{where(node)} has a scale computed at run time")
+    if any(p.size != 1 for p in params):
+        return freeze_all(
+            node, d, f"{where(node)} quantizes an activation per channel or per block (not folded)"
+        )
+    pass_through(node, d, layout)
+
+
 # ---- boundaries and declines --------------------------------------------------------------------
 def gather_block_quantized(node: gs.Node, d: Discovery) -> None:
     """The int4 embedding table: its rows bound the token ids and its hidden axis (the output's
@@ -294,6 +311,10 @@ QOPERATOR_CONTRIB = (
 )
 
 RULES = {
+    "QuantizeLinear": qdq_activation,
+    "DequantizeLinear": qdq_activation,
+    f"{DOMAIN}:QuantizeLinear": qdq_activation,
+    f"{DOMAIN}:DequantizeLinear": qdq_activation,
     f"{DOMAIN}:MatMulNBits": matmul_nbits,
     f"{DOMAIN}:GatherBlockQuantized": gather_block_quantized,
     **{op: qoperator for op in QOPERATOR_DEFAULT},

@@ -18,6 +18,8 @@ from helpers import (
     rand,
     run,
     save_model,
+    token_ids,
+    widen_file,
 )
 from onnx import TensorProto, helper
 from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -172,3 +174,117 @@ def test_act_order_g_idx_is_declined_with_the_reason(tmp_path):
     (group,) = [g for g in groups_of(src) if g.size == 32]
     assert not group.foldable
     assert any("MatMulNBits 'down' has an act-order g_idx" in r for r in group.frozen), group.frozen
+
+
+def qdq_mlp(path, axis_scale: bool = False) -> str:
+    """x (b, 8) -> MatMul 8->16 -> Relu -> QuantizeLinear -> DequantizeLinear (uint8, one scale,
+    or a scale per channel) -> MatMul 16->6."""
+    scale = np.full(16, 0.05, np.float32) if axis_scale else np.array(0.05, np.float32)
+    zero = np.zeros(scale.shape, np.uint8)
+    inits = {"w1": rand(8, 16, scale=1.0), "w2": rand(16, 6, seed=1), "s": scale, "z": zero}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"], name="quant", axis=1),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dequant", axis=1),
+        helper.make_node("MatMul", ["dq", "w2"], ["y"]),
+    ]
+    model = make_model(nodes, inits, {"x": ["b", 8]}, {"y": ["b", 6]})
+    return save_model(model, path)
+
+
+def test_activation_quantize_dequantize_pairs_pass_channels_through(tmp_path):
+    src = qdq_mlp(tmp_path / "m.onnx")
+    (group,) = [g for g in groups_of(src) if g.foldable]
+    assert group.size == 16 and {m.tensor.name for m in group.members} == {"w1", "w2"}
+    assert_widen_and_fold_back(src, tmp_path)
+
+
+def test_per_channel_activation_quantization_is_declined_with_the_reason(tmp_path):
+    src = qdq_mlp(tmp_path / "m.onnx", axis_scale=True)
+    (group,) = [g for g in groups_of(src) if g.size == 16]
+    assert not group.foldable
+    want = "QuantizeLinear 'quant' quantizes an activation per channel or per block (not folded)"
+    assert want in group.frozen, group.frozen
+
+
+def test_qoperator_layers_are_declined_with_the_reason(tmp_path):
+    """onnxruntime's quantize_static in the QOperator format, the first MatMul left in float: its
+    channels reach a QLinearMatMul, which declines them."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    src = qdq_mlp(tmp_path / "f.onnx")
+    model = onnx.load(src)
+    del model.graph.node[2:4]  # the float MLP: MatMul, Relu, MatMul
+    model.graph.node[2].input[0] = "r"
+    model.graph.node[0].name, model.graph.node[2].name = "first", "second"
+    save_model(model, src)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{"x": rand(4, 8, seed=i)} for i in range(4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    dst = str(tmp_path / "q.onnx")
+    quantize_static(
+        src, dst, Reader(), quant_format=QuantFormat.QOperator, nodes_to_exclude=["first"]
+    )
+    assert "QLinearMatMul" in {n.op_type for n in onnx.load(dst).graph.node}
+    (group,) = [g for g in groups_of(dst) if g.size == 16]
+    assert not group.foldable
+    assert any(
+        "is a QOperator-quantized layer; folding it is not supported: export QDQ instead" in r
+        and r.startswith("QLinearMatMul ")
+        for r in group.frozen
+    ), group.frozen
+
+
+def test_a_quantized_embedding_table_is_a_boundary(tmp_path):
+    """input_ids -> GatherBlockQuantized (int4 table 50 x 32, blocks of 16) -> MatMul 32->16 ->
+    Relu -> MatMul 16->32 -> + embedding: the hidden axis is frozen with the reason, the MLP's
+    channels fold (exactly, widened and folded back)."""
+    table = rand(50, 32, seed=5, scale=1.0)
+    q = nbits(table.T.copy(), 4, 16, symmetric=False)  # rows of the table are MatMulNBits columns
+    inits = {
+        "data": q["B"].reshape(50, 16),
+        "scales": q["scales"],
+        "zp": q["zero_points"],
+        "w1": rand(32, 16, scale=1.0),
+        "w2": rand(16, 32, seed=1),
+    }
+    nodes = [
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["data", "input_ids", "scales", "zp"],
+            ["e"],
+            name="embed",
+            domain=MS,
+            bits=4,
+            block_size=16,
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+        helper.make_node("MatMul", ["e", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["o"]),
+        helper.make_node("Add", ["o", "e"], ["y"]),
+    ]
+    ids = {"input_ids": (TensorProto.INT64, ["b", "s"])}
+    model = make_model(nodes, inits, ids, {"y": ["b", "s", 32]}, domains={MS: 1})
+    src = save_model(model, tmp_path / "m.onnx", check=False)
+    groups = groups_of(src)
+    assert [g.size for g in groups if g.foldable] == [16]
+    (hidden,) = [g for g in groups if g.size == 32]
+    reason = (
+        "GatherBlockQuantized 'embed' is a quantized embedding table: its hidden axis is not folded"
+    )
+    assert reason in hidden.frozen, hidden.frozen
+    assert param_count(src) == 50 * 32 + 32 * 16 * 2
+    feeds = token_ids(50)
+    e = run(_with_output(src, "e", tmp_path), feeds)[1]
+    np.testing.assert_allclose(e, table[feeds["input_ids"]], atol=0.2, rtol=0)  # int4 rounding
+    widen_file(src, str(tmp_path / "wide.onnx"))
+    dense = run(src, feeds)[0]
+    np.testing.assert_allclose(run(str(tmp_path / "wide.onnx"), feeds)[0], dense, atol=1e-4 * 30)
