@@ -23,6 +23,7 @@ from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_g
 from .plan.sensitivity import Sensitivity
 from .repair import repair_class
 from .runtime.feeds import check_arrays, proto_input_specs
+from .runtime.hints import input_hints
 from .runtime.inputs import (
     InputOptions,
     Inputs,
@@ -34,7 +35,7 @@ from .runtime.inputs import (
     unlabelled,
     warn_if_same,
 )
-from .runtime.tokens import input_values, token_id_limits
+from .runtime.tokens import token_id_limits
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -136,8 +137,7 @@ def fold_file(
             data_in.labels if data_in else None,
             data,
             config.seed,
-            token_id_limits(loaded.graph),
-            input_values(loaded.graph),
+            input_hints(loaded.graph),
             described=data_in.description if data_in else None,
         ),
         loaded.file_bytes,

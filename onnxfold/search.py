@@ -34,8 +34,8 @@ from .model.save import save_scratch
 from .pipeline import calibration_inputs, fold_model, model_sensitivity
 from .plan.sensitivity import Sensitivity
 from .runtime.feeds import check_arrays, declared_input_specs
+from .runtime.hints import input_hints
 from .runtime.inputs import InputOptions, unlabelled
-from .runtime.tokens import input_values, token_id_limits
 
 # metric -> (what it reads, True: higher is better)
 TARGET_METRICS = {
@@ -235,8 +235,7 @@ def search_file(
         evaluation.labels if evaluation else None,
         data,
         config.seed,
-        token_id_limits(graph),
-        input_values(graph),
+        input_hints(graph),
         described=evaluation.description if evaluation else None,
     )
     return search_ratio(path, config, target, source, calib_feeds, progress)

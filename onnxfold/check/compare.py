@@ -27,9 +27,9 @@ from ..runtime.feeds import (
     output_specs,
     random_feeds,
 )
+from ..runtime.hints import InputHints
 from ..runtime.session import session
 from ..runtime.stats import batch_axes, run_batched
-from ..runtime.tokens import InputValue
 from .fidelity import OutputFidelity, output_fidelity, verdict
 from .latency import Timing, time_sessions
 
@@ -283,16 +283,15 @@ def _shape_text(shape: list) -> str:
 @dataclass
 class FeedSource:
     """Where validation inputs come from: arrays read from an .npz file (`data`, optional `labels`,
-    `path` for messages), or, without data, 8 seeded random samples (integer inputs that index an
-    embedding table kept below its rows: `id_limits`, input name -> rows; inputs whose one value
-    the graph tells: `values`, see runtime.tokens.input_values)."""
+    `path` for messages), or, without data, 8 seeded random samples that respect what the graph
+    says of its inputs (`hints`: token ids below their embedding rows, masks of ones, cache sizes;
+    see runtime.hints)."""
 
     data: dict[str, np.ndarray] | None = None
     labels: np.ndarray | None = None
     path: str | None = None
     seed: int = 0
-    id_limits: dict[str, int] | None = None
-    values: dict[str, InputValue] | None = None
+    hints: InputHints = field(default_factory=InputHints)
     described: str | None = None  # what `data` is (image folders, text), instead of path + count
 
     def feeds(
@@ -313,13 +312,11 @@ class FeedSource:
             samples=sizes[0],
             seed=self.seed,
             other_dim=sizes[1],
-            dims=dims,
-            id_limits=self.id_limits,
-            values={k: v.value for k, v in (self.values or {}).items()},
+            **self.hints.random_options(dims),
         )
         shapes = "; ".join(f"{k} {list(v.shape)}" for k, v in list(feeds.items())[:3])
         more = f"; +{len(feeds) - 3} more inputs" if len(feeds) > 3 else ""
-        more += "".join(f"; {k} = {v.value} ({v.why})" for k, v in (self.values or {}).items())
+        more += self.hints.described()
         count = batch_axes(dense).samples(feeds)
         return feeds, None, f"{count} {RANDOM} (seed {self.seed}: {shapes}{more})"
 

@@ -50,14 +50,16 @@ def random_feeds(
     dims: dict[str, int] | None = None,
     id_limits: dict[str, int] | None = None,
     values: dict[str, int] | None = None,
+    sums: dict[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded random inputs following the graph's input specs (a session, or InputSpecs). Symbolic
     dims are sized by `symbolic_sizes` (a name first at axis 0: `samples`, others `other_dim`, sums
-    of names summed, `dims` forced); integer inputs are drawn from [0, int_high) (1: all zeros,
-    valid ids), or from fewer values where `id_limits` (input name -> embedding rows) says the table
-    is smaller; an input named in `values` holds that one value everywhere."""
+    of names summed, `dims` forced, `sums` sized as the sums they name); integer inputs are drawn
+    from [0, int_high) (1: all zeros, valid ids), or from fewer values where `id_limits` (input
+    name -> embedding rows) says the table is smaller; an input named in `values` holds that one
+    value everywhere."""
     specs = input_specs(sess) if hasattr(sess, "get_inputs") else list(sess)
-    sizes = symbolic_sizes(specs, samples, other_dim, dims)
+    sizes = symbolic_sizes(specs, samples, other_dim, dims, sums)
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in specs:
@@ -97,22 +99,24 @@ def symbolic_sizes(
     samples: int = 8,
     other_dim: int = OTHER_DIM,
     dims: dict[str, int] | None = None,
+    sums: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """One size for every dim name in `specs`: `dims` where given, else `samples` for a name found
     at axis 0 of some input, else `other_dim`; names only found inside sums count too. A sum of
-    names and integers is the sum of its parts' sizes (a negative total falls back to 1)."""
+    names and integers is the sum of its parts' sizes (a negative total falls back to 1); `sums`
+    names a sum for a plain name (a total length the graph requires to be past + current)."""
     named = [(i, d) for spec in specs for i, d in enumerate(spec.shape) if isinstance(d, str)]
-    sums = {d: dim_terms(d) for _, d in named}
+    terms_of = {d: dim_terms((sums or {}).get(d, d)) for _, d in named}
     sizes: dict[str, int] = {}
     for i, d in sorted(named, key=lambda item: item[0] != 0):  # axis-0 appearances decide first
-        if sums[d] is None:
+        if terms_of[d] is None:
             sizes.setdefault(d, samples if i == 0 else other_dim)
-    for terms in filter(None, sums.values()):
+    for terms in filter(None, terms_of.values()):
         for _, t in terms:
             if isinstance(t, str):
                 sizes.setdefault(t, other_dim)
     sizes.update(dims or {})
-    for d, terms in sums.items():
+    for d, terms in terms_of.items():
         if terms is not None and d not in (dims or {}):
             total = sum(sign * (t if isinstance(t, int) else sizes[t]) for sign, t in terms)
             sizes[d] = total if total >= 0 else 1

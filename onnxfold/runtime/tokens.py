@@ -102,15 +102,19 @@ def token_id_limits(graph: gs.Graph) -> dict[str, int]:
 
 
 def _embedding_rows(t: gs.Variable) -> int | None:
-    """Rows of the constant table that `t` indexes through a Gather, if any."""
+    """Rows of the constant table that `t` indexes, if any: through a Gather (axis 0), an int4
+    GatherBlockQuantized (gather_axis 0), or EmbedLayerNormalization (input_ids: the word table,
+    segment_ids: the segment table)."""
     for node in t.outputs:
-        if (
-            node.op == "Gather"
-            and node.inputs[1] is t
-            and isinstance(node.inputs[0], gs.Constant)
-            and node.attrs.get("axis", 0) == 0
-        ):
-            return int(node.inputs[0].shape[0])
+        table = None
+        if node.op == "Gather" and node.inputs[1] is t and node.attrs.get("axis", 0) == 0:
+            table = node.inputs[0]
+        elif node.op == "GatherBlockQuantized" and node.inputs[1] is t:
+            table = node.inputs[0] if node.attrs.get("gather_axis", 0) == 0 else None
+        elif node.op == "EmbedLayerNormalization" and t in node.inputs[:2]:
+            table = node.inputs[2 if node.inputs[0] is t else 4]
+        if isinstance(table, gs.Constant):
+            return int(table.shape[0])
     return None
 
 

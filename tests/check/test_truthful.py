@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from onnxfold.check.compare import FeedSource, compare_outputs, run_dense
 from onnxfold.check.latency import Timing
 from onnxfold.errors import UserError, WordedError
+from onnxfold.runtime.hints import InputHints
 from onnxfold.runtime.session import session
 from onnxfold.runtime.tokens import input_values
 
@@ -70,7 +71,7 @@ def test_random_inputs_hold_the_value_the_graph_compares_with(tmp_path):
     path = _branching_model(tmp_path / "sr.onnx")
     values = input_values(gs.import_onnx(onnx.load(path)))
     assert {k: v.value for k, v in values.items()} == {"sr": 16000}
-    feeds, _, described = FeedSource(values=values).feeds(session(path))
+    feeds, _, described = FeedSource(hints=InputHints(values=values)).feeds(session(path))
     assert feeds["sr"].shape == () and int(feeds["sr"]) == 16000
     assert described.startswith("8 random samples (seed 0: x [8, 4]; sr []; sr = 16000 (the value")
     assert described.endswith("other values' paths not run))")

@@ -8,10 +8,12 @@ import sys
 
 import numpy as np
 from helpers import TOKEN_MLP_VOCAB as VOCAB
-from helpers import counting_lm, token_mlp
+from helpers import counting_lm, make_model, rand, save_model, token_mlp
+from onnx import TensorProto, helper
 
+from onnxfold.cli.main import main
 from onnxfold.model.load import load_model
-from onnxfold.runtime.tokens import generated_token_feeds, synthetic_token_feeds
+from onnxfold.runtime.tokens import generated_token_feeds, synthetic_token_feeds, token_id_limits
 
 
 def test_synthetic_feeds_index_the_embedding_table(tmp_path):
@@ -45,3 +47,40 @@ def test_validation_draws_ids_the_embedding_table_has(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "max relative output error" in done.stdout
+
+
+def _embed_layer_norm_model(path: str) -> str:
+    """ids, segments [b, s] int32 -> com.microsoft EmbedLayerNormalization (50 words, 2 segments,
+    16 positions) -> MatMul 8 -> 8 + ReLU -> MatMul 8 -> 3."""
+    inits = {
+        "word": rand(50, 8),
+        "pos_table": rand(16, 8, seed=1),
+        "seg_table": rand(2, 8, seed=2),
+        "gamma": np.ones(8, np.float32),
+        "beta": np.zeros(8, np.float32),
+        "w1": rand(8, 8, seed=3),
+        "w2": rand(8, 3, seed=4),
+    }
+    nodes = [
+        helper.make_node(
+            "EmbedLayerNormalization",
+            ["ids", "segments", "word", "pos_table", "seg_table", "gamma", "beta"],
+            ["h", "mask_index"],
+            domain="com.microsoft",
+        ),
+        helper.make_node("MatMul", ["h", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    ids = {k: (TensorProto.INT32, ["b", "s"]) for k in ("ids", "segments")}
+    model = make_model(nodes, inits, ids, {"y": ["b", "s", 3]}, domains={"com.microsoft": 1})
+    return save_model(model, path, check=False)
+
+
+def test_embed_layer_norm_ids_and_segments_stay_in_their_tables(tmp_path, capsys):
+    """Random segment ids drawn up to 100 crashed EmbedLayerNormalization; they stay below the
+    segment table's 2 rows, the word ids below its 50, and the fold validates on them."""
+    path = _embed_layer_norm_model(str(tmp_path / "m.onnx"))
+    assert token_id_limits(load_model(path).graph) == {"ids": 50, "segments": 2}
+    assert main([path, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5"]) == 0
+    assert "verdict: UNVERIFIED" in capsys.readouterr().out
