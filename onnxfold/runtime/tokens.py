@@ -10,6 +10,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import ConfigError, literal
+from .caches import cache_dims
 from .session import session_with_outputs
 
 SYNTHETIC_SEQUENCES = 8
@@ -64,11 +65,17 @@ def logits_output(graph: gs.Graph) -> tuple[str, str, int] | None:
 def synthetic_token_feeds(
     graph: gs.Graph, seed: int = 0, count: int = SYNTHETIC_SEQUENCES, length: int = SYNTHETIC_LENGTH
 ) -> dict[str, np.ndarray]:
-    """Data-free inputs for a token model: input name -> (count, length) int array. Raises UserError
-    for models with other inputs (images, audio, past key/values): they need --calib."""
+    """Data-free inputs for a token model: input name -> (count, length) int array, and empty past
+    caches of fused attention ops (runtime.caches). Raises UserError for models with other inputs
+    (images, audio, other past key/values): they need --calib."""
     rng = np.random.default_rng(seed)
     feeds = {}
+    cache = cache_dims(graph, list(token_id_limits(graph)))
     for t in graph.inputs:
+        empty = _empty_cache(t, cache.fixed, count)
+        if empty is not None:
+            feeds[t.name] = empty
+            continue
         if t.dtype is None or np.dtype(t.dtype).kind not in "iu" or len(t.shape or ()) != 2:
             raise ConfigError(
                 "importance",
@@ -83,6 +90,17 @@ def synthetic_token_feeds(
         else:
             feeds[t.name] = companion_tokens(t.name, t.dtype, count, length)
     return feeds
+
+
+def _empty_cache(t: gs.Variable, fixed: dict[str, int], count: int) -> np.ndarray | None:
+    """Zeros of shape (count, ...) for a 4-D float past cache of a fused attention op whose sizes
+    the graph fixes (runtime.caches), one of them an empty past; else None."""
+    if not t.shape or len(t.shape) != 4 or t.dtype is None or np.dtype(t.dtype).kind != "f":
+        return None
+    sizes = [d if isinstance(d, (int, np.integer)) else fixed.get(d) for d in t.shape[1:]]
+    if None in sizes or 0 not in sizes:
+        return None
+    return np.zeros([count, *sizes], t.dtype)
 
 
 def companion_tokens(name: str, dtype, count: int, length: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from onnxfold.runtime.caches import cache_dims
 from onnxfold.runtime.feeds import random_feeds
 from onnxfold.runtime.hints import input_hints
 from onnxfold.runtime.session import session
+from onnxfold.runtime.tokens import synthetic_token_feeds
 
 VOCAB, HIDDEN, HEADS, KV, D, POSITIONS = 50, 16, 4, 2, 16, 24
 
@@ -95,3 +96,15 @@ def test_cli_folds_and_validates_on_random_inputs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "KV-cache heads 2 -> 1" in text and "verdict: UNVERIFIED" in text
     assert "past_key_values.0.key [8, 2, 0, 16]" in text
+
+
+def test_activation_importance_runs_with_empty_caches(tmp_path, capsys):
+    """--importance act without --calib on a with-past graph: token ids beside empty caches (it
+    was refused: 'works on token models only')."""
+    src = genai_like(str(tmp_path / "m.onnx"))
+    feeds = synthetic_token_feeds(load_model(src).graph, seed=0, count=2, length=5)
+    assert feeds["past_key_values.0.value"].shape == (2, KV, 0, D)
+    assert feeds["attention_mask"].shape == (2, 5) and feeds["input_ids"].max() < VOCAB
+    out = str(tmp_path / "f.onnx")
+    assert main([src, "-o", out, "--ratio", "0.5", "--importance", "act"]) == 0
+    assert "importance: activation" in capsys.readouterr().out
