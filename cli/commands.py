@@ -19,6 +19,7 @@ from onnxfold.files import (
     default_output,
     fold_file,
 )
+from onnxfold.genai import FolderReport, check_folder_request, fold_folder, is_genai_folder
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 from onnxfold.pipeline import calibration_inputs
@@ -94,37 +95,85 @@ def fold(args: argparse.Namespace) -> int:
         raise UserError("--fail-on needs validation: drop --no-validate")
     if args.report:
         check_writable(args.report, "--report")
+    model = _model_file(args, config)
     searched = None
     if args.target or default_search(args):
         output = args.output or default_output(args.input)
-        check_fold_request(args.input, output, config, args.data, args.calib, input_options(args))
-        searched = _search(args, config)
+        if model == args.input:
+            check_fold_request(model, output, config, args.data, args.calib, input_options(args))
+        searched = _search(args, config, model)
     if searched is not None and searched.best is None:
         return 3
     if searched is not None:
         config = dataclasses.replace(config, ratio=searched.best.ratio)
-    folded = fold_file(
-        args.input,
-        args.output,
-        config,
+    folded, in_folder = _fold(args, config, searched.sensitivity if searched is not None else None)
+    _print_report(args, folded)
+    if in_folder is not None and not args.quiet:
+        print(_folder_text(in_folder))
+    if args.report:
+        payload = report.payload(folded)
+        payload["search"] = searched
+        payload["inputs"] = folded.inputs
+        if in_folder is not None:
+            payload["genai"] = _folder_payload(in_folder)
+        report.write_json(args.report, payload)
+    return _verdict_exit(args.fail_on, folded)
+
+
+def _model_file(args: argparse.Namespace, config: FoldConfig) -> str:
+    """The model file to fold: the input, or the decoder model of an onnxruntime-genai folder
+    (whose fold is checked first: genai.check_folder_request)."""
+    if not is_genai_folder(args.input):
+        return args.input
+    options = input_options(args)
+    return check_folder_request(args.input, args.output, config, args.data, args.calib, options)
+
+
+def _fold(
+    args: argparse.Namespace, config: FoldConfig, sensitivity
+) -> tuple[FoldReport, FolderReport | None]:
+    """fold_file on the input model, or fold_folder on an onnxruntime-genai folder (then also its
+    FolderReport)."""
+    options = dict(
         calib=args.calib,
         data=args.data,
         validate=not args.no_validate,
         reporter=TerminalReporter(args.quiet),
         inputs=input_options(args),
-        sensitivity=searched.sensitivity if searched is not None else None,
+        sensitivity=sensitivity,
     )
-    _print_report(args, folded)
-    if args.report:
-        payload = report.payload(folded)
-        payload["search"] = searched
-        payload["inputs"] = folded.inputs
-        report.write_json(args.report, payload)
-    return _verdict_exit(args.fail_on, folded)
+    if is_genai_folder(args.input):
+        in_folder = fold_folder(args.input, args.output, config, **options)
+        return in_folder.fold, in_folder
+    return fold_file(args.input, args.output, config, **options), None
 
 
-def _search(args: argparse.Namespace, config: FoldConfig):
-    """The --target search (onnxfold.search), its frontier printed; None-best: said on stderr."""
+def _folder_text(folded: FolderReport) -> str:
+    """What a genai folder fold wrote besides the model: the config's changes, the copied files,
+    onnxruntime-genai's check."""
+    changes = folded.before.changes(folded.after)
+    said = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()) or "unchanged"
+    return (
+        f"{folded.output}: genai_config.json {said}; copied {', '.join(folded.copied) or 'nothing'}"
+        f"; {folded.genai_check}"
+    )
+
+
+def _folder_payload(folded: FolderReport) -> dict:
+    """The --report entry of a genai folder fold."""
+    return {
+        "input": folded.input,
+        "output": folded.output,
+        "before": dataclasses.asdict(folded.before),
+        "after": dataclasses.asdict(folded.after),
+        "copied": folded.copied,
+        "genai_check": folded.genai_check,
+    }
+
+
+def _search(args: argparse.Namespace, config: FoldConfig, model: str):
+    """The --target search (onnxfold.search) on the model file `model`, its frontier printed;
+    None-best: said on stderr."""
     from onnxfold.check.count import count_params_file
     from onnxfold.search import (
         DEFAULT_TARGET,
@@ -149,14 +198,14 @@ def _search(args: argparse.Namespace, config: FoldConfig):
             raise UserError("--target needs validation: drop --no-validate")
     progress = Progress("trying", not args.quiet, delay=0.0)
     searched = search_file(
-        args.input, config, target, args.data, args.calib, progress, input_options(args)
+        model, config, target, args.data, args.calib, progress, input_options(args)
     )
     progress.done()
     if not args.quiet:
         where = args.data or "random inputs (give --data for a verified verdict)"
         what = f"{target}: {TARGET_METRICS['ok'][0]}" if target.metric == "ok" else target
         print(f"search for {what} on {where} ({searched.seconds:.1f} s):")
-        print(format_frontier(searched, count_params_file(args.input)))
+        print(format_frontier(searched, count_params_file(model)))
     if searched.best is None:
         first = searched.frontier[0]
         gives = first.why if target.metric == "ok" else f"{first.value:.4f}"

@@ -44,9 +44,17 @@ def fold_parser() -> argparse.ArgumentParser:
         + command_list(),
     )
     p.add_argument("--version", action="version", version=f"onnxfold {__version__}")
-    p.add_argument("input", help="the .onnx model to fold (never modified)")
     p.add_argument(
-        "-o", "--output", help="where to write the folded model (default: INPUT.folded.onnx)"
+        "input",
+        help="the .onnx model to fold, or an onnxruntime-genai folder (genai_config.json and "
+        "its model; never modified)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        help="where to write the folded model (default: INPUT.folded.onnx); for a folder: the "
+        "new folder (required), with the model, tokenizer files and a genai_config.json that "
+        "matches the folded graph",
     )
     _budget_flags(p)
     _method_flags(p)

@@ -22,6 +22,7 @@ RANKS = {
     "onnxfold.config": 8,
     "onnxfold.pipeline": 9,
     "onnxfold.files": 10,
+    "onnxfold.genai": 10,  # onnxruntime-genai folders around fold_file
     "onnxfold.sweep": 10,
     "onnxfold.search": 10,
     "onnxfold.export": 10,

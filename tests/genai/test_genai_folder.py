@@ -1,0 +1,275 @@
+"""onnxruntime-genai folders in, folders out (onnxfold.genai): the output folder holds the folded
+model with its external data as real files, every other file copied, and a genai_config.json whose
+head counts and sizes are the folded graph's; bad requests get one line and exit 2 before any work;
+the input folder is never modified. The end-to-end test (tiny LLaMA -> genai model builder -> fold
+-> onnxruntime-genai generates) runs where onnxruntime-genai is installed (the `genai` extra)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import onnx
+import pytest
+from helpers import digest
+from tiny_genai import (
+    HEAD,
+    HIDDEN,
+    KV_HEADS,
+    VOCAB,
+    build_genai,
+    genai_config,
+    genai_folder,
+    save_tiny_llama,
+    token_inputs,
+)
+
+from onnxfold import FoldConfig
+from onnxfold.cli.main import main
+from onnxfold.errors import UserError
+from onnxfold.genai import DecoderShapes, GenaiRefused, decoder_shapes, fold_folder, write_config
+
+HALF = FoldConfig(ratio=0.5, multiple_of=1)
+
+
+def snapshot(folder) -> dict[str, str]:
+    """Every file of `folder` (relative name -> digest)."""
+    return {
+        os.path.relpath(os.path.join(here, f), folder): digest(os.path.join(here, f))
+        for here, _, files in os.walk(folder)
+        for f in files
+    }
+
+
+def graph_facts(model_path: str) -> dict[str, int]:
+    """What the folded graph says, read here with onnx alone: GroupQueryAttention's attributes,
+    the packed qkv weight's width over the heads, the lm_head's rows and columns."""
+    model = onnx.load(model_path, load_external_data=False)
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: a.i for a in attention[0].attribute}
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    heads, kv = attrs["num_heads"], attrs["kv_num_heads"]
+    return {
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_size": dims["layers.0.qkv"][1] // (heads + 2 * kv),
+        "hidden_size": dims["lm_head"][0],
+        "num_hidden_layers": len(attention),
+        "past_kv_heads": model.graph.input[2].type.tensor_type.shape.dim[1].dim_value,
+    }
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return genai_folder(tmp_path / "in")
+
+
+@pytest.fixture
+def tokens(tmp_path):
+    return token_inputs(str(tmp_path / "tokens.npz"))
+
+
+def test_a_folder_folds_into_a_complete_folder_and_the_input_is_untouched(folder, tokens, tmp_path):
+    # a file linked from out of the folder (onnxruntime refuses such links for external data)
+    shutil.move(os.path.join(folder, "tokenizer.json"), tmp_path / "elsewhere.json")
+    os.symlink(tmp_path / "elsewhere.json", os.path.join(folder, "tokenizer.json"))
+    os.makedirs(os.path.join(folder, "extra"))
+    (tmp_path / "in" / "extra" / "chat_template.jinja").write_text("{{ messages }}")
+    before = snapshot(folder)
+    out = str(tmp_path / "out")
+    report = fold_folder(folder, out, HALF, data=tokens)
+    assert snapshot(folder) == before
+    assert sorted(os.listdir(out)) == [
+        "extra",
+        "genai_config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert not any(os.path.islink(os.path.join(out, f)) for f in os.listdir(out))
+    for name in ("tokenizer.json", "tokenizer_config.json", "extra/chat_template.jinja"):
+        assert digest(os.path.join(out, name)) == before[name]
+    assert report.copied == ["extra", "tokenizer.json", "tokenizer_config.json"]
+    assert report.fold.output == os.path.join(out, "model.onnx")
+    assert report.fold.folded.params < report.fold.dense.params
+    assert [e for e in os.listdir(tmp_path) if e.startswith(".onnxfold")] == []
+
+
+def test_the_config_states_the_folded_graph(folder, tokens, tmp_path):
+    out = str(tmp_path / "out")
+    report = fold_folder(folder, out, HALF, data=tokens)
+    facts = graph_facts(os.path.join(out, "model.onnx"))
+    config = json.load(open(os.path.join(out, "genai_config.json")))
+    decoder = config["model"]["decoder"]
+    for key in ("num_attention_heads", "num_key_value_heads", "head_size", "hidden_size"):
+        assert decoder[key] == facts[key], key
+    assert decoder["num_hidden_layers"] == facts["num_hidden_layers"] == 2
+    assert facts["past_kv_heads"] == decoder["num_key_value_heads"]
+    assert report.after == decoder_shapes(os.path.join(out, "model.onnx"))
+    assert report.after.num_key_value_heads == facts["num_key_value_heads"]
+    # everything else kept as it was
+    original = genai_config()
+    assert config["search"] == original["search"] and config["model"]["type"] == "llama"
+    assert decoder["inputs"] == original["model"]["decoder"]["inputs"]
+    assert report.before == DecoderShapes(4, KV_HEADS, HEAD, HIDDEN, 2, VOCAB)
+
+
+def test_write_config_sets_every_size_it_states_and_keeps_the_rest(folder, tmp_path):
+    shapes = DecoderShapes(6, 3, 5, 40, 2, VOCAB + 1)
+    write_config(folder, str(tmp_path), shapes)
+    config = json.load(open(tmp_path / "genai_config.json"))
+    decoder = config["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["num_key_value_heads"]) == (6, 3)
+    assert (decoder["head_size"], decoder["hidden_size"]) == (5, 40)
+    assert config["model"]["vocab_size"] == VOCAB + 1
+    assert {k: v for k, v in config.items() if k != "model"} == {
+        k: v for k, v in genai_config().items() if k != "model"
+    }
+    assert list(decoder) == list(genai_config()["model"]["decoder"])  # same keys, same order
+
+
+def request_mistakes(tmp_path, folder) -> list[tuple[str, list[str], str]]:
+    """(name, argv, words the one error line must hold) for every refused folder request."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model.onnx").write_bytes(open(os.path.join(folder, "model.onnx"), "rb").read())
+    no_name = genai_folder(tmp_path / "no_name")
+    config = json.load(open(os.path.join(no_name, "genai_config.json")))
+    del config["model"]["decoder"]["filename"]
+    json.dump(config, open(os.path.join(no_name, "genai_config.json"), "w"))
+    no_model = genai_folder(tmp_path / "no_model")
+    os.remove(os.path.join(no_model, "model.onnx"))
+    not_json = genai_folder(tmp_path / "not_json")
+    open(os.path.join(not_json, "genai_config.json"), "w").write("{model:")
+    wrong = genai_folder(tmp_path / "wrong", num_key_value_heads=3)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    out = str(tmp_path / "new")
+    return [
+        ("no genai_config.json", [str(bare), "-o", out], "folder without genai_config.json"),
+        ("no model entry", [no_name, "-o", out], "names no model file (model.decoder.filename)"),
+        ("model file missing", [no_model, "-o", out], "the model file 'model.onnx'"),
+        ("config not JSON", [not_json, "-o", out], "cannot read it as JSON"),
+        ("config disagrees", [wrong, "-o", out], "num_key_value_heads 3 (graph: 2)"),
+        ("no -o", [folder, "--ratio", "0.5"], "name the output folder with -o OUT_FOLDER"),
+        ("-o is the input", [folder, "-o", folder + "/"], "is the input folder"),
+        ("-o a full folder", [folder, "-o", str(full)], "exists and is not an empty folder"),
+        ("-o a file", [folder, "-o", str(full / "keep.txt")], "exists and is not an empty folder"),
+        ("-o under a missing dir", [folder, "-o", out + "/x/y"], "does not exist"),
+        ("bad ratio", [folder, "-o", out, "--ratio", "1.5"], "--ratio 1.5"),
+        ("missing --data", [folder, "-o", out, "--data", out + ".npz"], "no such data file"),
+    ]
+
+
+def test_bad_folder_requests_exit_2_with_one_line_before_any_work(folder, tmp_path, capsys):
+    cases = request_mistakes(tmp_path, folder)
+    files, listing = snapshot(tmp_path), sorted(os.listdir(tmp_path))
+    for name, argv, words in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, f"{name}: exit {code}, stderr {err!r}"
+        assert len(err.splitlines()) == 1 and err.startswith("onnxfold: error:"), f"{name}: {err!r}"
+        assert words in err, f"{name}: {err!r}"
+        assert snapshot(tmp_path) == files, f"{name}: files written or changed"
+        assert sorted(os.listdir(tmp_path)) == listing, f"{name}: wrote {os.listdir(tmp_path)}"
+
+
+def test_an_empty_output_folder_is_replaced(folder, tokens, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fold_folder(folder, str(out), HALF, data=tokens)
+    assert (out / "genai_config.json").is_file() and (out / "model.onnx").is_file()
+
+
+def test_heads_folded_in_some_layers_only_are_refused_and_nothing_is_written(
+    folder, tokens, tmp_path
+):
+    """genai_config.json has one head count for all layers: a fold that leaves the layers with
+    different ones (here --layers 0: the first group of each kind only) writes nothing."""
+    with pytest.raises(
+        UserError, match=r"layers differ \(num_heads, kv_num_heads: \[\(2, 1\), \(4"
+    ):
+        fold_folder(folder, str(tmp_path / "out"), FoldConfig(ratio=0.5, layers="0"), data=tokens)
+    assert sorted(os.listdir(tmp_path)) == ["in", "tokens.npz"]
+
+
+def test_a_folder_onnxruntime_genai_refuses_is_not_written(folder, tokens, tmp_path, monkeypatch):
+    import onnxfold.genai as genai
+
+    def refuse(path):
+        assert sorted(os.listdir(path))[:2] == ["genai_config.json", "model.onnx"]
+        raise GenaiRefused("onnxruntime-genai cannot run the folded folder: test")
+
+    monkeypatch.setattr(genai, "genai_check", refuse)
+    with pytest.raises(GenaiRefused):
+        fold_folder(folder, str(tmp_path / "out"), HALF, data=tokens)
+    assert sorted(os.listdir(tmp_path)) == ["in", "tokens.npz"]
+
+
+def test_the_command_line_folds_a_folder(folder, tokens, tmp_path, capsys):
+    out, report = str(tmp_path / "out"), str(tmp_path / "r.json")
+    argv = [folder, "-o", out, "--ratio", "0.5", "--multiple-of", "1", "--data", tokens]
+    assert main(argv + ["--report", report]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out}: genai_config.json" in printed and "copied tokenizer.json" in printed
+    written = json.load(open(report))["genai"]
+    assert written["output"] == out and written["before"]["num_attention_heads"] == 4
+    config = json.load(open(os.path.join(out, "genai_config.json")))["model"]["decoder"]
+    assert written["after"]["num_key_value_heads"] == config["num_key_value_heads"]
+
+
+def generate(folder: str, prompt: list[int], tokens: int) -> list[int]:
+    """Greedy continuation of `prompt` by onnxruntime-genai from the model folder `folder`."""
+    import onnxruntime_genai as og
+
+    model = og.Model(folder)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt])
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def test_a_tiny_llama_from_the_genai_builder_folds_and_onnxruntime_genai_generates(tmp_path):
+    """tiny LLaMA (transformers, random weights) -> onnxruntime-genai model builder (fp32, CPU) ->
+    onnxfold folder fold -> onnxruntime-genai loads the folded folder and generates. About 13 s;
+    skipped without onnxruntime-genai (pip install -e .[genai] in an environment of its own)."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnx_ir", reason="the genai model builder needs onnx_ir (undeclared)")
+    pytest.importorskip("transformers")
+    hf = save_tiny_llama(str(tmp_path / "hf"))
+    try:
+        built = build_genai(hf, str(tmp_path / "fp32"))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"the genai model builder cannot run here: {str(e.stderr).strip()[-300:]}")
+    kv, head = 2, 16  # tiny_llama_config: 2 KV heads of 64 / 4
+    prompt = np.random.default_rng(0).integers(3, 128, (4, 12))
+    tokens = token_inputs(str(tmp_path / "tokens.npz"), kv_heads=kv, head=head)
+    np.savez(tokens, **{**np.load(tokens), "input_ids": prompt})
+    out = str(tmp_path / "out")
+    report = fold_folder(built, out, HALF, data=tokens)
+    assert report.before == DecoderShapes(4, 2, 16, 64, 2, 128)
+    assert report.fold.folded.params < report.fold.dense.params
+    assert report.genai_check.startswith("onnxruntime-genai loads it and generates")
+    config = json.load(open(os.path.join(out, "genai_config.json")))["model"]["decoder"]
+    model = onnx.load(os.path.join(out, "model.onnx"), load_external_data=False)
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    for node in attention:
+        attrs = {a.name: a.i for a in node.attribute}
+        assert (
+            attrs["num_heads"] == config["num_attention_heads"] == report.after.num_attention_heads
+        )
+        assert attrs["kv_num_heads"] == config["num_key_value_heads"]
+    past = model.graph.input[2].type.tensor_type.shape.dim[1].dim_value
+    assert past == config["num_key_value_heads"]
+    generated = generate(out, [int(t) for t in prompt[0]], 8)
+    assert len(generated) == 8 and all(0 <= t < 128 for t in generated)
