@@ -92,7 +92,7 @@ def check_folder_request(
     _check_config_matches(folder, decoder_shapes(model))
     _check_output(folder, output)
     parent = os.path.dirname(os.path.abspath(output))
-    probe = os.path.join(parent, f".onnxfold-{os.path.basename(output)}-{os.path.basename(model)}")
+    probe = os.path.join(parent, f".onnxfold-{os.path.basename(output)}.onnx")
     check_fold_request(model, probe, config, data, calib, inputs)
     return model
 
@@ -104,6 +104,8 @@ def decoder_path(folder: str) -> str:
     name = config.get("model", {}).get("decoder", {}).get("filename")
     if not isinstance(name, str) or not name:
         raise UserError(f"{folder}/{CONFIG} names no model file (model.decoder.filename)")
+    if os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+        raise UserError(f"{folder}/{CONFIG}: the model file '{name}' is not inside the folder")
     path = os.path.join(folder, name)
     if not os.path.isfile(path):
         raise UserError(f"{folder}: the model file '{name}' that {CONFIG} names is missing")
@@ -162,7 +164,9 @@ def fold_folder(
     parent = os.path.dirname(os.path.abspath(output))
     tmp = tempfile.mkdtemp(prefix=".onnxfold-", dir=parent)
     try:
-        folded_model = os.path.join(tmp, os.path.basename(model))
+        name = os.path.relpath(model, folder)  # where genai_config.json says it is
+        folded_model = os.path.join(tmp, name)
+        os.makedirs(os.path.dirname(folded_model), exist_ok=True)
         report = fold_file(
             model,
             folded_model,
@@ -174,7 +178,7 @@ def fold_folder(
             inputs=inputs,
             sensitivity=sensitivity,
         )
-        after = decoder_shapes(folded_model, os.path.join(output, os.path.basename(model)))
+        after = decoder_shapes(folded_model, os.path.join(output, name))
         write_config(folder, tmp, after)
         copied = copy_other_files(folder, tmp, model)
         check = genai_check(tmp)
@@ -184,8 +188,7 @@ def fold_folder(
         os.rename(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    written = os.path.join(output, os.path.basename(model))
-    fold = dataclasses.replace(report, input=model, output=written)
+    fold = dataclasses.replace(report, input=model, output=os.path.join(output, name))
     return FolderReport(folder, output, fold, before, after, copied, check)
 
 
@@ -279,24 +282,31 @@ def write_config(folder: str, out: str, shapes: DecoderShapes) -> None:
 
 
 def copy_other_files(folder: str, out: str, model: str) -> list[str]:
-    """Copy every entry of `folder` but genai_config.json, the decoder model and its external data
-    into `out` (contents, never links); returns the names copied."""
-    skip = {CONFIG, os.path.basename(model), *_data_files(model)}
+    """Copy every file under `folder` but genai_config.json, the decoder model and its external
+    data into `out`, in the same sub-folders (contents: links are followed); returns the relative
+    paths copied."""
+    here = os.path.relpath(os.path.dirname(model), folder)
+    data = {os.path.normpath(os.path.join(here, name)) for name in _data_files(model)}
+    skip = {CONFIG, os.path.relpath(model, folder), *data}
     copied = []
-    for name in sorted(os.listdir(folder)):
-        if name in skip:
-            continue
-        src, dst = os.path.join(folder, name), os.path.join(out, name)
-        if os.path.isdir(src):
-            shutil.copytree(src, dst, symlinks=False)
-        else:
-            shutil.copyfile(src, dst)
-        copied.append(name)
+    for rel in _files_under(folder):
+        if rel not in skip:
+            os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
+            shutil.copyfile(os.path.join(folder, rel), os.path.join(out, rel))
+            copied.append(rel)
     return copied
 
 
+def _files_under(folder: str) -> list[str]:
+    """Relative paths of every file under `folder`, sorted (links to folders followed)."""
+    found = []
+    for here, _, files in os.walk(folder, followlinks=True):
+        found += [os.path.relpath(os.path.join(here, f), folder) for f in files]
+    return sorted(found)
+
+
 def _data_files(model: str) -> set[str]:
-    """Names of the external-data files the model file `model` refers to."""
+    """Locations (relative to the model file's folder) of the external-data files it refers to."""
     proto = onnx.load(model, load_external_data=False)
     return {
         entry.value

@@ -82,18 +82,18 @@ def test_a_folder_folds_into_a_complete_folder_and_the_input_is_untouched(folder
     out = str(tmp_path / "out")
     report = fold_folder(folder, out, HALF, data=tokens)
     assert snapshot(folder) == before
-    assert sorted(os.listdir(out)) == [
-        "extra",
+    assert sorted(snapshot(out)) == [
+        "extra/chat_template.jinja",
         "genai_config.json",
         "model.onnx",
         "model.onnx.data",
         "tokenizer.json",
         "tokenizer_config.json",
     ]
-    assert not any(os.path.islink(os.path.join(out, f)) for f in os.listdir(out))
+    assert not any(os.path.islink(os.path.join(out, f)) for f in snapshot(out))
     for name in ("tokenizer.json", "tokenizer_config.json", "extra/chat_template.jinja"):
         assert digest(os.path.join(out, name)) == before[name]
-    assert report.copied == ["extra", "tokenizer.json", "tokenizer_config.json"]
+    assert report.copied == ["extra/chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
     assert report.fold.output == os.path.join(out, "model.onnx")
     assert report.fold.folded.params < report.fold.dense.params
     assert [e for e in os.listdir(tmp_path) if e.startswith(".onnxfold")] == []
@@ -116,6 +116,24 @@ def test_the_config_states_the_folded_graph(folder, tokens, tmp_path):
     assert config["search"] == original["search"] and config["model"]["type"] == "llama"
     assert decoder["inputs"] == original["model"]["decoder"]["inputs"]
     assert report.before == DecoderShapes(4, KV_HEADS, HEAD, HIDDEN, 2, VOCAB)
+    assert report.after == DecoderShapes(2, 1, HEAD, HIDDEN, 2, VOCAB)  # the KV groups folded
+
+
+def test_a_model_in_a_sub_folder_stays_there(tmp_path, tokens):
+    folder = genai_folder(tmp_path / "in", filename="onnx/decoder.onnx")
+    out = str(tmp_path / "out")
+    report = fold_folder(folder, out, HALF, data=tokens)
+    assert sorted(snapshot(out)) == [
+        "genai_config.json",
+        "onnx/decoder.onnx",
+        "onnx/decoder.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert report.fold.output == os.path.join(out, "onnx", "decoder.onnx")
+    config = json.load(open(os.path.join(out, "genai_config.json")))
+    assert config["model"]["decoder"]["filename"] == "onnx/decoder.onnx"
+    assert report.after.num_key_value_heads == 1
 
 
 def test_write_config_sets_every_size_it_states_and_keeps_the_rest(folder, tmp_path):
@@ -146,6 +164,7 @@ def request_mistakes(tmp_path, folder) -> list[tuple[str, list[str], str]]:
     not_json = genai_folder(tmp_path / "not_json")
     open(os.path.join(not_json, "genai_config.json"), "w").write("{model:")
     wrong = genai_folder(tmp_path / "wrong", num_key_value_heads=3)
+    outside = genai_folder(tmp_path / "outside", filename="../elsewhere/model.onnx")
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
@@ -155,6 +174,7 @@ def request_mistakes(tmp_path, folder) -> list[tuple[str, list[str], str]]:
         ("no model entry", [no_name, "-o", out], "names no model file (model.decoder.filename)"),
         ("model file missing", [no_model, "-o", out], "the model file 'model.onnx'"),
         ("config not JSON", [not_json, "-o", out], "cannot read it as JSON"),
+        ("model out of the folder", [outside, "-o", out], "is not inside the folder"),
         ("config disagrees", [wrong, "-o", out], "num_key_value_heads 3 (graph: 2)"),
         ("no -o", [folder, "--ratio", "0.5"], "name the output folder with -o OUT_FOLDER"),
         ("-o is the input", [folder, "-o", folder + "/"], "is the input folder"),
@@ -239,16 +259,20 @@ def generate(folder: str, prompt: list[int], tokens: int) -> list[int]:
     return out
 
 
-def test_a_tiny_llama_from_the_genai_builder_folds_and_onnxruntime_genai_generates(tmp_path):
-    """tiny LLaMA (transformers, random weights) -> onnxruntime-genai model builder (fp32, CPU) ->
-    onnxfold folder fold -> onnxruntime-genai loads the folded folder and generates. About 13 s;
-    skipped without onnxruntime-genai (pip install -e .[genai] in an environment of its own)."""
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("int4", marks=pytest.mark.slow)])
+def test_a_tiny_llama_from_the_genai_builder_folds_and_onnxruntime_genai_generates(
+    tmp_path, precision
+):
+    """tiny LLaMA (transformers, random weights) -> onnxruntime-genai model builder (fp32 or int4,
+    CPU) -> onnxfold folder fold (half the KV groups and MLP channels) -> onnxruntime-genai loads
+    the folded folder and generates greedily what onnxruntime computes from the same graph. About
+    13 s each; skipped without onnxruntime-genai (pip install -e .[genai], its own environment)."""
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("onnx_ir", reason="the genai model builder needs onnx_ir (undeclared)")
     pytest.importorskip("transformers")
     hf = save_tiny_llama(str(tmp_path / "hf"))
     try:
-        built = build_genai(hf, str(tmp_path / "fp32"))
+        built = build_genai(hf, str(tmp_path / precision), precision)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         pytest.skip(f"the genai model builder cannot run here: {str(e.stderr).strip()[-300:]}")
     kv, head = 2, 16  # tiny_llama_config: 2 KV heads of 64 / 4
@@ -258,6 +282,7 @@ def test_a_tiny_llama_from_the_genai_builder_folds_and_onnxruntime_genai_generat
     out = str(tmp_path / "out")
     report = fold_folder(built, out, HALF, data=tokens)
     assert report.before == DecoderShapes(4, 2, 16, 64, 2, 128)
+    assert report.after == DecoderShapes(2, 1, 16, 64, 2, 128)  # one KV group of two left
     assert report.fold.folded.params < report.fold.dense.params
     assert report.genai_check.startswith("onnxruntime-genai loads it and generates")
     config = json.load(open(os.path.join(out, "genai_config.json")))["model"]["decoder"]
@@ -273,3 +298,17 @@ def test_a_tiny_llama_from_the_genai_builder_folds_and_onnxruntime_genai_generat
     assert past == config["num_key_value_heads"]
     generated = generate(out, [int(t) for t in prompt[0]], 8)
     assert len(generated) == 8 and all(0 <= t < 128 for t in generated)
+    assert generated[0] == first_token(os.path.join(out, "model.onnx"), prompt[:1], kv=1, head=head)
+
+
+def first_token(model: str, prompt: np.ndarray, kv: int, head: int) -> int:
+    """The greedy next token onnxruntime computes from the decoder `model` for `prompt` (1, S) with
+    empty caches of `kv` heads."""
+    from onnxruntime import InferenceSession
+
+    session = InferenceSession(model, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": prompt.astype(np.int64), "attention_mask": np.ones_like(prompt)}
+    for i in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, kv, 0, head), np.float32)
+    return int(session.run(["logits"], feeds)[0][0, -1].argmax())

@@ -145,19 +145,20 @@ def genai_config(layers: int = 2, **decoder) -> dict:
     }
 
 
-def genai_folder(folder, layers: int = 2, **decoder) -> str:
-    """A genai folder at `folder` (created): gqa_decoder(layers) as model.onnx + model.onnx.data,
+def genai_folder(folder, layers: int = 2, filename: str = "model.onnx", **decoder) -> str:
+    """A genai folder at `folder` (created): gqa_decoder(layers) as `filename` + its .data file,
     genai_config.json (genai_config's `decoder` fields), two tokenizer files; returns it."""
-    os.makedirs(folder)
+    model = os.path.join(folder, filename)
+    os.makedirs(os.path.dirname(model), exist_ok=True)
     onnx.save_model(
         gqa_decoder(layers),
-        os.path.join(folder, "model.onnx"),
+        model,
         save_as_external_data=True,
-        location="model.onnx.data",
+        location=os.path.basename(filename) + ".data",
         size_threshold=1024,
     )
     with open(os.path.join(folder, "genai_config.json"), "w") as f:
-        json.dump(genai_config(layers, **decoder), f, indent=4)
+        json.dump(genai_config(layers, filename=filename, **decoder), f, indent=4)
     for name, text in (("tokenizer.json", '{"model": {}}'), ("tokenizer_config.json", "{}")):
         with open(os.path.join(folder, name), "w") as f:
             f.write(text)
