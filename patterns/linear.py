@@ -9,14 +9,26 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from onnxfold.groups.layout import MEAN, SUM
-from onnxfold.model.ops import WEIGHT_AXES, conv_groups, weight_axes
+from onnxfold.model.ops import WEIGHT_AXES, conv_groups, output_channel_axis, weight_axes
 
-from .common import Discovery, const_value, freeze_all, out_rank, pass_through, where
+from .common import (
+    Discovery,
+    const_value,
+    dim_of,
+    freeze_all,
+    out_rank,
+    pass_through,
+    rank_of,
+    where,
+)
+from .qweight import dequantize_declined, tie_bias, weight_of
 
 
 def conv(node: gs.Node, d: Discovery) -> None:
-    x, w = node.inputs[0], node.inputs[1]
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if why := dequantize_declined(node.inputs[1]):
+        return _declined_weight(node, d, why)
+    x, w = node.inputs[0], weight_of(node.inputs[1])
+    bias = weight_of(node.inputs[2]) if len(node.inputs) > 2 else None
     lx, wv = d.layout(x), const_value(w)
     if wv is None or wv.ndim < 3:
         return freeze_all(node, d, f"{where(node)} has a non-constant weight")
@@ -30,13 +42,26 @@ def conv(node: gs.Node, d: Discovery) -> None:
 
 
 def conv_transpose(node: gs.Node, d: Discovery) -> None:
-    x, w = node.inputs[0], node.inputs[1]
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if why := dequantize_declined(node.inputs[1]):
+        return _declined_weight(node, d, why)
+    x, w = node.inputs[0], weight_of(node.inputs[1])
+    bias = weight_of(node.inputs[2]) if len(node.inputs) > 2 else None
     lx, wv = d.layout(x), const_value(w)
     if wv is None or conv_groups(node) != 1:
         return freeze_all(node, d, f"{where(node)} has a non-constant weight or groups")
     lx = _expect_axis(node, d, lx, 1, repeat_ok=False)
     _dense_producer(node, d, lx, w, bias, *WEIGHT_AXES[node.op])
+
+
+def _declined_weight(node: gs.Node, d: Discovery, why: str) -> None:
+    """A layer whose weight is not read (dequantized from codes without a rule): a boundary whose
+    output channels (a frozen group, when their count is known) carry the reason on."""
+    reason = f"{where(node)} {why}"
+    freeze_all(node, d, reason)
+    rank, axis = rank_of(node.outputs[0]), output_channel_axis(node)
+    size = dim_of(node.outputs[0], axis) if rank else None
+    if isinstance(size, int) and size > 0:
+        d.freeze(d.produce(node.outputs[0], size, axis % rank, rank), reason)
 
 
 def _expect_axis(node, d: Discovery, layout, axis: int | None, repeat_ok: bool = True):
@@ -60,6 +85,7 @@ def _dense_producer(
     out = d.produce(node.outputs[0], wv.shape[out_axis], 1, rank)
     d.add_members(out, w, out_axis, MEAN)
     d.add_members(out, bias, 0, MEAN)
+    tie_bias(node, w, bias, out_axis)
     _freeze_computed_bias(node, d, out, bias)
 
 
@@ -87,8 +113,10 @@ def _depthwise(node, d: Discovery, lx, w, bias) -> None:
 
 
 def gemm(node: gs.Node, d: Discovery) -> None:
-    a, b = node.inputs[0], node.inputs[1]
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    if why := dequantize_declined(node.inputs[1]):
+        return _declined_weight(node, d, why)
+    a, b = node.inputs[0], weight_of(node.inputs[1])
+    bias = weight_of(node.inputs[2]) if len(node.inputs) > 2 else None
     la, bv = d.layout(a), const_value(b)
     if bv is None or int(node.attrs.get("transA", 0)) or bv.ndim != 2:
         return freeze_all(node, d, f"{where(node)} has a non-constant or transposed operand")
@@ -97,6 +125,7 @@ def gemm(node: gs.Node, d: Discovery) -> None:
     d.add_members(la, b, in_axis, SUM)
     out = d.produce(node.outputs[0], bv.shape[out_axis], 1, 2)
     d.add_members(out, b, out_axis, MEAN)
+    tie_bias(node, b, bias, out_axis)
     _bias_members(node, d, out, bias)
 
 
@@ -115,7 +144,9 @@ def _bias_members(node, d: Discovery, out, bias) -> None:
 
 
 def matmul(node: gs.Node, d: Discovery) -> None:
-    a, b = node.inputs[0], node.inputs[1]
+    if why := dequantize_declined(node.inputs[1]):
+        return _declined_weight(node, d, why)
+    a, b = node.inputs[0], weight_of(node.inputs[1])
     bv = const_value(b)
     if bv is None and const_value(a) is None:
         return batched_matmul(node, d)

@@ -74,14 +74,23 @@ def conv_groups(node: gs.Node) -> int:
 def is_depthwise(node: gs.Node) -> bool:
     """A Conv with group C and a constant weight (C, 1, ...): one input and one output channel
     per group (a channel multiplier of 2, weight (2C, 1, ...), is not depthwise)."""
+    shape = constant_weight_shape(node)
     return (
         node.op == "Conv"
         and conv_groups(node) > 1
-        and len(node.inputs) > 1
-        and isinstance(node.inputs[1], gs.Constant)
-        and node.inputs[1].shape[1] == 1
-        and node.inputs[1].shape[0] == conv_groups(node)
+        and shape is not None
+        and shape[1] == 1
+        and shape[0] == conv_groups(node)
     )
+
+
+def constant_weight_shape(node: gs.Node) -> tuple | None:
+    """Shape of the node's weight (input 1) when it is a constant or, in a QDQ graph, the
+    DequantizeLinear of a constant; else None."""
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    if isinstance(w, gs.Variable) and len(w.inputs) == 1 and w.inputs[0].op == "DequantizeLinear":
+        w = w.inputs[0].inputs[0]
+    return tuple(w.shape) if isinstance(w, gs.Constant) else None
 
 
 def depthwise_convs(graph: gs.Graph) -> list[gs.Node]:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..groups.layout import EXTENT, MEAN, DeclaredDim, Member
-from ..model.ops import RECURRENT_GATES
+from ..model.ops import RECURRENT_GATES, constant_weight_shape
 from ..plan.plan import FoldPlan, cluster_reduce
 
 
@@ -63,7 +63,7 @@ def sync_depthwise_groups(graph: gs.Graph, depthwise: list[gs.Node]) -> None:
     taken before the change) keeps group == its weight's rows, an LSTM/GRU/RNN keeps hidden_size ==
     the last dim of its recurrent weight R."""
     for node in depthwise:
-        node.attrs["group"] = int(node.inputs[1].shape[0])
+        node.attrs["group"] = int(constant_weight_shape(node)[0])
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for node in g.nodes:
             if node.op in RECURRENT_GATES and isinstance(node.inputs[2], gs.Constant):

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from helpers import (
     assert_widen_and_fold_back,
+    conv,
     feeds_for,
     fold_to,
     groups_of,
@@ -28,7 +29,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
 )
 
 from onnxfold.model.load import load_model
-from onnxfold.patterns.quant import NBitsWeight, pack, unpack
+from onnxfold.patterns.qweight import NBitsWeight, pack, unpack
 
 MS = "com.microsoft"
 
@@ -288,3 +289,125 @@ def test_a_quantized_embedding_table_is_a_boundary(tmp_path):
     widen_file(src, str(tmp_path / "wide.onnx"))
     dense = run(src, feeds)[0]
     np.testing.assert_allclose(run(str(tmp_path / "wide.onnx"), feeds)[0], dense, atol=1e-4 * 30)
+
+
+def _calibration(name: str, shape: tuple):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{name: rand(*shape, seed=i, scale=1.0)} for i in range(8)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    return Reader()
+
+
+def qdq_convs(path, per_channel: bool, depthwise: bool = False) -> str:
+    """x (1, 3, 8, 8) -> Conv 3->8 -> Relu [-> depthwise Conv 8] -> Conv 8->4, quantized by
+    onnxruntime's quantize_static to QDQ (int8 weights per tensor or per channel, int32 biases)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    inits: dict = {}
+    nodes = [conv("c1", "x", 3, 8, inits), helper.make_node("Relu", ["c1"], ["r"])]
+    if depthwise:
+        nodes.append(conv("dw", "r", 8, 8, inits, group=8))
+    nodes.append(conv("c2", nodes[-1].output[0], 8, 4, inits))
+    model = make_model(nodes, inits, {"x": [1, 3, 8, 8]}, {"c2": [1, 4, 8, 8]})
+    src = save_model(model, str(path) + ".float.onnx")
+    quantize_static(
+        src,
+        str(path),
+        _calibration("x", (1, 3, 8, 8)),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+    )
+    return str(path)
+
+
+def _arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdq_conv_weights_fold_with_their_scales_exactly_when_widened(tmp_path, per_channel):
+    src = qdq_convs(tmp_path / "m.onnx", per_channel)
+    (group,) = [g for g in groups_of(src) if g.foldable]
+    members = {(m.tensor.name, m.axis, m.role) for m in group.members}
+    assert members == {
+        ("c1.w_DequantizeLinear_Output", 0, "mean"),
+        ("c1.b", 0, "mean"),
+        ("c2.w_DequantizeLinear_Output", 1, "sum"),
+    }
+    assert_widen_and_fold_back(src, tmp_path)
+    _, same = fold_to(src, str(tmp_path / "same.onnx"), ratio=0.0)
+    before, after = _arrays(onnx.load(src)), _arrays(same)
+    assert all(np.array_equal(v, after[k]) and v.dtype == after[k].dtype for k, v in before.items())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_folded_qdq_bias_keeps_the_scale_onnxruntime_fuses_with(tmp_path, per_channel):
+    """After folding half the channels, each int32 bias's scale is still its input's scale times
+    its weight's (per channel), as the QLinearConv fusion assumes; codes and scales keep their
+    types, and the folded model's outputs stay within the fold's error of the dense one."""
+    src = qdq_convs(tmp_path / "m.onnx", per_channel)
+    _, proto = fold_to(src, str(tmp_path / "half.onnx"), ratio=0.5)
+    a = _arrays(proto)
+    assert a["c1.w_quantized"].shape == (4, 3, 3, 3) and a["c1.w_quantized"].dtype == np.int8
+    assert a["c2.w_quantized"].shape == (4, 4, 3, 3)
+    assert a["c1.b_quantized"].shape == (4,) and a["c1.b_quantized"].dtype == np.int32
+    np.testing.assert_allclose(a["c1.b_quantized_scale"], a["x_scale"] * a["c1.w_scale"], rtol=1e-6)
+    feeds = feeds_for(src)
+    assert np.isfinite(run(proto, feeds)[0]).all()
+
+
+def test_qdq_depthwise_conv_folds_and_keeps_its_group_count(tmp_path):
+    src = qdq_convs(tmp_path / "m.onnx", per_channel=True, depthwise=True)
+    (group,) = [g for g in groups_of(src) if g.foldable]
+    assert "dw.w_DequantizeLinear_Output" in {m.tensor.name for m in group.members}
+    assert_widen_and_fold_back(src, tmp_path)
+    _, proto = fold_to(src, str(tmp_path / "half.onnx"), ratio=0.5)
+    (dw,) = [n for n in proto.graph.node if n.op_type == "Conv" and n.name.startswith("dw")]
+    assert next(a.i for a in dw.attribute if a.name == "group") == 4
+    run(proto, feeds_for(src))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qdq_matmul_weights_fold_exactly_when_widened(tmp_path, per_channel):
+    """onnxruntime's quantize_static (QDQ, int8 weights per tensor or per output column) of the
+    float MLP: the hidden channels fold through the DequantizeLinear'd weights and activation
+    Q/DQ pairs."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    src = float_mlp(tmp_path / "f.onnx", rand(24, 32, scale=1.0), rand(32, 6, seed=1))
+    dst = str(tmp_path / "q.onnx")
+    quantize_static(
+        src,
+        dst,
+        _calibration("x", (4, 24)),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        weight_type=QuantType.QInt8,
+    )
+    assert [g.size for g in groups_of(dst) if g.foldable] == [32]
+    assert_widen_and_fold_back(dst, tmp_path)
+    assert param_count(dst) == 24 * 32 + 32 * 6
+
+
+def test_weights_dequantized_from_int4_codes_are_declined_with_the_reason(tmp_path):
+    """onnxruntime's MatMulNBitsQuantizer in the QDQ format writes int4 DequantizeLinear weights:
+    declined, each layer's output channels frozen with the reason."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    src = float_mlp(tmp_path / "f.onnx", rand(24, 32, scale=1.0), rand(32, 6, seed=1))
+    quantizer = MatMulNBitsQuantizer(onnx.load(src), block_size=16, quant_format=QuantFormat.QDQ)
+    quantizer.process()
+    dst = save_model(quantizer.model.model, tmp_path / "q.onnx", check=False)
+    (hidden,) = [g for g in groups_of(dst) if g.size == 32]
+    assert not hidden.foldable
+    assert any("has a weight dequantized from uint4 codes" in r for r in hidden.frozen), (
+        hidden.frozen
+    )
