@@ -17,8 +17,9 @@ gets a fresh grid:
 - a zero point shared by every unit (symmetric MatMulNBits, QDQ weights) stays, and the scale of
   the unit at the same place is stretched by the ratio of the scales both need to fit their values
   (halving a unit halves its scale exactly, so a widened weight keeps its codes). With no unit
-  there: onnxruntime's MatMulNBits rule where the weight has negative scales (the value of largest
-  magnitude on code qmin), else the smallest scale that fits;
+  there: the rule the weight's scales follow: onnxruntime's MatMulNBits rule where they are
+  negative (the value of largest magnitude on code qmin), quantize_static's where each puts its
+  unit's largest magnitude on code qmax, else the smallest scale that fits;
 - per-unit zero points (asymmetric MatMulNBits) are refitted by onnxruntime's min/max rule:
   scale = (max(v, 0) - min(v, 0)) / (qmax - qmin), zero point = round(qmin - min(v, 0) / scale).
 Both rules give back the grid onnxruntime's quantizer chose for a unit it quantized, so
@@ -93,6 +94,8 @@ def _fresh_grid(values: np.ndarray, old: Codes, before: np.ndarray, ref: np.ndar
     z = int(old.zero[0])
     if np.any(old.scale < 0) and old.qmin < z:  # MLAS: the extreme value on code qmin
         scale = np.where(hi >= -lo, hi, lo) / np.float32(old.qmin - z)
+    elif _on_qmax(before, old, z):  # quantize_static: the largest magnitude on code qmax
+        scale = np.maximum(hi, -lo) / np.float32(old.qmax - z)
     else:
         scale = _needed_scale(values, z, old)
     at = np.flatnonzero(ref >= 0)
@@ -105,6 +108,16 @@ def _fresh_grid(values: np.ndarray, old: Codes, before: np.ndarray, ref: np.ndar
         scale[at[ok]] = old_scale[ok] * (need[ok] / had[ok])
     scale = np.where(scale != 0, scale, 1).astype(np.float32)
     return scale, np.full(len(values), z, np.int64)
+
+
+def _on_qmax(before: np.ndarray, old: Codes, z: int) -> bool:
+    """Whether every unit's scale puts its largest magnitude on code qmax (to 1e-5)."""
+    top = np.abs(before).max(1) if before.size else np.zeros(0, np.float32)
+    used = top > 0
+    if old.qmax <= z or not used.any():
+        return False
+    ratio = old.scale[used] * np.float32(old.qmax - z) / top[used]
+    return bool(np.all(np.abs(ratio - 1) < 1e-5))
 
 
 def _needed_scale(values: np.ndarray, z: int, old: Codes) -> np.ndarray:

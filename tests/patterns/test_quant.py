@@ -411,3 +411,38 @@ def test_weights_dequantized_from_int4_codes_are_declined_with_the_reason(tmp_pa
     assert any("has a weight dequantized from uint4 codes" in r for r in hidden.frozen), (
         hidden.frozen
     )
+
+
+def blocked_int8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes of w (K, N) in blocks of `block` along K, each block's largest
+    magnitude on code 127: (codes (K, N) int8, scales (ceil(K / block), N))."""
+    k, n = w.shape
+    blocks = -(-k // block)
+    padded = np.pad(w, [(0, blocks * block - k), (0, 0)]).reshape(blocks, block, n)
+    scale = (np.abs(padded).max(1) / 127).astype(np.float32)
+    q = np.clip(np.rint(padded / scale[:, None, :]), -128, 127).astype(np.int8)
+    return q.reshape(blocks * block, n)[:k], scale
+
+
+def test_blockwise_dequantized_weights_fold_exactly_when_widened(tmp_path):
+    """DequantizeLinear (opset 21) with block_size 16 along K, K = 24 (a padded last block) and
+    32: the hidden channels fold, exactly at k = n and when widened and folded back."""
+    (q1, s1), (q2, s2) = blocked_int8(rand(24, 32, scale=1.0), 16), blocked_int8(rand(32, 6), 16)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["q1", "s1"], ["w1"], axis=0, block_size=16),
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("DequantizeLinear", ["q2", "s2"], ["w2"], axis=0, block_size=16),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    inits = {"q1": q1, "s1": s1, "q2": q2, "s2": s2}
+    model = make_model(nodes, inits, {"x": ["b", 24]}, {"y": ["b", 6]}, opset=21)
+    src = save_model(model, tmp_path / "m.onnx")
+    (group,) = [g for g in groups_of(src) if g.foldable]
+    assert {(m.tensor.name, m.axis, m.role) for m in group.members} == {
+        ("w1", 1, "mean"),
+        ("w2", 0, "sum"),
+    }
+    _, same = fold_to(src, str(tmp_path / "same.onnx"), ratio=0.0)
+    assert all(np.array_equal(v, _arrays(same)[k]) for k, v in _arrays(model).items())
+    assert_widen_and_fold_back(src, tmp_path)
