@@ -5,7 +5,7 @@ A quantized weight is presented to the rules as a gs.Constant whose `values` are
 `values` setter requantises with the same bits, block size, axis and zero-point scheme and writes
 the codes, scales and zero points back into the node's real initializers (and attributes). The
 rules then treat it like any float weight:
-- NBitsWeight: a com.microsoft:MatMulNBits B [N, ceil(K/block), block*bits/8] as [K, N];
+- NBitsWeight (quant.py): a com.microsoft:MatMulNBits B [N, ceil(K/block), block*bits/8] as [K, N];
 - DequantizedWeight: the output of a DequantizeLinear of a constant (QDQ graphs), per tensor, per
   axis or per block; weight_of() gives it in place of the DequantizeLinear's output.
 
@@ -241,55 +241,6 @@ def optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
     if len(node.inputs) <= index or not node.inputs[index].name:
         return None
     return node.inputs[index]
-
-
-# ---- MatMulNBits --------------------------------------------------------------------------------
-class NBitsWeight(QuantizedView):
-    """MatMulNBits' B as its float weight [K, N] (the MatMul convention), blocked along K. Writing
-    a [K', N'] matrix writes B [N', ceil(K'/block), block*bits/8] (K's padding codes 0, as
-    onnxruntime's quantizer leaves them), the scales and zero points (in their stored shapes) and
-    the attributes K and N."""
-
-    def __init__(self, node: gs.Node):
-        super().__init__(node.inputs[1].name, node)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.node.attrs["K"]), int(self.node.attrs["N"])
-
-    def _bits(self) -> tuple[int, int]:
-        return int(self.node.attrs["bits"]), int(self.node.attrs["block_size"])
-
-    def codes(self) -> tuple[Codes, Units]:
-        k, n = self.shape
-        bits, block = self._bits()
-        blocks = -(-k // block)
-        scale = np.asarray(peek(self.node.inputs[2]), np.float32).reshape(n * blocks)
-        zp = optional_input(self.node, 3)
-        if zp is None:
-            zero = np.full(n * blocks, 1 << (bits - 1), np.int64)
-        else:
-            zero = unpack(peek(zp).reshape(n, -1), bits, blocks).reshape(-1)
-        q = unpack(peek(self.node.inputs[1]).reshape(n * blocks, -1), bits, block)
-        # K's padding in the last block reads as zeros whatever codes the quantizer left there
-        last = np.arange(n * blocks) % blocks == blocks - 1
-        q[last, k - (blocks - 1) * block :] = zero[last, None]
-        return Codes(q, scale, zero, 0, (1 << bits) - 1, zp is None), Units(0, block)
-
-    def write(self, new: Codes, shape: tuple) -> None:
-        k, n = shape
-        bits, block = self._bits()
-        blocks = -(-k // block)
-        q = new.q.reshape(n, blocks, block)
-        q[:, -1, k - (blocks - 1) * block :] = 0
-        b, scales, zp = self.node.inputs[1], self.node.inputs[2], optional_input(self.node, 3)
-        b.values = pack(q, bits)
-        grid = (n, blocks) if np.ndim(scales.values) == 2 else (n * blocks,)
-        scales.values = new.scale.reshape(grid).astype(np.asarray(scales.values).dtype)
-        if zp is not None:
-            zero = pack(new.zero.reshape(n, blocks), bits)
-            zp.values = zero if np.ndim(zp.values) == 2 else zero.reshape(-1)
-        self.node.attrs["K"], self.node.attrs["N"] = k, n
 
 
 # ---- DequantizeLinear of a constant (QDQ) -------------------------------------------------------

@@ -29,7 +29,8 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
 )
 
 from onnxfold.model.load import load_model
-from onnxfold.patterns.qweight import NBitsWeight, pack, unpack
+from onnxfold.patterns.quant import NBitsWeight
+from onnxfold.patterns.qweight import pack, unpack
 
 MS = "com.microsoft"
 
