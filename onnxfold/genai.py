@@ -133,6 +133,9 @@ def _check_output(folder: str, output: str | None) -> None:
         raise UserError(f"{folder} is a folder: name the output folder with -o OUT_FOLDER")
     if os.path.exists(output) and os.path.samefile(folder, output):
         raise UserError(f"-o {output} is the input folder; onnxfold never overwrites its input")
+    inside = os.path.relpath(os.path.realpath(output), os.path.realpath(folder))
+    if not inside.startswith(".."):
+        raise UserError(f"-o {output} is inside the input folder, which onnxfold never modifies")
     if os.path.exists(output) and not (os.path.isdir(output) and not os.listdir(output)):
         raise UserError(f"-o {output} exists and is not an empty folder; name a new folder")
     parent = os.path.dirname(os.path.abspath(output))
@@ -161,35 +164,34 @@ def fold_folder(
     config = config or FoldConfig()
     model = check_folder_request(folder, output, config, data, calib, inputs)
     before = decoder_shapes(model)
-    parent = os.path.dirname(os.path.abspath(output))
-    tmp = tempfile.mkdtemp(prefix=".onnxfold-", dir=parent)
+    name = os.path.relpath(model, folder)  # where genai_config.json says it is
+    options = dict(calib=calib, data=data, validate=validate, reporter=reporter, inputs=inputs)
+    tmp = tempfile.mkdtemp(prefix=".onnxfold-", dir=os.path.dirname(os.path.abspath(output)))
     try:
-        name = os.path.relpath(model, folder)  # where genai_config.json says it is
-        folded_model = os.path.join(tmp, name)
-        os.makedirs(os.path.dirname(folded_model), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
         report = fold_file(
-            model,
-            folded_model,
-            config,
-            calib=calib,
-            data=data,
-            validate=validate,
-            reporter=reporter,
-            inputs=inputs,
-            sensitivity=sensitivity,
+            model, os.path.join(tmp, name), config, **options, sensitivity=sensitivity
         )
-        after = decoder_shapes(folded_model, os.path.join(output, name))
+        after = decoder_shapes(os.path.join(tmp, name), os.path.join(output, name))
         write_config(folder, tmp, after)
         copied = copy_other_files(folder, tmp, model)
         check = genai_check(tmp)
-        shutil.copymode(folder, tmp)
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty (checked): replaced by the new folder
-        os.rename(tmp, output)
+        _move_into_place(tmp, output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fold = dataclasses.replace(report, input=model, output=os.path.join(output, name))
     return FolderReport(folder, output, fold, before, after, copied, check)
+
+
+def _move_into_place(tmp: str, output: str) -> None:
+    """Rename the finished folder `tmp` to `output` (an empty folder there is replaced), with the
+    permissions of a new folder (mkdtemp made it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    if os.path.isdir(output):
+        os.rmdir(output)  # empty (checked before any work)
+    os.rename(tmp, output)
 
 
 def decoder_shapes(model_path: str, name: str | None = None) -> DecoderShapes:

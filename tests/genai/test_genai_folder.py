@@ -97,6 +97,9 @@ def test_a_folder_folds_into_a_complete_folder_and_the_input_is_untouched(folder
     assert report.fold.output == os.path.join(out, "model.onnx")
     assert report.fold.folded.params < report.fold.dense.params
     assert [e for e in os.listdir(tmp_path) if e.startswith(".onnxfold")] == []
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask  # a new folder's, not a temp folder's
 
 
 def test_the_config_states_the_folded_graph(folder, tokens, tmp_path):
@@ -178,6 +181,7 @@ def request_mistakes(tmp_path, folder) -> list[tuple[str, list[str], str]]:
         ("config disagrees", [wrong, "-o", out], "num_key_value_heads 3 (graph: 2)"),
         ("no -o", [folder, "--ratio", "0.5"], "name the output folder with -o OUT_FOLDER"),
         ("-o is the input", [folder, "-o", folder + "/"], "is the input folder"),
+        ("-o inside the input", [folder, "-o", folder + "/out"], "is inside the input folder"),
         ("-o a full folder", [folder, "-o", str(full)], "exists and is not an empty folder"),
         ("-o a file", [folder, "-o", str(full / "keep.txt")], "exists and is not an empty folder"),
         ("-o under a missing dir", [folder, "-o", out + "/x/y"], "does not exist"),
