@@ -444,8 +444,8 @@ class Command(NamedTuple):
 
 COMMANDS = {
     "fold": Command(
-        "[fold] INPUT.onnx [options]",
-        "fold a model (the options below)",
+        "[fold] INPUT.onnx|GENAI_DIR [options]",
+        "fold a model or a genai folder (the options below)",
         fold_parser,
         "commands:fold",
     ),
