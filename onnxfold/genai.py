@@ -89,7 +89,7 @@ def check_folder_request(
     graph, and what files.check_fold_request refuses.
     Returns the decoder model's path."""
     model = decoder_path(folder)
-    _check_config_matches(folder, decoder_shapes(model))
+    _check_config_matches(folder, decoder_shapes(model, logits=logits_name(folder)))
     _check_output(folder, output)
     parent = os.path.dirname(os.path.abspath(output))
     probe = os.path.join(parent, f".onnxfold-{os.path.basename(output)}.onnx")
@@ -163,7 +163,8 @@ def fold_folder(
     loads it and generates a token). UserError (one line) for bad input, before any work."""
     config = config or FoldConfig()
     model = check_folder_request(folder, output, config, data, calib, inputs)
-    before = decoder_shapes(model)
+    logits = logits_name(folder)
+    before = decoder_shapes(model, logits=logits)
     name = os.path.relpath(model, folder)  # where genai_config.json says it is
     options = dict(calib=calib, data=data, validate=validate, reporter=reporter, inputs=inputs)
     tmp = tempfile.mkdtemp(prefix=".onnxfold-", dir=os.path.dirname(os.path.abspath(output)))
@@ -172,7 +173,7 @@ def fold_folder(
         report = fold_file(
             model, os.path.join(tmp, name), config, **options, sensitivity=sensitivity
         )
-        after = decoder_shapes(os.path.join(tmp, name), os.path.join(output, name))
+        after = decoder_shapes(os.path.join(tmp, name), os.path.join(output, name), logits)
         write_config(folder, tmp, after)
         copied = copy_other_files(folder, tmp, model)
         check = genai_check(tmp)
@@ -194,11 +195,13 @@ def _move_into_place(tmp: str, output: str) -> None:
     os.rename(tmp, output)
 
 
-def decoder_shapes(model_path: str, name: str | None = None) -> DecoderShapes:
-    """The DecoderShapes of the decoder graph at `model_path` (read without its external data);
-    UserError (naming the model `name`, default its path) when the graph has no
-    GroupQueryAttention or its layers disagree (genai_config.json has one head count for all
-    layers)."""
+def decoder_shapes(
+    model_path: str, name: str | None = None, logits: str | None = None
+) -> DecoderShapes:
+    """The DecoderShapes of the decoder graph at `model_path` (read without its external data;
+    `logits`: the logits output's name, default the first output); UserError (naming the model
+    `name`, default its path) when the graph has no GroupQueryAttention or its layers disagree
+    (genai_config.json has one head count for all layers)."""
     model, name = onnx.load(model_path, load_external_data=False), name or model_path
     graph = model.graph
     attention = [n for n in graph.node if n.op_type == ATTENTION]
@@ -218,8 +221,14 @@ def decoder_shapes(model_path: str, name: str | None = None) -> DecoderShapes:
     (num_heads, kv_heads), (width,) = heads.pop(), widths
     packed = len(attention[0].input) < 2 or not attention[0].input[1]
     head_size = width // (num_heads + 2 * kv_heads if packed else num_heads)
-    hidden, vocab = _projection(graph, graph.output[0].name)
+    hidden, vocab = _projection(graph, logits or graph.output[0].name)
     return DecoderShapes(num_heads, kv_heads, head_size, hidden, len(attention), vocab)
+
+
+def logits_name(folder: str) -> str:
+    """The decoder's logits output as `folder`/genai_config.json names it (default "logits")."""
+    decoder = read_config(folder).get("model", {}).get("decoder", {})
+    return decoder.get("outputs", {}).get("logits", "logits")
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:

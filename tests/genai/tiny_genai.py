@@ -30,7 +30,7 @@ def gqa_decoder(layers: int = 2) -> onnx.ModelProto:
     """A decoder as the genai builder lays one out (no rotary, no norms): input_ids -> embedding ->
     per layer [packed qkv MatMul -> GroupQueryAttention (past/present KV cache, seqlens_k and
     total_sequence_length from attention_mask) -> o_proj + residual -> Relu MLP + residual] ->
-    lm_head -> logits."""
+    lm_head -> logits (the last output)."""
     nodes = [
         helper.make_node("Gather", ["embed", "input_ids"], ["x0"]),
         helper.make_node("ReduceSum", ["attention_mask", "one"], ["total"], keepdims=0),
@@ -51,13 +51,14 @@ def gqa_decoder(layers: int = 2) -> onnx.ModelProto:
         "input_ids": (TensorProto.INT64, ["batch_size", "sequence_length"]),
         "attention_mask": (TensorProto.INT64, ["batch_size", "total_sequence_length"]),
     }
-    outputs = {"logits": ["batch_size", "sequence_length", VOCAB]}
+    outputs = {}  # the caches first, logits last (the builder writes logits first)
     for i in range(layers):
         nodes += _layer(i, inits)
         for kind in ("key", "value"):
             inputs[f"past_key_values.{i}.{kind}"] = kv
             outputs[f"present.{i}.{kind}"] = ["batch_size", KV_HEADS, "total_sequence_length", HEAD]
     nodes.append(helper.make_node("MatMul", [f"x{layers}", "lm_head"], ["logits"]))
+    outputs["logits"] = ["batch_size", "sequence_length", VOCAB]
     for n, node in enumerate(nodes):  # named as the builder names them
         node.name = f"/{node.op_type}_{n}"
     model = make_model(nodes, inits, inputs, outputs, opset=21, domains={"com.microsoft": 1})
