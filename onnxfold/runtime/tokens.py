@@ -131,8 +131,23 @@ def _embedding_rows(t: gs.Variable) -> int | None:
             table = node.inputs[0] if node.attrs.get("gather_axis", 0) == 0 else None
         elif node.op == "EmbedLayerNormalization" and t in node.inputs[:2]:
             table = node.inputs[2 if node.inputs[0] is t else 4]
-        if isinstance(table, gs.Constant):
-            return int(table.shape[0])
+        rows = _table_rows(table)
+        if rows is not None:
+            return rows
+    return None
+
+
+def _table_rows(table: gs.Tensor | None) -> int | None:
+    """Rows of an embedding table: a constant, or a Transpose of one (a tied LM head's weight
+    [hidden, vocab] read back as the table, as onnxruntime-genai's builder writes it)."""
+    if isinstance(table, gs.Constant):
+        return int(table.shape[0])
+    producer = table.inputs[0] if table is not None and table.inputs else None
+    if producer is not None and producer.op == "Transpose":
+        source = producer.inputs[0]
+        if isinstance(source, gs.Constant):
+            perm = producer.attrs.get("perm", list(range(len(source.shape)))[::-1])
+            return int(source.shape[perm[0]])
     return None
 
 

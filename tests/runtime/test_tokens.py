@@ -84,3 +84,17 @@ def test_embed_layer_norm_ids_and_segments_stay_in_their_tables(tmp_path, capsys
     assert token_id_limits(load_model(path).graph) == {"ids": 50, "segments": 2}
     assert main([path, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5"]) == 0
     assert "verdict: UNVERIFIED" in capsys.readouterr().out
+
+
+def test_a_tied_table_read_through_a_transpose_bounds_the_ids(tmp_path):
+    """onnxruntime-genai's builder reads a tied embedding as Transpose(lm_head weight [hidden,
+    vocab]): its vocab rows bound the ids (random ids up to 100 would otherwise be drawn)."""
+    nodes = [
+        helper.make_node("Transpose", ["head"], ["table"], perm=[1, 0]),
+        helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "head"], ["logits"]),
+    ]
+    inputs = {"input_ids": (TensorProto.INT64, ["b", "s"])}
+    model = make_model(nodes, {"head": rand(8, 30)}, inputs, {"logits": ["b", "s", 30]})
+    path = save_model(model, str(tmp_path / "m.onnx"))
+    assert token_id_limits(load_model(path).graph) == {"input_ids": 30}
