@@ -220,9 +220,35 @@ def decoder_shapes(
         )
     (num_heads, kv_heads), (width,) = heads.pop(), widths
     packed = len(attention[0].input) < 2 or not attention[0].input[1]
-    head_size = width // (num_heads + 2 * kv_heads if packed else num_heads)
+    head_size = _head_size(width, num_heads + 2 * kv_heads if packed else num_heads, name)
+    _check_caches(graph, attention, (kv_heads, head_size), name)
     hidden, vocab = _projection(graph, logits or graph.output[0].name)
     return DecoderShapes(num_heads, kv_heads, head_size, hidden, len(attention), vocab)
+
+
+def _head_size(width: int, heads: int, name: str) -> int:
+    """The head size of a query projection `width` wide holding `heads` heads."""
+    if width % heads:
+        raise UserError(f"{name}: a query projection {width} wide does not hold {heads} heads")
+    return width // heads
+
+
+def _check_caches(graph: onnx.GraphProto, attention: list, kv: tuple[int, int], name: str) -> None:
+    """UserError when a past_key / past_value graph input of the attention nodes declares other
+    (kv heads, head size) than `kv` on axes 1 and 3 (symbolic dims pass)."""
+    inputs = {i.name: i for i in graph.input}
+    for node in attention:
+        for past in [inputs[t] for t in node.input[3:5] if t in inputs]:
+            sizes = [
+                d.dim_value if d.HasField("dim_value") else None
+                for d in past.type.tensor_type.shape.dim
+            ]
+            declared = (sizes[1], sizes[3]) if len(sizes) == 4 else tuple(sizes)
+            if sizes and (len(sizes) != 4 or any(d not in (None, k) for d, k in zip(declared, kv))):
+                raise UserError(
+                    f"{name}: cache input '{past.name}' declares (kv heads, head size) "
+                    f"{declared}, its {ATTENTION} {kv}"
+                )
 
 
 def logits_name(folder: str) -> str:

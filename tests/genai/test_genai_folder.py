@@ -168,6 +168,10 @@ def request_mistakes(tmp_path, folder) -> list[tuple[str, list[str], str]]:
     open(os.path.join(not_json, "genai_config.json"), "w").write("{model:")
     wrong = genai_folder(tmp_path / "wrong", num_key_value_heads=3)
     outside = genai_folder(tmp_path / "outside", filename="../elsewhere/model.onnx")
+    cache = genai_folder(tmp_path / "cache")
+    model = onnx.load(os.path.join(cache, "model.onnx"))
+    model.graph.input[3].type.tensor_type.shape.dim[1].dim_value = 3
+    onnx.save(model, os.path.join(cache, "model.onnx"))
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
@@ -178,6 +182,7 @@ def request_mistakes(tmp_path, folder) -> list[tuple[str, list[str], str]]:
         ("model file missing", [no_model, "-o", out], "the model file 'model.onnx'"),
         ("config not JSON", [not_json, "-o", out], "cannot read it as JSON"),
         ("model out of the folder", [outside, "-o", out], "is not inside the folder"),
+        ("cache disagrees", [cache, "-o", out], "declares (kv heads, head size) (3, 8)"),
         ("config disagrees", [wrong, "-o", out], "num_key_value_heads 3 (graph: 2)"),
         ("no -o", [folder, "--ratio", "0.5"], "name the output folder with -o OUT_FOLDER"),
         ("-o is the input", [folder, "-o", folder + "/"], "is the input folder"),
