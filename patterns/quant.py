@@ -52,7 +52,7 @@ class NBitsWeight(QuantizedView):
         scale = np.asarray(peek(self.node.inputs[2]), np.float32).reshape(n * blocks)
         zp = optional_input(self.node, 3)
         if zp is None:
-            zero = np.full(n * blocks, 1 << (bits - 1), np.int64)
+            zero = np.full(n * blocks, 1 << (bits - 1), np.int32)
         else:
             zero = unpack(peek(zp).reshape(n, -1), bits, blocks).reshape(-1)
         q = unpack(peek(self.node.inputs[1]).reshape(n * blocks, -1), bits, block)

@@ -38,8 +38,8 @@ from onnxfold.model.external import peek
 # ---- codes <-> float, one scale and zero point per unit ----------------------------------------
 @dataclass(frozen=True)
 class Codes:
-    """Integer codes q (units, size) (int64), one scale (units,) (float32) and zero point (units,)
-    (int64) per unit; the codes lie in [qmin, qmax]; `shared_zero`: one zero point for every unit
+    """Integer codes q (units, size) (int32), one scale (units,) (float32) and zero point (units,)
+    (int32) per unit; the codes lie in [qmin, qmax]; `shared_zero`: one zero point for every unit
     (kept), else refitted per unit."""
 
     q: np.ndarray
@@ -51,7 +51,9 @@ class Codes:
 
     def floats(self) -> np.ndarray:
         """(q - zero) * scale per unit: (units, size) float32."""
-        return ((self.q - self.zero[:, None]) * self.scale[:, None]).astype(np.float32)
+        codes = (self.q - self.zero[:, None]).astype(_exact(self))
+        codes *= self.scale[:, None]
+        return codes.astype(np.float32, copy=False)
 
 
 def requantize(values: np.ndarray, old: Codes, ref: np.ndarray) -> Codes:
@@ -62,13 +64,22 @@ def requantize(values: np.ndarray, old: Codes, ref: np.ndarray) -> Codes:
     before = old.floats()
     same = _same_rows(values, before)
     scale, zero = _fresh_grid(values, old, before, ref)
+    del before  # a layer's transients stay a few copies of it (in place below)
     hit = np.flatnonzero(same >= 0)
     scale[hit], zero[hit] = old.scale[same[hit]], old.zero[same[hit]]
-    q = np.rint(values.astype(np.float64) / scale[:, None]) + zero[:, None]
-    q = np.clip(q, old.qmin, old.qmax).astype(np.int64)
+    q = values.astype(_exact(old))
+    q /= scale[:, None]
+    np.rint(q, out=q)
+    q += zero[:, None]
+    q = np.clip(q, old.qmin, old.qmax, out=q).astype(np.int32)
     if len(hit):
         q[hit] = old.q[same[hit]]
     return Codes(q, scale, zero, old.qmin, old.qmax, old.shared_zero)
+
+
+def _exact(old: Codes) -> type:
+    """The float type that holds every code of `old` exactly (float64 for int32 biases)."""
+    return np.float64 if max(-old.qmin, old.qmax) > 1 << 24 else np.float32
 
 
 def _same_rows(new: np.ndarray, old: np.ndarray) -> np.ndarray:
@@ -83,13 +94,13 @@ def _same_rows(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 
 
 def _fresh_grid(values: np.ndarray, old: Codes, before: np.ndarray, ref: np.ndarray) -> tuple:
-    """(scale (units,) float32, zero point (units,) int64) for `values` (units, size); ref: see
+    """(scale (units,) float32, zero point (units,) int32) for `values` (units, size); ref: see
     requantize."""
     lo, hi = np.minimum(values.min(1), 0), np.maximum(values.max(1), 0)
     if not old.shared_zero:
         scale = (hi - lo) / np.float32(old.qmax - old.qmin)
         scale = np.where(scale > 0, scale, 1).astype(np.float32)
-        zero = np.clip(np.rint(old.qmin - lo / scale), old.qmin, old.qmax).astype(np.int64)
+        zero = np.clip(np.rint(old.qmin - lo / scale), old.qmin, old.qmax).astype(np.int32)
         return scale, zero
     z = int(old.zero[0])
     if np.any(old.scale < 0) and old.qmin < z:  # MLAS: the extreme value on code qmin
@@ -107,7 +118,7 @@ def _fresh_grid(values: np.ndarray, old: Codes, before: np.ndarray, ref: np.ndar
         ok = had > 0
         scale[at[ok]] = old_scale[ok] * (need[ok] / had[ok])
     scale = np.where(scale != 0, scale, 1).astype(np.float32)
-    return scale, np.full(len(values), z, np.int64)
+    return scale, np.full(len(values), z, np.int32)
 
 
 def _on_qmax(before: np.ndarray, old: Codes, z: int) -> bool:
@@ -130,11 +141,11 @@ def _needed_scale(values: np.ndarray, z: int, old: Codes) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """uint8 (..., bytes) holding 8/bits codes per byte, low bits first -> int64 (..., count)."""
+    """uint8 (..., bytes) holding 8/bits codes per byte, low bits first -> int32 (..., count)."""
     per = 8 // bits
     shifts = np.arange(per, dtype=np.uint8) * bits
     codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.int64)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.int32)
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -281,8 +292,8 @@ class DequantizedWeight(QuantizedView):
         if units.axis is None:  # one bias scale: the weight's is one too
             scale = scale[:1]
         q = np.rint(units.split(w).astype(np.float64) / scale[:, None])
-        q = np.clip(q, old.qmin, old.qmax).astype(np.int64)
-        return Codes(q, scale, np.zeros(len(scale), np.int64), old.qmin, old.qmax, True)
+        q = np.clip(q, old.qmin, old.qmax).astype(np.int32)
+        return Codes(q, scale, np.zeros(len(scale), np.int32), old.qmin, old.qmax, True)
 
     def tied_scales(self, n: int) -> np.ndarray | None:
         """This weight's scales for n output channels (along its output axis, set by tie_bias),
@@ -306,12 +317,12 @@ class DequantizedWeight(QuantizedView):
         order = _grid_order(units, len(self.shape))
         scale = np.asarray(peek(self.node.inputs[1]), np.float32)
         scale = np.transpose(scale.reshape(_stored(grid, order)), order).reshape(-1)
-        zero = np.zeros(scale.shape, np.int64)
+        zero = np.zeros(scale.shape, np.int32)
         if zp is not None:
-            zero = np.transpose(np.asarray(peek(zp), np.int64).reshape(_stored(grid, order)), order)
+            zero = np.transpose(np.asarray(peek(zp), np.int32).reshape(_stored(grid, order)), order)
             zero = zero.reshape(-1)
         qmin, qmax = QDQ_RANGES[x.dtype.name]
-        q = units.split(np.asarray(peek(x), np.int64))
+        q = units.split(np.asarray(peek(x), np.int32))
         if units.block:  # padding of the last block reads as zeros
             size = self.shape[units.axis]
             q.reshape(grid + (units.block,))[..., -1, size - (grid[-1] - 1) * units.block :] = (
