@@ -54,13 +54,17 @@ def conv_transpose(node: gs.Node, d: Discovery) -> None:
 
 
 def _declined_weight(node: gs.Node, d: Discovery, why: str) -> None:
-    """A layer whose weight is not read (dequantized from codes without a rule): a boundary whose
-    output channels (a frozen group, when their count is known) carry the reason on."""
-    reason = f"{where(node)} {why}"
+    """A layer whose weight is not read (dequantized from codes without a rule)."""
+    axis = output_channel_axis(node)
+    declined_layer(node, d, f"{where(node)} {why}", dim_of(node.outputs[0], axis), axis)
+
+
+def declined_layer(node: gs.Node, d: Discovery, reason: str, size, axis: int) -> None:
+    """A layer folding declines: a boundary whose output channels (`size` on `axis`: a frozen
+    group, when the count is known) carry the reason on to the layers after it."""
     freeze_all(node, d, reason)
-    rank, axis = rank_of(node.outputs[0]), output_channel_axis(node)
-    size = dim_of(node.outputs[0], axis) if rank else None
-    if isinstance(size, int) and size > 0:
+    rank = out_rank(node, rank_of(node.inputs[0]) or 0)
+    if rank and isinstance(size, int) and size > 0:
         d.freeze(d.produce(node.outputs[0], size, axis % rank, rank), reason)
 
 

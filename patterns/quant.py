@@ -22,7 +22,7 @@ from onnxfold.groups.state import Discovery
 from onnxfold.model.external import peek
 
 from .common import const_value, freeze_all, out_rank, pass_through, where
-from .linear import dense_matmul
+from .linear import declined_layer, dense_matmul
 from .qweight import Codes, QuantizedView, Units, optional_input, pack, unpack
 
 DOMAIN = "com.microsoft"
@@ -98,7 +98,8 @@ def matmul_nbits(node: gs.Node, d: Discovery) -> None:
     the output channels."""
     why = _nbits_declined(node)
     if why is not None:
-        return freeze_all(node, d, f"{where(node)} {why}")
+        n = node.attrs.get("N")
+        return declined_layer(node, d, f"{where(node)} {why}", n, -1)
     dense_matmul(node, d, NBitsWeight(node), optional_input(node, 5))
 
 

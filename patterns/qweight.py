@@ -386,7 +386,7 @@ def tie_bias(node: gs.Node, w: gs.Tensor, bias: gs.Tensor | None, out_axis: int)
         return
     if np.allclose(old.scale, source * tied, rtol=1e-5, atol=0):
         bias.scale_from = (source, w)
-        w.biases.append(bias)
+        w.biases += [] if any(b is bias for b in w.biases) else [bias]
 
 
 def dequantized_input(tensor: gs.Tensor) -> np.float32 | None:

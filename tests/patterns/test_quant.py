@@ -447,3 +447,17 @@ def test_blockwise_dequantized_weights_fold_exactly_when_widened(tmp_path):
     _, same = fold_to(src, str(tmp_path / "same.onnx"), ratio=0.0)
     assert all(np.array_equal(v, _arrays(same)[k]) for k, v in _arrays(model).items())
     assert_widen_and_fold_back(src, tmp_path)
+
+
+def test_zero_points_stored_as_floats_are_declined_with_the_reason(tmp_path):
+    src = nbits_mlp(tmp_path / "m.onnx")
+    model = onnx.load(src)
+    zp = next(t for t in model.graph.initializer if t.name == "up.zero_points")
+    zp.CopyFrom(onnx.numpy_helper.from_array(np.full(32 * 2, 8, np.float32), zp.name))
+    onnx.save(model, src)
+    (group,) = [g for g in groups_of(src) if g.size == 32]
+    assert not group.foldable
+    assert any(
+        "MatMulNBits 'up' stores its zero points as floats or computes them at run time" in r
+        for r in group.frozen
+    ), group.frozen
