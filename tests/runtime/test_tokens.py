@@ -98,3 +98,20 @@ def test_a_tied_table_read_through_a_transpose_bounds_the_ids(tmp_path):
     model = make_model(nodes, {"head": rand(8, 30)}, inputs, {"logits": ["b", "s", 30]})
     path = save_model(model, str(tmp_path / "m.onnx"))
     assert token_id_limits(load_model(path).graph) == {"input_ids": 30}
+
+
+def test_a_table_computed_from_constants_bounds_the_ids_by_its_rows(tmp_path):
+    """A table reshaped from constants (the int4 builder's tied, packed embedding) has its rows in
+    its inferred shape; a table computed from an input does not bound anything."""
+    nodes = [
+        helper.make_node("Reshape", ["flat", "shape"], ["table"]),
+        helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+        helper.make_node("Add", ["x", "x"], ["x2"]),
+        helper.make_node("Gather", ["x2", "other_ids"], ["g"]),
+    ]
+    inits = {"flat": rand(240), "shape": np.array([30, 8], np.int64)}
+    inputs = {k: (TensorProto.INT64, ["b", "s"]) for k in ("input_ids", "other_ids")}
+    inputs["x"] = [30, 8]
+    outputs = {"h": ["b", "s", 8], "g": ["b", "s", 8]}
+    path = save_model(make_model(nodes, inits, inputs, outputs), str(tmp_path / "m.onnx"))
+    assert token_id_limits(load_model(path).graph) == {"input_ids": 30}
