@@ -41,6 +41,13 @@ def conv(node: gs.Node, d: Discovery) -> None:
     freeze_all(node, d, f"{where(node)} is a grouped convolution (group={group}), not folded")
 
 
+def dense_conv(node: gs.Node, d: Discovery, w: gs.Constant, bias=None) -> None:
+    """An ungrouped convolution of input 0 (channels on axis 1) by constant `w` (out, in, ...)
+    plus an optional `bias` (out,) (a Conv's, or a QLinearConv's float views)."""
+    lx = _expect_axis(node, d, d.layout(node.inputs[0]), 1, repeat_ok=False)
+    _dense_producer(node, d, lx, w, bias, *WEIGHT_AXES["Conv"])
+
+
 def conv_transpose(node: gs.Node, d: Discovery) -> None:
     if why := dequantize_declined(node.inputs[1]):
         return _declined_weight(node, d, why)

@@ -10,8 +10,10 @@
   channels through, per-channel or blocked activation scales are declined.
 - com.microsoft:GatherBlockQuantized (the int4 tied embedding): a boundary, its output's hidden
   axis frozen.
-- QOperator layers (QLinearConv, QLinearMatMul, MatMulInteger, ConvInteger, QGemm, ...): declined
-  with the reason."""
+- QOperator layers: QLinearConv (ungrouped) and QLinearMatMul (constant 2-D b) fold like Conv
+  and MatMul on their float weights; a QLinearConv's int32 bias keeps its implied scale x_scale x
+  w_scale (qweight.ImpliedBias). Grouped QLinearConvs and the other QOperator ops (MatMulInteger,
+  ConvInteger, QGemm, QLinearAdd, ...) are declined with the reason."""
 
 from __future__ import annotations
 
@@ -22,8 +24,18 @@ from onnxfold.groups.state import Discovery
 from onnxfold.model.external import peek
 
 from .common import const_value, freeze_all, out_rank, pass_through, where
-from .linear import declined_layer, dense_matmul
-from .qweight import Codes, QuantizedView, Units, optional_input, pack, unpack
+from .linear import declined_layer, dense_conv, dense_matmul
+from .qweight import (
+    QDQ_RANGES,
+    Codes,
+    DequantizedWeight,
+    ImpliedBias,
+    QuantizedView,
+    Units,
+    optional_input,
+    pack,
+    unpack,
+)
 
 DOMAIN = "com.microsoft"
 
@@ -106,10 +118,13 @@ def matmul_nbits(node: gs.Node, d: Discovery) -> None:
 # ---- QDQ -----------------------------------------------------------------------------------------
 def qdq_activation(node: gs.Node, d: Discovery) -> None:
     """QuantizeLinear / DequantizeLinear of an activation: one scale (and zero point) for the
-    whole tensor passes channels through; per-channel or blocked scales are declined."""
+    whole tensor passes channels through (DynamicQuantizeLinear's, computed at run time, too);
+    per-channel or blocked scales are declined."""
     layout = d.layout(node.inputs[0])
     if layout is None:
         return
+    if node.op == "DynamicQuantizeLinear":  # one scale, computed at run time
+        return pass_through(node, d, layout)
     params = [const_value(t) for t in node.inputs[1:3] if t is not None and t.name]
     if any(p is None for p in params):
         return freeze_all(node, d, f"{where(node)} has a scale computed at run time")
@@ -143,9 +158,45 @@ def _embedding_width(node: gs.Node) -> int | None:
     return int(data.shape[-1]) * per
 
 
+def _qlinear_declined(node: gs.Node) -> str | None:
+    """Why this QLinearConv / QLinearMatMul is not folded, or None."""
+    inputs = [t for t in node.inputs[1:] if t is not None and t.name]
+    if not all(isinstance(t, gs.Constant) for t in inputs):
+        return "multiplies by a weight or scales computed at run time (not folded)"
+    if np.dtype(node.inputs[3].dtype).name not in QDQ_RANGES:
+        return f"has {np.dtype(node.inputs[3].dtype).name} weight codes (not folded)"
+    if node.op == "QLinearConv" and int(node.attrs.get("group", 1)) != 1:
+        return f"is a grouped convolution (group={node.attrs['group']}), not folded"
+    if node.op == "QLinearMatMul" and len(node.inputs[3].shape) != 2:
+        return "multiplies by a weight that is not 2-D (not folded)"
+    return None
+
+
+def qlinear_conv(node: gs.Node, d: Discovery) -> None:
+    """QLinearConv (x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, bias): the Conv rule on
+    its float weight (scales per output channel or per tensor) and its int32 bias, whose implied
+    scale x_scale x w_scale follows the folded weight (ImpliedBias)."""
+    why = _qlinear_declined(node)
+    if why is not None:
+        return declined_layer(node, d, f"{where(node)} {why}", node.inputs[3].shape[0], 1)
+    w = DequantizedWeight(node, (3, 4, 5), axis=0)
+    bias = ImpliedBias(node, w) if optional_input(node, 8) is not None else None
+    dense_conv(node, d, w, bias)
+
+
+def qlinear_matmul(node: gs.Node, d: Discovery) -> None:
+    """QLinearMatMul (a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp) by a constant 2-D b:
+    the MatMul rule on its float weight (scales per column or per tensor)."""
+    why = _qlinear_declined(node)
+    if why is not None:
+        size = node.inputs[3].shape[-1] if node.inputs[3].shape else None
+        return declined_layer(node, d, f"{where(node)} {why}", size, -1)
+    dense_matmul(node, d, DequantizedWeight(node, (3, 4, 5), axis=1))
+
+
 def qoperator(node: gs.Node, d: Discovery) -> None:
-    """QOperator layers keep integer weights with scales fixed to their inputs' and outputs':
-    declined."""
+    """QOperator layers without a rule here (integer arithmetic with scales tied to their inputs'
+    and outputs'): declined."""
     freeze_all(
         node,
         d,
@@ -154,7 +205,7 @@ def qoperator(node: gs.Node, d: Discovery) -> None:
     )
 
 
-QOPERATOR_DEFAULT = ("QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger")
+QOPERATOR_DEFAULT = ("MatMulInteger", "ConvInteger")
 QOPERATOR_CONTRIB = (
     "QGemm",
     "QLinearAdd",
@@ -171,12 +222,15 @@ QOPERATOR_CONTRIB = (
 )
 
 RULES = {
+    "DynamicQuantizeLinear": qdq_activation,
     "QuantizeLinear": qdq_activation,
     "DequantizeLinear": qdq_activation,
     f"{DOMAIN}:QuantizeLinear": qdq_activation,
     f"{DOMAIN}:DequantizeLinear": qdq_activation,
     f"{DOMAIN}:MatMulNBits": matmul_nbits,
     f"{DOMAIN}:GatherBlockQuantized": gather_block_quantized,
+    "QLinearConv": qlinear_conv,
+    "QLinearMatMul": qlinear_matmul,
     **{op: qoperator for op in QOPERATOR_DEFAULT},
     **{f"{DOMAIN}:{op}": qoperator for op in QOPERATOR_CONTRIB},
 }

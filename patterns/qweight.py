@@ -266,18 +266,28 @@ QDQ_RANGES = {
 
 
 class DequantizedWeight(QuantizedView):
-    """The float output of DequantizeLinear(x, scale, [zero_point]; axis, block_size) of constants.
+    """The float output of DequantizeLinear(x, scale, [zero_point]; axis, block_size) of constants,
+    or of the (x, scale, zero point) inputs at `slots` of a QOperator layer (scales along `axis`).
     Writing it writes x, the scale and the zero point (in their stored shapes and types)."""
 
-    def __init__(self, node: gs.Node):
-        super().__init__(node.outputs[0].name, node)
+    def __init__(self, node: gs.Node, slots=(0, 1, 2), axis: int | None = None):
+        name = node.outputs[0].name if slots[0] == 0 else node.inputs[slots[0]].name
+        super().__init__(name, node)
+        self.slots, self.axis = slots, axis
         # a QDQ bias: its scale is the input's scale times the weight's (tie_bias)
         self.scale_from: tuple[np.float32, DequantizedWeight] | None = None
-        self.biases: list[DequantizedWeight] = []  # biases whose scale follows this weight's
+        self.biases: list = []  # biases whose scale follows this weight's (each has follow())
+
+    def _input(self, i: int) -> gs.Tensor | None:
+        return optional_input(self.node, self.slots[i])
 
     @property
     def shape(self) -> tuple:
-        return tuple(self.node.inputs[0].shape)
+        return tuple(self._input(0).shape)
+
+    def follow(self) -> None:
+        """Requantise with the scale the weight now implies (tie_bias)."""
+        self.values = self.values
 
     def requantized(self, w: np.ndarray) -> Codes:
         """A tied bias (tie_bias) takes scale = input scale x the weight's scales (kept as stored
@@ -304,18 +314,18 @@ class DequantizedWeight(QuantizedView):
         return codes.scale.astype(np.float32) if len(codes.scale) == n else None
 
     def units(self, shape: tuple) -> Units:
-        scale = self.node.inputs[1]
+        scale = self._input(1)
         if scale.shape is None or int(np.prod(scale.shape)) == 1:
             return Units(None)
-        axis = int(self.node.attrs.get("axis", 1)) % len(shape)
-        return Units(axis, int(self.node.attrs.get("block_size", 0)))
+        axis = self.axis if self.axis is not None else int(self.node.attrs.get("axis", 1))
+        return Units(axis % len(shape), int(self.node.attrs.get("block_size", 0)))
 
     def codes(self) -> tuple[Codes, Units]:
-        x, zp = self.node.inputs[0], optional_input(self.node, 2)
+        x, zp = self._input(0), self._input(2)
         units = self.units(self.shape)
         grid = units.grid(self.shape)
         order = _grid_order(units, len(self.shape))
-        scale = np.asarray(peek(self.node.inputs[1]), np.float32)
+        scale = np.asarray(peek(self._input(1)), np.float32)
         scale = np.transpose(scale.reshape(_stored(grid, order)), order).reshape(-1)
         zero = np.zeros(scale.shape, np.int32)
         if zp is not None:
@@ -332,7 +342,7 @@ class DequantizedWeight(QuantizedView):
         return Codes(q, scale, zero, qmin, qmax, shared), units
 
     def write(self, new: Codes, shape: tuple) -> None:
-        x, scale, zp = self.node.inputs[0], self.node.inputs[1], optional_input(self.node, 2)
+        x, scale, zp = self._input(0), self._input(1), self._input(2)
         units = self.units(shape)
         grid = units.grid(shape)
         back = np.argsort(_grid_order(units, len(shape)))
@@ -341,7 +351,53 @@ class DequantizedWeight(QuantizedView):
         if zp is not None:
             _store(zp, np.transpose(new.zero.reshape(grid), back))
         for bias in self.biases:
-            bias.values = bias.values  # its scale follows the weight's
+            bias.follow()  # its scale follows the weight's
+
+
+class ImpliedBias(QuantizedView):
+    """A QLinearConv's int32 bias (input 8), whose scale is implied: x_scale x w_scale per output
+    channel. Assigned floats wait until `weight` has as many channels, then become codes on the
+    scale it implies (follow(), called by the weight's write as well)."""
+
+    def __init__(self, node: gs.Node, weight: DequantizedWeight):
+        super().__init__(node.inputs[8].name, node)
+        self.weight, self.pending = weight, None
+        self.scale = self._implied(self.shape[0])
+        weight.biases.append(self)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.node.inputs[8].shape)
+
+    def _implied(self, n: int) -> np.ndarray | None:
+        tied = self.weight.tied_scales(n)
+        x_scale = np.asarray(self.node.inputs[1].values, np.float32).reshape(-1)[0]
+        return None if tied is None else (x_scale * tied).astype(np.float32)
+
+    def codes(self) -> tuple[Codes, Units]:
+        q = np.asarray(peek(self.node.inputs[8]), np.int32)[:, None]
+        qmin, qmax = QDQ_RANGES["int32"]
+        return Codes(q, self.scale, np.zeros(len(q), np.int32), qmin, qmax, True), Units(0)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.pending if self.pending is not None else super().values
+
+    @values.setter
+    def values(self, values) -> None:
+        self.pending = np.asarray(values, np.float32)
+        self.follow()
+
+    def follow(self) -> None:
+        """Write the floats as codes on the scale the weight implies, once it has their count."""
+        floats = self.values
+        scale = self._implied(len(floats))
+        if scale is None:
+            self.pending = floats
+            return
+        q = np.rint(floats.astype(np.float64) / scale)
+        self.node.inputs[8].values = np.clip(q, *QDQ_RANGES["int32"]).astype(np.int32)
+        self.scale, self.pending = scale, None
 
 
 def _grid_order(units: Units, rank: int) -> tuple:

@@ -210,37 +210,49 @@ def test_per_channel_activation_quantization_is_declined_with_the_reason(tmp_pat
     assert want in group.frozen, group.frozen
 
 
-def test_qoperator_layers_are_declined_with_the_reason(tmp_path):
-    """onnxruntime's quantize_static in the QOperator format, the first MatMul left in float: its
-    channels reach a QLinearMatMul, which declines them."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
-
-    src = qdq_mlp(tmp_path / "f.onnx")
-    model = onnx.load(src)
-    del model.graph.node[2:4]  # the float MLP: MatMul, Relu, MatMul
+def _float_mlp_named(path) -> str:
+    """qdq_mlp's float MLP (x -> MatMul 'first' 8->16 -> Relu -> MatMul 'second' 16->6)."""
+    model = onnx.load(qdq_mlp(path))
+    del model.graph.node[2:4]  # the Q/DQ pair
     model.graph.node[2].input[0] = "r"
     model.graph.node[0].name, model.graph.node[2].name = "first", "second"
-    save_model(model, src)
+    return save_model(model, path)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.feeds = iter([{"x": rand(4, 8, seed=i)} for i in range(4)])
 
-        def get_next(self):
-            return next(self.feeds, None)
+def test_dynamically_quantized_layers_are_declined_with_the_reason(tmp_path):
+    """onnxruntime's quantize_dynamic, the first MatMul left in float: its channels pass the
+    DynamicQuantizeLinear (one scale) and reach a MatMulInteger, which declines them."""
+    from onnxruntime.quantization import quantize_dynamic
 
-    dst = str(tmp_path / "q.onnx")
-    quantize_static(
-        src, dst, Reader(), quant_format=QuantFormat.QOperator, nodes_to_exclude=["first"]
-    )
-    assert "QLinearMatMul" in {n.op_type for n in onnx.load(dst).graph.node}
+    src, dst = _float_mlp_named(tmp_path / "f.onnx"), str(tmp_path / "q.onnx")
+    quantize_dynamic(src, dst, nodes_to_exclude=["first"])
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(dst).graph.node}
     (group,) = [g for g in groups_of(dst) if g.size == 16]
     assert not group.foldable
     assert any(
-        "is a QOperator-quantized layer; folding it is not supported: export QDQ instead" in r
-        and r.startswith("QLinearMatMul ")
+        r.startswith("MatMulInteger ")
+        and r.endswith(
+            "is a QOperator-quantized layer; folding it is not supported: export QDQ "
+            "instead (quantize with QuantFormat.QDQ)"
+        )
         for r in group.frozen
     ), group.frozen
+
+
+def test_qlinear_matmul_folds_exactly_when_widened(tmp_path):
+    """onnxruntime's quantize_static in the QOperator format, the first MatMul left in float: its
+    channels pass the QuantizeLinear and fold into the QLinearMatMul's weight columns."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    src, dst = _float_mlp_named(tmp_path / "f.onnx"), str(tmp_path / "q.onnx")
+    reader = _calibration("x", (4, 8))
+    quantize_static(
+        src, dst, reader, quant_format=QuantFormat.QOperator, nodes_to_exclude=["first"]
+    )
+    assert "QLinearMatMul" in {n.op_type for n in onnx.load(dst).graph.node}
+    (group,) = [g for g in groups_of(dst) if g.foldable]
+    assert group.size == 16
+    assert_widen_and_fold_back(dst, tmp_path)
 
 
 def test_a_quantized_embedding_table_is_a_boundary(tmp_path):
@@ -305,9 +317,10 @@ def _calibration(name: str, shape: tuple):
     return Reader()
 
 
-def qdq_convs(path, per_channel: bool, depthwise: bool = False) -> str:
+def qdq_convs(path, per_channel: bool, depthwise: bool = False, qoperator: bool = False) -> str:
     """x (1, 3, 8, 8) -> Conv 3->8 -> Relu [-> depthwise Conv 8] -> Conv 8->4, quantized by
-    onnxruntime's quantize_static to QDQ (int8 weights per tensor or per channel, int32 biases)."""
+    onnxruntime's quantize_static to QDQ (int8 weights per tensor or per channel, int32 biases),
+    or to QOperator layers (QLinearConv)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     inits: dict = {}
@@ -321,7 +334,7 @@ def qdq_convs(path, per_channel: bool, depthwise: bool = False) -> str:
         src,
         str(path),
         _calibration("x", (1, 3, 8, 8)),
-        quant_format=QuantFormat.QDQ,
+        quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
         per_channel=per_channel,
         weight_type=QuantType.QInt8,
     )
@@ -461,3 +474,51 @@ def test_zero_points_stored_as_floats_are_declined_with_the_reason(tmp_path):
         "MatMulNBits 'up' stores its zero points as floats or computes them at run time" in r
         for r in group.frozen
     ), group.frozen
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qlinear_convs_fold_exactly_when_widened(tmp_path, per_channel):
+    """QLinearConv (quantize_static, QOperator format): output channels fold with the int8 weight
+    rows, their scales and the int32 bias; input channels with the next layer's weight columns."""
+    src = qdq_convs(tmp_path / "m.onnx", per_channel, qoperator=True)
+    assert {n.op_type for n in onnx.load(src).graph.node} >= {"QLinearConv"}
+    (group,) = [g for g in groups_of(src) if g.foldable]
+    assert {(m.tensor.name, m.axis, m.role) for m in group.members} == {
+        ("c1.w_quantized", 0, "mean"),
+        ("c1.b_quantized", 0, "mean"),
+        ("c2.w_quantized", 1, "sum"),
+    }
+    _, same = fold_to(src, str(tmp_path / "same.onnx"), ratio=0.0)
+    assert all(np.array_equal(v, _arrays(same)[k]) for k, v in _arrays(onnx.load(src)).items())
+    assert_widen_and_fold_back(src, tmp_path)
+
+
+def test_a_folded_qlinear_conv_bias_is_the_cluster_mean_on_its_implied_scale(tmp_path):
+    """QLinearConv's bias has no scale of its own (x_scale x w_scale): after folding, each
+    channel's bias codes times that product are its cluster's mean bias, to half a step, and its
+    weight rows the cluster's mean rows, to half a step of their new scale."""
+    src = qdq_convs(tmp_path / "m.onnx", per_channel=True, qoperator=True)
+    before = _arrays(onnx.load(src))
+    result, proto = fold_to(src, str(tmp_path / "half.onnx"), ratio=0.5)
+    (plan,) = [p for p in result.plans if p.group.size == 8]
+    after = _arrays(proto)
+    step = after["x_scale"] * after["c1.w_scale"]
+    bias = before["c1.b_quantized"] * before["x_scale"] * before["c1.w_scale"]
+    want = np.array([bias[plan.labels == j].mean() for j in range(plan.k)])
+    assert np.all(np.abs(after["c1.b_quantized"] * step - want) <= step / 2 + 1e-7)
+    w = before["c1.w_quantized"] * before["c1.w_scale"][:, None, None, None]
+    want = np.stack([w[plan.labels == j].mean(0) for j in range(plan.k)])
+    got = after["c1.w_quantized"] * after["c1.w_scale"][:, None, None, None]
+    assert np.all(np.abs(got - want) <= after["c1.w_scale"][:, None, None, None] / 2 + 1e-7)
+    assert np.isfinite(run(proto, feeds_for(src))[0]).all()
+
+
+def test_grouped_qlinear_convs_are_declined_with_the_reason(tmp_path):
+    src = qdq_convs(tmp_path / "m.onnx", per_channel=True, depthwise=True, qoperator=True)
+    groups = groups_of(src)
+    assert not any(g.foldable for g in groups)
+    reasons = [r for g in groups for r in g.frozen]
+    assert any(
+        r.startswith("QLinearConv ") and "is a grouped convolution (group=8), not folded" in r
+        for r in reasons
+    ), reasons
