@@ -12,7 +12,7 @@
   axis frozen.
 - QOperator layers: QLinearConv (ungrouped) and QLinearMatMul (constant 2-D b) fold like Conv
   and MatMul on their float weights; a QLinearConv's int32 bias keeps its implied scale x_scale x
-  w_scale (qweight.ImpliedBias). Grouped QLinearConvs and the other QOperator ops (MatMulInteger,
+  w_scale (ImpliedBias). Grouped QLinearConvs and the other QOperator ops (MatMulInteger,
   ConvInteger, QGemm, QLinearAdd, ...) are declined with the reason."""
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from .qweight import (
     QDQ_RANGES,
     Codes,
     DequantizedWeight,
-    ImpliedBias,
     QuantizedView,
     Units,
     optional_input,
@@ -156,6 +155,52 @@ def _embedding_width(node: gs.Node) -> int | None:
         return None
     per = 8 // int(node.attrs.get("bits", 4)) if data.dtype == np.uint8 else 1
     return int(data.shape[-1]) * per
+
+
+class ImpliedBias(QuantizedView):
+    """A QLinearConv's int32 bias (input 8), whose scale is implied: x_scale x w_scale per output
+    channel. Assigned floats wait until `weight` has as many channels, then become codes on the
+    scale it implies (follow(), called by the weight's write as well)."""
+
+    def __init__(self, node: gs.Node, weight: DequantizedWeight):
+        super().__init__(node.inputs[8].name, node)
+        self.weight, self.pending = weight, None
+        self.scale = self._implied(self.shape[0])
+        weight.biases.append(self)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.node.inputs[8].shape)
+
+    def _implied(self, n: int) -> np.ndarray | None:
+        tied = self.weight.tied_scales(n)
+        x_scale = np.asarray(self.node.inputs[1].values, np.float32).reshape(-1)[0]
+        return None if tied is None else (x_scale * tied).astype(np.float32)
+
+    def codes(self) -> tuple[Codes, Units]:
+        q = np.asarray(peek(self.node.inputs[8]), np.int32)[:, None]
+        qmin, qmax = QDQ_RANGES["int32"]
+        return Codes(q, self.scale, np.zeros(len(q), np.int32), qmin, qmax, True), Units(0)
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.pending if self.pending is not None else super().values
+
+    @values.setter
+    def values(self, values) -> None:
+        self.pending = np.asarray(values, np.float32)
+        self.follow()
+
+    def follow(self) -> None:
+        """Write the floats as codes on the scale the weight implies, once it has their count."""
+        floats = self.values
+        scale = self._implied(len(floats))
+        if scale is None:
+            self.pending = floats
+            return
+        q = np.rint(floats.astype(np.float64) / scale)
+        self.node.inputs[8].values = np.clip(q, *QDQ_RANGES["int32"]).astype(np.int32)
+        self.scale, self.pending = scale, None
 
 
 def _qlinear_declined(node: gs.Node) -> str | None:
