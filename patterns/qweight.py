@@ -331,7 +331,7 @@ class DequantizedWeight(QuantizedView):
         if zp is not None:
             zero = np.transpose(np.asarray(peek(zp), np.int32).reshape(_stored(grid, order)), order)
             zero = zero.reshape(-1)
-        qmin, qmax = QDQ_RANGES[x.dtype.name]
+        qmin, qmax = QDQ_RANGES[np.dtype(x.dtype).name]
         q = units.split(np.asarray(peek(x), np.int32))
         if units.block:  # padding of the last block reads as zeros
             size = self.shape[units.axis]
