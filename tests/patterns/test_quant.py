@@ -522,3 +522,15 @@ def test_grouped_qlinear_convs_are_declined_with_the_reason(tmp_path):
         r.startswith("QLinearConv ") and "is a grouped convolution (group=8), not folded" in r
         for r in reasons
     ), reasons
+
+
+@pytest.mark.parametrize("qoperator", [False, True])
+def test_quantized_convs_count_the_parameters_and_macs_of_the_float_model(tmp_path, qoperator):
+    from onnxfold.check.count import macs_with_reason
+
+    src = qdq_convs(tmp_path / "m.onnx", per_channel=True, qoperator=qoperator)
+    dense = src + ".float.onnx"
+    assert param_count(src) == param_count(dense) == 8 * 3 * 9 + 8 + 4 * 8 * 9 + 4
+    feeds = feeds_for(src)
+    macs = macs_with_reason(onnx.load(src), feeds)
+    assert macs == macs_with_reason(onnx.load(dense), feeds) and macs[0] > 0
