@@ -288,8 +288,10 @@ def test_a_tiny_llama_from_the_genai_builder_folds_and_onnxruntime_genai_generat
     prompt = np.random.default_rng(0).integers(3, 128, (4, 12))
     tokens = token_inputs(str(tmp_path / "tokens.npz"), kv_heads=kv, head=head)
     np.savez(tokens, **{**np.load(tokens), "input_ids": prompt})
-    out = str(tmp_path / "out")
+    out, before = str(tmp_path / "out"), snapshot(built)
     report = fold_folder(built, out, HALF, data=tokens)
+    assert snapshot(built) == before
+    assert sorted(snapshot(out)) == sorted(before)  # the same files: model, data, config, tokenizer
     assert report.before == DecoderShapes(4, 2, 16, 64, 2, 128)
     assert report.after == DecoderShapes(2, 1, 16, 64, 2, 128)  # one KV group of two left
     assert report.fold.folded.params < report.fold.dense.params
