@@ -118,6 +118,7 @@ def fold_file(
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
         specs = proto_input_specs(loaded.skeleton.graph)  # the inputs as the file declares them
+        hints = input_hints(loaded.graph)  # read before folding forgets the inferred shapes
         data_in = data_in or read_for_model(data, specs, inputs, loaded.graph)
         calib_in = calib_in or read_for_model(calib, specs, unlabelled(inputs), loaded.graph)
         if data_in:
@@ -137,7 +138,7 @@ def fold_file(
             data_in.labels if data_in else None,
             data,
             config.seed,
-            input_hints(loaded.graph),
+            hints,
             described=data_in.description if data_in else None,
         ),
         loaded.file_bytes,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import onnx_graphsurgeon as gs
 from helpers import TOKEN_MLP_VOCAB as VOCAB
 from helpers import counting_lm, make_model, rand, save_model, token_mlp
 from onnx import TensorProto, helper
@@ -100,18 +101,44 @@ def test_a_tied_table_read_through_a_transpose_bounds_the_ids(tmp_path):
     assert token_id_limits(load_model(path).graph) == {"input_ids": 30}
 
 
+WIDE = 9000  # a table of 30 x WIDE floats is over the 1 MB the loader folds at load
+
+
 def test_a_table_computed_from_constants_bounds_the_ids_by_its_rows(tmp_path):
-    """A table reshaped from constants (the int4 builder's tied, packed embedding) has its rows in
-    its inferred shape; a table computed from an input does not bound anything."""
+    """A table reshaped from constants (the int4 builder's tied, packed embedding; over the 1 MB
+    the loader folds) has its rows in its inferred shape; a table computed from an input does not
+    bound anything."""
     nodes = [
         helper.make_node("Reshape", ["flat", "shape"], ["table"]),
         helper.make_node("Gather", ["table", "input_ids"], ["h"]),
         helper.make_node("Add", ["x", "x"], ["x2"]),
         helper.make_node("Gather", ["x2", "other_ids"], ["g"]),
     ]
-    inits = {"flat": rand(240), "shape": np.array([30, 8], np.int64)}
+    inits = {"flat": rand(30 * WIDE), "shape": np.array([30, WIDE], np.int64)}
     inputs = {k: (TensorProto.INT64, ["b", "s"]) for k in ("input_ids", "other_ids")}
     inputs["x"] = [30, 8]
-    outputs = {"h": ["b", "s", 8], "g": ["b", "s", 8]}
+    outputs = {"h": ["b", "s", WIDE], "g": ["b", "s", 8]}
     path = save_model(make_model(nodes, inits, inputs, outputs), str(tmp_path / "m.onnx"))
-    assert token_id_limits(load_model(path).graph) == {"input_ids": 30}
+    graph = load_model(path).graph
+    assert not isinstance(graph.nodes[1].inputs[0], gs.Constant)  # not folded at load
+    assert token_id_limits(graph) == {"input_ids": 30}
+
+
+def test_validation_ids_respect_a_computed_table_after_folding(tmp_path, capsys):
+    """The hints are read from the graph before folding forgets its inferred shapes: validation
+    ids stay below the 30 rows of a table reshaped from constants, so the fold validates (ids
+    drawn up to 100 made onnxruntime's Gather fail and the command stop)."""
+    nodes = [
+        helper.make_node("Reshape", ["flat", "shape"], ["table"]),
+        helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    inits = {"flat": rand(30 * WIDE), "shape": np.array([30, WIDE], np.int64)}
+    inits.update(w1=rand(WIDE, 16, seed=1), w2=rand(16, 4, seed=2))
+    inputs = {"input_ids": (TensorProto.INT64, ["b", "s"])}
+    model = make_model(nodes, inits, inputs, {"y": ["b", "s", 4]})
+    path = save_model(model, str(tmp_path / "m.onnx"))
+    assert main([path, "-o", str(tmp_path / "f.onnx"), "--ratio", "0.5"]) == 0
+    assert "verdict: UNVERIFIED" in capsys.readouterr().out
