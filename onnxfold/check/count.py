@@ -338,6 +338,7 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
             onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
         )
         light.graph.initializer.remove(t)
+    _unpacked_tables(light.graph)
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
@@ -346,6 +347,25 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     except Exception as e:  # noqa: BLE001 - MACs are informative only
         log.info("onnxruntime's symbolic shape inference failed (%s)", e)
         return None
+
+
+def _unpacked_tables(graph: onnx.GraphProto) -> None:
+    """Let each GatherBlockQuantized read a stand-in table of its logical shape (rows, scales per
+    row x block_size): onnxruntime's symbolic shape inference takes the packed width (8 / bits
+    codes per byte) for the gathered rows' and then fails at the MatMulNBits they feed."""
+    dims_of = {t.name: list(t.dims) for t in graph.initializer}
+    dims_of.update(
+        {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    )
+    for i, node in enumerate(n for n in graph.node if n.op_type == "GatherBlockQuantized"):
+        attrs = {a.name: a.i for a in node.attribute}
+        dims = dims_of.get(node.input[2])
+        if not dims or len(dims) != 2 or not all(dims) or attrs.get("quantize_axis", 1) != 1:
+            continue
+        name = f"onnxfold.unpacked_table.{i}"
+        rows = [dims[0], dims[1] * attrs.get("block_size", 128)]
+        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, rows))
+        node.input[0] = name
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict[str, tuple]) -> onnx.ModelProto:

@@ -195,3 +195,28 @@ def test_quantized_weights_count_their_logical_elements_and_macs():
     model = _quantized_layers()
     assert count_params(model) == 32 * 8 + 8 + 8 * 5
     assert macs_with_reason(model, {"x": np.zeros((3, 32), np.float32)}) == (32 * 8 + 8 * 5, None)
+
+
+def test_macs_are_counted_after_a_packed_int4_embedding_table():
+    """input_ids -> GatherBlockQuantized (int4 table 40 x 32 packed in uint8 40 x 16) ->
+    MatMulNBits 32 -> 8: onnxruntime's symbolic shape inference would take the packed width (16)
+    for the rows and fail at the MatMulNBits; the table's logical shape is given to it instead."""
+    inits = {
+        "table": np.zeros((40, 16), np.uint8),
+        "table_scales": np.ones((40, 1), np.float32),
+        "B": np.zeros((8, 1, 16), np.uint8),
+        "scales": np.ones(8, np.float32),
+    }
+    ms = {"domain": "com.microsoft"}
+    nodes = [
+        helper.make_node(
+            "GatherBlockQuantized", ["table", "ids", "table_scales"], ["e"], block_size=32, **ms
+        ),
+        helper.make_node(
+            "MatMulNBits", ["e", "B", "scales"], ["y"], K=32, N=8, bits=4, block_size=32, **ms
+        ),
+    ]
+    inputs = {"ids": (TensorProto.INT64, ["b", "s"])}
+    model = make_model(nodes, inits, inputs, {"y": ["b", "s", 8]}, domains={"com.microsoft": 1})
+    assert count_params(model) == 40 * 32 + 32 * 8
+    assert macs_with_reason(model, {"ids": np.zeros((1, 5), np.int64)}) == (5 * 32 * 8, None)
