@@ -120,6 +120,7 @@ def _depthwise(node, d: Discovery, lx, w, bias) -> None:
         pass_through(node, d, lx)
     d.add_members(lx, w, 0, MEAN)
     d.add_members(lx, bias, 0, MEAN)
+    tie_bias(node, w, bias, 0)
     _freeze_computed_bias(node, d, lx, bias)
 
 
