@@ -111,9 +111,12 @@ def _with_output(src: str, name: str, tmp_path) -> str:
     return save_model(model, tmp_path / "with_output.onnx", check=False)
 
 
-@pytest.mark.parametrize("sym,bias", [(False, False), (True, False), (False, True)])
-def test_hidden_channels_fold_with_b_rows_scales_zero_points_and_bias(tmp_path, sym, bias):
-    src = nbits_mlp(tmp_path / "m.onnx", sym=sym, bias=bias)
+@pytest.mark.parametrize(
+    "bits,sym,bias",
+    [(4, False, False), (4, True, False), (4, False, True), (8, False, False)] + [(8, True, False)],
+)
+def test_hidden_channels_fold_with_b_rows_scales_zero_points_and_bias(tmp_path, bits, sym, bias):
+    src = nbits_mlp(tmp_path / "m.onnx", bits=bits, sym=sym, bias=bias)
     foldable = [g for g in groups_of(src) if g.foldable]
     assert [g.size for g in foldable] == [32]
     members = {(m.tensor.name, m.axis, m.role) for m in foldable[0].members}
