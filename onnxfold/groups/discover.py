@@ -83,22 +83,29 @@ def _apply_rule(node: gs.Node, d: Discovery, strict: bool) -> None:
 
 
 def find_consumer(group: Group, top: set[int] | None = None) -> Consumer | None:
-    """The group's first consumer member that is the weight of a MatMul (weight (in, out)), a Gemm
-    or an ungrouped Conv and covers the whole input axis (channel c: entries c*repeat ...
-    (c+1)*repeat - 1, e.g. an attention head's head_dim entries of the output projection), with that
-    node; None if there is none. `top`: ids of the main graph's nodes, when given a consumer must be
-    one of them (the stages that run a consumer's input read it as a model output, which a tensor
-    inside an If/Loop/Scan body cannot be)."""
+    """The group's first consumer member that is the weight of a MatMul (weight (in, out)), a
+    Gemm, an ungrouped Conv or a MatMulNBits (its float view) and covers the whole input axis
+    (channel c: entries c*repeat ... (c+1)*repeat - 1, e.g. an attention head's head_dim entries of
+    the output projection), with that node; None if there is none. `top`: ids of the main graph's
+    nodes, when given a consumer must be one of them (the stages that run a consumer's input read
+    it as a model output, which a tensor inside an If/Loop/Scan body cannot be)."""
     for m in group.members:
         if m.role != SUM or m.offset != 0:
             continue
         if m.tensor.shape[m.axis] != group.size * m.repeat:
             continue
-        for node in m.tensor.outputs:
+        for node in _readers(m.tensor):
             axis = activation_axis(node, m.tensor, m.axis)
             if axis is not None and (top is None or id(node) in top):
                 return Consumer(node, m, axis)
     return None
+
+
+def _readers(tensor: gs.Constant) -> list[gs.Node]:
+    """The nodes reading a constant; for a float view of a quantized weight (not in the graph),
+    the layer it belongs to."""
+    layer = getattr(tensor, "node", None)
+    return [*tensor.outputs, *([layer] if isinstance(layer, gs.Node) else [])]
 
 
 def _unknown(node: gs.Node, d: Discovery, why: str) -> None:

@@ -37,6 +37,12 @@ def weight_out_axis(node: gs.Node) -> int | None:
     return None if axes is None else axes[1]
 
 
+def consumer_out_axis(node: gs.Node) -> int | None:
+    """The axis of a consumer's weight, as the group's member holds it, that indexes the node's
+    output channels: weight_out_axis, or 1 for MatMulNBits (its float view is [K, N])."""
+    return 1 if node.op == "MatMulNBits" else weight_out_axis(node)
+
+
 def output_channel_axis(node: gs.Node) -> int:
     """Channel axis of the node's output: the last one for MatMul/Gemm, 1 for convolutions."""
     return -1 if node.op in ("MatMul", "Gemm") else 1
@@ -45,7 +51,11 @@ def output_channel_axis(node: gs.Node) -> int:
 def activation_axis(node: gs.Node, weight: gs.Tensor, axis: int) -> int | None:
     """Channel axis of the node's activation input (input 0) when `weight` is its constant weight
     read along its input-channel `axis`: -1 for MatMul and Gemm (not transA), 1 for an ungrouped
-    Conv; else None."""
+    Conv, -1 for a MatMulNBits whose float view [K, N] (a constant whose `node` is it) `weight`
+    is; else None."""
+    if node.op == "MatMulNBits":
+        view = getattr(weight, "node", None) is node
+        return -1 if view and axis == 0 and isinstance(node.inputs[0], gs.Variable) else None
     if (
         len(node.inputs) < 2
         or node.inputs[1] is not weight

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..groups.layout import MEAN
-from ..model.ops import BIAS_INPUT, is_padded, weight_out_axis
+from ..model.ops import BIAS_INPUT, consumer_out_axis, is_padded
 from ..plan.plan import FoldPlan, cluster_reduce
 from ..runtime.session import session_with_outputs
 from ..runtime.stats import stats_of
@@ -49,7 +49,7 @@ def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> li
         dropped = np.repeat(plan.labels < 0, m.repeat)  # per input entry
         bias = _dropped_contribution(node, np.asarray(m.tensor.values, np.float64), dropped, mean)
         if bias is not None:
-            bias = folded_like_outputs(bias, node, plans)
+            bias = folded_like_outputs(bias, node, m.tensor, plans)
         if bias is not None and np.any(bias):
             found.append(Compensation(node, bias))
     return found
@@ -57,9 +57,10 @@ def plan_compensation(plans: list[FoldPlan], means: dict[int, np.ndarray]) -> li
 
 def plan_mean_correction(
     plans: list[FoldPlan], means: dict
-) -> list[tuple[gs.Node, int, np.ndarray]]:
-    """(consumer, its activation's channel axis, dense mean contribution (out,)) per plan whose
-    consumer's input mean is known; read before the weights are rewritten."""
+) -> list[tuple[gs.Node, int, np.ndarray, gs.Constant]]:
+    """(consumer, its activation's channel axis, dense mean contribution (out,), its weight as the
+    member holds it) per plan whose consumer's input mean is known; read before the weights are
+    rewritten."""
     pending = []
     for plan in plans:
         mean, consumer = means.get(plan.group.gid), plan.group.consumer
@@ -69,7 +70,7 @@ def plan_mean_correction(
         weight = np.asarray(m.tensor.values, np.float64)
         dense = _dropped_contribution(node, weight, np.ones(len(mean), bool), mean)
         if dense is not None:
-            pending.append((node, axis, dense))
+            pending.append((node, axis, dense, m.tensor))
     return pending
 
 
@@ -79,27 +80,28 @@ def mean_correction(
     """After the weights were rewritten: each consumer's input means on the folded graph (one
     onnxruntime pass over `feeds`) -> Compensation = dense mean contribution (folded like the
     consumer's outputs) - folded."""
-    names = [node.inputs[0].name for node, _, _ in pending]
+    names = [node.inputs[0].name for node, _, _, _ in pending]
     sess = session_with_outputs(gs.export_onnx(graph), names)
     found = []
-    for (node, axis, dense), (mean, _) in zip(
-        pending, stats_of(sess, names, [a for _, a, _ in pending], feeds)
+    for (node, axis, dense, tensor), (mean, _) in zip(
+        pending, stats_of(sess, names, [a for _, a, _, _ in pending], feeds)
     ):
-        weight = np.asarray(node.inputs[1].values, np.float64)
+        weight = np.asarray(tensor.values, np.float64)
         folded = _dropped_contribution(node, weight, np.ones(len(mean), bool), mean)
-        target = folded_like_outputs(dense, node, plans)
+        target = folded_like_outputs(dense, node, tensor, plans)
         if folded is not None and target is not None and target.shape == folded.shape:
             found.append(Compensation(node, target - folded))
     return found
 
 
 def folded_like_outputs(
-    values: np.ndarray, node: gs.Node, plans: list[FoldPlan]
+    values: np.ndarray, node: gs.Node, weight: gs.Constant, plans: list[FoldPlan]
 ) -> np.ndarray | None:
     """`values` (out, ...) (a bias, or weight columns transposed) reduced along its first axis by
-    the plan that folds `node`'s output channels, if any (cluster mean, dropped channels removed);
-    None if that plan covers only part of them."""
-    weight, out_axis = node.inputs[1], weight_out_axis(node)
+    the plan that folds `node`'s output channels (those of `weight`, its weight as members hold
+    it), if any (cluster mean, dropped channels removed); None if that plan covers only part of
+    them."""
+    out_axis = consumer_out_axis(node)
     for plan in plans:
         for m in plan.group.members:
             if m.tensor is weight and m.axis == out_axis and m.role == MEAN:
@@ -116,7 +118,7 @@ def _dropped_contribution(node: gs.Node, weight: np.ndarray, dropped: np.ndarray
     summed); None for a padded Conv, where a constant input does not give a constant output."""
     if is_padded(node):
         return None
-    per_out = np.moveaxis(weight, weight_out_axis(node), 0)  # (out, in, *kernel)
+    per_out = np.moveaxis(weight, consumer_out_axis(node), 0)  # (out, in, *kernel)
     return (
         per_out[:, dropped].reshape(len(per_out), int(dropped.sum()), -1).sum(axis=2)
         @ mean[dropped]
@@ -159,6 +161,15 @@ def _unique_name(node: gs.Node, suffix: str) -> str:
     return f"{node.outputs[0].name}_{suffix}"
 
 
+def _float_dtype(node: gs.Node):
+    """The float type of the node's output: its weight's, or its activation's where the weight is
+    stored as integer codes (MatMulNBits)."""
+    dtype = node.inputs[1].dtype
+    if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
+        return dtype
+    return node.inputs[0].dtype or np.float32
+
+
 def _add_to_following_add(node: gs.Node, bias: np.ndarray) -> bool:
     """Fold into the bias of `Add(node output, constant (out,))` when that constant and output feed
     nothing else."""
@@ -180,7 +191,7 @@ def _add_to_following_add(node: gs.Node, bias: np.ndarray) -> bool:
 
 def _insert_add(graph: gs.Graph, node: gs.Node, bias: np.ndarray) -> None:
     out = node.outputs[0]
-    dtype = node.inputs[1].dtype
+    dtype = _float_dtype(node)
     raw = gs.Variable(out.name + "_uncompensated", dtype=out.dtype)
     node.outputs[0] = raw
     graph.nodes.append(

@@ -49,16 +49,19 @@ class Refit:
 
 
 def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
-    """One Refit per plan whose consumer is a MatMul/Gemm or an ungrouped 1x1 Conv; read before the
-    weights are rewritten (the dense weights are copied)."""
+    """One Refit per plan whose consumer is a MatMul/Gemm or an ungrouped 1x1 Conv with a float
+    weight; read before the weights are rewritten (the dense weights are copied)."""
     found = []
     for plan in plans:
         consumer = plan.group.consumer
-        if consumer is None or not is_pointwise(consumer.node):
+        # a quantized consumer (its member is a float view of its codes) is not refitted
+        if consumer is None or consumer.member.tensor is not consumer.node.inputs[1]:
+            continue
+        if not is_pointwise(consumer.node):
             continue
         node, axis = consumer.node, consumer.axis
         matrix = weight_matrix(node, np.asarray(node.inputs[1].values, np.float32))
-        columns = folded_like_outputs(matrix.T, node, plans)
+        columns = folded_like_outputs(matrix.T, node, node.inputs[1], plans)
         if columns is not None:
             found.append(Refit(node, axis, columns.T))
     return found
