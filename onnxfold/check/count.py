@@ -6,17 +6,24 @@ the model file is given and both leave a layer's shapes unknown) from running it
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from ..errors import log
 from ..model.ops import RECURRENT_GATES
 from ..runtime.feeds import proto_input_specs
 from ..runtime.session import session_with_outputs
 from ..runtime.stats import input_batch_axes
+
+# the module name onnxruntime's symbolic shape inference is loaded under (its file, not its package)
+SYMBOLIC_MODULE = "onnxfold_symbolic_shape_infer"
 
 
 @dataclass
@@ -340,13 +347,26 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         light.graph.initializer.remove(t)
     _unpacked_tables(light.graph)
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
+        inference = _symbolic_shape_inference()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return SymbolicShapeInference.infer_shapes(light, auto_merge=True)
+            return inference.infer_shapes(light, auto_merge=True)
     except Exception as e:  # noqa: BLE001 - MACs are informative only
         log.info("onnxruntime's symbolic shape inference failed (%s)", e)
         return None
+
+
+def _symbolic_shape_inference():
+    """onnxruntime's SymbolicShapeInference class, loaded from its file alone: importing the
+    onnxruntime.tools package imports torch where it is installed (pytorch_export_helpers), about
+    200 MB of memory and seconds of start-up that MAC counting does not need."""
+    module = sys.modules.get(SYMBOLIC_MODULE)
+    if module is None:
+        path = os.path.join(os.path.dirname(ort.__file__), "tools", "symbolic_shape_infer.py")
+        spec = importlib.util.spec_from_file_location(SYMBOLIC_MODULE, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[SYMBOLIC_MODULE] = module
+        spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
 
 
 def _unpacked_tables(graph: onnx.GraphProto) -> None:

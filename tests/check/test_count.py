@@ -4,6 +4,9 @@ multiply-accumulates are counted, and MACs that cannot be counted come with the 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 from helpers import feeds_for, make_model, rand, save_model
@@ -220,3 +223,16 @@ def test_macs_are_counted_after_a_packed_int4_embedding_table():
     model = make_model(nodes, inits, inputs, {"y": ["b", "s", 8]}, domains={"com.microsoft": 1})
     assert count_params(model) == 40 * 32 + 32 * 8
     assert macs_with_reason(model, {"ids": np.zeros((1, 5), np.int64)}) == (5 * 32 * 8, None)
+
+
+def test_symbolic_shape_inference_does_not_import_torch():
+    """onnxruntime.tools' package imports torch (about 200 MB) where it is installed; counting MACs
+    loads the inference's module file alone, and it still infers shapes."""
+    code = (
+        "import sys\n"
+        "from onnxfold.check.count import _symbolic_shape_inference\n"
+        "assert _symbolic_shape_inference().__name__ == 'SymbolicShapeInference'\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
