@@ -191,8 +191,8 @@ def _packed(node: gs.Node, d: Discovery, lay: Layout | None, heads: list[int]):
     K | V); None when untracked or frozen."""
     if lay is None:
         return None
-    extent = dim_of(node.inputs[0], -1)
-    if lay.axis != lay.rank - 1 or not is_known(extent) or extent % sum(heads):
+    extent = d.refresh(lay).extent  # from the layout: the input's shape may not be inferred
+    if lay.axis != lay.rank - 1 or extent % sum(heads):
         freeze_all(node, d, f"{where(node)} reads a packed input it cannot split into heads")
         return None
     size = extent // sum(heads)

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
-from helpers import digest
+from helpers import digest, groups_of
 from tiny_genai import (
     HEAD,
     HIDDEN,
@@ -23,6 +23,7 @@ from tiny_genai import (
     build_genai,
     genai_config,
     genai_folder,
+    gqa_decoder,
     save_tiny_llama,
     token_inputs,
 )
@@ -323,3 +324,15 @@ def first_token(model: str, prompt: np.ndarray, kv: int, head: int) -> int:
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, kv, 0, head), np.float32)
     return int(session.run(["logits"], feeds)[0][0, -1].argmax())
+
+
+def test_gqa_heads_fold_where_no_shape_was_inferred(tmp_path):
+    """onnx's shape inference stops at the first com.microsoft op: without the builder's
+    value_info the second layer's packed query has no shape; its heads still fold (the packed
+    width comes from the channel layout)."""
+    model = gqa_decoder()
+    del model.graph.value_info[:]
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    heads = [g for g in groups_of(path) if g.kind == "heads"]
+    assert len(heads) == 2 and all(g.foldable and g.size == 2 for g in heads)
