@@ -52,11 +52,23 @@ def prune_labels(
     L1/L2 norm, or the largest `scores` (n,) when given (labels 0..k-1 in channel order), drop the
     rest (-1)."""
     if scores is None:
-        scores = np.linalg.norm(features.astype(np.float64), ord=1 if norm == "l1" else 2, axis=1)
+        scores = row_norms(features, 1 if norm == "l1" else 2)
     keep = np.sort(np.argsort(-scores, kind="stable")[:k])
     labels = np.full(len(features), -1, np.int64)
     labels[keep] = np.arange(k)
     return labels
+
+
+def row_norms(rows: np.ndarray, order: int, chunk_bytes: int = 1 << 25) -> np.ndarray:
+    """L1 or L2 norm (`order`) of each row of (n, d), in float64, a block of rows at a time (about
+    `chunk_bytes` of float64 each: a whole float64 copy of a large group's features is not made;
+    each row's norm is the same as at once)."""
+    out = np.empty(len(rows), np.float64)
+    step = max(1, chunk_bytes // (8 * max(1, rows.shape[1])))
+    for start in range(0, len(rows), step):
+        block = rows[start : start + step].astype(np.float64)
+        out[start : start + step] = np.linalg.norm(block, ord=order, axis=1)
+    return out
 
 
 def cluster_reduce(rows: np.ndarray, labels: np.ndarray, k: int, mean: bool) -> np.ndarray:

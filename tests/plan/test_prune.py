@@ -32,3 +32,14 @@ def test_prune_scores_by_feature_norm():
     assert prune_labels(feats, 2).tolist() == [0, -1, 1, -1]
     assert prune_labels(np.array([[1.0, 1.0], [1.5, 0.0]]), 1, "l1").tolist() == [0, -1]
     assert prune_labels(np.array([[1.0, 1.0], [1.5, 0.0]]), 1, "l2").tolist() == [-1, 0]
+
+
+def test_row_norms_a_block_at_a_time_equal_the_norms_at_once():
+    """prune's channel norms are taken a block of rows at a time (no float64 copy of a large
+    group's features) and are bit-identical to numpy's norms of the whole float64 array."""
+    from onnxfold.plan.plan import row_norms
+
+    rows = np.random.default_rng(0).standard_normal((101, 37)).astype(np.float32)
+    for order in (1, 2):
+        whole = np.linalg.norm(rows.astype(np.float64), ord=order, axis=1)
+        assert np.array_equal(row_norms(rows, order, chunk_bytes=8 * 37 * 10), whole)
