@@ -22,6 +22,12 @@ from ..runtime.feeds import proto_input_specs
 from ..runtime.session import session_with_outputs
 from ..runtime.stats import input_batch_axes
 
+# (domain, op) -> input indices of the cos and sin caches of a rotary embedding
+ROTARY_TABLES = {
+    ("com.microsoft", "RotaryEmbedding"): (2, 3),
+    ("ai.onnx", "RotaryEmbedding"): (1, 2),
+    ("com.microsoft", "GroupQueryAttention"): (7, 8),
+}
 # the module name onnxruntime's symbolic shape inference is loaded under (its file, not its package)
 SYMBOLIC_MODULE = "onnxfold_symbolic_shape_infer"
 
@@ -82,7 +88,8 @@ FLOAT_TYPES = {
 def count_params(model: onnx.ModelProto) -> int:
     """Elements of floating-point initializers and Constant-node tensors, in the main graph and in
     the bodies of If/Loop/Scan nodes, and the logical elements of quantized weights (QUANTIZED:
-    K x N for a MatMulNBits B, whatever its packing; the scales and zero points are not counted). A
+    K x N for a MatMulNBits B, whatever its packing; the scales and zero points are not counted);
+    rotary embeddings' cos/sin caches are not parameters. A
     tensor of one name, shape and type stored in several scopes (a weight both branches of an If
     read, written into each) counts once."""
     seen: set[tuple] = set()
@@ -137,12 +144,24 @@ def _parameters(graph: onnx.GraphProto):
         }
     )
     weights, scales = _quantized_inputs(graph)
+    tables = _rotary_tables(graph)
     for name, t in tensors.items():
         key = (name, tuple(t.dims), t.data_type)
         if name in weights:
             yield key, weights[name]
-        elif t.data_type in FLOAT_TYPES and name not in scales:
+        elif t.data_type in FLOAT_TYPES and name not in scales and name not in tables:
             yield key, int(np.prod(t.dims))
+
+
+def _rotary_tables(graph: onnx.GraphProto) -> set[str]:
+    """Names of the cos/sin caches rotary embeddings read (ROTARY_TABLES): sines and cosines of
+    positions, not learned weights (onnxruntime's optimizer writes 131072 rows of them)."""
+    return {
+        node.input[i]
+        for node in graph.node
+        for i in ROTARY_TABLES.get((node.domain or "ai.onnx", node.op_type), ())
+        if i < len(node.input) and node.input[i]
+    }
 
 
 def _quantized_inputs(graph: onnx.GraphProto) -> tuple[dict[str, int], set[str]]:

@@ -236,3 +236,21 @@ def test_symbolic_shape_inference_does_not_import_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+MS_DOMAIN = "com.microsoft"
+
+
+def test_rotary_cos_sin_caches_are_not_parameters(tmp_path):
+    """The cos/sin caches a RotaryEmbedding reads are sines of positions, not weights: a model of
+    a 16 x 16 projection and 64 x 2 caches has 256 parameters."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["q"]),
+        helper.make_node(
+            "RotaryEmbedding", ["q", "pos", "cos", "sin"], ["y"], domain=MS_DOMAIN, num_heads=4
+        ),
+    ]
+    inits = {"w": rand(16, 16), "cos": rand(64, 2), "sin": rand(64, 2, seed=1)}
+    inputs = {"x": ["b", "s", 16], "pos": (TensorProto.INT64, ["b", "s"])}
+    model = make_model(nodes, inits, inputs, {"y": ["b", "s", 16]}, domains={MS_DOMAIN: 1})
+    assert count_params(model) == 16 * 16
