@@ -12,6 +12,7 @@ from collections import Counter
 
 from onnxfold.errors import UserError
 from onnxfold.files import check_writable
+from onnxfold.genai import decoder_path
 from onnxfold.groups.discover import discover
 from onnxfold.model.load import load_model
 
@@ -26,11 +27,11 @@ _SPACE_BEFORE_MARK = re.compile(r" ([:;,.])")
 
 def inspect(args: argparse.Namespace) -> int:
     """Print every model's groups (or only their counts); --json: one document for all files."""
-    _check_paths(args.input)
+    paths = _model_paths(args.input)
     if args.json:
         check_writable(args.json, "--json")
     documents = []
-    for i, path in enumerate(args.input):
+    for i, path in enumerate(paths):
         if i:
             print()
         documents.append(_inspect_file(path, args.summary))
@@ -39,13 +40,19 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_paths(paths: list[str]) -> None:
-    """A missing file or a directory among `paths` fails before any model is read."""
+def _model_paths(paths: list[str]) -> list[str]:
+    """The model file of each of `paths`: the path itself, or for an onnxruntime-genai folder the
+    decoder its genai_config.json names. A missing file or a folder that is not a genai folder
+    fails before any model is read."""
+    found = []
     for path in paths:
         if os.path.isdir(path):
-            raise UserError(f"{path}: is a directory, expected an .onnx file")
-        if not os.path.exists(path):
+            found.append(decoder_path(path))
+        elif not os.path.exists(path):
             raise UserError(f"{path}: no such file")
+        else:
+            found.append(path)
+    return found
 
 
 def _inspect_file(path: str, summary: bool) -> dict:

@@ -336,3 +336,13 @@ def test_gqa_heads_fold_where_no_shape_was_inferred(tmp_path):
     onnx.save(model, path)
     heads = [g for g in groups_of(path) if g.kind == "heads"]
     assert len(heads) == 2 and all(g.foldable and g.size == 2 for g in heads)
+
+
+def test_inspect_reads_the_decoder_of_a_genai_folder(folder, tmp_path, capsys):
+    """`onnxfold inspect FOLDER` lists the groups of the decoder genai_config.json names; a folder
+    without genai_config.json is one line, exit 2."""
+    assert main(["inspect", folder, "--summary"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(os.path.join(folder, "model.onnx") + ": ") and "foldable" in printed
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "is a folder without genai_config.json" in capsys.readouterr().err
