@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfold.groups.layout import EXTENT, MEAN, SUM, DeclaredDim, Layout, Part
+from onnxfold.groups.layout import EXTENT, MEAN, SUM, DeclaredDim, Layout, Part, WrittenEntry
 from onnxfold.groups.state import METADATA_OPS
 
 from .common import Discovery, const_value, dim_of, freeze_all, is_known, pass_through, where
@@ -25,23 +25,16 @@ from .split import piece
 MS = "com.microsoft"
 
 
-class AttrEntry(gs.Constant):
-    """Integer attribute `attr` of `node` (a head count) as a 1-entry int64 vector: an EXTENT
-    member on it is rewritten like a shape constant, and the new value is written back into the
+class AttrEntry(WrittenEntry):
+    """Integer attribute `attr` of `node` (a head count); a new value is written back into the
     attribute."""
 
     def __init__(self, node: gs.Node, attr: str):
-        super().__init__(f"{node.name}.{attr}", np.array([int(node.attrs[attr])], np.int64))
+        super().__init__(f"{node.name}.{attr}", int(node.attrs[attr]))
         self.node, self.attr = node, attr
 
-    @property
-    def values(self) -> np.ndarray:
-        return self._values
-
-    @values.setter
-    def values(self, values) -> None:
-        self._values = np.asarray(values, np.int64).reshape(1)
-        self.node.attrs[self.attr] = int(self._values[0])
+    def write(self, value: int) -> None:
+        self.node.attrs[self.attr] = value
 
 
 def _given(node: gs.Node, index: int) -> gs.Tensor | None:

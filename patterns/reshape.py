@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxfold.groups.layout import EXTENT, Layout
+from onnxfold.groups.layout import EXTENT, Layout, WrittenEntry
 
 from .common import (
     Discovery,
@@ -352,7 +352,7 @@ def _dims_read(t: gs.Tensor, depth: int = 0) -> list[tuple[gs.Tensor, list[int] 
     return [r for i in node.inputs if isinstance(i, gs.Variable) for r in _dims_read(i, depth + 1)]
 
 
-class ComputedEntry(gs.Constant):
+class ComputedEntry(WrittenEntry):
     """A 1-entry piece of a Concat-built shape vector computed at run time from tensors' shapes.
     As a member it holds a channel extent (`probe`, a 1-entry int64 vector that merging rewrites
     like a shape constant); when that changes, the piece is replaced in the Concat by a constant:
@@ -360,18 +360,11 @@ class ComputedEntry(gs.Constant):
     An unchanged value leaves the graph as it is."""
 
     def __init__(self, concat: gs.Node, slot: int, probe: int, written=None):
-        name = f"{concat.outputs[0].name}_entry{slot}"
-        super().__init__(name, np.array([probe], np.int64))
-        self.concat, self.slot, self.original, self.written = concat, slot, probe, written
+        super().__init__(f"{concat.outputs[0].name}_entry{slot}", probe)
+        self.concat, self.slot, self.written = concat, slot, written
 
-    @property
-    def values(self) -> np.ndarray:
-        return self._values
-
-    @values.setter
-    def values(self, values) -> None:
-        self._values = np.asarray(values, np.int64).reshape(1)
-        if int(self._values[0]) == self.original:
+    def write(self, value: int) -> None:
+        if value == self.original:
             return
         new = self.written if self.written is not None else self._values
         new = np.asarray(new.values if isinstance(new, ComputedEntry) else new, np.int64)

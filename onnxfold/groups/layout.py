@@ -80,17 +80,15 @@ class Member:
         return (id(self.tensor), self.axis, self.role, self.offset, self.repeat)
 
 
-class DeclaredDim(gs.Constant):
-    """Entry `axis` of a graph input's or output's declared shape (KV-cache tensors), as a 1-entry
-    int64 vector. An EXTENT member on it (entry 0) is rewritten like a shape constant, and the new
-    value is written back into the declared shape. `original` keeps the value before folding, for
-    the report."""
+class WrittenEntry(gs.Constant):
+    """An integer kept outside the graph's constants (a declared dim, an attribute, a shape read
+    at run time) as a 1-entry int64 vector, so that an EXTENT member on it (entry 0) is rewritten
+    like a shape constant; each new value is handed to `write`, which puts it back where it
+    lives. `original` keeps the value before folding."""
 
-    def __init__(self, variable: gs.Variable, axis: int):
-        super().__init__(
-            f"{variable.name}.shape[{axis}]", np.array([int(variable.shape[axis])], np.int64)
-        )
-        self.variable, self.axis, self.original = variable, axis, int(variable.shape[axis])
+    def __init__(self, name: str, value: int):
+        super().__init__(name, np.array([int(value)], np.int64))
+        self.original = int(value)
 
     @property
     def values(self) -> np.ndarray:
@@ -99,6 +97,21 @@ class DeclaredDim(gs.Constant):
     @values.setter
     def values(self, values) -> None:
         self._values = np.asarray(values, np.int64).reshape(1)
+        self.write(int(self._values[0]))
+
+    def write(self, value: int) -> None:
+        raise NotImplementedError
+
+
+class DeclaredDim(WrittenEntry):
+    """Entry `axis` of a graph input's or output's declared shape (KV-cache tensors); a new value
+    is written back into the declared shape (`original` is shown in the report)."""
+
+    def __init__(self, variable: gs.Variable, axis: int):
+        super().__init__(f"{variable.name}.shape[{axis}]", int(variable.shape[axis]))
+        self.variable, self.axis = variable, axis
+
+    def write(self, value: int) -> None:
         shape = list(self.variable.shape)
-        shape[self.axis] = int(self._values[0])
+        shape[self.axis] = value
         self.variable.shape = shape
