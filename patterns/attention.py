@@ -83,15 +83,15 @@ def _attend(
     qkv: list[Layout | None],
     heads: int,
     kv_heads: int,
-    out_repeat,
     caches: list[tuple[int, int, int]],
-    head_attrs: dict[str, int],
+    head_attrs: tuple[str, str | None],
 ) -> None:
     """Couple query, key and value heads (layouts of one group each, heads on the same axis) into
-    one group of `kv_heads` units and give output 0 that group.
+    one group of `kv_heads` units and give output 0 that group (n_rep query heads of the value's
+    width per unit).
 
-    out_repeat(q, v): entries per unit of output 0. caches: (input index, output index, head
-    axis) of each past/present cache pair. head_attrs: head-count attribute -> heads per unit."""
+    caches: (input index, output index, head axis) of each past/present cache pair. head_attrs:
+    the attributes counting query heads and KV heads (None: the op has one head count)."""
     if all(lay is None for lay in qkv):
         return
     if any(lay is None for lay in qkv):
@@ -107,12 +107,14 @@ def _attend(
     gid = q.parts[0].gid
     for other in (k, v):
         d.union(gid, other.parts[0].gid, where(node))
-    out = node.outputs[0]
+    out, n_rep = node.outputs[0], heads // kv_heads
     rank = len(out.shape) if out.shape is not None else q.rank
-    d.set_layout(out, Layout(q.axis + rank - q.rank, rank, q.parts, out_repeat(q, v)))
+    # a hidden axis: n_rep x the value's head size entries per unit; a heads axis: n_rep heads
+    repeat = n_rep * v.extent // kv_heads
+    d.set_layout(out, Layout(q.axis + rank - q.rank, rank, q.parts, repeat))
     heads_axis = Layout(0, 1, (Part(gid, kv_heads),))
-    for attr, per_unit in head_attrs.items():
-        if int(node.attrs.get(attr, 0)) > 0:
+    for attr, per_unit in zip(head_attrs, (n_rep, 1)):
+        if attr is not None and int(node.attrs.get(attr, 0)) > 0:
             d.add_members(heads_axis, AttrEntry(node, attr), 0, EXTENT, repeat=per_unit)
     for past_index, present_index, axis in caches:
         _cache(node, d, gid, kv_heads, past_index, present_index, axis)
@@ -166,17 +168,8 @@ def group_query_attention(node: gs.Node, d: Discovery) -> None:
             return
     else:
         qkv = [q, d.layout(node.inputs[1]), d.layout(node.inputs[2])]
-    n_rep = heads // kv_heads if kv_heads and heads % kv_heads == 0 else 1
-    _attend(
-        node,
-        d,
-        qkv,
-        heads,
-        kv_heads,
-        lambda q, v: n_rep * v.extent // kv_heads,
-        [(3, 1, 1), (4, 2, 1)],
-        {"num_heads": n_rep, "kv_num_heads": 1},
-    )
+    caches = [(3, 1, 1), (4, 2, 1)]
+    _attend(node, d, qkv, heads, kv_heads, caches, ("num_heads", "kv_num_heads"))
 
 
 def _packed(node: gs.Node, d: Discovery, lay: Layout | None, heads: list[int]):
@@ -210,16 +203,7 @@ def multi_head_attention(node: gs.Node, d: Discovery) -> None:
         return freeze_all(node, d, f"{where(node)} has packed or 4-D key/value inputs")
     heads = int(node.attrs["num_heads"])
     qkv = [d.layout(t) for t in node.inputs[:3]]
-    _attend(
-        node,
-        d,
-        qkv,
-        heads,
-        heads,
-        lambda q, v: v.extent // heads,
-        [(6, 1, 1), (7, 2, 1)],
-        {"num_heads": 1},
-    )
+    _attend(node, d, qkv, heads, heads, [(6, 1, 1), (7, 2, 1)], ("num_heads", None))
     _packed_bias(node, d, _given(node, 3), [d.layout(t) for t in node.inputs[:3]])
 
 
@@ -258,16 +242,7 @@ def attention(node: gs.Node, d: Discovery) -> None:
     if bias is not None:
         d.add_members(packed.moved(0, 1), bias, 0, MEAN)
     qkv = [Layout(2, 3, (Part(g, s),)) for g, s in zip(gids, sizes)]
-    _attend(
-        node,
-        d,
-        qkv,
-        heads,
-        heads,
-        lambda q, v: v.extent // heads,
-        [(4, 1, 2)],
-        {"num_heads": 1},
-    )
+    _attend(node, d, qkv, heads, heads, [(4, 1, 2)], ("num_heads", None))
 
 
 def onnx_attention(node: gs.Node, d: Discovery) -> None:
@@ -287,22 +262,9 @@ def onnx_attention(node: gs.Node, d: Discovery) -> None:
         return freeze_all(node, d, f"{where(node)} has an attention mask per head")
     if not (is_known(heads) and is_known(kv_heads)):
         return freeze_all(node, d, f"{where(node)} has head counts it does not state")
-    n_rep = heads // kv_heads if heads % kv_heads == 0 else 1
     qkv = [d.layout(t) for t in node.inputs[:3]]
-
-    def out_repeat(q: Layout, v: Layout) -> int:
-        return n_rep if rank == 4 else n_rep * v.extent // kv_heads
-
-    _attend(
-        node,
-        d,
-        qkv,
-        heads,
-        kv_heads,
-        out_repeat,
-        [(4, 1, 1), (5, 2, 1)],
-        {"q_num_heads": n_rep, "kv_num_heads": 1},
-    )
+    caches = [(4, 1, 1), (5, 2, 1)]
+    _attend(node, d, qkv, heads, kv_heads, caches, ("q_num_heads", "kv_num_heads"))
 
 
 def rotary_embedding(node: gs.Node, d: Discovery) -> None:
