@@ -138,21 +138,15 @@ def _embedding_rows(t: gs.Variable) -> int | None:
 
 
 def _table_rows(table: gs.Tensor | None) -> int | None:
-    """Rows of an embedding table: a constant, a tensor of inferred static rows computed from
-    constants, or a Transpose of a constant (a tied LM head's weight [hidden, vocab] read back as
-    the table, or its int4 blocks reshaped, as onnxruntime-genai's builder writes them)."""
+    """Rows of an embedding table: a constant, or a tensor computed from constants whose rows
+    inference made static (a tied LM head's weight [hidden, vocab] transposed back into the table,
+    or its int4 blocks reshaped, as onnxruntime-genai's builder writes them)."""
     if isinstance(table, gs.Constant):
         return int(table.shape[0])
     if table is not None and not _dynamic(table) and table.shape:
         rows = table.shape[0]
         if isinstance(rows, (int, np.integer)) and rows > 0:
             return int(rows)
-    producer = table.inputs[0] if table is not None and table.inputs else None
-    if producer is not None and producer.op == "Transpose":
-        source = producer.inputs[0]
-        if isinstance(source, gs.Constant):
-            perm = producer.attrs.get("perm", list(range(len(source.shape)))[::-1])
-            return int(source.shape[perm[0]])
     return None
 
 
