@@ -16,17 +16,18 @@ import tempfile
 from dataclasses import dataclass, field
 
 import onnx
+import onnx_graphsurgeon as gs
 
 from .config import FoldConfig
 from .errors import UserError
 from .files import FoldReport, Reporter, check_fold_request, fold_file
 from .plan.sensitivity import Sensitivity
+from .runtime.caches import layer_widths, projection_layer
 from .runtime.inputs import InputOptions
 
 CONFIG = "genai_config.json"
 ATTENTION = "GroupQueryAttention"
 # ops between a projection and the tensor a shape is read from (bias, cast to the I/O type)
-PASS = ("Add", "Cast")
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,8 @@ def decoder_shapes(
             f"onnxruntime-genai decoder from it"
         )
     heads = {(_attr(n, "num_heads"), _attr(n, "kv_num_heads")) for n in attention}
-    widths = {_query_width(graph, n) for n in attention}
+    tensors = gs.import_onnx(model).tensors()
+    widths = {_projection(tensors, n.input[0])[1] for n in attention}
     if len(heads) != 1 or len(widths) != 1:
         raise UserError(
             f"{name}: the {ATTENTION} layers differ (num_heads, kv_num_heads: "
@@ -222,7 +224,7 @@ def decoder_shapes(
     packed = len(attention[0].input) < 2 or not attention[0].input[1]
     head_size = _head_size(width, num_heads + 2 * kv_heads if packed else num_heads, name)
     _check_caches(graph, attention, (kv_heads, head_size), name)
-    hidden, vocab = _projection(graph, logits or graph.output[0].name)
+    hidden, vocab = _projection(tensors, logits or graph.output[0].name)
     return DecoderShapes(num_heads, kv_heads, head_size, hidden, len(attention), vocab)
 
 
@@ -261,29 +263,15 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
     return next(int(a.i) for a in node.attribute if a.name == name)
 
 
-def _query_width(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
-    """The last dimension of the attention's query input (its projection's output width)."""
-    return _projection(graph, node.input[0])[1]
-
-
-def _projection(graph: onnx.GraphProto, tensor: str) -> tuple[int, int]:
-    """(in, out) widths of the MatMul / MatMulNBits / Gemm that computes `tensor` (through a bias
-    Add or a Cast); UserError when another op computes it."""
-    producers = {o: n for n in graph.node for o in n.output}
-    weights = {t.name: tuple(t.dims) for t in graph.initializer}
-    node = producers.get(tensor)
-    while node is not None and node.op_type in PASS:
-        node = producers.get(next((i for i in node.input if i not in weights), ""))
-    if node is not None and node.op_type == "MatMulNBits":
-        return _attr(node, "K"), _attr(node, "N")
-    if node is not None and node.op_type in ("MatMul", "Gemm") and node.input[1] in weights:
-        shape = weights[node.input[1]]
-        transposed = node.op_type == "Gemm" and any(
-            a.name == "transB" and a.i for a in node.attribute
-        )
-        return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
-    found = node.op_type if node is not None else "a graph input"
-    raise UserError(f"cannot read the width of '{tensor}': it is computed by {found}")
+def _projection(tensors: dict[str, gs.Tensor], name: str) -> tuple[int, int]:
+    """(in, out) widths of the MatMul / MatMulNBits / Gemm that computes tensor `name` (through a
+    bias Add or a Cast); UserError when another op computes it."""
+    layer = projection_layer(tensors[name]) if name in tensors else None
+    widths = layer_widths(layer)
+    if widths is None:
+        found = layer.op if layer is not None else "a graph input"
+        raise UserError(f"cannot read the width of '{name}': it is computed by {found}")
+    return widths
 
 
 def _check_config_matches(folder: str, shapes: DecoderShapes) -> None:

@@ -24,6 +24,8 @@ CACHE_INPUTS = {
     "MultiHeadAttention": ((6, 7), 1, 3),
     "Attention": ((4, 5), 1, 3),  # ai.onnx (opset 23+); com.microsoft's packs both in input 4
 }
+# ops between a projection and the tensor it computes (a bias, a cast)
+PROJECTION_PASS = ("Add", "Cast")
 # ops a shape read passes through on its way to a length input (scalars and 1-entry vectors)
 PASSING = ("Cast", "Squeeze", "Unsqueeze", "Reshape", "Identity")
 
@@ -113,24 +115,36 @@ def _kv_heads_and_size(node: gs.Node) -> tuple[int | None, int | None]:
 
 
 def _width(tensor: gs.Tensor) -> int | None:
-    """The static last dim of an activation: its inferred shape, else its producer's constant
-    weight (MatMul columns, an Add's bias) or MatMulNBits' N."""
+    """The static last dim of an activation: its inferred shape, else the output width of the
+    projection computing it."""
     if tensor.shape and isinstance(tensor.shape[-1], (int, np.integer)) and tensor.shape[-1] > 0:
         return int(tensor.shape[-1])
-    producer = tensor.inputs[0] if tensor.inputs else None
-    if producer is None:
+    widths = layer_widths(projection_layer(tensor))
+    return widths[1] if widths else None
+
+
+def projection_layer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node computing `tensor`, looked through bias Adds and Casts (PROJECTION_PASS: along
+    their non-constant input); None for a graph input."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    while node is not None and node.op in PROJECTION_PASS:
+        source = next((t for t in node.inputs if not isinstance(t, gs.Constant)), None)
+        node = source.inputs[0] if source is not None and source.inputs else None
+    return node
+
+
+def layer_widths(node: gs.Node | None) -> tuple[int, int] | None:
+    """(in, out) widths of a MatMul / Gemm with a constant 2-D weight or of a MatMulNBits (K, N);
+    None for any other node."""
+    if node is None:
         return None
-    if producer.op == "MatMulNBits":
-        return int(producer.attrs.get("N", 0)) or None
-    if producer.op in ("MatMul", "Add"):
-        for t in producer.inputs[::-1]:
-            if isinstance(t, gs.Constant) and t.shape and len(t.shape) in (1, 2):
-                return int(t.shape[-1])
-            if producer.op == "Add" and isinstance(t, gs.Variable) and t.inputs:
-                width = _width(t)
-                if width:
-                    return width
-    return None
+    if node.op == "MatMulNBits":
+        return int(node.attrs["K"]), int(node.attrs["N"])
+    weight = node.inputs[1] if node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+    if not isinstance(weight, gs.Constant) or len(weight.shape) != 2:
+        return None
+    k, n = (int(v) for v in weight.shape)
+    return (n, k) if node.op == "Gemm" and int(node.attrs.get("transB", 0)) else (k, n)
 
 
 def _length_source(node: gs.Node, inputs: dict[str, gs.Tensor]) -> str | None:
