@@ -235,6 +235,14 @@ def token_ids(vocab: int, shape=(2, 7), seed: int = 0) -> dict:
     return {"input_ids": np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int64)}
 
 
+def declared_shape(path: str, name: str) -> list:
+    """The declared shape of graph input or output `name` of the model file at `path` (dim values,
+    or dim names where symbolic)."""
+    model = onnx.load(path)
+    info = next(v for v in [*model.graph.input, *model.graph.output] if v.name == name)
+    return [d.dim_value or d.dim_param for d in info.type.tensor_type.shape.dim]
+
+
 def param_count(path: str) -> int:
     from onnxfold.check.count import count_params_file
 

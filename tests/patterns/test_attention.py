@@ -9,7 +9,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import fold_to, groups_of, make_model, param_count, rand, run, save_model, widen_file
+from helpers import (
+    declared_shape,
+    fold_to,
+    groups_of,
+    make_model,
+    param_count,
+    rand,
+    run,
+    save_model,
+    widen_file,
+)
 from onnx import TensorProto, helper
 
 HIDDEN, HEADS, KV, D = 16, 4, 2, 16  # rotary GQA on the CPU wants head sizes of 16k
@@ -22,12 +32,6 @@ ANGLES = np.arange(32)[:, None] * 10000.0 ** (-np.arange(D // 2) / (D // 2))
 def _attrs(path: str, op: str) -> dict:
     node = next(n for n in onnx.load(path).graph.node if n.op_type == op)
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _declared(path: str, name: str) -> list:
-    model = onnx.load(path)
-    info = next(v for v in [*model.graph.input, *model.graph.output] if v.name == name)
-    return [d.dim_value or d.dim_param for d in info.type.tensor_type.shape.dim]
 
 
 def _head_group(path: str):
@@ -136,7 +140,7 @@ def test_gqa_fold_rewrites_heads_and_runs(tmp_path):
     assert [(p.group.size, p.k) for p in result.plans] == [(KV, 1)]
     attrs = _attrs(out, "GroupQueryAttention")
     assert (attrs["num_heads"], attrs["kv_num_heads"]) == (HEADS // 2, 1)
-    assert _declared(out, "past_key")[1] == 1 and _declared(out, "present_value")[1] == 1
+    assert declared_shape(out, "past_key")[1] == 1 and declared_shape(out, "present_value")[1] == 1
     y, key, _ = run(out, gqa_feeds(1))
     assert y.shape == (BATCH, SEQ, HIDDEN) and key.shape == (BATCH, 1, SEQ, D)
     assert param_count(out) < param_count(src)

@@ -13,7 +13,15 @@ import json
 import numpy as np
 import onnx
 import pytest
-from helpers import fold_to, groups_of, make_model, run, tiny_llama_config, widen_file
+from helpers import (
+    declared_shape,
+    fold_to,
+    groups_of,
+    make_model,
+    run,
+    tiny_llama_config,
+    widen_file,
+)
 from onnx import TensorProto, helper
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 8, 4, 2, 4
@@ -122,12 +130,6 @@ def _feeds(kv_heads=KV_HEADS, past=3, seq=4, seed=0, mask=False):
     return {**feeds, "attention_mask": np.ones((2, past + seq), np.int64)} if mask else feeds
 
 
-def _declared(path: str, name: str) -> list:
-    model = onnx.load(path)
-    info = next(v for v in list(model.graph.input) + list(model.graph.output) if v.name == name)
-    return [d.dim_value or d.dim_param for d in info.type.tensor_type.shape.dim]
-
-
 @pytest.mark.parametrize("mask", [False, True], ids=["static", "attention_mask"])
 def test_kv_cache_inputs_and_outputs_join_the_kv_group(tmp_path, mask):
     """With the attention mask, the GQA Reshape's shape is observed by the load-time probe: it runs
@@ -165,9 +167,9 @@ def test_ratio_zero_reproduces_and_duplicated_kv_heads_fold_back_exactly(tmp_pat
     for a, b in zip(run(str(tmp_path / "same.onnx"), _feeds()), dense):
         np.testing.assert_allclose(a, b, atol=1e-5)
     widen_file(src, str(tmp_path / "w.onnx"))
-    assert _declared(str(tmp_path / "w.onnx"), "past.key")[1] == 2 * KV_HEADS
+    assert declared_shape(str(tmp_path / "w.onnx"), "past.key")[1] == 2 * KV_HEADS
     fold_to(str(tmp_path / "w.onnx"), str(tmp_path / "b.onnx"), ratio=0.5)
-    assert _declared(str(tmp_path / "b.onnx"), "present.value")[1] == KV_HEADS
+    assert declared_shape(str(tmp_path / "b.onnx"), "present.value")[1] == KV_HEADS
     for a, b in zip(run(str(tmp_path / "b.onnx"), _feeds()), dense):
         np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max())
 
@@ -180,7 +182,7 @@ def test_folded_cache_shapes_and_cached_step_matches_full_run(tmp_path):
     assert any("KV-cache heads 2 -> 1" in n and "past.key" in n for n in result.notes)
     onnx.checker.check_model(onnx.load(out), full_check=True)
     for name in ("past.key", "past.value", "present.key", "present.value"):
-        assert _declared(out, name)[1] == 1
+        assert declared_shape(out, name)[1] == 1
     feeds = _feeds(kv_heads=1, past=0, seq=5)
     full_y = run(out, feeds)[0]
     first = {
@@ -216,7 +218,7 @@ def test_cli_folds_a_with_past_layer_end_to_end(tmp_path, capsys):
     assert [o["name"] for o in cmp["outputs"]] == ["y"] and 0 < cmp["outputs"][0]["max_rel"] < 10
     assert "past.key, past.value" in cmp["notes"][0] and "empty arrays" in cmp["notes"][0]
     for name in ("past.key", "past.value", "present.key", "present.value"):
-        assert _declared(out, name)[1] == 1
+        assert declared_shape(out, name)[1] == 1
     _, k, v = run(out, _feeds(kv_heads=1, past=3, seq=4, mask=True))
     assert k.shape == v.shape == (2, 1, 7, HEAD_DIM)
     # --data with a non-empty dense cache: both models get zero caches (said so), the run still
@@ -340,7 +342,7 @@ def test_optimum_kv_heads_fold_and_cached_greedy_decoding_matches_full_runs(opti
     onnx.checker.check_model(onnx.load(out), full_check=True)
     for n in range(2):
         for name in (f"past_key_values.{n}.key", f"past_key_values.{n}.value", f"present.{n}.key"):
-            assert _declared(out, name)[1] == half
+            assert declared_shape(out, name)[1] == half
     ids = np.random.default_rng(1).integers(0, vocab, (2, 5))
     outs = run(out, _llm_feeds(ids, None, half))
     assert [o.shape for o in outs[1:]] == [(2, half, 5, 16)] * 4
