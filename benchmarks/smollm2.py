@@ -82,13 +82,20 @@ def tokens(folder: str, count: int) -> np.ndarray:
     return np.asarray(ids[:count], np.int64)
 
 
-def perplexity(path: str, ids: np.ndarray) -> float:
+def perplexity(
+    path: str, ids: np.ndarray, extra: dict | None = None, output: str | None = None
+) -> float:
+    """exp(mean next-token cross-entropy) of the model at `path` over windows of WINDOW tokens of
+    `ids`, each one run fed as input_ids (1, WINDOW) beside the `extra` feeds; logits: `output`,
+    default the first output."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    outputs = None if output is None else [output]
     nll, n = 0.0, 0
     for w in ids.reshape(-1, WINDOW):
-        logits = sess.run(None, {"input_ids": w[None]})[0][0, :-1].astype(np.float64)
+        feeds = {"input_ids": w[None], **(extra or {})}
+        logits = sess.run(outputs, feeds)[0][0, :-1].astype(np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
         nll -= logp[np.arange(WINDOW - 1), w[1:]].sum()

@@ -30,6 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.smollm2 import CACHE, WINDOW, model_folder, tokens
+from benchmarks.smollm2 import perplexity as window_perplexity
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "smollm2_genai.md")
 RECIPE = (
@@ -68,26 +69,17 @@ def fold(folder: str, out: str) -> tuple[float, int, str]:
 
 
 def perplexity(folder: str, ids: np.ndarray) -> float:
-    """Perplexity of the folder's decoder on windows of WINDOW tokens, each a prompt with empty
-    caches."""
+    """benchmarks.smollm2.perplexity of the folder's decoder, each window a prompt with a full
+    mask and empty caches."""
     config = json.load(open(os.path.join(folder, "genai_config.json")))["model"]["decoder"]
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(os.path.join(folder, config["filename"]), opts)
+    path = os.path.join(folder, config["filename"])
     caches = {
         i.name: np.zeros((1, i.shape[1], 0, config["head_size"]), np.float32)
-        for i in sess.get_inputs()
+        for i in ort.InferenceSession(path).get_inputs()
         if i.name.startswith("past_key_values")
     }
-    nll, n = 0.0, 0
-    for w in ids.reshape(-1, WINDOW):
-        feeds = {"input_ids": w[None], "attention_mask": np.ones((1, WINDOW), np.int64), **caches}
-        logits = sess.run(["logits"], feeds)[0][0, :-1].astype(np.float64)
-        logits -= logits.max(axis=1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        nll -= logp[np.arange(WINDOW - 1), w[1:]].sum()
-        n += WINDOW - 1
-    return float(np.exp(nll / n))
+    mask = {"attention_mask": np.ones((1, WINDOW), np.int64)}
+    return window_perplexity(path, ids, {**mask, **caches}, "logits")
 
 
 def generate(folder: str, prompt: str, count: int = 24) -> str:
