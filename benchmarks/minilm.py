@@ -131,11 +131,17 @@ def session(path: str) -> ort.InferenceSession:
 
 
 def embed(path: str, ids: list[np.ndarray]) -> np.ndarray:
-    """(n, hidden) mean-pooled embeddings, one unpadded document per run."""
+    """(n, hidden) mean-pooled embeddings, one unpadded document per run; a model that also takes
+    attention_mask / token_type_ids gets ones / zeros."""
     sess = session(path)
-    return np.stack(
-        [sess.run(None, {"input_ids": x[None]})[0][0].astype(np.float64).mean(axis=0) for x in ids]
-    )
+    names = {i.name for i in sess.get_inputs()}
+    out = []
+    for x in ids:
+        feeds = {"input_ids": x[None], "attention_mask": np.ones_like(x[None])}
+        feeds["token_type_ids"] = np.zeros_like(x[None])
+        hidden = sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
+        out.append(hidden[0].astype(np.float64).mean(axis=0))
+    return np.stack(out)
 
 
 def unit(e: np.ndarray) -> np.ndarray:

@@ -100,19 +100,6 @@ def fused_ops(path: str) -> str:
     return ", ".join(f"{op} x{counts[op]}" for op in FUSED if counts[op]) or "none"
 
 
-def embed(path: str, ids: list[np.ndarray]) -> np.ndarray:
-    """(documents, 384) mean-pooled embeddings, one unpadded document a run."""
-    sess = m.session(path)
-    out = []
-    for x in ids:
-        feeds = {"input_ids": x[None], "attention_mask": np.ones_like(x[None])}
-        feeds["token_type_ids"] = np.zeros_like(x[None])
-        names = {i.name for i in sess.get_inputs()}
-        hidden = sess.run(None, {k: v for k, v in feeds.items() if k in names})[0]
-        out.append(hidden[0].astype(np.float64).mean(axis=0))
-    return np.stack(out)
-
-
 def fold(src: str, dst: str, ratio: float):
     """(FoldResult, seconds) of folding `src` into `dst` at `ratio` (exact channel counts)."""
     from onnxfold import FoldConfig, fold_file
@@ -147,7 +134,7 @@ def main() -> None:
     graphs["eager optimized MHA"] = optimize(
         graphs["eager plain"], os.path.join(CACHE, "minilm_eager_opt_mha.onnx"), mha=True
     )
-    dense = m.unit(embed(graphs["sdpa plain"], ids))
+    dense = m.unit(m.embed(graphs["sdpa plain"], ids))
     lines = [
         "# all-MiniLM-L6-v2 through onnxruntime's transformers optimizer, folded",
         "",
@@ -157,7 +144,7 @@ def main() -> None:
         "",
     ]
     for name, path in graphs.items():
-        own = m.unit(embed(path, ids))
+        own = m.unit(m.embed(path, ids))
         lines.append(
             f"- {name}: fused {fused_ops(path)}; dense cosine to the SDPA plain export "
             f"{np.sum(own * dense, axis=1).min():.6f} (min)"
@@ -174,7 +161,7 @@ def main() -> None:
             report, seconds = fold(path, out, ratio)
             result = report.result
             foldable = sum(g.foldable for g in result.groups)
-            cos = np.sum(m.unit(embed(out, ids)) * dense, axis=1)
+            cos = np.sum(m.unit(m.embed(out, ids)) * dense, axis=1)
             attention = name.split()[0]
             if name.endswith("plain"):
                 plain_cos[attention] = cos
