@@ -498,11 +498,19 @@ def _plan_all(
             progress(i, len(groups), group.describe())
         t0 = time.perf_counter()
         if keep[group.gid] < group.size:
-            features = weighted_features(group, scores.get(group.gid))
-            plan = plan_group(group, features, keep[group.gid], how, scores.get(group.gid))
-            plans.append(repair.adjust(plan, features) if how.method == "fold" else plan)
+            plans.append(_plan_one(group, keep[group.gid], how, repair, scores.get(group.gid)))
         seconds[group.gid] = time.perf_counter() - t0
     return plans, seconds
+
+
+def _plan_one(
+    group: Group, k: int, how: Clustering, repair: Repair, importance: np.ndarray | None
+) -> FoldPlan:
+    """One group's plan; its clustering features (the largest array of a fold) are released on
+    return, before the next group's are built."""
+    features = weighted_features(group, importance)
+    plan = plan_group(group, features, k, how, importance)
+    return repair.adjust(plan, features) if how.method == "fold" else plan
 
 
 def calibration_inputs(
