@@ -33,6 +33,7 @@ SLICE_MAX = 64  # an axis this short (after the samples) may hold different quan
 MASK_LEVEL = 0.5
 PROB_SLACK = 1e-5  # a float32 sigmoid reaches 1.0000001
 VERDICTS = ("ok", "degraded", "broken", "unverified")
+CHUNK = 1 << 20  # entries per float64 block of the comparisons
 
 
 @dataclass
@@ -65,11 +66,11 @@ def output_fidelity(
     """OutputFidelity of folded output f against dense output d (same shape). `features`: the
     graph computes the output with a normalisation or pooling op (an embedding, hidden states), so
     its last axis holds features, not class scores: no argmax agreement is read from it."""
-    d64, f64 = d.astype(np.float64).ravel(), f.astype(np.float64).ravel()
-    norm = float(np.linalg.norm(d64))
-    rel = float(np.linalg.norm(f64 - d64) / norm) if norm > 0 else float(np.linalg.norm(f64) > 0)
-    both = norm * float(np.linalg.norm(f64))
-    cosine = float(d64 @ f64 / both) if both > 0 else float(norm == np.linalg.norm(f64))
+    dd, ff, ee, df = pair_sums(d, f)
+    norm, f_norm = float(np.sqrt(dd)), float(np.sqrt(ff))
+    rel = float(np.sqrt(ee) / norm) if norm > 0 else float(f_norm > 0)
+    both = norm * f_norm
+    cosine = float(df / both) if both > 0 else float(norm == f_norm)
     out = OutputFidelity(name, rel, cosine, "values")
     if not np.issubdtype(d.dtype, np.floating) or d.size == 0:
         return out
@@ -88,10 +89,27 @@ def output_fidelity(
 
 
 def _top_k(d: np.ndarray, f: np.ndarray, k: int) -> float:
-    """Share of samples whose folded top-1 class is among the dense top-k (k=1: the same)."""
-    best = f.argmax(1)
-    top = np.argsort(-d, axis=1)[:, :k]
-    return float(np.mean((top == best[:, None]).any(1)))
+    """Share of samples whose folded top-1 class is among the dense top-k (k=1: the same); a block
+    of rows at a time (LM logits hold millions of entries)."""
+    rows = max(1, CHUNK // max(1, d.shape[1]))
+    hits = 0
+    for a in range(0, len(d), rows):
+        best = f[a : a + rows].argmax(1)
+        top = np.argsort(-d[a : a + rows], axis=1)[:, :k]
+        hits += int(np.count_nonzero((top == best[:, None]).any(1)))
+    return hits / len(d)
+
+
+def pair_sums(d: np.ndarray, f: np.ndarray) -> tuple[float, float, float, float]:
+    """(sum d^2, sum f^2, sum (f - d)^2, sum d f) over all entries of two same-shaped arrays,
+    in float64 a block of CHUNK entries at a time (no float64 copy of a whole output)."""
+    dv, fv = d.reshape(-1), f.reshape(-1)
+    sums = np.zeros(4)
+    for a in range(0, dv.size, CHUNK):
+        db, fb = dv[a : a + CHUNK].astype(np.float64), fv[a : a + CHUNK].astype(np.float64)
+        diff = fb - db
+        sums += (db @ db, fb @ fb, diff @ diff, db @ fb)
+    return tuple(float(v) for v in sums)
 
 
 def _content_agreement(d: np.ndarray, f: np.ndarray) -> float:
@@ -116,10 +134,9 @@ def _worst_slice(d: np.ndarray, f: np.ndarray) -> tuple[int, int, float] | None:
     if not axes:
         return None
     axis = axes[0]
-    dm = np.moveaxis(d.astype(np.float64), axis, 0).reshape(d.shape[axis], -1)
-    fm = np.moveaxis(f.astype(np.float64), axis, 0).reshape(d.shape[axis], -1)
-    norms = np.linalg.norm(dm, axis=1)
-    errors = np.linalg.norm(fm - dm, axis=1)
+    sums = [pair_sums(np.take(d, i, axis), np.take(f, i, axis)) for i in range(d.shape[axis])]
+    norms = np.sqrt([s[0] for s in sums])
+    errors = np.sqrt([s[2] for s in sums])
     rel = np.where(norms > 0, errors / np.maximum(norms, 1e-300), (errors > 0).astype(float))
     i = int(np.argmax(rel))
     return axis, i, float(rel[i])
