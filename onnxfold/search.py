@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .check.compare import Comparison, FeedSource, validate_files
+from .check.compare import Comparison, DenseRuns, FeedSource, validate_files
 from .check.count import count_params
 from .check.fidelity import THRESHOLDS, verdict
 from .config import FoldConfig
@@ -149,7 +149,7 @@ def search_ratio(
     name -> (N, ...)). `progress(i, total, text)` is called before each candidate."""
     start = time.perf_counter()
     measured: dict[float, Candidate] = {}
-    sensitivity = None
+    sensitivity, runs = None, DenseRuns()  # the dense model runs once per kind of feeds
     if config.measure:  # measured once, for the largest ratio: every candidate allocates from it
         if progress:
             progress(0, STEPS + 1, "measuring each group's sensitivity")
@@ -159,7 +159,9 @@ def search_ratio(
         if progress:
             progress(len(measured), STEPS + 1, f"ratio {ratio:.3f}")
         if ratio not in measured:
-            measured[ratio] = _candidate(path, config, ratio, target, source, calib, sensitivity)
+            measured[ratio] = _candidate(
+                path, config, ratio, target, source, calib, sensitivity, runs
+            )
         return measured[ratio]
 
     low, high, best = 0.0, MAX_RATIO, None
@@ -176,14 +178,16 @@ def search_ratio(
     return SearchResult(target, frontier, best, time.perf_counter() - start, sensitivity)
 
 
-def _candidate(path, config, ratio, target, source, calib, sensitivity=None) -> Candidate:
+def _candidate(
+    path, config, ratio, target, source, calib, sensitivity=None, runs=None
+) -> Candidate:
     result = fold_model(
         path, dataclasses.replace(config, ratio=ratio), calib=calib, sensitivity=sensitivity
     )
     proto = result.to_proto()
     with tempfile.TemporaryDirectory() as tmp:
         folded = save_scratch(proto, os.path.join(tmp, "folded.onnx"))
-        cmp = validate_files(path, folded, source, timed=False).comparison
+        cmp = validate_files(path, folded, source, timed=False, runs=runs).comparison
     value = target.measure(cmp)
     return Candidate(
         ratio, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why

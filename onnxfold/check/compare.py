@@ -332,12 +332,33 @@ class Validation:
     feeds: dict[str, np.ndarray]
 
 
+class DenseRuns:
+    """The dense model's runs of validate_files, kept for the next comparison of the same dense
+    file on the same FeedSource (a --target search compares every candidate with it): one entry
+    per (forced dims, folded input specs), since folds that change cache shapes get other feeds."""
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple, tuple] = {}
+        self.features: frozenset[str] | None = None
+
+    def run(self, dense, source: FeedSource, d_specs, f_specs, dims: dict[str, int]) -> tuple:
+        """_feeds_that_run's result, computed once per key."""
+        key = (
+            tuple(sorted(dims.items())),
+            tuple((s.name, tuple(s.shape), str(s.type)) for s in f_specs),
+        )
+        if key not in self._runs:
+            self._runs[key] = _feeds_that_run(dense, source, d_specs, f_specs, dims)
+        return self._runs[key]
+
+
 def validate_files(
     dense_path: str,
     folded_path: str,
     source: FeedSource,
     one_at_a_time: bool = False,
     timed: bool = True,
+    runs: DenseRuns | None = None,
 ) -> Validation:
     """Compare two model files on the feeds `source` gives for the dense model (timed: also time
     one batch of each; otherwise Validation.timing is None).
@@ -346,16 +367,20 @@ def validate_files(
     `empty_dims` forced, and own_feeds gives each model inputs of its own shapes. one_at_a_time
     (large models): lean sessions; the dense one runs, is timed alone and freed before the folded
     one is created, so the weights of only one model are in memory; otherwise both sessions are open
-    and timed interleaved."""
+    and timed interleaved. `runs`: the dense model's runs kept from an earlier call on the same
+    dense file and `source` (DenseRuns), reused where the feeds are the same."""
     dense = session(dense_path, lean=one_at_a_time)
     folded = None if one_at_a_time else session(folded_path)
     d_specs = input_specs(dense)
     f_specs = declared_input_specs(folded_path) if folded is None else input_specs(folded)
     dims = empty_dims(d_specs, f_specs)
-    d_feeds, f_feeds, labels, described, notes, d_out = _feeds_that_run(
+    runs = DenseRuns() if runs is None else runs
+    d_feeds, f_feeds, labels, described, notes, d_out = runs.run(
         dense, source, d_specs, f_specs, dims
     )
-    features = feature_outputs(onnx.load(dense_path, load_external_data=False))
+    if runs.features is None:
+        runs.features = feature_outputs(onnx.load(dense_path, load_external_data=False))
+    features = runs.features
     if folded is not None:
         cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out, features)
         cmp.notes[:0] = notes

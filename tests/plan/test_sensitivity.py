@@ -188,3 +188,49 @@ def test_without_calibration_measure_uses_the_data_free_inputs_that_fit(tmp_path
     config = FoldConfig(ratio=0.25, repair="none", measure=True, dir_iters=20, dir_batch=8)
     notes = fold_model(build(tmp_path), config).notes
     assert any(n.startswith("measured allocation") and f"({source})" in n for n in notes), notes
+
+
+def test_the_target_search_runs_the_dense_model_once(tmp_path, monkeypatch):
+    """Every candidate is compared with the same dense run (DenseRuns), and judged exactly as with
+    a dense run of its own."""
+    import onnxfold.check.compare as compare
+    import onnxfold.search as search
+
+    src = mlp_with_duplicated_group(str(tmp_path / "mlp.onnx"))
+    source = FeedSource(feeds_for(src, batch=8), path=src)
+    config, target = FoldConfig(repair="none"), search.Target("error", 0.05)
+    calls = []
+    run = compare._feeds_that_run
+    monkeypatch.setattr(compare, "_feeds_that_run", lambda *a: calls.append(1) or run(*a))
+    shared = search.search_ratio(src, config, target, source)
+    assert len(shared.frontier) > 2 and calls == [1]
+
+    class Fresh(compare.DenseRuns):  # no memory: the dense model runs for every candidate
+        def run(self, *args):
+            self._runs.clear()
+            return super().run(*args)
+
+    monkeypatch.setattr(search, "DenseRuns", Fresh)
+    calls.clear()
+    fresh = search.search_ratio(src, config, target, source)
+    assert len(calls) == len(fresh.frontier)
+    assert [(c.ratio, c.params, c.value, c.verdict) for c in fresh.frontier] == [
+        (c.ratio, c.params, c.value, c.verdict) for c in shared.frontier
+    ]
+
+
+def test_dense_runs_are_kept_per_kind_of_folded_inputs(monkeypatch):
+    """A fold that changes the declared inputs (KV caches) gets feeds of its own, so its dense run
+    is not reused for another's."""
+    import onnxfold.check.compare as compare
+    from onnxfold.runtime.feeds import InputSpec
+
+    calls = []
+    monkeypatch.setattr(compare, "_feeds_that_run", lambda *a: calls.append(a[3]) or len(calls))
+    runs = compare.DenseRuns()
+    d = [InputSpec("past", ["b", 4, "t", 8], "tensor(float)")]
+    f2 = [InputSpec("past", ["b", 2, "t", 8], "tensor(float)")]
+    assert runs.run(None, None, d, d, {}) == 1
+    assert runs.run(None, None, d, f2, {"t": 0}) == 2
+    assert runs.run(None, None, d, d, {}) == 1 and runs.run(None, None, d, f2, {"t": 0}) == 2
+    assert len(calls) == 2
