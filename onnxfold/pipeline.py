@@ -30,7 +30,7 @@ from .model.save import save_scratch, to_proto
 from .plan.backends import resolve_backend
 from .plan.budget import Budget, ParamModel, group_ratios, parse_layers, units_kept, units_to_keep
 from .plan.features import weighted_features
-from .plan.importance import IMPORTANCES, Scores
+from .plan.importance import IMPORTANCES, Scores, ScoresMemo
 from .plan.plan import Clustering, FoldPlan, plan_group
 from .plan.sensitivity import (
     Point,
@@ -104,6 +104,7 @@ def fold_graph(
     dense_path: str | None = None,
     keep: dict[int, int] | None = None,
     sensitivity: Sensitivity | None = None,
+    scores: ScoresMemo | None = None,
 ) -> FoldResult:
     """Fold `graph` in place according to `config`; returns what was done.
 
@@ -113,7 +114,8 @@ def fold_graph(
     each group is planned. `keep` (gid -> units kept; a foldable group it does not name stays
     whole) replaces the budget of `config`: discover() numbers the groups of a given graph the same
     way every time, so the gids of one load of a model hold for another. `sensitivity`: with
-    --measure, measurements to allocate from instead of measuring (model_sensitivity)."""
+    --measure, measurements to allocate from instead of measuring (model_sensitivity); `scores`:
+    importance scores kept from an earlier fold of the same model on the same `calib`."""
     config.check()
     start = time.perf_counter()
     backend = resolve_backend(config.backend)
@@ -128,7 +130,7 @@ def fold_graph(
             graph, groups, config, calib, source, dense_path, sensitivity, budget
         )
         measured += note
-    planned = _plan(graph, groups, config, backend, repair, calib, progress, budget)
+    planned = _plan(graph, groups, config, backend, repair, calib, progress, budget, scores)
     for pattern in unmatched:
         log.warning("exclude pattern '%s' matches no group's tensors", pattern)
     for warning in _layer_warnings(groups, config.layers):
@@ -243,14 +245,15 @@ def _plan(
     calib: dict[str, np.ndarray] | None,
     progress=None,
     budget: Budget | None = None,
+    memo: ScoresMemo | None = None,
 ) -> _Planned:
     """Stage 2: units kept per group (`budget`, default the configuration's), importance of the
-    groups being folded, one plan per group."""
+    groups being folded (kept in `memo` when given), one plan per group."""
     todo = [g for g in groups if g.foldable]
     ratios, keep = units_to_keep(todo, budget or config.budget())
     folding = [g for g in todo if ratios[g.gid] > 0]
     importance = IMPORTANCES[config.importance]()
-    scores = importance.measure(graph, folding, calib, config.seed)
+    scores = (memo or ScoresMemo()).measure(importance, graph, folding, calib, config.seed)
     how = config.clustering(backend)
     plans, seconds = _plan_all(todo, keep, how, repair, scores.scores, progress)
     notes = list(filter(None, [importance.note(scores, folding)]))
@@ -553,19 +556,21 @@ def fold_model(
     calib: dict[str, np.ndarray] | None = None,
     progress=None,
     sensitivity: Sensitivity | None = None,
+    scores: ScoresMemo | None = None,
 ) -> FoldResult:
     """Fold a model in memory: a LoadedModel, the path of an .onnx file, or a ModelProto (written to
     a temporary file for the data repairs to run it). `calib`: calibration feeds {input name: (N,
-    ...)}; `sensitivity`: --measure's measurements made once (model_sensitivity). The result's
+    ...)}; `sensitivity`: --measure's measurements made once (model_sensitivity); `scores`:
+    importance scores kept between folds of this model on this `calib` (ScoresMemo). The result's
     `model` holds the folded graph; `result.to_proto()` gives the ModelProto."""
     config = config or FoldConfig()
     if isinstance(model, onnx.ModelProto):
         with tempfile.TemporaryDirectory() as tmp:
             path = save_scratch(model, os.path.join(tmp, "model.onnx"))
-            return fold_model(load_model(path), config, calib, progress, sensitivity)
+            return fold_model(load_model(path), config, calib, progress, sensitivity, scores)
     loaded = load_model(model) if isinstance(model, str) else model
     result = fold_graph(
-        loaded.graph, loaded.opset, config, progress, calib, loaded.path, None, sensitivity
+        loaded.graph, loaded.opset, config, progress, calib, loaded.path, None, sensitivity, scores
     )
     result.model = loaded
     return result

@@ -32,6 +32,7 @@ from .files import read_for_model
 from .model.load import load_model
 from .model.save import save_scratch
 from .pipeline import calibration_inputs, fold_model, model_sensitivity
+from .plan.importance import ScoresMemo
 from .plan.sensitivity import Sensitivity
 from .runtime.feeds import check_arrays, declared_input_specs
 from .runtime.hints import input_hints
@@ -149,7 +150,8 @@ def search_ratio(
     name -> (N, ...)). `progress(i, total, text)` is called before each candidate."""
     start = time.perf_counter()
     measured: dict[float, Candidate] = {}
-    sensitivity, runs = None, DenseRuns()  # the dense model runs once per kind of feeds
+    # the dense model runs once per kind of feeds, importance is measured once
+    sensitivity, runs, scores = None, DenseRuns(), ScoresMemo()
     if config.measure:  # measured once, for the largest ratio: every candidate allocates from it
         if progress:
             progress(0, STEPS + 1, "measuring each group's sensitivity")
@@ -160,7 +162,7 @@ def search_ratio(
             progress(len(measured), STEPS + 1, f"ratio {ratio:.3f}")
         if ratio not in measured:
             measured[ratio] = _candidate(
-                path, config, ratio, target, source, calib, sensitivity, runs
+                path, config, ratio, target, source, calib, (sensitivity, scores), runs
             )
         return measured[ratio]
 
@@ -179,10 +181,17 @@ def search_ratio(
 
 
 def _candidate(
-    path, config, ratio, target, source, calib, sensitivity=None, runs=None
+    path, config, ratio, target, source, calib, kept=(None, None), runs=None
 ) -> Candidate:
+    """One fold at `ratio`, judged as its written model would be. kept: (sensitivity, scores)
+    measured once for every candidate; runs: the dense model's runs (DenseRuns)."""
+    sensitivity, scores = kept
     result = fold_model(
-        path, dataclasses.replace(config, ratio=ratio), calib=calib, sensitivity=sensitivity
+        path,
+        dataclasses.replace(config, ratio=ratio),
+        calib=calib,
+        sensitivity=sensitivity,
+        scores=scores,
     )
     proto = result.to_proto()
     with tempfile.TemporaryDirectory() as tmp:

@@ -83,6 +83,29 @@ class ActivationImportance(WeightImportance):
 IMPORTANCES = {cls.name: cls for cls in (WeightImportance, ActivationImportance)}
 
 
+class ScoresMemo:
+    """Scores kept between folds of the same model on the same calibration inputs (a --target
+    search's candidates): measured once per importance and set of groups folded, the dense model's
+    activations being the same whatever the ratio."""
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple, Scores] = {}
+
+    def measure(
+        self,
+        importance: WeightImportance,
+        graph: gs.Graph,
+        groups: list[Group],
+        calib: dict | None,
+        seed: int,
+    ) -> Scores:
+        """importance.measure(graph, groups, calib, seed), or what it gave the first time."""
+        key = (importance.name, seed, frozenset(g.gid for g in groups))
+        if key not in self._kept:
+            self._kept[key] = importance.measure(graph, groups, calib, seed)
+        return self._kept[key]
+
+
 def channel_importance(
     graph: gs.Graph,
     groups: list[Group],

@@ -234,3 +234,24 @@ def test_dense_runs_are_kept_per_kind_of_folded_inputs(monkeypatch):
     assert runs.run(None, None, d, f2, {"t": 0}) == 2
     assert runs.run(None, None, d, d, {}) == 1 and runs.run(None, None, d, f2, {"t": 0}) == 2
     assert len(calls) == 2
+
+
+def test_the_target_search_measures_importance_once(tmp_path, monkeypatch):
+    """--importance act: the dense model's activations are measured once for every candidate (data
+    free: a causal LM's own text, generated once), and each candidate folds as a fold of its own
+    ratio does."""
+    import onnxfold.search as search
+    from onnxfold.plan.importance import ActivationImportance
+
+    src = tiny_causal_lm(str(tmp_path / "lm.onnx"))
+    source = FeedSource(feeds_for(src, batch=4), path=src)
+    config = FoldConfig(repair="none", method="prune", importance="act")
+    calls = []
+    measure = ActivationImportance.measure
+    monkeypatch.setattr(ActivationImportance, "measure", lambda *a: calls.append(1) or measure(*a))
+    found = search.search_ratio(src, config, search.Target("error", 0.3), source)
+    assert len(found.frontier) > 2 and calls == [1]
+    for c in found.frontier:  # the same figure as a fold measuring for itself
+        alone = search._candidate(src, config, c.ratio, found.target, source, None)
+        assert (alone.params, alone.value, alone.verdict) == (c.params, c.value, c.verdict)
+    assert len(calls) == 1 + len(found.frontier)
