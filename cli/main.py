@@ -77,7 +77,8 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         metavar="METRIC=VALUE",
         help="fold as far as the fidelity on --data still meets this: cos=0.99 (lowest output "
         "cosine), top1=0.98 (logit argmax agreement), acc=0.97 (accuracy ratio, needs labels), "
-        "error=0.05 (highest relative L2 error), or ok (the verdict's grade stays ok; the default "
+        "error=0.05 (highest relative L2 error), ppl=1.5 (folded / dense perplexity of a causal "
+        "LM on the --data text), or ok (the verdict's grade stays ok; the default "
         "without --ratio, then also on random inputs); the ratio is searched, --ratio ignored",
     )
     p.add_argument(

@@ -153,6 +153,9 @@ def summary_line(output: str, dense: ModelFigures, folded: ModelFigures, compari
     )
     if comparison is None:
         return line + ", not validated (--no-validate)"
+    if comparison.perplexity is not None:
+        ppl = comparison.perplexity
+        return line + f", perplexity {ppl.dense:.3f} -> {ppl.folded:.3f} ({ppl.ratio:.3f}x)"
     if comparison.accuracy_dense is not None:
         return (
             line + f", accuracy {100 * comparison.accuracy_dense:.2f}% -> "
@@ -188,6 +191,16 @@ def _quality_rows(cmp) -> list[tuple[str, str, str, str]]:
             rows.append(
                 (f"'{out.name}' top-1 agreement", "", f"{100 * out.top1_agreement:.1f}%", "")
             )
+    if cmp.perplexity is not None:
+        ppl = cmp.perplexity
+        rows.append(
+            (
+                f"perplexity ({ppl.tokens} tokens)",
+                f"{ppl.dense:.3f}",
+                f"{ppl.folded:.3f}",
+                f"{ppl.ratio:.3f}x",
+            )
+        )
     for fid in cmp.fidelity:
         rows += _fidelity_rows(fid)
     return rows

@@ -3,7 +3,8 @@
 A Target names one figure of check.fidelity / check.compare and a limit: `cos` (the lowest cosine
 similarity over the outputs, at least the value), `top1` (the lowest argmax agreement of class or
 sequence logits, at least), `acc` (folded / dense accuracy with labels, at least), `error` (the
-highest relative L2 error, at most), or `ok`: the verdict's grade is ok (check.fidelity's
+highest relative L2 error, at most), `ppl` (folded / dense perplexity of a causal LM on the
+evaluation text, at most), or `ok`: the verdict's grade is ok (check.fidelity's
 THRESHOLDS), the default target of a fold given neither a ratio nor a target (DEFAULT_TARGET).
 
 search_ratio folds the model at a ratio, measures the figure on the evaluation inputs (exactly as
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .check.compare import Comparison, DenseRuns, FeedSource, validate_files
+from .check.compare import Comparison, DenseRuns, FeedSource, language_text, validate_files
 from .check.count import count_params
 from .check.fidelity import THRESHOLDS, verdict
 from .config import FoldConfig
@@ -34,9 +35,10 @@ from .model.save import save_scratch
 from .pipeline import calibration_inputs, fold_model, model_sensitivity
 from .plan.importance import ScoresMemo
 from .plan.sensitivity import Sensitivity
-from .runtime.feeds import check_arrays, declared_input_specs
+from .runtime.feeds import check_arrays, declared_input_specs, match_inputs
 from .runtime.hints import input_hints
 from .runtime.inputs import InputOptions, unlabelled
+from .runtime.session import session
 
 # metric -> (what it reads, True: higher is better)
 TARGET_METRICS = {
@@ -44,6 +46,7 @@ TARGET_METRICS = {
     "top1": ("the lowest argmax agreement of class or sequence logits", True),
     "acc": ("folded / dense accuracy (needs labels)", True),
     "error": ("the highest relative L2 error over the outputs", False),
+    "ppl": ("folded / dense perplexity of a causal LM on the --data text", False),
     "ok": (
         f"the verdict's grade is ok (agreement >= {THRESHOLDS['agreement'][0]}, relative L2 error "
         f"< {THRESHOLDS['rel_l2'][0]}, accuracy >= {THRESHOLDS['accuracy_ratio'][0]}x dense)",
@@ -91,6 +94,10 @@ class Target:
             if not found:
                 raise UserError("--target top1: no output is class or sequence logits")
             return min(found)
+        if self.metric == "ppl":
+            if cmp.perplexity is None:
+                raise self.ppl_needs()
+            return cmp.perplexity.ratio
         if not cmp.fidelity:
             raise UserError("--target: no output could be compared")
         if self.metric == "ok":
@@ -100,6 +107,13 @@ class Target:
         if self.metric == "cos":
             return min(f.cosine for f in cmp.fidelity)
         return max(f.rel_l2 for f in cmp.fidelity)
+
+    @staticmethod
+    def ppl_needs() -> UserError:
+        return UserError(
+            "--target ppl needs a causal LM (next-token logits over its embedding rows, earlier "
+            "positions blind to later tokens) and token text in --data"
+        )
 
     def met(self, value: float) -> bool:
         return value >= self.value if TARGET_METRICS[self.metric][1] else value <= self.value
@@ -219,6 +233,15 @@ def format_frontier(result: SearchResult, dense_params: int) -> str:
     return "\n".join(lines)
 
 
+def _check_text(path: str, arrays: dict[str, np.ndarray] | None) -> None:
+    """UserError unless `arrays` (the --data inputs) are a causal LM's text (--target ppl)."""
+    if arrays is not None:
+        dense = session(path)
+        if language_text(path, dense, match_inputs(arrays, dense, "--data")) is not None:
+            return
+    raise Target.ppl_needs()
+
+
 def search_file(
     path: str,
     config: FoldConfig,
@@ -237,6 +260,8 @@ def search_file(
     evaluation = read_for_model(data, specs, inputs, graph)
     if evaluation is not None:
         check_arrays(evaluation.arrays, evaluation.labels, specs, data)
+    if target.metric == "ppl":
+        _check_text(path, evaluation.arrays if evaluation else None)
     calibration = read_for_model(calib, specs, unlabelled(inputs), graph)
     calib_arrays = calibration.arrays if calibration else None
     if calib_arrays is not None:

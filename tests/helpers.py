@@ -444,3 +444,23 @@ def export_tokens(
     else:
         dynamic = {"input_ids": {0: "b", 1: "s"}, output: {0: "b", 1: "s"}}
     return torch_export(module, example, path, ["input_ids"], [output], dynamic, dynamo)
+
+
+def tiny_causal_lm(path: str, vocab: int = 40, hidden: int = 16, mlp: int = 24) -> str:
+    """input_ids (batch, seq) -> Gather(embedding) -> MatMul -> Relu -> MatMul -> logits (batch,
+    seq, vocab): the smallest graph onnxfold reads as a causal LM (its logits' last axis is the
+    embedding table's rows)."""
+    inits = {
+        "embed": rand(vocab, hidden, scale=1.0),
+        "w1": rand(hidden, mlp, seed=1, scale=0.25),
+        "w2": rand(mlp, vocab, seed=2, scale=0.25),
+    }
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
+        helper.make_node("MatMul", ["h", "w1"], ["a"]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+    ]
+    inputs = {"input_ids": (TensorProto.INT64, ["batch", "seq"])}
+    save_model(make_model(nodes, inits, inputs, {"logits": ["batch", "seq", vocab]}), path)
+    return path

@@ -30,7 +30,14 @@ from ..runtime.feeds import (
 from ..runtime.hints import InputHints
 from ..runtime.session import session
 from ..runtime.stats import batch_axes, run_batched
-from .fidelity import CHUNK, OutputFidelity, output_fidelity, verdict
+from .fidelity import (
+    CHUNK,
+    OutputFidelity,
+    Perplexity,
+    output_fidelity,
+    perplexity_of,
+    verdict,
+)
 from .latency import Timing, time_sessions
 
 RANDOM = "random samples"
@@ -65,6 +72,17 @@ class Comparison:
     fidelity: list[OutputFidelity] = field(default_factory=list)
     verdict: str = "unverified"  # ok / degraded / broken / unverified (check.fidelity.verdict)
     verdict_why: str = ""
+    perplexity: Perplexity | None = None  # a causal LM's, on the evaluation text
+
+
+@dataclass(frozen=True)
+class LanguageText:
+    """Evaluation data read as a causal LM's text: the next-token logits output, the token ids
+    (B, S) and the attention mask (B, S) or None."""
+
+    output: str
+    ids: np.ndarray
+    mask: np.ndarray | None = None
 
 
 def compare(
@@ -76,16 +94,18 @@ def compare(
     folded_feeds: dict[str, np.ndarray] | None = None,
     d_out: list[np.ndarray] | None = None,
     features: frozenset[str] = frozenset(),
+    text: LanguageText | None = None,
 ) -> Comparison:
     """Output errors, top-1 agreement and (with labels) accuracy of both models on the same feeds
     (or on `folded_feeds`, the folded model's own where its declared inputs changed; see
     own_feeds). `d_out`: the dense outputs on feeds, when already run; `features`: outputs that
-    hold features, not class scores (feature_outputs)."""
+    hold features, not class scores (feature_outputs); `text`: the feeds as a causal LM's text
+    (language_text), for perplexity."""
     d_out = run_dense(dense, feeds, source) if d_out is None else d_out
     f_out = run_batched(folded, feeds if folded_feeds is None else folded_feeds)
     skip = changed_shapes(output_specs(dense), output_specs(folded))
     names, samples = [o.name for o in dense.get_outputs()], batch_axes(dense).samples(feeds)
-    return compare_outputs(names, d_out, f_out, labels, source, skip, samples, features)
+    return compare_outputs(names, d_out, f_out, labels, source, skip, samples, features, text)
 
 
 # ops whose result is features (normalised hidden states, pooled embeddings), never class scores
@@ -159,12 +179,14 @@ def compare_outputs(
     skip: dict[str, tuple[list, list]] | None = None,
     samples: int = 1,
     features: frozenset[str] = frozenset(),
+    text: LanguageText | None = None,
 ) -> Comparison:
     """Comparison of dense outputs d_out and folded outputs f_out (same order as names) over
     `samples` samples; accuracy counts every labelled sample. Outputs in
     `skip` (name -> declared dense and folded shapes: folding changed them, e.g. present KV caches
     with fewer heads) are left out of the errors and named in a note; outputs in `features`
-    (feature_outputs) are never read as class scores."""
+    (feature_outputs) are never read as class scores. With `text` (a causal LM's evaluation text),
+    both models' perplexity on it."""
     skip = skip or {}
     cmp = Comparison(samples, source)
     pairs = [(name, d, f) for name, d, f in zip(names, d_out, f_out) if name not in skip]
@@ -187,8 +209,62 @@ def compare_outputs(
         cmp.notes.append("labels given, but no output is a (samples, classes) array: no accuracy")
     cmp.fidelity = [output_fidelity(name, d, f, name in features) for name, d, f in pairs]
     accuracy = None if cmp.accuracy_dense is None else (cmp.accuracy_dense, cmp.accuracy_folded)
-    cmp.verdict, cmp.verdict_why = verdict(cmp.fidelity, RANDOM in source, accuracy)
+    cmp.perplexity = _perplexity(pairs, text)
+    cmp.verdict, cmp.verdict_why = verdict(cmp.fidelity, RANDOM in source, accuracy, cmp.perplexity)
     return cmp
+
+
+def _perplexity(pairs: list[tuple], text: LanguageText | None) -> Perplexity | None:
+    """Dense and folded perplexity on `text` from the compared (name, dense, folded) outputs."""
+    found = next(((d, f) for n, d, f in pairs if text is not None and n == text.output), None)
+    if found is None or found[0].shape[:2] != text.ids.shape:
+        return None
+    dense, tokens = perplexity_of(found[0], text.ids, text.mask)
+    folded, _ = perplexity_of(found[1], text.ids, text.mask)
+    if not tokens or not np.isfinite(dense) or dense <= 0:
+        return None  # no figure to be relative to
+    return Perplexity(text.output, dense, folded, tokens, folded / dense if dense > 0 else np.inf)
+
+
+def language_text(
+    dense_path: str, dense: ort.InferenceSession, feeds: dict[str, np.ndarray]
+) -> LanguageText | None:
+    """`feeds` as a causal LM's text: the model has next-token logits (batch, sequence, rows of the
+    embedding table its ids index; runtime.tokens.logits_output), and changing the last token of a
+    sequence leaves the logits of the earlier positions as they were (no bidirectional encoder);
+    the mask is the input named like a mask with the ids' shape. None otherwise."""
+    import onnx_graphsurgeon as gs
+
+    from ..runtime.tokens import logits_output
+
+    graph = gs.import_onnx(onnx.load(dense_path, load_external_data=False))
+    found = logits_output(graph)
+    if found is None or found[0] not in feeds or np.ndim(feeds[found[0]]) != 2:
+        return None
+    ids_name, output, rows = found
+    ids = feeds[ids_name]
+    if ids.shape[1] < 2 or not _causal(dense, feeds, ids_name, output, rows):
+        return None
+    mask = next(
+        (v for k, v in feeds.items() if "mask" in k.lower() and np.shape(v) == ids.shape), None
+    )
+    return LanguageText(output, ids, mask)
+
+
+def _causal(dense, feeds, ids_name: str, output: str, rows: int) -> bool:
+    """Whether the logits of positions before the last stay (to 1e-4 of their largest magnitude)
+    when the last token of the first sample(s) changes."""
+    axes = batch_axes(dense)
+    first = axes.static or 1
+    one = {k: v[:first] if axes.inputs.get(k) == 0 else v for k, v in feeds.items()}
+    changed = one[ids_name].copy()
+    changed[:, -1] = (changed[:, -1] + 1) % rows
+    before = dense.run([output], one)[0]
+    after = dense.run([output], {**one, ids_name: changed})[0]
+    if before.ndim != 3 or before.shape[1] != changed.shape[1]:
+        return False
+    scale = max(float(np.abs(before).max()), 1e-12)
+    return float(np.abs(after[:, :-1] - before[:, :-1]).max()) <= 1e-4 * scale
 
 
 def changed_shapes(
@@ -340,6 +416,8 @@ class DenseRuns:
     def __init__(self) -> None:
         self._runs: dict[tuple, tuple] = {}
         self.features: frozenset[str] | None = None
+        self._text: LanguageText | None = None
+        self._text_read = False
 
     def run(self, dense, source: FeedSource, d_specs, f_specs, dims: dict[str, int]) -> tuple:
         """_feeds_that_run's result, computed once per key."""
@@ -350,6 +428,14 @@ class DenseRuns:
         if key not in self._runs:
             self._runs[key] = _feeds_that_run(dense, source, d_specs, f_specs, dims)
         return self._runs[key]
+
+    def text(self, dense_path: str, dense, source: FeedSource, feeds) -> LanguageText | None:
+        """language_text of the user's evaluation data (None for random inputs), read once."""
+        if source.data is None:
+            return None
+        if not self._text_read:
+            self._text, self._text_read = language_text(dense_path, dense, feeds), True
+        return self._text
 
 
 def validate_files(
@@ -380,9 +466,9 @@ def validate_files(
     )
     if runs.features is None:
         runs.features = feature_outputs(onnx.load(dense_path, load_external_data=False))
-    features = runs.features
+    features, text = runs.features, runs.text(dense_path, dense, source, d_feeds)
     if folded is not None:
-        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out, features)
+        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out, features, text)
         cmp.notes[:0] = notes
         timing = time_sessions([dense, folded], [d_feeds, f_feeds]) if timed else None
         return Validation(cmp, timing, d_feeds)
@@ -397,7 +483,7 @@ def validate_files(
     skip = changed_shapes(d_outputs, output_specs(folded))
     del folded
     gc.collect()
-    cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples, features)
+    cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples, features, text)
     cmp.notes[:0] = notes
     timing = Timing(d_time.ms + f_time.ms, d_time.batch) if timed else None
     return Validation(cmp, timing, d_feeds)

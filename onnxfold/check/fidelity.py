@@ -12,12 +12,16 @@ similarity over all entries, plus what the output's shape says it is:
   a feature map's channels), the worst relative L2 error over its slices, so a small-magnitude
   slice is not drowned by a large one.
 
+A causal LM's next-token logits on token text given as evaluation data also get the perplexity of
+each model on that text (Perplexity), graded by its ratio.
+
 The verdict (ok / degraded / broken, or unverified on random inputs only) comes from THRESHOLDS,
 applied to each output's governing figure: its agreement where it has one, else the worst slice's
-relative error, else the whole output's."""
+relative error, else the whole output's; and to the accuracy and perplexity ratios."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +32,11 @@ THRESHOLDS = {
     "agreement": (0.95, 0.5),  # top-1 / next-token agreement, mask IoU: lower is worse
     "rel_l2": (0.1, 0.5),  # relative L2 error (worst slice or whole output): higher is worse
     "accuracy_ratio": (0.95, 0.8),  # folded / dense accuracy with labels: lower is worse
+    # folded / dense perplexity of a causal LM on the evaluation text: higher is worse (1.05: the
+    # task metric dense / folded perplexity below 0.95 of dense, as accuracy's limit)
+    "ppl_ratio": (1.05, 2.0),
 }
+HIGHER_IS_WORSE = ("rel_l2", "ppl_ratio")
 SLICE_MAX = 64  # an axis this short (after the samples) may hold different quantities
 MASK_LEVEL = 0.5
 PROB_SLACK = 1e-5  # a float32 sigmoid reaches 1.0000001
@@ -142,19 +150,62 @@ def _worst_slice(d: np.ndarray, f: np.ndarray) -> tuple[int, int, float] | None:
     return axis, i, float(rel[i])
 
 
+@dataclass(frozen=True)
+class Perplexity:
+    """A causal LM's perplexity on the evaluation text, dense and folded: exp of the mean negative
+    log-likelihood of each next token, read from output `output` over `tokens` predicted tokens;
+    ratio = folded / dense."""
+
+    output: str
+    dense: float
+    folded: float
+    tokens: int
+    ratio: float
+
+
+def perplexity_of(
+    logits: np.ndarray, ids: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[float, int]:
+    """(perplexity, tokens predicted) of next-token logits (B, S, V) on token ids (B, S): position t
+    predicts ids[:, t + 1], counted where `mask` (B, S) keeps both t and t + 1 (everywhere without
+    one). Log-softmax in float64 a block of positions at a time."""
+    b, s, v = logits.shape
+    keep = np.ones((b, s - 1), bool) if mask is None else (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+    rows, total, count = max(1, CHUNK // max(1, v)), 0.0, 0
+    for i in range(b):
+        for a in range(0, s - 1, rows):
+            end = min(a + rows, s - 1)
+            kept = keep[i, a:end]
+            if not kept.any():
+                continue
+            z = logits[i, a:end][kept].astype(np.float64)
+            target = ids[i, a + 1 : end + 1][kept]
+            top = z.max(axis=1)
+            log_sum = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+            total += float(np.sum(log_sum - z[np.arange(len(z)), target]))
+            count += len(z)
+    with np.errstate(over="ignore"):  # a broken fold's perplexity may be infinite
+        return (float(np.exp(total / count)) if count else float("nan")), count
+
+
 def verdict(
     outputs: list[OutputFidelity],
     random_inputs: bool,
     accuracy: tuple[float, float] | None = None,
+    perplexity: Perplexity | None = None,
 ) -> tuple[str, str]:
     """(verdict, why): the worst grade over the outputs' governing figures and, with labels, the
-    accuracy ratio; 'unverified' when the inputs were random (the grade is still said in why)."""
+    accuracy ratio, with a causal LM's text the perplexity ratio; 'unverified' when the inputs were
+    random (the grade is still said in why)."""
     graded = [
         (_grade(*o.governing()), f"'{o.name}' {_figure_text(*o.governing())}") for o in outputs
     ]
     if accuracy is not None and accuracy[0] > 0:
         ratio = accuracy[1] / accuracy[0]
         graded.append((_grade("accuracy_ratio", ratio), f"accuracy {ratio:.3f}x dense"))
+    if perplexity is not None:
+        ratio = perplexity.ratio if math.isfinite(perplexity.ratio) else math.inf
+        graded.append((_grade("ppl_ratio", ratio), f"perplexity {ratio:.3f}x dense"))
     if not graded:
         return "unverified", "no output was compared"
     grade, why = max(graded, key=lambda g: VERDICTS.index(g[0]))
@@ -165,7 +216,7 @@ def verdict(
 
 def _grade(figure: str, value: float) -> str:
     degraded, broken = THRESHOLDS[figure]
-    if figure == "rel_l2":
+    if figure in HIGHER_IS_WORSE:
         return "broken" if value >= broken else "degraded" if value >= degraded else "ok"
     return "broken" if value < broken else "degraded" if value < degraded else "ok"
 

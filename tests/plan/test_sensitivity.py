@@ -17,6 +17,7 @@ from helpers import (
     mlp_with_duplicated_group,
     param_count,
     run,
+    tiny_causal_lm,
 )
 
 from onnxfold.check.compare import FeedSource
@@ -147,29 +148,6 @@ def test_the_target_search_measures_once(tmp_path, monkeypatch):
     found = search.search_ratio(src, config, search.Target("error", 0.05), source)
     assert calls == [1] and len(found.frontier) > 2
     assert found.best is not None and found.best.ratio >= 0.2  # the duplicated half is free
-
-
-def tiny_causal_lm(path: str, vocab: int = 40, hidden: int = 16, mlp: int = 24) -> str:
-    """input_ids (batch, seq) -> Gather(embedding) -> MatMul -> Relu -> MatMul -> logits (batch,
-    seq, vocab): the smallest graph onnxfold reads as a causal LM (its logits' last axis is the
-    embedding table's rows)."""
-    from helpers import make_model, rand, save_model
-    from onnx import TensorProto, helper
-
-    inits = {
-        "embed": rand(vocab, hidden, scale=1.0),
-        "w1": rand(hidden, mlp, seed=1, scale=0.25),
-        "w2": rand(mlp, vocab, seed=2, scale=0.25),
-    }
-    nodes = [
-        helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
-        helper.make_node("MatMul", ["h", "w1"], ["a"]),
-        helper.make_node("Relu", ["a"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
-    ]
-    inputs = {"input_ids": (TensorProto.INT64, ["batch", "seq"])}
-    save_model(make_model(nodes, inits, inputs, {"logits": ["batch", "seq", vocab]}), path)
-    return path
 
 
 @pytest.mark.parametrize(
