@@ -29,7 +29,8 @@ RESULTS = os.path.join(HERE, "results", "smollm2_target.md")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", type=float, default=1.5, help="folded / dense perplexity")
+    parser.add_argument("--target", type=float, default=1.5, help="the target's value")
+    parser.add_argument("--metric", default="ppl", help="ppl (folded / dense perplexity) or top1")
     args = parser.parse_args()
     from benchmarks.tasks import smollm2
 
@@ -44,7 +45,7 @@ def main() -> None:
         out, report = os.path.join(tmp, "folded.onnx"), os.path.join(tmp, "report.json")
         flags = [
             "--head-ratio", "0", "--layers", "1-28", "--method", "prune", "--importance", "act",
-            "--calib", calib, "--data", data, "--target", f"ppl={args.target:g}",
+            "--calib", calib, "--data", data, "--target", f"{args.metric}={args.target:g}",
         ]  # fmt: skip
         cmd = [sys.executable, "-m", "onnxfold", task.path, "-o", out, "--report", report, "-q"]
         start = time.perf_counter()
@@ -55,7 +56,8 @@ def main() -> None:
     lines = [
         "# `--target ppl` on SmolLM2-135M",
         "",
-        f"`python -m benchmarks.smollm2_target --target {args.target:g}` (protocol in its "
+        f"`python -m benchmarks.smollm2_target --metric {args.metric} --target {args.target:g}` "
+        "(protocol in its "
         "docstring): `onnxfold smollm2.onnx "
         + " ".join("EVAL" if f == data else "CALIB" if f == calib else f for f in flags)
         + "`, 2 CPU cores.",
@@ -72,7 +74,8 @@ def main() -> None:
             f"{ppl.get('dense', float('nan')):.3f} -> {ppl.get('folded', float('nan')):.3f}, "
             f"verdict {rep['verdict']}"
         )
-    lines += ["", "| ratio | parameters | x dense ppl | verdict | met |", "|---|---|---|---|---|"]
+    label = "x dense ppl" if args.metric == "ppl" else args.metric
+    lines += ["", f"| ratio | parameters | {label} | verdict | met |", "|---|---|---|---|---|"]
     for c in search.get("frontier", []):
         removed = 100 * (1 - c["params"] / rep["dense"]["params"])
         lines.append(
