@@ -20,9 +20,10 @@ import dataclasses
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from .check.compare import Comparison, DenseRuns, FeedSource, language_text, validate_files
 from .check.count import count_params
@@ -164,20 +165,19 @@ def search_ratio(
     name -> (N, ...)). `progress(i, total, text)` is called before each candidate."""
     start = time.perf_counter()
     measured: dict[float, Candidate] = {}
-    # the dense model runs once per kind of feeds, importance is measured once
-    sensitivity, runs, scores = None, DenseRuns(), ScoresMemo()
+    kept = Kept()
     if config.measure:  # measured once, for the largest ratio: every candidate allocates from it
         if progress:
             progress(0, STEPS + 1, "measuring each group's sensitivity")
-        sensitivity = model_sensitivity(path, dataclasses.replace(config, ratio=MAX_RATIO), calib)
+        kept.sensitivity = model_sensitivity(
+            path, dataclasses.replace(config, ratio=MAX_RATIO), calib
+        )
 
     def measure(ratio: float) -> Candidate:
         if progress:
             progress(len(measured), STEPS + 1, f"ratio {ratio:.3f}")
         if ratio not in measured:
-            measured[ratio] = _candidate(
-                path, config, ratio, target, source, calib, (sensitivity, scores), runs
-            )
+            measured[ratio] = _candidate(path, config, ratio, target, source, calib, kept)
         return measured[ratio]
 
     low, high, best = 0.0, MAX_RATIO, None
@@ -191,26 +191,34 @@ def search_ratio(
             else:
                 high = mid
     frontier = [measured[r] for r in sorted(measured)]
-    return SearchResult(target, frontier, best, time.perf_counter() - start, sensitivity)
+    return SearchResult(target, frontier, best, time.perf_counter() - start, kept.sensitivity)
 
 
-def _candidate(
-    path, config, ratio, target, source, calib, kept=(None, None), runs=None
-) -> Candidate:
-    """One fold at `ratio`, judged as its written model would be. kept: (sensitivity, scores)
-    measured once for every candidate; runs: the dense model's runs (DenseRuns)."""
-    sensitivity, scores = kept
+@dataclass
+class Kept:
+    """What a search measures once for all its candidates: --measure's sensitivity, the importance
+    scores (ScoresMemo), the dense model's runs on the evaluation inputs (DenseRuns)."""
+
+    sensitivity: Sensitivity | None = None
+    scores: ScoresMemo = field(default_factory=ScoresMemo)
+    runs: DenseRuns = field(default_factory=DenseRuns)
+
+
+def _candidate(path, config, ratio, target, source, calib, kept: Kept | None = None) -> Candidate:
+    """One fold at `ratio`, judged as its written model would be; `kept`: what earlier candidates
+    measured (none: measured for this one alone)."""
+    kept = kept or Kept()
     result = fold_model(
         path,
         dataclasses.replace(config, ratio=ratio),
         calib=calib,
-        sensitivity=sensitivity,
-        scores=scores,
+        sensitivity=kept.sensitivity,
+        scores=kept.scores,
     )
     proto = result.to_proto()
     with tempfile.TemporaryDirectory() as tmp:
         folded = save_scratch(proto, os.path.join(tmp, "folded.onnx"))
-        cmp = validate_files(path, folded, source, timed=False, runs=runs).comparison
+        cmp = validate_files(path, folded, source, timed=False, runs=kept.runs).comparison
     value = target.measure(cmp)
     return Candidate(
         ratio, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why
@@ -236,8 +244,8 @@ def format_frontier(result: SearchResult, dense_params: int) -> str:
 def _check_text(path: str, arrays: dict[str, np.ndarray] | None) -> None:
     """UserError unless `arrays` (the --data inputs) are a causal LM's text (--target ppl)."""
     if arrays is not None:
-        dense = session(path)
-        if language_text(path, dense, match_inputs(arrays, dense, "--data")) is not None:
+        dense, model = session(path), onnx.load(path, load_external_data=False)
+        if language_text(model, dense, match_inputs(arrays, dense, "--data")) is not None:
             return
     raise Target.ppl_needs()
 

@@ -446,17 +446,25 @@ def export_tokens(
     return torch_export(module, example, path, ["input_ids"], [output], dynamic, dynamo)
 
 
-def tiny_causal_lm(path: str, vocab: int = 40, hidden: int = 16, mlp: int = 24) -> str:
+def tiny_causal_lm(
+    path: str, vocab: int = 40, hidden: int = 16, mlp: int = 24, bidirectional: bool = False
+) -> str:
     """input_ids (batch, seq) -> Gather(embedding) -> MatMul -> Relu -> MatMul -> logits (batch,
     seq, vocab): the smallest graph onnxfold reads as a causal LM (its logits' last axis is the
-    embedding table's rows)."""
+    embedding table's rows). bidirectional: every position's embedding plus the sequence mean
+    goes on, so earlier positions see later tokens (an encoder, not a causal LM)."""
     inits = {
         "embed": rand(vocab, hidden, scale=1.0),
         "w1": rand(hidden, mlp, seed=1, scale=0.25),
         "w2": rand(mlp, vocab, seed=2, scale=0.25),
     }
+    mixed = [
+        helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=1),
+        helper.make_node("Add", ["e", "m"], ["h"]),
+    ]
     nodes = [
-        helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
+        helper.make_node("Gather", ["embed", "input_ids"], ["e" if bidirectional else "h"]),
+        *(mixed if bidirectional else []),
         helper.make_node("MatMul", ["h", "w1"], ["a"]),
         helper.make_node("Relu", ["a"], ["r"]),
         helper.make_node("MatMul", ["r", "w2"], ["logits"]),

@@ -31,9 +31,9 @@ from ..runtime.hints import InputHints
 from ..runtime.session import session
 from ..runtime.stats import batch_axes, run_batched
 from .fidelity import (
-    CHUNK,
     OutputFidelity,
     Perplexity,
+    float64_blocks,
     output_fidelity,
     perplexity_of,
     verdict,
@@ -223,22 +223,22 @@ def _perplexity(pairs: list[tuple], text: LanguageText | None) -> Perplexity | N
     folded, _ = perplexity_of(found[1], text.ids, text.mask)
     if not tokens or not np.isfinite(dense) or dense <= 0:
         return None  # no figure to be relative to
-    return Perplexity(text.output, dense, folded, tokens, folded / dense if dense > 0 else np.inf)
+    return Perplexity(text.output, dense, folded, tokens, folded / dense)
 
 
 def language_text(
-    dense_path: str, dense: ort.InferenceSession, feeds: dict[str, np.ndarray]
+    model: onnx.ModelProto, dense: ort.InferenceSession, feeds: dict[str, np.ndarray]
 ) -> LanguageText | None:
     """`feeds` as a causal LM's text: the model has next-token logits (batch, sequence, rows of the
     embedding table its ids index; runtime.tokens.logits_output), and changing the last token of a
     sequence leaves the logits of the earlier positions as they were (no bidirectional encoder);
-    the mask is the input named like a mask with the ids' shape. None otherwise."""
+    the mask is the input named like a mask with the ids' shape. None otherwise. `model`: the dense
+    model (weights need not be loaded), `dense` a session of it."""
     import onnx_graphsurgeon as gs
 
     from ..runtime.tokens import logits_output
 
-    graph = gs.import_onnx(onnx.load(dense_path, load_external_data=False))
-    found = logits_output(graph)
+    found = logits_output(gs.import_onnx(model))
     if found is None or found[0] not in feeds or np.ndim(feeds[found[0]]) != 2:
         return None
     ids_name, output, rows = found
@@ -411,13 +411,14 @@ class Validation:
 class DenseRuns:
     """The dense model's runs of validate_files, kept for the next comparison of the same dense
     file on the same FeedSource (a --target search compares every candidate with it): one entry
-    per (forced dims, folded input specs), since folds that change cache shapes get other feeds."""
+    per (forced dims, folded input specs), since folds that change cache shapes get other feeds;
+    and what the dense graph says once (read_graph): its feature outputs, its evaluation text."""
 
     def __init__(self) -> None:
         self._runs: dict[tuple, tuple] = {}
-        self.features: frozenset[str] | None = None
-        self._text: LanguageText | None = None
-        self._text_read = False
+        self.graph_read = False
+        self.features: frozenset[str] = frozenset()
+        self.text: LanguageText | None = None
 
     def run(self, dense, source: FeedSource, d_specs, f_specs, dims: dict[str, int]) -> tuple:
         """_feeds_that_run's result, computed once per key."""
@@ -429,13 +430,15 @@ class DenseRuns:
             self._runs[key] = _feeds_that_run(dense, source, d_specs, f_specs, dims)
         return self._runs[key]
 
-    def text(self, dense_path: str, dense, source: FeedSource, feeds) -> LanguageText | None:
-        """language_text of the user's evaluation data (None for random inputs), read once."""
-        if source.data is None:
-            return None
-        if not self._text_read:
-            self._text, self._text_read = language_text(dense_path, dense, feeds), True
-        return self._text
+    def read_graph(self, dense_path: str, dense, source: FeedSource, feeds) -> None:
+        """Once: feature_outputs of the dense graph, and language_text of the user's evaluation
+        data (None for random inputs)."""
+        if self.graph_read:
+            return
+        model = onnx.load(dense_path, load_external_data=False)
+        self.features = feature_outputs(model)
+        self.text = None if source.data is None else language_text(model, dense, feeds)
+        self.graph_read = True
 
 
 def validate_files(
@@ -464,9 +467,8 @@ def validate_files(
     d_feeds, f_feeds, labels, described, notes, d_out = runs.run(
         dense, source, d_specs, f_specs, dims
     )
-    if runs.features is None:
-        runs.features = feature_outputs(onnx.load(dense_path, load_external_data=False))
-    features, text = runs.features, runs.text(dense_path, dense, source, d_feeds)
+    runs.read_graph(dense_path, dense, source, d_feeds)
+    features, text = runs.features, runs.text
     if folded is not None:
         cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out, features, text)
         cmp.notes[:0] = notes
@@ -523,12 +525,10 @@ def _is_logits(a: np.ndarray) -> bool:
 
 
 def _abs_errors(d: np.ndarray, f: np.ndarray) -> tuple[float, float, float]:
-    """(max |d|, max |f - d|, sum |f - d|) in float64, a block of entries at a time."""
-    dv, fv = d.reshape(-1), f.reshape(-1)
+    """(max |d|, max |f - d|, sum |f - d|) in float64 (fidelity.float64_blocks)."""
     top = worst = total = 0.0
-    for a in range(0, dv.size, CHUNK):
-        db = dv[a : a + CHUNK].astype(np.float64)
-        diff = np.abs(fv[a : a + CHUNK].astype(np.float64) - db)
+    for db, fb in float64_blocks(d, f):
+        diff = np.abs(fb - db)
         # np.maximum, not max(): a NaN must carry through to the figures
         top = float(np.maximum(top, np.abs(db).max()))
         worst, total = float(np.maximum(worst, diff.max())), total + float(diff.sum())

@@ -108,13 +108,19 @@ def _top_k(d: np.ndarray, f: np.ndarray, k: int) -> float:
     return hits / len(d)
 
 
-def pair_sums(d: np.ndarray, f: np.ndarray) -> tuple[float, float, float, float]:
-    """(sum d^2, sum f^2, sum (f - d)^2, sum d f) over all entries of two same-shaped arrays,
-    in float64 a block of CHUNK entries at a time (no float64 copy of a whole output)."""
+def float64_blocks(d: np.ndarray, f: np.ndarray):
+    """The entries of two same-shaped arrays, flattened, as float64 pairs of blocks of CHUNK
+    entries (no float64 copy of a whole output)."""
     dv, fv = d.reshape(-1), f.reshape(-1)
-    sums = np.zeros(4)
     for a in range(0, dv.size, CHUNK):
-        db, fb = dv[a : a + CHUNK].astype(np.float64), fv[a : a + CHUNK].astype(np.float64)
+        yield dv[a : a + CHUNK].astype(np.float64), fv[a : a + CHUNK].astype(np.float64)
+
+
+def pair_sums(d: np.ndarray, f: np.ndarray) -> tuple[float, float, float, float]:
+    """(sum d^2, sum f^2, sum (f - d)^2, sum d f) over all entries of two same-shaped arrays, in
+    float64 (float64_blocks)."""
+    sums = np.zeros(4)
+    for db, fb in float64_blocks(d, f):
         diff = fb - db
         sums += (db @ db, fb @ fb, diff @ diff, db @ fb)
     return tuple(float(v) for v in sums)

@@ -7,9 +7,9 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
-from helpers import make_model, rand, save_model, tiny_causal_lm
-from onnx import TensorProto, helper
+from helpers import tiny_causal_lm
 
 from onnxfold.check import fidelity
 from onnxfold.check.compare import FeedSource, language_text, validate_files
@@ -58,37 +58,16 @@ def test_the_perplexity_ratio_grades_the_verdict():
     assert verdict([], True, None, Perplexity("logits", 1.0, 3.0, 9, 3.0))[0] == "unverified"
 
 
-def bidirectional_lm(path: str) -> str:
-    """tiny_causal_lm with every position's hidden state plus the sequence mean: logits of the same
-    shape, but earlier positions see later tokens (an encoder, not a causal LM)."""
-    inits = {
-        "embed": rand(VOCAB, 16, scale=1.0),
-        "w1": rand(16, 24, seed=1, scale=0.25),
-        "w2": rand(24, VOCAB, seed=2, scale=0.25),
-    }
-    nodes = [
-        helper.make_node("Gather", ["embed", "input_ids"], ["h"]),
-        helper.make_node("ReduceMean", ["h"], ["m"], axes=[1], keepdims=1),
-        helper.make_node("Add", ["h", "m"], ["hm"]),
-        helper.make_node("MatMul", ["hm", "w1"], ["a"]),
-        helper.make_node("Relu", ["a"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["logits"]),
-    ]
-    inputs = {"input_ids": (TensorProto.INT64, ["batch", "seq"])}
-    save_model(make_model(nodes, inits, inputs, {"logits": ["batch", "seq", VOCAB]}), path)
-    return path
-
-
 def token_text(count=6, length=12, seed=3) -> dict[str, np.ndarray]:
     return {"input_ids": np.random.default_rng(seed).integers(0, VOCAB, (count, length))}
 
 
 def test_only_a_causal_lm_reads_its_inputs_as_text(tmp_path):
     causal = tiny_causal_lm(str(tmp_path / "lm.onnx"))
-    found = language_text(causal, session(causal), token_text())
+    found = language_text(onnx.load(causal), session(causal), token_text())
     assert found is not None and found.output == "logits" and found.mask is None
-    encoder = bidirectional_lm(str(tmp_path / "encoder.onnx"))
-    assert language_text(encoder, session(encoder), token_text()) is None
+    encoder = tiny_causal_lm(str(tmp_path / "encoder.onnx"), bidirectional=True)
+    assert language_text(onnx.load(encoder), session(encoder), token_text()) is None
 
 
 def fold(src: str, out: str, *flags) -> int:
@@ -143,7 +122,7 @@ def test_target_ppl_searches_the_largest_ratio_within_the_limit(tmp_path, capsys
         assert found.best.value <= 1.1
         assert all(c.ratio <= found.best.ratio or not c.met for c in found.frontier)
     # an encoder has no perplexity: the target says what it needs
-    encoder = bidirectional_lm(str(tmp_path / "encoder.onnx"))
+    encoder = tiny_causal_lm(str(tmp_path / "encoder.onnx"), bidirectional=True)
     data = tmp_path / "text.npz"
     np.savez(data, **token_text())
     assert fold(encoder, str(tmp_path / "e.onnx"), "--target", "ppl=1.5", "--data", str(data)) == 2

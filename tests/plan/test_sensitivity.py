@@ -188,7 +188,8 @@ def test_the_target_search_runs_the_dense_model_once(tmp_path, monkeypatch):
             self._runs.clear()
             return super().run(*args)
 
-    monkeypatch.setattr(search, "DenseRuns", Fresh)
+    kept = search.Kept
+    monkeypatch.setattr(search, "Kept", lambda: kept(runs=Fresh()))
     calls.clear()
     fresh = search.search_ratio(src, config, target, source)
     assert len(calls) == len(fresh.frontier)
