@@ -18,6 +18,7 @@ from onnxfold.files import (
     check_writable,
     default_output,
     fold_file,
+    read_for_model,
 )
 from onnxfold.genai import FolderReport, check_folder_request, fold_folder, is_genai_folder
 from onnxfold.groups.discover import discover
@@ -26,7 +27,6 @@ from onnxfold.pipeline import calibration_inputs
 from onnxfold.runtime.feeds import check_arrays, input_specs, match_inputs
 from onnxfold.runtime.inputs import (
     InputOptions,
-    read_inputs,
     unlabelled,
     warn_if_same,
 )
@@ -304,13 +304,13 @@ def sweep(args: argparse.Namespace) -> int:
     )
     for suffix in (".csv", ".json") + ((".png",) if not args.no_plot else ()):
         check_writable(prefix + suffix, "sweep output")
-    load_model(args.input)
+    graph = load_model(args.input, lazy=True).graph
     dense = session(args.input)
     specs = input_specs(dense)
-    data_in = read_inputs(args.data, specs, options)
+    data_in = read_for_model(args.data, specs, options, graph)
     check_arrays(data_in.arrays, data_in.labels, specs, args.data)
     feeds, labels = match_inputs(data_in.arrays, dense, args.data), data_in.labels
-    calib_in = read_inputs(args.calib, specs, unlabelled(options)) if args.calib else None
+    calib_in = read_for_model(args.calib, specs, unlabelled(options), graph)
     calib = None
     if calib_in:
         check_arrays(calib_in.arrays, None, specs, args.calib)

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .check.compare import ONE_AT_A_TIME_BYTES, FeedSource, Validation, validate_files
 from .check.count import ModelFigures, figures
 from .config import FoldConfig
@@ -35,7 +37,7 @@ from .runtime.inputs import (
     unlabelled,
     warn_if_same,
 )
-from .runtime.tokens import token_id_limits
+from .runtime.tokens import empty_caches, token_id_limits
 
 if TYPE_CHECKING:
     import onnx_graphsurgeon as gs
@@ -119,8 +121,8 @@ def fold_file(
         check_data_target(output, loaded.data_files)
         specs = proto_input_specs(loaded.skeleton.graph)  # the inputs as the file declares them
         hints = input_hints(loaded.graph)  # read before folding forgets the inferred shapes
-        data_in = data_in or read_for_model(data, specs, inputs, loaded.graph)
-        calib_in = calib_in or read_for_model(calib, specs, unlabelled(inputs), loaded.graph)
+        data_in = read_for_model(data, specs, inputs, loaded.graph, data_in)
+        calib_in = read_for_model(calib, specs, unlabelled(inputs), loaded.graph, calib_in)
         if data_in:
             check_arrays(data_in.arrays, data_in.labels, specs, data)
         if calib_in:
@@ -227,16 +229,37 @@ def _measured(steps: dict[str, StepCost], name: str):
 
 
 def read_for_model(
-    path: str | None, specs, options: InputOptions | None, graph: gs.Graph
+    path: str | None,
+    specs,
+    options: InputOptions | None,
+    graph: gs.Graph,
+    found: Inputs | None = None,
 ) -> Inputs | None:
-    """The inputs at `path` read for the model whose declared inputs are `specs` and whose graph is
-    `graph`, with text token ids checked against the model's embedding tables (UserError)."""
+    """The inputs at `path` (or `found`, already read from it) for the model whose declared inputs
+    are `specs` and whose graph is `graph`: text token ids checked against the model's embedding
+    tables (UserError), and past caches the graph can start empty (a KV-cache decoder's first
+    step, runtime.tokens.empty_caches) given as zeros when the inputs hold none of them."""
     if not path:
         return None
-    found = read_inputs(path, specs, options)
+    caches = empty_caches(graph, 0)
+    if found is None:
+        found = read_inputs(path, [s for s in specs if s.name not in caches], options)
     if input_kind(path) == "text":
         check_token_ids(found.arrays, token_id_limits(graph), path)
-    return found
+    return _with_empty_caches(found, graph, caches, path)
+
+
+def _with_empty_caches(found: Inputs, graph: gs.Graph, caches: dict, path: str) -> Inputs:
+    """`found` with zeros (samples, heads, 0, head size) for every cache in `caches` when it holds
+    none of them and its other arrays agree on a sample count (else as it is)."""
+    counts = {len(a) for n, a in found.arrays.items() if n not in caches and np.ndim(a) > 0}
+    if not caches or any(n in found.arrays for n in caches) or len(counts) != 1:
+        return found
+    count = counts.pop()
+    arrays = {**found.arrays, **empty_caches(graph, count)}
+    said = found.description or f"{path} ({count} samples)"
+    note = f"{said}; empty past caches for the {len(caches)} cache inputs"
+    return Inputs(arrays, found.labels, note)
 
 
 def check_fold_request(

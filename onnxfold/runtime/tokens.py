@@ -69,12 +69,9 @@ def synthetic_token_feeds(
     caches of fused attention ops (runtime.caches). Raises UserError for models with other inputs
     (images, audio, other past key/values): they need --calib."""
     rng = np.random.default_rng(seed)
-    feeds = {}
-    cache = cache_dims(graph, list(token_id_limits(graph)))
+    feeds = empty_caches(graph, count)
     for t in graph.inputs:
-        empty = _empty_cache(t, cache.fixed, count)
-        if empty is not None:
-            feeds[t.name] = empty
+        if t.name in feeds:
             continue
         if t.dtype is None or np.dtype(t.dtype).kind not in "iu" or len(t.shape or ()) != 2:
             raise ConfigError(
@@ -90,6 +87,19 @@ def synthetic_token_feeds(
         else:
             feeds[t.name] = companion_tokens(t.name, t.dtype, count, length)
     return feeds
+
+
+def empty_caches(graph: gs.Graph, count: int) -> dict[str, np.ndarray]:
+    """Input name -> zeros (count, heads, 0, head size) for every past cache of a fused attention
+    op that the graph sizes (runtime.caches) and that can start empty: what a KV-cache decoder
+    reads on the first step of a sequence."""
+    cache = cache_dims(graph, list(token_id_limits(graph)))
+    found = {}
+    for t in graph.inputs:
+        empty = _empty_cache(t, cache.fixed, count)
+        if empty is not None:
+            found[t.name] = empty
+    return found
 
 
 def _empty_cache(t: gs.Variable, fixed: dict[str, int], count: int) -> np.ndarray | None:

@@ -253,6 +253,39 @@ def test_the_command_line_folds_a_folder(folder, tokens, tmp_path, capsys):
     assert written["after"]["num_key_value_heads"] == config["num_key_value_heads"]
 
 
+def test_token_ids_alone_start_with_empty_caches(folder, tokens, tmp_path):
+    """--data with only the ids and the mask of a KV-cache decoder (it was exit 2: 'no array for
+    model input(s) past_key_values...'): the caches start empty, as an .npz holding them says."""
+    arrays = np.load(tokens)
+    ids_only = str(tmp_path / "ids.npz")
+    np.savez(ids_only, input_ids=arrays["input_ids"], attention_mask=arrays["attention_mask"])
+    given = fold_folder(folder, str(tmp_path / "a"), HALF, data=tokens).fold.validation.comparison
+    filled = fold_folder(folder, str(tmp_path / "b"), HALF, data=ids_only).fold.validation.comparison
+    assert filled.samples == given.samples == 4
+    assert [(o.name, o.max_rel, o.mean_rel) for o in filled.outputs] == [
+        (o.name, o.max_rel, o.mean_rel) for o in given.outputs
+    ]
+    assert filled.source.endswith("(4 samples); empty past caches for the 4 cache inputs")
+
+
+def test_text_feeds_a_kv_cache_decoder(folder, tmp_path, capsys):
+    """A text file with --tokenizer on a decoder with past caches (it was exit 2: 'text feeds
+    token models only')."""
+    tokenizers = pytest.importorskip("tokenizers")
+    words = "the quick brown fox jumps over the lazy dog while a cat sleeps\n" * 4
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(sorted(set(words.split())))}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "t.txt").write_text(words)
+    argv = [folder, "-o", str(tmp_path / "out"), "--ratio", "0.5", "--multiple-of", "1"]
+    argv += ["--data", str(tmp_path / "t.txt"), "--tokenizer", str(tmp_path), "--seq-len", "8"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "6 sequences of 8 tokens from" in printed
+    assert "empty past caches for the 4 cache inputs" in printed
+
+
 def generate(folder: str, prompt: list[int], tokens: int) -> list[int]:
     """Greedy continuation of `prompt` by onnxruntime-genai from the model folder `folder`."""
     import onnxruntime_genai as og
