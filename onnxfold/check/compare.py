@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import UserError, WordedError, literal
+from ..runtime.caches import CACHE_INPUTS
 from ..runtime.feeds import (
     OTHER_DIM,
     InputSpec,
@@ -93,19 +94,19 @@ def compare(
     source: str,
     folded_feeds: dict[str, np.ndarray] | None = None,
     d_out: list[np.ndarray] | None = None,
-    features: frozenset[str] = frozenset(),
+    roles: OutputRoles | None = None,
     text: LanguageText | None = None,
 ) -> Comparison:
     """Output errors, top-1 agreement and (with labels) accuracy of both models on the same feeds
     (or on `folded_feeds`, the folded model's own where its declared inputs changed; see
-    own_feeds). `d_out`: the dense outputs on feeds, when already run; `features`: outputs that
-    hold features, not class scores (feature_outputs); `text`: the feeds as a causal LM's text
-    (language_text), for perplexity."""
+    own_feeds). `d_out`: the dense outputs on feeds, when already run; `roles`: what the dense
+    graph's outputs are (output_roles); `text`: the feeds as a causal LM's text (language_text),
+    for perplexity."""
     d_out = run_dense(dense, feeds, source) if d_out is None else d_out
     f_out = run_batched(folded, feeds if folded_feeds is None else folded_feeds)
     skip = changed_shapes(output_specs(dense), output_specs(folded))
     names, samples = [o.name for o in dense.get_outputs()], batch_axes(dense).samples(feeds)
-    return compare_outputs(names, d_out, f_out, labels, source, skip, samples, features, text)
+    return compare_outputs(names, d_out, f_out, labels, source, skip, samples, roles, text)
 
 
 # ops whose result is features (normalised hidden states, pooled embeddings), never class scores
@@ -138,6 +139,40 @@ def feature_outputs(model: onnx.ModelProto) -> frozenset[str]:
         if node is not None and node.op_type in FEATURE_OPS:
             found.add(out.name)
     return frozenset(found)
+
+
+def state_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Names of the graph outputs that are a decoder's KV-cache state (present keys and values): an
+    output after the first of a fused attention op (runtime.caches.CACHE_INPUTS), or a Concat of a
+    graph input (the past cache) with the new keys or values, through reshaping ops."""
+    producers = {o: (n, i) for n in model.graph.node for i, o in enumerate(n.output)}
+    inputs = {i.name for i in model.graph.input}
+    found = set()
+    for out in model.graph.output:
+        node, index = producers.get(out.name, (None, 0))
+        while node is not None and node.op_type in PASS_OPS and node.input:
+            node, index = producers.get(node.input[0], (None, 0))
+        if node is None:
+            continue
+        fused = node.op_type in CACHE_INPUTS and index > 0
+        if fused or (node.op_type == "Concat" and inputs.intersection(node.input)):
+            found.add(out.name)
+    return frozenset(found)
+
+
+@dataclass(frozen=True)
+class OutputRoles:
+    """What the dense graph says its outputs are: `features` (feature_outputs: hidden states and
+    embeddings, never read as class scores) and `state` (state_outputs: KV caches, compared but not
+    graded while a task output is)."""
+
+    features: frozenset[str] = frozenset()
+    state: frozenset[str] = frozenset()
+
+
+def output_roles(model: onnx.ModelProto) -> OutputRoles:
+    """feature_outputs and state_outputs of `model` (weights need not be loaded)."""
+    return OutputRoles(feature_outputs(model), state_outputs(model))
 
 
 def run_dense(
@@ -178,16 +213,20 @@ def compare_outputs(
     source: str,
     skip: dict[str, tuple[list, list]] | None = None,
     samples: int = 1,
-    features: frozenset[str] = frozenset(),
+    roles: OutputRoles | None = None,
     text: LanguageText | None = None,
 ) -> Comparison:
     """Comparison of dense outputs d_out and folded outputs f_out (same order as names) over
     `samples` samples; accuracy counts every labelled sample. Outputs in
     `skip` (name -> declared dense and folded shapes: folding changed them, e.g. present KV caches
-    with fewer heads) are left out of the errors and named in a note; outputs in `features`
-    (feature_outputs) are never read as class scores. With `text` (a causal LM's evaluation text),
-    both models' perplexity on it."""
-    skip = skip or {}
+    with fewer heads) are left out of the errors and named in a note; `roles.features`
+    (feature_outputs) are never read as class scores; `roles.state` (state_outputs) are compared
+    but the verdict does not grade them while another output is graded: a KV cache is what the
+    next step reads, and the logits (and perplexity) of the whole sequence, computed over the same
+    keys and values, already say what a changed cache does to the task. With `text` (a causal LM's
+    evaluation text), both models' perplexity on it."""
+    skip, roles = skip or {}, roles or OutputRoles()
+    features = roles.features
     cmp = Comparison(samples, source)
     pairs = [(name, d, f) for name, d, f in zip(names, d_out, f_out) if name not in skip]
     for name, d, f in pairs:
@@ -210,7 +249,13 @@ def compare_outputs(
     cmp.fidelity = [output_fidelity(name, d, f, name in features) for name, d, f in pairs]
     accuracy = None if cmp.accuracy_dense is None else (cmp.accuracy_dense, cmp.accuracy_folded)
     cmp.perplexity = _perplexity(pairs, text)
-    cmp.verdict, cmp.verdict_why = verdict(cmp.fidelity, RANDOM in source, accuracy, cmp.perplexity)
+    graded = [o for o in cmp.fidelity if o.name not in roles.state] or cmp.fidelity
+    if len(graded) < len(cmp.fidelity):
+        ungraded = [o.name for o in cmp.fidelity if o.name in roles.state]
+        cmp.notes.append(
+            f"not graded: {_listed(ungraded)} (KV-cache state; the verdict reads the task outputs)"
+        )
+    cmp.verdict, cmp.verdict_why = verdict(graded, RANDOM in source, accuracy, cmp.perplexity)
     return cmp
 
 
@@ -417,7 +462,7 @@ class DenseRuns:
     def __init__(self) -> None:
         self._runs: dict[tuple, tuple] = {}
         self.graph_read = False
-        self.features: frozenset[str] = frozenset()
+        self.roles = OutputRoles()
         self.text: LanguageText | None = None
 
     def run(self, dense, source: FeedSource, d_specs, f_specs, dims: dict[str, int]) -> tuple:
@@ -431,12 +476,12 @@ class DenseRuns:
         return self._runs[key]
 
     def read_graph(self, dense_path: str, dense, source: FeedSource, feeds) -> None:
-        """Once: feature_outputs of the dense graph, and language_text of the user's evaluation
+        """Once: output_roles of the dense graph, and language_text of the user's evaluation
         data (None for random inputs)."""
         if self.graph_read:
             return
         model = onnx.load(dense_path, load_external_data=False)
-        self.features = feature_outputs(model)
+        self.roles = output_roles(model)
         self.text = None if source.data is None else language_text(model, dense, feeds)
         self.graph_read = True
 
@@ -468,9 +513,9 @@ def validate_files(
         dense, source, d_specs, f_specs, dims
     )
     runs.read_graph(dense_path, dense, source, d_feeds)
-    features, text = runs.features, runs.text
+    roles, text = runs.roles, runs.text
     if folded is not None:
-        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out, features, text)
+        cmp = compare(dense, folded, d_feeds, labels, described, f_feeds, d_out, roles, text)
         cmp.notes[:0] = notes
         timing = time_sessions([dense, folded], [d_feeds, f_feeds]) if timed else None
         return Validation(cmp, timing, d_feeds)
@@ -485,7 +530,7 @@ def validate_files(
     skip = changed_shapes(d_outputs, output_specs(folded))
     del folded
     gc.collect()
-    cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples, features, text)
+    cmp = compare_outputs(names, d_out, f_out, labels, described, skip, samples, roles, text)
     cmp.notes[:0] = notes
     timing = Timing(d_time.ms + f_time.ms, d_time.batch) if timed else None
     return Validation(cmp, timing, d_feeds)

@@ -101,3 +101,61 @@ def test_hidden_states_are_not_read_as_class_scores(tmp_path, head, kind):
     (found,) = validate_files(dense, other, FeedSource(), timed=False).comparison.fidelity
     assert found.kind == kind
     assert (found.agreement is None) == (kind == "sliced")
+
+
+def _cache_model(fused: bool):
+    """A graph with a logits output and a present cache: from a GroupQueryAttention's second output
+    (fused) or a Concat of the past-cache input with the new keys, through a Transpose; plus a
+    Concat of two computed tensors (not a cache)."""
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    if fused:
+        attention = helper.make_node(
+            "GroupQueryAttention",
+            ["q", "", "", "past", "past", "len", "len"],
+            ["a", "present_raw", "present_v"],
+            domain="com.microsoft",
+        )
+        nodes = [attention, helper.make_node("Relu", ["a"], ["logits"])]
+    else:
+        nodes = [
+            helper.make_node("Concat", ["past", "q"], ["present_raw"], axis=2),
+            helper.make_node("Relu", ["q"], ["logits"]),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["present_raw"], ["present"], perm=[0, 1, 2, 3]),
+        helper.make_node("Concat", ["logits", "logits"], ["joined"], axis=2),
+    ]
+    io = [helper.make_tensor_value_info(n, f, None) for n in ("q", "past")]
+    outs = [helper.make_tensor_value_info(n, f, None) for n in ("logits", "present", "joined")]
+    return helper.make_model(helper.make_graph(nodes, "g", io, outs))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_kv_cache_outputs_are_read_from_the_graph(fused):
+    from onnxfold.check.compare import state_outputs
+
+    assert state_outputs(_cache_model(fused)) == frozenset({"present"})
+
+
+def test_kv_cache_outputs_are_compared_but_not_graded_beside_task_outputs():
+    """A present cache that moved (the MLPs upstream of its keys folded) while the logits kept
+    their argmax: graded by the logits, the cache named in a note. With only cache outputs, the
+    cache is graded."""
+    from onnxfold.check.compare import OutputRoles, compare_outputs
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(8, 5, 20)).astype(np.float32)
+    cache = rng.normal(size=(8, 2, 5, 4)).astype(np.float32)
+    moved = cache + rng.normal(size=cache.shape).astype(np.float32)
+    roles = OutputRoles(state=frozenset({"present.0.key"}))
+    names = ["logits", "present.0.key"]
+    cmp = compare_outputs(names, [logits, cache], [logits, moved], None, "d.npz", roles=roles)
+    assert cmp.verdict == "ok" and "logits" in cmp.verdict_why
+    assert any(n.startswith("not graded: present.0.key (KV-cache state") for n in cmp.notes)
+    assert [o.name for o in cmp.fidelity] == names  # still measured and reported
+    alone = compare_outputs(["present.0.key"], [cache], [moved], None, "d.npz", roles=roles)
+    assert alone.verdict == "broken" and "present.0.key" in alone.verdict_why
+    unmarked = compare_outputs(names, [logits, cache], [logits, moved], None, "d.npz")
+    assert unmarked.verdict == "broken"
