@@ -259,8 +259,9 @@ def test_token_ids_alone_start_with_empty_caches(folder, tokens, tmp_path):
     arrays = np.load(tokens)
     ids_only = str(tmp_path / "ids.npz")
     np.savez(ids_only, input_ids=arrays["input_ids"], attention_mask=arrays["attention_mask"])
-    given = fold_folder(folder, str(tmp_path / "a"), HALF, data=tokens).fold.validation.comparison
-    filled = fold_folder(folder, str(tmp_path / "b"), HALF, data=ids_only).fold.validation.comparison
+    given = fold_folder(folder, str(tmp_path / "a"), HALF, data=tokens).fold.validation
+    filled = fold_folder(folder, str(tmp_path / "b"), HALF, data=ids_only).fold.validation
+    given, filled = given.comparison, filled.comparison
     assert filled.samples == given.samples == 4
     assert [(o.name, o.max_rel, o.mean_rel) for o in filled.outputs] == [
         (o.name, o.max_rel, o.mean_rel) for o in given.outputs

@@ -232,7 +232,8 @@ def test_cli_folds_a_with_past_layer_end_to_end(tmp_path, capsys):
     assert len(cmp["outputs"]) == 3 and max(o["max_rel"] for o in cmp["outputs"]) < 1e-5
     # the caches are compared, and graded only through y (the task output)
     assert cmp["notes"] == [
-        "not graded: present.key, present.value (KV-cache state; the verdict reads the task outputs)"
+        "not graded: present.key, present.value (KV-cache state; the verdict reads the task "
+        "outputs)"
     ]
     for a, b in zip(run(same, _feeds(mask=True)), run(src, _feeds(mask=True))):
         np.testing.assert_allclose(a, b, atol=1e-5)
