@@ -106,7 +106,11 @@ def refit_consumers(
     done = 0
     for i, (refit, name) in enumerate(zip(refits, names)):
         x = _activations(
-            session_with_outputs(gs.export_onnx(graph), [name]), name, refit.axis, feeds, rows
+            session_with_outputs(gs.export_onnx(graph), [name], only=True),
+            name,
+            refit.axis,
+            feeds,
+            rows,
         )
         target = targets.pop(i).astype(np.float64)
         merged = weight_matrix(refit.node, np.asarray(refit.node.inputs[1].values, np.float64))
@@ -174,7 +178,7 @@ def _dense_targets(
     """Index in `refits` -> that dense consumer's output without bias (rows, out) float32, one pass
     over feeds."""
     out_names = sorted({r.node.inputs[0].name for r in refits})
-    sess = session_with_outputs(onnx.load(dense_path), out_names)
+    sess = session_with_outputs(onnx.load(dense_path), out_names, only=True)
     total = batch_axes(sess).samples(feeds)
     found: dict[int, list[np.ndarray]] = {i: [] for i in range(len(refits))}
     for start, chunk in run_chunks(sess, feeds, out_names):

@@ -51,14 +51,20 @@ def session(model: str | bytes, lean: bool = False) -> ort.InferenceSession:
     return ort.InferenceSession(model, opts, providers=PROVIDERS)
 
 
-def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.InferenceSession:
+def session_with_outputs(
+    model: onnx.ModelProto, names: list[str], only: bool = False
+) -> ort.InferenceSession:
     """A lean session of `model` with `names` added as outputs (`model` is changed: its value_info
-    is dropped and the outputs added). Models whose weights reach SESSION_VIA_FILE_BYTES go through
-    a temporary file with external data (protobuf cannot serialise 2 GB, and no serialised copy is
-    held); weights are not pre-packed (no second copy)."""
+    is dropped and the outputs added). only: `names` are its only outputs and the nodes they do not
+    need are dropped (onnxruntime runs every node of a graph whatever outputs a run asks for); the
+    inputs stay declared. Models whose weights reach SESSION_VIA_FILE_BYTES go through a temporary
+    file with external data (protobuf cannot serialise 2 GB, and no serialised copy is held);
+    weights are not pre-packed (no second copy)."""
     # shapes observed at load time (fixed sample sizes) must not reach onnxruntime: it would fold
     # Shape ops
     del model.graph.value_info[:]
+    if only:
+        _keep_only(model.graph, names)
     existing = {o.name for o in model.graph.output}
     model.graph.output.extend(
         onnx.helper.ValueInfoProto(name=n) for n in names if n not in existing
@@ -78,6 +84,40 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str]) -> ort.Infere
             size_threshold=1024,
         )
         return ort.InferenceSession(path, opts, providers=PROVIDERS)
+
+
+def _keep_only(graph: onnx.GraphProto, names: list[str]) -> None:
+    """Make `names` the graph's only outputs and drop the nodes and initializers they do not need
+    (a node with a body needs every name its body reads)."""
+    producers = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    needed, kept, stack = set(), set(), list(names)
+    while stack:
+        name = stack.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        index = producers.get(name)
+        if index is not None and index not in kept:
+            kept.add(index)
+            stack += [i for i in graph.node[index].input if i] + _body_reads(graph.node[index])
+    for i in reversed(range(len(graph.node))):  # in place: no copy of a message is made
+        if i not in kept:
+            del graph.node[i]
+    for i in reversed(range(len(graph.initializer))):
+        if graph.initializer[i].name not in needed:
+            del graph.initializer[i]
+    del graph.output[:]
+    graph.output.extend(onnx.helper.ValueInfoProto(name=n) for n in names)
+
+
+def _body_reads(node: onnx.NodeProto) -> list[str]:
+    """Every name the nodes of `node`'s bodies (If branches, Loop/Scan bodies) read, recursively."""
+    found = []
+    for a in node.attribute:
+        for body in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+            for inner in body.node:
+                found += [i for i in inner.input if i] + _body_reads(inner)
+    return found
 
 
 def probe_session(model: onnx.ModelProto) -> ort.InferenceSession:
