@@ -189,8 +189,9 @@ def channel_stats(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-channel (mean, var) of each (tensor name, channel axis) over the feeds: [(C,), (C,)]
     each."""
-    sess = session_with_outputs(gs.export_onnx(graph), [name for name, _ in tensors])
-    return stats_of(sess, [name for name, _ in tensors], [axis for _, axis in tensors], feeds)
+    names = [name for name, _ in tensors]
+    sess = session_with_outputs(gs.export_onnx(graph), names, only=True)  # the nodes they need
+    return stats_of(sess, names, [axis for _, axis in tensors], feeds)
 
 
 def folded_producers(graph: gs.Graph, plans: list[FoldPlan]) -> list[Producer]:
