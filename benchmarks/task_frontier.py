@@ -13,6 +13,9 @@ calibration feeds as `calib=`; prune-act reads its activations from them):
   and calibration setting at the largest ratio (onnxfold.pipeline.model_sensitivity, as the --target
   search does; data-free it measures on 32 random inputs) and reused for every ratio;
 - `prune-act`: FoldConfig(ratio=r, method="prune", importance="act");
+- `fold-refit`, `prune-refit` (with calibration only): `fold` with `repair="data"` and
+  `prune-act`, each with `refit=True` (every folded group's 1x1-Conv/MatMul/Gemm consumer re-solved
+  by ridge least squares to the dense model's output on the calibration inputs);
 - `onnxsim`: onnxsim 0.8.1's `apply_structured_pruning` (L2, data-free) and, with calibration,
   `apply_structured_wanda_pruning` (calibration feeds in batches of 8), at sparsity = r. A call that
   raises or prunes nothing is recorded as such.
@@ -24,9 +27,10 @@ fixed-size subset of them where the task runs samples one by one). The summary t
 method, the point with the largest MACs reduction (parameter reduction for SmolLM2) whose task
 metric is >= 99% and >= 95% of dense.
 
-SmolLM2-135M runs `fold`, `fold-alloc` and `prune-act` only, at 10% and 20% of all parameters
-removed (channel ratio solved by benchmarks.smollm2.channel_ratio_for over the MLPs of layers 1-28,
-heads kept, the configuration of results/smollm2.md), 16 evaluation windows of 512 tokens.
+SmolLM2-135M runs `fold`, `fold-alloc`, `prune-act` and `prune-refit` only, at 10% and 20% of all
+parameters removed (channel ratio solved by benchmarks.smollm2.channel_ratio_for over the MLPs of
+layers 1-28, heads kept, the configuration of results/smollm2.md), 16 evaluation windows of 512
+tokens.
 
 Results are cached row by row in benchmarks/.cache/frontier/<model>.json (a rerun skips the
 points already measured and reuses the dense model's task outputs; --fresh drops both) and
@@ -34,7 +38,8 @@ written to benchmarks/results/frontier_<model>.md and .png after every point, an
 benchmarks/results/frontier.md at the end.
 
 Usage: python -m benchmarks.task_frontier [--models efficientnet_lite0,ppocr_det,...]
-           [--methods fold,fold-alloc,fold-measure,prune-act,onnxsim] [--calib free,calib]
+           [--methods fold,fold-alloc,fold-measure,prune-act,fold-refit,prune-refit,onnxsim]
+           [--calib free,calib]
            [--ratios 0.02,0.05,...] [--skip fold-measure:calib] [--rounds 15]
            [--fresh [--keep-sensitivity]]
            [--summary-only]
@@ -57,13 +62,25 @@ from benchmarks.tasks import CACHE, ROOT, TASKS, Task
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 STORE = os.path.join(CACHE, "frontier")
-METHODS = ["fold", "fold-alloc", "fold-measure", "prune-act", "onnxsim"]
+METHODS = [
+    "fold",
+    "fold-alloc",
+    "fold-measure",
+    "prune-act",
+    "fold-refit",
+    "prune-refit",
+    "onnxsim",
+]
+# least-squares refit of the folded groups' consumers (--refit) needs calibration inputs
+CALIB_ONLY = ("fold-refit", "prune-refit")
 SETTINGS = ["free", "calib"]
 LABEL = {
     "fold": "fold (uniform)",
     "fold-alloc": "fold --allocate",
     "fold-measure": "fold --measure",
     "prune-act": "prune --importance act",
+    "fold-refit": "fold --refit",
+    "prune-refit": "prune --importance act --refit",
     "onnxsim": "onnxsim structured",
 }
 SMOL_SCOPE = dict(head_ratio=0.0, layers="1-28")
@@ -157,9 +174,11 @@ def config_for(method: str, setting: str, ratio: float, task: Task):
         options["allocate"] = True
     elif method == "fold-measure":
         options["measure"] = True
-    elif method == "prune-act":
+    elif method in ("prune-act", "prune-refit"):
         options.update(method="prune", importance="act")
-    if setting == "calib" and method != "prune-act":
+    if method in CALIB_ONLY:
+        options["refit"] = True
+    if setting == "calib" and not options.get("method") == "prune":
         options["repair"] = "data"
     if task.budget == "params":
         options.update(SMOL_SCOPE)
@@ -578,7 +597,7 @@ def plot(task: Task, data: dict, path: str) -> None:
 
     by = "params_red" if task.budget == "params" else "macs_red"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C7"]))
+    colors = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C7"]))
     for m in METHODS:
         for s in SETTINGS:
             pts = sorted(
@@ -741,6 +760,8 @@ def main(argv: list[str] | None = None) -> None:
                 for s in args.calib.split(","):
                     if (m, s) in skip:
                         print(f"{key} {m} {s}: skipped (--skip)", flush=True)
+                        continue
+                    if m in CALIB_ONLY and s == "free":
                         continue
                     for r in ratios:
                         row = frontier.point(m, s, r)

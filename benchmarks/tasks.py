@@ -87,17 +87,25 @@ def _batched(feeds_key: str, x: np.ndarray, chunk: int = 16):
 # EfficientNet-Lite0 ------------------------------------------------------------------------------
 
 
-def efficientnet() -> Task:
+def photo_split() -> tuple[np.ndarray, np.ndarray]:
+    """(evaluation, calibration) 224x224 photo crops for EfficientNet-Lite0: 160 crops/flips of the
+    odd-numbered photos of benchmarks.photos, 32 of the even-numbered ones (no photo in both)."""
     from benchmarks.photos import photo_batch, photo_names
 
-    path = os.path.join(CACHE, "efficientnet_lite0_bn.onnx")
     cached = os.path.join(CACHE, "frontier_photos_320.npz")
     if not os.path.exists(cached):
         np.savez(cached, input=photo_batch(320, 224, seed=0))
     x = np.load(cached)["input"]
+    photo = np.arange(len(x)) % len(photo_names())
+    return x[photo % 2 == 1], x[photo % 2 == 0][:32]
+
+
+def efficientnet() -> Task:
+    from benchmarks.photos import photo_names
+
+    path = os.path.join(CACHE, "efficientnet_lite0_bn.onnx")
     names = photo_names()
-    photo = np.arange(len(x)) % len(names)
-    evals, calib = x[photo % 2 == 1], x[photo % 2 == 0][:32]
+    evals, calib = photo_split()
 
     def metric(d, f) -> dict:
         return {"task": float(np.mean(d.argmax(1) == f.argmax(1)))}
@@ -392,7 +400,7 @@ def smollm2(windows: int = 16) -> Task:
         f"verdict reads the first 2 windows); calibration: the next {calib_n} x {calib_len} "
         "tokens (disjoint text)",
         [0.1, 0.2],
-        methods=["fold", "fold-alloc", "prune-act"],
+        methods=["fold", "fold-alloc", "prune-act", "prune-refit"],
         extra_names=["ppl", "x dense ppl"],
         budget="params",
     )
