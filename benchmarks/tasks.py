@@ -92,11 +92,18 @@ def photo_split() -> tuple[np.ndarray, np.ndarray]:
     odd-numbered photos of benchmarks.photos, 32 of the even-numbered ones (no photo in both)."""
     from benchmarks.photos import photo_batch, photo_names
 
+    names = photo_names()
     cached = os.path.join(CACHE, "frontier_photos_320.npz")
-    if not os.path.exists(cached):
-        np.savez(cached, input=photo_batch(320, 224, seed=0))
-    x = np.load(cached)["input"]
-    photo = np.arange(len(x)) % len(photo_names())
+    if not os.path.exists(cached) or "names" not in np.load(cached):
+        np.savez(cached, input=photo_batch(320, 224, seed=0), names=np.array(names))
+    stored = np.load(cached)
+    if stored["names"].tolist() != names:  # sample i is a crop of photo i % len(names)
+        raise RuntimeError(
+            f"{cached} holds crops of the photos {stored['names'].tolist()}, but {names} load here: "
+            "install the benchmark extras (skimage), or delete the file to make new crops"
+        )
+    x = stored["input"]
+    photo = np.arange(len(x)) % len(names)
     return x[photo % 2 == 1], x[photo % 2 == 0][:32]
 
 
