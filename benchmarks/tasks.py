@@ -99,8 +99,8 @@ def photo_split() -> tuple[np.ndarray, np.ndarray]:
     stored = np.load(cached)
     if stored["names"].tolist() != names:  # sample i is a crop of photo i % len(names)
         raise RuntimeError(
-            f"{cached} holds crops of the photos {stored['names'].tolist()}, but {names} load here: "
-            "install the benchmark extras (skimage), or delete the file to make new crops"
+            f"{cached} holds crops of the photos {stored['names'].tolist()}, but {names} load "
+            "here: install the benchmark extras (skimage), or delete the file to make new crops"
         )
     x = stored["input"]
     photo = np.arange(len(x)) % len(names)
