@@ -144,9 +144,10 @@ def feature_outputs(model: onnx.ModelProto) -> frozenset[str]:
 def state_outputs(model: onnx.ModelProto) -> frozenset[str]:
     """Names of the graph outputs that are a decoder's KV-cache state (present keys and values): an
     output after the first of a fused attention op (runtime.caches.CACHE_INPUTS), or a Concat of a
-    graph input (the past cache) with the new keys or values, through reshaping ops."""
+    4-D graph input (the past cache) with the new keys or values along a middle axis (the
+    sequence), through reshaping ops."""
     producers = {o: (n, i) for n in model.graph.node for i, o in enumerate(n.output)}
-    inputs = {i.name for i in model.graph.input}
+    inputs = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 4}
     found = set()
     for out in model.graph.output:
         node, index = producers.get(out.name, (None, 0))
@@ -156,7 +157,9 @@ def state_outputs(model: onnx.ModelProto) -> frozenset[str]:
             continue
         fused = node.op_type in CACHE_INPUTS and index > 0
         if fused or (node.op_type == "Concat" and inputs.intersection(node.input)):
-            found.add(out.name)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if fused or axis in (1, 2, -2, -3):
+                found.add(out.name)
     return frozenset(found)
 
 

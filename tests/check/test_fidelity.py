@@ -105,8 +105,9 @@ def test_hidden_states_are_not_read_as_class_scores(tmp_path, head, kind):
 
 def _cache_model(fused: bool):
     """A graph with a logits output and a present cache: from a GroupQueryAttention's second output
-    (fused) or a Concat of the past-cache input with the new keys, through a Transpose; plus a
-    Concat of two computed tensors (not a cache)."""
+    (fused) or a Concat of the 4-D past-cache input with the new keys along the sequence axis,
+    through a Transpose; plus a Concat of two computed tensors and one of an input along the last
+    axis (neither a cache)."""
     from onnx import TensorProto, helper
 
     f = TensorProto.FLOAT
@@ -126,9 +127,11 @@ def _cache_model(fused: bool):
     nodes += [
         helper.make_node("Transpose", ["present_raw"], ["present"], perm=[0, 1, 2, 3]),
         helper.make_node("Concat", ["logits", "logits"], ["joined"], axis=2),
+        helper.make_node("Concat", ["q", "logits"], ["widened"], axis=-1),
     ]
-    io = [helper.make_tensor_value_info(n, f, None) for n in ("q", "past")]
-    outs = [helper.make_tensor_value_info(n, f, None) for n in ("logits", "present", "joined")]
+    io = [helper.make_tensor_value_info(n, f, [1, 2, None, 4]) for n in ("q", "past")]
+    names = ("logits", "present", "joined", "widened")
+    outs = [helper.make_tensor_value_info(n, f, None) for n in names]
     return helper.make_model(helper.make_graph(nodes, "g", io, outs))
 
 
