@@ -211,7 +211,7 @@ def _search(args: argparse.Namespace, config: FoldConfig, model: str):
         gives = first.why if target.metric == "ok" else f"{first.value:.4f}"
         hint = "; give --ratio R to fold anyway" if args.target is None else ""
         print(
-            f"onnxfold: no ratio tried meets {target} (the smallest, {first.ratio:.3f}, gives "
+            f"onnxfold: no ratio tried meets {target} (the smallest, {first.ratio:.4f}, gives "
             f"{gives}); nothing written{hint}",
             file=sys.stderr,
         )

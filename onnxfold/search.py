@@ -56,6 +56,9 @@ TARGET_METRICS = {
 }
 MAX_RATIO = 0.9  # the largest ratio tried
 STEPS = 6  # bisection steps after the first try at MAX_RATIO: resolution MAX_RATIO / 64
+# when no bisection step met the target: halvings below the smallest ratio tried (to MAX_RATIO /
+# 1024), until one meets it or a fold removes no parameter
+LOWER_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -161,8 +164,9 @@ def search_ratio(
 ) -> SearchResult:
     """Bisect the ratio of `config` for the largest one whose fold of the model at `path` meets
     `target` on the inputs of `source` (the user's arrays and labels, or seeded random inputs),
-    compared as the written model's validation compares them. `calib`: calibration feeds (input
-    name -> (N, ...)). `progress(i, total, text)` is called before each candidate."""
+    compared as the written model's validation compares them; below the bisection's smallest ratio
+    when none of its steps meets the target (_below). `calib`: calibration feeds (input name -> (N,
+    ...)). `progress(i, total, text)` is called before each candidate."""
     start = time.perf_counter()
     measured: dict[float, Candidate] = {}
     kept = Kept()
@@ -173,9 +177,9 @@ def search_ratio(
             path, dataclasses.replace(config, ratio=MAX_RATIO), calib
         )
 
-    def measure(ratio: float) -> Candidate:
+    def measure(ratio: float, total: int = STEPS + 1) -> Candidate:
         if progress:
-            progress(len(measured), STEPS + 1, f"ratio {ratio:.3f}")
+            progress(len(measured), total, f"ratio {ratio:.4f}")
         if ratio not in measured:
             measured[ratio] = _candidate(path, config, ratio, target, source, calib, kept)
         return measured[ratio]
@@ -190,8 +194,25 @@ def search_ratio(
                 low, best = mid, measured[mid]
             else:
                 high = mid
+    if best is None:
+        best = _below(measure, high, count_params(onnx.load(path, load_external_data=False)))
     frontier = [measured[r] for r in sorted(measured)]
     return SearchResult(target, frontier, best, time.perf_counter() - start, kept.sensitivity)
+
+
+def _below(measure, smallest: float, dense_params: int) -> Candidate | None:
+    """The first candidate meeting the target while halving below `smallest` (the smallest ratio
+    that missed it), LOWER_STEPS at most; None once a fold removes no parameter (smaller ratios
+    remove nothing either) or none met it."""
+    ratio = smallest
+    for _ in range(LOWER_STEPS):
+        ratio = round(ratio / 2, 6)
+        found = measure(ratio, STEPS + 1 + LOWER_STEPS)
+        if found.met and found.params < dense_params:
+            return found
+        if found.params >= dense_params:
+            return None
+    return None
 
 
 @dataclass
@@ -235,7 +256,7 @@ def format_frontier(result: SearchResult, dense_params: int) -> str:
         mark = "met" if c.met else "missed"
         value = ("ok" if c.met else "not ok") if name == "grade" else f"{c.value:.4f}"
         lines.append(
-            f"  {c.ratio:>6.3f}  {'-' + removed:>8}  {value:>8}  {c.verdict:<10}  {mark:<6}  "
+            f"  {c.ratio:>6.4f}  {'-' + removed:>8}  {value:>8}  {c.verdict:<10}  {mark:<6}  "
             f"{c.why}"
         )
     return "\n".join(lines)

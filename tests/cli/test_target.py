@@ -96,3 +96,39 @@ def test_without_a_ratio_no_validate_is_exit_2(model, tmp_path, capsys):
     assert main([model, "-o", out, "--no-validate"]) == 2
     assert "give --ratio R with --no-validate" in capsys.readouterr().err
     assert not os.path.exists(out)
+
+
+def _fake_candidates(monkeypatch, meets_below: float, removes_below: float = 0.0):
+    """search._candidate replaced: met at ratios <= meets_below; parameters 1000 x (1 - ratio),
+    all 1000 kept at ratios <= removes_below; the ratios tried are returned as they are asked."""
+    from onnxfold import search
+
+    tried = []
+
+    def candidate(path, config, ratio, target, source, calib, kept=None):
+        tried.append(ratio)
+        params = 1000 if ratio <= removes_below else round(1000 * (1 - ratio))
+        return search.Candidate(ratio, params, 0.0, "ok", ratio <= meets_below)
+
+    monkeypatch.setattr(search, "_candidate", candidate)
+    monkeypatch.setattr(search, "count_params", lambda model: 1000)
+    return tried
+
+
+def test_below_the_bisection_the_search_halves_until_a_ratio_meets(model, monkeypatch):
+    """No bisection step (0.9 down to 0.0141) meets the target: the search goes on halving below
+    the smallest ratio tried, and stops at the first that meets it."""
+    from onnxfold import search
+
+    tried = _fake_candidates(monkeypatch, meets_below=0.004)
+    found = search.search_ratio(model, search.FoldConfig(), Target("cos", 0.99), None)
+    assert tried[:7] == [0.9, 0.45, 0.225, 0.1125, 0.0563, 0.0282, 0.0141]
+    assert tried[7:] == [0.00705, 0.003525] and found.best.ratio == 0.003525
+
+
+def test_the_halving_stops_where_a_fold_removes_nothing(model, monkeypatch):
+    from onnxfold import search
+
+    tried = _fake_candidates(monkeypatch, meets_below=0.001, removes_below=0.005)
+    found = search.search_ratio(model, search.FoldConfig(), Target("cos", 0.99), None)
+    assert tried[7:] == [0.00705, 0.003525] and found.best is None
