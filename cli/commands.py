@@ -207,12 +207,15 @@ def _search(args: argparse.Namespace, config: FoldConfig, model: str):
         print(f"search for {what} on {where} ({searched.seconds:.1f} s):")
         print(format_frontier(searched, count_params_file(model)))
     if searched.best is None:
-        first = searched.frontier[0]
+        dense = count_params_file(model)
+        removing = [c for c in searched.frontier if c.params < dense]
+        first = (removing or searched.frontier)[0]
         gives = first.why if target.metric == "ok" else f"{first.value:.4f}"
+        smaller = " (smaller ones remove nothing)" if len(removing) < len(searched.frontier) else ""
         hint = "; give --ratio R to fold anyway" if args.target is None else ""
         print(
-            f"onnxfold: no ratio tried meets {target} (the smallest, {first.ratio:.4f}, gives "
-            f"{gives}); nothing written{hint}",
+            f"onnxfold: no ratio tried meets {target} (the smallest that removes parameters, "
+            f"{first.ratio:.4f}, gives {gives}{smaller}); nothing written{hint}",
             file=sys.stderr,
         )
     return searched

@@ -99,19 +99,20 @@ def test_without_a_ratio_no_validate_is_exit_2(model, tmp_path, capsys):
 
 
 def _fake_candidates(monkeypatch, meets_below: float, removes_below: float = 0.0):
-    """search._candidate replaced: met at ratios <= meets_below; parameters 1000 x (1 - ratio),
-    all 1000 kept at ratios <= removes_below; the ratios tried are returned as they are asked."""
+    """search._candidate replaced: met at ratios <= meets_below; parameters dense x (1 - ratio)
+    (dense: the shipped MNIST CNN's), all kept at ratios <= removes_below; the ratios tried are
+    returned as they are asked."""
     from onnxfold import search
+    from onnxfold.check.count import count_params_file
 
-    tried = []
+    tried, dense = [], count_params_file(MNIST)
 
     def candidate(path, config, ratio, target, source, calib, kept=None):
         tried.append(ratio)
-        params = 1000 if ratio <= removes_below else round(1000 * (1 - ratio))
+        params = dense if ratio <= removes_below else round(dense * (1 - ratio))
         return search.Candidate(ratio, params, 0.0, "ok", ratio <= meets_below)
 
     monkeypatch.setattr(search, "_candidate", candidate)
-    monkeypatch.setattr(search, "count_params", lambda model: 1000)
     return tried
 
 
@@ -132,3 +133,13 @@ def test_the_halving_stops_where_a_fold_removes_nothing(model, monkeypatch):
     tried = _fake_candidates(monkeypatch, meets_below=0.001, removes_below=0.005)
     found = search.search_ratio(model, search.FoldConfig(), Target("cos", 0.99), None)
     assert tried[7:] == [0.00705, 0.003525] and found.best is None
+
+
+def test_a_search_ending_where_folds_remove_nothing_says_so(model, tmp_path, monkeypatch, capsys):
+    _fake_candidates(monkeypatch, meets_below=0.001, removes_below=0.005)
+    argv = [model, "-o", str(tmp_path / "o.onnx"), "--data", MNIST_TEST, "--target", "cos=0.99"]
+    assert main(argv) == 3
+    assert (
+        "no ratio tried meets cos=0.99 (the smallest that removes parameters, 0.0070, gives 0.0000 "
+        "(smaller ones remove nothing)); nothing written" in capsys.readouterr().err
+    )
