@@ -103,6 +103,9 @@ def fold(args: argparse.Namespace) -> int:
             check_fold_request(model, output, config, args.data, args.calib, input_options(args))
         searched = _search(args, config, model)
     if searched is not None and searched.best is None:
+        if args.report:  # what the search walked, though no model was written
+            walked = {"input": args.input, "output": None, "options": config, "search": searched}
+            report.write_json(args.report, walked)
         return 3
     if searched is not None:
         config = dataclasses.replace(config, ratio=searched.best.ratio)

@@ -38,10 +38,15 @@ def test_target_folds_as_far_as_the_limit_holds(model, tmp_path, capsys):
 
 
 def test_a_target_no_ratio_meets_writes_nothing_and_exits_3(model, tmp_path, capsys):
-    out = str(tmp_path / "o.onnx")
-    assert main([model, "-o", out, "--data", MNIST_TEST, "--target", "error=0"]) == 3
+    out, report = str(tmp_path / "o.onnx"), str(tmp_path / "r.json")
+    argv = [model, "-o", out, "--data", MNIST_TEST, "--target", "error=0", "--report", report]
+    assert main(argv) == 3
     assert "no ratio tried meets error=0" in capsys.readouterr().err
     assert not os.path.exists(out)
+    written = json.load(open(report))  # the frontier walked, though no model was written
+    assert written["output"] is None and written["search"]["best"] is None
+    assert len(written["search"]["frontier"]) >= 7
+    assert not any(c["met"] for c in written["search"]["frontier"])
 
 
 @pytest.mark.parametrize(
