@@ -204,13 +204,13 @@ def _search(args: argparse.Namespace, config: FoldConfig, model: str):
         model, config, target, args.data, args.calib, progress, input_options(args)
     )
     progress.done()
+    dense = count_params_file(model)
     if not args.quiet:
         where = args.data or "random inputs (give --data for a verified verdict)"
         what = f"{target}: {TARGET_METRICS['ok'][0]}" if target.metric == "ok" else target
         print(f"search for {what} on {where} ({searched.seconds:.1f} s):")
-        print(format_frontier(searched, count_params_file(model)))
+        print(format_frontier(searched, dense))
     if searched.best is None:
-        dense = count_params_file(model)
         removing = [c for c in searched.frontier if c.params < dense]
         first = (removing or searched.frontier)[0]
         gives = first.why if target.metric == "ok" else f"{first.value:.4f}"

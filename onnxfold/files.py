@@ -246,20 +246,21 @@ def read_for_model(
         found = read_inputs(path, [s for s in specs if s.name not in caches], options)
     if input_kind(path) == "text":
         check_token_ids(found.arrays, token_id_limits(graph), path)
-    return _with_empty_caches(found, graph, caches, path)
+    return _with_empty_caches(found, caches, path)
 
 
-def _with_empty_caches(found: Inputs, graph: gs.Graph, caches: dict, path: str) -> Inputs:
-    """`found` with zeros (samples, heads, 0, head size) for every cache in `caches` when it holds
-    none of them and its other arrays agree on a sample count (else as it is)."""
+def _with_empty_caches(found: Inputs, caches: dict[str, np.ndarray], path: str) -> Inputs:
+    """`found` with zeros (samples, heads, 0, head size) for every cache in `caches` (input name ->
+    an empty cache of 0 samples) when it holds none of them and its other arrays agree on a sample
+    count (else as it is)."""
     counts = {len(a) for n, a in found.arrays.items() if n not in caches and np.ndim(a) > 0}
     if not caches or any(n in found.arrays for n in caches) or len(counts) != 1:
         return found
     count = counts.pop()
-    arrays = {**found.arrays, **empty_caches(graph, count)}
+    zeros = {n: np.zeros((count, *a.shape[1:]), a.dtype) for n, a in caches.items()}
     said = found.description or f"{path} ({count} samples)"
     note = f"{said}; empty past caches for the {len(caches)} cache inputs"
-    return Inputs(arrays, found.labels, note)
+    return Inputs({**found.arrays, **zeros}, found.labels, note)
 
 
 def check_fold_request(

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from .check.compare import Comparison, DenseRuns, FeedSource, language_text, validate_files
-from .check.count import count_params
+from .check.count import count_params, count_params_file
 from .check.fidelity import THRESHOLDS, verdict
 from .config import FoldConfig
 from .errors import UserError
@@ -195,7 +195,7 @@ def search_ratio(
             else:
                 high = mid
     if best is None:
-        best = _below(measure, high, count_params(onnx.load(path, load_external_data=False)))
+        best = _below(measure, high, count_params_file(path))
     frontier = [measured[r] for r in sorted(measured)]
     return SearchResult(target, frontier, best, time.perf_counter() - start, kept.sensitivity)
 

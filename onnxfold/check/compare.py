@@ -130,14 +130,10 @@ PASS_OPS = frozenset(
 def feature_outputs(model: onnx.ModelProto) -> frozenset[str]:
     """Names of the graph outputs computed by a normalisation or pooling op (FEATURE_OPS, through
     reshaping ops): hidden states and embeddings, whose last axis is not a class axis."""
-    producers = {o: n for n in model.graph.node for o in n.output}
     found = set()
-    for out in model.graph.output:
-        node = producers.get(out.name)
-        while node is not None and node.op_type in PASS_OPS and node.input:
-            node = producers.get(node.input[0])
+    for out, (node, _) in _output_sources(model).items():
         if node is not None and node.op_type in FEATURE_OPS:
-            found.add(out.name)
+            found.add(out)
     return frozenset(found)
 
 
@@ -146,21 +142,30 @@ def state_outputs(model: onnx.ModelProto) -> frozenset[str]:
     output after the first of a fused attention op (runtime.caches.CACHE_INPUTS), or a Concat of a
     4-D graph input (the past cache) with the new keys or values along a middle axis (the
     sequence), through reshaping ops."""
-    producers = {o: (n, i) for n in model.graph.node for i, o in enumerate(n.output)}
-    inputs = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 4}
+    pasts = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) == 4}
     found = set()
+    for out, (node, index) in _output_sources(model).items():
+        if node is None:
+            continue
+        if node.op_type in CACHE_INPUTS and index > 0:
+            found.add(out)
+        elif node.op_type == "Concat" and pasts.intersection(node.input):
+            if next((a.i for a in node.attribute if a.name == "axis"), 0) in (1, 2, -2, -3):
+                found.add(out)
+    return frozenset(found)
+
+
+def _output_sources(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto | None, int]]:
+    """Graph output name -> (the node that computes it through reshaping ops (PASS_OPS), which of
+    that node's outputs it is); (None, 0) for an output no node computes."""
+    producers = {o: (n, i) for n in model.graph.node for i, o in enumerate(n.output)}
+    found = {}
     for out in model.graph.output:
         node, index = producers.get(out.name, (None, 0))
         while node is not None and node.op_type in PASS_OPS and node.input:
             node, index = producers.get(node.input[0], (None, 0))
-        if node is None:
-            continue
-        fused = node.op_type in CACHE_INPUTS and index > 0
-        if fused or (node.op_type == "Concat" and inputs.intersection(node.input)):
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            if fused or axis in (1, 2, -2, -3):
-                found.add(out.name)
-    return frozenset(found)
+        found[out.name] = (node, index)
+    return found
 
 
 @dataclass(frozen=True)
