@@ -58,7 +58,7 @@ def inputs(model: str, tmp: str):
     else:
         from benchmarks.tasks import photo_split
 
-        evals, calibration = photo_split()
+        evals, calibration, _ = photo_split()
         np.savez(data, input=evals)
         np.savez(calib, input=calibration)
     return task.path, data, calib

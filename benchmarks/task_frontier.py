@@ -178,7 +178,7 @@ def config_for(method: str, setting: str, ratio: float, task: Task):
         options.update(method="prune", importance="act")
     if method in CALIB_ONLY:
         options["refit"] = True
-    if setting == "calib" and not options.get("method") == "prune":
+    if setting == "calib" and options.get("method") != "prune":
         options["repair"] = "data"
     if task.budget == "params":
         options.update(SMOL_SCOPE)

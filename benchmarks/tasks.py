@@ -87,16 +87,18 @@ def _batched(feeds_key: str, x: np.ndarray, chunk: int = 16):
 # EfficientNet-Lite0 ------------------------------------------------------------------------------
 
 
-def photo_split() -> tuple[np.ndarray, np.ndarray]:
-    """(evaluation, calibration) 224x224 photo crops for EfficientNet-Lite0: 160 crops/flips of the
-    odd-numbered photos of benchmarks.photos, 32 of the even-numbered ones (no photo in both)."""
+def photo_split() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(evaluation, calibration, photo names) for EfficientNet-Lite0: 224x224 crops/flips, 160 of
+    the odd-numbered photos of benchmarks.photos and 32 of the even-numbered ones (no photo in
+    both)."""
     from benchmarks.photos import photo_batch, photo_names
 
     names = photo_names()
     cached = os.path.join(CACHE, "frontier_photos_320.npz")
-    if not os.path.exists(cached) or "names" not in np.load(cached):
+    stored = np.load(cached) if os.path.exists(cached) else None
+    if stored is None or "names" not in stored:
         np.savez(cached, input=photo_batch(320, 224, seed=0), names=np.array(names))
-    stored = np.load(cached)
+        stored = np.load(cached)
     if stored["names"].tolist() != names:  # sample i is a crop of photo i % len(names)
         raise RuntimeError(
             f"{cached} holds crops of the photos {stored['names'].tolist()}, but {names} load "
@@ -104,15 +106,12 @@ def photo_split() -> tuple[np.ndarray, np.ndarray]:
         )
     x = stored["input"]
     photo = np.arange(len(x)) % len(names)
-    return x[photo % 2 == 1], x[photo % 2 == 0][:32]
+    return x[photo % 2 == 1], x[photo % 2 == 0][:32], names
 
 
 def efficientnet() -> Task:
-    from benchmarks.photos import photo_names
-
     path = os.path.join(CACHE, "efficientnet_lite0_bn.onnx")
-    names = photo_names()
-    evals, calib = photo_split()
+    evals, calib, names = photo_split()
 
     def metric(d, f) -> dict:
         return {"task": float(np.mean(d.argmax(1) == f.argmax(1)))}
