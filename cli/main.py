@@ -110,7 +110,14 @@ def _budget_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="remove the same number of parameters, but spread per group where the measured "
         "output deviation is lowest (each group folded alone at a few ratios on --calib inputs, "
-        "Fold-DIR's with --repair dir, else random inputs); slower, not with --allocate",
+        "Fold-DIR's with --repair dir, else random inputs); slower, not with --allocate. A "
+        "group only one MatMul/Gemm/1x1 Conv reads is emulated at that layer on the dense model "
+        "(exact for pruning, approximate for folding), the others folded alone",
+    )
+    p.add_argument(
+        "--measure-exact",
+        action="store_true",
+        help="with --measure: fold every group alone, none emulated (slower)",
     )
     p.add_argument(
         "--budget",

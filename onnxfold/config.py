@@ -49,6 +49,8 @@ class FoldConfig:
     # spread the same parameter budget by deviation measured on calibration inputs, each group
     # folded alone at a few ratios (plan.sensitivity)
     measure: bool = False
+    # --measure folds every group alone instead of emulating those check.emulate can represent
+    measure_exact: bool = False
     # what --allocate / --measure spend (the command line's --budget): params, macs (multiply-
     # accumulates at the model's input size) or latency (onnxruntime CPU time per layer); the
     # uniform ratio removes the same share of every group whatever is counted. Not named `budget`:
@@ -90,6 +92,8 @@ class FoldConfig:
                 raise ConfigError(
                     "layers", self.layers, "is not a list of indices like 5-27 or 0,3,7"
                 ) from None
+        if self.measure_exact and not self.measure:
+            raise ConfigError("measure_exact", True, "needs {measure}")
         if self.measure and self.allocate:
             raise ConfigError(
                 "measure", True, "and {allocate} are two ways to spread the budget; choose one"

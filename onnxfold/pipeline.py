@@ -20,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .check.cost import measure_costs
+from .check.emulate import Emulator, emulation_blocker
 from .config import FoldConfig
 from .errors import ConfigError, UserError, log
 from .groups.discover import apply_excludes, discover, kv_cache_notes
@@ -286,7 +287,8 @@ def _measured_budget(
     note = (
         f"measured allocation: {len(sensitivity.points)} groups x {sensitivity.ratio_count()} "
         f"ratios on {sensitivity.samples} calibration inputs ({sensitivity.source}), "
-        f"{sensitivity.seconds:.0f} s{' (measured once, reused)' if reused else ''}"
+        f"{sensitivity.seconds:.0f} s{sensitivity.how()}"
+        f"{' (measured once, reused)' if reused else ''}"
     )
     return dataclasses.replace(budget, fixed_keep=keep), [note]
 
@@ -394,32 +396,42 @@ def measure_sensitivity(
     calib: dict[str, np.ndarray] | None = None,
 ) -> Sensitivity:
     """Fold each of the foldable `groups` whose ratio (gid -> ratio) is above 0 ALONE at the
-    ratios of plan.sensitivity.measured_ratios: each fold starts from a fresh load of the model at
-    `dense_path`, planned, merged and repaired as `config` says (its measure off), and its
-    outputs on `feeds` (input name -> (N, ...), described by `source`) are compared with the dense
-    ones (plan.sensitivity.relative_deviation). `calib`: the calibration inputs each fold reads
-    (repairs, --importance act, --refit), as the whole fold does."""
+    ratios of plan.sensitivity.measured_ratios and compare the outputs on `feeds` (input name ->
+    (N, ...), described by `source`) with the dense ones (plan.sensitivity.relative_deviation).
+    Groups check.emulate can represent are emulated on the dense model (unless
+    config.measure_exact); the others are folded for real: each fold starts from a fresh load of
+    the model at `dense_path`, planned, merged and repaired as `config` says (its measure off).
+    `calib`: the calibration inputs each fold reads (repairs, --importance act, --refit), as the
+    whole fold does; activation importance is measured once for all groups."""
     start = time.perf_counter()
-    single = dataclasses.replace(config, measure=False)
-    dense = run_batched(session(dense_path), feeds)
+    measured = [g for g in groups if ratios[g.gid] > 0]
+    names = {g.gid: g.describe() for g in groups}
+    memo = ScoresMemo()
+    found = Sensitivity(samples=sample_count(feeds), source=source)
+    found.points, found.emulated_samples = _emulated_points(
+        dense_path, config, measured, ratios, feeds, calib, memo
+    )
+    found.emulated = len(found.points)
+    single = dataclasses.replace(config, measure=False, measure_exact=False)
     params = ParamModel(groups)
     whole = {g.gid: g.size for g in groups}
-    names = {g.gid: g.describe() for g in groups}
-    found = Sensitivity(samples=sample_count(feeds), source=source)
-    for g in (g for g in groups if ratios[g.gid] > 0):
-        counts: dict[int, float] = {}  # units kept -> the smallest ratio keeping them
-        for r in measured_ratios(ratios[g.gid]):
-            counts.setdefault(units_kept(g, r, config.channel_multiple()), r)
+    dense = None
+    for g in (g for g in measured if g.gid not in found.points):
         points = []
-        for kept, ratio in sorted(counts.items(), reverse=True):
-            if kept >= g.size:
-                continue
+        for kept, ratio in _measured_counts(g, ratios[g.gid], config):
+            dense = dense if dense is not None else run_batched(session(dense_path), feeds)
             loaded = load_model(dense_path)
             result = fold_graph(
-                loaded.graph, loaded.opset, single, None, calib, dense_path, {g.gid: kept}
+                loaded.graph,
+                loaded.opset,
+                single,
+                None,
+                calib,
+                dense_path,
+                {g.gid: kept},
+                scores=memo,
             )
-            if any(names.get(h.gid) != h.describe() for h in result.groups if h.gid in names):
-                raise RuntimeError("groups were numbered differently in two loads of the model")
+            _same_groups(names, result.groups)
             folded = run_batched(
                 session(to_proto(loaded.graph, loaded.opset).SerializeToString()), feeds
             )
@@ -429,6 +441,72 @@ def measure_sensitivity(
             found.points[g.gid] = points
     found.seconds = time.perf_counter() - start
     return found
+
+
+def _measured_counts(group: Group, ratio: float, config: FoldConfig) -> list[tuple[int, float]]:
+    """(units kept, the smallest measured ratio keeping them) for each distinct count below the
+    group's size that the measured ratios of a group at `ratio` give, most kept first."""
+    counts: dict[int, float] = {}
+    for r in measured_ratios(ratio):
+        counts.setdefault(units_kept(group, r, config.channel_multiple()), r)
+    return [(k, r) for k, r in sorted(counts.items(), reverse=True) if k < group.size]
+
+
+def _same_groups(names: dict[int, str], groups: list[Group]) -> None:
+    if any(names.get(h.gid) != h.describe() for h in groups if h.gid in names):
+        raise RuntimeError("groups were numbered differently in two loads of the model")
+
+
+def _emulated_points(
+    dense_path: str,
+    config: FoldConfig,
+    groups: list[Group],
+    ratios: dict[int, float],
+    feeds: dict[str, np.ndarray],
+    calib: dict[str, np.ndarray] | None,
+    memo: ScoresMemo,
+) -> tuple[dict[int, list[Point]], int]:
+    """(gid -> measured points, samples run) of the `groups` check.emulate can represent, each
+    planned as the whole fold plans it and emulated on a fresh load of the model at `dense_path`.
+    The importance of all `groups` is measured once, into `memo`, whether or not any is emulated.
+    Nothing is emulated with config.measure_exact, nor with --compensate (mean compensation is not
+    emulated): every group is then folded for real."""
+    loaded = load_model(dense_path)
+    single = dataclasses.replace(config, measure=False, measure_exact=False)
+    repair, _, _, fresh, _ = _discovered(loaded.graph, loaded.opset, single, calib, dense_path)
+    _same_groups({g.gid: g.describe() for g in groups}, fresh)
+    by_gid = {g.gid: g for g in fresh}
+    todo = [by_gid[g.gid] for g in groups if g.gid in by_gid]
+    scores = memo.measure(IMPORTANCES[config.importance](), loaded.graph, todo, calib, config.seed)
+    if config.compensate or config.measure_exact:
+        return {}, 0
+    todo = [g for g in todo if emulation_blocker(g, config.refit) is None]
+    how = config.clustering(resolve_backend(config.backend))
+    plans = {
+        g.gid: [
+            (ratio, _plan_one(g, kept, how, repair, scores.scores.get(g.gid)))
+            for kept, ratio in _measured_counts(g, ratios[g.gid], config)
+        ]
+        for g in todo
+    }
+    todo = [g for g in todo if plans[g.gid]]
+    if not todo:
+        return {}, 0
+    emulator = Emulator(loaded.graph, loaded.opset, todo, feeds, config.refit, calib)
+    params = ParamModel(groups)
+    whole = {g.gid: g.size for g in groups}
+    points = {}
+    for g in todo:
+        points[g.gid] = [
+            Point(
+                ratio,
+                plan.k,
+                params.count(whole) - params.count({**whole, g.gid: plan.k}),
+                emulator.deviation(plan, config.refit),
+            )
+            for ratio, plan in plans[g.gid]
+        ]
+    return points, emulator.samples
 
 
 def _merge(graph: gs.Graph, planned: _Planned, config: FoldConfig) -> tuple[list, list[str]]:

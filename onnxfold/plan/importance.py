@@ -99,11 +99,36 @@ class ScoresMemo:
         calib: dict | None,
         seed: int,
     ) -> Scores:
-        """importance.measure(graph, groups, calib, seed), or what it gave the first time."""
-        key = (importance.name, seed, frozenset(g.gid for g in groups))
+        """importance.measure(graph, groups, calib, seed), or what it gave the first time, or
+        the part of a measurement kept for more groups (a group's scores come from the dense model
+        whatever else is measured: --measure's single-group folds)."""
+        gids = frozenset(g.gid for g in groups)
+        key = (importance.name, seed, gids)
         if key not in self._kept:
-            self._kept[key] = importance.measure(graph, groups, calib, seed)
+            wider = next(
+                (
+                    kept
+                    for (name, s, had), kept in self._kept.items()
+                    if name == importance.name and s == seed and gids < had
+                ),
+                None,
+            )
+            self._kept[key] = (
+                importance.measure(graph, groups, calib, seed)
+                if wider is None
+                else _part(wider, gids)
+            )
         return self._kept[key]
+
+
+def _part(scores: Scores, gids: frozenset) -> Scores:
+    """The scores and means of `gids` only."""
+    return Scores(
+        {g: v for g, v in scores.scores.items() if g in gids},
+        scores.source,
+        {g: v for g, v in scores.means.items() if g in gids},
+        scores.feeds,
+    )
 
 
 def channel_importance(

@@ -44,12 +44,25 @@ class Point:
 @dataclass
 class Sensitivity:
     """gid -> the measured points of each group (ascending ratio), on `samples` calibration samples
-    described by `source` (user, synthesised, random, given), measured in `seconds`."""
+    described by `source` (user, synthesised, random, given), measured in `seconds`; `emulated`
+    of the groups were emulated (on the first `emulated_samples` samples)."""
 
     points: dict[int, list[Point]] = field(default_factory=dict)
     samples: int = 0
     source: str = ""
     seconds: float = 0.0
+    emulated: int = 0  # groups emulated on the dense model (check.emulate), the rest folded alone
+    emulated_samples: int = 0  # the samples those were run on
+
+    def how(self) -> str:
+        """'' when every group was folded alone, else a clause saying how many were emulated."""
+        if not self.emulated:
+            return ""
+        alone = len(self.points) - self.emulated
+        return (
+            f"; {self.emulated} emulated at their consumer on the dense model "
+            f"({self.emulated_samples} samples), {alone} folded alone"
+        )
 
     def ratio_count(self) -> int:
         """The most points measured for one group."""
@@ -68,11 +81,25 @@ def relative_deviation(dense: list[np.ndarray], folded: list[np.ndarray]) -> flo
     pairs = [(d, f) for d, f in zip(dense, folded) if np.issubdtype(np.asarray(d).dtype, real)]
     total = 0.0
     for d, f in pairs or list(zip(dense, folded)):
-        d64, f64 = np.asarray(d, np.float64), np.asarray(f, np.float64)
-        if d64.shape != f64.shape:
+        d, f = np.asarray(d), np.asarray(f)
+        if d.shape != f.shape:
             return WORST
-        total += float(np.linalg.norm(f64 - d64) / max(np.linalg.norm(d64), 1e-12))
+        change, size = _squared_norms(d, f)
+        total += float(np.sqrt(change) / max(np.sqrt(size), 1e-12))
     return min(total, WORST) if np.isfinite(total) else WORST
+
+
+def _squared_norms(dense: np.ndarray, folded: np.ndarray, block: int = 1 << 22) -> tuple:
+    """(||folded - dense||^2, ||dense||^2) in float64, a block of elements at a time (an LM's
+    logits over many samples are not copied whole to float64)."""
+    d, f = dense.reshape(-1), folded.reshape(-1)
+    change = size = 0.0
+    for start in range(0, len(d), block):
+        d64 = d[start : start + block].astype(np.float64)
+        diff = f[start : start + block].astype(np.float64) - d64
+        change += float(diff @ diff)
+        size += float(d64 @ d64)
+    return change, size
 
 
 def allocate_measured(

@@ -92,12 +92,18 @@ def sample_count(feeds: dict[str, np.ndarray]) -> int:
 
 
 def run_chunks(
-    sess, feeds: dict[str, np.ndarray], names: list[str] | None = None, size: int = BATCH
+    sess,
+    feeds: dict[str, np.ndarray],
+    names: list[str] | None = None,
+    size: int = BATCH,
+    axes: BatchAxes | None = None,
 ) -> Iterator[tuple[int, list[np.ndarray]]]:
     """(first sample index, outputs `names` (default all) of the samples from there) for runs of at
     most `size` samples, or of exactly the static batch size (the last run padded, its padding
-    dropped from batched outputs). Unbatched inputs go whole into every run."""
-    axes = batch_axes(sess)
+    dropped from batched outputs). Unbatched inputs go whole into every run. `axes`: where the
+    samples lie (default batch_axes(sess); given when inputs the caller adds could be mistaken
+    for batched ones)."""
+    axes = axes or batch_axes(sess)
     names = names or [o.name for o in sess.get_outputs()]
     total = axes.samples(feeds)
     step = axes.static or (size if axes.splittable else max(total, 1))
@@ -130,15 +136,18 @@ def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.nd
     return [(s[1] / s[0], np.maximum(s[2] / s[0] - np.square(s[1] / s[0]), 0.0)) for s in sums]
 
 
-def run_batched(sess, feeds: dict[str, np.ndarray], batch: int = BATCH) -> list[np.ndarray]:
+def run_batched(
+    sess, feeds: dict[str, np.ndarray], batch: int = BATCH, axes: BatchAxes | None = None
+) -> list[np.ndarray]:
     """All outputs of `sess` over every sample of feeds, run in chunks (run_chunks) and joined
     along each output's batch axis. An output whose declared dims do not name the batch
     (paddle2onnx names every dynamic dim apart: input [p2o.DynamicDimension.0, ...], output
     [p2o.DynamicDimension.2, ...]) is joined along axis 0 when its first dim held exactly each
-    run's samples; otherwise it does not follow the samples and the last run's is returned."""
-    axes = batch_axes(sess)
+    run's samples; otherwise it does not follow the samples and the last run's is returned.
+    `axes`: as run_chunks takes it."""
+    axes = axes or batch_axes(sess)
     names = [o.name for o in sess.get_outputs()]
-    runs = list(run_chunks(sess, feeds, names, batch))
+    runs = list(run_chunks(sess, feeds, names, batch, axes))
     total = axes.samples(feeds)
     counts = [b - a for a, b in zip([s for s, _ in runs], [s for s, _ in runs[1:]] + [total])]
     joined = []
