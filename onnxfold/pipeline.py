@@ -492,7 +492,7 @@ def _emulated_points(
     todo = [g for g in todo if plans[g.gid]]
     if not todo:
         return {}, 0
-    emulator = Emulator(loaded.graph, loaded.opset, todo, feeds, config.refit, calib)
+    emulator = Emulator(loaded.graph, todo, feeds, config.refit, calib)
     params = ParamModel(groups)
     whole = {g.gid: g.size for g in groups}
     points = {}

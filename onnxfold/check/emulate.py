@@ -31,9 +31,9 @@ import onnx_graphsurgeon as gs
 from ..groups.group import Group
 from ..groups.layout import SUM
 from ..model.ops import output_channel_axis, weight_out_axis
-from ..model.save import to_proto
 from ..plan.plan import FoldPlan
 from ..plan.sensitivity import relative_deviation
+from ..rewrite.merge import forget_shapes
 from ..rewrite.refit import RIDGE, weight_matrix
 from ..runtime.session import session, session_with_outputs
 from ..runtime.stats import input_batch_axes, run_batched, run_chunks
@@ -90,27 +90,27 @@ class _Site:
 
 
 class Emulator:
-    """The dense model with the consumers of `groups` (gid -> Group, each emulable) reading their
-    weights and an added bias from graph inputs, and its dense outputs on `feeds` (input name ->
-    (N, ...), the first SAMPLES samples). `graph` (a dense graph of its own, opset `opset`) is
-    changed. With `refit`, the covariance of each consumer's input is gathered on `calib` first."""
+    """The dense model with the consumers of `groups` (each emulable) reading their weights and
+    an added bias from graph inputs, and its dense outputs on `feeds` (input name -> (N, ...), the
+    first SAMPLES samples). `graph` (a dense graph of its own) is changed. With `refit`, the
+    covariance of each consumer's input is gathered on `calib` first."""
 
     def __init__(
         self,
         graph: gs.Graph,
-        opset: int,
         groups: list[Group],
         feeds: dict[str, np.ndarray],
         refit: bool = False,
         calib: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.sites = {g.gid: _site(g) for g in groups}
+        forget_shapes(graph)  # shapes discovery observed at a probe's input size
         if refit:
             _gather_statistics(graph, list(self.sites.values()), calib if calib else feeds)
         for site in self.sites.values():
             _open_site(graph, site)
         graph.toposort()
-        self.session = session(to_proto(graph, opset).SerializeToString())
+        self.session = session(gs.export_onnx(graph).SerializeToString())
         added = {name for s in self.sites.values() for name in (s.weight_input, s.bias_input)}
         # the samples lie where the dense model's inputs say (an added weight whose first dim
         # equals a static batch size must not be split)

@@ -9,7 +9,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-from helpers import MNIST, groups_of, make_model, save_model
+from helpers import (
+    MNIST,
+    export_tokens,
+    groups_of,
+    make_model,
+    save_model,
+    tiny_llama_config,
+    token_module,
+)
 from onnx import helper
 
 from onnxfold.check.emulate import emulation_blocker, entry_labels
@@ -96,6 +104,34 @@ def test_a_static_batch_feeds_the_added_weights_whole(tmp_path):
     _, want = _points(path, _calib(8), True, method="prune", multiple_of=1)
     assert emulated.emulated == 1 and emulated.emulated_samples == 8
     np.testing.assert_allclose([d for _, d in got[0]], [d for _, d in want[0]], rtol=1e-4)
+
+
+def test_a_transformer_s_swiglu_mlps_are_emulated_and_its_heads_folded_alone(tmp_path):
+    """Tiny LLaMA (torch export: head counts computed at run time, so discovery observes shapes
+    at a probe size; calibration sequences of another length): both SwiGLU MLP groups are emulated
+    and measure what folding them alone measures; the head groups are folded alone."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_llama_config(max_position_embeddings=32)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    src = export_tokens(
+        token_module(model, use_cache=False),
+        str(tmp_path / "llama.onnx"),
+        vocab=128,
+        output="logits",
+    )
+    calib = {"input_ids": np.random.default_rng(0).integers(0, 128, (6, 11))}
+    options = dict(method="prune", importance="act", refit=True)
+    emulated, got = _points(src, calib, False, **options)
+    _, want = _points(src, calib, True, **options)
+    foldable = [g for g in groups_of(src) if g.foldable]
+    blockers = sorted((g.kind, emulation_blocker(g, refit=True) is None) for g in foldable)
+    assert blockers == [("channels", True)] * 2 + [("heads", False)] * 2
+    assert emulated.emulated == 2 and len(emulated.points) == 4
+    for gid in got:
+        np.testing.assert_allclose([d for _, d in got[gid]], [d for _, d in want[gid]], rtol=1e-3)
 
 
 def test_groups_it_cannot_represent_are_named_and_folded_alone(tmp_path):
