@@ -16,6 +16,8 @@ calibration feeds as `calib=`; prune-act reads its activations from them):
 - `fold-refit`, `prune-refit` (with calibration only): `fold` with `repair="data"` and
   `prune-act`, each with `refit=True` (every folded group's 1x1-Conv/MatMul/Gemm consumer re-solved
   by ridge least squares to the dense model's output on the calibration inputs);
+- `prune-measure` (with calibration only): `prune-refit` with `measure=True`, its sensitivity
+  measured once per model at the largest ratio as for `fold-measure`;
 - `onnxsim`: onnxsim 0.8.1's `apply_structured_pruning` (L2, data-free) and, with calibration,
   `apply_structured_wanda_pruning` (calibration feeds in batches of 8), at sparsity = r. A call that
   raises or prunes nothing is recorded as such.
@@ -27,10 +29,10 @@ fixed-size subset of them where the task runs samples one by one). The summary t
 method, the point with the largest MACs reduction (parameter reduction for SmolLM2) whose task
 metric is >= 99% and >= 95% of dense.
 
-SmolLM2-135M runs `fold`, `fold-alloc`, `prune-act` and `prune-refit` only, at 10% and 20% of all
-parameters removed (channel ratio solved by benchmarks.smollm2.channel_ratio_for over the MLPs of
-layers 1-28, heads kept, the configuration of results/smollm2.md), 16 evaluation windows of 512
-tokens.
+SmolLM2-135M runs `fold`, `fold-alloc`, `prune-act`, `prune-refit` and `prune-measure` only, at
+10% and 20% of all parameters removed (channel ratio solved by benchmarks.smollm2.channel_ratio_for
+over the MLPs of layers 1-28, heads kept, the configuration of results/smollm2.md), 16 evaluation
+windows of 512 tokens.
 
 Results are cached row by row in benchmarks/.cache/frontier/<model>.json (a rerun skips the
 points already measured and reuses the dense model's task outputs; --fresh drops both) and
@@ -38,7 +40,8 @@ written to benchmarks/results/frontier_<model>.md and .png after every point, an
 benchmarks/results/frontier.md at the end.
 
 Usage: python -m benchmarks.task_frontier [--models efficientnet_lite0,ppocr_det,...]
-           [--methods fold,fold-alloc,fold-measure,prune-act,fold-refit,prune-refit,onnxsim]
+           [--methods fold,fold-alloc,fold-measure,prune-act,fold-refit,prune-refit,prune-measure,
+                      onnxsim]
            [--calib free,calib]
            [--ratios 0.02,0.05,...] [--skip fold-measure:calib] [--rounds 15]
            [--fresh [--keep-sensitivity]]
@@ -69,10 +72,11 @@ METHODS = [
     "prune-act",
     "fold-refit",
     "prune-refit",
+    "prune-measure",
     "onnxsim",
 ]
 # least-squares refit of the folded groups' consumers (--refit) needs calibration inputs
-CALIB_ONLY = ("fold-refit", "prune-refit")
+CALIB_ONLY = ("fold-refit", "prune-refit", "prune-measure")
 SETTINGS = ["free", "calib"]
 LABEL = {
     "fold": "fold (uniform)",
@@ -81,6 +85,7 @@ LABEL = {
     "prune-act": "prune --importance act",
     "fold-refit": "fold --refit",
     "prune-refit": "prune --importance act --refit",
+    "prune-measure": "prune --importance act --measure --refit",
     "onnxsim": "onnxsim structured",
 }
 SMOL_SCOPE = dict(head_ratio=0.0, layers="1-28")
@@ -174,8 +179,8 @@ def config_for(method: str, setting: str, ratio: float, task: Task):
         options["allocate"] = True
     elif method == "fold-measure":
         options["measure"] = True
-    elif method in ("prune-act", "prune-refit"):
-        options.update(method="prune", importance="act")
+    elif method in ("prune-act", "prune-refit", "prune-measure"):
+        options.update(method="prune", importance="act", measure=method == "prune-measure")
     if method in CALIB_ONLY:
         options["refit"] = True
     if setting == "calib" and options.get("method") != "prune":
@@ -305,29 +310,34 @@ class Frontier:
         config = config_for(method, setting, channel, self.task)
         calib = calibration(config, self.task, setting)
         sensitivity = None
-        if method == "fold-measure":
-            sensitivity = self._measured(setting, config, calib)
+        if config.measure:
+            sensitivity = self._measured(method, setting, config, calib)
         result = fold_model(self.task.path, config, calib=calib, sensitivity=sensitivity)
         return result.to_proto(), result
 
-    def _measured(self, setting: str, config, calib):
-        """model_sensitivity at the largest ratio of the grid, once per calibration setting
-        (pickled beside the JSON)."""
+    def _measured(self, method: str, setting: str, config, calib):
+        """model_sensitivity at the largest ratio of the grid, once per method and calibration
+        setting (pickled beside the JSON; fold-measure's under the setting alone, as before)."""
         from onnxfold.pipeline import model_sensitivity
 
-        if setting in self._sensitivity:
-            return self._sensitivity[setting]
-        path = os.path.join(STORE, f"{self.task.key}_sensitivity_{setting}.pkl")
+        key = setting if method == "fold-measure" else f"{method}_{setting}"
+        if key in self._sensitivity:
+            return self._sensitivity[key]
+        path = os.path.join(STORE, f"{self.task.key}_sensitivity_{key}.pkl")
         top = max(self.task.ratios)
+        if self.task.budget == "params":
+            top = self._channel_ratio(top)
         if os.path.exists(path):
             with open(path, "rb") as f:
                 sens = pickle.load(f)
         else:
             start = time.perf_counter()
             sens = model_sensitivity(self.task.path, dataclasses.replace(config, ratio=top), calib)
-            self.data["sensitivity"][setting] = {
+            self.data["sensitivity"][key] = {
                 "seconds": time.perf_counter() - start,
                 "ratio": top,
+                "emulated": sens.emulated,
+                "groups": len(sens.points),
             }
             self.save()
             try:
@@ -335,7 +345,7 @@ class Frontier:
                     pickle.dump(sens, f)
             except Exception:  # noqa: BLE001 - caching is optional
                 os.remove(path)
-        self._sensitivity[setting] = sens
+        self._sensitivity[key] = sens
         return sens
 
     def _onnxsim(self, setting: str, ratio: float):
@@ -597,7 +607,7 @@ def plot(task: Task, data: dict, path: str) -> None:
 
     by = "params_red" if task.budget == "params" else "macs_red"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C7"]))
+    colors = dict(zip(METHODS, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"]))
     for m in METHODS:
         for s in SETTINGS:
             pts = sorted(
