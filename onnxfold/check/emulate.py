@@ -17,9 +17,11 @@ inputs then measures every group at every ratio with one run each, instead of a 
 a new session per point.
 
 Exact for pruning a group whose channels reach the consumer through per-channel operations (an
-MLP's or a SwiGLU's hidden channels); for folding it leaves out what the merge does before the
-consumer (the merged producer's nonlinearity, the repair of statistics), so a fold's deviation is
-approximated. Groups it cannot represent (emulation_blocker) are folded alone exactly."""
+MLP's or a SwiGLU's hidden channels, an MBConv's expanded channels): the same deviations as folding
+it alone, with or without --refit (to the row sample the refit draws). For folding it would leave
+out what the merge does before the consumer (the merged producer's nonlinearity, the repair of
+statistics): --measure emulates pruning only. Groups it cannot represent (emulation_blocker) are
+folded alone."""
 
 from __future__ import annotations
 
@@ -39,7 +41,6 @@ from ..runtime.session import session, session_with_outputs
 from ..runtime.stats import input_batch_axes, run_batched, run_chunks
 
 STATS_LIMIT = 4096  # consumer input entries (n * repeat) whose covariance --refit's emulation keeps
-SAMPLES = 16  # calibration samples each emulated fold is run on
 STATS_CHUNK = 16  # samples per run when the consumers' input covariance is gathered
 
 
@@ -91,9 +92,9 @@ class _Site:
 
 class Emulator:
     """The dense model with the consumers of `groups` (each emulable) reading their weights and
-    an added bias from graph inputs, and its dense outputs on `feeds` (input name -> (N, ...), the
-    first SAMPLES samples). `graph` (a dense graph of its own) is changed. With `refit`, the
-    covariance of each consumer's input is gathered on `calib` first."""
+    an added bias from graph inputs, and its dense outputs on `feeds` (input name -> (N, ...)).
+    `graph` (a dense graph of its own) is changed. With `refit`, the covariance of each
+    consumer's input is gathered on `calib` first."""
 
     def __init__(
         self,
@@ -116,17 +117,12 @@ class Emulator:
         # equals a static batch size must not be split)
         inputs = [i for i in self.session.get_inputs() if i.name not in added]
         self.axes = input_batch_axes(inputs, self.session.get_outputs())
-        self.feeds = self.axes.take(feeds, 0, min(SAMPLES, self.axes.samples(feeds)))
+        self.feeds = feeds
         self.base = {}
         for s in self.sites.values():
             self.base[s.weight_input] = _layout(s, s.dense)
             self.base[s.bias_input] = np.zeros(s.bias_shape, s.dtype)
         self.dense = self._run(self.base)
-
-    @property
-    def samples(self) -> int:
-        """The samples each emulated fold runs on."""
-        return self.axes.samples(self.feeds)
 
     def deviation(self, plan: FoldPlan, refit: bool = False) -> float:
         """plan.sensitivity.relative_deviation of the model with `plan`'s group folded alone (its

@@ -45,14 +45,13 @@ class Point:
 class Sensitivity:
     """gid -> the measured points of each group (ascending ratio), on `samples` calibration samples
     described by `source` (user, synthesised, random, given), measured in `seconds`; `emulated`
-    of the groups were emulated (on the first `emulated_samples` samples)."""
+    of the groups were emulated (check.emulate), the others folded alone."""
 
     points: dict[int, list[Point]] = field(default_factory=dict)
     samples: int = 0
     source: str = ""
     seconds: float = 0.0
     emulated: int = 0  # groups emulated on the dense model (check.emulate), the rest folded alone
-    emulated_samples: int = 0  # the samples those were run on
 
     def how(self) -> str:
         """'' when every group was folded alone, else a clause saying how many were emulated."""
@@ -60,8 +59,7 @@ class Sensitivity:
             return ""
         alone = len(self.points) - self.emulated
         return (
-            f"; {self.emulated} emulated at their consumer on the dense model "
-            f"({self.emulated_samples} samples), {alone} folded alone"
+            f"; {self.emulated} emulated at their consumer on the dense model, {alone} folded alone"
         )
 
     def ratio_count(self) -> int:
