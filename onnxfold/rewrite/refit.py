@@ -1,22 +1,25 @@
 """Least-squares refit of the layers that read folded channels (`--refit`, needs calibration
 inputs).
 
-After a group folds, its consumer (a 1x1 Conv, Gemm or MatMul whose weight columns follow the group:
-an MBConv projection, an MLP's down projection, a classifier) reads k merged channels instead of n.
-Its weights are solved again so its output on the calibration inputs matches the dense model's (the
-classic channel-pruning reconstruction, here for folding and pruning alike):
+After a group folds, its consumer (a Conv, Gemm or MatMul whose weight columns follow the group: an
+MBConv projection, an MLP's down projection, a VGG block's next 3x3 Conv, a classifier) reads k
+merged channels instead of n. Its weights are solved again so its output on the calibration inputs
+matches the dense model's (the classic channel-pruning reconstruction, here for folding and pruning
+alike):
 
     W = argmin ||X_f W + b - X_d W_d||^2 + lam ||W - W_0||^2
 
 X_f (samples, k*repeat): the consumer's input in the folded model, X_d (samples, n*repeat) in the
-dense model on the same inputs, W_d the dense weights (outputs folded like the consumer's own
-outputs when they fold too), W_0 the folded weights (the prior: with little data the refit stays
-near the merge), b a new bias (the intercept). Consumers are refitted one at a time in topological
-order, each on the folded model as refitted so far, so later layers also correct what earlier refits
-left. Conv consumers with larger kernels or groups, and consumers whose outputs fold only in part,
-are left as they are. Memory: a float32 copy of every refitted consumer's dense weights and MAX_ROWS
-x out float32 targets per consumer are held at once (a few hundred MB for a 135 M-parameter LLM);
-meant for models well below the 7B scale."""
+dense model on the same inputs (for a k x k Conv each row is the patch under one output position,
+channels x kernel taps), W_d the dense weights (outputs folded like the consumer's own outputs when
+they fold too), W_0 the folded weights (the prior: with little data the refit stays near the merge),
+b a new bias (the intercept). Consumers are refitted one at a time in topological order, each on
+the folded model as refitted so far, so later layers also correct what earlier refits left. Grouped
+Convs, Convs over other than 2 spatial dims with a kernel above 1, and consumers whose outputs fold
+only in part are left as they are. Memory: a float32 copy of every refitted consumer's dense weights
+and up to MAX_ROWS x out float32 targets per consumer are held at once (a few hundred MB for a 135
+M-parameter LLM), and up to MAX_ELEMENTS float64 entries of one consumer's inputs; meant for models
+well below the 7B scale."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from ..runtime.stats import batch_axes, run_chunks
 from .compensate import Compensation, apply_compensation, folded_like_outputs
 
 MAX_ROWS = 32768  # sample rows (pixels x images, tokens) kept per consumer
+MAX_ELEMENTS = 1 << 26  # rows x input entries kept per consumer (wide k x k patches: fewer rows)
 # lam = RIDGE x mean diagonal of X_f^T X_f (EfficientNet-Lite0: 0.01 overfits DIR inputs)
 RIDGE = 0.1
 
@@ -49,15 +53,16 @@ class Refit:
 
 
 def plan_refits(plans: list[FoldPlan]) -> list[Refit]:
-    """One Refit per plan whose consumer is a MatMul/Gemm or an ungrouped 1x1 Conv with a float
-    weight; read before the weights are rewritten (the dense weights are copied)."""
+    """One Refit per plan whose consumer is a MatMul/Gemm, an ungrouped 1x1 Conv or an ungrouped
+    2-D Conv with a float weight; read before the weights are rewritten (the dense weights are
+    copied)."""
     found = []
     for plan in plans:
         consumer = plan.group.consumer
         # a quantized consumer (its member is a float view of its codes) is not refitted
         if consumer is None or consumer.member.tensor is not consumer.node.inputs[1]:
             continue
-        if not is_pointwise(consumer.node):
+        if not is_pointwise(consumer.node) and not _patched(consumer.node):
             continue
         node, axis = consumer.node, consumer.axis
         matrix = weight_matrix(node, np.asarray(node.inputs[1].values, np.float32))
@@ -106,11 +111,7 @@ def refit_consumers(
     done = 0
     for i, (refit, name) in enumerate(zip(refits, names)):
         x = _activations(
-            session_with_outputs(gs.export_onnx(graph), [name], only=True),
-            name,
-            refit.axis,
-            feeds,
-            rows,
+            session_with_outputs(gs.export_onnx(graph), [name], only=True), refit, feeds, rows
         )
         target = targets.pop(i).astype(np.float64)
         merged = weight_matrix(refit.node, np.asarray(refit.node.inputs[1].values, np.float64))
@@ -139,37 +140,94 @@ def solve(
 
 
 def _row_choice(seed: int):
-    """A function (samples in all feeds, batch start, batch samples, rows per sample) -> indices
-    into the batch's rows to keep, the same for the dense and the folded pass (MAX_ROWS drawn at
-    random over all rows, once per row count)."""
+    """A function (refit, samples in all feeds, batch start, batch samples, rows per sample) ->
+    indices into the batch's rows to keep, the same for the dense and the folded pass (at most
+    MAX_ROWS, and MAX_ELEMENTS / the dense input width, drawn at random over all rows, once per
+    row count and cap)."""
 
     @lru_cache(maxsize=None)
-    def kept(all_rows: int) -> np.ndarray:
+    def kept(all_rows: int, cap: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
-        return np.sort(rng.choice(all_rows, min(MAX_ROWS, all_rows), replace=False))
+        return np.sort(rng.choice(all_rows, min(cap, all_rows), replace=False))
 
-    def choose(total: int, start: int, count: int, per_sample: int) -> np.ndarray:
-        keep = kept(total * per_sample)
+    def choose(refit: Refit, total: int, start: int, count: int, per_sample: int) -> np.ndarray:
+        cap = min(MAX_ROWS, max(1, MAX_ELEMENTS // len(refit.dense)))
+        keep = kept(total * per_sample, cap)
         lo, hi = start * per_sample, (start + count) * per_sample
         return keep[(keep >= lo) & (keep < hi)] - lo
 
     return choose
 
 
-def _activations(sess, name: str, axis: int, feeds: dict, rows) -> np.ndarray:
-    """The tensor `name` over all feeds as sample rows (rows, channels), the rows `rows` picks."""
+def _activations(sess, refit: Refit, feeds: dict, rows) -> np.ndarray:
+    """The consumer's input over all feeds as sample rows (rows, entries), the rows `rows`
+    picks."""
+    name = refit.node.inputs[0].name
     total = batch_axes(sess).samples(feeds)
     parts = []
     for start, (out,) in run_chunks(sess, feeds, [name]):
-        parts.append(_rows_of(out, axis, total, start, rows))
+        parts.append(_input_rows(out, refit, total, start, rows))
     return np.concatenate(parts).astype(np.float64)
 
 
-def _rows_of(out: np.ndarray, axis: int, total: int, start: int, rows) -> np.ndarray:
-    moved = np.moveaxis(out, axis, -1)
+def _input_rows(out: np.ndarray, refit: Refit, total: int, start: int, rows) -> np.ndarray:
+    """Rows of the consumer's input `out` as its weight matrix reads them: the channel vector at
+    each position, or for a k x k Conv the patch (channels x kernel taps) under each output
+    position; the rows `rows` picks of this batch (samples start ... of `total`)."""
+    if _patched(refit.node):
+        return _patch_rows(out, refit, total, start, rows)
+    moved = np.moveaxis(out, refit.axis, -1)
     per_sample = int(np.prod(moved.shape[1:-1], dtype=np.int64))
     flat = moved.reshape(-1, moved.shape[-1])
-    return flat[rows(total, start, len(out), per_sample)]
+    return flat[rows(refit, total, start, len(out), per_sample)]
+
+
+def _patched(node: gs.Node) -> bool:
+    """An ungrouped 2-D Conv with a kernel larger than 1 x 1 (refitted on input patches)."""
+    weight = node.inputs[1]
+    return (
+        node.op == "Conv"
+        and int(node.attrs.get("group", 1)) == 1
+        and len(weight.shape or ()) == 4
+        and not is_pointwise(node)
+    )
+
+
+def _patch_rows(x: np.ndarray, refit: Refit, total: int, start: int, rows) -> np.ndarray:
+    """(rows, C * kh * kw): the input patch under each picked output position of the Conv, in the
+    order of its weight's (in, kh, kw) entries; `x` (N, C, H, W)."""
+    node = refit.node
+    kh, kw = (int(d) for d in node.inputs[1].shape[2:])
+    sh, sw = node.attrs.get("strides", [1, 1])
+    dh, dw = node.attrs.get("dilations", [1, 1])
+    top, left, bottom, right = _conv_pads(node, x.shape[2:], (kh, kw), (sh, sw), (dh, dw))
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    out_h = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    picked = rows(refit, total, start, len(x), out_h * out_w)
+    sample, position = np.divmod(picked, out_h * out_w)
+    y0, x0 = np.divmod(position, out_w)
+    taps = [
+        padded[sample, :, y0 * sh + i * dh, x0 * sw + j * dw] for i in range(kh) for j in range(kw)
+    ]
+    return np.stack(taps, axis=-1).reshape(len(picked), -1)
+
+
+def _conv_pads(node: gs.Node, size, kernel, strides, dilations) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) padding of a 2-D Conv: its pads, or what its auto_pad gives."""
+    mode = node.attrs.get("auto_pad", "NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode in ("NOTSET", ""):
+        top, left, bottom, right = node.attrs.get("pads", [0, 0, 0, 0])
+        return top, left, bottom, right
+    if mode == "VALID":
+        return 0, 0, 0, 0
+    begins, ends = [], []
+    for n, k, s, d in zip(size, kernel, strides, dilations):
+        total = max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        begins.append(total // 2 if mode == "SAME_UPPER" else total - total // 2)
+        ends.append(total - begins[-1])
+    return begins[0], begins[1], ends[0], ends[1]
 
 
 def _dense_targets(
@@ -184,8 +242,6 @@ def _dense_targets(
     for start, chunk in run_chunks(sess, feeds, out_names):
         outs = dict(zip(out_names, chunk))
         for i, refit in enumerate(refits):
-            x = _rows_of(outs[refit.node.inputs[0].name], refit.axis, total, start, rows).astype(
-                np.float32
-            )
-            found[i].append(x @ refit.dense)
+            x = _input_rows(outs[refit.node.inputs[0].name], refit, total, start, rows)
+            found[i].append(x.astype(np.float32) @ refit.dense)
     return {i: np.concatenate(parts) for i, parts in found.items()}

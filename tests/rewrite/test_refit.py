@@ -70,6 +70,27 @@ def conv_1x1(path: str) -> str:
     return path
 
 
+def conv_kxk(path: str, **attrs) -> str:
+    """x (N, 3, 9, 9) -> 3x3 Conv (pads 1) -> Relu -> 3x3 Conv with `attrs` -> y: the consumer reads
+    patches, and the 4 scaled copies are still exact multiples of the first 4 channels in every
+    patch (padding included)."""
+    w1, w2 = _scaled_copies(np.random.default_rng(6), 3)
+    rng = np.random.default_rng(7)
+    w1 = rng.standard_normal((HIDDEN, 3, 3, 3)).astype(np.float32)
+    w1[-4:] = 0.2 * w1[:4]
+    w2 = rng.standard_normal((3, HIDDEN, 3, 3)).astype(np.float32)
+    w2[:, -4:] *= 0.3
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], **attrs),
+    ]
+    inits = {"w1": w1, "w2": w2, "b2": np.full(3, 0.1, np.float32)}
+    model = make_model(nodes, inits, {"x": ["N", 3, 9, 9]}, {"y": ["N", 3, None, None]})
+    save_model(model, path, check=False)
+    return path
+
+
 def _save(path, nodes, inits, x_shape, y_shape) -> None:
     save_model(make_model(nodes, inits, {"x": x_shape}, {"y": y_shape}), path, check=False)
 
@@ -86,7 +107,21 @@ def _inputs(path: str, count: int, seed: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("build", [mlp_gemm, mlp_matmul, conv_1x1])
+KXK = {
+    "pads": dict(pads=[1, 1, 1, 1]),
+    "strides": dict(pads=[1, 0, 1, 2], strides=[2, 2]),
+    "dilations": dict(pads=[2, 2, 2, 2], dilations=[2, 2]),
+    "same_upper": dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+    "same_lower": dict(auto_pad="SAME_LOWER", strides=[7, 1]),
+    "valid": dict(auto_pad="VALID"),
+}
+
+
+@pytest.mark.parametrize(
+    "build",
+    [mlp_gemm, mlp_matmul, conv_1x1]
+    + [pytest.param(lambda p, a=a: conv_kxk(p, **a), id=f"kxk-{k}") for k, a in KXK.items()],
+)
 def test_pruned_scaled_copies_are_refitted_exactly(tmp_path, build, monkeypatch):
     monkeypatch.setattr(
         "onnxfold.rewrite.refit.RIDGE", 1e-7
@@ -125,6 +160,35 @@ def test_refit_lowers_held_out_error_on_random_weights(tmp_path):
     assert (
         errors[True] < 0.85 * errors[False]
     )  # measured: 0.75 (half of every hidden layer removed)
+
+
+@pytest.mark.parametrize("attrs", [KXK["strides"], KXK["same_lower"]], ids=["strides", "same"])
+def test_a_kxk_conv_refit_lowers_held_out_error(tmp_path, attrs):
+    """Random weights (no exact reconstruction): solved on patches, the 3x3 consumer's output
+    on held-out inputs moves closer to the dense one than the pruned weights leave it."""
+    rng = np.random.default_rng(8)
+    src = conv_kxk(str(tmp_path / "m.onnx"), **attrs)
+    model = onnx.load(src)
+    for init in model.graph.initializer:
+        values = rng.standard_normal(tuple(init.dims)).astype(np.float32)
+        init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+    onnx.save(model, src)
+    calib, held_out = _inputs(src, 64, 0), _inputs(src, 16, 1)
+    (dense,) = run(src, held_out)
+    errors = {}
+    for refit in (False, True):
+        out = str(tmp_path / f"f{refit}.onnx")
+        fold_to(
+            src,
+            out,
+            calib=calib if refit else None,
+            ratio=0.34,
+            method="prune",
+            repair="none",
+            refit=refit,
+        )
+        errors[refit] = float(np.sqrt(np.mean((run(out, held_out)[0] - dense) ** 2)))
+    assert errors[True] < 0.8 * errors[False], errors
 
 
 def test_duplicated_channels_stay_exact(tmp_path):
