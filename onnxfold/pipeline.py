@@ -502,7 +502,7 @@ def _emulated_points(
                 ratio,
                 plan.k,
                 params.count(whole) - params.count({**whole, g.gid: plan.k}),
-                emulator.deviation(plan, config.refit),
+                emulator.deviation(plan),
             )
             for ratio, plan in plans[g.gid]
         ]

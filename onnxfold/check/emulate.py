@@ -105,6 +105,7 @@ class Emulator:
         calib: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.sites = {g.gid: _site(g) for g in groups}
+        self.refit = refit
         forget_shapes(graph)  # shapes discovery observed at a probe's input size
         if refit:
             _gather_statistics(graph, list(self.sites.values()), calib if calib else feeds)
@@ -124,11 +125,12 @@ class Emulator:
             self.base[s.bias_input] = np.zeros(s.bias_shape, s.dtype)
         self.dense = self._run(self.base)
 
-    def deviation(self, plan: FoldPlan, refit: bool = False) -> float:
+    def deviation(self, plan: FoldPlan) -> float:
         """plan.sensitivity.relative_deviation of the model with `plan`'s group folded alone (its
-        consumer's weights as the fold, and --refit with `refit`, would leave them)."""
+        consumer's weights as the fold, and --refit when the emulator was built with it, would
+        leave them)."""
         site = self.sites[plan.group.gid]
-        weights, bias = emulated_weights(site, plan.labels, refit)
+        weights, bias = emulated_weights(site, plan.labels, self.refit)
         folded = self._run(
             {
                 **self.base,
