@@ -411,8 +411,7 @@ def measure_sensitivity(
     found.points = _emulated_points(dense_path, config, measured, ratios, feeds, calib, memo)
     found.emulated = len(found.points)
     single = dataclasses.replace(config, measure=False, measure_exact=False)
-    params = ParamModel(groups)
-    whole = {g.gid: g.size for g in groups}
+    saved = _params_saved(groups)
     dense = None
     for g in (g for g in measured if g.gid not in found.points):
         points = []
@@ -433,8 +432,7 @@ def measure_sensitivity(
             folded = run_batched(
                 session(to_proto(loaded.graph, loaded.opset).SerializeToString()), feeds
             )
-            saved = params.count(whole) - params.count({**whole, g.gid: kept})
-            points.append(Point(ratio, kept, saved, relative_deviation(dense, folded)))
+            points.append(Point(ratio, kept, saved(g.gid, kept), relative_deviation(dense, folded)))
         if points:
             found.points[g.gid] = points
     found.seconds = time.perf_counter() - start
@@ -466,11 +464,15 @@ def _emulated_points(
 ) -> dict[int, list[Point]]:
     """gid -> the measured points of the `groups` check.emulate can represent, each
     planned as the whole fold plans it and emulated on a fresh load of the model at `dense_path`.
-    The importance of all `groups` is measured once, into `memo`, whether or not any is emulated.
+    Activation importance of all `groups` is measured once, into `memo`, whether or not any is
+    emulated.
     Only pruning is emulated (for it the emulation is exact where it applies; a fold's merge and
     repair it leaves out: on PP-OCR cls with REPAIR its deviations ranked the real ones with a
     Spearman correlation of 0.86, pruning's 0.98), and not with --compensate (mean compensation is
     not emulated) nor config.measure_exact: every group is then folded for real."""
+    emulate = config.method == "prune" and not config.compensate and not config.measure_exact
+    if not emulate and config.importance == "weight":  # nothing to emulate or to measure once
+        return {}
     loaded = load_model(dense_path)
     single = dataclasses.replace(config, measure=False, measure_exact=False)
     repair, _, _, fresh, _ = _discovered(loaded.graph, loaded.opset, single, calib, dense_path)
@@ -478,7 +480,7 @@ def _emulated_points(
     by_gid = {g.gid: g for g in fresh}
     todo = [by_gid[g.gid] for g in groups if g.gid in by_gid]
     scores = memo.measure(IMPORTANCES[config.importance](), loaded.graph, todo, calib, config.seed)
-    if config.method != "prune" or config.compensate or config.measure_exact:
+    if not emulate:
         return {}
     todo = [g for g in todo if emulation_blocker(g, config.refit) is None]
     how = config.clustering(resolve_backend(config.backend))
@@ -493,20 +495,23 @@ def _emulated_points(
     if not todo:
         return {}
     emulator = Emulator(loaded.graph, todo, feeds, config.refit, calib)
-    params = ParamModel(groups)
-    whole = {g.gid: g.size for g in groups}
-    points = {}
-    for g in todo:
-        points[g.gid] = [
-            Point(
-                ratio,
-                plan.k,
-                params.count(whole) - params.count({**whole, g.gid: plan.k}),
-                emulator.deviation(plan),
-            )
+    saved = _params_saved(groups)
+    return {
+        g.gid: [
+            Point(ratio, plan.k, saved(g.gid, plan.k), emulator.deviation(plan))
             for ratio, plan in plans[g.gid]
         ]
-    return points
+        for g in todo
+    }
+
+
+def _params_saved(groups: list[Group]):
+    """A function (gid, units kept) -> parameters removed when that group alone keeps that many
+    of `groups`."""
+    params = ParamModel(groups)
+    whole = {g.gid: g.size for g in groups}
+    dense = params.count(whole)
+    return lambda gid, kept: dense - params.count({**whole, gid: kept})
 
 
 def _merge(graph: gs.Graph, planned: _Planned, config: FoldConfig) -> tuple[list, list[str]]:

@@ -36,7 +36,7 @@ from ..model.ops import output_channel_axis, weight_out_axis
 from ..plan.plan import FoldPlan
 from ..plan.sensitivity import relative_deviation
 from ..rewrite.merge import forget_shapes
-from ..rewrite.refit import RIDGE, weight_matrix
+from ..rewrite.refit import ridge_solve, weight_matrix
 from ..runtime.session import session, session_with_outputs
 from ..runtime.stats import input_batch_axes, run_batched, run_chunks
 
@@ -66,7 +66,7 @@ def emulation_blocker(group: Group, refit: bool = False) -> str | None:
         return f"the weight of '{node.name}' is shared with other layers"
     if not np.issubdtype(weight.values.dtype, np.floating):
         return f"the weight of '{node.name}' is not floating-point"
-    if refit and len(weight_matrix(node, weight.values)) > STATS_LIMIT:
+    if refit and weight.values.size // weight.shape[weight_out_axis(node)] > STATS_LIMIT:
         return f"'{node.name}' reads more than {STATS_LIMIT} entries (the refit's covariance)"
     return None
 
@@ -159,9 +159,7 @@ def emulated_weights(site: _Site, labels: np.ndarray, refit: bool) -> tuple[np.n
     if not refit:
         return reduce @ folded, np.zeros(site.dense.shape[1])
     gram = reduce.T @ site.scatter @ reduce
-    cross = reduce.T @ (site.scatter @ site.dense)
-    lam = RIDGE * max(float(np.trace(gram)) / k, 1e-12)
-    solved = np.linalg.solve(gram + lam * np.eye(k), cross + lam * folded)
+    solved = ridge_solve(gram, reduce.T @ (site.scatter @ site.dense), folded)
     bias = site.mean @ site.dense - (site.mean @ reduce) @ solved
     return reduce @ solved, bias
 
@@ -222,8 +220,8 @@ def _gather_statistics(graph: gs.Graph, sites: list[_Site], feeds: dict[str, np.
     """Each site's input covariance sum (centered) and mean over every row of `feeds`, one pass of
     the dense model (float32 products summed in float64)."""
     names = [s.node.inputs[0].name for s in sites]
-    sess = session_with_outputs(gs.export_onnx(graph), sorted(set(names)), only=True)
     order = sorted(set(names))
+    sess = session_with_outputs(gs.export_onnx(graph), order, only=True)
     sums = {id(s): (np.zeros((len(s.dense),) * 2), np.zeros(len(s.dense)), 0) for s in sites}
     for _, outs in run_chunks(sess, feeds, order, STATS_CHUNK):
         by_name = dict(zip(order, outs))

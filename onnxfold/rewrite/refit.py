@@ -130,13 +130,21 @@ def solve(
     """Ridge regression with an intercept, shrunk toward `prior`: x (rows, k), y (rows, out), prior
     (k, out) -> (weights (k, out), bias (out,)) minimising ||x W + b - y||^2 + lam ||W -
     prior||^2."""
-    ridge = RIDGE if ridge is None else ridge
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc
-    lam = ridge * max(float(np.trace(gram)) / len(gram), 1e-12)
-    weights = np.linalg.solve(gram + lam * np.eye(len(gram)), xc.T @ yc + lam * prior)
+    weights = ridge_solve(xc.T @ xc, xc.T @ yc, prior, ridge)
     return weights, y_mean - x_mean @ weights
+
+
+def ridge_solve(
+    gram: np.ndarray, cross: np.ndarray, prior: np.ndarray, ridge: float | None = None
+) -> np.ndarray:
+    """solve's weights (k, out) from the centered sums gram = xc^T xc (k, k) and cross = xc^T yc
+    (k, out): (gram + lam I)^-1 (cross + lam prior), lam = `ridge` (default RIDGE) x the mean
+    diagonal of gram."""
+    ridge = RIDGE if ridge is None else ridge
+    lam = ridge * max(float(np.trace(gram)) / len(gram), 1e-12)
+    return np.linalg.solve(gram + lam * np.eye(len(gram)), cross + lam * prior)
 
 
 def _row_choice(seed: int):
