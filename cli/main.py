@@ -153,8 +153,10 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.importance,
         help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib "
         "inputs or, for token models, data-free on text a causal LM generates itself (random token "
-        "ids for other token models); prune keeps the highest, fold clusters the weighted features "
-        "(default: weight)",
+        "ids for other token models); prune keeps the highest, fold clusters the weighted "
+        "features; obs (--method prune --refit): keep the channels the refit can best rebuild "
+        "the rest from, in Optimal Brain Surgeon order at each group's next layer (default: "
+        "weight)",
     )
     p.add_argument(
         "--compensate",
@@ -167,8 +169,8 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
         "--refit",
         action="store_true",
         help="after merging (and repair): re-solve by least squares the weights of each layer that "
-        "reads folded channels (1x1 Conv, Gemm, MatMul) so its output matches the dense model's on "
-        "the calibration inputs (--calib, or --repair dir's synthetic ones)",
+        "reads folded channels (MatMul, Gemm, ungrouped 2-D Conv) so its output matches the "
+        "dense model's on the calibration inputs (--calib, or --repair dir's synthetic ones)",
     )
     p.add_argument(
         "--method",
@@ -368,7 +370,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--importance",
-        choices=CHOICES["importance"],
+        choices=[c for c in CHOICES["importance"] if c != "obs"],  # obs: pruning with --refit
         default=DEFAULTS.importance,
         help="act: every method scores channels by activation x next-layer weight norm, measured "
         "on --calib (token models: data-free, see onnxfold --help)",

@@ -564,8 +564,8 @@ def _repair_and_refit(
     done = refit_consumers(graph, refits, dense_path, feeds, calib, seed=config.seed)
     return notes + [
         f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares on "
-        f"{sample_count(calib)} calibration samples (1x1 Conv, Gemm and MatMul consumers; "
-        "others kept)"
+        f"{sample_count(calib)} calibration samples (MatMul, Gemm and ungrouped 2-D Conv "
+        "consumers; others kept)"
     ]
 
 
@@ -625,7 +625,7 @@ def calibration_source(config: FoldConfig, arrays) -> str | None:
     its own inputs instead, 'data-free' when only --measure reads them and fold_graph makes its own
     for it (data_free_feeds), None when nothing reads calibration inputs."""
     repair = repair_class(config.repair, config.method, arrays is not None)
-    reads = repair.reads_calib or config.importance == "act" or config.refit or config.measure
+    reads = repair.reads_calib or config.importance != "weight" or config.refit or config.measure
     if arrays is not None and reads:
         return "user"
     if repair.synthesizes:

@@ -38,7 +38,7 @@ from ..plan.sensitivity import relative_deviation
 from ..rewrite.merge import forget_shapes
 from ..rewrite.refit import ridge_solve, weight_matrix
 from ..runtime.session import session, session_with_outputs
-from ..runtime.stats import input_batch_axes, run_batched, run_chunks
+from ..runtime.stats import input_batch_axes, run_batched, scatters_of
 
 STATS_LIMIT = 4096  # consumer input entries (n * repeat) whose covariance --refit's emulation keeps
 STATS_CHUNK = 16  # samples per run when the consumers' input covariance is gathered
@@ -218,19 +218,10 @@ def _open_site(graph: gs.Graph, site: _Site) -> None:
 
 def _gather_statistics(graph: gs.Graph, sites: list[_Site], feeds: dict[str, np.ndarray]) -> None:
     """Each site's input covariance sum (centered) and mean over every row of `feeds`, one pass of
-    the dense model (float32 products summed in float64)."""
-    names = [s.node.inputs[0].name for s in sites]
-    order = sorted(set(names))
-    sess = session_with_outputs(gs.export_onnx(graph), order, only=True)
-    sums = {id(s): (np.zeros((len(s.dense),) * 2), np.zeros(len(s.dense)), 0) for s in sites}
-    for _, outs in run_chunks(sess, feeds, order, STATS_CHUNK):
-        by_name = dict(zip(order, outs))
-        for s, name in zip(sites, names):
-            moved = np.moveaxis(by_name[name], s.axis, -1)
-            x = moved.reshape(-1, moved.shape[-1]).astype(np.float32)
-            gram, total, rows = sums[id(s)]
-            sums[id(s)] = (gram + (x.T @ x), total + x.sum(0, dtype=np.float64), rows + len(x))
+    the dense model (runtime.stats.scatters_of)."""
+    names = sorted({s.node.inputs[0].name for s in sites})
+    axes = [next(s.axis for s in sites if s.node.inputs[0].name == n) for n in names]
+    sess = session_with_outputs(gs.export_onnx(graph), names, only=True)
+    found = dict(zip(names, scatters_of(sess, names, axes, feeds, STATS_CHUNK)))
     for s in sites:
-        gram, total, rows = sums[id(s)]
-        s.mean = total / max(rows, 1)
-        s.scatter = gram - rows * np.outer(s.mean, s.mean)
+        s.scatter, s.mean = found[s.node.inputs[0].name]

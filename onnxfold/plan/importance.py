@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError, literal, log
-from ..runtime.stats import stats_of
+from ..runtime.stats import scatters_of, stats_of
 
 # config imports IMPORTANCES from here: onnx, onnxruntime and onnx-graphsurgeon load on use
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ class Scores:
     source: str = ""
     means: dict[int, np.ndarray] = field(default_factory=dict)
     feeds: dict[str, np.ndarray] | None = None
+    ordered: set[int] = field(default_factory=set)  # gids whose scores are OBS removal ranks
 
 
 class WeightImportance:
@@ -80,7 +81,75 @@ class ActivationImportance(WeightImportance):
         )
 
 
-IMPORTANCES = {cls.name: cls for cls in (WeightImportance, ActivationImportance)}
+OBS_LIMIT = 8192  # consumer input entries (n * repeat) --importance obs orders (scatter: 512 MB)
+
+
+class ObsImportance(ActivationImportance):
+    """For pruning with --refit: channels ranked by the Optimal Brain Surgeon order of their
+    consumer's input (plan.obs.removal_order), so the kept ones are those the refit reconstructs
+    the dense output from best. Groups it cannot order keep activation scores (obs_blocker)."""
+
+    name = "obs"
+
+    def measure(
+        self, graph: gs.Graph, groups: list[Group], calib: dict | None, seed: int
+    ) -> Scores:
+        scores = super().measure(graph, groups, calib, seed)
+        ordered = [g for g in groups if g.gid in scores.scores and obs_blocker(g) is None]
+        if ordered and scores.feeds is not None:
+            scores.scores.update(obs_scores(graph, ordered, scores.feeds))
+            scores.ordered = {g.gid for g in ordered}
+        return scores
+
+    def note(self, scores: Scores, groups: list[Group]) -> str | None:
+        return (
+            f"importance: OBS order at the consumer for {len(scores.ordered)} of {len(groups)} "
+            f"foldable groups being pruned ({scores.source}); activation x consumer weight norm "
+            f"for {len(scores.scores) - len(scores.ordered)}; the rest by weights"
+        )
+
+
+def obs_blocker(group: Group) -> str | None:
+    """Why `group`'s channels cannot be put in OBS order (None: they can): the order is that of
+    one consumer, the one --refit solves again."""
+    from ..groups.layout import SUM
+
+    consumer = group.consumer
+    if consumer is None:
+        return "no layer reads its channels through a constant weight"
+    if sum(1 for m in group.members if m.role == SUM) != 1:
+        return "more than one layer reads its channels (the refit solves one)"
+    if consumer.member.tensor is not consumer.node.inputs[1]:
+        return f"{consumer.node.op} '{consumer.node.name}' reads a quantized weight"
+    if group.size * consumer.member.repeat > OBS_LIMIT:
+        return f"its consumer reads more than {OBS_LIMIT} entries"
+    return None
+
+
+def obs_scores(
+    graph: gs.Graph, groups: list[Group], feeds: dict[str, np.ndarray]
+) -> dict[int, np.ndarray]:
+    """gid -> removal rank (n,) of each channel (plan.obs.removal_order) from the scatter of each
+    group's consumer input over `feeds` (input name -> (N, ...)), one onnxruntime pass."""
+    from .obs import removal_order
+
+    taps = {g.gid: consumer_tap(g) for g in groups}
+    names = sorted({(name, axis) for name, axis, _, _ in taps.values()})
+    sess = statistics_session(graph, groups)
+    found = scatters_of(sess, [n for n, _ in names], [a for _, a in names], feeds)
+    scatter = {name: s for (name, _), (s, _) in zip(names, found)}
+    out = {}
+    for g in groups:
+        name, _, norms, repeat = taps[g.gid]
+        m = g.consumer.member
+        values = np.moveaxis(np.asarray(m.tensor.values), m.axis, 0)
+        rows = values.reshape(len(norms), -1)
+        if len(scatter[name]) == len(rows):
+            out[g.gid] = removal_order(scatter[name], rows, repeat)
+    return out
+
+
+IMPORTANCES = {cls.name: cls for cls in (WeightImportance, ActivationImportance, ObsImportance)}
 
 
 class ScoresMemo:
@@ -128,6 +197,7 @@ def _part(scores: Scores, gids: frozenset) -> Scores:
         scores.source,
         {g: v for g, v in scores.means.items() if g in gids},
         scores.feeds,
+        scores.ordered & gids,
     )
 
 

@@ -136,6 +136,26 @@ def stats_of(sess, names: list[str], axes: list[int], feeds) -> list[tuple[np.nd
     return [(s[1] / s[0], np.maximum(s[2] / s[0] - np.square(s[1] / s[0]), 0.0)) for s in sums]
 
 
+def scatters_of(
+    sess, names: list[str], axes: list[int], feeds, size: int = 16
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per output `names[i]` of session `sess` over `feeds` (input name -> (N, ...)): the centered
+    scatter (C, C) float64 and mean (C,) of its channel vectors along `axes[i]` (every other
+    position a row), `size` samples a run (float32 products summed in float64)."""
+    sums = [(0.0, 0.0, 0) for _ in names]
+    for _, outs in run_chunks(sess, feeds, names, size):
+        for i, (out, axis) in enumerate(zip(outs, axes)):
+            moved = np.moveaxis(out, axis, -1)
+            x = moved.reshape(-1, moved.shape[-1]).astype(np.float32)
+            gram, total, rows = sums[i]
+            sums[i] = (gram + (x.T @ x), total + x.sum(0, dtype=np.float64), rows + len(x))
+    found = []
+    for gram, total, rows in sums:
+        mean = np.asarray(total, np.float64) / max(rows, 1)
+        found.append((np.asarray(gram, np.float64) - rows * np.outer(mean, mean), mean))
+    return found
+
+
 def run_batched(
     sess, feeds: dict[str, np.ndarray], batch: int = BATCH, axes: BatchAxes | None = None
 ) -> list[np.ndarray]:
