@@ -82,7 +82,10 @@ class ActivationImportance(WeightImportance):
         )
 
 
-OBS_LIMIT = 8192  # consumer input entries (n * repeat) --importance obs orders (scatter: 512 MB)
+# consumer input entries (n * repeat) --importance obs orders: elimination is cubic (1536 entries:
+# 1.5 s, 4096: about 30 s)
+OBS_LIMIT = 4096
+OBS_PASS_BYTES = 1 << 30  # float64 scatters gathered in one pass of the model
 
 
 class ObsImportance(ActivationImportance):
@@ -131,23 +134,38 @@ def obs_scores(
     graph: gs.Graph, groups: list[Group], feeds: dict[str, np.ndarray]
 ) -> dict[int, np.ndarray]:
     """gid -> removal rank (n,) of each channel (plan.obs.removal_order) from the scatter of each
-    group's consumer input over `feeds` (input name -> (N, ...)), one onnxruntime pass."""
+    group's consumer input over `feeds` (input name -> (N, ...)): one onnxruntime pass per
+    OBS_PASS_BYTES of scatters."""
     from .obs import removal_order
 
     taps = {g.gid: consumer_tap(g) for g in groups}
-    names = sorted({(name, axis) for name, axis, _, _ in taps.values()})
     sess = statistics_session(graph, groups)
-    found = scatters_of(sess, [n for n, _ in names], [a for _, a in names], feeds)
-    scatter = {name: s for (name, _), (s, _) in zip(names, found)}
     out = {}
-    for g in groups:
-        name, _, norms, repeat = taps[g.gid]
-        m = g.consumer.member
-        values = np.moveaxis(np.asarray(m.tensor.values), m.axis, 0)
-        rows = values.reshape(len(norms), -1)
-        if len(scatter[name]) == len(rows):
+    for batch in _scatter_batches(sorted({(t[0], t[1], len(t[2])) for t in taps.values()})):
+        names, axes = [n for n, _, _ in batch], [a for _, a, _ in batch]
+        scatter = {n: s for n, (s, _) in zip(names, scatters_of(sess, names, axes, feeds))}
+        for g in groups:
+            name, _, norms, repeat = taps[g.gid]
+            if name not in scatter or len(scatter[name]) != len(norms):
+                continue
+            m = g.consumer.member
+            rows = np.moveaxis(np.asarray(m.tensor.values), m.axis, 0).reshape(len(norms), -1)
             out[g.gid] = removal_order(scatter[name], rows, repeat)
     return out
+
+
+def _scatter_batches(taps: list[tuple[str, int, int]]) -> list[list[tuple[str, int, int]]]:
+    """(tensor, axis, entries) taps split into runs whose float64 scatters fit OBS_PASS_BYTES."""
+    batches: list[list] = [[]]
+    used = 0
+    for tap in taps:
+        size = 8 * tap[2] ** 2
+        if batches[-1] and used + size > OBS_PASS_BYTES:
+            batches.append([])
+            used = 0
+        batches[-1].append(tap)
+        used += size
+    return batches
 
 
 IMPORTANCES = {cls.name: cls for cls in (WeightImportance, ActivationImportance, ObsImportance)}

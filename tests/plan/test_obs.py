@@ -157,3 +157,31 @@ def test_obs_needs_pruning_with_refit():
     with pytest.raises(ConfigError, match="needs refit"):
         FoldConfig(ratio=0.5, importance="obs", method="prune").check()
     FoldConfig(ratio=0.5, importance="obs", method="prune", refit=True).check()
+
+
+def test_scatters_gathered_in_several_passes_give_the_same_order(tmp_path, monkeypatch):
+    from onnxfold.plan import importance
+
+    rng = np.random.default_rng(2)
+    inits = {
+        "w1": rng.standard_normal((8, 12)).astype(np.float32),
+        "w2": rng.standard_normal((12, 10)).astype(np.float32),
+        "w3": rng.standard_normal((10, 4)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("MatMul", ["a1", "w2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["a2"]),
+        helper.make_node("MatMul", ["a2", "w3"], ["y"]),
+    ]
+    model = make_model(nodes, inits, {"x": ["N", 8]}, {"y": ["N", 4]})
+    path = save_model(model, tmp_path / "c.onnx")
+    loaded = load_model(path)
+    groups = [g for g in discover(loaded.graph, loaded.opset) if g.foldable]
+    feeds = {"x": rng.standard_normal((32, 8)).astype(np.float32)}
+    together = importance.obs_scores(loaded.graph, groups, feeds)
+    monkeypatch.setattr(importance, "OBS_PASS_BYTES", 1)  # one pass per consumer
+    assert len(importance._scatter_batches([("a", 1, 12), ("b", 1, 10)])) == 2
+    apart = importance.obs_scores(loaded.graph, groups, feeds)
+    assert len(together) == 2 and all(np.array_equal(together[g], apart[g]) for g in together)
