@@ -27,6 +27,7 @@ import numpy as np
 # the plain least-squares error, not the refit's stronger ridge (whose shrinkage toward the dense
 # rows favours keeping loud copies)
 DAMP = 0.01
+FLOOR = 1e-6  # x the mean diagonal, added to every diagonal entry: H's condition stays below 1e6 m
 LAZY = 64  # rank-one updates of the inverse gathered before one product applies them
 
 
@@ -45,11 +46,12 @@ def removal_order(
 
 
 def damped(scatter: np.ndarray, damp: float = DAMP) -> np.ndarray:
-    """scatter (m, m) as float64 with each diagonal entry raised by `damp` of itself (and by 1e-9
-    of the mean diagonal, for entries that never vary)."""
+    """scatter (m, m) as float64 with each diagonal entry raised by `damp` of itself and by FLOOR
+    of the mean diagonal (entries that never vary, e.g. a ReLU6 channel stuck at 6, would make the
+    inverse overflow)."""
     h = scatter.astype(np.float64)  # a copy
     diag = np.diag(h).copy()
-    floor = 1e-9 * max(float(diag.mean()) if len(diag) else 0.0, 1e-30)
+    floor = FLOOR * max(float(diag.mean()) if len(diag) else 0.0, 1e-30)
     h[np.diag_indices_from(h)] = diag * (1.0 + damp) + floor
     return h
 

@@ -141,18 +141,24 @@ def scatters_of(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per output `names[i]` of session `sess` over `feeds` (input name -> (N, ...)): the centered
     scatter (C, C) float64 and mean (C,) of its channel vectors along `axes[i]` (every other
-    position a row), `size` samples a run (float32 products summed in float64)."""
-    sums = [(0.0, 0.0, 0) for _ in names]
+    position a row), `size` samples a run. float32 products summed in float64, of the rows minus
+    the first run's mean: a channel with a large mean and little variance (a ReLU6 stuck at 6)
+    would otherwise lose its variance to cancellation, even below 0."""
+    sums: list = [None] * len(names)
     for _, outs in run_chunks(sess, feeds, names, size):
         for i, (out, axis) in enumerate(zip(outs, axes)):
             moved = np.moveaxis(out, axis, -1)
             x = moved.reshape(-1, moved.shape[-1]).astype(np.float32)
-            gram, total, rows = sums[i]
-            sums[i] = (gram + (x.T @ x), total + x.sum(0, dtype=np.float64), rows + len(x))
+            if sums[i] is None:
+                sums[i] = (x.mean(0, dtype=np.float64).astype(np.float32), 0.0, 0.0, 0)
+            shift, gram, total, rows = sums[i]
+            x = x - shift
+            sums[i] = (shift, gram + (x.T @ x), total + x.sum(0, dtype=np.float64), rows + len(x))
     found = []
-    for gram, total, rows in sums:
-        mean = np.asarray(total, np.float64) / max(rows, 1)
-        found.append((np.asarray(gram, np.float64) - rows * np.outer(mean, mean), mean))
+    for shift, gram, total, rows in sums:
+        offset = np.asarray(total, np.float64) / max(rows, 1)
+        scatter = np.asarray(gram, np.float64) - rows * np.outer(offset, offset)
+        found.append((scatter, offset + shift))
     return found
 
 

@@ -162,3 +162,21 @@ def test_outputs_whose_dims_are_named_apart_from_the_inputs_keep_every_sample(tm
     y, total = run_batched(session(path), {"x": x})
     np.testing.assert_allclose(y, x @ w, rtol=1e-5)
     np.testing.assert_allclose(total, (x[BATCH * 2 :] @ w).sum(), rtol=1e-4)
+
+
+def test_scatters_keep_the_variance_of_a_channel_with_a_large_mean(tmp_path):
+    """scatters_of: a channel near 1e4 with unit variance (float32 products of 1e8 would lose it to
+    cancellation, even below 0) keeps its scatter, over several runs, as float64 computes it."""
+    from onnxfold.runtime.stats import scatters_of
+
+    model = make_model(
+        [helper.make_node("Identity", ["x"], ["y"])], {}, {"x": ["N", 3]}, {"y": ["N", 3]}
+    )
+    sess = session(save_model(model, tmp_path / "id.onnx"))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 3)) + np.array([1e4, 0.0, -3e3])
+    ((scatter, mean),) = scatters_of(sess, ["y"], [1], {"x": x.astype(np.float32)}, size=16)
+    exact = x.astype(np.float32).astype(np.float64)
+    centered = exact - exact.mean(0)
+    np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-7, atol=1e-6)
+    np.testing.assert_allclose(scatter, centered.T @ centered, rtol=1e-4, atol=1e-2)
