@@ -170,8 +170,7 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="after merging (and repair): re-solve by least squares the weights of each layer that "
         "reads folded channels (MatMul, Gemm, ungrouped 2-D Conv) so its output matches the "
-        "dense model's on the calibration inputs (--calib, or --repair dir's synthetic ones; a "
-        "causal LM without --calib: text it generates itself)",
+        "dense model's on the calibration inputs (--calib, or --repair dir's synthetic ones)",
     )
     p.add_argument(
         "--method",

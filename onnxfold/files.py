@@ -21,13 +21,7 @@ from .config import FoldConfig
 from .errors import ConfigError, UserError
 from .model.load import LoadedModel, load_model
 from .model.save import check_data_target, copy_atomic, save_graph
-from .pipeline import (
-    FoldResult,
-    calibration_inputs,
-    calibration_source,
-    check_refit_inputs,
-    fold_graph,
-)
+from .pipeline import FoldResult, calibration_inputs, calibration_source, fold_graph
 from .plan.sensitivity import Sensitivity
 from .repair import repair_class
 from .runtime.feeds import check_arrays, proto_input_specs
@@ -125,8 +119,6 @@ def fold_file(
         lazy = not repair.needs_calibration and config.importance == "weight"
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
-        synthesised = repair_class(config.repair, config.method, calib is not None).synthesizes
-        check_refit_inputs(loaded.graph, config, calib is not None or synthesised)
         specs = proto_input_specs(loaded.skeleton.graph)  # the inputs as the file declares them
         hints = input_hints(loaded.graph)  # read before folding forgets the inferred shapes
         data_in = read_for_model(data, specs, inputs, loaded.graph, data_in)
@@ -292,6 +284,12 @@ def _check_calib(config: FoldConfig, path: str | None) -> None:
     if repair.reads_calib and not path:
         raise ConfigError(
             "repair", config.repair, "needs {calib} FILE.npz (a few dozen representative inputs)"
+        )
+    if config.refit and not path and not repair.synthesizes:
+        raise ConfigError(
+            "refit",
+            None,
+            "needs calibration inputs: {calib} FILE.npz, or {repair} dir (synthesised)",
         )
 
 

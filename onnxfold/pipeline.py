@@ -121,7 +121,6 @@ def fold_graph(
     start = time.perf_counter()
     backend = resolve_backend(config.backend)
     repair, calib, source, groups, unmatched = _discovered(graph, opset, config, calib, dense_path)
-    check_refit_inputs(graph, config, calib is not None)
     budget, measured = config.budget(), []
     if keep is not None:
         budget = dataclasses.replace(budget, fixed_keep=keep)
@@ -142,7 +141,7 @@ def fold_graph(
     result.group_seconds = planned.seconds
     result.notes += measured + kv_cache_notes(planned.plans) + planned.notes + compensated
     result.notes += _repair_and_refit(
-        graph, planned.plans, repair, refits, calib, dense_path, config, planned.scores
+        graph, planned.plans, repair, refits, calib, dense_path, config
     )
     if not planned.plans:
         result.nothing_folded = nothing_folded_cause(groups, config, planned.ratios, planned.keep)
@@ -164,18 +163,6 @@ def _discovered(graph: gs.Graph, opset: int, config: FoldConfig, calib, dense_pa
     groups = discover(graph, opset)
     unmatched = apply_excludes(groups, list(config.exclude))
     return repair, calib, source, groups, unmatched
-
-
-def check_refit_inputs(graph: gs.Graph, config: FoldConfig, calibrated: bool) -> None:
-    """ConfigError when --refit has nothing to fit on: no calibration inputs (given, or synthesised
-    by --repair dir: `calibrated`) and `graph` is not a causal LM, which writes its own text."""
-    if config.refit and not calibrated and logits_output(graph) is None:
-        raise ConfigError(
-            "refit",
-            None,
-            "needs calibration inputs: {calib} FILE.npz, or {repair} dir (synthesised); only a "
-            "causal LM refits data-free, on text it writes itself",
-        )
 
 
 def nothing_folded_cause(
@@ -559,11 +546,9 @@ def _repair_and_refit(
     calib: dict[str, np.ndarray] | None,
     dense_path: str | None,
     config: FoldConfig,
-    scores: Scores | None = None,
 ) -> list[str]:
     """Stage 4 and the refit after it: the repair's after-merge hook, then the least-squares refit
-    of the consumers (on `calib`, or without it on text the causal LM writes itself, the text
-    `scores` were measured on when they were); returns the report notes."""
+    of the consumers; returns the report notes."""
     if repair.needs_calibration and plans and (calib is None or dense_path is None):
         raise ConfigError(
             "repair", repair.name, "needs calibration inputs ({calib} FILE.npz for data)"
@@ -571,42 +556,17 @@ def _repair_and_refit(
     notes = list(filter(None, [repair.after_merge(graph, plans, calib, dense_path)]))
     if not refits:
         return notes
-    if dense_path is None:
-        raise ConfigError("refit", None, "needs the unfolded model's file (its outputs to match)")
-    source = f"{sample_count(calib)} calibration samples" if calib is not None else ""
-    if calib is None:
-        calib, source = _self_written_text(graph, dense_path, config, scores)
+    if calib is None or dense_path is None:
+        raise ConfigError(
+            "refit", None, "needs calibration inputs ({calib} FILE.npz, or {repair} dir)"
+        )
     feeds = folded_feeds(plans, calib)
     done = refit_consumers(graph, refits, dense_path, feeds, calib, seed=config.seed)
     return notes + [
         f"refit: {done} consumer layer{'' if done == 1 else 's'} re-solved by least squares on "
-        f"{source} (MatMul, Gemm and ungrouped 2-D Conv consumers; others kept)"
+        f"{sample_count(calib)} calibration samples (MatMul, Gemm and ungrouped 2-D Conv "
+        "consumers; others kept)"
     ]
-
-
-def _self_written_text(
-    graph: gs.Graph, dense_path: str, config: FoldConfig, scores: Scores | None
-) -> tuple[dict[str, np.ndarray], str]:
-    """(feeds, what they are) for a data-free refit of a causal LM: the text its importance was
-    measured on when the model wrote it, else text the dense model at `dense_path` writes now
-    (runtime.tokens.generated_token_feeds, `graph`'s inputs); ConfigError if it cannot."""
-    if scores is not None and scores.self_written and scores.feeds is not None:
-        feeds = scores.feeds
-    else:
-        try:
-            feeds = generated_token_feeds(graph, config.seed, session=session(dense_path))
-        except UserError as e:
-            feeds, why = None, str(e)
-        else:
-            why = "it has no next-token logits output"
-        if feeds is None:
-            raise ConfigError(
-                "refit",
-                None,
-                f"needs calibration inputs ({{calib}}): the model wrote no text ({why})",
-            )
-    count, length = next(iter(feeds.values())).shape[:2]
-    return feeds, f"{count} x {length} tokens the model generated (no --calib)"
 
 
 def _plan_all(

@@ -11,26 +11,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from helpers import (
-    export_tokens,
-    fold_to,
-    gemm_relu_chain,
-    make_model,
-    param_count,
-    run,
-    save_model,
-    tiny_llama_config,
-    token_module,
-    widen_file,
-)
+from helpers import fold_to, gemm_relu_chain, make_model, param_count, run, save_model, widen_file
 from onnx import helper
 
-from onnxfold import pipeline
-from onnxfold.config import FoldConfig
-from onnxfold.errors import ConfigError
-from onnxfold.model.load import load_model
 from onnxfold.rewrite.refit import solve
-from onnxfold.runtime import tokens
 
 HIDDEN = 12
 
@@ -243,46 +227,3 @@ def test_cli_refit_without_calibration_is_one_error_line(tmp_path):
     )
     assert proc.returncode == 2
     assert "--refit needs calibration inputs" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("importance", ["act", "weight"])
-def test_causal_lm_refits_data_free_on_the_text_it_writes(tmp_path, monkeypatch, importance):
-    """Without --calib a causal LM refits on text it generates: the text its activation importance
-    was measured on (generated once), or text generated for the refit; the refit lowers the
-    error on other text the model writes."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    cfg = tiny_llama_config()
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    src = export_tokens(
-        token_module(model, use_cache=False), str(tmp_path / "lm.onnx"), vocab=128, output="logits"
-    )
-    calls = []
-    generate = tokens.generated_token_feeds
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(tokens, "generated_token_feeds", counted)
-    monkeypatch.setattr(pipeline, "generated_token_feeds", counted)
-    options = dict(ratio=0.5, method="prune", importance=importance, head_ratio=0.0)
-    refitted, _ = fold_to(src, str(tmp_path / "r.onnx"), refit=True, **options)
-    assert len(calls) == 1
-    assert any("16 x 128 tokens the model generated (no --calib)" in n for n in refitted.notes)
-    fold_to(src, str(tmp_path / "p.onnx"), **options)
-    other = generate(load_model(src).graph, seed=9)
-    dense = run(src, other)[0]
-
-    def error(path: str) -> float:
-        return float(np.linalg.norm(run(path, other)[0] - dense) / np.linalg.norm(dense))
-
-    assert error(str(tmp_path / "r.onnx")) < 0.9 * error(str(tmp_path / "p.onnx"))
-
-
-def test_refit_without_calibration_of_a_model_that_writes_no_text(tmp_path):
-    src = mlp_gemm(str(tmp_path / "m.onnx"))
-    with pytest.raises(ConfigError, match="only a causal LM refits data-free"):
-        pipeline.fold_model(src, FoldConfig(ratio=0.5, refit=True))
