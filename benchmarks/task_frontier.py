@@ -22,8 +22,6 @@ calibration feeds as `calib=`; prune-act reads its activations from them):
 - `prune-obs` (with calibration only): FoldConfig(ratio=r, method="prune", importance="obs",
   refit=True): the channels kept are the last survivors of Optimal Brain Surgeon elimination at
   each group's consumer (onnxfold.plan.obs), then refitted as in `prune-refit`;
-- on SmolLM2 `prune-refit` and `prune-obs` also run data-free: a causal LM refits on 16 x 128
-  tokens it generates itself (the text its activation importance is measured on);
 - `onnxsim`: onnxsim 0.8.1's `apply_structured_pruning` (L2, data-free) and, with calibration,
   `apply_structured_wanda_pruning` (calibration feeds in batches of 8), at sparsity = r. A call that
   raises or prunes nothing is recorded as such.
@@ -85,8 +83,6 @@ METHODS = [
 ]
 # least-squares refit of the folded groups' consumers (--refit) needs calibration inputs
 CALIB_ONLY = ("fold-refit", "prune-refit", "prune-measure", "prune-obs")
-# ... except on a causal LM, which refits data-free on text it writes itself
-LM_DATA_FREE = ("prune-refit", "prune-obs")
 SETTINGS = ["free", "calib"]
 LABEL = {
     "fold": "fold (uniform)",
@@ -800,8 +796,7 @@ def main(argv: list[str] | None = None) -> None:
                         print(f"{key} {m} {s}: skipped (--skip)", flush=True)
                         continue
                     if m in CALIB_ONLY and s == "free":
-                        if not (task.writes_own_text and m in LM_DATA_FREE):
-                            continue
+                        continue
                     for r in ratios:
                         row = frontier.point(m, s, r)
                         if row is None:

@@ -62,7 +62,6 @@ class Task:
     extra_names: list[str] = field(default_factory=list)  # other figures metric returns
     budget: str = "ratio"  # "ratio": channel ratios; "params": parameter-reduction targets
     also_summarise: list[str] = field(default_factory=list)  # figures also summarised at 99/95%
-    writes_own_text: bool = False  # a causal LM: refit methods also run data-free
 
 
 def _session(model):
@@ -410,7 +409,6 @@ def smollm2(windows: int = 16) -> Task:
         methods=["fold", "fold-alloc", "prune-act", "prune-refit", "prune-measure", "prune-obs"],
         extra_names=["ppl", "x dense ppl"],
         budget="params",
-        writes_own_text=True,
     )
 
 
