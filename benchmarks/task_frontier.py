@@ -19,9 +19,6 @@ calibration feeds as `calib=`; prune-act reads its activations from them):
 - `prune-measure` (with calibration only): `prune-refit` with `measure=True`, its sensitivity
   measured once per model at the largest ratio as for `fold-measure`; it spends MACs
   (`cost="macs"`) except on SmolLM2, whose targets are parameters;
-- `prune-obs` (with calibration only): FoldConfig(ratio=r, method="prune", importance="obs",
-  refit=True): the channels kept are the last survivors of Optimal Brain Surgeon elimination at
-  each group's consumer (onnxfold.plan.obs), then refitted as in `prune-refit`;
 - `onnxsim`: onnxsim 0.8.1's `apply_structured_pruning` (L2, data-free) and, with calibration,
   `apply_structured_wanda_pruning` (calibration feeds in batches of 8), at sparsity = r. A call that
   raises or prunes nothing is recorded as such.
@@ -33,8 +30,7 @@ fixed-size subset of them where the task runs samples one by one). The summary t
 method, the point with the largest MACs reduction (parameter reduction for SmolLM2) whose task
 metric is >= 99% and >= 95% of dense.
 
-SmolLM2-135M runs `fold`, `fold-alloc`, `prune-act`, `prune-refit`, `prune-measure` and
-`prune-obs` only, at
+SmolLM2-135M runs `fold`, `fold-alloc`, `prune-act`, `prune-refit` and `prune-measure` only, at
 10% and 20% of all parameters removed (channel ratio solved by benchmarks.smollm2.channel_ratio_for
 over the MLPs of layers 1-28, heads kept, the configuration of results/smollm2.md), 16 evaluation
 windows of 512 tokens.
@@ -46,7 +42,7 @@ benchmarks/results/frontier.md at the end.
 
 Usage: python -m benchmarks.task_frontier [--models efficientnet_lite0,ppocr_det,...]
            [--methods fold,fold-alloc,fold-measure,prune-act,fold-refit,prune-refit,prune-measure,
-                      prune-obs,onnxsim]
+                      onnxsim]
            [--calib free,calib]
            [--ratios 0.02,0.05,...] [--skip fold-measure:calib] [--rounds 15]
            [--fresh [--keep-sensitivity]]
@@ -78,11 +74,10 @@ METHODS = [
     "fold-refit",
     "prune-refit",
     "prune-measure",
-    "prune-obs",
     "onnxsim",
 ]
 # least-squares refit of the folded groups' consumers (--refit) needs calibration inputs
-CALIB_ONLY = ("fold-refit", "prune-refit", "prune-measure", "prune-obs")
+CALIB_ONLY = ("fold-refit", "prune-refit", "prune-measure")
 SETTINGS = ["free", "calib"]
 LABEL = {
     "fold": "fold (uniform)",
@@ -92,7 +87,6 @@ LABEL = {
     "fold-refit": "fold --refit",
     "prune-refit": "prune --importance act --refit",
     "prune-measure": "prune --importance act --measure --refit",
-    "prune-obs": "prune --importance obs --refit",
     "onnxsim": "onnxsim structured",
 }
 SMOL_SCOPE = dict(head_ratio=0.0, layers="1-28")
@@ -188,8 +182,6 @@ def config_for(method: str, setting: str, ratio: float, task: Task):
         options["measure"] = True
     elif method in ("prune-act", "prune-refit", "prune-measure"):
         options.update(method="prune", importance="act", measure=method == "prune-measure")
-    elif method == "prune-obs":
-        options.update(method="prune", importance="obs")
     if method in CALIB_ONLY:
         options["refit"] = True
     if setting == "calib" and options.get("method") != "prune":

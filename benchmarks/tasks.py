@@ -406,7 +406,7 @@ def smollm2(windows: int = 16) -> Task:
         f"verdict reads the first 2 windows); calibration: the next {calib_n} x {calib_len} "
         "tokens (disjoint text)",
         [0.1, 0.2],
-        methods=["fold", "fold-alloc", "prune-act", "prune-refit", "prune-measure", "prune-obs"],
+        methods=["fold", "fold-alloc", "prune-act", "prune-refit", "prune-measure"],
         extra_names=["ppl", "x dense ppl"],
         budget="params",
     )

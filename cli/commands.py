@@ -253,7 +253,7 @@ def _print_report(args, folded: FoldReport) -> None:
         f"groups: {len(result.groups)} found, {folded_groups} folded, {frozen} frozen "
         f"| {_ratio_text(config, result.groups)}"
         f"{' allocated by Ward error' if config.allocate else ''}"
-        f"{_importance_text(config.importance)} | k-means on "
+        f"{' | importance: activations' if config.importance == 'act' else ''} | k-means on "
         f"{result.backend} "
         f"| fold time {result.seconds:.2f} s"
     )
@@ -275,13 +275,6 @@ def _print_report(args, folded: FoldReport) -> None:
     timing = folded.validation.timing if folded.validation else None
     say(report.format_table(folded.dense, folded.folded, comparison, timing))
     print(report.summary_line(folded.output, folded.dense, folded.folded, comparison))
-
-
-def _importance_text(importance: str) -> str:
-    """The summary line's importance part ('' for weights)."""
-    return {"act": " | importance: activations", "obs": " | importance: OBS order"}.get(
-        importance, ""
-    )
 
 
 def _ratio_text(config: FoldConfig, groups) -> str:

@@ -153,10 +153,8 @@ def _method_flags(p: argparse.ArgumentParser) -> None:
         default=DEFAULTS.importance,
         help="act: weigh channels by activation RMS x next-layer weight norm, measured on --calib "
         "inputs or, for token models, data-free on text a causal LM generates itself (random token "
-        "ids for other token models); prune keeps the highest, fold clusters the weighted "
-        "features; obs (--method prune --refit): keep the channels the refit can best rebuild "
-        "the rest from, in Optimal Brain Surgeon order at each group's next layer (default: "
-        "weight)",
+        "ids for other token models); prune keeps the highest, fold clusters the weighted features "
+        "(default: weight)",
     )
     p.add_argument(
         "--compensate",
@@ -370,7 +368,7 @@ def sweep_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--importance",
-        choices=[c for c in CHOICES["importance"] if c != "obs"],  # obs: pruning with --refit
+        choices=CHOICES["importance"],
         default=DEFAULTS.importance,
         help="act: every method scores channels by activation x next-layer weight norm, measured "
         "on --calib (token models: data-free, see onnxfold --help)",

@@ -56,8 +56,7 @@ class FoldConfig:
     # uniform ratio removes the same share of every group whatever is counted. Not named `budget`:
     # budget() is the plan's Budget
     cost: str = "params"
-    # weight: features as they are; act: scaled by activation-aware importance; obs (prune with
-    # refit): channels kept in the order the refit reconstructs best (plan.obs)
+    # weight: features as they are; act: scaled by activation-aware importance
     importance: str = "weight"
     # with act: restore each consumer's dense output mean with a bias
     compensate: bool = False
@@ -98,18 +97,6 @@ class FoldConfig:
         if self.measure and self.allocate:
             raise ConfigError(
                 "measure", True, "and {allocate} are two ways to spread the budget; choose one"
-            )
-        if self.importance == "obs" and self.method != "prune":
-            raise ConfigError(
-                "importance",
-                "obs",
-                "needs {method} prune (it orders channels for removal; a fold merges them)",
-            )
-        if self.importance == "obs" and not self.refit:
-            raise ConfigError(
-                "importance",
-                "obs",
-                "needs {refit} (it keeps the channels the refit reconstructs the rest from best)",
             )
         if self.compensate and self.importance != "act":
             raise ConfigError(

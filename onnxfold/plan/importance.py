@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import ConfigError, literal, log
-from ..runtime.stats import scatters_of, stats_of
+from ..runtime.stats import stats_of
 
 # config imports IMPORTANCES from here: onnx, onnxruntime and onnx-graphsurgeon load on use
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ class Scores:
     source: str = ""
     means: dict[int, np.ndarray] = field(default_factory=dict)
     feeds: dict[str, np.ndarray] | None = None
-    ordered: set[int] = field(default_factory=set)  # gids whose scores are OBS removal ranks
 
 
 class WeightImportance:
@@ -81,93 +80,7 @@ class ActivationImportance(WeightImportance):
         )
 
 
-# consumer input entries (n * repeat) --importance obs orders: elimination is cubic in them (1536
-# entries: 1.5 s on 2 cores)
-OBS_LIMIT = 4096
-OBS_PASS_BYTES = 1 << 30  # float64 scatters gathered in one pass of the model
-
-
-class ObsImportance(ActivationImportance):
-    """For pruning with --refit: channels ranked by the Optimal Brain Surgeon order of their
-    consumer's input (plan.obs.removal_order), so the kept ones are those the refit reconstructs
-    the dense output from best. Groups it cannot order keep activation scores (obs_blocker)."""
-
-    name = "obs"
-
-    def measure(
-        self, graph: gs.Graph, groups: list[Group], calib: dict | None, seed: int
-    ) -> Scores:
-        scores = super().measure(graph, groups, calib, seed)
-        ordered = [g for g in groups if g.gid in scores.scores and obs_blocker(g) is None]
-        if ordered and scores.feeds is not None:
-            scores.scores.update(obs_scores(graph, ordered, scores.feeds))
-            scores.ordered = {g.gid for g in ordered}
-        return scores
-
-    def note(self, scores: Scores, groups: list[Group]) -> str | None:
-        return (
-            f"importance: OBS order at the consumer for {len(scores.ordered)} of {len(groups)} "
-            f"foldable groups being pruned ({scores.source}); activation x consumer weight norm "
-            f"for {len(scores.scores) - len(scores.ordered)}; the rest by weights"
-        )
-
-
-def obs_blocker(group: Group) -> str | None:
-    """Why `group`'s channels cannot be put in OBS order (None: they can): the order is that of
-    one consumer, the one --refit solves again."""
-    from ..groups.layout import SUM
-
-    consumer = group.consumer
-    if consumer is None:
-        return "no layer reads its channels through a constant weight"
-    if sum(1 for m in group.members if m.role == SUM) != 1:
-        return "more than one layer reads its channels (the refit solves one)"
-    if consumer.member.tensor is not consumer.node.inputs[1]:
-        return f"{consumer.node.op} '{consumer.node.name}' reads a quantized weight"
-    if group.size * consumer.member.repeat > OBS_LIMIT:
-        return f"its consumer reads more than {OBS_LIMIT} entries"
-    return None
-
-
-def obs_scores(
-    graph: gs.Graph, groups: list[Group], feeds: dict[str, np.ndarray]
-) -> dict[int, np.ndarray]:
-    """gid -> removal rank (n,) of each channel (plan.obs.removal_order) from the scatter of each
-    group's consumer input over `feeds` (input name -> (N, ...)): one onnxruntime pass per
-    OBS_PASS_BYTES of scatters."""
-    from .obs import removal_order
-
-    taps = {g.gid: consumer_tap(g) for g in groups}
-    sess = statistics_session(graph, groups)
-    out = {}
-    for batch in _scatter_batches(sorted({(t[0], t[1], len(t[2])) for t in taps.values()})):
-        names, axes = [n for n, _, _ in batch], [a for _, a, _ in batch]
-        scatter = {n: s for n, (s, _) in zip(names, scatters_of(sess, names, axes, feeds))}
-        for g in groups:
-            name, _, norms, repeat = taps[g.gid]
-            if name not in scatter or len(scatter[name]) != len(norms):
-                continue
-            m = g.consumer.member
-            rows = np.moveaxis(np.asarray(m.tensor.values), m.axis, 0).reshape(len(norms), -1)
-            out[g.gid] = removal_order(scatter[name], rows, repeat)
-    return out
-
-
-def _scatter_batches(taps: list[tuple[str, int, int]]) -> list[list[tuple[str, int, int]]]:
-    """(tensor, axis, entries) taps split into runs whose float64 scatters fit OBS_PASS_BYTES."""
-    batches: list[list] = [[]]
-    used = 0
-    for tap in taps:
-        size = 8 * tap[2] ** 2
-        if batches[-1] and used + size > OBS_PASS_BYTES:
-            batches.append([])
-            used = 0
-        batches[-1].append(tap)
-        used += size
-    return batches
-
-
-IMPORTANCES = {cls.name: cls for cls in (WeightImportance, ActivationImportance, ObsImportance)}
+IMPORTANCES = {cls.name: cls for cls in (WeightImportance, ActivationImportance)}
 
 
 class ScoresMemo:
@@ -215,7 +128,6 @@ def _part(scores: Scores, gids: frozenset) -> Scores:
         scores.source,
         {g: v for g, v in scores.means.items() if g in gids},
         scores.feeds,
-        scores.ordered & gids,
     )
 
 

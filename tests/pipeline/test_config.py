@@ -81,14 +81,10 @@ def test_check_refuses_a_value_outside_the_choices(field):
     assert all(value in str(error) for value in CHOICES[field])
 
 
-# choices valid only beside others (their errors alone: tests/plan/test_obs.py)
-COMPANIONS = {("importance", "obs"): {"method": "prune", "refit": True}}
-
-
 @pytest.mark.parametrize("field", sorted(CHOICES))
 def test_check_accepts_every_declared_choice(field):
     for value in CHOICES[field]:
-        FoldConfig(**{field: value, **COMPANIONS.get((field, value), {})}).check()
+        FoldConfig(**{field: value}).check()
 
 
 def test_defaults_pass_the_check():
