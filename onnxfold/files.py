@@ -116,7 +116,7 @@ def fold_file(
     with reporter.step("loading"), _measured(steps, "load"):
         # External-data weights stay on disk until used, unless a step exports the graph to run it.
         repair = repair_class(config.repair, config.method, calib is not None)
-        lazy = not repair.needs_calibration and config.importance == "weight"
+        lazy = not repair.needs_calibration and config.importance != "act"
         loaded = load_model(input, lazy=lazy)
         check_data_target(output, loaded.data_files)
         specs = proto_input_specs(loaded.skeleton.graph)  # the inputs as the file declares them

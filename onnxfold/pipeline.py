@@ -625,7 +625,7 @@ def calibration_source(config: FoldConfig, arrays) -> str | None:
     its own inputs instead, 'data-free' when only --measure reads them and fold_graph makes its own
     for it (data_free_feeds), None when nothing reads calibration inputs."""
     repair = repair_class(config.repair, config.method, arrays is not None)
-    reads = repair.reads_calib or config.importance != "weight" or config.refit or config.measure
+    reads = repair.reads_calib or config.importance == "act" or config.refit or config.measure
     if arrays is not None and reads:
         return "user"
     if repair.synthesizes:

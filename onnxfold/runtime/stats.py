@@ -150,14 +150,16 @@ def scatters_of(
             moved = np.moveaxis(out, axis, -1)
             x = moved.reshape(-1, moved.shape[-1]).astype(np.float32)
             if sums[i] is None:
-                sums[i] = (x.mean(0, dtype=np.float64).astype(np.float32), 0.0, 0.0, 0)
+                width = x.shape[1]
+                shift = x.mean(0, dtype=np.float64).astype(np.float32)
+                sums[i] = (shift, np.zeros((width, width)), np.zeros(width), 0)
             shift, gram, total, rows = sums[i]
             x = x - shift
             sums[i] = (shift, gram + (x.T @ x), total + x.sum(0, dtype=np.float64), rows + len(x))
     found = []
     for shift, gram, total, rows in sums:
-        offset = np.asarray(total, np.float64) / max(rows, 1)
-        scatter = np.asarray(gram, np.float64) - rows * np.outer(offset, offset)
+        offset = total / max(rows, 1)
+        scatter = gram - rows * np.outer(offset, offset)
         found.append((scatter, offset + shift))
     return found
 

@@ -180,3 +180,4 @@ def test_scatters_keep_the_variance_of_a_channel_with_a_large_mean(tmp_path):
     centered = exact - exact.mean(0)
     np.testing.assert_allclose(mean, exact.mean(0), rtol=1e-7, atol=1e-6)
     np.testing.assert_allclose(scatter, centered.T @ centered, rtol=1e-4, atol=1e-2)
+    assert scatter.dtype == mean.dtype == np.float64  # runs summed in float64, not float32
