@@ -14,8 +14,8 @@ calibration feeds as `calib=`; prune-act reads its activations from them):
   search does; data-free it measures on 32 random inputs) and reused for every ratio;
 - `prune-act`: FoldConfig(ratio=r, method="prune", importance="act");
 - `fold-refit`, `prune-refit` (with calibration only): `fold` with `repair="data"` and
-  `prune-act`, each with `refit=True` (every folded group's 1x1-Conv/MatMul/Gemm consumer re-solved
-  by ridge least squares to the dense model's output on the calibration inputs);
+  `prune-act`, each with `refit=True` (every folded group's MatMul/Gemm/ungrouped-Conv consumer
+  re-solved by ridge least squares to the dense model's output on the calibration inputs);
 - `prune-measure` (with calibration only): `prune-refit` with `measure=True`, its sensitivity
   measured once per model at the largest ratio as for `fold-measure`; it spends MACs
   (`cost="macs"`) except on SmolLM2, whose targets are parameters;

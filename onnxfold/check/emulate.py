@@ -219,9 +219,10 @@ def _open_site(graph: gs.Graph, site: _Site) -> None:
 def _gather_statistics(graph: gs.Graph, sites: list[_Site], feeds: dict[str, np.ndarray]) -> None:
     """Each site's input covariance sum (centered) and mean over every row of `feeds`, one pass of
     the dense model (runtime.stats.scatters_of)."""
-    names = sorted({s.node.inputs[0].name for s in sites})
-    axes = [next(s.axis for s in sites if s.node.inputs[0].name == n) for n in names]
+    axis_of = {s.node.inputs[0].name: s.axis for s in sites}
+    names = sorted(axis_of)
     sess = session_with_outputs(gs.export_onnx(graph), names, only=True)
+    axes = [axis_of[n] for n in names]
     found = dict(zip(names, scatters_of(sess, names, axes, feeds, STATS_CHUNK)))
     for s in sites:
         s.scatter, s.mean = found[s.node.inputs[0].name]

@@ -144,7 +144,7 @@ def scatters_of(
     position a row), `size` samples a run. float32 products summed in float64, of the rows minus
     the first run's mean: a channel with a large mean and little variance (a ReLU6 stuck at 6)
     would otherwise lose its variance to cancellation, even below 0."""
-    sums: list = [None] * len(names)
+    sums: list = [None] * len(names)  # per output: [shift, gram, total, rows], summed in place
     for _, outs in run_chunks(sess, feeds, names, size):
         for i, (out, axis) in enumerate(zip(outs, axes)):
             moved = np.moveaxis(out, axis, -1)
@@ -152,15 +152,15 @@ def scatters_of(
             if sums[i] is None:
                 width = x.shape[1]
                 shift = x.mean(0, dtype=np.float64).astype(np.float32)
-                sums[i] = (shift, np.zeros((width, width)), np.zeros(width), 0)
-            shift, gram, total, rows = sums[i]
-            x = x - shift
-            sums[i] = (shift, gram + (x.T @ x), total + x.sum(0, dtype=np.float64), rows + len(x))
+                sums[i] = [shift, np.zeros((width, width)), np.zeros(width), 0]
+            x = x - sums[i][0]
+            sums[i][1] += x.T @ x
+            sums[i][2] += x.sum(0, dtype=np.float64)
+            sums[i][3] += len(x)
     found = []
     for shift, gram, total, rows in sums:
         offset = total / max(rows, 1)
-        scatter = gram - rows * np.outer(offset, offset)
-        found.append((scatter, offset + shift))
+        found.append((gram - rows * np.outer(offset, offset), offset + shift))
     return found
 
 
