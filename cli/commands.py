@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from onnxfold.config import DEFAULTS, FIELDS, FoldConfig
 from onnxfold.errors import UserError, WordedError, worded
@@ -34,6 +35,9 @@ from onnxfold.runtime.session import session
 
 from . import report
 from .progress import Progress, Step
+
+if TYPE_CHECKING:
+    from onnxfold.search import SearchResult
 
 
 def in_flags(error: UserError) -> str:
@@ -218,10 +222,26 @@ def _search(args: argparse.Namespace, config: FoldConfig, model: str):
         hint = "; give --ratio R to fold anyway" if args.target is None else ""
         print(
             f"onnxfold: no ratio tried meets {target} (the smallest that removes parameters, "
-            f"{first.ratio:.4f}, gives {gives}{smaller}); nothing written{hint}",
+            f"{first.ratio:.4f}, gives {gives}{smaller}){_rounding_text(searched)}; nothing "
+            f"written{hint}",
             file=sys.stderr,
         )
     return searched
+
+
+def _rounding_text(searched: SearchResult) -> str:
+    """What the dense model with float16-precision weights gives on the same inputs, and whether
+    the target is then stricter than rounding."""
+    r = searched.rounded
+    if r is None:
+        return ""
+    gives = ("ok" if r.met else r.why) if searched.target.metric == "ok" else f"{r.value:.4f}"
+    if r.met:
+        return f"; the dense model with its weights rounded to float16 precision gives {gives}"
+    return (
+        f"; even the dense model with its weights rounded to float16 precision gives {gives}: "
+        "the target is stricter than rounding on these inputs (loosen it, or give more --data)"
+    )
 
 
 FAILING = {"degraded": ("degraded", "broken"), "broken": ("broken",)}

@@ -32,6 +32,7 @@ from .config import FoldConfig
 from .errors import UserError
 from .files import read_for_model
 from .model.load import load_model
+from .model.precision import round_weights
 from .model.save import save_scratch
 from .pipeline import calibration_inputs, fold_model, model_sensitivity
 from .plan.importance import ScoresMemo
@@ -152,6 +153,8 @@ class SearchResult:
     best: Candidate | None
     seconds: float
     sensitivity: Sensitivity | None = None  # with --measure: measured once, for MAX_RATIO
+    # when no ratio met the target: the dense model with float16-precision weights, judged alike
+    rounded: Candidate | None = None
 
 
 def search_ratio(
@@ -184,6 +187,9 @@ def search_ratio(
             measured[ratio] = _candidate(path, config, ratio, target, source, calib, kept)
         return measured[ratio]
 
+    # a fold that removes no parameter (kept counts rounded back up to the dense ones) meets any
+    # target: it moves the bisection up but is never the result
+    dense_params = count_params_file(path)
     low, high, best = 0.0, MAX_RATIO, None
     if measure(high).met:
         best = measured[high]
@@ -191,13 +197,17 @@ def search_ratio(
         for _ in range(STEPS):
             mid = round((low + high) / 2, 4)
             if measure(mid).met:
-                low, best = mid, measured[mid]
+                low = mid
+                best = measured[mid] if measured[mid].params < dense_params else best
             else:
                 high = mid
-    if best is None:
-        best = _below(measure, high, count_params_file(path))
+    if best is None and low == 0.0:  # below a ratio that removes nothing, nothing is removed
+        best = _below(measure, high, dense_params)
+    rounded = _rounded_dense(path, target, source, kept.runs) if best is None else None
     frontier = [measured[r] for r in sorted(measured)]
-    return SearchResult(target, frontier, best, time.perf_counter() - start, kept.sensitivity)
+    return SearchResult(
+        target, frontier, best, time.perf_counter() - start, kept.sensitivity, rounded
+    )
 
 
 def _below(measure, smallest: float, dense_params: int) -> Candidate | None:
@@ -243,6 +253,19 @@ def _candidate(path, config, ratio, target, source, calib, kept: Kept | None = N
     value = target.measure(cmp)
     return Candidate(
         ratio, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why
+    )
+
+
+def _rounded_dense(path: str, target: Target, source: FeedSource, runs: DenseRuns) -> Candidate:
+    """The dense model with its weights rounded to float16 precision (model.precision), judged as
+    a candidate at ratio 0: a target it misses is stricter than rounding on these inputs."""
+    proto = round_weights(onnx.load(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        rounded = save_scratch(proto, os.path.join(tmp, "rounded.onnx"))
+        cmp = validate_files(path, rounded, source, timed=False, runs=runs).comparison
+    value = target.measure(cmp)
+    return Candidate(
+        0.0, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why
     )
 
 

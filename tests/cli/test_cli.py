@@ -164,7 +164,8 @@ def test_nothing_folded_names_its_cause_and_copies_the_input(model, tmp_path, ca
 
 def test_options_that_select_nothing_warn(model, tmp_path, capsys):
     out_path = str(tmp_path / "o.onnx")
-    assert main([model, "-o", out_path, "--exclude", "no_such_tensor", "--layers", "0,9"]) == 0
+    argv = [model, "-o", out_path, "--exclude", "no_such_tensor", "--layers", "0,9"]
+    assert main([*argv, "--ratio", "0.25"]) == 0
     err = capsys.readouterr().err
     assert "exclude pattern 'no_such_tensor' matches no group's tensors" in err
     assert "layers 0,9: indices 9 are beyond the graph's foldable groups (5 channels)" in err

@@ -41,10 +41,15 @@ def test_a_target_no_ratio_meets_writes_nothing_and_exits_3(model, tmp_path, cap
     out, report = str(tmp_path / "o.onnx"), str(tmp_path / "r.json")
     argv = [model, "-o", out, "--data", MNIST_TEST, "--target", "error=0", "--report", report]
     assert main(argv) == 3
-    assert "no ratio tried meets error=0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no ratio tried meets error=0" in err
+    assert "even the dense model with its weights rounded to float16 precision gives 0.0" in err
+    assert "the target is stricter than rounding on these inputs" in err
     assert not os.path.exists(out)
     written = json.load(open(report))  # the frontier walked, though no model was written
     assert written["output"] is None and written["search"]["best"] is None
+    rounded = written["search"]["rounded"]
+    assert rounded["ratio"] == 0 and not rounded["met"] and rounded["value"] > 0
     assert len(written["search"]["frontier"]) >= 7
     assert not any(c["met"] for c in written["search"]["frontier"])
 
@@ -103,10 +108,13 @@ def test_without_a_ratio_no_validate_is_exit_2(model, tmp_path, capsys):
     assert not os.path.exists(out)
 
 
-def _fake_candidates(monkeypatch, meets_below: float, removes_below: float = 0.0):
+def _fake_candidates(
+    monkeypatch, meets_below: float, removes_below: float = 0.0, rounding: bool = True
+):
     """search._candidate replaced: met at ratios <= meets_below; parameters dense x (1 - ratio)
     (dense: the shipped MNIST CNN's), all kept at ratios <= removes_below; the ratios tried are
-    returned as they are asked."""
+    returned as they are asked. rounding=False: the float16-rounded dense model is not measured
+    (a search without evaluation inputs)."""
     from onnxfold import search
     from onnxfold.check.count import count_params_file
 
@@ -118,6 +126,8 @@ def _fake_candidates(monkeypatch, meets_below: float, removes_below: float = 0.0
         return search.Candidate(ratio, params, 0.0, "ok", ratio <= meets_below)
 
     monkeypatch.setattr(search, "_candidate", candidate)
+    if not rounding:
+        monkeypatch.setattr(search, "_rounded_dense", lambda *args: None)
     return tried
 
 
@@ -135,9 +145,24 @@ def test_below_the_bisection_the_search_halves_until_a_ratio_meets(model, monkey
 def test_the_halving_stops_where_a_fold_removes_nothing(model, monkeypatch):
     from onnxfold import search
 
-    tried = _fake_candidates(monkeypatch, meets_below=0.001, removes_below=0.005)
+    tried = _fake_candidates(monkeypatch, meets_below=0.001, removes_below=0.005, rounding=False)
     found = search.search_ratio(model, search.FoldConfig(), Target("cos", 0.99), None)
     assert tried[7:] == [0.00705, 0.003525] and found.best is None
+
+
+def test_ratios_that_remove_nothing_are_never_the_result(model, tmp_path, monkeypatch, capsys):
+    """Every ratio that meets the target keeps all parameters (channel counts rounded back up):
+    the search moves up past them, finds nothing, and writes nothing."""
+    from onnxfold import search
+
+    tried = _fake_candidates(monkeypatch, meets_below=0.05, removes_below=0.06, rounding=False)
+    found = search.search_ratio(model, search.FoldConfig(), Target("cos", 0.99), None)
+    assert found.best is None and len(tried) == 7 and max(r for r in tried if r <= 0.05) > 0.04
+    _fake_candidates(monkeypatch, meets_below=0.05, removes_below=0.06)
+    out = str(tmp_path / "o.onnx")
+    assert main([model, "-o", out, "--data", MNIST_TEST, "--target", "cos=0.99"]) == 3
+    assert "no ratio tried meets cos=0.99" in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 def test_a_search_ending_where_folds_remove_nothing_says_so(model, tmp_path, monkeypatch, capsys):
@@ -146,5 +171,6 @@ def test_a_search_ending_where_folds_remove_nothing_says_so(model, tmp_path, mon
     assert main(argv) == 3
     assert (
         "no ratio tried meets cos=0.99 (the smallest that removes parameters, 0.0070, gives 0.0000 "
-        "(smaller ones remove nothing)); nothing written" in capsys.readouterr().err
+        "(smaller ones remove nothing)); the dense model with its weights rounded to float16 "
+        "precision gives 1.0000; nothing written" in capsys.readouterr().err
     )

@@ -197,8 +197,9 @@ def test_external_data_model_folds_to_external_data(tmp_path):
         size_threshold=0,
     )
     out = str(tmp_path / "out.onnx")
-    assert main([path, "-o", out, "-q"]) == 0
+    assert main([path, "-o", out, "-q", "--ratio", "0.5"]) == 0
     assert (tmp_path / "out.onnx.data").exists()
     initializers = onnx.load(out, load_external_data=False).graph.initializer
     assert any(t.data_location == TensorProto.EXTERNAL for t in initializers)
+    assert max(t.dims[0] for t in initializers if len(t.dims) == 4) < 64  # c1 folded
     assert run(out, feeds_for(path))[0].shape == (1, 16, 6, 6)
