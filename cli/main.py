@@ -535,18 +535,34 @@ def _in_flags(error: UserError) -> str:
 
 
 def _show_log(debug: bool) -> None:
-    """The library's log on stderr, one line per record: warnings (a rule that hit a bug), and with
-    --debug what best-effort steps skipped (shape observation, constant folding, MACs)."""
+    """The library's log on stderr, one line per distinct record of this run: warnings (a rule
+    that hit a bug, an option that selects nothing), and with --debug what best-effort steps
+    skipped (shape observation, constant folding, MACs). A --target search folds up to 11 times;
+    what each fold says again is not repeated."""
     logger = logging.getLogger("onnxfold")
     logger.setLevel(logging.INFO if debug else logging.WARNING)
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("onnxfold: %(levelname)s: %(message)s"))
         logger.addHandler(handler)
+    handler.shown.clear()
 
 
 class _StderrHandler(logging.StreamHandler):
-    """A log handler writing to whatever sys.stderr is when a record comes."""
+    """A log handler writing to whatever sys.stderr is when a record comes, each distinct
+    message once until `shown` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown: set[tuple[int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.levelno, record.getMessage())
+        if key in self.shown:
+            return False
+        self.shown.add(key)
+        return super().filter(record)
 
     @property
     def stream(self):

@@ -165,6 +165,15 @@ def test_ratios_that_remove_nothing_are_never_the_result(model, tmp_path, monkey
     assert not os.path.exists(out)
 
 
+def test_a_search_warns_once_though_every_candidate_folds(model, tmp_path, capsys):
+    argv = [model, "-o", str(tmp_path / "o.onnx"), "--data", MNIST_TEST, "--target", "acc=0.97"]
+    assert main([*argv, "--exclude", "no_such_tensor"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("exclude pattern 'no_such_tensor' matches no group's tensors") == 1
+    assert main([*argv, "--exclude", "no_such_tensor"]) == 0  # a new run warns again
+    assert capsys.readouterr().err.count("matches no group's tensors") == 1
+
+
 def test_a_search_ending_where_folds_remove_nothing_says_so(model, tmp_path, monkeypatch, capsys):
     _fake_candidates(monkeypatch, meets_below=0.001, removes_below=0.005)
     argv = [model, "-o", str(tmp_path / "o.onnx"), "--data", MNIST_TEST, "--target", "cos=0.99"]
