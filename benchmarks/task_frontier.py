@@ -46,7 +46,12 @@ Usage: python -m benchmarks.task_frontier [--models efficientnet_lite0,ppocr_det
            [--calib free,calib]
            [--ratios 0.02,0.05,...] [--skip fold-measure:calib] [--rounds 15]
            [--fresh [--keep-sensitivity]]
-           [--summary-only]
+           [--summary-only | --floor-only]
+
+Each model's file and the summary also give the task metric's noise floor (Frontier.floor): what
+the dense model scores against itself after changes that are lossless in practice (weights rounded
+to float16 precision; 0.1% multiplicative weight noise), so a drop of that size is read as
+rounding, not damage.
 """
 
 from __future__ import annotations
@@ -113,6 +118,41 @@ def latency(dense, folded, feeds: dict, rounds: int) -> tuple[float, float]:
         folded.run(None, feeds)
         f.append(time.perf_counter() - t)
     return 1e3 * float(np.median(d)), 1e3 * float(np.median(f))
+
+
+FLOOR_SEEDS = 3  # noise draws whose median is the noise floor
+
+
+def perturbed_weights(path: str, how: str, seed: int = 0) -> bytes:
+    """The model at `path`, serialised, with every float32 tensor of at least 16 entries
+    (initializers and Constant values: weights, biases, BatchNorm statistics) changed by an amount
+    that is lossless in practice. how="fp16": each value rounded to float16 precision in float32's
+    range (onnxfold.model.precision, so PP-OCRv4 det's 1e8 entries do not overflow); how="noise":
+    each value times (1 + 1e-3 N(0, 1)), draws from `seed`."""
+    from onnx import numpy_helper
+
+    from onnxfold.model.precision import round_float32
+
+    model = onnx.load(path)
+    rng = np.random.default_rng(seed)
+
+    def change(t: onnx.TensorProto) -> None:
+        a = numpy_helper.to_array(t)
+        if a.dtype != np.float32 or a.size < 16:
+            return
+        if how == "fp16":
+            b = round_float32(a)
+        else:
+            b = (a * (1 + 1e-3 * rng.standard_normal(a.shape))).astype(np.float32)
+        t.CopyFrom(numpy_helper.from_array(b, t.name))
+
+    for t in model.graph.initializer:
+        change(t)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "Constant" and attr.name == "value":
+                change(attr.t)
+    return model.SerializeToString()
 
 
 def engine_commit() -> str:
@@ -225,6 +265,7 @@ class Frontier:
         self.done = {(r["method"], r["setting"], r["ratio"]) for r in self.data["rows"]}
         self._sensitivity: dict = {}
         self._dense_sess = None
+        self.commit = engine_commit()  # recorded in every point measured
 
     def save(self) -> None:
         with open(self.file, "w") as f:
@@ -255,7 +296,6 @@ class Frontier:
             if not reused:
                 d["eval_seconds"] = seconds
             d.update(
-                commit=engine_commit(),
                 params=count_params(skeleton),
                 macs=macs(skeleton, t.sample_feeds),
                 split=t.split,
@@ -266,12 +306,35 @@ class Frontier:
             self.save()
         return self._dense_sess
 
+    def floor(self) -> dict:
+        """The task metric's noise floor, measured once and cached: the dense model scored against
+        itself with its weights rounded to float16 precision ("fp16") and with 0.1% multiplicative
+        noise ("noise", median over FLOOR_SEEDS draws). A fold whose metric drops by about as
+        much has lost nothing the metric can tell apart from rounding."""
+        if "floor" not in self.data:
+            self.dense()
+            t = self.task
+
+            def score(how: str, seed: int = 0) -> dict:
+                changed = t.evaluate(perturbed_weights(t.path, how, seed))
+                return t.metric(self._dense_out, changed)
+
+            fp16, noise = score("fp16"), [score("noise", seed) for seed in range(FLOOR_SEEDS)]
+            floor = {}
+            for name in ["task", *t.also_summarise]:
+                drawn = [float(n[name]) for n in noise]
+                floor[name] = {"fp16": float(fp16[name]), "noise": float(np.median(drawn))}
+                floor[name]["noise_all"] = drawn
+            self.data["floor"] = {**floor.pop("task"), "figures": floor}
+            self.save()
+        return self.data["floor"]
+
     # one point -----------------------------------------------------------------------------------
     def point(self, method: str, setting: str, ratio: float) -> dict | None:
         if (method, setting, ratio) in self.done:
             return None
         self.dense()
-        row = {"method": method, "setting": setting, "ratio": ratio}
+        row = {"method": method, "setting": setting, "ratio": ratio, "commit": self.commit}
         start = time.perf_counter()
         try:
             if method == "onnxsim":
@@ -486,9 +549,7 @@ def model_markdown(task: Task, data: dict) -> list[str]:
         "",
         f"Inputs: {task.split}.",
         "",
-        f"Engine: onnxfold at commit {d.get('commit', '?')} when the last run of this model "
-        "began (points are cached across runs, a rerun adds only the missing ones; the engine "
-        "was being changed by others during the session).",
+        engine_line(data),
         "",
         f"Task metric: {task.metric_name} (1.0 = dense). Latency: one sample, onnxruntime CPU, "
         "median of interleaved dense/folded runs in the same process; speed-up = dense / folded "
@@ -498,6 +559,8 @@ def model_markdown(task: Task, data: dict) -> list[str]:
         "activations; onnxsim: Wanda).",
         "",
     ]
+    if "floor" in data:
+        lines += [floor_sentence(data["floor"]), ""]
     sens = data.get("sensitivity", {})
     if sens:
         lines += [
@@ -563,6 +626,41 @@ def model_markdown(task: Task, data: dict) -> list[str]:
             )
     lines += ["", *comparison(rows, by), ""]
     return lines
+
+
+def engine_line(data: dict) -> str:
+    """Which onnxfold commits measured the points: each point records its own; older points
+    predate that, and only the commit at which their model's last such run began is known."""
+    counts: dict[str, int] = {}
+    for r in data["rows"]:
+        counts[r.get("commit", "")] = counts.get(r.get("commit", ""), 0) + 1
+    older = counts.pop("", 0)
+    parts = [f"commit {c}: {n} point{'s' * (n != 1)}" for c, n in counts.items()]
+    if older:
+        parts.append(
+            f"{older} point{'s' * (older != 1)} measured before points recorded their commit, at "
+            f"or before {data.get('dense', {}).get('commit', '?')} (where the last run that "
+            "measured them began)"
+        )
+    return (
+        "Engine (onnxfold): "
+        + "; ".join(parts)
+        + ". Points are cached across runs; a rerun adds only the missing ones."
+    )
+
+
+def floor_sentence(floor: dict) -> str:
+    """The noise floor (Frontier.floor) as one sentence of a results file."""
+    others = "".join(
+        f"; on `{name}` {f['fp16']:.3f} and {f['noise']:.3f}"
+        for name, f in floor.get("figures", {}).items()
+    )
+    return (
+        f"Noise floor of the task metric: the dense model itself scores {floor['fp16']:.3f} with "
+        f"its weights rounded to float16 precision and {floor['noise']:.3f} with 0.1% "
+        f"multiplicative weight noise (median of {len(floor['noise_all'])} draws{others}): a "
+        "drop of that size is rounding, not damage."
+    )
 
 
 def by_method(rows: list[dict]):
@@ -691,6 +789,12 @@ def combined(keys: list[str]) -> list[str]:
                 f"{_point(best(sel, 0.95, by), by)} |"
             )
         targets += target_lines(title, key, rows)
+        if "floor" in data:
+            f = data["floor"]
+            targets.append(
+                f"- {title}: noise floor of the task metric {f['fp16']:.3f} (float16-precision "
+                f"weights) / {f['noise']:.3f} (0.1% weight noise)."
+            )
     return lines + targets
 
 
@@ -770,6 +874,11 @@ def main(argv: list[str] | None = None) -> None:
         help="with --fresh: keep the pickled --measure sensitivities",
     )
     p.add_argument("--summary-only", action="store_true")
+    p.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="measure each model's noise floor (cached) and rewrite its file; no new points",
+    )
     args = p.parse_args(argv)
     keys = args.models.split(",")
     if not args.summary_only:
@@ -781,6 +890,10 @@ def main(argv: list[str] | None = None) -> None:
             methods = [m for m in args.methods.split(",") if not task.methods or m in task.methods]
             frontier.dense()
             print(f"== {task.title}: dense {frontier.data['dense']}", flush=True)
+            print(f"== {task.title}: noise floor {frontier.floor()}", flush=True)
+            if args.floor_only:
+                write_model(task, frontier.data)
+                continue
             skip = {tuple(x.split(":")) for x in args.skip.split(",") if x}
             for m in methods:
                 for s in args.calib.split(","):
