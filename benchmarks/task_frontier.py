@@ -600,7 +600,8 @@ def model_markdown(task: Task, data: dict) -> list[str]:
         f"{LABEL[m]} {s}"
         for m in (task.methods or METHODS)
         for s in SETTINGS
-        if not any(r["method"] == m and r["setting"] == s for r in rows)
+        if not (m in CALIB_ONLY and s == "free")
+        and not any(r["method"] == m and r["setting"] == s for r in rows)
     ]
     if missing:
         lines += ["", "Not run: " + ", ".join(missing) + " (see benchmarks/README.md)."]
@@ -795,6 +796,17 @@ def combined(keys: list[str]) -> list[str]:
                 f"- {title}: noise floor of the task metric {f['fp16']:.3f} (float16-precision "
                 f"weights) / {f['noise']:.3f} (0.1% weight noise)."
             )
+        for figure in data.get("floor", {}).get("figures", {}):
+            cal = [r for r in rows if r["method"] != "onnxsim" and _ok(r)]
+            cal = [r for r in cal if r["setting"] == "calib" and r["figures"][figure] >= 0.95]
+            if cal:
+                b = max(cal, key=lambda r: r[by] or 0)
+                targets.append(
+                    f"- {title}, judged on `{figure}` instead (not the issue's metric), 32 "
+                    f"calibration inputs, >= 95%: most MACs removed {_red(b['macs_red'])} "
+                    f"({LABEL[b['method']]} r={b['ratio']:g}, {b['figures'][figure]:.3f}, "
+                    f"{b['speedup']:.2f}x)."
+                )
     return lines + targets
 
 
@@ -828,6 +840,11 @@ def target_lines(title: str, key: str, rows: list[dict]) -> list[str]:
             f"({_red(fast['macs_red'])} MACs); target >= 20% fewer MACs and >= 1.2x faster: "
             + ("met (" + LABEL[hit[0]["method"]] + f" r={hit[0]['ratio']:g})" if hit else "NOT met")
             + "."
+        )
+    elif any(r["setting"] == "calib" for r in ours):
+        out.append(
+            f"- {title}, 32 calibration inputs, >= 95%: no calibrated point reaches it; target "
+            ">= 20% fewer MACs and >= 1.2x faster: NOT met."
         )
     free = [r for r in ours if r["setting"] == "free" and r["figures"]["task"] >= 0.95]
     if free or cal:
