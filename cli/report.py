@@ -206,7 +206,11 @@ def _quality_rows(cmp) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-_AGREEMENT = {"sequence": "per-position agreement", "map": "mask IoU (> 0.5)"}
+_AGREEMENT = {
+    "sequence": "per-position agreement",
+    "decoded": "decoded sequences equal",
+    "map": "mask IoU (> 0.5)",
+}
 
 
 def _fidelity_rows(fid) -> list[tuple[str, str, str, str]]:
@@ -216,6 +220,8 @@ def _fidelity_rows(fid) -> list[tuple[str, str, str, str]]:
         rows.append((f"'{fid.name}' top-5 agreement", "", f"{100 * fid.top5:.1f}%", ""))
     if fid.kind in _AGREEMENT and fid.agreement is not None:
         rows.append((f"'{fid.name}' {_AGREEMENT[fid.kind]}", "", f"{100 * fid.agreement:.1f}%", ""))
+    if fid.positions is not None:
+        rows.append((f"'{fid.name}' per-position agreement", "", f"{100 * fid.positions:.1f}%", ""))
     if fid.worst_slice is not None:
         axis, index, rel = fid.worst_slice
         where = f"axis {axis} #{index}"

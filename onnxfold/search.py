@@ -95,7 +95,8 @@ class Target:
                 raise UserError("--target acc needs labels in the --data file")
             return cmp.accuracy_folded / max(cmp.accuracy_dense, 1e-12)
         if self.metric == "top1":
-            found = [f.agreement for f in cmp.fidelity if f.kind in ("logits", "sequence")]
+            kinds = ("logits", "sequence", "decoded")
+            found = [f.agreement for f in cmp.fidelity if f.kind in kinds]
             if not found:
                 raise UserError("--target top1: no output is class or sequence logits")
             return min(found)

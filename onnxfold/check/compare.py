@@ -168,19 +168,35 @@ def _output_sources(model: onnx.ModelProto) -> dict[str, tuple[onnx.NodeProto | 
     return found
 
 
+def decoded_outputs(model: onnx.ModelProto) -> frozenset[str]:
+    """Names of the graph outputs of a model that reads no tokens (no integer graph input: an
+    image or audio model). Where such an output is class scores per position, it is a recogniser's
+    (a CTC text or speech model) and the task reads whole decoded sequences; a token model's (a
+    language model, a tagger) keeps per-position agreement."""
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    integer = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16}
+    if not inputs or any(i.type.tensor_type.elem_type in integer for i in inputs):
+        return frozenset()
+    return frozenset(o.name for o in model.graph.output)
+
+
 @dataclass(frozen=True)
 class OutputRoles:
     """What the dense graph says its outputs are: `features` (feature_outputs: hidden states and
-    embeddings, never read as class scores) and `state` (state_outputs: KV caches, compared but not
-    graded while a task output is)."""
+    embeddings, never read as class scores), `state` (state_outputs: KV caches, compared but not
+    graded while a task output is) and `decoded` (decoded_outputs: sequence scores judged by whole
+    decoded sequences)."""
 
     features: frozenset[str] = frozenset()
     state: frozenset[str] = frozenset()
+    decoded: frozenset[str] = frozenset()
 
 
 def output_roles(model: onnx.ModelProto) -> OutputRoles:
-    """feature_outputs and state_outputs of `model` (weights need not be loaded)."""
-    return OutputRoles(feature_outputs(model), state_outputs(model))
+    """feature_outputs, state_outputs and decoded_outputs of `model` (weights need not be
+    loaded)."""
+    return OutputRoles(feature_outputs(model), state_outputs(model), decoded_outputs(model))
 
 
 def run_dense(
@@ -254,7 +270,9 @@ def compare_outputs(
         cmp.accuracy_folded = float(np.mean(logits[1].argmax(1) == labels))
     elif labels is not None:
         cmp.notes.append("labels given, but no output is a (samples, classes) array: no accuracy")
-    cmp.fidelity = [output_fidelity(name, d, f, name in features) for name, d, f in pairs]
+    cmp.fidelity = [
+        output_fidelity(name, d, f, name in features, name in roles.decoded) for name, d, f in pairs
+    ]
     accuracy = None if cmp.accuracy_dense is None else (cmp.accuracy_dense, cmp.accuracy_folded)
     cmp.perplexity = _perplexity(pairs, text)
     graded = [o for o in cmp.fidelity if o.name not in roles.state] or cmp.fidelity

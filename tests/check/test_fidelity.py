@@ -47,6 +47,19 @@ def test_sequences_and_maps():
     lost = ctc.copy()
     lost[0, [2, 6], 0], lost[0, 2, 7], lost[0, 6, 9] = 1, 0, 0  # the folded model reads blanks only
     assert output_fidelity("ctc", ctc, lost).agreement == 0.0  # not 0.8: blanks do not count
+    # decoded (a model reading no tokens): whole strings. Sample 0 loses a character, sample 1
+    # emits its characters one frame later (the same string), sample 2 is unchanged
+    lines = np.concatenate([ctc, ctc, ctc])
+    lines[1, 2, 7], lines[1, 3, 7], lines[1, 3, 0] = 0, 1, 0
+    changed = lines.copy()
+    changed[0, 6, 9], changed[0, 6, 0] = 0, 1
+    changed[1, 3, 7], changed[1, 4, 7], changed[1, 2, 7], changed[1, 4, 0] = 1, 1, 1, 0
+    changed[1, 2, 0] = 0
+    fid = output_fidelity("ctc", lines, changed, decoded=True)
+    assert fid.kind == "decoded" and fid.agreement == 2 / 3
+    assert fid.positions == output_fidelity("ctc", lines, changed).agreement < 1
+    grade, why = verdict([fid], random_inputs=False)
+    assert grade == "degraded" and why == "worst 'ctc' agreement 0.667"
     mask = np.zeros((1, 1, 8, 8), np.float32)
     mask[..., 2:6, 2:6] = 1.0000001  # float32 sigmoids overshoot 1 by an ulp
     fid = output_fidelity("map", mask, np.zeros_like(mask))
@@ -84,11 +97,12 @@ def _head_model(path: str, head: str, scale: float = 1.0) -> str:
     return path
 
 
-@pytest.mark.parametrize("head,kind", [("LayerNormalization", "sliced"), ("Softmax", "sequence")])
+@pytest.mark.parametrize("head,kind", [("LayerNormalization", "sliced"), ("Softmax", "decoded")])
 def test_hidden_states_are_not_read_as_class_scores(tmp_path, head, kind):
     """A (batch, positions, 100) output computed by a normalisation (hidden states, embeddings)
     is compared as values (worst position), never by argmax agreement; the same shape out of a
-    Softmax is class scores per position."""
+    Softmax is class scores per position, of a model that reads no tokens: judged by whole
+    decoded sequences."""
     import onnx
 
     from onnxfold.check.compare import FeedSource, feature_outputs, validate_files
@@ -162,3 +176,23 @@ def test_kv_cache_outputs_are_compared_but_not_graded_beside_task_outputs():
     assert alone.verdict == "broken" and "present.0.key" in alone.verdict_why
     unmarked = compare_outputs(names, [logits, cache], [logits, moved], None, "d.npz")
     assert unmarked.verdict == "broken"
+
+
+def test_decoded_outputs_are_those_of_models_that_read_no_tokens():
+    """An image or audio model's sequence scores are judged by decoded sequences; a token model's
+    (integer input ids: a language model, a tagger) by positions."""
+    from onnx import TensorProto, helper
+
+    from onnxfold.check.compare import decoded_outputs
+
+    def model(dtype):
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", dtype, ["batch", 8])],
+            [helper.make_tensor_value_info("y", dtype, ["batch", 8])],
+        )
+        return helper.make_model(graph)
+
+    assert decoded_outputs(model(TensorProto.FLOAT)) == frozenset({"y"})
+    assert decoded_outputs(model(TensorProto.INT64)) == frozenset()
