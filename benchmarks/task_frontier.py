@@ -19,6 +19,8 @@ calibration feeds as `calib=`; prune-act reads its activations from them):
 - `prune-measure` (with calibration only): `prune-refit` with `measure=True`, its sensitivity
   measured once per model at the largest ratio as for `fold-measure`; it spends MACs
   (`cost="macs"`) except on SmolLM2, whose targets are parameters;
+- `prune-latency` (with calibration only): `prune-measure` spending onnxruntime CPU time
+  (`cost="latency"`: each group's share of the dense model's profiled layer times);
 - `onnxsim`: onnxsim 0.8.1's `apply_structured_pruning` (L2, data-free) and, with calibration,
   `apply_structured_wanda_pruning` (calibration feeds in batches of 8), at sparsity = r. A call that
   raises or prunes nothing is recorded as such.
@@ -26,7 +28,9 @@ For every point: parameters and MACs (onnxfold.check.count at the real evaluatio
 sample), onnxruntime CPU latency of one sample (median over interleaved dense/folded runs in the
 same process; "speed-up" = dense median / folded median), the task metric on the evaluation
 inputs, and onnxfold's verdict (onnxfold.check.compare.compare on the evaluation inputs, or a
-fixed-size subset of them where the task runs samples one by one). The summary takes, for each
+fixed-size subset of them where the task runs samples one by one, with the dense graph's output
+roles and a causal LM's perplexity as validation reads them; points measured before 2026-12-07
+were judged without them). The summary takes, for each
 method, the point with the largest MACs reduction (parameter reduction for SmolLM2) whose task
 metric is >= 99% and >= 95% of dense.
 
@@ -42,7 +46,7 @@ benchmarks/results/frontier.md at the end.
 
 Usage: python -m benchmarks.task_frontier [--models efficientnet_lite0,ppocr_det,...]
            [--methods fold,fold-alloc,fold-measure,prune-act,fold-refit,prune-refit,prune-measure,
-                      onnxsim]
+                      prune-latency,onnxsim]
            [--calib free,calib]
            [--ratios 0.02,0.05,...] [--skip fold-measure:calib] [--rounds 15]
            [--fresh [--keep-sensitivity]]
@@ -79,10 +83,11 @@ METHODS = [
     "fold-refit",
     "prune-refit",
     "prune-measure",
+    "prune-latency",
     "onnxsim",
 ]
 # least-squares refit of the folded groups' consumers (--refit) needs calibration inputs
-CALIB_ONLY = ("fold-refit", "prune-refit", "prune-measure")
+CALIB_ONLY = ("fold-refit", "prune-refit", "prune-measure", "prune-latency")
 SETTINGS = ["free", "calib"]
 LABEL = {
     "fold": "fold (uniform)",
@@ -92,6 +97,7 @@ LABEL = {
     "fold-refit": "fold --refit",
     "prune-refit": "prune --importance act --refit",
     "prune-measure": "prune --importance act --measure --refit",
+    "prune-latency": "prune ... --measure --refit --budget latency",
     "onnxsim": "onnxsim structured",
 }
 SMOL_SCOPE = dict(head_ratio=0.0, layers="1-28")
@@ -220,8 +226,9 @@ def config_for(method: str, setting: str, ratio: float, task: Task):
         options["allocate"] = True
     elif method == "fold-measure":
         options["measure"] = True
-    elif method in ("prune-act", "prune-refit", "prune-measure"):
-        options.update(method="prune", importance="act", measure=method == "prune-measure")
+    elif method in ("prune-act", "prune-refit", "prune-measure", "prune-latency"):
+        measure = method in ("prune-measure", "prune-latency")
+        options.update(method="prune", importance="act", measure=measure)
     if method in CALIB_ONLY:
         options["refit"] = True
     if setting == "calib" and options.get("method") != "prune":
@@ -230,6 +237,8 @@ def config_for(method: str, setting: str, ratio: float, task: Task):
         options.update(SMOL_SCOPE)
     elif method == "prune-measure":  # the MACs the uniform ratio removes, spent where cheapest
         options["cost"] = "macs"
+    elif method == "prune-latency":  # the same with onnxruntime CPU time per group as the cost
+        options["cost"] = "latency"
     return FoldConfig(ratio=ratio, **options)
 
 
@@ -449,10 +458,13 @@ class Frontier:
         start = time.perf_counter()
         figures = t.metric(self._dense_out, t.evaluate(blob))
         eval_s = time.perf_counter() - start
-        if self._dense_verdict_out is None:
-            from onnxfold.check.compare import run_dense
+        if self._dense_verdict_out is None:  # the dense side of the verdict, as validation reads it
+            from onnxfold.check.compare import language_text, output_roles, run_dense
 
             self._dense_verdict_out = run_dense(self._dense_sess, t.verdict_feeds, "evaluation")
+            skeleton = onnx.load(t.path, load_external_data=False)
+            self._roles = output_roles(skeleton)
+            self._text = language_text(skeleton, self._dense_sess, t.verdict_feeds)
         cmp = compare(
             self._dense_sess,
             folded,
@@ -460,6 +472,8 @@ class Frontier:
             None,
             "evaluation inputs",
             d_out=self._dense_verdict_out,
+            roles=self._roles,
+            text=self._text,
         )
         return {
             "params": params,
