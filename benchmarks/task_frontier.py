@@ -137,27 +137,19 @@ def perturbed_weights(path: str, how: str, seed: int = 0) -> bytes:
     each value times (1 + 1e-3 N(0, 1)), draws from `seed`."""
     from onnx import numpy_helper
 
-    from onnxfold.model.precision import round_float32
+    from onnxfold.model.precision import float_tensors, round_float32
 
     model = onnx.load(path)
     rng = np.random.default_rng(seed)
-
-    def change(t: onnx.TensorProto) -> None:
+    for t in float_tensors(model.graph):
         a = numpy_helper.to_array(t)
-        if a.dtype != np.float32 or a.size < 16:
-            return
+        if a.size < 16:
+            continue
         if how == "fp16":
             b = round_float32(a)
         else:
             b = (a * (1 + 1e-3 * rng.standard_normal(a.shape))).astype(np.float32)
         t.CopyFrom(numpy_helper.from_array(b, t.name))
-
-    for t in model.graph.initializer:
-        change(t)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if node.op_type == "Constant" and attr.name == "value":
-                change(attr.t)
     return model.SerializeToString()
 
 

@@ -4,6 +4,8 @@ precision is stricter than rounding on the evaluation inputs)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
@@ -24,29 +26,28 @@ def round_float32(values: np.ndarray, bits: int = FLOAT16_BITS) -> np.ndarray:
     return (raw & np.uint32((0xFFFFFFFF << dropped) & 0xFFFFFFFF)).view(np.float32)
 
 
+def float_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every float32 initializer and Constant value of `graph` and of its subgraphs, to be read or
+    replaced in place."""
+    for t in graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            yield t
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
+                if attr.t.data_type == onnx.TensorProto.FLOAT:
+                    yield attr.t
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from float_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from float_tensors(sub)
+
+
 def round_weights(model: onnx.ModelProto, bits: int = FLOAT16_BITS) -> onnx.ModelProto:
     """A copy of `model` (weights loaded) whose float32 initializers and Constant values, in the
-    main graph and in subgraphs, are rounded by round_float32."""
+    main graph and in subgraphs (float_tensors), are rounded by round_float32."""
     rounded = onnx.ModelProto()
     rounded.CopyFrom(model)
-
-    def round_tensor(t: onnx.TensorProto) -> None:
-        if t.data_type == onnx.TensorProto.FLOAT:
-            t.CopyFrom(
-                numpy_helper.from_array(round_float32(numpy_helper.to_array(t), bits), t.name)
-            )
-
-    def visit(graph: onnx.GraphProto) -> None:
-        for t in graph.initializer:
-            round_tensor(t)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR and node.op_type == "Constant":
-                    round_tensor(attr.t)
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                for sub in attr.graphs:
-                    visit(sub)
-
-    visit(rounded.graph)
+    for t in float_tensors(rounded.graph):
+        t.CopyFrom(numpy_helper.from_array(round_float32(numpy_helper.to_array(t), bits), t.name))
     return rounded
