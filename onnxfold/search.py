@@ -247,26 +247,31 @@ def _candidate(path, config, ratio, target, source, calib, kept: Kept | None = N
         sensitivity=kept.sensitivity,
         scores=kept.scores,
     )
-    proto = result.to_proto()
-    with tempfile.TemporaryDirectory() as tmp:
-        folded = save_scratch(proto, os.path.join(tmp, "folded.onnx"))
-        cmp = validate_files(path, folded, source, timed=False, runs=kept.runs).comparison
-    value = target.measure(cmp)
-    return Candidate(
-        ratio, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why
-    )
+    return _judged(path, result.to_proto(), ratio, target, source, kept.runs)
 
 
 def _rounded_dense(path: str, target: Target, source: FeedSource, runs: DenseRuns) -> Candidate:
     """The dense model with its weights rounded to float16 precision (model.precision), judged as
     a candidate at ratio 0: a target it misses is stricter than rounding on these inputs."""
-    proto = round_weights(onnx.load(path))
+    return _judged(path, round_weights(onnx.load(path)), 0.0, target, source, runs)
+
+
+def _judged(
+    path: str,
+    proto: onnx.ModelProto,
+    ratio: float,
+    target: Target,
+    source: FeedSource,
+    runs: DenseRuns,
+) -> Candidate:
+    """`proto`, a changed copy of the model at `path`, compared with it exactly as a written model
+    is validated (on the dense runs kept in `runs`) and measured against `target`."""
     with tempfile.TemporaryDirectory() as tmp:
-        rounded = save_scratch(proto, os.path.join(tmp, "rounded.onnx"))
-        cmp = validate_files(path, rounded, source, timed=False, runs=runs).comparison
+        changed = save_scratch(proto, os.path.join(tmp, "changed.onnx"))
+        cmp = validate_files(path, changed, source, timed=False, runs=runs).comparison
     value = target.measure(cmp)
     return Candidate(
-        0.0, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why
+        ratio, count_params(proto), value, cmp.verdict, target.met(value), cmp.verdict_why
     )
 
 
