@@ -67,6 +67,7 @@ import os
 import pickle
 import time
 import traceback
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -638,9 +639,7 @@ def model_markdown(task: Task, data: dict) -> list[str]:
 def engine_line(data: dict) -> str:
     """Which onnxfold commits measured the points: each point records its own; older points
     predate that, and only the commit at which their model's last such run began is known."""
-    counts: dict[str, int] = {}
-    for r in data["rows"]:
-        counts[r.get("commit", "")] = counts.get(r.get("commit", ""), 0) + 1
+    counts = Counter(r.get("commit", "") for r in data["rows"])
     older = counts.pop("", 0)
     parts = [f"commit {c}: {n} point{'s' * (n != 1)}" for c, n in counts.items()]
     if older:

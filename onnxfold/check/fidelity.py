@@ -141,8 +141,8 @@ def _content_agreement(d: np.ndarray, f: np.ndarray) -> float:
     """Share of positions where the argmaxes d and f (same shape) agree, counting only positions
     where either is not the dense model's most frequent class (a CTC blank, padding): a sequence of
     blanks would otherwise agree a lot while every decoded string differs."""
-    values, counts = np.unique(d, return_counts=True)
-    content = (d != values[np.argmax(counts)]) | (f != values[np.argmax(counts)])
+    blank = _most_frequent(d)
+    content = (d != blank) | (f != blank)
     return float(np.mean(d[content] == f[content])) if content.any() else 1.0
 
 
@@ -150,14 +150,19 @@ def _decoded_agreement(d: np.ndarray, f: np.ndarray) -> float:
     """Share of samples (axis 0 of the argmaxes d and f, (samples, positions)) whose greedy CTC
     decodings are equal: repeats collapsed, then the dense model's most frequent class (the blank)
     dropped."""
-    values, counts = np.unique(d, return_counts=True)
-    blank = values[np.argmax(counts)]
+    blank = _most_frequent(d)
 
     def decode(row: np.ndarray) -> np.ndarray:
         kept = row[np.r_[True, row[1:] != row[:-1]]]
         return kept[kept != blank]
 
     return float(np.mean([np.array_equal(decode(a), decode(b)) for a, b in zip(d, f)]))
+
+
+def _most_frequent(d: np.ndarray):
+    """The most frequent value of the dense argmaxes d: a CTC blank, padding."""
+    values, counts = np.unique(d, return_counts=True)
+    return values[np.argmax(counts)]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float | None:
