@@ -794,29 +794,39 @@ def combined(keys: list[str]) -> list[str]:
                 f"| {title} | {LABEL[m]} | {s} | {_point(best(sel, 0.99, by), by)} | "
                 f"{_point(best(sel, 0.95, by), by)} |"
             )
-        targets += target_lines(title, key, rows)
-        if "floor" in data:
-            f = data["floor"]
-            targets.append(
-                f"- {title}: noise floor of the task metric {f['fp16']:.3f} (float16-precision "
-                f"weights) / {f['noise']:.3f} (0.1% weight noise)."
-            )
-        for figure in data.get("floor", {}).get("figures", {}):
-            cal = [r for r in rows if r["method"] != "onnxsim" and _ok(r)]
-            cal = [r for r in cal if r["setting"] == "calib" and r["figures"][figure] >= 0.95]
-            if cal:
-                b = max(cal, key=lambda r: r[by] or 0)
-                targets.append(
-                    f"- {title}, judged on `{figure}` instead (not the issue's metric), 32 "
-                    f"calibration inputs, >= 95%: most MACs removed {_red(b['macs_red'])} "
-                    f"({LABEL[b['method']]} r={b['ratio']:g}, {b['figures'][figure]:.3f}, "
-                    f"{b['speedup']:.2f}x)."
-                )
+        targets += target_lines(title, key, rows) + floor_lines(title, data.get("floor"), rows)
     return lines + targets
 
 
+def _ours(rows: list[dict]) -> list[dict]:
+    """The rows of onnxfold's methods that measured a model."""
+    return [r for r in rows if r["method"] != "onnxsim" and _ok(r)]
+
+
+def floor_lines(title: str, floor: dict | None, rows: list[dict]) -> list[str]:
+    """The model's noise floor (Frontier.floor) and, for each other figure it was measured on
+    (the task's also_summarise), the calibrated point removing most MACs at >= 0.95 on it."""
+    if floor is None:
+        return []
+    out = [
+        f"- {title}: noise floor of the task metric {floor['fp16']:.3f} (float16-precision "
+        f"weights) / {floor['noise']:.3f} (0.1% weight noise)."
+    ]
+    for figure in floor.get("figures", {}):
+        cal = [r for r in _ours(rows) if r["setting"] == "calib" and r["figures"][figure] >= 0.95]
+        if cal:
+            b = max(cal, key=lambda r: r["macs_red"] or 0)
+            out.append(
+                f"- {title}, judged on `{figure}` instead (not the issue's metric), 32 "
+                f"calibration inputs, >= 95%: most MACs removed {_red(b['macs_red'])} "
+                f"({LABEL[b['method']]} r={b['ratio']:g}, {b['figures'][figure]:.3f}, "
+                f"{b['speedup']:.2f}x)."
+            )
+    return out
+
+
 def target_lines(title: str, key: str, rows: list[dict]) -> list[str]:
-    ours = [r for r in rows if r["method"] != "onnxsim" and _ok(r)]
+    ours = _ours(rows)
     if key == "smollm2":
         out = []
         for s, limit in (("calib", 1.5), ("free", 2.0)):
