@@ -27,6 +27,7 @@ Needs the SmolLM2 extras of benchmarks/smollm2.py. Writes benchmarks/results/smo
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -89,15 +90,22 @@ class Smol:
         """RMS over the dense width d whatever x's width (a sliced stream keeps the dense scale)."""
         return x / torch.sqrt((x * x).sum(-1, keepdim=True) / self.d + self.eps)
 
+    @functools.lru_cache(maxsize=4)  # one model per run, a few sequence lengths
+    def positions(self, T: int):
+        """(cos, sin) of the rotary embedding (T, head_dim) and the causal mask (T, T), computed
+        once per sequence length instead of in each of the 30 attention blocks."""
+        inv = 1.0 / self.theta ** (torch.arange(0, self.hd, 2).float() / self.hd)
+        f = torch.outer(torch.arange(T).float(), inv)
+        angles = torch.cat([f, f], -1)
+        return angles.cos(), angles.sin(), torch.full((T, T), float("-inf")).triu(1)
+
     def sub_block(self, kind: str, w: dict, n):
         """One attention or MLP sub-block on normalised input n (B, T, width) -> (B, T, out)."""
         if kind == "mlp":
             return (torch.nn.functional.silu(n @ w["gate"].T) * (n @ w["up"].T)) @ w["down"].T
         B, T, _ = n.shape
         hd, h, kv = self.hd, self.heads, self.kv
-        inv = 1.0 / self.theta ** (torch.arange(0, hd, 2).float() / hd)
-        f = torch.outer(torch.arange(T).float(), inv)
-        cos, sin = torch.cat([f, f], -1).cos(), torch.cat([f, f], -1).sin()
+        cos, sin, mask = self.positions(T)
 
         def rope(x):
             return x * cos + torch.cat([-x[..., hd // 2 :], x[..., : hd // 2]], -1) * sin
@@ -106,7 +114,6 @@ class Smol:
         k = rope((n @ w["k"].T).view(B, T, kv, hd).transpose(1, 2))
         v = (n @ w["v"].T).view(B, T, kv, hd).transpose(1, 2)
         k, v = k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1)
-        mask = torch.full((T, T), float("-inf")).triu(1)
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + mask, -1) @ v
         return att.transpose(1, 2).reshape(B, T, h * hd) @ w["o"].T
 
