@@ -275,6 +275,7 @@ class Frontier:
 
     # dense ---------------------------------------------------------------------------------------
     def dense(self):
+        from onnxfold.check.compare import language_text, output_roles
         from onnxfold.check.count import count_params
         from onnxfold.runtime.session import session
 
@@ -282,6 +283,9 @@ class Frontier:
             t = self.task
             self._dense_sess = session(t.path)
             skeleton = onnx.load(t.path, load_external_data=False)
+            # what the verdict reads of the dense graph, as validation reads it
+            self._roles = output_roles(skeleton)
+            self._text = language_text(skeleton, self._dense_sess, t.verdict_feeds)
             start = time.perf_counter()
             cached = os.path.join(STORE, f"{t.key}_dense.pkl")
             reused = os.path.exists(cached) and not self.fresh
@@ -451,13 +455,10 @@ class Frontier:
         start = time.perf_counter()
         figures = t.metric(self._dense_out, t.evaluate(blob))
         eval_s = time.perf_counter() - start
-        if self._dense_verdict_out is None:  # the dense side of the verdict, as validation reads it
-            from onnxfold.check.compare import language_text, output_roles, run_dense
+        if self._dense_verdict_out is None:
+            from onnxfold.check.compare import run_dense
 
             self._dense_verdict_out = run_dense(self._dense_sess, t.verdict_feeds, "evaluation")
-            skeleton = onnx.load(t.path, load_external_data=False)
-            self._roles = output_roles(skeleton)
-            self._text = language_text(skeleton, self._dense_sess, t.verdict_feeds)
         cmp = compare(
             self._dense_sess,
             folded,
